@@ -1,0 +1,158 @@
+"""Bytes each device holds at its peak: weights, gradients, optimizer state, activations, KV cache
+and all-to-all buffers, compared with its memory capacity.
+
+The busiest device of a pipeline stage is the one that matters: it holds the stage's dense weights
+(split over tensor-parallel ranks), its expert slots (with replicas), and, in training, the
+activations of the micro-batches in flight (1F1B keeps up to ``pp - stage`` of them; interleaving
+adds ``(pp - 1) / vp``-ish more for the first stage). Optimizer state is split over the data-parallel
+group by ZeRO: stage 1 shards optimizer state, 2 also gradients, 3 also weights.
+Activation bytes per token per layer follow Korthikanti et al. 2022 ("Reducing Activation
+Recomputation in Large Transformer Models"), with flash attention (no s^2 term) and the MLP term
+replaced by the chosen experts' SwiGLU/GELU activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from moesim.compute import kv_bytes_per_token
+from moesim.errors import OutOfMemory
+from moesim.layout import Layout
+from moesim.spec.hardware import dtype_bytes
+from moesim.spec.scenario import Scenario
+
+__all__ = ["MemoryBreakdown", "stage_memory", "check_memory"]
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Peak bytes on the busiest device of one pipeline stage."""
+
+    stage: int
+    dense_weights: float
+    expert_weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    kv_cache: float
+    comm_buffers: float
+    reserved: float
+    capacity: float
+
+    @property
+    def total(self) -> float:
+        return (self.dense_weights + self.expert_weights + self.gradients + self.optimizer
+                + self.activations + self.kv_cache + self.comm_buffers + self.reserved)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "total": self.total}
+
+
+def stage_params(s: Scenario, layout: Layout, stage: int) -> tuple[float, float]:
+    """(dense params, expert params) held by one device of ``stage``."""
+    m, par = s.model, s.parallelism
+    layers = layout.stage_layers(stage)
+    moe = [layer for layer in layers if layout.moe_index(layer) is not None]
+    dense_blocks = len(layers) - len(moe)
+    dense = len(layers) * m.attention_params
+    dense += dense_blocks * m.dense_ffn_params
+    dense += len(moe) * (m.shared_expert_params + m.num_experts * m.hidden_size)
+    if m.cross_attention_layers:
+        dense += m.cross_attention_layers * m.attention_params * len(layers) / m.num_layers
+    embed = m.vocab_size * m.hidden_size
+    if stage == 0:
+        dense += embed
+    if stage == par.pp - 1 and not (m.tie_embeddings and par.pp == 1):
+        dense += embed
+    slots = (m.num_experts + s.placement.redundant_experts) // par.ep
+    experts = len(moe) * slots * m.expert_params
+    return dense / par.tp, float(experts)
+
+
+def tokens_per_microbatch(s: Scenario) -> float:
+    """Tokens one device handles per micro-batch (per pipeline stage)."""
+    wl = s.workload
+    per_seq = 1 if wl.mode == "decode" else wl.seq_len
+    return wl.micro_batch * per_seq / (s.parallelism.tp if s.parallelism.sequence_parallel else 1)
+
+
+def activation_bytes_per_token_layer(s: Scenario, moe_layer: bool) -> float:
+    """Stored activation bytes per token per block (training), before recomputation."""
+    m, ab = s.model, dtype_bytes(s.precision.activations)
+    h = m.hidden_size
+    # Korthikanti et al.: attention 11h + 2 norms 4h (in 16-bit units: 2 bytes); dropout masks 1 byte.
+    attn = (11 * h + 4 * h) * ab / 2
+    if moe_layer:
+        f = m.expert_ffn_size
+        per_expert = (2 * h + (m.ffn_matrices + 1) * f) * ab  # input, projections, activation
+        ffn = m.effective_top_k * per_expert + m.num_experts * 4  # + router probabilities
+        if m.num_shared_experts:
+            fs = (m.shared_expert_ffn_size or f) * m.num_shared_experts
+            ffn += (2 * h + (m.ffn_matrices + 1) * fs) * ab
+    else:
+        ffn = (2 * h + (m.dense_ffn_matrices + 1) * (m.dense_ffn_size or 4 * h)) * ab
+    return attn + ffn
+
+
+def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
+    """Peak memory of the busiest device of one pipeline stage."""
+    par, prec, wl = s.parallelism, s.precision, s.workload
+    dense, experts = stage_params(s, layout, stage)
+    wb = dtype_bytes(prec.weights)
+    expert_dp = layout.expert_dp
+    zero = par.zero_stage if wl.mode == "training" else 0
+    shard_dense = par.dp if zero >= 3 else 1
+    shard_expert = expert_dp if zero >= 3 else 1
+    dense_w = dense * wb / shard_dense
+    expert_w = experts * wb / shard_expert
+    grads = opt = acts = kv = 0.0
+    tokens = tokens_per_microbatch(s)
+    layers = layout.stage_layers(stage)
+    if wl.mode == "training":
+        gb = dtype_bytes(prec.gradients)
+        gdense, gexp = (par.dp, expert_dp) if zero >= 2 else (1, 1)
+        grads = dense * gb / gdense + experts * gb / gexp
+        per_param = prec.optimizer_state_bytes + (4.0 if prec.master_weights else 0.0)
+        odense, oexp = (par.dp, expert_dp) if zero >= 1 else (1, 1)
+        opt = dense * per_param / odense + experts * per_param / oexp
+        in_flight = par.pp - stage
+        if par.vp > 1:
+            in_flight += (par.pp - 1 - stage) / par.vp + 1
+        per_layer = [activation_bytes_per_token_layer(s, layout.moe_index(x) is not None)
+                     for x in layers]
+        if s.memory.recompute == "full":
+            stored = len(layers) * s.model.hidden_size * dtype_bytes(prec.activations)
+            acts = tokens * (stored * in_flight + max(per_layer))
+        else:
+            factor = 0.5 if s.memory.recompute == "selective" else 1.0
+            acts = tokens * sum(per_layer) * factor * in_flight
+        acts /= par.tp if not par.sequence_parallel else 1
+    else:
+        context = wl.seq_len + (wl.context_len if wl.mode == "decode" else 0)
+        kv = (wl.global_batch / par.dp) * context * len(layers)
+        kv *= kv_bytes_per_token(s.model, prec.kv_cache) / par.tp
+        acts = tokens * max(activation_bytes_per_token_layer(s, True),
+                            activation_bytes_per_token_layer(s, False))
+    buf = s.memory.alltoall_buffer_factor * tokens * s.model.effective_top_k
+    buf *= s.model.hidden_size * (dtype_bytes(prec.dispatch) + dtype_bytes(prec.combine))
+    dev = s.hardware.device
+    return MemoryBreakdown(stage, dense_w, expert_w, grads, opt, acts, kv, buf,
+                           dev.reserved_memory, dev.memory)
+
+
+def check_memory(s: Scenario, layout: Layout) -> list[MemoryBreakdown]:
+    """Breakdown per stage; raises OutOfMemory naming the stage unless memory.on_overflow = warn."""
+    rows = [stage_memory(s, layout, stage) for stage in range(s.parallelism.pp)]
+    worst = max(rows, key=lambda r: r.total / r.capacity)
+    if not worst.fits and s.memory.on_overflow == "error":
+        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in worst.as_dict().items()
+                          if k not in ("stage", "capacity", "total") and v > 0)
+        raise OutOfMemory(
+            f"{s.source or s.name}: devices of pipeline stage {worst.stage} need "
+            f"{worst.total / 2**30:.1f} GiB but have {worst.capacity / 2**30:.1f} GiB ({parts} GiB); "
+            "add devices (ep/pp/dp), ZeRO, recomputation, or set memory.on_overflow: warn")
+    return rows

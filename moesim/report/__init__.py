@@ -1,0 +1,1 @@
+"""Outputs for humans and tools: Chrome/Perfetto traces and matplotlib plots."""

@@ -1,0 +1,725 @@
+"""Routing: which experts each token of an MoE layer chooses.
+
+A layer's router scores every expert for every token and sends the token to its top-k experts.
+moesim runs no router; it draws the choices from a per-layer expert *popularity* (uniform, Zipf,
+Dirichlet, a few hot experts) with the Gumbel-top-k trick, which samples k distinct experts with
+probability proportional to popularity (sequential sampling without replacement). Two refinements
+model real routers: *co-activation* (experts of a group tend to be chosen together) and
+DeepSeek-V3's *node-limited* routing (each token's experts lie on at most M nodes). Choices can
+also come from a recorded routing trace (formats in ``docs/trace_format.md``).
+
+Sampling every real token is too slow at scale, so a layer samples at most
+``max_tokens_per_source`` tokens per source device and each sampled token stands for ``weight``
+real ones. The simulator turns choices plus a placement into traffic; this module only produces
+choices and counts. Everything is seeded numpy: layer ``l`` of seed ``s`` always draws from
+``np.random.default_rng([s, l])``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from moesim.errors import InfeasiblePlacement, ScenarioError, TraceError
+
+if TYPE_CHECKING:
+    from moesim.spec.scenario import RoutingSpec
+
+__all__ = [
+    "DISTRIBUTIONS", "GATINGS", "LayerChoices", "RoutingTrace", "expert_popularity",
+    "sample_layer", "balanced_layer", "coactivation_partition", "counts_from_choices",
+    "node_fanout", "coactivation_counts", "apply_capacity", "layer_rng", "sample_routing", "load_trace", "choices_from_trace",
+]
+
+DISTRIBUTIONS = ("uniform", "zipf", "dirichlet", "hot", "balanced")
+GATINGS = ("topk", "top1", "soft")
+
+_CHUNK_TOKENS = 512     # tokens per sampling chunk: keeps the [chunk, E] working set in cache
+_MIN_POPULARITY = 1e-30  # floor so zero-popularity experts get finite keys (below all others)
+
+
+@dataclass(frozen=True)
+class LayerChoices:
+    """The sampled routing decisions of one MoE layer."""
+
+    experts: np.ndarray  # int32[T, k]: expert ids chosen by each sampled token (distinct per row)
+    source: np.ndarray   # int32[T]: source device of each sampled token
+    weight: float        # real tokens one sampled token stands for (>= 1; 1 = not subsampled)
+
+    @property
+    def num_tokens(self) -> int:
+        """Sampled tokens T."""
+        return int(self.experts.shape[0])
+
+    @property
+    def top_k(self) -> int:
+        """Experts per token k."""
+        return int(self.experts.shape[1])
+
+
+# ----------------------------------------------------------------------------- popularity
+
+
+def expert_popularity(num_experts: int, distribution: str, rng: np.random.Generator, *,
+                      zipf_s: float = 1.0, dirichlet_alpha: float = 1.0, hot_experts: int = 0,
+                      hot_fraction: float = 0.5) -> np.ndarray:
+    """Probability that a token's router prefers each expert, for one layer.
+
+    Returns ``popularity: [E]`` (non-negative, sums to 1). ``zipf``: p_i ∝ 1/rank_i^s with ranks
+    randomly permuted, so layers have different hot experts (s=0 is uniform). ``dirichlet``: one
+    draw of Dirichlet(alpha); large alpha tends to uniform. ``hot``: ``hot_experts`` random experts
+    share ``hot_fraction`` of the mass, the rest share the remainder. ``balanced`` is uniform (its
+    sampler, :func:`balanced_layer`, deals experts out round-robin).
+
+    Raises
+    ------
+    ScenarioError
+        Unknown distribution (the message lists the valid ones) or a parameter out of range.
+    """
+    e = num_experts
+    if e < 1:
+        raise ScenarioError(f"num_experts={e} must be >= 1", field="num_experts")
+    if distribution in ("uniform", "balanced"):
+        return np.full(e, 1.0 / e)
+    if distribution == "zipf":
+        if not zipf_s >= 0:
+            raise ScenarioError(f"zipf_s={zipf_s} must be >= 0", field="routing.zipf_s")
+        weights = (rng.permutation(e) + 1.0) ** -zipf_s
+        return weights / weights.sum()
+    if distribution == "dirichlet":
+        if not dirichlet_alpha > 0:
+            raise ScenarioError(f"dirichlet_alpha={dirichlet_alpha} must be > 0",
+                                field="routing.dirichlet_alpha")
+        p = rng.dirichlet(np.full(e, float(dirichlet_alpha)))
+        return p / p.sum()
+    if distribution == "hot":
+        if not 1 <= hot_experts < e:
+            raise ScenarioError(f"hot_experts={hot_experts} must be in 1..{e - 1} (num_experts-1)",
+                                field="routing.hot_experts")
+        if not 0.0 <= hot_fraction <= 1.0:
+            raise ScenarioError(f"hot_fraction={hot_fraction} must be in [0, 1]",
+                                field="routing.hot_fraction")
+        p = np.full(e, (1.0 - hot_fraction) / (e - hot_experts))
+        p[rng.choice(e, size=hot_experts, replace=False)] = hot_fraction / hot_experts
+        return p
+    raise ScenarioError(f"unknown distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}",
+                        field="routing.distribution")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_layer(popularity: np.ndarray, *, num_sources: int, tokens_per_source: int, top_k: int,
+                 rng: np.random.Generator, max_tokens_per_source: int = 256,
+                 coactivation_groups: int = 0, coactivation_strength: float = 0.0,
+                 expert_node: np.ndarray | None = None, max_nodes: int | None = None,
+                 gating: str = "topk") -> LayerChoices:
+    """Sample the experts chosen by the tokens of one layer.
+
+    ``popularity: [E]``. Each source device sends ``tokens_per_source`` real tokens, of which
+    ``n = min(tokens_per_source, max_tokens_per_source)`` are sampled (token t comes from source
+    ``t // n``). Gumbel-top-k: a token takes the k largest ``log(p) + Gumbel`` logits. With
+    co-activation, experts are split into ``coactivation_groups`` random groups; each token picks a
+    group (probability ∝ its popularity) and adds ``coactivation_strength`` to its experts' logits.
+    With ``expert_node: int[E]`` and ``max_nodes=M`` (DeepSeek-V3), a token keeps the M nodes whose
+    top ``ceil(k/M)`` affinities (``exp(logit)``) sum highest and chooses only among their experts.
+    ``gating``: "topk", "top1" (k=1) or "soft" (every token uses all E experts).
+
+    Raises
+    ------
+    ScenarioError
+        A size, k, gating or co-activation parameter out of range.
+    InfeasiblePlacement
+        ``expert_node`` malformed, or some M nodes hold fewer than k experts.
+    """
+    p = _check_popularity(popularity)
+    e = p.size
+    k = _effective_top_k(gating, top_k, e)
+    n = _sampled_per_source(tokens_per_source, max_tokens_per_source, num_sources)
+    t = num_sources * n
+    source = np.repeat(np.arange(num_sources, dtype=np.int32), n)
+    weight = tokens_per_source / n
+    if gating == "soft":
+        if max_nodes is not None:
+            raise ScenarioError("node-limited routing (max_nodes) needs top-k gating, not 'soft'",
+                                field="routing.node_limit")
+        return LayerChoices(np.broadcast_to(np.arange(e, dtype=np.int32), (t, e)).copy(),
+                            source, weight)
+    node_limit = _node_limit(expert_node, max_nodes, e, k)
+    # 1. Inverse popularity per token class: one class, or one per co-activation group.
+    inv = 1.0 / np.maximum(p / p.sum(), _MIN_POPULARITY)
+    inv_rows, token_class = inv[None, :], np.zeros(t, dtype=np.intp)
+    if coactivation_strength or coactivation_groups < 0:
+        inv_rows, token_class = _coactivation(p, inv, coactivation_groups, coactivation_strength,
+                                              t, rng)
+    # 2. Draw keys chunk by chunk and take each token's k largest.
+    picker = _TopK(e, k)
+    inv_rows = picker.pad(inv_rows.astype(np.float32))
+    experts = np.empty((t, k), dtype=np.int32)
+    for lo in range(0, t, _CHUNK_TOKENS):
+        hi = min(t, lo + _CHUNK_TOKENS)
+        rows = inv_rows if inv_rows.shape[0] == 1 else inv_rows[token_class[lo:hi]]
+        keys = _race_keys(rng, rows, hi - lo, e)
+        if node_limit is not None:
+            _mask_far_nodes(keys, e, k, *node_limit)
+        experts[lo:hi] = picker(keys)
+    return LayerChoices(experts, source, weight)
+
+
+def balanced_layer(num_experts: int, *, num_sources: int, tokens_per_source: int, top_k: int,
+                   max_tokens_per_source: int = 256) -> LayerChoices:
+    """Perfectly balanced routing: sampled token t takes experts ``(t*k + j) % E`` for j < k.
+
+    Deterministic; every expert receives the same load whenever T*k is a multiple of E.
+    """
+    k = _effective_top_k("topk", top_k, num_experts)
+    n = _sampled_per_source(tokens_per_source, max_tokens_per_source, num_sources)
+    t = num_sources * n
+    experts = (np.arange(t)[:, None] * k + np.arange(k)[None, :]) % num_experts
+    source = np.repeat(np.arange(num_sources, dtype=np.int32), n)
+    return LayerChoices(experts.astype(np.int32), source, tokens_per_source / n)
+
+
+def _check_popularity(popularity: np.ndarray) -> np.ndarray:
+    p = np.asarray(popularity, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0:
+        raise ScenarioError(f"popularity has shape {p.shape}; expected [num_experts]")
+    if not (np.all(np.isfinite(p)) and np.all(p >= 0) and p.sum() > 0):
+        raise ScenarioError("popularity must be finite, >= 0 and not all zero")
+    return p
+
+
+def _effective_top_k(gating: str, top_k: int, num_experts: int) -> int:
+    if gating not in GATINGS:
+        raise ScenarioError(f"unknown gating {gating!r}; valid: {', '.join(GATINGS)}",
+                            field="model.gating")
+    k = {"topk": top_k, "top1": 1, "soft": num_experts}[gating]
+    if not 1 <= k <= num_experts:
+        raise ScenarioError(f"top_k={k} must be in 1..num_experts={num_experts}",
+                            field="model.top_k")
+    return k
+
+
+def _sampled_per_source(tokens_per_source: int, max_tokens_per_source: int,
+                        num_sources: int) -> int:
+    for name, value in (("num_sources", num_sources), ("tokens_per_source", tokens_per_source),
+                        ("max_tokens_per_source", max_tokens_per_source)):
+        if int(value) != value or value < 1:
+            raise ScenarioError(f"{name}={value} must be an integer >= 1", field=name)
+    return int(min(tokens_per_source, max_tokens_per_source))
+
+
+def coactivation_partition(num_experts: int, groups: int,
+                           rng: np.random.Generator) -> np.ndarray:
+    """Group ``int[E]`` of each expert: a random partition into ``groups`` groups of equal size
+    (±1). :func:`sample_layer` draws it first from its ``rng`` when co-activation is on."""
+    if not 1 <= groups <= num_experts:
+        raise ScenarioError(f"coactivation_groups={groups} must be in 1..num_experts="
+                            f"{num_experts} when coactivation_strength is not 0",
+                            field="routing.coactivation_groups")
+    group_of = np.empty(num_experts, dtype=np.intp)
+    group_of[rng.permutation(num_experts)] = np.arange(num_experts) % groups
+    return group_of
+
+
+def _coactivation(p: np.ndarray, inv: np.ndarray, groups: int, strength: float, t: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group inverse popularity ``[G, E]`` (boosted experts divided by e^strength) and the
+    group ``int[T]`` each token picked."""
+    group_of = coactivation_partition(p.size, groups, rng)
+    if not (math.isfinite(strength) and strength >= 0):
+        raise ScenarioError(f"coactivation_strength={strength} must be finite and >= 0",
+                            field="routing.coactivation_strength")
+    group_mass = np.bincount(group_of, weights=p, minlength=groups)
+    token_group = rng.choice(groups, size=t, p=group_mass / group_mass.sum())
+    member = group_of[None, :] == np.arange(groups)[:, None]          # [G, E]
+    return np.where(member, inv * math.exp(-strength), inv[None, :]), token_group
+
+
+def _race_keys(rng: np.random.Generator, inv_rows: np.ndarray, t: int, e: int) -> np.ndarray:
+    """Keys ``[t, E_pad]`` whose per-row order is that of ``log(p) + Gumbel`` (pads: -inf).
+
+    With u ~ U(0,1), ``log(p) - log(-log u) = -log(-log(u)/p)`` is increasing in
+    ``key = log(u) / p``, so the top-k of key is the Gumbel-top-k without the second log.
+    """
+    e_pad = inv_rows.shape[1]
+    size = t * e_pad
+    bits = rng.bit_generator.random_raw((size + 1) // 2).view(np.uint32)[:size]
+    bits >>= np.uint32(9)                       # 23 random mantissa bits ...
+    bits |= np.uint32(0x3F800000)               # ... of a float in [1, 2)
+    keys = bits.view(np.float32).reshape(t, e_pad)
+    keys -= np.float32(1 - 2.0**-24)            # exact: u in (0, 1), so log(u) < 0 and finite
+    np.log(keys, out=keys)
+    keys *= inv_rows
+    keys[:, e:] = -np.inf
+    return keys
+
+
+class _TopK:
+    """Indices of the k largest keys per row, via block maxima (exact, ties included).
+
+    Columns are split into ``nb`` strided blocks of ``b``. An element of the top k has at most
+    k-1 larger elements, hence at most k-1 blocks with a larger maximum, so it lies in the k
+    blocks with the largest maxima: partitioning ``nb + k*b`` candidates instead of E columns.
+    """
+
+    def __init__(self, num_experts: int, k: int):
+        self.k = k
+        # b ~ sqrt(E/k) balances the two partitions; above 4 the strided gathers cost more.
+        self.b = min(4, max(1, int(math.sqrt(num_experts / k))))
+        self.nb = -(-num_experts // self.b)
+        if self.nb <= k or self.b < 2:      # too small to gain: plain argpartition
+            self.b, self.nb = 1, num_experts
+
+    def pad(self, rows: np.ndarray) -> np.ndarray:
+        extra = self.b * self.nb - rows.shape[1]
+        return np.pad(rows, ((0, 0), (0, extra)), constant_values=1.0) if extra else rows
+
+    def __call__(self, keys: np.ndarray) -> np.ndarray:
+        t, k, b, nb = keys.shape[0], self.k, self.b, self.nb
+        if b == 1:
+            return np.argpartition(keys, nb - k, axis=1)[:, nb - k:]
+        blocks_view = keys.reshape(t, b, nb)                    # block j = columns j + i*nb
+        top_blocks = np.argpartition(blocks_view.max(axis=1), nb - k, axis=1)[:, nb - k:]
+        cand = np.take_along_axis(blocks_view, top_blocks[:, None, :], axis=2).reshape(t, b * k)
+        pick = np.argpartition(cand, b * k - k, axis=1)[:, b * k - k:]
+        return (pick // k) * nb + np.take_along_axis(top_blocks, pick % k, axis=1)
+
+
+def _node_limit(expert_node: np.ndarray | None, max_nodes: int | None, e: int,
+                k: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Validate node-limited routing. Returns None when it changes nothing, else the node of each
+    expert ``int[E]`` (ids compacted to 0..N-1), the experts of each node ``[N, maxper]`` (padded
+    with E) and M."""
+    if max_nodes is None:
+        return None
+    if expert_node is None:
+        raise ScenarioError("max_nodes needs expert_node (the node of each expert)")
+    node = np.asarray(expert_node)
+    if node.shape != (e,) or not np.issubdtype(node.dtype, np.integer) or np.any(node < 0):
+        raise InfeasiblePlacement(f"expert_node must be int[{e}] of node ids >= 0; "
+                                  f"got shape {node.shape} dtype {node.dtype}")
+    if max_nodes < 1:
+        raise ScenarioError(f"max_nodes={max_nodes} must be >= 1", field="routing.node_limit")
+    present, node = np.unique(node, return_inverse=True)
+    sizes = np.bincount(node)
+    if max_nodes >= present.size:
+        return None                                              # every node allowed: no limit
+    if np.sort(sizes)[:max_nodes].sum() < k:
+        raise InfeasiblePlacement(f"node-limited routing to {max_nodes} nodes needs any "
+                                  f"{max_nodes} nodes to hold >= top_k={k} experts; the smallest "
+                                  f"hold {np.sort(sizes)[:max_nodes].sum()}")
+    order = np.argsort(node, kind="stable")
+    slots = np.full((present.size, sizes.max()), e, dtype=np.intp)
+    slots[node[order], np.arange(e) - np.repeat(np.cumsum(sizes) - sizes, sizes)] = order
+    return node, slots, max_nodes
+
+
+def _mask_far_nodes(keys: np.ndarray, e: int, k: int, node: np.ndarray, slots: np.ndarray,
+                    max_nodes: int) -> None:
+    """Set to -inf the keys of experts outside each token's best ``max_nodes`` nodes (in place).
+
+    A node's score is the sum of its highest ceil(k/M) affinities ``exp(logit) = -1/key``,
+    DeepSeek-V3's rule ("the sum of the highest K_r/M affinity scores ... on each node").
+    """
+    t = keys.shape[0]
+    affinity = np.zeros((e + 1, t), dtype=np.float32)              # [E + padding row 0, t]
+    np.divide(-1.0, keys[:, :e].T, out=affinity[:e])
+    per_node = affinity[slots.T]                                   # [maxper, N, t]
+    r = -(-k // max_nodes)
+    if r >= per_node.shape[0]:
+        score = per_node.sum(axis=0)                               # [N, t]
+    else:
+        # r rounds of "take the max, then zero it" (reductions over axis 0 are elementwise)
+        score = np.zeros(per_node.shape[1:], dtype=np.float32)
+        for _ in range(r):
+            top = per_node.max(axis=0)
+            score += top
+            per_node[per_node == top] = 0.0
+    n = score.shape[0]
+    keep = np.zeros((t, n), dtype=bool)
+    np.put_along_axis(keep, np.argpartition(score.T, n - max_nodes, axis=1)[:, n - max_nodes:],
+                      True, axis=1)
+    np.copyto(keys[:, :e], -np.inf, where=~keep[:, node])
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+def counts_from_choices(choices: LayerChoices, num_sources: int, num_experts: int) -> np.ndarray:
+    """Real tokens each source sends to each expert: ``[num_sources, num_experts]``.
+
+    Sums to ``T * k * weight``.
+    """
+    k = choices.top_k
+    flat = choices.source.astype(np.int64).repeat(k) * num_experts + choices.experts.ravel()
+    counts = np.bincount(flat, minlength=num_sources * num_experts)
+    return counts.reshape(num_sources, num_experts) * choices.weight
+
+
+def node_fanout(choices: LayerChoices, expert_node: np.ndarray, num_sources: int,
+                num_nodes: int) -> np.ndarray:
+    """Real tokens from each source with >= 1 chosen expert on each node: ``[sources, nodes]``.
+
+    This is what a hierarchical (DeepEP-style) dispatch sends across the network: one copy per
+    destination node, however many of the token's experts live there.
+    """
+    node_of = np.asarray(expert_node)
+    if node_of.ndim != 1 or node_of.size <= choices.experts.max(initial=0) or (
+            node_of.size and (node_of.min() < 0 or node_of.max() >= num_nodes)):
+        raise InfeasiblePlacement(f"expert_node must be int[num_experts] of ids in "
+                                  f"0..{num_nodes - 1}; got shape {node_of.shape}")
+    t = choices.num_tokens
+    hit = np.zeros((t, num_nodes), dtype=bool)
+    hit[np.arange(t)[:, None], node_of[choices.experts]] = True
+    row, node = np.nonzero(hit)
+    flat = choices.source[row].astype(np.int64) * num_nodes + node
+    fanout = np.bincount(flat, minlength=num_sources * num_nodes)
+    return fanout.reshape(num_sources, num_nodes) * choices.weight
+
+
+def coactivation_counts(choices: LayerChoices, num_experts: int) -> np.ndarray:
+    """Real tokens that chose both expert i and expert j: symmetric ``[E, E]``; diagonal = load."""
+    onehot = np.zeros((choices.num_tokens, num_experts), dtype=np.float32)
+    np.put_along_axis(onehot, choices.experts.astype(np.intp), 1.0, axis=1)
+    return (onehot.T @ onehot).astype(np.float64) * choices.weight
+
+
+def apply_capacity(counts: np.ndarray, tokens_per_source: int, top_k: int,
+                   capacity_factor: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Drop tokens over each expert's capacity (GShard / Megatron, per source).
+
+    ``counts: [sources, E]`` real tokens. Each source may send an expert at most
+    ``ceil(capacity_factor * tokens_per_source * top_k / E)`` tokens. Returns ``(kept, dropped)``,
+    both ``[sources, E]``, with ``kept + dropped == counts``. ``capacity_factor=None``: dropless.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if capacity_factor is None:
+        return counts.copy(), np.zeros_like(counts)
+    if not capacity_factor > 0:
+        raise ScenarioError(f"capacity_factor={capacity_factor} must be > 0 (or null = dropless)",
+                            field="model.capacity_factor")
+    # round() first so 1.1 * 4096 * 2 / 64 lands on its exact value, not one token above.
+    capacity = math.ceil(round(capacity_factor * tokens_per_source * top_k / counts.shape[1], 9))
+    kept = np.minimum(counts, capacity)
+    return kept, counts - kept
+
+
+# ----------------------------------------------------------------------------- whole model
+
+
+def layer_rng(seed: int, layer: int) -> np.random.Generator:
+    """The generator of one layer: independent of how many other layers were drawn."""
+    return np.random.default_rng([seed, layer])
+
+
+def sample_routing(spec: RoutingSpec, *, num_experts: int, num_layers: int, num_sources: int,
+                   tokens_per_source: int, top_k: int, seed: int, gating: str = "topk",
+                   expert_node: np.ndarray | None = None,
+                   trace: RoutingTrace | None = None) -> Iterator[LayerChoices]:
+    """Yield the choices of layers ``0..num_layers-1`` of a scenario's routing.
+
+    ``expert_node``: ``int[E]`` or ``int[layers, E]`` (needed when ``spec.node_limit`` > 0).
+    ``spec.distribution == "trace"`` samples from ``trace`` (or loads ``spec.trace`` when None).
+    """
+    k = _effective_top_k(gating, top_k, num_experts)
+    if spec.distribution == "trace" and trace is None:
+        trace = load_trace(spec.trace, num_experts=num_experts, num_layers=num_layers)
+    max_nodes = spec.node_limit or None
+    for layer in range(num_layers):
+        rng = layer_rng(seed, layer)
+        nodes = None if expert_node is None else np.asarray(expert_node)
+        if nodes is not None and nodes.ndim == 2:
+            nodes = nodes[layer]
+        if spec.distribution == "trace":
+            assert trace is not None
+            yield choices_from_trace(trace, layer, num_sources=num_sources,
+                                     tokens_per_source=tokens_per_source, rng=rng, top_k=k,
+                                     max_tokens_per_source=spec.max_tokens_per_source,
+                                     expert_node=nodes, max_nodes=max_nodes)
+        elif spec.distribution == "balanced":
+            yield balanced_layer(num_experts, num_sources=num_sources,
+                                 tokens_per_source=tokens_per_source,
+                                 top_k=k,
+                                 max_tokens_per_source=spec.max_tokens_per_source)
+        else:
+            popularity = expert_popularity(
+                num_experts, spec.distribution, rng, zipf_s=spec.zipf_s,
+                dirichlet_alpha=spec.dirichlet_alpha, hot_experts=spec.hot_experts,
+                hot_fraction=spec.hot_fraction)
+            yield sample_layer(
+                popularity, num_sources=num_sources, tokens_per_source=tokens_per_source,
+                top_k=top_k, rng=rng, max_tokens_per_source=spec.max_tokens_per_source,
+                coactivation_groups=spec.coactivation_groups,
+                coactivation_strength=spec.coactivation_strength, expert_node=nodes,
+                max_nodes=max_nodes, gating=gating)
+
+
+# ----------------------------------------------------------------------------- traces
+
+_NPZ_KEYS = ("expert_ids", "counts", "coactivation", "num_experts")
+_CSV_HEADERS = ("layer,token,expert", "layer,expert,count")
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    """Recorded routing of a model: per-token choices, or per-layer expert loads only."""
+
+    path: str                              # where it came from (for messages)
+    num_experts: int
+    expert_ids: np.ndarray | None = None   # int32[layers, tokens, k], tokens in time order
+    counts: np.ndarray | None = None       # float[layers, E] (counts-only traces)
+    coactivation: np.ndarray | None = None  # float[layers, E, E] symmetric pair counts, optional
+
+    @property
+    def per_token(self) -> bool:
+        return self.expert_ids is not None
+
+    @property
+    def num_layers(self) -> int:
+        data = self.expert_ids if self.expert_ids is not None else self.counts
+        assert data is not None
+        return int(data.shape[0])
+
+    def layer_counts(self) -> np.ndarray:
+        """Token-expert assignments per layer and expert: ``[layers, E]``."""
+        if self.expert_ids is None:
+            assert self.counts is not None
+            return self.counts.astype(np.float64)
+        layers = self.expert_ids.shape[0]
+        flat = np.arange(layers).repeat(self.expert_ids[0].size) * self.num_experts
+        flat = flat + self.expert_ids.reshape(-1)
+        return np.bincount(flat, minlength=layers * self.num_experts).reshape(
+            layers, self.num_experts).astype(np.float64)
+
+    def window(self, start_frac: float, end_frac: float) -> RoutingTrace:
+        """The tokens in ``[start_frac, end_frac)`` of the trace (e.g. plan on early tokens and
+        evaluate on later ones). Only per-token traces have a token order."""
+        if self.expert_ids is None:
+            raise TraceError(f"{self.path}: a counts-only trace has no token order to window; "
+                             "window() needs expert_ids")
+        if not 0.0 <= start_frac < end_frac <= 1.0:
+            raise ScenarioError(f"window [{start_frac}, {end_frac}) must satisfy "
+                                "0 <= start < end <= 1", field="window")
+        tokens = self.expert_ids.shape[1]
+        lo, hi = int(start_frac * tokens), int(end_frac * tokens)
+        if hi <= lo:
+            raise TraceError(f"{self.path}: window [{start_frac}, {end_frac}) of {tokens} "
+                             "tokens is empty")
+        return replace(self, path=f"{self.path}[tokens {lo}:{hi}]",
+                       expert_ids=self.expert_ids[:, lo:hi], coactivation=None)
+
+
+def load_trace(path: str | Path, num_experts: int | None = None, num_layers: int | None = None,
+               top_k: int | None = None) -> RoutingTrace:
+    """Read and validate a routing trace (``.npz`` or ``.csv``, see docs/trace_format.md).
+
+    ``num_experts`` / ``num_layers`` / ``top_k``, when given, must match the trace.
+
+    Raises
+    ------
+    TraceError
+        The file is missing, malformed, or does not match the model; the message names the file,
+        the field and what is allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"{path}: no such trace file")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        fields = _read_npz(path)
+    elif suffix == ".csv":
+        fields = _read_csv(path, num_experts)
+    else:
+        raise TraceError(f"{path}: unknown trace format {suffix!r}; valid: .npz, .csv")
+    return _validated_trace(str(path), fields, num_experts, num_layers, top_k)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            fields = {name: archive[name] for name in archive.files}
+    except Exception as exc:   # numpy raises ValueError, OSError or zipfile errors here
+        raise TraceError(f"{path}: not a readable .npz archive ({exc})") from None
+    unknown = sorted(set(fields) - set(_NPZ_KEYS))
+    if unknown:
+        raise TraceError(f"{path}: unknown array(s) {', '.join(unknown)}; allowed: "
+                         f"{', '.join(_NPZ_KEYS)}")
+    return fields
+
+
+def _read_csv(path: Path, num_experts: int | None) -> dict[str, np.ndarray]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{path}: cannot read ({exc})") from None
+    header = lines[0].strip().replace(" ", "").lower() if lines else ""
+    if header not in _CSV_HEADERS:
+        raise TraceError(f"{path}: header {header!r}; expected one of: {' | '.join(_CSV_HEADERS)}")
+    body = [line for line in lines[1:] if line.strip() and not line.lstrip().startswith("#")]
+    if not body:
+        raise TraceError(f"{path}: no data rows after the header")
+    try:
+        rows = np.loadtxt(body, delimiter=",", ndmin=2, dtype=np.float64)
+    except ValueError as exc:
+        raise TraceError(f"{path}: cannot parse rows ({exc})") from None
+    if rows.shape[1] != 3:
+        raise TraceError(f"{path}: rows have {rows.shape[1]} columns; expected 3 ({header})")
+    columns = header.split(",")
+    for col, name in enumerate(columns):
+        values = rows[:, col]
+        if name != "count" and not (np.all(values >= 0) and np.all(values == np.round(values))):
+            bad = values[(values < 0) | (values != np.round(values))][0]
+            raise TraceError(f"{path}: column {name}: {bad} is not an integer >= 0")
+    layer = rows[:, 0].astype(np.int64)
+    layers = int(layer.max()) + 1          # a layer count mismatch is reported by the caller
+    if columns[1] == "token":
+        return {"expert_ids": _tokens_from_rows(path, layer, rows[:, 1].astype(np.int64),
+                                                rows[:, 2].astype(np.int64), layers)}
+    expert = rows[:, 1].astype(np.int64)
+    experts = int(expert.max()) + 1 if num_experts is None else max(num_experts,
+                                                                    int(expert.max()) + 1)
+    flat = layer * experts + expert
+    if np.unique(flat).size != flat.size:
+        raise TraceError(f"{path}: a (layer, expert) pair appears twice; each pair at most once")
+    counts = np.zeros(layers * experts)
+    counts[flat] = rows[:, 2]
+    return {"counts": counts.reshape(layers, experts)}
+
+
+def _tokens_from_rows(path: Path, layer: np.ndarray, token: np.ndarray, expert: np.ndarray,
+                      layers: int) -> np.ndarray:
+    """Long rows (layer, token, expert) → ``expert_ids[layers, tokens, k]``; every layer must have
+    tokens 0..T-1 and every token the same number k of rows."""
+    tokens = int(token.max()) + 1
+    per_token = np.bincount(layer * tokens + token, minlength=layers * tokens)
+    k = int(per_token.max())
+    if np.any(per_token != k):
+        bad = int(np.flatnonzero(per_token != k)[0])
+        raise TraceError(f"{path}: layer {bad // tokens} token {bad % tokens} has "
+                         f"{per_token[bad]} expert rows; every layer needs tokens 0..{tokens - 1}"
+                         f" with the same number of experts (k={k})")
+    order = np.lexsort((token, layer))     # stable: a token's experts keep their file order
+    return expert[order].reshape(layers, tokens, k)
+
+
+def _validated_trace(path: str, fields: dict[str, np.ndarray], num_experts: int | None,
+                     num_layers: int | None, top_k: int | None) -> RoutingTrace:
+    has_ids, has_counts = "expert_ids" in fields, "counts" in fields
+    if has_ids == has_counts:
+        raise TraceError(f"{path}: needs exactly one of expert_ids [layers, tokens, k] or "
+                         f"counts [layers, experts]; found {sorted(fields) or 'neither'}")
+    declared = fields.get("num_experts")
+    if declared is not None:
+        if declared.shape != () or not np.issubdtype(declared.dtype, np.integer) or declared < 1:
+            raise TraceError(f"{path}: num_experts must be an integer scalar >= 1; "
+                             f"got {declared!r}")
+        if num_experts is not None and int(declared) != num_experts:
+            raise TraceError(f"{path}: num_experts={int(declared)} but the model has "
+                             f"{num_experts} experts")
+        num_experts = int(declared)
+    if has_ids:
+        ids, e = _checked_ids(path, fields["expert_ids"], num_experts, top_k)
+        trace = RoutingTrace(path, e, expert_ids=ids)
+    else:
+        counts = _checked_counts(path, fields["counts"], num_experts)
+        trace = RoutingTrace(path, counts.shape[1], counts=counts)
+    if num_layers is not None and trace.num_layers != num_layers:
+        raise TraceError(f"{path}: trace has {trace.num_layers} layers; the model has "
+                         f"{num_layers} MoE layers")
+    if "coactivation" in fields:
+        trace = replace(trace, coactivation=_checked_coactivation(
+            path, fields["coactivation"], trace.num_layers, trace.num_experts))
+    return trace
+
+
+def _checked_ids(path: str, ids: np.ndarray, num_experts: int | None,
+                 top_k: int | None) -> tuple[np.ndarray, int]:
+    if ids.ndim != 3 or 0 in ids.shape:
+        raise TraceError(f"{path}: expert_ids has shape {ids.shape}; expected non-empty "
+                         "[layers, tokens, k]")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TraceError(f"{path}: expert_ids has dtype {ids.dtype}; expected integers")
+    e = int(ids.max()) + 1 if num_experts is None else num_experts
+    if ids.min() < 0 or ids.max() >= e:
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise TraceError(f"{path}: expert_ids: expert id {bad} out of range; allowed 0..{e - 1}")
+    if top_k is not None and ids.shape[2] != top_k:
+        raise TraceError(f"{path}: expert_ids has k={ids.shape[2]} experts per token; the model "
+                         f"routes each token to top_k={top_k}")
+    repeated = np.any(np.diff(np.sort(ids, axis=2), axis=2) == 0, axis=2)
+    if np.any(repeated):
+        layer, token = np.argwhere(repeated)[0]
+        raise TraceError(f"{path}: expert_ids: layer {layer} token {token} lists an expert twice; "
+                         "a token's k experts must be distinct")
+    return ids.astype(np.int32), e
+
+
+def _checked_counts(path: str, counts: np.ndarray, num_experts: int | None) -> np.ndarray:
+    if counts.ndim != 2 or 0 in counts.shape:
+        raise TraceError(f"{path}: counts has shape {counts.shape}; expected non-empty "
+                         "[layers, experts]")
+    if not (np.issubdtype(counts.dtype, np.integer) or np.issubdtype(counts.dtype, np.floating)):
+        raise TraceError(f"{path}: counts has dtype {counts.dtype}; expected numbers")
+    counts = counts.astype(np.float64)
+    if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise TraceError(f"{path}: counts: every count must be finite and >= 0 "
+                         f"(found {counts[~(np.isfinite(counts) & (counts >= 0))][0]})")
+    if num_experts is not None and counts.shape[1] != num_experts:
+        raise TraceError(f"{path}: counts has {counts.shape[1]} experts per layer; the model "
+                         f"has {num_experts}")
+    empty = np.flatnonzero(counts.sum(axis=1) == 0)
+    if empty.size:
+        raise TraceError(f"{path}: counts: layer {empty[0]} has no tokens; every layer needs a "
+                         "positive total")
+    return counts
+
+
+def _checked_coactivation(path: str, co: np.ndarray, layers: int, e: int) -> np.ndarray:
+    if co.shape != (layers, e, e):
+        raise TraceError(f"{path}: coactivation has shape {co.shape}; expected "
+                         f"[layers, experts, experts] = ({layers}, {e}, {e})")
+    co = co.astype(np.float64)
+    if not np.all(np.isfinite(co)) or np.any(co < 0):
+        raise TraceError(f"{path}: coactivation: every entry must be finite and >= 0")
+    if not np.allclose(co, co.transpose(0, 2, 1)):
+        raise TraceError(f"{path}: coactivation must be symmetric in its two expert axes")
+    return co
+
+
+def choices_from_trace(trace: RoutingTrace, layer: int, *, num_sources: int,
+                       tokens_per_source: int, rng: np.random.Generator,
+                       max_tokens_per_source: int = 256, top_k: int | None = None,
+                       expert_node: np.ndarray | None = None,
+                       max_nodes: int | None = None) -> LayerChoices:
+    """The choices of one layer, taken from a trace.
+
+    Per-token traces: sampled token i is trace token ``i % tokens`` (in order, cycling) and comes
+    from source ``i % num_sources``. Counts-only traces: popularity = counts / total, then
+    :func:`sample_layer` (which needs ``top_k``; ``expert_node`` / ``max_nodes`` apply here only,
+    since a per-token trace already holds its router's decisions).
+    """
+    if not 0 <= layer < trace.num_layers:
+        raise TraceError(f"{trace.path}: layer {layer} out of range; the trace has layers "
+                         f"0..{trace.num_layers - 1}")
+    n = _sampled_per_source(tokens_per_source, max_tokens_per_source, num_sources)
+    if trace.expert_ids is None:
+        if top_k is None:
+            raise TraceError(f"{trace.path}: a counts-only trace needs top_k to sample tokens")
+        assert trace.counts is not None
+        return sample_layer(trace.counts[layer], num_sources=num_sources,
+                            tokens_per_source=tokens_per_source, top_k=top_k, rng=rng,
+                            max_tokens_per_source=max_tokens_per_source,
+                            expert_node=expert_node, max_nodes=max_nodes)
+    ids = trace.expert_ids[layer]                                          # [tokens, k]
+    if top_k is not None and ids.shape[1] != top_k:
+        raise TraceError(f"{trace.path}: trace has k={ids.shape[1]} experts per token; the model "
+                         f"routes to top_k={top_k}")
+    index = np.arange(num_sources * n)
+    return LayerChoices(ids[index % ids.shape[0]].astype(np.int32),
+                        (index % num_sources).astype(np.int32), tokens_per_source / n)

@@ -1,0 +1,5 @@
+"""The simulator: cost models assembled into a SimPy model of one training or inference step."""
+
+from moesim.sim.simulate import simulate
+
+__all__ = ["simulate"]

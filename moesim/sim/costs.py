@@ -1,0 +1,186 @@
+"""What one transformer block costs one EP group for one micro-batch: the pieces the engine schedules.
+
+For a block, every device of the group runs attention (and its tensor-parallel all-reduce), then
+either a dense FFN or an MoE layer: gate, dispatch all-to-all, its expert slots' grouped GEMM (the
+work differs per device with the routing), shared experts, combine all-to-all. This module computes
+those durations with the pure cost models (compute, traffic, network) and caches them per block:
+all micro-batches of a step reuse their block's routing sample (the expected load of that layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from moesim import network, routing
+from moesim.compute import KernelTimer
+from moesim.layout import Layout
+from moesim.memory import tokens_per_microbatch
+from moesim.placement.placement import Placement
+from moesim.spec.hardware import dtype_bytes
+from moesim.spec.scenario import Scenario
+from moesim.topology import Topology
+from moesim.traffic import LayerTraffic, layer_traffic
+
+__all__ = ["Collective", "BlockCost", "CostModel"]
+
+
+@dataclass(frozen=True, eq=False)
+class Collective:
+    """One all-to-all of one EP group: duration, and bytes per topology link."""
+
+    duration: float
+    link_index: np.ndarray   # int[n] links carrying bytes
+    link_bytes: np.ndarray   # float[n]
+    total_bytes: float
+    cross_node_bytes: float
+    link_busy: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float[n] seconds
+    pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=int))  # global ranks
+    nbytes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float[F]
+
+
+EMPTY = Collective(0.0, np.zeros(0, dtype=int), np.zeros(0), 0.0, 0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockCost:
+    """Forward costs of one block for one micro-batch on one EP group (seconds)."""
+
+    layer: int
+    attention: float
+    tp_comm: float
+    gate: float
+    ffn: float                       # dense FFN or shared experts (same on every device)
+    experts: np.ndarray              # float[ep] routed-expert grouped GEMM per device
+    permute: float                   # token permute/unpermute (memory-bound)
+    dispatch: Collective = EMPTY
+    combine: Collective = EMPTY
+    traffic: LayerTraffic | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.traffic is not None
+
+
+@dataclass
+class CostModel:
+    """Per-block costs of a scenario, computed lazily and cached."""
+
+    scenario: Scenario
+    topology: Topology
+    layout: Layout
+    placement: Placement
+    half_batch: bool = False           # two-batch overlap runs each half separately
+    _routing: dict[int, routing.LayerChoices] = field(default_factory=dict)
+    _cache: dict[int, BlockCost] = field(default_factory=dict)
+
+    @cached_property
+    def timer(self) -> KernelTimer:
+        s = self.scenario
+        tables = None
+        if s.hardware.calibration:
+            from moesim.calibration import MeasuredTables
+            tables = MeasuredTables.from_profile(s.hardware)
+        return KernelTimer(s.model, s.hardware.device, s.precision.compute, s.precision.weights,
+                           s.precision.activations, s.parallelism.tp, tables)
+
+    @property
+    def tokens(self) -> float:
+        """Tokens per device per micro-batch (halved under two-batch overlap)."""
+        t = tokens_per_microbatch(self.scenario)
+        return t / 2 if self.half_batch else t
+
+    @cached_property
+    def group(self) -> np.ndarray:
+        """Global ranks of the representative EP group (stage 0, group 0)."""
+        return self.layout.ep_group(0, 0)
+
+    @cached_property
+    def group_nodes(self) -> np.ndarray:
+        return self.topology.device_node[self.group]
+
+    @cached_property
+    def choices(self) -> list[routing.LayerChoices]:
+        s = self.scenario
+        expert_node = None
+        if s.routing.node_limit:
+            first = self.placement.slot_expert[:, :, 0]   # [layers, ep] primary expert per device
+            expert_node = np.zeros((self.placement.num_layers, s.model.num_experts), dtype=int)
+            per_dev = self.placement.slot_expert         # [layers, ep, slots]
+            _, node_idx = np.unique(self.group_nodes, return_inverse=True)
+            for layer in range(per_dev.shape[0]):
+                for dev in range(per_dev.shape[1])[::-1]:
+                    expert_node[layer, per_dev[layer, dev]] = node_idx[dev]
+            del first
+        return list(routing.sample_routing(
+            s.routing, num_experts=s.model.num_experts, num_layers=s.model.num_moe_layers,
+            num_sources=s.parallelism.ep, tokens_per_source=max(1, round(self.tokens)),
+            top_k=s.model.top_k, seed=s.seed, gating=s.model.gating, expert_node=expert_node))
+
+    def context(self) -> tuple[float, float]:
+        """(average attended context per token, KV tokens read per device) for the workload."""
+        wl = self.scenario.workload
+        if wl.mode == "decode":
+            ctx = wl.context_len + 1
+            return ctx, self.tokens * ctx
+        return wl.seq_len / 2, 0.0
+
+    def block(self, layer: int) -> BlockCost:
+        if layer not in self._cache:
+            self._cache[layer] = self._block(layer)
+        return self._cache[layer]
+
+    def _block(self, layer: int) -> BlockCost:
+        s, t = self.scenario, self.timer
+        tokens = self.tokens
+        ctx, kv = self.context()
+        attention = t.attention(tokens, ctx, kv)
+        h = s.model.hidden_size
+        tp_comm = 0.0
+        if s.parallelism.tp > 1:
+            link = s.hardware.link("scale_up")
+            nbytes = tokens * h * dtype_bytes(s.precision.activations)
+            tp_comm = 2 * network.ring_all_reduce(nbytes, s.parallelism.tp,
+                                                  link.effective_bandwidth, link.latency)
+        moe_index = self.layout.moe_index(layer)
+        ep = s.parallelism.ep
+        if moe_index is None:
+            ffn = t.dense_ffn(tokens, s.model.dense_ffn_size or 4 * h)
+            return BlockCost(layer, attention, tp_comm, 0.0, ffn, np.zeros(ep), 0.0)
+        traffic = layer_traffic(
+            self.choices[moe_index], self.placement, moe_index, device_node=self.group_nodes,
+            tokens_per_source=tokens, hidden=h,
+            dispatch_bytes_per_elem=dtype_bytes(s.precision.dispatch),
+            combine_bytes_per_elem=dtype_bytes(s.precision.combine),
+            capacity_factor=s.model.capacity_factor, top_k=s.model.effective_top_k,
+            algorithm=s.communication.alltoall)
+        experts = np.array([t.experts(traffic.slot_tokens[d]) for d in range(ep)])
+        routed = traffic.tokens.sum(axis=1)  # token copies each device permutes
+        permute = t.elementwise(4 * routed.max() * h * dtype_bytes(s.precision.activations))
+        return BlockCost(layer, attention, tp_comm, t.gate(tokens), t.shared_experts(tokens),
+                         experts, permute, self._collective(traffic.pairs, traffic.dispatch_bytes,
+                                                            traffic),
+                         self._collective(traffic.combine_pairs, traffic.combine_bytes, traffic),
+                         traffic)
+
+    def _collective(self, pairs: np.ndarray, nbytes: np.ndarray,
+                    traffic: LayerTraffic) -> Collective:
+        if len(pairs) == 0:
+            return EMPTY
+        return alltoall(self.topology, self.group[pairs], nbytes)
+
+
+def alltoall(topology: Topology, pairs: np.ndarray, nbytes: np.ndarray) -> Collective:
+    """Flow-level time of one all-to-all: all flows start together, max-min fair sharing.
+
+    ``pairs: int[F, 2]`` global (src, dst) ranks, ``nbytes: float[F]``.
+    """
+    ptr, links = topology.paths_csr(pairs)
+    result = network.simulate_flows(nbytes, np.zeros(len(nbytes)), ptr, links,
+                                    topology.capacity, topology.latency)
+    used = np.flatnonzero(result.link_bytes)
+    cross = topology.device_node[pairs[:, 0]] != topology.device_node[pairs[:, 1]]
+    return Collective(float(result.makespan), used, result.link_bytes[used], float(nbytes.sum()),
+                      float(nbytes[cross].sum()), result.link_busy[used], pairs, nbytes)

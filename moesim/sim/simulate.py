@@ -1,0 +1,196 @@
+"""Simulate one step of a scenario: build the cost model, run the pipeline in SimPy, report.
+
+The flow (see DESIGN.md): topology and layout from the scenario; memory checked; placement
+resolved; per-block costs (compute, routing, traffic, flow-level all-to-all) computed once per
+block; each (stage, chunk, direction) run on its EP group's two streams; the pipeline of stages run
+as SimPy processes; then the data-parallel gradient reduction and the optimizer step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim import network
+from moesim.errors import ScenarioError
+from moesim.layout import Layout
+from moesim.memory import check_memory, stage_params, tokens_per_microbatch
+from moesim.placement.placement import Placement
+from moesim.placement.policies import resolve_placement
+from moesim.results import Result
+from moesim.sim.costs import CostModel
+from moesim.sim.pipeline import ChunkSpan, run_pipeline
+from moesim.sim.schedule import forward_only, one_f_one_b
+from moesim.sim.streams import ChunkRun, chunk_ops, run_ops
+from moesim.spec.hardware import dtype_bytes
+from moesim.spec.scenario import Scenario
+from moesim.topology import Topology, build_topology
+
+__all__ = ["Simulation", "simulate", "model_flops_per_token", "micro_batches"]
+
+
+@dataclass
+class Simulation:
+    """A finished simulation: the result and what the trace and plots need."""
+
+    scenario: Scenario
+    result: Result
+    topology: Topology
+    layout: Layout
+    placement: Placement
+    costs: CostModel
+    runs: dict[tuple[int, str, int], ChunkRun]
+    spans: list[ChunkSpan]
+    stage_end: list[float]
+    rep_device: int
+    wall_seconds: float
+
+
+def micro_batches(s: Scenario) -> int:
+    wl, par = s.workload, s.parallelism
+    return wl.global_batch // par.dp // wl.micro_batch
+
+
+def model_flops_per_token(s: Scenario) -> float:
+    """Model FLOPs per token: 2 per active weight per token forward (x3 for training), plus
+    attention scores (QK^T and AV over the average causal context), excluding the input embedding
+    lookup. This is the PaLM/Megatron MFU convention (6N + attention for training)."""
+    m, wl = s.model, s.workload
+    counts = m.param_counts()
+    input_embedding = m.vocab_size * m.hidden_size
+    dense = 2.0 * (counts.active - input_embedding)
+    context = wl.context_len + 1 if wl.mode == "decode" else wl.seq_len / 2
+    attn_proj = 2.0 * (m.attention_params - 2 * m.hidden_size)
+    scores = (m.attention_flops_per_token(context) - attn_proj) * m.num_layers
+    forward = dense + scores
+    return 3.0 * forward if wl.mode == "training" else forward
+
+
+def _validate_schedule(s: Scenario, mbs: int) -> None:
+    par = s.parallelism
+    if par.vp > 1 and mbs % par.pp:
+        raise ScenarioError(f"interleaved 1F1B (vp={par.vp}) needs micro-batches per step "
+                            f"({mbs}) to be a multiple of pp={par.pp}", source=s.source,
+                            field="parallelism.vp")
+
+
+def simulate(s: Scenario, *, engine: str | None = None,
+             placement: Placement | None = None) -> Simulation:
+    """Simulate one step of ``s``; ``engine`` overrides ``simulation.mode``."""
+    wall = time.perf_counter()
+    engine = engine or s.simulation.mode
+    par = s.parallelism
+    topology = build_topology(s.cluster, s.hardware)
+    layout = Layout(par, s.model.num_layers, s.model.moe_layer_ids)
+    memory = check_memory(s, layout)
+    mbs = micro_batches(s)
+    _validate_schedule(s, mbs)
+    group = layout.ep_group(0, 0)
+    tokens = tokens_per_microbatch(s)
+    if placement is None:
+        placement = resolve_placement(s, tokens, topology.device_node[group])
+    costs = CostModel(s, topology, layout, placement,
+                      half_batch=s.communication.overlap == "two_batch")
+    runs = _chunk_runs(s, layout, costs, engine)
+    training = s.workload.mode == "training"
+    make_order = one_f_one_b if training else forward_only
+    orders = [make_order(st, par.pp, par.vp, mbs) for st in range(par.pp)]
+    p2p = _p2p_time(s, topology, layout, tokens)
+    spans, events = run_pipeline(orders, par.vp, lambda st, k, c: runs[(st, k, c)].makespan, p2p)
+    stage_end, dp_exposed, optimizer = _finish_stages(s, layout, topology, spans, runs)
+    sim = Simulation(s, None, topology, layout, placement, costs, runs, spans,  # type: ignore
+                     stage_end, 0, 0.0)
+    from moesim.sim.report import build_result
+    sim.result = build_result(sim, mbs, events, dp_exposed, optimizer, memory, engine)
+    sim.wall_seconds = time.perf_counter() - wall
+    return sim
+
+
+def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: str
+                ) -> dict[tuple[int, str, int], ChunkRun]:
+    par = s.parallelism
+    recompute = s.memory.recompute == "full"
+    runs = {}
+    if engine == "full":
+        from moesim.sim.full import run_ops_full
+    for stage, chunks in enumerate(layout.chunk_layers()):
+        for c, layers in enumerate(chunks):
+            blocks = [costs.block(layer) for layer in layers]
+            kinds = [("F", blocks, False)]
+            if s.workload.mode == "training":
+                kinds.append(("B", blocks[::-1], True))
+            for kind, seq, backward in kinds:
+                ops = chunk_ops(seq, par.ep, backward=backward, recompute=recompute,
+                                overlap=s.communication.overlap)
+                if engine == "full":
+                    runs[(stage, kind, c)] = run_ops_full(ops, costs, stage)
+                else:
+                    runs[(stage, kind, c)] = run_ops(ops, par.ep)
+    return runs
+
+
+def _link_between(s: Scenario, topology: Topology, a: int, b: int) -> tuple[float, float]:
+    """(bandwidth, latency) of the bottleneck on the path from rank a to rank b."""
+    links = topology.path_links(a, b)
+    if len(links) == 0:
+        return float("inf"), 0.0
+    return float(topology.capacity[links].min()), float(topology.latency[links].sum())
+
+
+def _p2p_time(s: Scenario, topology: Topology, layout: Layout, tokens: float) -> float:
+    """Send of one micro-batch's activations between consecutive pipeline stages."""
+    if s.parallelism.pp == 1:
+        return 0.0
+    nbytes = tokens * s.model.hidden_size * dtype_bytes(s.precision.activations)
+    a, b = layout.stage_ranks(0)[0], layout.stage_ranks(1)[0]
+    bw, lat = _link_between(s, topology, int(a), int(b))
+    return network.p2p(nbytes / s.parallelism.tp, bw, lat)
+
+
+def dp_sync_time(s: Scenario, layout: Layout, topology: Topology, stage: int) -> float:
+    """Gradient reduction of one stage: dense over dp, experts over the expert-DP group (ring)."""
+    par = s.parallelism
+    dense, experts = stage_params(s, layout, stage)
+    gb = dtype_bytes(s.precision.gradients if s.precision.gradients != "fp32" else "bf16")
+    total = 0.0
+    ranks = layout.stage_ranks(stage)
+    for params, group_size, stride in ((dense, par.dp, par.tp), (experts, layout.expert_dp,
+                                                                 par.ep)):
+        if group_size <= 1 or params == 0:
+            continue
+        members = ranks[::stride][:group_size]
+        bw, lat = min(_link_between(s, topology, int(members[i]), int(members[i + 1]))
+                      for i in range(min(len(members) - 1, 8)))
+        algorithm = {"ring": network.ring_all_reduce, "tree": network.tree_all_reduce}.get(
+            s.communication.dp_algorithm, network.ring_all_reduce)
+        total += algorithm(params * gb, group_size, bw, lat)
+    return total
+
+
+def _finish_stages(s: Scenario, layout: Layout, topology: Topology, spans: list[ChunkSpan],
+                   runs: dict) -> tuple[list[float], list[float], list[float]]:
+    """Per stage: end time after gradient sync and optimizer; exposed DP time; optimizer time."""
+    par = s.parallelism
+    ends, exposed, opt = [], [], []
+    for stage in range(par.pp):
+        last = max(sp.end for sp in spans if sp.stage == stage)
+        dp = opt_t = 0.0
+        if s.workload.mode == "training":
+            sync = dp_sync_time(s, layout, topology, stage)
+            window = 0.0
+            if s.communication.dp_overlap:
+                window = runs[(stage, "B", 0)].makespan
+            dp = max(0.0, sync - window)
+            dense, experts = stage_params(s, layout, stage)
+            shard = par.dp if par.zero_stage >= 1 else 1
+            eshard = layout.expert_dp if par.zero_stage >= 1 else 1
+            per_param = 2 * (4 + s.precision.optimizer_state_bytes) + 4 + 2
+            dev = s.hardware.device
+            opt_t = (dense / shard + experts / eshard) * per_param / (
+                dev.memory_bandwidth * dev.memory_efficiency)
+        ends.append(last + dp + opt_t)
+        exposed.append(dp)
+        opt.append(opt_t)
+    return ends, exposed, opt

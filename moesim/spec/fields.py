@@ -1,0 +1,214 @@
+"""Strict loading of frozen dataclasses from YAML mappings.
+
+Every configuration kind (model, hardware, cluster, scenario, sweep) is a frozen dataclass. This module
+turns a parsed YAML mapping into one, field by field, and rejects anything it does not understand with
+a ``ScenarioError`` that names the file, the field path (``cluster.links[2].bandwidth``), the bad value
+and what is allowed. Defaults live in the dataclasses only.
+
+Field metadata understood by :func:`build`:
+
+- ``unit``: a kind for :func:`moesim.units.parse_quantity` ("bytes", "bandwidth", "flops", "time");
+  the YAML may then say ``"900 GB/s"`` and the field holds bytes/s.
+- ``min`` / ``max``: inclusive bounds; ``gt``: exclusive lower bound.
+- ``doc``: one line shown in error messages and ``moesim validate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from moesim.errors import ScenarioError
+from moesim.units import UnitError, parse_quantity
+
+__all__ = ["build", "read_yaml", "spec_field", "join_path", "to_plain"]
+
+T = TypeVar("T")
+
+
+def spec_field(default: Any = dataclasses.MISSING, *, unit: str | None = None,
+               min: float | None = None, max: float | None = None, gt: float | None = None,
+               doc: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with validation metadata (see the module docstring)."""
+    meta = {"unit": unit, "min": min, "max": max, "gt": gt, "doc": doc}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def join_path(parent: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else key
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a missing file or a syntax error becomes a ScenarioError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScenarioError("file not found", source=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"cannot read file ({exc.__class__.__name__}: {exc})",
+                            source=str(path)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ScenarioError(f"not valid YAML{where}: {problem}", source=str(path)) from None
+
+
+def build(cls: type[T], data: Any, *, source: str | None, path: str = "") -> T:
+    """Build the frozen dataclass ``cls`` from ``data`` (a mapping), validating every field."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ScenarioError(f"expected a mapping with fields {_names(cls)}, got "
+                            f"{_describe(data)}", source=source, field=path or None)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ScenarioError(f"unknown field {unknown[0]!r} (allowed: {_names(cls)})",
+                            source=source, field=join_path(path, str(unknown[0])) if path else None)
+    values: dict[str, Any] = {}
+    for name, fld in fields.items():
+        fpath = join_path(path, name)
+        if name not in data:
+            if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+                doc = fld.metadata.get("doc")
+                raise ScenarioError("required field is missing" + (f" ({doc})" if doc else ""),
+                                    source=source, field=fpath)
+            continue
+        values[name] = _convert(hints[name], data[name], fld.metadata, source, fpath)
+    try:
+        return cls(**values)
+    except ScenarioError as exc:
+        if exc.source is None and source is not None:
+            raise ScenarioError(str(exc), source=source) from None
+        raise
+
+
+def _names(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _convert(hint: Any, value: Any, meta: Any, source: str | None, path: str) -> Any:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(inner[0], value, meta, source, path)
+        errors = []
+        for option in inner:
+            try:
+                return _convert(option, value, meta, source, path)
+            except ScenarioError as exc:
+                errors.append(str(exc))
+        raise ScenarioError(f"{_describe(value)} fits none of the allowed forms", source=source,
+                            field=path)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ScenarioError(f"{value!r} is not allowed (allowed: {allowed})", source=source,
+                                field=path)
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ScenarioError(f"expected a list, got {_describe(value)}", source=source,
+                                field=path)
+        item_hint = args[0] if args else Any
+        return tuple(_convert(item_hint, v, meta, source, join_path(path, i))
+                     for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ScenarioError(f"expected a mapping, got {_describe(value)}", source=source,
+                                field=path)
+        key_hint, val_hint = args if args else (Any, Any)
+        return {_convert(key_hint, k, {}, source, path): _convert(val_hint, v, meta, source,
+                                                                     join_path(path, str(k)))
+                for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, source=source, path=path)
+    if hint is Any:
+        return value
+    return _scalar(hint, value, meta, source, path)
+
+
+def _scalar(hint: Any, value: Any, meta: Any, source: str | None, path: str) -> Any:
+    unit = meta.get("unit") if meta else None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ScenarioError(f"expected true or false, got {_describe(value)}", source=source,
+                                field=path)
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ScenarioError(f"expected a string, got {_describe(value)}", source=source,
+                                field=path)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ScenarioError(f"expected an integer, got {_describe(value)}",
+                                    source=source, field=path)
+    elif hint is float:
+        if unit:
+            try:
+                value = parse_quantity(value, unit)
+            except UnitError as exc:
+                raise ScenarioError(str(exc), source=source, field=path) from None
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise ScenarioError(f"expected a number, got {_describe(value)}", source=source,
+                                field=path)
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ScenarioError(f"expected a finite number, got {value}", source=source,
+                                field=path)
+    else:
+        raise TypeError(f"unsupported field type {hint!r} at {path}")
+    _check_bounds(value, meta, source, path)
+    return value
+
+
+def _check_bounds(value: float, meta: Any, source: str | None, path: str) -> None:
+    if not meta:
+        return
+    lo, hi, gt = meta.get("min"), meta.get("max"), meta.get("gt")
+    if gt is not None and not value > gt:
+        raise ScenarioError(f"{value!r} must be > {gt}", source=source, field=path)
+    if lo is not None and value < lo:
+        raise ScenarioError(f"{value!r} must be >= {lo}", source=source, field=path)
+    if hi is not None and value > hi:
+        raise ScenarioError(f"{value!r} must be <= {hi}", source=source, field=path)
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass tree as plain dicts/lists (for printing the resolved scenario and results)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,145 @@
+"""Hardware profiles: what one accelerator can compute and store, and how fast its links are.
+
+A profile is a YAML file in ``hardware_profiles/`` (datasheet figures, each with its source) or one
+written by ``moesim calibrate`` (measured figures, plus the measured tables under ``calibration``).
+Numbers are read once into SI units: FLOP/s, bytes, bytes/s, seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from moesim.errors import ScenarioError
+from moesim.spec.fields import build, read_yaml, spec_field
+
+__all__ = ["DeviceSpec", "LinkSpec", "NodeSpec", "HardwareProfile", "load_hardware",
+           "DTYPES", "dtype_bytes"]
+
+# Bytes per element of the number formats moesim knows.
+DTYPES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "fp4": 0.5}
+
+
+def dtype_bytes(dtype: str) -> float:
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ScenarioError(f"unknown dtype {dtype!r} (allowed: {', '.join(DTYPES)})") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceSpec:
+    """One accelerator (or a CPU socket standing in for one)."""
+
+    name: str
+    kind: Literal["gpu", "tpu", "cpu"] = "gpu"
+    peak_flops: dict[str, float] = spec_field(unit="flops", doc="dense peak FLOP/s per dtype")
+    memory: float = spec_field(unit="bytes", gt=0, doc="HBM capacity")
+    memory_bandwidth: float = spec_field(unit="bandwidth", gt=0, doc="HBM bandwidth")
+    # Fraction of peak a large, well-shaped GEMM reaches, and of HBM bandwidth a streaming kernel
+    # reaches: one value per hardware class, from a microbenchmark or vendor figure (see source).
+    matmul_efficiency: float = spec_field(1.0, gt=0, max=1.0)
+    memory_efficiency: float = spec_field(1.0, gt=0, max=1.0)
+    # Reserved by the framework/driver (CUDA context, allocator fragmentation).
+    reserved_memory: float = spec_field(0.0, unit="bytes", min=0)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for dtype, value in self.peak_flops.items():
+            if dtype not in DTYPES:
+                raise ScenarioError(f"unknown dtype {dtype!r} (allowed: {', '.join(DTYPES)})",
+                                    field=f"device.peak_flops.{dtype}")
+            if value <= 0:
+                raise ScenarioError(f"{value} must be > 0", field=f"device.peak_flops.{dtype}")
+        if not self.peak_flops:
+            raise ScenarioError("at least one dtype is required (e.g. bf16: 989 TFLOPS)",
+                                field="device.peak_flops")
+
+    def flops(self, dtype: str) -> float:
+        """Peak dense FLOP/s for ``dtype``; a missing low-precision dtype falls back to bf16/fp32."""
+        for candidate in (dtype, "bf16", "fp16", "fp32"):
+            if candidate in self.peak_flops:
+                return self.peak_flops[candidate]
+        return max(self.peak_flops.values())
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkSpec:
+    """A class of link, per device and per direction (e.g. one GPU's NVLink or its NIC)."""
+
+    kind: str = spec_field(doc="nvlink, infiniband, ethernet, pcie, ici, loopback, emulated")
+    bandwidth: float = spec_field(unit="bandwidth", gt=0, doc="per device, per direction")
+    latency: float = spec_field(0.0, unit="time", min=0)
+    # Fraction of line rate that collectives achieve (protocol overhead), from a benchmark.
+    efficiency: float = spec_field(1.0, gt=0, max=1.0)
+    source: str = ""
+
+    @property
+    def effective_bandwidth(self) -> float:
+        return self.bandwidth * self.efficiency
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSpec:
+    devices_per_node: int = spec_field(8, min=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HardwareProfile:
+    """A device, its links and its node shape; optionally measured tables from calibration."""
+
+    name: str
+    description: str = ""
+    device: DeviceSpec
+    links: dict[str, LinkSpec] = field(default_factory=dict)
+    node: NodeSpec = field(default_factory=NodeSpec)
+    calibration: dict[str, Any] | None = None
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        allowed = {"scale_up", "scale_out", "ici"}
+        for name in self.links:
+            if name not in allowed:
+                raise ScenarioError(f"unknown link class {name!r} (allowed: "
+                                    f"{', '.join(sorted(allowed))})", field=f"links.{name}")
+
+    def link(self, name: str) -> LinkSpec:
+        try:
+            return self.links[name]
+        except KeyError:
+            raise ScenarioError(f"profile {self.name!r} has no {name!r} link (it has: "
+                                f"{', '.join(self.links) or 'none'})", source=self.path) from None
+
+
+def profile_dirs() -> list[Path]:
+    """Where shipped profiles live: inside the wheel, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent.parent
+    return [here / "_data" / "hardware_profiles", here.parent / "hardware_profiles"]
+
+
+def find_profile(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """Resolve a profile name ("h100-sxm") or a path (absolute, or relative to the scenario)."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        for base in ([relative_to] if relative_to else []) + [Path.cwd()]:
+            path = candidate if candidate.is_absolute() else base / candidate
+            if path.exists():
+                return path
+        raise ScenarioError(f"hardware profile file {name_or_path!r} not found")
+    for directory in profile_dirs():
+        path = directory / f"{name_or_path}.yaml"
+        if path.exists():
+            return path
+    known = sorted({p.stem for d in profile_dirs() if d.exists() for p in d.glob("*.yaml")})
+    raise ScenarioError(f"unknown hardware profile {name_or_path!r} (shipped: {', '.join(known)}; "
+                        "or give a path to a .yaml file)")
+
+
+def load_hardware(name_or_path: str, relative_to: Path | None = None) -> HardwareProfile:
+    """Load and validate a hardware profile by shipped name or by path."""
+    path = find_profile(name_or_path, relative_to)
+    data = read_yaml(path)
+    if isinstance(data, dict):
+        data = {**data, "path": str(path)}
+    return build(HardwareProfile, data, source=str(path))

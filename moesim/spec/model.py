@@ -1,0 +1,209 @@
+"""The MoE transformer being simulated: its shape, its experts and its gate.
+
+A model is a stack of ``num_layers`` transformer blocks. Each block has an attention sub-layer and an
+FFN sub-layer; the FFN is dense in the first ``first_dense_layers`` blocks and then an MoE layer every
+``moe_layer_interval`` blocks (1 = every block, 2 = every other block as in Switch/GLaM). An MoE layer
+holds ``num_experts`` routed experts (each token picks ``top_k``) and ``num_shared_experts`` that every
+token uses. Parameter and FLOP counts are pure functions of this description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moesim.errors import ScenarioError
+from moesim.spec.fields import spec_field
+
+__all__ = ["AttentionSpec", "ModelSpec", "ParamCounts"]
+
+Activation = Literal["swiglu", "geglu", "gelu", "relu", "silu"]
+Gating = Literal["topk", "top1", "soft"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionSpec:
+    """Multi-head (MHA), grouped-query (GQA) or multi-head latent (MLA) attention."""
+
+    num_heads: int = spec_field(min=1, doc="query heads")
+    num_kv_heads: int = spec_field(0, min=0, doc="key/value heads (0 = num_heads; GQA when fewer)")
+    head_dim: int = spec_field(0, min=0, doc="per-head dim (0 = hidden_size / num_heads)")
+    kind: Literal["mha", "gqa", "mla"] = "mha"
+    # MLA (DeepSeek-V2/V3): queries and keys/values go through low-rank latents; the KV cache
+    # holds the latent (kv_lora_rank + qk_rope_head_dim per token), not full heads.
+    q_lora_rank: int = spec_field(0, min=0, doc="MLA query latent rank (0 = no query compression)")
+    kv_lora_rank: int = spec_field(0, min=0, doc="MLA key/value latent rank")
+    qk_rope_head_dim: int = spec_field(0, min=0, doc="MLA decoupled RoPE dim per head")
+    v_head_dim: int = spec_field(0, min=0, doc="MLA value dim per head (0 = head_dim)")
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of a model, split by where the parameters live."""
+
+    embedding: int          # input embedding (+ output head if untied)
+    attention: int          # all attention sub-layers (incl. norms)
+    dense_ffn: int          # FFNs of dense blocks
+    routed_experts: int     # all routed experts of all MoE layers
+    shared_experts: int     # shared experts of all MoE layers
+    router: int             # gate matrices
+    total: int
+    active: int             # used per token (top-k routed experts + everything else)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """An MoE transformer. Sizes are the model's public configuration (e.g. its HF config.json)."""
+
+    name: str
+    hidden_size: int = spec_field(min=1)
+    num_layers: int = spec_field(min=1, doc="transformer blocks (encoder + decoder if enc-dec)")
+    vocab_size: int = spec_field(min=1)
+    attention: AttentionSpec = field(default_factory=lambda: AttentionSpec(num_heads=1))
+    num_experts: int = spec_field(min=1, doc="routed experts per MoE layer")
+    top_k: int = spec_field(min=1, doc="routed experts per token")
+    expert_ffn_size: int = spec_field(min=1, doc="intermediate size of one routed expert")
+    num_shared_experts: int = spec_field(0, min=0)
+    shared_expert_ffn_size: int = spec_field(0, min=0, doc="0 = expert_ffn_size")
+    dense_ffn_size: int = spec_field(0, min=0, doc="intermediate size of dense blocks' FFN")
+    first_dense_layers: int = spec_field(0, min=0, doc="leading blocks with a dense FFN")
+    moe_layer_interval: int = spec_field(1, min=1, doc="an MoE FFN every n-th block after those")
+    cross_attention_layers: int = spec_field(0, min=0, doc="decoder blocks with cross-attention")
+    activation: Activation = "swiglu"
+    # GLaM gates only its dense FFNs (GeGLU) and keeps plain GELU experts; null = activation.
+    dense_activation: Activation | None = None
+    gating: Gating = "topk"
+    capacity_factor: float | None = spec_field(None, gt=0.0, doc="null = dropless")
+    tie_embeddings: bool = False
+    expert_bias: bool = False
+    description: str = ""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.top_k > self.num_experts:
+            raise ScenarioError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}",
+                                field="model.top_k")
+        if self.first_dense_layers > self.num_layers:
+            raise ScenarioError(f"first_dense_layers={self.first_dense_layers} must be <= "
+                                f"num_layers={self.num_layers}", field="model.first_dense_layers")
+        if self.num_moe_layers == 0:
+            raise ScenarioError("the model has no MoE layer (check first_dense_layers and "
+                                "moe_layer_interval)", field="model")
+        if self.first_dense_layers and self.dense_ffn_size == 0:
+            raise ScenarioError("dense_ffn_size is required when first_dense_layers > 0",
+                                field="model.dense_ffn_size")
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """Indices of the blocks whose FFN is an MoE layer."""
+        return tuple(i for i in range(self.first_dense_layers, self.num_layers)
+                     if (i - self.first_dense_layers) % self.moe_layer_interval
+                     == self.moe_layer_interval - 1)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layer_ids)
+
+    @property
+    def effective_top_k(self) -> int:
+        """Routed experts per token as the gate actually uses them."""
+        return {"topk": self.top_k, "top1": 1, "soft": self.num_experts}[self.gating]
+
+    @property
+    def ffn_matrices(self) -> int:
+        """Weight matrices per FFN: gated activations (SwiGLU, GeGLU) have 3, others 2."""
+        return 3 if self.activation in ("swiglu", "geglu") else 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim or self.hidden_size // self.attention.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.attention.num_kv_heads or self.attention.num_heads
+
+    @property
+    def dense_ffn_matrices(self) -> int:
+        """Weight matrices of a dense block's FFN (``dense_activation``, else ``activation``)."""
+        return 3 if (self.dense_activation or self.activation) in ("swiglu", "geglu") else 2
+
+    # ---- parameters ------------------------------------------------------------------------
+    def ffn_params(self, ffn_size: int) -> int:
+        """Parameters of one expert-style FFN (``activation``) of intermediate size ``ffn_size``."""
+        return self.ffn_matrices * self.hidden_size * ffn_size
+
+    @property
+    def dense_ffn_params(self) -> int:
+        """Parameters of one dense block's FFN (default intermediate size 4 * hidden)."""
+        return self.dense_ffn_matrices * self.hidden_size * (self.dense_ffn_size
+                                                             or 4 * self.hidden_size)
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert (one layer)."""
+        bias = (self.ffn_matrices - 1) * self.expert_ffn_size + self.hidden_size
+        return self.ffn_params(self.expert_ffn_size) + (bias if self.expert_bias else 0)
+
+    @property
+    def shared_expert_params(self) -> int:
+        """Parameters of all shared experts of one MoE layer."""
+        size = self.shared_expert_ffn_size or self.expert_ffn_size
+        return self.num_shared_experts * self.ffn_params(size)
+
+    @property
+    def attention_params(self) -> int:
+        """Parameters of one self-attention sub-layer, including its two RMS/LayerNorms."""
+        a, h = self.attention, self.hidden_size
+        if a.kind == "mla":
+            nope = self.head_dim
+            rope = a.qk_rope_head_dim
+            v = a.v_head_dim or self.head_dim
+            qk = nope + rope
+            if a.q_lora_rank:
+                q = h * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * a.num_heads * qk
+            else:
+                q = h * a.num_heads * qk
+            kv = h * (a.kv_lora_rank + rope) + a.kv_lora_rank
+            kv += a.kv_lora_rank * a.num_heads * (nope + v)
+            out = a.num_heads * v * h
+            return q + kv + out + 2 * h
+        q = h * a.num_heads * self.head_dim
+        kv = 2 * h * self.kv_heads * self.head_dim
+        out = a.num_heads * self.head_dim * h
+        bias = (a.num_heads + 2 * self.kv_heads) * self.head_dim + h if a.bias else 0
+        return q + kv + out + bias + 2 * h
+
+    def param_counts(self) -> ParamCounts:
+        """Total and active parameters, by part."""
+        h = self.hidden_size
+        moe = self.num_moe_layers
+        dense_blocks = self.num_layers - moe
+        embedding = self.vocab_size * h * (1 if self.tie_embeddings else 2) + h  # + final norm
+        attention = self.num_layers * self.attention_params
+        attention += self.cross_attention_layers * self.attention_params
+        dense_ffn = dense_blocks * self.dense_ffn_params
+        routed = moe * self.num_experts * self.expert_params
+        shared = moe * self.shared_expert_params
+        router = moe * self.num_experts * h
+        total = embedding + attention + dense_ffn + routed + shared + router
+        active = total - routed + moe * self.effective_top_k * self.expert_params
+        return ParamCounts(embedding, attention, dense_ffn, routed, shared, router, total, active)
+
+    # ---- FLOPs -----------------------------------------------------------------------------
+    def attention_flops_per_token(self, context: float) -> float:
+        """Forward FLOPs of one attention sub-layer for one token attending to ``context`` tokens.
+
+        2 FLOPs per weight (projections) + QK^T and AV (2 * 2 * heads * head_dim * context).
+        Causal training over a sequence of length S uses context = S/2 on average.
+        """
+        a = self.attention
+        proj = 2.0 * (self.attention_params - 2 * self.hidden_size)
+        v = a.v_head_dim or self.head_dim
+        qk = self.head_dim + a.qk_rope_head_dim
+        return proj + 2.0 * a.num_heads * (qk + v) * context
+
+    def expert_flops_per_token(self) -> float:
+        """Forward FLOPs of one routed expert for one token (2 per weight)."""
+        return 2.0 * self.ffn_params(self.expert_ffn_size)

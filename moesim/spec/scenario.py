@@ -1,0 +1,286 @@
+"""A scenario: one model, on one cluster, with one parallel layout, workload, routing and placement.
+
+Scenarios are YAML files (see ``scenarios/``). :func:`load_scenario` reads one into frozen
+dataclasses, resolving the model and the hardware profile by name, and checks every field and the
+relations between fields (parallel degrees against the device count, top-k against experts).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from moesim.errors import ScenarioError
+from moesim.spec.cluster import ClusterSpec
+from moesim.spec.fields import build, read_yaml, spec_field
+from moesim.spec.hardware import DTYPES, HardwareProfile, load_hardware
+from moesim.spec.model import ModelSpec
+
+__all__ = ["Parallelism", "Workload", "Precision", "RoutingSpec", "PlacementSpec",
+           "CommunicationSpec", "MemorySpec", "SimulationSpec", "OutputSpec", "FaultSpec",
+           "Scenario", "load_scenario", "scenario_from_mapping", "apply_overrides"]
+
+Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parallelism:
+    """Parallel degrees. tp * pp * dp = devices; EP is carved out of dp * tp (Megatron-Core, DeepSeek)."""
+
+    tp: int = spec_field(1, min=1, doc="tensor parallel (inside a node)")
+    pp: int = spec_field(1, min=1, doc="pipeline stages")
+    dp: int = spec_field(1, min=1, doc="data parallel replicas of the dense part")
+    ep: int = spec_field(1, min=1, doc="expert parallel group size (divides dp * tp)")
+    vp: int = spec_field(1, min=1, doc="virtual pipeline chunks per device (interleaved 1F1B)")
+    zero_stage: int = spec_field(1, min=0, max=3, doc="ZeRO stage of the optimizer state")
+    sequence_parallel: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    """What one step processes. Training: global_batch sequences of seq_len tokens."""
+
+    mode: Literal["training", "prefill", "decode"] = "training"
+    global_batch: int = spec_field(min=1, doc="sequences per step (all DP replicas)")
+    seq_len: int = spec_field(min=1, doc="tokens per sequence (prefill/training) ")
+    micro_batch: int = spec_field(1, min=1, doc="sequences per micro-batch per DP rank")
+    context_len: int = spec_field(0, min=0, doc="decode: tokens already in the KV cache")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Precision:
+    compute: Dtype = "bf16"
+    weights: Dtype = "bf16"
+    activations: Dtype = "bf16"
+    gradients: Dtype = "fp32"
+    master_weights: bool = True
+    optimizer_state_bytes: float = spec_field(8.0, min=0, doc="bytes per parameter (Adam: 2 x fp32)")
+    dispatch: Dtype = "bf16"
+    combine: Dtype = "bf16"
+    kv_cache: Dtype = "bf16"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingSpec:
+    distribution: Literal["uniform", "zipf", "dirichlet", "hot", "trace", "balanced"] = "uniform"
+    zipf_s: float = spec_field(1.0, min=0)
+    dirichlet_alpha: float = spec_field(1.0, gt=0)
+    hot_experts: int = spec_field(0, min=0)
+    hot_fraction: float = spec_field(0.5, min=0, max=1)
+    coactivation_groups: int = spec_field(0, min=0)
+    coactivation_strength: float = spec_field(0.0, min=0)
+    node_limit: int = spec_field(0, min=0, doc="max nodes per token (DeepSeek-V3: 4); 0 = off")
+    trace: str = spec_field("", doc="routing trace file (see docs/trace_format.md)")
+    max_tokens_per_source: int = spec_field(256, min=1, doc="sampled tokens per device and layer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementSpec:
+    policy: Literal["contiguous", "round_robin", "random", "eplb", "moesim", "file"] = "contiguous"
+    file: str = ""
+    redundant_experts: int = spec_field(0, min=0, doc="extra expert slots per EP group")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommunicationSpec:
+    alltoall: Literal["direct", "hierarchical"] = "direct"
+    overlap: Literal["none", "shared_expert", "two_batch"] = "none"
+    dp_overlap: bool = spec_field(True, doc="gradient reduce overlaps the last backward pass")
+    dp_algorithm: Literal["ring", "tree", "hierarchical"] = "ring"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemorySpec:
+    recompute: Literal["none", "selective", "full"] = "none"
+    on_overflow: Literal["error", "warn"] = "error"
+    alltoall_buffer_factor: float = spec_field(2.0, min=0, doc="buffers per expected bytes")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulationSpec:
+    mode: Literal["aggregated", "full"] = "aggregated"
+    max_events: int = spec_field(20_000_000, min=1, doc="refuse scenarios estimated above this")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultSpec:
+    kind: Literal["device", "link"]
+    device: int = spec_field(-1, min=-1, doc="device rank (kind: device)")
+    link: tuple[str, ...] = ()
+    slowdown: float = spec_field(0.0, min=0, doc="0 = failed; > 1 = that many times slower")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputSpec:
+    trace: bool = True
+    trace_links: int = spec_field(8, min=0, doc="busiest links shown as trace tracks")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scenario:
+    name: str
+    description: str = ""
+    seed: int = spec_field(0, min=0)
+    model: ModelSpec
+    cluster: ClusterSpec
+    hardware: HardwareProfile
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    workload: Workload
+    precision: Precision = field(default_factory=Precision)
+    routing: RoutingSpec = field(default_factory=RoutingSpec)
+    placement: PlacementSpec = field(default_factory=PlacementSpec)
+    communication: CommunicationSpec = field(default_factory=CommunicationSpec)
+    memory: MemorySpec = field(default_factory=MemorySpec)
+    simulation: SimulationSpec = field(default_factory=SimulationSpec)
+    faults: tuple[FaultSpec, ...] = ()
+    outputs: OutputSpec = field(default_factory=OutputSpec)
+    source: str = ""
+
+    @property
+    def devices_per_node(self) -> int:
+        return self.cluster.devices_per_node or self.hardware.node.devices_per_node
+
+    @property
+    def num_devices(self) -> int:
+        if self.cluster.topology == "explicit":
+            return len(self.cluster.devices)
+        if self.cluster.topology == "torus":
+            count = 1
+            for d in self.cluster.torus_dims:
+                count *= d
+            return count
+        return self.cluster.nodes * self.devices_per_node
+
+    def with_values(self, **changes: Any) -> Scenario:
+        return replace(self, **changes)
+
+
+_TOP_FIELDS = ("name", "description", "seed", "model", "cluster", "parallelism", "workload",
+               "precision", "routing", "placement", "communication", "memory", "simulation",
+               "faults", "outputs", "sweep")
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    """Read, resolve and validate a scenario YAML file.
+
+    ``overrides`` are ``key.path=value`` strings (value parsed as YAML) applied before validation.
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ScenarioError("a scenario must be a YAML mapping with fields "
+                            f"{', '.join(_TOP_FIELDS)}", source=str(path))
+    data = apply_overrides(data, overrides or [], source=str(path))
+    return scenario_from_mapping(data, source=str(path), base_dir=path.parent)
+
+
+def apply_overrides(data: dict, overrides: list[str], *, source: str) -> dict:
+    """Return a copy of ``data`` with ``a.b.c=value`` overrides applied (value read as YAML)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ScenarioError(f"override {item!r} must look like key.path=value", source=source)
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ScenarioError(f"override value {raw!r} is not valid YAML", source=source,
+                                field=key) from None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, str) and part == "model":
+                child = node[part] = {"base": child}
+            if not isinstance(child, dict):
+                raise ScenarioError(f"cannot set {key}: {part} is not a mapping", source=source,
+                                    field=key)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = None) -> Scenario:
+    """Build a Scenario from a parsed mapping (the body of :func:`load_scenario`)."""
+    from moesim.spec.models import load_model  # models module resolves shipped names
+
+    unknown = [k for k in data if k not in _TOP_FIELDS]
+    if unknown:
+        raise ScenarioError(f"unknown field {unknown[0]!r} (allowed: {', '.join(_TOP_FIELDS)})",
+                            source=source, field=str(unknown[0]))
+    for required in ("name", "model", "cluster", "workload"):
+        if required not in data:
+            raise ScenarioError("required field is missing", source=source, field=required)
+    model = load_model(data["model"], source=source, relative_to=base_dir, field_path="model")
+    cluster = build(ClusterSpec, data["cluster"], source=source, path="cluster")
+    try:
+        hardware = load_hardware(cluster.hardware, relative_to=base_dir)
+    except ScenarioError as exc:
+        if exc.source:  # the profile file itself is broken: its own path is the right name
+            raise
+        raise ScenarioError(str(exc), source=source, field="cluster.hardware") from None
+    body = {k: v for k, v in data.items() if k not in ("model", "cluster", "sweep")}
+    body.update(model=model, cluster=cluster, hardware=hardware, source=source)
+    scenario = build(Scenario, body, source=source)
+    _check_relations(scenario, source)
+    return scenario
+
+
+def _check_relations(s: Scenario, source: str) -> None:
+    """Cross-field checks: things each field alone cannot know."""
+    par, wl, m = s.parallelism, s.workload, s.model
+    devices = s.num_devices
+    if par.world != devices:
+        raise ScenarioError(f"tp * pp * dp = {par.tp} * {par.pp} * {par.dp} = {par.world} must "
+                            f"equal the cluster's {devices} devices", source=source,
+                            field="parallelism")
+    if (par.dp * par.tp) % par.ep:
+        raise ScenarioError(f"ep={par.ep} must divide dp * tp = {par.dp * par.tp} (EP is carved "
+                            "out of the data-parallel devices of a stage)", source=source,
+                            field="parallelism.ep")
+    slots = m.num_experts + s.placement.redundant_experts
+    if slots % par.ep:
+        raise ScenarioError(f"num_experts + redundant_experts = {slots} must be a multiple of "
+                            f"ep={par.ep} (equal expert slots per device)", source=source,
+                            field="placement.redundant_experts")
+    if m.num_layers < par.pp * par.vp:
+        raise ScenarioError(f"pp * vp = {par.pp * par.vp} exceeds the model's {m.num_layers} "
+                            "layers", source=source, field="parallelism.pp")
+    if par.tp > s.devices_per_node:
+        raise ScenarioError(f"tp={par.tp} must fit in one node of {s.devices_per_node} devices",
+                            source=source, field="parallelism.tp")
+    per_rank = wl.global_batch / par.dp
+    if wl.global_batch % par.dp or per_rank % wl.micro_batch:
+        raise ScenarioError(f"global_batch={wl.global_batch} must split into dp={par.dp} "
+                            f"replicas of whole micro-batches of {wl.micro_batch}", source=source,
+                            field="workload.global_batch")
+    if wl.mode == "decode" and wl.context_len == 0:
+        raise ScenarioError("decode needs context_len (tokens already in the KV cache)",
+                            source=source, field="workload.context_len")
+    if s.routing.distribution == "trace" and not s.routing.trace:
+        raise ScenarioError("distribution 'trace' needs routing.trace (a file)", source=source,
+                            field="routing.trace")
+    if s.routing.node_limit and s.routing.node_limit * 1 > 0 and m.top_k < s.routing.node_limit:
+        raise ScenarioError(f"node_limit={s.routing.node_limit} must be <= top_k={m.top_k}",
+                            source=source, field="routing.node_limit")
+    if s.placement.policy == "file" and not s.placement.file:
+        raise ScenarioError("policy 'file' needs placement.file", source=source,
+                            field="placement.file")
+    for i, fault in enumerate(s.faults):
+        if fault.kind == "device" and not 0 <= fault.device < devices:
+            raise ScenarioError(f"device {fault.device} is not in 0..{devices - 1}",
+                                source=source, field=f"faults[{i}].device")
+        if fault.kind == "link" and len(fault.link) != 2:
+            raise ScenarioError("a link fault names its two ends, e.g. [n0.gpu0, leaf0]",
+                                source=source, field=f"faults[{i}].link")
+    assert set(DTYPES) >= {s.precision.compute}

@@ -1,0 +1,121 @@
+"""Tests of the shipped hardware profiles and of profile validation (moesim.spec.hardware)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moesim.errors import ScenarioError
+from moesim.spec.hardware import load_hardware
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
+SHIPPED = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def test_the_briefed_profiles_are_shipped():
+    expected = {"h100-sxm", "h800-sxm", "a100-sxm-80gb", "tpu-v3", "tpu-v4", "tpu-v5p",
+                "cpu-local"}
+    assert expected <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_profile_loads_by_name(name):
+    profile = load_hardware(name)
+    assert profile.name == name
+    assert Path(profile.path).resolve() == (PROFILE_DIR / f"{name}.yaml").resolve()
+    assert "bf16" in profile.device.peak_flops or "fp32" in profile.device.peak_flops
+    # Switched nodes need NVLink-like and NIC links; TPUs need ICI.
+    needed = {"ici"} if profile.device.kind == "tpu" else {"scale_up", "scale_out"}
+    assert needed <= set(profile.links)
+    assert 0 < profile.device.reserved_memory < profile.device.memory
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_number_in_a_profile_has_a_source_comment(name):
+    """A line holding a numeric value carries a comment, or sits under a comment block."""
+    lines = (PROFILE_DIR / f"{name}.yaml").read_text().splitlines()
+    numeric = re.compile(r'^\s*[a-z_0-9]+:\s*"?[-+]?[\d.]')
+    for i, line in enumerate(lines):
+        if numeric.match(line) and "#" not in line:
+            assert lines[i - 1].strip().startswith("#"), f"{name}.yaml line {i + 1}: {line!r}"
+
+
+def test_h100_units_convert_to_si():
+    h100 = load_hardware("h100-sxm")
+    assert h100.device.peak_flops["bf16"] == pytest.approx(989.4e12)
+    assert h100.device.peak_flops["fp8"] == pytest.approx(1978.9e12)
+    assert h100.device.memory == 80e9                        # "80 GB", decimal
+    assert h100.device.memory_bandwidth == pytest.approx(3.35e12)
+    assert h100.link("scale_out").bandwidth == pytest.approx(50e9)   # "400 Gb/s" / 8
+    assert h100.link("scale_up").bandwidth == pytest.approx(450e9)
+    assert h100.link("scale_up").latency == pytest.approx(2e-6)
+    # nccl-tests issue 212: ~370 of 450 GB/s.
+    assert h100.link("scale_up").effective_bandwidth == pytest.approx(370e9, rel=0.01)
+    assert h100.node.devices_per_node == 8
+
+
+def test_other_profiles_spot_checks():
+    assert load_hardware("tpu-v4").device.memory == 32 * 2**30     # "32 GiB", binary
+    assert load_hardware("tpu-v5p").link("ici").bandwidth == pytest.approx(90e9)
+    h800 = load_hardware("h800-sxm")
+    assert h800.link("scale_up").effective_bandwidth == pytest.approx(160e9)  # DeepSeek-V3
+    a100 = load_hardware("a100-sxm-80gb")
+    assert a100.link("scale_out").bandwidth == pytest.approx(25e9)           # 200 Gb/s
+    assert a100.device.memory_bandwidth == pytest.approx(2.039e12)
+    cpu = load_hardware("cpu-local")
+    assert cpu.device.kind == "cpu"
+    assert cpu.link("scale_out").bandwidth == pytest.approx(50e6)           # 400 Mb/s
+
+
+def _write(tmp_path, data) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _base() -> dict:
+    data = yaml.safe_load((PROFILE_DIR / "h100-sxm.yaml").read_text())
+    data["name"] = "bad"
+    return data
+
+
+def _set(data: dict, dotted: str, value) -> dict:
+    *parents, last = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("dotted, value, field, words", [
+    ("links.scale_out.bandwidth", "-400 Gb/s", "links.scale_out.bandwidth", "must be > 0"),
+    ("device.tflops", 3, "device.tflops", "unknown field 'tflops'"),
+    ("device.peak_flops.fp99", "1 TFLOPS", "device.peak_flops.fp99", "unknown dtype 'fp99'"),
+    ("links.nvlink", {"kind": "nvlink", "bandwidth": "1 GB/s"}, "links.nvlink",
+     "unknown link class 'nvlink'"),
+    ("device", _DELETE, "device", "required field is missing"),
+    ("device.memory", "80 GB/s", "device.memory", "not a bytes unit"),
+])
+def test_bad_profile_names_the_file_and_the_field(tmp_path, dotted, value, field, words):
+    path = _write(tmp_path, _set(_base(), dotted, value))
+    with pytest.raises(ScenarioError) as info:
+        load_hardware(str(path))
+    message = str(info.value)
+    assert str(path) in message
+    assert f"{field}:" in message
+    assert words in message
+
+
+def test_unknown_profile_name_lists_the_shipped_ones():
+    with pytest.raises(ScenarioError, match="unknown hardware profile 'h1000'.*h100-sxm"):
+        load_hardware("h1000")

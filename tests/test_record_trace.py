@@ -1,0 +1,122 @@
+"""Tests for calibrate/record_routing_trace.py: a tiny real run, the metrics, the shipped trace."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "scenarios" / "traces" / "stdlib-moe-32e-top4.npz"
+
+
+def _load_recorder():
+    spec = importlib.util.spec_from_file_location(
+        "record_routing_trace", ROOT / "calibrate" / "record_routing_trace.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+rt = _load_recorder()
+TINY = rt.TraceConfig(layers=2, hidden=32, heads=2, num_experts=8, top_k=2, expert_ffn=32,
+                      seq_len=32, batch=8, steps=40, lr=1e-2, tokens_per_domain=256, seed=3)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return rt.collect_corpus()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(corpus, tmp_path_factory):
+    path = rt.save_trace(tmp_path_factory.mktemp("trace") / "tiny.npz",
+                         rt.record_trace(TINY, corpus))
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_corpus_holds_out_every_third_domain_file_and_never_trains_on_it(corpus):
+    assert len(corpus.heldout) == len(rt.DOMAINS)
+    assert all(n >= 1 for n in corpus.heldout_files)
+    # A window from each held-out text must not occur in the training text (holdout is by file).
+    train = corpus.train.tobytes()
+    for text in corpus.heldout:
+        mid = text.size // 2
+        assert text[mid:mid + 400].tobytes() not in train
+
+
+def test_tiny_run_writes_the_documented_arrays(tiny_run):
+    ids, dom = tiny_run["expert_ids"], tiny_run["domain"]
+    tokens = TINY.tokens_per_domain * len(rt.DOMAINS)
+    assert ids.dtype == np.int16 and ids.shape == (TINY.layers, tokens, TINY.top_k)
+    assert dom.dtype == np.int16 and dom.shape == (tokens,)
+    assert int(tiny_run["num_experts"]) == TINY.num_experts
+    assert list(tiny_run["domains"]) == [name for name, _ in rt.DOMAINS]
+    # Domains are recorded in order, tokens_per_domain each.
+    np.testing.assert_array_equal(dom, np.repeat(np.arange(len(rt.DOMAINS)),
+                                                 TINY.tokens_per_domain))
+    assert ids.min() >= 0 and ids.max() < TINY.num_experts
+    # No token picks an expert twice within its top-k.
+    srt = np.sort(ids, axis=-1)
+    assert (np.diff(srt, axis=-1) > 0).all()
+    for key in ("hidden", "layers", "top_k", "steps", "seed", "train_loss_final",
+                "train_loss_initial", "torch_version", "date", "heldout_loss"):
+        assert key in tiny_run
+    assert int(tiny_run["steps"]) == TINY.steps and int(tiny_run["seed"]) == TINY.seed
+
+
+def test_tiny_run_training_lowers_the_loss(tiny_run):
+    loss = tiny_run["train_loss"]
+    assert loss.shape == (TINY.steps,)
+    # Step 0 is near the uniform-byte loss ln 256; training must clearly beat it.
+    assert abs(loss[0] - np.log(256)) < 0.5
+    assert float(tiny_run["train_loss_final"]) < loss[0] - 1.0
+    # Held-out text (never trained on) gets easier too, in every domain.
+    assert (tiny_run["heldout_loss"] < tiny_run["heldout_loss_untrained"] - 0.5).all()
+
+
+def test_same_seed_gives_the_same_trace(corpus):
+    cfg = dataclasses.replace(TINY, steps=5)
+    a, b = rt.record_trace(cfg, corpus), rt.record_trace(cfg, corpus)
+    np.testing.assert_array_equal(a["expert_ids"], b["expert_ids"])
+    np.testing.assert_array_equal(a["train_loss"], b["train_loss"])
+
+
+def test_summarize_matches_hand_counts():
+    # One layer, 4 experts, top-2, 4 tokens; domain 0 = tokens 0-1, domain 1 = tokens 2-3.
+    ids = np.array([[[0, 1], [1, 0], [2, 3], [0, 1]]], dtype=np.int16)
+    s = rt.summarize(ids, 4, np.array([0, 0, 1, 1]))
+    # Loads: e0=3, e1=3, e2=1, e3=1 -> max/mean = 3 / 2.
+    assert s["max_over_mean"][0] == pytest.approx(1.5)
+    # Domain 0 loads (.5,.5,0,0); domain 1 loads (.25,.25,.25,.25): L1 = 1.
+    assert s["drift_l1"][0] == pytest.approx(1.0)
+    # Halves of domain 0 are {0,1} and {1,0}: identical loads.
+    assert s["noise_l1"][0] == pytest.approx(0.0)
+    # Pair (0,1) on 3 of 4 tokens; p0 = p1 = 3/4 -> expected 4 * 9/16 = 2.25, lift 3/2.25.
+    assert s["top_pair"][0].tolist() == [0, 1]
+    assert s["top_pair_lift"][0] == pytest.approx(3 / 2.25)
+
+
+def test_config_rejects_top_k_above_experts():
+    with pytest.raises(rt.TraceRecordError, match="top_k=5 must be <= num_experts=4"):
+        rt.TraceConfig(num_experts=4, top_k=5)
+
+
+def test_shipped_trace_has_documented_shape_and_metadata():
+    with np.load(SHIPPED) as f:
+        ids, dom, names = f["expert_ids"], f["domain"], f["domains"]
+        e, k, layers = int(f["num_experts"]), int(f["top_k"]), int(f["layers"])
+        assert (e, k, layers) == (32, 4, 4)
+        assert ids.dtype == np.int16 and ids.shape == (layers, dom.size, k)
+        assert dom.dtype == np.int16 and set(np.unique(dom)) == set(range(len(names)))
+        assert ids.min() >= 0 and ids.max() < e
+        assert (np.diff(np.sort(ids, axis=-1), axis=-1) > 0).all()
+        assert float(f["train_loss_final"]) < float(f["train_loss_initial"]) - 2.0
+        assert str(f["torch_version"]) and str(f["date"])
+    assert SHIPPED.stat().st_size < 2_000_000
