@@ -194,8 +194,13 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{key.replace('_', '-')} (={value}) must be >= 1")
     if args.top_k > args.experts:
         p.error(f"--top-k (={args.top_k}) must be <= --experts (={args.experts})")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device == "cuda" and not gpus:
         p.error("--device cuda: torch sees no CUDA device")
+    if args.backend == "nccl" and not (gpus and dist.is_nccl_available()):
+        p.error("--backend nccl needs CUDA devices and an NCCL build of torch; use gloo")
+    if args.backend == "nccl" and (args.nprocs or 0) > gpus:
+        p.error(f"--backend nccl needs one GPU per rank: --nprocs {args.nprocs} > {gpus} GPUs")
 
 
 def _header(metadata: dict[str, Any]) -> str:
@@ -214,18 +219,53 @@ def _header(metadata: dict[str, Any]) -> str:
     ])
 
 
-def _write(args: argparse.Namespace, argv: list[str], device: torch.device, dtype: torch.dtype,
-           kernels: dict[str, Any], coll: dict[str, Any] | None, backend: str, nprocs: int,
-           started: float, load: float) -> Path:
+@dataclass(frozen=True)
+class _Setup:
+    """Where and how this process measures, decided once from the arguments and environment."""
+
+    threads: int
+    load: float  # 1-minute load average at the start
+    launcher: bool  # under torchrun (or any launcher setting RANK / WORLD_SIZE)
+    nprocs: int  # ranks for the collectives
+    collectives: bool
+    backend: str  # "gloo" | "nccl" | "none"
+    device: torch.device  # kernel device (and NCCL collective device)
+    dtype: torch.dtype
+
+
+def _setup(args: argparse.Namespace) -> _Setup:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = args.threads or cores or 1
+    torch.set_num_threads(threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > (cores or 1):  # other work shares the cores: every timing will come out slower
+        print(f"[calibrate] warning: load average {load:.1f} exceeds the {cores} usable cores; "
+              "timings will be inflated", file=sys.stderr)
+    launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    nprocs = (int(os.environ["WORLD_SIZE"]) if launcher else None) or args.nprocs or \
+        (torch.cuda.device_count() if cuda else 2)
+    collectives = nprocs >= 2 and not args.no_collectives
+    backend = pick_backend(args.backend, 1 if launcher else nprocs) if collectives else "none"
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if launcher else 0)
+        torch.cuda.set_device(device)
+    dtype = bk.DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
+    return _Setup(threads, load, launcher, nprocs, collectives, backend, device, dtype)
+
+
+def _write(args: argparse.Namespace, argv: list[str], env: _Setup, kernels: dict[str, Any],
+           coll: dict[str, Any] | None, started: float) -> Path:
     host = socket.gethostname()
-    info = describe_device(device)
+    info = describe_device(env.device)
     metadata = {
         "host": host, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__, "device_name": info["name"], "backend": backend,
-        "threads": torch.get_num_threads(), "nprocs": nprocs,
+        "torch_version": torch.__version__, "device_name": info["name"], "backend": env.backend,
+        "threads": env.threads, "nprocs": env.nprocs,
         "command": shlex.join(["calibrate/run_calibration.py", *argv]),
-        "dtype": bk._dtype_name(dtype), "duration_s": round(time.time() - started, 1),
-        "load_average": round(load, 2),  # 1-minute load when the run started
+        "dtype": bk._dtype_name(env.dtype), "duration_s": round(time.time() - started, 1),
+        "load_average": round(env.load, 2),  # 1-minute load when the run started
     }
     profile = build_profile(
         name=args.name or f"measured-{host}", host=host, date=metadata["date"], device=info,
@@ -254,49 +294,33 @@ def run(argv: list[str] | None = None) -> int:
 
 def _calibrate(args: argparse.Namespace, argv: list[str]) -> int:
     started = time.time()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = args.threads or cores or 1
-    torch.set_num_threads(threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > (cores or 1):  # other work shares the cores: every timing will come out slower
-        print(f"[calibrate] warning: load average {load:.1f} exceeds the {cores} usable cores; "
-              "timings will be inflated", file=sys.stderr)
-    under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world = int(os.environ["WORLD_SIZE"]) if under_launcher else None
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    nprocs = world or args.nprocs or (torch.cuda.device_count() if cuda else 2)
-    collectives = nprocs >= 2 and not args.no_collectives
-    backend = pick_backend(args.backend, 1 if under_launcher else nprocs) if collectives \
-        else "none"
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local if under_launcher else 0) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dtype = bk.DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
-    plan = make_plan(args, device)
-    stages = len(KERNEL_STAGES) + (len(OPS) if collectives else 0)
+    env = _setup(args)
+    plan = make_plan(args, env.device)
+    stages = len(KERNEL_STAGES) + (len(OPS) if env.collectives else 0)
     progress = bk.Progress(stages, started, verbose=args.progress)
-    cfg = CollectiveConfig(plan.collective_bytes, backend, plan.collective_warmup,
-                           plan.collective_repeats, max(1, threads // nprocs))
+    cfg = CollectiveConfig(plan.collective_bytes, env.backend, plan.collective_warmup,
+                           plan.collective_repeats, max(1, env.threads // env.nprocs))
     coll = None
-    if under_launcher:
-        # Step 1 (launcher): collectives on every rank, then only rank 0 goes on.
-        if collectives:
-            dist.init_process_group(backend)
-            coll_device = device if backend == "nccl" else torch.device("cpu")
+    if env.launcher:
+        # Launcher: collectives on every rank, then rank 0 alone runs the kernels.
+        if env.collectives:
+            dist.init_process_group(env.backend)
+            coll_device = env.device if env.backend == "nccl" else torch.device("cpu")
             try:
                 coll = run_collectives(cfg, coll_device, progress, 1)
             finally:
                 dist.destroy_process_group()
         if int(os.environ["RANK"]) != 0:
             return 0
-        kernels = _run_kernels(plan, device, dtype, progress, stages - len(KERNEL_STAGES) + 1)
+        kernels = _run_kernels(plan, env.device, env.dtype, progress, len(OPS) + 1)
     else:
-        # Step 1 (local): kernels here, then spawned ranks for the collectives.
-        kernels = _run_kernels(plan, device, dtype, progress, 1)
-        if collectives:
-            coll = launch_local(cfg, nprocs, progress, len(KERNEL_STAGES) + 1)
-    path = _write(args, argv, device, dtype, kernels, coll, backend, nprocs, started, load)
+        # Local: kernels here, then spawned ranks for the collectives.
+        kernels = _run_kernels(plan, env.device, env.dtype, progress, 1)
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the GPU memory to the spawned rank on this device
+        if env.collectives:
+            coll = launch_local(cfg, env.nprocs, progress, len(KERNEL_STAGES) + 1)
+    path = _write(args, argv, env, kernels, coll, started)
     print(f"[calibrate] wrote {path} ({time.time() - started:.1f} s)", file=sys.stderr)
     return 0
 

@@ -47,13 +47,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
     from moesim.layout import Layout
-    from moesim.memory import stage_memory
+    from moesim.memory import check_memory, stage_memory
     from moesim.spec.fields import to_plain
     from moesim.spec.scenario import load_scenario
-    from moesim.topology import build_topology
+    from moesim.sim.simulate import scenario_topology
 
     s = load_scenario(args.scenario, args.set)
-    topo = build_topology(s.cluster, s.hardware)
+    topo = scenario_topology(s)
     layout = Layout(s.parallelism, s.model.num_layers, s.model.moe_layer_ids)
     plain = to_plain(s)
     plain["hardware"] = {"name": s.hardware.name, "path": s.hardware.path}
@@ -83,12 +83,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         if not m.fits:
             worst = m
     if worst is not None:
-        verdict = "warning" if s.memory.on_overflow == "warn" else "error"
-        print(f"  {verdict}: stage {worst.stage} needs {worst.total / 2**30:.1f} GiB of "
+        print(f"  warning: stage {worst.stage} needs {worst.total / 2**30:.1f} GiB of "
               f"{worst.capacity / 2**30:.1f} GiB")
-        if verdict == "error":
-            from moesim.errors import OutOfMemory
-            raise OutOfMemory(f"{s.source}: does not fit in device memory (see table above)")
+        check_memory(s, layout)  # raises OutOfMemory with the breakdown unless on_overflow: warn
     return 0
 
 

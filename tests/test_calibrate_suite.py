@@ -287,6 +287,15 @@ def test_fallback_yaml_emitter_round_trips_through_pyyaml():
     assert yaml.safe_load(profile_writer.to_yaml(data)) == data
 
 
+def test_write_profile_without_pyyaml_uses_the_fallback_emitter(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now raises ImportError
+    data = {"name": "x", "gemm": {"sizes": [128], "flops_per_s": [1.5e-05]}}
+    target = profile_writer.write_profile(tmp_path / "p.yaml", data, header="hand-written")
+    text = target.read_text()
+    assert text == "# hand-written\n" + profile_writer.to_yaml(data)
+    assert yaml.safe_load(text) == data
+
+
 def test_build_profile_takes_links_from_even_all_to_all_fits():
     kernels = {"gemm": {"sizes": [128, 256], "flops_per_s": [1e12, 3e12]},
                "memcpy": {"bytes": [1, 2], "bytes_per_s": [5e11, 2e12]}}

@@ -9,6 +9,7 @@ as SimPy processes; then the data-parallel gradient reduction and the optimizer 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from moesim.placement.placement import Placement
 from moesim.placement.policies import resolve_placement
 from moesim.results import Result
 from moesim.sim.costs import CostModel
+from moesim.sim.invariants import check_invariants
 from moesim.sim.pipeline import ChunkSpan, run_pipeline
 from moesim.sim.schedule import forward_only, one_f_one_b
 from moesim.sim.streams import ChunkRun, chunk_ops, run_ops
@@ -46,6 +48,20 @@ class Simulation:
     stage_end: list[float]
     rep_device: int
     wall_seconds: float
+
+
+def scenario_topology(s: Scenario) -> Topology:
+    """The scenario's topology; topology errors are reported against the scenario file."""
+    from moesim.errors import TopologyError
+    from moesim.spec.hardware import load_hardware
+
+    base = Path(s.source).parent if s.source else None
+    try:
+        profiles = {d.hardware: load_hardware(d.hardware, relative_to=base)
+                    for d in s.cluster.devices if d.hardware}
+        return build_topology(s.cluster, s.hardware, profiles)
+    except TopologyError as exc:
+        raise TopologyError(f"{s.source or s.name}: cluster: {exc}") from None
 
 
 def micro_batches(s: Scenario) -> int:
@@ -82,7 +98,7 @@ def simulate(s: Scenario, *, engine: str | None = None,
     wall = time.perf_counter()
     engine = engine or s.simulation.mode
     par = s.parallelism
-    topology = build_topology(s.cluster, s.hardware)
+    topology = scenario_topology(s)
     layout = Layout(par, s.model.num_layers, s.model.moe_layer_ids)
     memory = check_memory(s, layout)
     mbs = micro_batches(s)
@@ -104,6 +120,7 @@ def simulate(s: Scenario, *, engine: str | None = None,
                      stage_end, 0, 0.0)
     from moesim.sim.report import build_result
     sim.result = build_result(sim, mbs, events, dp_exposed, optimizer, memory, engine)
+    check_invariants(sim)
     sim.wall_seconds = time.perf_counter() - wall
     return sim
 

@@ -1,0 +1,60 @@
+"""Shared helpers: build small scenarios from mappings, with a hand-made hardware profile."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moesim.spec.scenario import load_scenario
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A profile with round numbers, so tests can compute times by hand: 100 GB/s NVLink-like links
+# with 1 us latency, 10 GB/s NICs with 5 us latency, efficiencies 1.
+HAND_PROFILE = {
+    "name": "hand",
+    "device": {"name": "hand-gpu", "kind": "gpu", "peak_flops": {"bf16": "100 TFLOPS"},
+               "memory": "80 GB", "memory_bandwidth": "1 TB/s"},
+    "links": {"scale_up": {"kind": "nvlink", "bandwidth": "100 GB/s", "latency": "1 us"},
+              "scale_out": {"kind": "infiniband", "bandwidth": "10 GB/s", "latency": "5 us"}},
+    "node": {"devices_per_node": 2},
+}
+
+SMALL = {
+    "name": "small",
+    "seed": 0,
+    "model": {"base": "tiny-cpu", "num_experts": 4, "top_k": 1},
+    "cluster": {"hardware": "hand.yaml", "topology": "fat_tree", "nodes": 2},
+    "parallelism": {"tp": 1, "pp": 1, "dp": 4, "ep": 4},
+    "workload": {"mode": "training", "global_batch": 4, "seq_len": 256, "micro_batch": 1},
+    "routing": {"distribution": "balanced"},
+}
+
+
+def merge(base: dict, changes: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture
+def make_scenario(tmp_path):
+    """make_scenario(changes, profile_changes=None) -> Scenario (written to tmp_path)."""
+    counter = [0]
+
+    def make(changes: dict | None = None, profile_changes: dict | None = None):
+        counter[0] += 1
+        profile = merge(HAND_PROFILE, profile_changes or {})
+        (tmp_path / "hand.yaml").write_text(yaml.safe_dump(profile))
+        path = tmp_path / f"scenario{counter[0]}.yaml"
+        path.write_text(yaml.safe_dump(merge(SMALL, changes or {})))
+        return load_scenario(path)
+
+    return make

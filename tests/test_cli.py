@@ -1,0 +1,113 @@
+"""The CLI: shipped scenarios validate, broken ones fail with one line naming the field, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moesim.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+BROKEN = REPO / "tests" / "data" / "broken"
+SHIPPED = sorted(p for p in (REPO / "scenarios").glob("*.yaml"))
+
+# broken file -> a fragment its error must contain (the field path, or what is wrong)
+EXPECTED = {
+    "bad_mode": "workload.mode: 'finetune' is not allowed",
+    "bad_redundant": "placement.redundant_experts",
+    "bad_unit": "cluster.scale_up_bandwidth: unit 'parsecs'",
+    "batch_not_divisible": "workload.global_batch",
+    "bool_for_int": "parallelism.ep: expected an integer",
+    "capacity_factor_zero": "model.capacity_factor",
+    "decode_without_context": "workload.context_len",
+    "degrees_mismatch": "parallelism: tp * pp * dp",
+    "ep_not_divisor": "parallelism.ep: ep=3",
+    "explicit_disconnected": "cluster: device 'c' has no links",
+    "missing_workload": "workload: required field is missing",
+    "negative_bandwidth": "cluster.scale_out_bandwidth",
+    "negative_batch": "workload.global_batch: -8 must be >= 1",
+    "not_a_mapping": "a scenario must be a YAML mapping",
+    "out_of_memory": "devices of pipeline stage 0 need",
+    "placement_file_missing": "placement.file",
+    "too_many_pp": "parallelism: tp * pp * dp = 1 * 8 * 1",
+    "topk_too_large": "model.top_k: top_k=9",
+    "torus_bad_dims": "cluster.torus_dims",
+    "trace_missing_file": "routing.trace",
+    "truncated_yaml": "not valid YAML at line 3",
+    "unknown_distribution": "routing.distribution: 'pareto'",
+    "unknown_model": "model: unknown model 'mixtral-9x9b'",
+    "unknown_nested_field": "workload.sequence: unknown field",
+    "unknown_profile": "cluster.hardware: unknown hardware profile 'h999'",
+    "unknown_top_field": "colour: unknown field 'colour'",
+    "unknown_topology": "cluster.topology: 'hypercube'",
+    "wrong_type_seq": "workload.seq_len: expected an integer",
+    "zipf_negative": "routing.zipf_s: -1.0 must be >= 0",
+}
+
+
+def test_corpus_is_complete():
+    assert sorted(p.stem for p in BROKEN.glob("*.yaml")) == sorted(EXPECTED)
+    assert len(EXPECTED) >= 20
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_broken_scenario_gets_one_line_error(name, capsys):
+    path = BROKEN / f"{name}.yaml"
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("moesim: error: ")
+    assert str(path) in err and EXPECTED[name] in err
+    assert "Traceback" not in err
+
+
+def test_broken_scenario_exit_code_from_a_real_process():
+    path = BROKEN / "unknown_nested_field.yaml"
+    proc = subprocess.run([sys.executable, "-m", "moesim.cli", "run", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "workload.sequence" in proc.stderr
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_scenario_validates(path, capsys):
+    assert main(["validate", str(path)]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_run_writes_results_and_trace(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(REPO / "scenarios" / "tiny-cpu.yaml"), "-o", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["scenario"] == "tiny-cpu" and result["step_time"] > 0
+    trace = json.loads((out / "trace.json").read_text())
+    names = {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    assert "compute stream" in names and any(n.startswith("stage 0") for n in names)
+    cats = {e["cat"] for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert {"compute", "alltoall", "pipeline"} <= cats
+    assert "step time" in capsys.readouterr().out
+
+
+def test_set_override_changes_the_scenario(tmp_path):
+    args = ["run", str(REPO / "scenarios" / "tiny-cpu.yaml"), "--no-trace"]
+    main(args + ["-o", str(tmp_path / "a")])
+    main(args + ["-o", str(tmp_path / "b"), "--set", "routing.zipf_s=0"])
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert a["experts"]["max_over_mean"] > b["experts"]["max_over_mean"]
+
+
+def test_bad_flag_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run"])
+    assert exc.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_info_lists_shipped_things(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "mixtral-8x7b" in out and "h100-sxm" in out and "tiny-cpu.yaml" in out
