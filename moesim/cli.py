@@ -8,7 +8,6 @@ exceptions are bugs; ``--debug`` shows the traceback of either kind.
 from __future__ import annotations
 
 import argparse
-
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -48,9 +47,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     from moesim.layout import Layout
     from moesim.memory import check_memory, stage_memory
+    from moesim.sim.simulate import scenario_topology
     from moesim.spec.fields import to_plain
     from moesim.spec.scenario import load_scenario
-    from moesim.sim.simulate import scenario_topology
 
     s = load_scenario(args.scenario, args.set)
     topo = scenario_topology(s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moesim.sim.costs import Collective, BlockCost
+from moesim.sim.costs import BlockCost, Collective
 from moesim.sim.streams import chunk_ops, run_ops
 
 

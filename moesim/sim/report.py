@@ -74,7 +74,7 @@ def rep_device(runs: dict) -> int:
 
 
 def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engine) -> Result:
-    s, costs, layout = sim.scenario, sim.costs, sim.layout
+    s = sim.scenario
     par, wl = s.parallelism, s.workload
     sim.rep_device = rep = rep_device(sim.runs)
     step = max(sim.stage_end)
@@ -170,7 +170,7 @@ def _link_rows(sim, uses, step) -> tuple[dict, dict]:
 
 
 def _expert_rows(sim, mbs) -> tuple[dict, float]:
-    s, costs, layout = sim.scenario, sim.costs, sim.layout
+    s, costs = sim.scenario, sim.costs
     loads, device_ratio, dropped = [], [], 0.0
     groups = s.parallelism.dp * s.parallelism.tp // s.parallelism.ep
     halves = 2 if costs.half_batch else 1

@@ -9,10 +9,8 @@ as SimPy processes; then the data-parallel gradient reduction and the optimizer 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass
-
-import numpy as np
+from pathlib import Path
 
 from moesim import network
 from moesim.errors import ScenarioError

@@ -62,10 +62,10 @@ class ClusterSpec:
     links: tuple[ExplicitLink, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.topology == "torus":
-            if not 1 <= len(self.torus_dims) <= 3 or any(d < 1 for d in self.torus_dims):
-                raise ScenarioError(f"torus_dims={list(self.torus_dims)} must be 1 to 3 positive "
-                                    "sizes, e.g. [4, 4, 4]", field="cluster.torus_dims")
+        bad_dims = not 1 <= len(self.torus_dims) <= 3 or any(d < 1 for d in self.torus_dims)
+        if self.topology == "torus" and bad_dims:
+            raise ScenarioError(f"torus_dims={list(self.torus_dims)} must be 1 to 3 positive "
+                                "sizes, e.g. [4, 4, 4]", field="cluster.torus_dims")
         if self.topology == "explicit" and not (self.devices and self.links):
             raise ScenarioError("an explicit topology needs `devices` and `links` lists",
                                 field="cluster.topology")
