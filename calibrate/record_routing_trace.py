@@ -302,7 +302,8 @@ def summarize(expert_ids: np.ndarray, num_experts: int, domain: np.ndarray) -> d
     """Skew, drift and co-activation of a trace, per layer.
 
     expert_ids: [layers, tokens, k]; domain: [tokens]. Returns float arrays [layers]:
-    ``max_over_mean`` (hottest expert's load / mean load), ``drift_l1`` (L1 distance of the
+    ``max_over_mean`` (hottest expert's load / mean load over the whole trace),
+    ``domain_max_over_mean`` (the same within each domain, averaged over domains), ``drift_l1`` (L1 distance of the
     normalised loads of the first and last domain, in [0, 2]), ``noise_l1`` (the same between
     the two halves of the first domain: the sampling-noise floor), ``top_pair_lift``
     (tokens picking the most frequent expert pair / the count expected if experts were chosen
@@ -329,8 +330,10 @@ def summarize(expert_ids: np.ndarray, num_experts: int, domain: np.ndarray) -> d
         p = hot.mean(0)
         pairs[layer] = sorted((i, j))
         lift[layer] = co[i, j] / (tokens * p[i] * p[j])
+    per_domain = [_loads(expert_ids[:, domain == d], num_experts) for d in np.unique(domain)]
     return {
         "max_over_mean": loads.max(1) / loads.mean(1),
+        "domain_max_over_mean": np.mean([c.max(1) / c.mean(1) for c in per_domain], axis=0),
         "drift_l1": np.abs(norm(first) - norm(last)).sum(1),
         "noise_l1": np.abs(norm(first[:half]) - norm(first[half:])).sum(1),
         "top_pair_lift": lift,
@@ -353,17 +356,17 @@ def record_trace(cfg: TraceConfig, corpus: Corpus | None = None,
     return {
         "expert_ids": expert_ids, "num_experts": np.int64(cfg.num_experts),
         "domain": domain, "domains": np.array([name for name, _ in domains]),
-        "config": np.array(repr(asdict(cfg))), **{k: np.int64(v) for k, v in asdict(cfg).items()
-                                                 if isinstance(v, int)},
+        **{k: np.asarray(v) for k, v in asdict(cfg).items()},  # layers, hidden, ..., seed
         "train_loss": losses.astype(np.float32),
         "train_loss_initial": np.float64(losses[0]),
         "train_loss_final": np.float64(losses[-tail:].mean()),
         "heldout_loss_untrained": loss_untrained, "heldout_loss": loss_heldout,
+        "corpus": np.array(f"CPython {platform.python_version()} stdlib *.py, sorted; "
+                           f"every {HOLDOUT_EVERY}rd domain file held out"),
         "train_bytes": np.int64(corpus.train.size), "train_files": np.int64(corpus.train_files),
         "heldout_files": np.array(corpus.heldout_files),
         "seconds": np.float64(time.perf_counter() - t0),
         "torch_version": np.array(torch.__version__),
-        "python_version": np.array(platform.python_version()),
         "date": np.array(datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")),
     }
 

@@ -44,7 +44,7 @@ __all__ = [
 # Two fair shares within this relative distance are the same water level: float noise from
 # summing rates must not split one bottleneck into two filling rounds.
 _TIE = 1e-12
-# Warm start keeps flows whose rate is below the cutoff by more than float noise (see _rates).
+# The warm start keeps flows whose rate is below the cutoff by more than float noise.
 _BELOW = 1.0 - 1e-9
 
 
@@ -157,9 +157,13 @@ def simulate_flows(
     Events closer together than ``rtol`` times the elapsed simulated time are merged into one:
     flows whose completion falls in the window finish together at its end (their last bytes go a
     little slower than their fair rate, so rates stay feasible and bytes are conserved) and starts
-    in the window are admitted at its end. The default merges only float-equal events. A coarse
-    ``rtol`` trades accuracy for fewer events: on a 64-device all-to-all, ``rtol=1e-2`` cut
-    4,032 events to about 100 and moved finish times by about 2% of the makespan.
+    in the window are admitted at its end. The default merges only float-equal events.
+
+    Cost: one progressive filling per event, of one round per distinct bottleneck level above
+    the slowest departed flow. A 64-device all-to-all (4,032 flows on 192 links) with equal sizes
+    takes 2 events and ~2 ms; with random sizes every completion is an event: 4,032 events of
+    ~29 rounds, ~2 s. ``rtol=1e-2`` cuts that to ~100 events and ~0.1 s, moving finish times
+    by up to ~2% of the makespan.
 
     Parameters
     ----------

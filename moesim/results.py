@@ -32,7 +32,7 @@ class Result:
     model_flops_per_token: float    # convention in moesim.sim.simulate.model_flops_per_token
     mfu: float
     tflops_per_device: float
-    breakdown: dict[str, float]     # seconds; sums to step_time
+    breakdown: dict[str, float]     # seconds, of the critical stage's busiest device; sums to step_time
     stages: list[dict[str, Any]]
     memory: list[dict[str, float]]
     links: dict[str, Any]

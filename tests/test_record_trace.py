@@ -90,17 +90,19 @@ def test_same_seed_gives_the_same_trace(corpus):
 
 def test_summarize_matches_hand_counts():
     # One layer, 4 experts, top-2, 4 tokens; domain 0 = tokens 0-1, domain 1 = tokens 2-3.
-    ids = np.array([[[0, 1], [1, 0], [2, 3], [0, 1]]], dtype=np.int16)
+    ids = np.array([[[0, 1], [1, 0], [2, 3], [0, 2]]], dtype=np.int16)
     s = rt.summarize(ids, 4, np.array([0, 0, 1, 1]))
-    # Loads: e0=3, e1=3, e2=1, e3=1 -> max/mean = 3 / 2.
+    # Loads: e0=3, e1=2, e2=2, e3=1 -> max/mean = 3 / 2.
     assert s["max_over_mean"][0] == pytest.approx(1.5)
-    # Domain 0 loads (.5,.5,0,0); domain 1 loads (.25,.25,.25,.25): L1 = 1.
-    assert s["drift_l1"][0] == pytest.approx(1.0)
+    # Domain 0: (2,2,0,0) -> 2 / 1; domain 1: (1,0,2,1) -> 2 / 1; mean 2.
+    assert s["domain_max_over_mean"][0] == pytest.approx(2.0)
+    # Normalised: domain 0 (.5,.5,0,0), domain 1 (.25,0,.5,.25): L1 = .25+.5+.5+.25.
+    assert s["drift_l1"][0] == pytest.approx(1.5)
     # Halves of domain 0 are {0,1} and {1,0}: identical loads.
     assert s["noise_l1"][0] == pytest.approx(0.0)
-    # Pair (0,1) on 3 of 4 tokens; p0 = p1 = 3/4 -> expected 4 * 9/16 = 2.25, lift 3/2.25.
+    # Pair (0,1) on 2 of 4 tokens; p0 = 3/4, p1 = 1/2 -> expected 4 * 3/8 = 1.5, lift 2/1.5.
     assert s["top_pair"][0].tolist() == [0, 1]
-    assert s["top_pair_lift"][0] == pytest.approx(3 / 2.25)
+    assert s["top_pair_lift"][0] == pytest.approx(2 / 1.5)
 
 
 def test_config_rejects_top_k_above_experts():

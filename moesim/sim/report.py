@@ -94,13 +94,15 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
         for cat, secs in exposure(sim.runs[(stage, kind, chunk)], rep).items():
             parts[cat] += n * secs
     parts["compute"] += optimizer[critical]
+    parts = {k: float(v) for k, v in parts.items()}
     breakdown = {
         "compute": parts["compute"],
         "exposed_alltoall": parts["alltoall"],
         "exposed_other_comm": parts["tp_comm"] + dp_exposed[critical],
-        "idle_and_bubble": 0.0,
+        "imbalance_wait": parts["idle"],      # waiting at all-to-alls for the layer's straggler
+        "pipeline_bubble": 0.0,
     }
-    breakdown["idle_and_bubble"] = max(0.0, step - sum(breakdown.values()))
+    breakdown["pipeline_bubble"] = max(0.0, step - sum(breakdown.values()))
     stages = _stage_rows(sim, uses, step)
     links, a2a = _link_rows(sim, uses, step)
     experts, dropped = _expert_rows(sim, mbs)
