@@ -51,8 +51,8 @@ DOMAINS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("asyncio", ("asyncio", "concurrent")),
     ("json+xml", ("json", "xml")),
     ("unittest", ("unittest",)),
-    ("tkinter", ("tkinter",)),
-    ("encodings", ("encodings",)),
+    ("tkinter+idlelib", ("tkinter", "idlelib")),
+    ("lib2to3", ("lib2to3",)),
 )
 HOLDOUT_EVERY = 3  # file i of a domain (sorted) is held out when i % HOLDOUT_EVERY == 1
 _SKIP_PARTS = frozenset({"site-packages", "test", "tests", "idle_test", "__pycache__"})

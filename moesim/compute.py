@@ -131,6 +131,19 @@ class KernelTimer:
         nbytes = (mats * h * ffn_size * self._wb + tokens * (2 * h + 2 * ffn_size) * self._ab)
         return roofline(flops, nbytes / self.tp, self.device, self.compute_dtype)
 
+    def lm_head(self, tokens: float) -> float:
+        """Output projection to the vocabulary plus softmax cross-entropy (training/prefill)."""
+        if tokens <= 0:
+            return 0.0
+        h, v = self.model.hidden_size, self.model.vocab_size
+        flops = 2.0 * tokens * h * v / self.tp
+        nbytes = (h * v * self._wb + tokens * v * 4 * 2) / self.tp + tokens * h * self._ab
+        return roofline(flops, nbytes, self.device, self.compute_dtype)
+
+    def embedding(self, tokens: float) -> float:
+        """Embedding lookup: a gather of ``tokens`` rows (memory-bound)."""
+        return self.elementwise(2 * tokens * self.model.hidden_size * self._ab)
+
     def elementwise(self, nbytes: float) -> float:
         """Memory-bound glue (permute/unpermute tokens, norms, residual adds)."""
         return nbytes / (self.device.memory_bandwidth * self.device.memory_efficiency)

@@ -169,17 +169,19 @@ class CostModel:
                     traffic: LayerTraffic) -> Collective:
         if len(pairs) == 0:
             return EMPTY
-        return alltoall(self.topology, self.group[pairs], nbytes)
+        return alltoall(self.topology, self.group[pairs], nbytes,
+                        self.scenario.simulation.network_rtol)
 
 
-def alltoall(topology: Topology, pairs: np.ndarray, nbytes: np.ndarray) -> Collective:
+def alltoall(topology: Topology, pairs: np.ndarray, nbytes: np.ndarray,
+             rtol: float = 0.0) -> Collective:
     """Flow-level time of one all-to-all: all flows start together, max-min fair sharing.
 
     ``pairs: int[F, 2]`` global (src, dst) ranks, ``nbytes: float[F]``.
     """
     ptr, links = topology.paths_csr(pairs)
     result = network.simulate_flows(nbytes, np.zeros(len(nbytes)), ptr, links,
-                                    topology.capacity, topology.latency)
+                                    topology.capacity, topology.latency, rtol=max(rtol, 1e-12))
     used = np.flatnonzero(result.link_bytes)
     cross = topology.device_node[pairs[:, 0]] != topology.device_node[pairs[:, 1]]
     return Collective(float(result.makespan), used, result.link_bytes[used], float(nbytes.sum()),

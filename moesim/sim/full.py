@@ -40,7 +40,8 @@ class _Group:
             return float(op.duration[0])
         group0 = self.costs.group
         local = np.searchsorted(group0, coll.pairs)       # back to group-local indices
-        return alltoall(self.costs.topology, self.ranks[local], coll.nbytes).duration
+        return alltoall(self.costs.topology, self.ranks[local], coll.nbytes,
+                        self.costs.scenario.simulation.network_rtol).duration
 
     def stream(self, device: int, stream: str):
         for i, op in enumerate(self.ops):

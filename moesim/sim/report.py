@@ -78,15 +78,19 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
     par, wl = s.parallelism, s.workload
     sim.rep_device = rep = rep_device(sim.runs)
     step = max(sim.stage_end)
-    critical = int(np.argmax(sim.stage_end))
+    # The bottleneck stage: the one with the most work of its own (the others wait for it).
+    uses = Counter((sp.stage, sp.kind, sp.chunk) for sp in sim.spans)
+    own = np.zeros(par.pp)
+    for (stage, kind, chunk), n in uses.items():
+        own[stage] += n * sim.runs[(stage, kind, chunk)].makespan
+    critical = int(np.argmax(own))
     from moesim.sim.simulate import model_flops_per_token
     tokens_step = wl.global_batch * (1 if wl.mode == "decode" else wl.seq_len)
     tps = tokens_step / step
     flops_tok = model_flops_per_token(s)
     peak = s.hardware.device.flops(s.precision.compute if s.precision.compute != "fp8" else "bf16")
     tflops = flops_tok * tps / s.num_devices
-    # Breakdown of the critical stage's straggler device.
-    uses = Counter((sp.stage, sp.kind, sp.chunk) for sp in sim.spans)
+    # Breakdown of the bottleneck stage's straggler device.
     parts = defaultdict(float)
     for (stage, kind, chunk), n in uses.items():
         if stage != critical:
@@ -100,7 +104,7 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
         "exposed_alltoall": parts["alltoall"],
         "exposed_other_comm": parts["tp_comm"] + dp_exposed[critical],
         "imbalance_wait": parts["idle"],      # waiting at all-to-alls for the layer's straggler
-        "pipeline_bubble": 0.0,
+        "pipeline_bubble": 0.0,           # warm-up/cool-down, waiting for other stages
     }
     breakdown["pipeline_bubble"] = max(0.0, step - sum(breakdown.values()))
     stages = _stage_rows(sim, uses, step)

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from moesim import network
 from moesim.errors import ScenarioError
 from moesim.layout import Layout
@@ -23,7 +25,7 @@ from moesim.sim.costs import CostModel
 from moesim.sim.invariants import check_invariants
 from moesim.sim.pipeline import ChunkSpan, run_pipeline
 from moesim.sim.schedule import forward_only, one_f_one_b
-from moesim.sim.streams import ChunkRun, chunk_ops, run_ops
+from moesim.sim.streams import ChunkRun, Op, chunk_ops, run_ops
 from moesim.spec.hardware import dtype_bytes
 from moesim.spec.scenario import Scenario
 from moesim.topology import Topology, build_topology
@@ -139,11 +141,43 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: str
             for kind, seq, backward in kinds:
                 ops = chunk_ops(seq, par.ep, backward=backward, recompute=recompute,
                                 overlap=s.communication.overlap)
+                ops = _with_ends(ops, costs, stage, c, backward)
                 if engine == "full":
                     runs[(stage, kind, c)] = run_ops_full(ops, costs, stage)
                 else:
                     runs[(stage, kind, c)] = run_ops(ops, par.ep)
     return runs
+
+
+def _with_ends(ops: list[Op], costs: CostModel, stage: int, chunk: int,
+               backward: bool) -> list[Op]:
+    """Add the embedding (first virtual stage) and the LM head + loss (last virtual stage)."""
+    par = costs.scenario.parallelism
+    scale = 2.0 if backward else 1.0
+    ep = par.ep
+    tokens = costs.tokens * (2 if costs.half_batch else 1)
+    first, last = stage == 0 and chunk == 0, stage == par.pp - 1 and chunk == par.vp - 1
+    if last:
+        head = Op("lm_head", "compute", "compute", np.full(ep, scale * costs.timer.lm_head(tokens)),
+                  (), -1)
+        ops = _chain(ops, head, at_end=not backward)
+    if first:
+        emb = Op("embedding", "compute", "compute", np.full(ep, scale * costs.timer.embedding(
+            tokens)), (), -1)
+        ops = _chain(ops, emb, at_end=backward)
+    return ops
+
+
+def _chain(ops: list[Op], extra: Op, at_end: bool) -> list[Op]:
+    """Put ``extra`` before the first op or after the last one, keeping dependencies valid."""
+    if at_end:
+        deps = (len(ops) - 1,) if ops else ()
+        return [*ops, Op(extra.name, extra.stream, extra.category, extra.duration, deps,
+                         extra.layer)]
+    shifted = [Op(op.name, op.stream, op.category, op.duration,
+                  tuple(d + 1 for d in op.deps) or ((0,) if i == 0 else ()), op.layer,
+                  op.barrier, op.collective) for i, op in enumerate(ops)]
+    return [extra, *shifted]
 
 
 def _link_between(s: Scenario, topology: Topology, a: int, b: int) -> tuple[float, float]:
