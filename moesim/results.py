@@ -42,6 +42,7 @@ class Result:
     compute_source: str
     events: int
     notes: list[str] = field(default_factory=list)
+    faults: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _round(asdict(self))
@@ -103,6 +104,11 @@ def summary(r: Result) -> str:
     if busiest:
         lines.append("busiest links   " + "; ".join(
             f"{b['link']} {100 * b['utilisation']:.0f}%" for b in busiest))
+    if r.faults:
+        f = r.faults
+        lines.append(f"faults          step {ms(f['healthy_step_time'])} healthy -> "
+                     f"{ms(f['step_time'])} ({f['step_time_change_pct']:+.1f}%); "
+                     f"{f['dropped_tokens_due_to_faults']:,.0f} tokens dropped by faults")
     lines.append(f"compute model   {r.compute_source}")
     lines += [f"note            {n}" for n in r.notes]
     return "\n".join(lines)

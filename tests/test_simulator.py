@@ -79,7 +79,7 @@ def test_one_f_one_b_makespan_matches_formula():
     # Equal chunks f=1, b=2, no send delay: (m + pp - 1) * (f + b).
     pp, m = 4, 8
     orders = [one_f_one_b(s, pp, 1, m) for s in range(pp)]
-    spans, _ = run_pipeline(orders, 1, lambda st, kind, c: 1.0 if kind == "F" else 2.0, 0.0)
+    spans, _ = run_pipeline(orders, 1, lambda st, kind, c, now: 1.0 if kind == "F" else 2.0, 0.0)
     assert max(sp.end for sp in spans) == pytest.approx((m + pp - 1) * 3.0)
 
 
@@ -87,7 +87,7 @@ def test_interleaved_schedule_shrinks_bubble_by_vp():
     # Interleaved 1F1B with vp chunks of 1/vp the work: bubble (pp - 1)(f + b) / vp.
     pp, m, vp = 4, 8, 2
     orders = [one_f_one_b(s, pp, vp, m) for s in range(pp)]
-    spans, _ = run_pipeline(orders, vp, lambda st, k, c: 0.5 if k == "F" else 1.0, 0.0)
+    spans, _ = run_pipeline(orders, vp, lambda st, k, c, now: 0.5 if k == "F" else 1.0, 0.0)
     work = m * 3.0
     assert max(sp.end for sp in spans) == pytest.approx(work + (pp - 1) * 3.0 / vp)
 
@@ -96,7 +96,7 @@ def test_pipeline_send_delay_adds_per_hop():
     # One micro-batch through 3 stages forward only: 3 chunks + 2 sends.
     from moesim.sim.schedule import forward_only
     orders = [forward_only(s, 3, 1, 1) for s in range(3)]
-    spans, _ = run_pipeline(orders, 1, lambda st, k, c: 1.0, 0.25)
+    spans, _ = run_pipeline(orders, 1, lambda st, k, c, now: 1.0, 0.25)
     assert max(sp.end for sp in spans) == pytest.approx(3 * 1.0 + 2 * 0.25)
 
 

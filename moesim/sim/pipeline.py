@@ -32,7 +32,7 @@ class _Pipeline:
     env: simpy.Environment
     pp: int
     vp: int
-    duration: Callable[[int, str, int], float]     # (stage, kind, chunk) -> seconds
+    duration: Callable[[int, str, int, float], float]  # (stage, kind, chunk, now) -> seconds
     p2p: float
     spans: list[ChunkSpan] = field(default_factory=list)
     arrived: dict[tuple, simpy.Event] = field(default_factory=dict)
@@ -63,7 +63,7 @@ class _Pipeline:
             if needed is not None:
                 yield self._event(needed)
             start = self.env.now
-            yield self.env.timeout(self.duration(stage, kind, chunk))
+            yield self.env.timeout(self.duration(stage, kind, chunk, start))
             self.events += 1
             self.spans.append(ChunkSpan(stage, kind, mb, chunk, start, self.env.now))
             key = (kind, mb, chunk, stage)
@@ -71,7 +71,7 @@ class _Pipeline:
 
 
 def run_pipeline(orders: list[list[tuple[str, int, int]]], vp: int,
-                 duration: Callable[[int, str, int], float], p2p: float
+                 duration: Callable[[int, str, int, float], float], p2p: float
                  ) -> tuple[list[ChunkSpan], int]:
     """Run every stage's schedule; return the chunk spans (sorted by start) and the event count."""
     env = simpy.Environment()

@@ -9,7 +9,7 @@ as SimPy processes; then the data-parallel gradient reduction and the optimizer 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from moesim.placement.placement import Placement
 from moesim.placement.policies import resolve_placement
 from moesim.results import Result
 from moesim.sim.costs import CostModel
+from moesim.sim.faults import device_faults, fault_summary, faulty_topology
 from moesim.sim.invariants import check_invariants
 from moesim.sim.pipeline import ChunkSpan, run_pipeline
 from moesim.sim.schedule import forward_only, one_f_one_b
@@ -64,6 +65,41 @@ def scenario_topology(s: Scenario) -> Topology:
         raise TopologyError(f"{s.source or s.name}: cluster: {exc}") from None
 
 
+def estimate_cost(s: Scenario, engine: str) -> tuple[float, str]:
+    """(estimated wall seconds, the dominant part) of simulating ``s``, before doing it.
+
+    Rough per-unit costs measured on a 2-core machine: a flow-level all-to-all costs ~100 rate
+    recomputations over its ep^2 flows; routing samples tokens x experts per layer; the pipeline
+    costs one SimPy event per chunk; the full engine two processes per device per op.
+    """
+    m, par, wl = s.model, s.parallelism, s.workload
+    layers = m.num_moe_layers
+    flows = layers * 2 * par.ep * par.ep * 100
+    sampled = min(tokens_per_microbatch(s), s.routing.max_tokens_per_source)
+    samples = layers * par.ep * sampled * m.num_experts
+    chunks = par.pp * micro_batches(s) * par.vp * (2 if wl.mode == "training" else 1)
+    parts = {"all-to-all flows": 4e-7 * flows, "routing samples": 2.5e-8 * samples,
+             "pipeline events": 3e-5 * chunks}
+    if engine == "full":
+        ops = 8 * m.num_layers / par.pp * 2
+        parts["full-engine processes"] = 2e-5 * s.num_devices * ops * par.vp
+    worst = max(parts, key=parts.get)
+    return sum(parts.values()), worst
+
+
+def _check_size(s: Scenario, engine: str) -> None:
+    seconds, worst = estimate_cost(s, engine)
+    if seconds > s.simulation.max_seconds:
+        hint = {"full-engine processes": "use simulation.mode: aggregated (equivalence classes)",
+                "routing samples": "lower routing.max_tokens_per_source",
+                "all-to-all flows": "raise simulation.network_rtol or lower ep",
+                "pipeline events": "use fewer, larger micro-batches"}[worst]
+        raise ScenarioError(
+            f"this scenario would take about {seconds:,.0f} s to simulate (mostly {worst}), more "
+            f"than simulation.max_seconds={s.simulation.max_seconds:g}; {hint}, or raise the "
+            "limit", source=s.source, field="simulation")
+
+
 def micro_batches(s: Scenario) -> int:
     wl, par = s.workload, s.parallelism
     return wl.global_batch // par.dp // wl.micro_batch
@@ -94,11 +130,20 @@ def _validate_schedule(s: Scenario, mbs: int) -> None:
 
 def simulate(s: Scenario, *, engine: str | None = None,
              placement: Placement | None = None) -> Simulation:
-    """Simulate one step of ``s``; ``engine`` overrides ``simulation.mode``."""
+    """Simulate one step of ``s``; ``engine`` overrides ``simulation.mode``.
+
+    With ``faults``, the healthy step is simulated too; chunks that start before a fault's ``at``
+    time run at healthy speed, later ones on the damaged cluster, and the result reports both.
+    """
     wall = time.perf_counter()
     engine = engine or s.simulation.mode
     par = s.parallelism
-    topology = scenario_topology(s)
+    _check_size(s, engine)
+    healthy = None
+    if s.faults:
+        healthy = simulate(replace(s, faults=()), engine=engine, placement=placement)
+        placement = placement or healthy.placement
+    topology = faulty_topology(s, scenario_topology(s))
     layout = Layout(par, s.model.num_layers, s.model.moe_layer_ids)
     memory = check_memory(s, layout)
     mbs = micro_batches(s)
@@ -108,18 +153,27 @@ def simulate(s: Scenario, *, engine: str | None = None,
     if placement is None:
         placement = resolve_placement(s, tokens, topology.device_node[group])
     costs = CostModel(s, topology, layout, placement,
-                      half_batch=s.communication.overlap == "two_batch")
+                      half_batch=s.communication.overlap == "two_batch",
+                      device_faults=device_faults(s, layout))
     runs = _chunk_runs(s, layout, costs, engine)
     training = s.workload.mode == "training"
     make_order = one_f_one_b if training else forward_only
     orders = [make_order(st, par.pp, par.vp, mbs) for st in range(par.pp)]
     p2p = _p2p_time(s, topology, layout, tokens)
-    spans, events = run_pipeline(orders, par.vp, lambda st, k, c: runs[(st, k, c)].makespan, p2p)
+    strike = min((f.at for f in s.faults), default=0.0)
+
+    def duration(stage: int, kind: str, chunk: int, now: float) -> float:
+        chosen = healthy.runs if healthy is not None and now < strike else runs
+        return chosen[(stage, kind, chunk)].makespan
+
+    spans, events = run_pipeline(orders, par.vp, duration, p2p)
     stage_end, dp_exposed, optimizer = _finish_stages(s, layout, topology, spans, runs)
     sim = Simulation(s, None, topology, layout, placement, costs, runs, spans,  # type: ignore
                      stage_end, 0, 0.0)
     from moesim.sim.report import build_result
     sim.result = build_result(sim, mbs, events, dp_exposed, optimizer, memory, engine)
+    if healthy is not None:
+        sim.result.faults = fault_summary(s, healthy.result, sim.result)
     check_invariants(sim)
     sim.wall_seconds = time.perf_counter() - wall
     return sim
@@ -142,6 +196,7 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: str
                 ops = chunk_ops(seq, par.ep, backward=backward, recompute=recompute,
                                 overlap=s.communication.overlap)
                 ops = _with_ends(ops, costs, stage, c, backward)
+                ops = _slowed(ops, costs, stage)
                 if engine == "full":
                     runs[(stage, kind, c)] = run_ops_full(ops, costs, stage)
                 else:
@@ -166,6 +221,15 @@ def _with_ends(ops: list[Op], costs: CostModel, stage: int, chunk: int,
             tokens)), (), -1)
         ops = _chain(ops, emb, at_end=backward)
     return ops
+
+
+def _slowed(ops: list[Op], costs: CostModel, stage: int) -> list[Op]:
+    """Scale compute ops of slowed (or zero those of failed) devices of ``stage``."""
+    if costs.device_faults is None or stage not in costs.device_faults.stage_local:
+        return ops
+    factor = costs.device_faults.slow_vector(stage)
+    return [Op(op.name, op.stream, op.category, op.duration * factor, op.deps, op.layer,
+               op.barrier, op.collective) if op.stream == "compute" else op for op in ops]
 
 
 def _chain(ops: list[Op], extra: Op, at_end: bool) -> list[Op]:

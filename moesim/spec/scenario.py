@@ -110,15 +110,23 @@ class SimulationSpec:
     # Flow-level all-to-all: completions closer than rtol x elapsed time are merged into one
     # rate recomputation (0 = exact; 1e-2 keeps the all-to-all time within ~2%, 20x faster).
     network_rtol: float = spec_field(1e-2, min=0, max=0.1)
-    max_events: int = spec_field(20_000_000, min=1, doc="refuse scenarios estimated above this")
+    max_seconds: float = spec_field(600.0, gt=0, doc="refuse scenarios estimated to take longer")
 
 
 @dataclass(frozen=True, kw_only=True)
 class FaultSpec:
+    """A device or link that fails (slowdown 0) or runs ``slowdown`` times slower, from ``at``."""
+
     kind: Literal["device", "link"]
     device: int = spec_field(-1, min=-1, doc="device rank (kind: device)")
     link: tuple[str, ...] = ()
-    slowdown: float = spec_field(0.0, min=0, doc="0 = failed; > 1 = that many times slower")
+    slowdown: float = spec_field(0.0, min=0, doc="0 = failed; >= 1 = that many times slower")
+    at: float = spec_field(0.0, unit="time", min=0, doc="when it strikes, from the step start")
+
+    def __post_init__(self) -> None:
+        if 0 < self.slowdown < 1:
+            raise ScenarioError(f"slowdown={self.slowdown} must be 0 (failed) or >= 1",
+                                field="faults.slowdown")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,54 @@
+"""``moesim sweep SWEEP -o DIR``: run every point of a sweep file, with progress and resume."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
+    """Add the ``sweep`` subcommand to the ``moesim`` parser."""
+    p = sub.add_parser("sweep", help="run a scenario over a grid / zip of field values",
+                       description="Run every point of a sweep file; one row per point in "
+                       "DIR/results.csv and DIR/results.jsonl.")
+    p.add_argument("sweep", help="sweep file (see scenarios/sweeps/)")
+    p.add_argument("-o", "--output", help="output folder (default results/sweeps/<sweep name>)")
+    p.add_argument("-j", "--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                   help="local worker processes (default: min(4, CPUs)); 1 = in this process")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local processes (default) or Ray tasks (pip install 'moesim[ray]')")
+    p.add_argument("--address", help="Ray cluster address (default: start a local 2-CPU Ray)")
+    p.add_argument("--engine", choices=("aggregated", "full"), default=None)
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="keep finished rows of an earlier run; simulate only missing points")
+    again.add_argument("--overwrite", action="store_true", help="discard earlier rows")
+    p.add_argument("--list", action="store_true", help="print the points and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    commands["sweep"] = _cmd_sweep
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from moesim.sweep.runner import run_sweep
+    from moesim.sweep.spec import load_sweep
+
+    sweep = load_sweep(args.sweep)
+    if args.list:
+        for p in sweep.points:
+            print(f"{p.index:>4}  {p.key}  {p.name}")
+        return 0
+    out = Path(args.output) if args.output else Path("results") / "sweeps" / sweep.name
+    print(f"sweep {sweep.name}: {len(sweep.points)} points over {', '.join(sweep.fields)} "
+          f"({args.executor}{f', -j {args.jobs}' if args.executor == 'local' else ''})",
+          file=sys.stderr)
+    outcome = run_sweep(sweep, out, jobs=args.jobs, executor=args.executor,
+                        address=args.address, resume=args.resume, overwrite=args.overwrite,
+                        engine=args.engine, progress=None if args.quiet else sys.stderr)
+    print(f"{len(outcome.rows)} points ({outcome.computed} simulated, {outcome.skipped} resumed, "
+          f"{outcome.failed} with errors); wrote {outcome.csv} and {outcome.jsonl}")
+    return 0

@@ -1,0 +1,125 @@
+"""Where sweep points run: in this process, in a local process pool, or as Ray tasks.
+
+Every executor takes the same picklable tasks, calls the same module-level function on each, and
+yields ``(task index, row)`` as points finish (in completion order), so the runner writes the same
+table whichever ran them. Ray is optional (``pip install moesim[ray]``) and imported only here,
+only when asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Any
+
+from moesim.errors import MoESimError
+
+__all__ = ["EXECUTORS", "run_tasks", "run_inline", "run_local", "run_ray"]
+
+EXECUTORS = ("local", "ray")
+
+# CPUs of the Ray instance started when no address is given: this machine's share of the work.
+LOCAL_RAY_CPUS = 2
+
+Task = Any            # a picklable argument of ``fn``
+Done = tuple[int, dict[str, Any]]
+
+
+def run_tasks(fn: Callable[[Task], dict[str, Any]], tasks: Sequence[Task], *,
+              executor: str = "local", jobs: int = 1, address: str | None = None
+              ) -> Iterator[Done]:
+    """Run ``fn(task)`` for every task; yield ``(index in tasks, result)`` as each finishes.
+
+    Raises
+    ------
+    MoESimError
+        Unknown executor name, jobs < 1, or Ray asked for but not installed / not reachable.
+    """
+    if jobs < 1:
+        raise MoESimError(f"-j/--jobs={jobs} must be >= 1")
+    if executor == "local":
+        return run_inline(fn, tasks) if jobs == 1 else run_local(fn, tasks, jobs)
+    if executor == "ray":
+        return run_ray(fn, tasks, address=address, jobs=jobs)
+    raise MoESimError(f"unknown executor {executor!r} (allowed: {', '.join(EXECUTORS)})")
+
+
+def run_inline(fn: Callable[[Task], dict[str, Any]], tasks: Sequence[Task]) -> Iterator[Done]:
+    """Run the tasks one by one in this process (``-j 1``: no pool start-up, easy to debug)."""
+    for i, task in enumerate(tasks):
+        yield i, fn(task)
+
+
+def run_local(fn: Callable[[Task], dict[str, Any]], tasks: Sequence[Task], jobs: int
+              ) -> Iterator[Done]:
+    """Run the tasks on a pool of ``jobs`` local processes."""
+    with ProcessPoolExecutor(max_workers=min(jobs, max(1, len(tasks)))) as pool:
+        pending = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield pending.pop(future), future.result()
+        finally:  # interrupted or a bug in one point: drop what has not started
+            for future in pending:
+                future.cancel()
+
+
+def run_ray(fn: Callable[[Task], dict[str, Any]], tasks: Sequence[Task], *,
+            address: str | None = None, jobs: int = 1) -> Iterator[Done]:
+    """Run the tasks as Ray tasks, on the cluster at ``address`` or on a local Ray instance.
+
+    At most ``max(jobs, cluster CPUs)`` tasks are in flight, so an interrupted sweep leaves little
+    running. A Ray instance this function started is shut down when it finishes.
+    """
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        _init_ray(ray, address)
+    in_flight: dict[Any, int] = {}
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=0)(fn)
+        limit = max(jobs, int(ray.cluster_resources().get("CPU", 1)))
+        todo = list(enumerate(tasks))[::-1]
+        while todo or in_flight:
+            while todo and len(in_flight) < limit:
+                i, task = todo.pop()
+                in_flight[remote.remote(task)] = i
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in ready:
+                yield in_flight.pop(ref), _ray_get(ray, ref)
+    finally:
+        for ref in in_flight:
+            ray.cancel(ref)
+        if started:
+            ray.shutdown()
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise MoESimError("the Ray executor needs Ray: pip install 'moesim[ray]'") from None
+    return ray
+
+
+def _init_ray(ray, address: str | None) -> None:
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=LOCAL_RAY_CPUS, include_dashboard=False, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"at {address}" if address else "locally"
+        raise MoESimError(f"cannot start or reach a Ray cluster {where}: {exc}") from None
+
+
+def _ray_get(ray, ref) -> dict[str, Any]:
+    """The task's result; a task's own exception is re-raised as itself, not as a RayTaskError."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.as_instanceof_cause()
+        raise (getattr(cause, "cause", None) or cause) from None

@@ -1,0 +1,278 @@
+"""Run a sweep's points and keep one tidy table of them: ``results.jsonl`` and ``results.csv``.
+
+One row per point: the point's name, its swept values, the metrics of its simulated step (step
+time, tokens/s, MFU, the step-time breakdown, cross-node traffic, load imbalance, peak memory,
+dropped tokens) and ``error``, which holds the one-line message of a point that raised a
+MoESimError (out of memory, an invalid combination) instead of crashing the sweep.
+
+Crash safety: each finished row is appended to ``results.jsonl`` as one whole line, flushed and
+fsynced, so a killed sweep loses at most the points in flight. ``--resume`` reads the finished rows
+back (a trailing partial line, the only kind a kill can leave, is cut off), runs only the points
+whose key is missing, and at the end both files are rewritten atomically in sweep order.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from moesim.errors import MoESimError
+from moesim.results import write_json_atomic, write_text_atomic
+from moesim.sweep.executors import run_tasks
+from moesim.sweep.spec import Sweep, SweepPoint, build_point_scenario
+
+__all__ = ["PointTask", "SweepOutcome", "simulate_point", "result_metrics", "run_sweep",
+           "read_rows", "table_columns", "METRIC_COLUMNS"]
+
+JSONL, CSV, MANIFEST = "results.jsonl", "results.csv", "sweep.json"
+
+# Metric columns in table order; breakdown_<part>_s columns follow step_time_s.
+METRIC_COLUMNS = ("scenario", "devices", "step_time_s", "tokens_per_s", "tokens_per_s_per_device",
+                  "mfu", "tflops_per_device", "cross_node_fraction", "alltoall_bytes_per_step",
+                  "expert_max_over_mean", "worst_layer_max_over_mean", "device_max_over_mean",
+                  "memory_peak_bytes", "memory_capacity_bytes", "dropped_tokens")
+
+
+@dataclass(frozen=True)
+class PointTask:
+    """What a worker needs to simulate one point (picklable, self-contained)."""
+
+    base: dict[str, Any]
+    base_dir: str
+    source: str
+    overrides: tuple[str, ...]
+    engine: str | None = None
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    rows: list[dict[str, Any]]      # the table, in sweep order
+    computed: int                   # points simulated by this run
+    skipped: int                    # points found finished in results.jsonl (resume)
+    failed: int                     # rows with an error
+    jsonl: Path
+    csv: Path
+
+
+def simulate_point(task: PointTask) -> dict[str, Any]:
+    """Metrics of one point, or ``{"error": "<Kind>: <message>"}`` if it raised a MoESimError."""
+    from moesim.sim.simulate import simulate
+
+    try:
+        scenario = build_point_scenario(task.base, task.base_dir, task.source, task.overrides)
+        result = simulate(scenario, engine=task.engine).result
+    except MoESimError as exc:
+        return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
+    except Exception as exc:  # a bug in moesim: crash, but say which point
+        exc.add_note(f"while simulating the sweep point with {', '.join(task.overrides)}")
+        raise
+    return result_metrics(result.to_dict())
+
+
+def result_metrics(r: dict[str, Any]) -> dict[str, Any]:
+    """The table's metric columns from a ``Result.to_dict()`` (memory: the fullest stage)."""
+    fullest = max(r["memory"], key=lambda m: m["total"] / m["capacity"])
+    row: dict[str, Any] = {
+        "scenario": r["scenario"], "devices": r["devices"], "step_time_s": r["step_time"],
+        "tokens_per_s": r["tokens_per_s"], "tokens_per_s_per_device": r["tokens_per_s_per_device"],
+        "mfu": r["mfu"], "tflops_per_device": r["tflops_per_device"]}
+    row.update({f"breakdown_{part}_s": secs for part, secs in r["breakdown"].items()})
+    row.update({
+        "cross_node_fraction": r["alltoall"]["cross_node_fraction"],
+        "alltoall_bytes_per_step": r["alltoall"]["bytes_per_step"],
+        "expert_max_over_mean": r["experts"]["max_over_mean"],
+        "worst_layer_max_over_mean": r["experts"]["worst_layer_max_over_mean"],
+        "device_max_over_mean": r["experts"]["device_max_over_mean"],
+        "memory_peak_bytes": fullest["total"], "memory_capacity_bytes": fullest["capacity"],
+        "dropped_tokens": r["dropped_tokens"], "error": ""})
+    return row
+
+
+def run_sweep(sweep: Sweep, out_dir: str | Path, *, jobs: int = 1, executor: str = "local",
+              address: str | None = None, resume: bool = False, overwrite: bool = False,
+              engine: str | None = None, progress: TextIO | None = None) -> SweepOutcome:
+    """Run every point of ``sweep`` not yet in ``out_dir/results.jsonl``; write the table.
+
+    Parameters
+    ----------
+    jobs
+        Local worker processes (``executor="local"``; 1 runs in this process).
+    executor
+        ``"local"`` or ``"ray"`` (on the cluster at ``address``, else a local 2-CPU instance).
+    resume
+        Keep the finished rows of an earlier (killed) run and simulate only the missing points.
+    overwrite
+        Start again, discarding earlier rows. Without ``resume`` or ``overwrite`` an existing
+        non-empty ``results.jsonl`` is an error, so a finished sweep is never lost by accident.
+    progress
+        Stream for the progress bar (stderr in the CLI); None = quiet.
+
+    Raises
+    ------
+    MoESimError
+        Existing results without resume/overwrite, a resumed sweep whose base scenario changed,
+        a corrupt results.jsonl, or an executor problem (e.g. Ray not installed).
+    """
+    out = Path(out_dir)
+    jsonl = out / JSONL
+    done = _prepare(sweep, out, resume=resume, overwrite=overwrite)
+    todo = [p for p in sweep.points if p.key not in done]
+    tasks = [PointTask(sweep.base, sweep.base_dir, sweep.source, p.overrides, engine)
+             for p in todo]
+    bar = _Progress(len(sweep.points), len(sweep.points) - len(todo), progress)
+    with open(jsonl, "a", encoding="utf-8") as handle:
+        for i, metrics in run_tasks(simulate_point, tasks, executor=executor, jobs=jobs,
+                                    address=address):
+            row = _row(sweep, todo[i], metrics)
+            _append(handle, row)
+            done[row["key"]] = row
+            bar.update(todo[i].name, failed=bool(row["error"]))
+    bar.close()
+    rows = _ordered(sweep, done)
+    write_text_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(out / CSV, to_csv(rows, sweep.fields))
+    ours = rows[:len(sweep.points)]
+    return SweepOutcome(rows=ours, computed=len(todo), skipped=len(sweep.points) - len(todo),
+                        failed=sum(1 for r in ours if r["error"]), jsonl=jsonl, csv=out / CSV)
+
+
+def _prepare(sweep: Sweep, out: Path, *, resume: bool, overwrite: bool) -> dict[str, dict]:
+    """Check the output folder, write the manifest; the finished rows by key (resume)."""
+    jsonl, manifest = out / JSONL, out / MANIFEST
+    out.mkdir(parents=True, exist_ok=True)
+    exists = jsonl.exists() and jsonl.stat().st_size > 0
+    if exists and not (resume or overwrite):
+        raise MoESimError(f"{jsonl} already holds results: pass --resume to finish that sweep "
+                          "or --overwrite to start again")
+    if resume and manifest.exists():
+        old = json.loads(manifest.read_text(encoding="utf-8"))
+        if old.get("base_digest") != sweep.base_digest:
+            raise MoESimError(f"{out}: the base scenario of {sweep.source} changed since these "
+                              "results were written; use another -o folder or --overwrite")
+    write_json_atomic(manifest, {
+        "name": sweep.name, "description": sweep.description, "source": sweep.source,
+        "scenario": sweep.base.get("name", ""), "fields": list(sweep.fields),
+        "points": len(sweep.points), "base_digest": sweep.base_digest})
+    if not (resume and exists):
+        jsonl.write_text("", encoding="utf-8")
+        return {}
+    rows, clean = read_rows(jsonl)
+    with open(jsonl, "r+b") as handle:  # cut a partial last line so appends start clean
+        handle.truncate(clean)
+    return {r["key"]: r for r in rows}
+
+
+def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """Whole rows of a results.jsonl and the byte length they span.
+
+    A last line without its newline, or that is not valid JSON, is a row cut short by a kill and
+    is left out; a bad line anywhere else means the file was damaged otherwise, and raises.
+    """
+    data = Path(path).read_bytes()
+    lines = data.split(b"\n")
+    rows, clean = [], 0
+    for number, line in enumerate(lines[:-1], start=1):   # lines[-1]: after the last newline
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:
+                break
+            raise MoESimError(f"{path}: line {number} is not a JSON row; fix or delete the "
+                              "line, or rerun with --overwrite") from None
+        if not isinstance(row, dict) or "key" not in row:
+            raise MoESimError(f"{path}: line {number} is not a sweep row (no 'key')")
+        rows.append(row)
+        clean += len(line) + 1
+    return rows, clean
+
+
+def _row(sweep: Sweep, point: SweepPoint, metrics: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"point": point.name}
+    row.update(point.values)
+    row.update(metrics)
+    row.setdefault("error", "")
+    row["key"] = point.key
+    return row
+
+
+def _append(handle, row: dict[str, Any]) -> None:
+    """One whole line per row, on disk before the next point is reported done."""
+    handle.write(json.dumps(row) + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _ordered(sweep: Sweep, done: dict[str, dict]) -> list[dict[str, Any]]:
+    """This sweep's rows in sweep order, then rows of points no longer in it (kept, not lost)."""
+    ours = [done[p.key] for p in sweep.points if p.key in done]
+    keys = {p.key for p in sweep.points}
+    return ours + [r for k, r in done.items() if k not in keys]
+
+
+def table_columns(rows: list[dict[str, Any]], fields: tuple[str, ...] | list[str]) -> list[str]:
+    """Column order: point, swept fields, metrics (breakdown after step time), others, error, key."""
+    seen = list(dict.fromkeys(k for r in rows for k in r))
+    breakdown = [c for c in seen if c.startswith("breakdown_")]
+    fixed = ["point", *fields, *METRIC_COLUMNS[:3], *breakdown, *METRIC_COLUMNS[3:]]
+    others = [c for c in seen if c not in fixed and c not in ("error", "key")]
+    return [c for c in fixed if c in seen or c in fields or c == "point"] + others + ["error",
+                                                                                     "key"]
+
+
+def to_csv(rows: list[dict[str, Any]], fields: tuple[str, ...] | list[str]) -> str:
+    """The rows as CSV text; lists and mappings as JSON, missing values empty."""
+    columns = table_columns(rows, fields)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for r in rows:
+        writer.writerow(["" if r.get(c) is None else
+                         json.dumps(r[c]) if isinstance(r[c], list | dict) else r[c]
+                         for c in columns])
+    return buffer.getvalue()
+
+
+class _Progress:
+    """A one-line progress bar with ETA (redrawn on a terminal, one line per point otherwise)."""
+
+    def __init__(self, total: int, already: int, stream: TextIO | None, width: int = 24):
+        self.total, self.done, self.failed = total, already, 0
+        self.already, self.stream, self.width = already, stream, width
+        self.start = time.monotonic()
+        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        if stream is not None and already:
+            stream.write(f"resuming: {already} of {total} points already done\n")
+
+    def update(self, name: str, *, failed: bool) -> None:
+        self.done += 1
+        self.failed += failed
+        if self.stream is None:
+            return
+        elapsed = time.monotonic() - self.start
+        rate = (self.done - self.already) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        filled = round(self.width * self.done / max(1, self.total))
+        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} points"
+                f"  {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
+                + (f", {self.failed} failed" if self.failed else "") + f"  {name}"
+                + ("  (error)" if failed else ""))
+        self.stream.write(f"\r\x1b[K{line}" if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else \
+        f"{minutes}:{secs:02d}"
+

@@ -1,0 +1,111 @@
+"""Fuzzing: mutated scenarios give a valid result or a MoESimError with a message, nothing else.
+
+Mutations of a valid scenario: drop a field, retype a value, negate or enlarge a number, misspell
+a key, truncate the YAML text, or replace it with random bytes. `benchmarks/fuzz.py` runs the same
+strategy for many more examples.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moesim.errors import MoESimError
+from moesim.sim.simulate import simulate
+from moesim.spec.scenario import load_scenario
+
+BASE = {
+    "name": "fuzz",
+    "seed": 0,
+    "model": {"base": "tiny-cpu", "num_layers": 2},
+    "cluster": {"hardware": "cpu-local", "topology": "fat_tree", "nodes": 2,
+                "devices_per_node": 2},
+    "parallelism": {"tp": 1, "pp": 2, "dp": 2, "ep": 2},
+    "workload": {"mode": "training", "global_batch": 4, "seq_len": 64, "micro_batch": 1},
+    "routing": {"distribution": "zipf", "zipf_s": 0.8, "max_tokens_per_source": 64},
+    "placement": {"policy": "contiguous"},
+    "communication": {"alltoall": "direct", "overlap": "none"},
+    "simulation": {"max_seconds": 5},
+}
+
+ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
+                       st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                       st.lists(st.integers(0, 9), max_size=3), st.just({"x": 1}),
+                       st.sampled_from(["1 GB/s", "-3 us", "9 parsecs", "fp8", "1e400"]))
+
+
+def _paths(tree, prefix=()):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield (*prefix, key)
+            yield from _paths(value, (*prefix, key))
+
+
+def _mutate(data: dict, draw) -> dict:
+    data = copy.deepcopy(data)
+    paths = list(_paths(data))
+    path = draw(st.sampled_from(paths))
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    key = path[-1]
+    kind = draw(st.sampled_from(["drop", "retype", "negate", "enlarge", "misspell", "small"]))
+    value = parent[key]
+    if kind == "drop":
+        del parent[key]
+    elif kind == "retype":
+        parent[key] = draw(ODD_VALUES)
+    elif kind == "negate" and isinstance(value, int | float) and not isinstance(value, bool):
+        parent[key] = -value
+    elif kind == "enlarge" and isinstance(value, int | float) and not isinstance(value, bool):
+        parent[key] = value * draw(st.sampled_from([3, 1000, 10**6, 10**12]))
+    elif kind == "small" and isinstance(value, int | float) and not isinstance(value, bool):
+        parent[key] = draw(st.sampled_from([0, 1, 0.5, 1e-9]))
+    elif kind == "misspell":
+        parent[key + draw(st.sampled_from(["s", "_", "X"]))] = parent.pop(key)
+    return data
+
+
+@st.composite
+def scenario_texts(draw) -> str:
+    data = BASE
+    for _ in range(draw(st.integers(1, 3))):
+        data = _mutate(data, draw)
+    text = yaml.safe_dump(data)
+    how = draw(st.sampled_from(["whole", "whole", "whole", "truncate", "bytes"]))
+    if how == "truncate":
+        return text[: draw(st.integers(0, len(text)))]
+    if how == "bytes":
+        return draw(st.binary(max_size=200)).decode("latin-1")
+    return text
+
+
+def _run(text: str, path: Path) -> None:
+    path.write_text(text, encoding="utf-8", errors="surrogateescape")
+    try:
+        sim = simulate(load_scenario(path))
+    except MoESimError as exc:
+        assert str(exc).strip(), "a MoESimError must carry a message"
+        return
+    assert sim.result.step_time > 0
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(text=scenario_texts())
+def test_mutated_scenarios_never_crash(text, tmp_path_factory):
+    _run(text, tmp_path_factory.mktemp("fuzz") / "scenario.yaml")
+
+
+def test_base_scenario_is_valid(tmp_path):
+    sim = simulate(load_scenario(_write(tmp_path, BASE)))
+    assert sim.result.step_time > 0
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
