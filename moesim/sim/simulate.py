@@ -293,8 +293,10 @@ def _finish_stages(s: Scenario, layout: Layout, topology: Topology, spans: list[
         if s.workload.mode == "training":
             sync = dp_sync_time(s, layout, topology, stage)
             window = 0.0
-            if s.communication.dp_overlap:
-                window = runs[(stage, "B", 0)].makespan
+            if s.communication.dp_overlap:  # gradients reduce during the last backward chunk
+                last_b = max((sp for sp in spans if sp.stage == stage and sp.kind == "B"),
+                             key=lambda sp: sp.end)
+                window = last_b.end - last_b.start
             dp = max(0.0, sync - window)
             dense, experts = stage_params(s, layout, stage)
             shard = par.dp if par.zero_stage >= 1 else 1
