@@ -4,13 +4,16 @@ Under hierarchical (DeepEP-style) dispatch a token crosses the network once per 
 holds one of its top-k experts. Summed over tokens this is the *connectivity* of the token
 hypergraph (vertices: experts; one hyperedge per token, over its k experts) under the partition
 of experts into nodes: the number of distinct parts each token's experts lie in. This module finds
-partitions with low connectivity under two caps per part: total expert load (``max_load``) and
-number of experts (``max_size``). Experts marked with part -1 (replicated on every node) are
-local to every token and take no part in the hypergraph.
+partitions with low connectivity under two limits per part (:class:`Limits`): the total expert
+load, and the slots its experts demand (an expert hotter than one GPU's share needs replicas
+inside its node, hence several slots). Experts marked with part -1 (held on every node) are local
+to every token and take no part in the hypergraph.
 
-1. :func:`balanced_start`: longest-processing-time packing by load, a balanced starting point.
+1. :func:`grow_partition`: all parts grow together, the lightest taking the free expert most
+   co-activated with its members, so loads stay level while co-activated experts gather.
 2. :func:`refine_graph`: moves and swaps on the clique expansion (pair co-activation counts),
-   Kernighan-Lin style but greedy: the best feasible move or swap each step, vectorised.
+   Kernighan-Lin style but greedy: first removing load above the cap, then raising the pair
+   weight kept inside parts; the best feasible changes each round, vectorised.
 3. :func:`refine_hypergraph`: moves with exact connectivity gains, Fiduccia-Mattheyses style,
    all gains recomputed per round from per-token part counts.
 
@@ -19,12 +22,27 @@ All functions are deterministic: ties go to the lowest expert, then the lowest p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-__all__ = ["coactivation", "connectivity", "balanced_start", "refine_graph",
+__all__ = ["Limits", "coactivation", "connectivity", "grow_partition", "refine_graph",
            "refine_hypergraph"]
 
 _EPS = 1e-9
+
+
+@dataclass(frozen=True, eq=False)
+class Limits:
+    """What each part may hold: ``load <= max_load`` and ``sum(demand) <= capacity[part]``."""
+
+    max_load: float
+    capacity: np.ndarray   # int[P] slots of each part
+    demand: np.ndarray     # int[E] slots each expert needs (>= 1)
+
+    @property
+    def num_parts(self) -> int:
+        return int(self.capacity.size)
 
 
 def coactivation(tokens: np.ndarray, num_experts: int) -> np.ndarray:
@@ -53,33 +71,17 @@ def connectivity(tokens: np.ndarray, part: np.ndarray) -> float:
     return float(distinct.sum() + (parts[:, 0] >= 0).sum())
 
 
-def balanced_start(load: np.ndarray, num_parts: int, max_size: np.ndarray) -> np.ndarray:
-    """Heaviest expert first, each to the lightest part with room: ``int[E]`` part of each expert.
-
-    ``load: [E]``; ``max_size: int[num_parts]`` experts each part may hold (sum >= E).
-    """
-    part = np.empty(load.size, dtype=np.int64)
-    weight = np.zeros(num_parts)
-    size = np.zeros(num_parts, dtype=np.int64)
-    for expert in np.argsort(-load, kind="stable"):
-        target = int(np.argmin(np.where(size < max_size, weight, np.inf)))
-        part[expert] = target
-        weight[target] += load[expert]
-        size[target] += 1
-    return part
-
-
-def grow_partition(pairs: np.ndarray, load: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Grow all parts together, the lightest part taking its most co-activated free expert.
+def grow_partition(pairs: np.ndarray, load: np.ndarray, limits: Limits) -> np.ndarray:
+    """Grow all parts together; returns ``int[E]`` part of each expert.
 
     Seeds: the heaviest expert, then repeatedly the heaviest among the free experts least
     co-activated with the seeds so far. Then, until every expert is placed, the lightest part
-    with room takes the free expert with the largest pair weight to its members (heavier first
-    among equals), so that loads stay level while co-activated experts gather.
-    ``pairs: [E, E]``, ``load: [E]``, ``sizes: int[P]`` experts per part, summing to E.
-    Returns ``int[E]``.
+    with room takes the free expert (that fits its room) with the largest pair weight to its
+    members, heavier first among equals. ``pairs: [E, E]``, ``load: [E]``. When no part has room
+    for any free expert's demand, demands count as 1 from then on (each expert needs a slot).
     """
-    num_experts, num_parts = load.size, sizes.size
+    num_experts, num_parts = load.size, limits.num_parts
+    demand = limits.demand.copy()
     part = np.full(num_experts, -1, dtype=np.int64)
     free = np.ones(num_experts, dtype=bool)
     inside = np.zeros((num_experts, num_parts))
@@ -90,62 +92,56 @@ def grow_partition(pairs: np.ndarray, load: np.ndarray, sizes: np.ndarray) -> np
     def place(expert: int, target: int) -> None:
         part[expert], free[expert] = target, False
         weight[target] += load[expert]
-        size[target] += 1
+        size[target] += demand[expert]
         inside[:, target] += pairs[:, expert]
 
-    for target in range(num_parts):                              # seeds
-        if size[target] >= sizes[target]:
-            continue
+    for target in range(min(num_parts, num_experts)):           # seeds
         near = inside.sum(axis=1)
-        score = np.where(free, -near + tie, -np.inf)
-        place(int(np.argmax(score)), target)
+        fits = free & (demand <= limits.capacity[target] - size[target])
+        if fits.any():
+            place(int(np.argmax(np.where(fits, -near + tie, -np.inf))), target)
     while free.any():
-        target = int(np.argmin(np.where(size < sizes, weight, np.inf)))
-        score = np.where(free, inside[:, target] + tie, -np.inf)
-        place(int(np.argmax(score)), target)
+        room = limits.capacity - size
+        smallest = demand[free].min()
+        open_parts = room >= smallest
+        if not open_parts.any():
+            demand[free] = 1
+            continue
+        target = int(np.argmin(np.where(open_parts, weight, np.inf)))
+        fits = free & (demand <= room[target])
+        place(int(np.argmax(np.where(fits, inside[:, target] + tie, -np.inf))), target)
     return part
 
 
-def refine_graph(pairs: np.ndarray, load: np.ndarray, part: np.ndarray, max_load: float,
-                 max_size: np.ndarray, max_rounds: int = 400) -> np.ndarray:
-    """Moves and swaps that first remove load above ``max_load``, then raise kept co-activation.
+def refine_graph(pairs: np.ndarray, load: np.ndarray, part: np.ndarray, limits: Limits,
+                 max_rounds: int = 400) -> np.ndarray:
+    """Moves and swaps that first remove load above the cap, then raise kept co-activation.
 
-    Each round scores every move (expert to another part with room) and, when no move helps,
+    Each round scores every move (an expert to another part with room) and, when no move helps,
     every swap: primary key the change in total overload ``sum_p max(0, load_p - max_load)``,
-    secondary the pair weight brought inside parts. It then applies the best ones greedily, at
-    most one per part per round (so their gains do not interact).
+    secondary the pair weight brought inside parts. It applies the best ones greedily, each part
+    in at most one change per round (so that their gains do not interact). No change may push a
+    part's demanded slots above its capacity (or above where they already are).
 
-    Parameters
-    ----------
-    pairs : float [E, E]
-        Symmetric pair weights, zero diagonal.
-    load : float [E]
-    part : int [E]
-        Starting partition (not modified).
-    max_load : float
-    max_size : int [P]
-        Experts each part may hold.
-    max_rounds : int
-
-    Returns
-    -------
-    int [E]: the refined partition.
+    ``pairs: [E, E]`` symmetric, zero diagonal; ``load: [E]``; ``part: int[E]`` the start (not
+    modified). Returns the refined ``int[E]``.
     """
     part = part.copy()
-    num_parts = max_size.size
+    num_parts = limits.num_parts
     inside = pairs @ np.eye(num_parts)[part]                     # [E, P] weight to each part
     weight = np.bincount(part, weights=load, minlength=num_parts)
-    size = np.bincount(part, minlength=num_parts)
+    size = np.bincount(part, weights=limits.demand, minlength=num_parts).astype(np.int64)
     # Lexicographic: one unit of overload outweighs all the pair weight there is.
     big = 4.0 * (pairs.sum() + 1.0) / max(float(load[load > 0].min(initial=1.0)), _EPS)
+    state = (part, inside, pairs, weight, size, load, limits.demand)
     for _ in range(max_rounds):
-        changes = _moves(inside, load, part, weight, size, max_load, max_size, big)
+        changes = _moves(inside, load, part, weight, size, limits, big)
         if not changes:
-            changes = _swaps(pairs, inside, load, part, weight, max_load, big)
+            changes = _swaps(pairs, inside, load, part, weight, size, limits, big)
         if not changes:
             break
         for expert, target in changes:
-            _move(expert, target, part, inside, pairs, weight, size, load)
+            _move(expert, target, *state)
     return part
 
 
@@ -153,15 +149,17 @@ def _over(weight: np.ndarray, max_load: float) -> np.ndarray:
     return np.maximum(weight - max_load, 0.0)
 
 
-def _moves(inside, load, part, weight, size, max_load, max_size, big) -> list[tuple[int, int]]:
+def _moves(inside, load, part, weight, size, limits, big) -> list[tuple[int, int]]:
     """Best improving moves ``(expert, target part)``, each part used at most once."""
     num_experts, num_parts = inside.shape
+    cap = limits.max_load
     own = inside[np.arange(num_experts), part]
     src_w = weight[part]
-    d_over = (_over(src_w - load, max_load) - _over(src_w, max_load))[:, None] + (
-        _over(weight[None, :] + load[:, None], max_load) - _over(weight, max_load)[None, :])
+    d_over = (_over(src_w - load, cap) - _over(src_w, cap))[:, None] + (
+        _over(weight[None, :] + load[:, None], cap) - _over(weight, cap)[None, :])
     score = inside - own[:, None] - big * d_over
-    ok = (size < max_size)[None, :] & (part[:, None] != np.arange(num_parts)[None, :])
+    ok = (size[None, :] + limits.demand[:, None] <= limits.capacity[None, :]) & (
+        part[:, None] != np.arange(num_parts)[None, :])
     score = np.where(ok, score, -np.inf)
     chosen: list[tuple[int, int]] = []
     for _ in range(num_parts // 2):
@@ -175,20 +173,24 @@ def _moves(inside, load, part, weight, size, max_load, max_size, big) -> list[tu
     return chosen
 
 
-def _swaps(pairs, inside, load, part, weight, max_load, big) -> list[tuple[int, int]]:
+def _swaps(pairs, inside, load, part, weight, size, limits, big) -> list[tuple[int, int]]:
     """Best improving swaps, each part used at most once; returned as two moves each."""
-    num_experts, num_parts = inside.shape
+    num_experts = load.size
     own = inside[np.arange(num_experts), part]
     to_other = inside[:, part]                                   # [e, f]: e's weight to f's part
     gain = to_other - own[:, None] + to_other.T - own[None, :] - 2.0 * pairs
     w = weight[part]
     new_e = w[:, None] - load[:, None] + load[None, :]           # e's part after the swap
-    before = _over(w, max_load)
-    d_over = _over(new_e, max_load) + _over(new_e.T, max_load) - before[:, None] - before[None, :]
-    upper = part[:, None] < part[None, :]                        # each unordered pair once
-    score = np.where(upper, gain - big * d_over, -np.inf)
+    before = _over(w, limits.max_load)
+    d_over = (_over(new_e, limits.max_load) + _over(new_e.T, limits.max_load)
+              - before[:, None] - before[None, :])
+    demand = limits.demand
+    slots = size[part][:, None] - demand[:, None] + demand[None, :]  # e's part's slots after
+    room = np.maximum(limits.capacity[part], size[part])[:, None]
+    ok = (part[:, None] < part[None, :]) & (slots <= room) & (slots.T <= room.T)
+    score = np.where(ok, gain - big * d_over, -np.inf)
     chosen: list[tuple[int, int]] = []
-    for _ in range(num_parts // 2):
+    for _ in range(limits.num_parts // 2):
         e, f = divmod(int(np.argmax(score)), num_experts)
         if not score[e, f] > _EPS:
             break
@@ -200,20 +202,20 @@ def _swaps(pairs, inside, load, part, weight, max_load, big) -> list[tuple[int, 
     return chosen
 
 
-def _move(expert, target, part, inside, pairs, weight, size, load) -> None:
+def _move(expert, target, part, inside, pairs, weight, size, load, demand) -> None:
     source = part[expert]
     inside[:, source] -= pairs[:, expert]
     inside[:, target] += pairs[:, expert]
     weight[source] -= load[expert]
     weight[target] += load[expert]
-    size[source] -= 1
-    size[target] += 1
+    size[source] -= demand[expert]
+    size[target] += demand[expert]
     part[expert] = target
 
 
-def refine_hypergraph(tokens: np.ndarray, load: np.ndarray, part: np.ndarray, max_load: float,
-                      max_size: np.ndarray, rounds: int = 8) -> np.ndarray:
-    """Moves that lower the exact connectivity, in rounds of non-overlapping moves.
+def refine_hypergraph(tokens: np.ndarray, load: np.ndarray, part: np.ndarray, limits: Limits,
+                      rounds: int = 8) -> np.ndarray:
+    """Moves that lower the exact connectivity, in rounds.
 
     ``tokens: int[T, k]``; ``part: int[E]`` (-1: held everywhere, never moved). Each round
     computes every expert's gain for every part from the per-token part counts, then applies
@@ -222,12 +224,12 @@ def refine_hypergraph(tokens: np.ndarray, load: np.ndarray, part: np.ndarray, ma
     Returns the refined ``int[E]`` partition.
     """
     part = part.copy()
-    num_parts = max_size.size
+    num_parts = limits.num_parts
     movable = part >= 0
     tok_of, ptr = _tokens_by_expert(tokens, load.size)
     counts = _part_counts(tokens, part, num_parts)                # [T, P]
     weight = np.bincount(part[movable], weights=load[movable], minlength=num_parts)
-    size = np.bincount(part[movable], minlength=num_parts)
+    size = np.bincount(part[movable], weights=limits.demand[movable], minlength=num_parts)
     for _ in range(rounds):
         gains = _all_gains(counts, tok_of, ptr, part, num_parts)   # [E, P]
         gains[~movable] = -np.inf
@@ -241,8 +243,9 @@ def refine_hypergraph(tokens: np.ndarray, load: np.ndarray, part: np.ndarray, ma
             gain = gains[expert]
             if touched[rows].any():
                 gain = _expert_gains(counts[rows], part[expert])
-            gain = np.where((weight + load[expert] <= max(max_load, 0) + _EPS)
-                            & (size < max_size), gain, -np.inf)
+            fits = (weight + load[expert] <= limits.max_load + _EPS) & (
+                size + limits.demand[expert] <= limits.capacity)
+            gain = np.where(fits, gain, -np.inf)
             gain[part[expert]] = -np.inf
             target = int(np.argmax(gain))
             if gain[target] <= _EPS:
@@ -252,8 +255,8 @@ def refine_hypergraph(tokens: np.ndarray, load: np.ndarray, part: np.ndarray, ma
             counts[rows, target] += 1
             weight[source] -= load[expert]
             weight[target] += load[expert]
-            size[source] -= 1
-            size[target] += 1
+            size[source] -= limits.demand[expert]
+            size[target] += limits.demand[expert]
             part[expert] = target
             touched[rows] = True
             moved += 1
@@ -274,10 +277,10 @@ def _tokens_by_expert(tokens: np.ndarray, num_experts: int) -> tuple[np.ndarray,
 
 def _part_counts(tokens: np.ndarray, part: np.ndarray, num_parts: int) -> np.ndarray:
     """``int32[T, P]``: experts of each token in each part (parts -1 ignored)."""
-    counts = np.zeros((tokens.shape[0], num_parts + 1), dtype=np.int32)
-    rows = np.repeat(np.arange(tokens.shape[0]), tokens.shape[1])
-    np.add.at(counts, (rows, part[tokens].ravel()), 1)         # -1 lands in the spare column
-    return counts[:, :num_parts].copy()
+    flat = np.repeat(np.arange(tokens.shape[0]), tokens.shape[1]) * (num_parts + 1)
+    flat += part[tokens].ravel() % (num_parts + 1)               # -1 lands in the spare column
+    counts = np.bincount(flat, minlength=tokens.shape[0] * (num_parts + 1))
+    return counts.reshape(tokens.shape[0], num_parts + 1)[:, :num_parts].astype(np.int32)
 
 
 def _all_gains(counts, tok_of, ptr, part, num_parts) -> np.ndarray:
@@ -291,10 +294,9 @@ def _all_gains(counts, tok_of, ptr, part, num_parts) -> np.ndarray:
     rows = counts[tok_of]                                        # [nnz, P]
     own = part[expert_of]
     leaves = (rows[np.arange(rows.shape[0]), np.maximum(own, 0)] == 1) & (own >= 0)
-    enters = (rows == 0)
     starts = ptr[nonempty]
     gains[nonempty] = (np.add.reduceat(leaves.astype(np.float64), starts)[:, None]
-                       - np.add.reduceat(enters.astype(np.float64), starts, axis=0))
+                       - np.add.reduceat((rows == 0).astype(np.float64), starts, axis=0))
     gains[np.arange(num_experts), np.maximum(part, 0)] = 0.0
     return gains
 

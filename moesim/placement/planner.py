@@ -168,20 +168,44 @@ def plan_layer(info: LayerRouting, shape: ClusterShape, replicate_everywhere: in
                refine: bool = True) -> np.ndarray:
     """Slots of one layer: ``int64[ep, slots_per_device]`` logical expert of each slot."""
     load = np.asarray(info.load, dtype=np.float64)
-    num_nodes = shape.num_nodes
     f = min(int(replicate_everywhere), shape.max_everywhere())
     # Step 1: the f hottest experts go everywhere (part -1).
-    part = np.full(shape.num_experts, -1, dtype=np.int64)
-    rest = np.sort(np.argsort(-load, kind="stable")[f:])
+    order = np.argsort(-load, kind="stable")
+    everywhere, rest = order[:f], np.sort(order[f:])
+    limits = _limits(load, everywhere, rest, shape, balance_tolerance)
     tokens = _subsample(info.tokens, max_tokens, seed)
     # Step 2: partition the rest over the nodes.
-    part[rest] = _partition(info, tokens, load, rest, shape, f, balance_tolerance, refine)
-    if refine and tokens is not None and num_nodes > 1:
-        cap = load[rest].sum() / num_nodes * (1.0 + balance_tolerance)
-        part = hypergraph.refine_hypergraph(tokens, load, part, cap,
-                                            np.full(num_nodes, shape.slots_per_node - f))
+    part = np.full(shape.num_experts, -1, dtype=np.int64)
+    pairs = _pairs(info, tokens, rest, shape.num_experts)
+    sub = hypergraph.Limits(limits.max_load, limits.capacity, limits.demand[rest])
+    part[rest] = hypergraph.grow_partition(pairs, load[rest], sub)
+    if refine and shape.num_nodes > 1:
+        part[rest] = hypergraph.refine_graph(pairs, load[rest], part[rest], sub)
+        if tokens is not None:
+            part = hypergraph.refine_hypergraph(tokens, load, part, limits)
     # Step 3: EPLB inside each node.
     return _fill_nodes(part, load, shape)
+
+
+def _limits(load: np.ndarray, everywhere: np.ndarray, rest: np.ndarray, shape: ClusterShape,
+            tolerance: float) -> hypergraph.Limits:
+    """Node load cap and slot demands: an expert hotter than a GPU's share needs replicas.
+
+    Demand = ceil(load / target) slots with target = (1 + tolerance) x the mean GPU load,
+    raised until the demands fit the nodes' slots. ``demand: int[E]`` (1 for ``everywhere``).
+    """
+    num_nodes = shape.num_nodes
+    target = max(load.sum() / shape.device_node.size, 1e-12) * (1.0 + tolerance)
+    while True:
+        demand = np.maximum(1, np.ceil(load / target - 1e-9)).astype(np.int64)
+        copies = np.maximum(1, np.ceil(load[everywhere] / num_nodes / target - 1e-9))
+        capacity = shape.slots_per_node - int(copies.sum())
+        if capacity >= 1 and demand[rest].sum() <= num_nodes * capacity:
+            break
+        target *= 1.25
+    demand[everywhere] = 1
+    max_load = load[rest].sum() / num_nodes * (1.0 + tolerance)
+    return hypergraph.Limits(max_load, np.full(num_nodes, capacity), demand)
 
 
 def _subsample(tokens: np.ndarray | None, max_tokens: int, seed: Sequence[int]
@@ -192,27 +216,17 @@ def _subsample(tokens: np.ndarray | None, max_tokens: int, seed: Sequence[int]
     return tokens[np.sort(rows)].astype(np.int64)
 
 
-def _partition(info: LayerRouting, tokens: np.ndarray | None, load: np.ndarray,
-               rest: np.ndarray, shape: ClusterShape, f: int, tolerance: float,
-               refine: bool) -> np.ndarray:
-    """Node of each expert of ``rest``: ``int64[len(rest)]``."""
-    num_nodes = shape.num_nodes
-    sizes = np.full(num_nodes, rest.size // num_nodes)
-    sizes[: rest.size % num_nodes] += 1
+def _pairs(info: LayerRouting, tokens: np.ndarray | None, rest: np.ndarray,
+           num_experts: int) -> np.ndarray:
+    """Co-activation among ``rest``: ``[len(rest), len(rest)]``, zero diagonal (zeros if
+    the routing has neither tokens nor a co-activation matrix)."""
     if info.pairs is not None:
         pairs = np.asarray(info.pairs, dtype=np.float64)[np.ix_(rest, rest)].copy()
         np.fill_diagonal(pairs, 0.0)
-    elif tokens is not None:
-        pairs = hypergraph.coactivation(tokens, shape.num_experts)[np.ix_(rest, rest)]
-    else:
-        pairs = np.zeros((rest.size, rest.size))
-    sub_load = load[rest]
-    part = hypergraph.grow_partition(pairs, sub_load, sizes)
-    if refine:
-        cap = sub_load.sum() / num_nodes * (1.0 + tolerance)
-        part = hypergraph.refine_graph(pairs, sub_load, part, cap,
-                                       np.full(num_nodes, shape.slots_per_node - f))
-    return part
+        return pairs
+    if tokens is not None:
+        return hypergraph.coactivation(tokens, num_experts)[np.ix_(rest, rest)]
+    return np.zeros((rest.size, rest.size))
 
 
 def _fill_nodes(part: np.ndarray, load: np.ndarray, shape: ClusterShape) -> np.ndarray:

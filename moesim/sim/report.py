@@ -110,7 +110,8 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
     stages = _stage_rows(sim, uses, step)
     links, a2a = _link_rows(sim, uses, step)
     experts, dropped = _expert_rows(sim, mbs)
-    source = "calibrated tables" if s.hardware.calibration else "roofline (datasheet profile)"
+    tables = sim.costs.timer.tables  # MeasuredTables with per-kernel counters, or None
+    source = tables.summary() if tables is not None else "roofline (datasheet profile)"
     notes = []
     if par.ep < par.dp * par.tp:
         notes.append(f"{par.dp * par.tp // par.ep} EP groups per stage simulated as one "

@@ -158,6 +158,7 @@ def _prepare(sweep: Sweep, out: Path, *, resume: bool, overwrite: bool) -> dict[
     write_json_atomic(manifest, {
         "name": sweep.name, "description": sweep.description, "source": sweep.source,
         "scenario": sweep.base.get("name", ""), "fields": list(sweep.fields),
+        "axes": [list(a) for a in sweep.axes],
         "points": len(sweep.points), "base_digest": sweep.base_digest})
     if not (resume and exists):
         jsonl.write_text("", encoding="utf-8")

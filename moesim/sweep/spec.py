@@ -64,6 +64,7 @@ class Sweep:
     base: dict[str, Any]                # scenario mapping before overrides
     base_dir: str                       # folder relative paths in ``base`` are resolved from
     fields: tuple[str, ...]             # swept field paths, in file order
+    axes: tuple[tuple[str, ...], ...]   # fields that move together: one per grid field, zip group
     points: tuple[SweepPoint, ...]
 
     @property
@@ -139,7 +140,8 @@ def sweep_from_mapping(data: dict, *, source: str, base_dir: Path) -> Sweep:
                                 "(a value is listed twice)", source=source, field="sweep")
         seen[p.key] = p.name
     return Sweep(name=str(name), description=str(description), source=source, base=base,
-                 base_dir=str(scen_dir), fields=fields, points=tuple(points))
+                 base_dir=str(scen_dir), fields=fields, axes=tuple(a[0] for a in axes),
+                 points=tuple(points))
 
 
 def _base_of_sweep_file(data: dict, source: str, base_dir: Path) -> tuple[dict, Path]:

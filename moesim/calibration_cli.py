@@ -1,0 +1,225 @@
+"""``moesim calibrate``: measure this machine with the PyTorch suite in ``calibrate/``, write a profile.
+
+The suite (``calibrate/run_calibration.py``, torch only, no moesim import) runs in a subprocess of
+the current Python; its progress lines pass straight through. It lives in the source checkout next
+to the ``moesim`` package, not in the wheel: ``--suite DIR`` points at a copy elsewhere.
+
+With ``--emulated-nodes K`` a second run measures the inter-node link class on K network
+namespaces joined by a ``tc``-shaped bridge (``calibrate/emulated_cluster.py``, needs root), one
+rank per namespace, so the fitted bandwidth is one emulated node's egress rate. Its
+``scale_out`` link and ``inter_node`` tables are merged into the profile of the first run (kernels
+and intra-node collectives); ``calibration.metadata.emulated`` records the nodes and the tc rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from moesim.errors import CalibrationError, MoESimError
+
+__all__ = ["register", "find_suite", "calibrate", "merge_emulated"]
+
+_INSTALL = "pip install 'moesim[calibrate]' (torch==2.13.0)"
+# Flags forwarded to run_calibration.py as they are (model sizes of the kernel tables).
+_FORWARD = ("hidden", "ffn", "experts", "top_k", "max_tokens", "repeats")
+
+
+def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
+    """Add the ``calibrate`` subcommand to the ``moesim`` parser."""
+    p = sub.add_parser("calibrate", help="measure this machine and write a hardware profile",
+                       description="Run the PyTorch calibration suite (calibrate/) and write a "
+                       "measured hardware profile that `moesim run` uses.")
+    p.add_argument("-o", "--output", help="profile YAML to write (default "
+                   "measured-<host>.yaml in the current folder)")
+    p.add_argument("--nprocs", type=int, default=2, help="local ranks for the collectives "
+                   "(default 2; 1 = kernels only)")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes: seconds, for CI")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the kernels "
+                   "(default 1: one core per emulated device, steady on a shared machine)")
+    p.add_argument("--emulated-nodes", type=int, default=0, metavar="K",
+                   help="also measure inter-node links on K emulated nodes (needs root)")
+    p.add_argument("--rate", default="400mbit", help="tc egress rate of each emulated node "
+                   "(default 400mbit)")
+    p.add_argument("--suite", help="the calibrate/ folder (default: next to the moesim package)")
+    for name in _FORWARD:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int,
+                       help="forwarded to run_calibration.py")
+    commands["calibrate"] = _cmd_calibrate
+
+
+def find_suite(suite: str | os.PathLike[str] | None = None) -> Path:
+    """The ``calibrate/`` folder holding ``run_calibration.py``.
+
+    Raises
+    ------
+    CalibrationError
+        It is not there (a wheel install ships no ``calibrate/``).
+    """
+    folder = Path(suite) if suite else Path(__file__).resolve().parent.parent / "calibrate"
+    if not (folder / "run_calibration.py").is_file():
+        raise CalibrationError(
+            f"calibration suite not found: no run_calibration.py in {folder}. It ships with the "
+            "moesim source checkout (calibrate/), not with the wheel: clone the repository or "
+            "copy calibrate/ and pass --suite DIR")
+    return folder
+
+
+def _require_torch() -> None:
+    if importlib.util.find_spec("torch") is None:
+        raise MoESimError(f"moesim calibrate needs PyTorch in this Python ({sys.executable}): "
+                          f"{_INSTALL}")
+
+
+def _suite_args(args: argparse.Namespace) -> list[str]:
+    out = ["--threads", str(args.threads)]
+    if args.tiny:
+        out.append("--tiny")
+    for name in _FORWARD:
+        value = getattr(args, name, None)
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
+
+
+def _run(cmd: list[str], what: str) -> None:
+    """Run ``cmd`` with stdout/stderr passed through; CalibrationError on a non-zero exit."""
+    done = subprocess.run(cmd, check=False)
+    if done.returncode != 0:
+        reason = "bad arguments" if done.returncode == 2 else "see the messages above"
+        raise CalibrationError(f"{what} failed (exit {done.returncode}: {reason}): "
+                               f"{' '.join(cmd)}")
+
+
+def calibrate(output: Path, args: argparse.Namespace) -> Path:
+    """Run the suite (and the emulated inter-node run) and write the profile to ``output``."""
+    _require_torch()
+    suite = find_suite(args.suite)
+    if args.nprocs < 1 or args.threads < 1:
+        raise CalibrationError(f"--nprocs (={args.nprocs}) and --threads (={args.threads}) "
+                               "must be >= 1")
+    if args.emulated_nodes == 1 or args.emulated_nodes < 0:
+        raise CalibrationError(f"--emulated-nodes (={args.emulated_nodes}) must be 0 (off) "
+                               "or >= 2")
+    cmd = [sys.executable, str(suite / "run_calibration.py"), "-o", str(output),
+           "--nprocs", str(args.nprocs), *_suite_args(args)]
+    if args.nprocs == 1:
+        cmd.append("--no-collectives")
+    print(f"moesim calibrate: kernels{' and collectives' if args.nprocs > 1 else ''} "
+          f"({args.nprocs} rank{'s' * (args.nprocs > 1)}, {args.threads} thread"
+          f"{'s' * (args.threads > 1)})", file=sys.stderr, flush=True)
+    _run(cmd, "calibration")
+    if args.emulated_nodes:
+        with tempfile.TemporaryDirectory(prefix="moesim-emulated-") as tmp:
+            remote = _run_emulated(suite, Path(tmp) / "emulated.yaml", args)
+            merge_emulated(output, remote, suite, nodes=args.emulated_nodes, rate=args.rate)
+    return output
+
+
+def _run_emulated(suite: Path, path: Path, args: argparse.Namespace) -> Path:
+    """Collectives across ``args.emulated_nodes`` namespaces, one rank each; returns the profile."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
+        raise CalibrationError("--emulated-nodes needs root and iproute2 (`ip`, `tc`) to build "
+                               "network namespaces; run as root or drop --emulated-nodes")
+    # Kernel sizes are minimal: only the links of this run are kept.
+    inner = [sys.executable, str(suite / "run_calibration.py"), "-o", str(path), "--threads", "1",
+             "--hidden", "64", "--ffn", "128", "--max-tokens", "16",
+             "--max-bytes", str(4 << 20), *(["--tiny"] if args.tiny else [])]
+    cmd = [sys.executable, str(suite / "emulated_cluster.py"), "--nodes", str(args.emulated_nodes),
+           "--ranks-per-node", "1", "--rate", args.rate, "--", *inner]
+    print(f"moesim calibrate: inter-node links on {args.emulated_nodes} emulated nodes at "
+          f"{args.rate} (output appears when it finishes)", file=sys.stderr, flush=True)
+    _run(cmd, "emulated inter-node calibration")
+    return path
+
+
+def _load_module(suite: Path, name: str) -> ModuleType:
+    """A stdlib-only module of the suite, loaded by path (the suite is not a moesim package)."""
+    spec = importlib.util.spec_from_file_location(f"_moesim_suite_{name}", suite / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def merge_emulated(local: Path, remote: Path, suite: Path, *, nodes: int, rate: str) -> None:
+    """Put ``remote``'s scale_out link and inter_node tables into the profile at ``local``.
+
+    Raises
+    ------
+    CalibrationError
+        The emulated run measured no usable inter-node all-to-all.
+    """
+    import yaml
+
+    base, other = (yaml.safe_load(p.read_text()) for p in (local, remote))
+    link = (other.get("links") or {}).get("scale_out")
+    if link is None:
+        raise CalibrationError(f"the emulated run measured no inter-node link ({remote}: "
+                               "links.scale_out missing; the all-to-all fit failed)")
+    base.setdefault("links", {})["scale_out"] = link
+    tables = base["calibration"].setdefault("collectives", {})
+    for op, entries in (other["calibration"].get("collectives") or {}).items():
+        tables.setdefault(op, []).extend(e for e in entries if e.get("link") == "inter_node")
+    cluster = _load_module(suite, "emulated_cluster")
+    base["calibration"]["metadata"]["emulated"] = {
+        "nodes": nodes, "ranks_per_node": 1, "rate": rate,
+        "rate_bytes_per_s": cluster.rate_bytes_per_s(rate),
+        "command": other["calibration"]["metadata"].get("command", "")}
+    header = [ln[2:] for ln in local.read_text().splitlines() if ln.startswith("# ")]
+    header.append(f"links.scale_out and inter_node tables: {nodes} emulated nodes, tc rate {rate}, "
+                  "one rank per node (moesim calibrate --emulated-nodes)")
+    writer = _load_module(suite, "profile_writer")
+    writer.write_profile(local, base, header="\n".join(header))
+
+
+def describe(path: Path) -> list[str]:
+    """Lines saying what the profile at ``path`` holds (loaded with moesim's own loader)."""
+    from moesim.calibration import MeasuredTables
+    from moesim.spec.hardware import load_hardware
+
+    profile = load_hardware(str(path))
+    tables = MeasuredTables.from_profile(profile)
+    d = profile.device
+    lines = [f"device          {d.name} ({d.kind}): peak {max(d.peak_flops.values()) / 1e9:.1f} "
+             f"GFLOP/s ({', '.join(d.peak_flops)}), memory bandwidth "
+             f"{d.memory_bandwidth / 1e9:.1f} GB/s"]
+    for name, link in profile.links.items():
+        lines.append(f"link {name:<10} {link.kind}: {link.bandwidth / 1e6:.1f} MB/s, latency "
+                     f"{link.latency * 1e6:.0f} us")
+    for (h, f, g), curve in sorted(tables.expert_ffn_tables.items()):
+        lines.append(f"expert_ffn      hidden {h}, ffn {f}, {g} expert(s): "
+                     f"{_span(curve.tokens)} tokens")
+    for (h, e), curve in sorted(tables.gate_tables.items()):
+        lines.append(f"gate            hidden {h}, {e} experts: {_span(curve.tokens)} tokens")
+    for h, curve in sorted(tables.attention_tables.items()):
+        lines.append(f"attention       hidden {h}: {_span(curve.tokens)} tokens")
+    meta: dict[str, Any] = (profile.calibration or {}).get("metadata", {})
+    if meta:
+        lines.append(f"measured        {meta.get('date')} on {meta.get('host')}, torch "
+                     f"{meta.get('torch_version')}, {meta.get('duration_s')} s")
+    return lines
+
+
+def _span(tokens: Any) -> str:
+    return f"{int(tokens[0])}..{int(tokens[-1])}"
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    output = Path(args.output or f"measured-{socket.gethostname()}.yaml").resolve()
+    calibrate(output, args)
+    for line in describe(output):
+        print(line)
+    print(f"wrote           {output}")
+    print(f"use it with     cluster: {{hardware: {output}}}   (in a scenario file)")
+    return 0
