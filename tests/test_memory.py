@@ -1,0 +1,73 @@
+"""Memory per device against hand calculations; ZeRO sharding; KV cache; out-of-memory errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from moesim.errors import OutOfMemory
+from moesim.layout import Layout
+from moesim.memory import check_memory, stage_memory
+
+H, FFN, VOCAB, LAYERS, EXPERTS = 256, 512, 1000, 4, 4
+# One GQA attention block: q 256x256, k and v 256x128 each, out 256x256, two norms of 256.
+ATTENTION = 256 * 256 + 2 * 256 * 128 + 256 * 256 + 2 * 256
+EXPERT = 3 * H * FFN                       # SwiGLU: gate, up, down
+ROUTER = EXPERTS * H
+DENSE = LAYERS * (ATTENTION + ROUTER) + 2 * VOCAB * H    # untied input and output embeddings
+
+
+def _layout(s):
+    return Layout(s.parallelism, s.model.num_layers, s.model.moe_layer_ids)
+
+
+def test_weights_gradients_optimizer_by_hand(make_scenario):
+    # dp=4, ep=4: one expert slot per device, expert-DP = 1; ZeRO-1 shards optimizer state of
+    # dense parameters over dp=4 and of experts over expert-DP=1.
+    s = make_scenario()
+    m = stage_memory(s, _layout(s), 0)
+    assert m.dense_weights == DENSE * 2
+    assert m.expert_weights == LAYERS * 1 * EXPERT * 2
+    assert m.gradients == (DENSE + LAYERS * EXPERT) * 4
+    assert m.optimizer == DENSE * 12 / 4 + LAYERS * EXPERT * 12 / 1
+    assert m.kv_cache == 0
+
+
+def test_zero3_shards_weights_and_redundant_slots_cost_memory(make_scenario):
+    s = make_scenario({"parallelism": {"zero_stage": 3, "dp": 4, "ep": 2},
+                       "placement": {"redundant_experts": 2}})
+    m = stage_memory(s, _layout(s), 0)
+    slots = (EXPERTS + 2) // 2                           # 3 slots per device
+    assert m.dense_weights == DENSE * 2 / 4
+    assert m.expert_weights == LAYERS * slots * EXPERT * 2 / 2   # expert-DP = 4 / 2
+    assert m.gradients == DENSE * 4 / 4 + LAYERS * slots * EXPERT * 4 / 2
+
+
+def test_decode_kv_cache_by_hand(make_scenario):
+    # 8 sequences per DP rank x (1 new + 100 cached) tokens x 4 layers x (k, v) 2 heads x 64 x 2 B
+    s = make_scenario({"workload": {"mode": "decode", "global_batch": 32, "seq_len": 1,
+                                    "micro_batch": 8, "context_len": 100}})
+    m = stage_memory(s, _layout(s), 0)
+    assert m.kv_cache == 8 * 101 * LAYERS * 2 * 2 * 64 * 2
+    assert m.optimizer == 0 and m.gradients == 0
+
+
+def test_activations_shrink_with_recomputation_and_grow_with_pipeline_depth(make_scenario):
+    base = {"parallelism": {"pp": 2, "dp": 2, "ep": 2}, "workload": {"global_batch": 8}}
+    none = make_scenario(base)
+    full = make_scenario({**base, "memory": {"recompute": "full"}})
+    first, last = (stage_memory(none, _layout(none), st).activations for st in (0, 1))
+    assert first == pytest.approx(2 * last)        # 1F1B: stage 0 holds pp=2 micro-batches
+    # Full recomputation keeps each layer's input (h x 2 B per token, 2 layers x 2 micro-batches)
+    # plus one layer's activations while it is recomputed: first / (2 layers x 2 micro-batches).
+    tokens = 256
+    expected = tokens * (2 * H * 2 * 2) + first / 4
+    assert stage_memory(full, _layout(full), 0).activations == pytest.approx(expected)
+
+
+def test_memory_never_negative_and_error_names_the_stage(make_scenario):
+    s = make_scenario({}, {"device": {"memory": "10 MB"}})
+    with pytest.raises(OutOfMemory, match=r"stage 0 need .* GiB but have"):
+        check_memory(s, _layout(s))
+    warn = make_scenario({"memory": {"on_overflow": "warn"}}, {"device": {"memory": "10 MB"}})
+    rows = check_memory(warn, _layout(warn))
+    assert all(v >= 0 for row in rows for v in row.as_dict().values())
