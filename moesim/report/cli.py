@@ -34,20 +34,33 @@ def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> N
     p.add_argument("--x", help="sweep: the swept field on the x axis (default: one plot per axis)")
     p.add_argument("--layer", type=int, help="run: MoE block for the placement map "
                    "(default: the most imbalanced)")
+    p.add_argument("--window", metavar="START:END", type=_window,
+                   help="run: zoom the Gantt into this time range, in seconds (e.g. 0.5:0.7)")
     commands["plot"] = _cmd_plot
+
+
+def _window(text: str) -> tuple[float, float]:
+    try:
+        start, end = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not START:END in seconds") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= START < END")
+    return start, end
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     path = Path(args.results)
     out = Path(args.output) if args.output else (path if path.is_dir() else path.parent) / "plots"
-    written = plot_results(path, out, x=args.x, layer=args.layer)
+    written = plot_results(path, out, x=args.x, layer=args.layer, window=args.window)
     for p in written:
         print(p)
     return 0
 
 
 def plot_results(path: str | Path, out_dir: str | Path, *, x: str | None = None,
-                 layer: int | None = None) -> list[Path]:
+                 layer: int | None = None,
+                 window: tuple[float, float] | None = None) -> list[Path]:
     """Make every figure ``path`` supports under ``out_dir``; return the files written.
 
     Raises
@@ -61,7 +74,7 @@ def plot_results(path: str | Path, out_dir: str | Path, *, x: str | None = None,
     if path.is_dir() and (path / "results.jsonl").exists():
         return plot_sweep(path, out_dir, x=x)
     if path.is_dir() and (path / "results.json").exists():
-        return plot_run(path, out_dir, layer=layer)
+        return plot_run(path, out_dir, layer=layer, window=window)
     if path.is_file() and path.suffix == ".csv":
         return plot_accuracy(path, out_dir)
     raise MoESimError(f"{path}: not a sweep folder (results.jsonl), a run folder (results.json) "
@@ -82,18 +95,21 @@ def plot_sweep(folder: Path, out_dir: str | Path, *, x: str | None = None) -> li
     if x is not None and not any(x in a for a in axes):
         raise MoESimError(f"--x {x!r} is not a swept field (swept: "
                           f"{', '.join(f for a in axes for f in a)})")
-    about = f" (base: {scenario})" if scenario else ""
+    about = f"\nbase scenario: {scenario}" if scenario else ""
     written = []
     for field in [x] if x is not None else [a[0] for a in axes]:
         fig = plots.throughput_figure(rows, axes, field,
                                       title=f"{name}: throughput vs {field}{about}")
         written += plots.save_figure(fig, out_dir, f"throughput-vs-{field.replace('.', '-')}")
-    fig = plots.breakdown_figure(rows, [r["point"] for r in rows],
+    fields = [f for a in axes for f in a]
+    labels = ["\n".join(plots.show_value(r.get(f)) for f in fields) for r in rows]
+    fig = plots.breakdown_figure(rows, labels, xlabel=" / ".join(fields),
                                  title=f"{name}: step-time breakdown per point{about}")
     return written + plots.save_figure(fig, out_dir, "breakdown")
 
 
-def plot_run(folder: Path, out_dir: str | Path, *, layer: int | None = None) -> list[Path]:
+def plot_run(folder: Path, out_dir: str | Path, *, layer: int | None = None,
+             window: tuple[float, float] | None = None) -> list[Path]:
     """Breakdown, link utilisation, Gantt (if trace.json), expert load and placement of a run."""
     from moesim.report import plots
     from moesim.sweep.runner import result_metrics
@@ -107,13 +123,17 @@ def plot_run(folder: Path, out_dir: str | Path, *, layer: int | None = None) -> 
     written += plots.save_figure(fig, out_dir, "breakdown")
     links = result["links"]
     listed = links.get("all") or links.get("busiest", [])
+    # busiest lists at most 20 links with traffic: fewer means it lists all of them
+    complete = "all" in links or len(listed) < 20
     if listed:
-        fig = plots.link_heatmap_figure(listed, complete="all" in links,
+        fig = plots.link_heatmap_figure(listed, complete=complete,
                                         title=f"{name}: link utilisation ({links.get('scope')})")
         written += plots.save_figure(fig, out_dir, "links")
     if (folder / "trace.json").exists():
         trace = _read_json(folder / "trace.json")
-        fig = plots.gantt_figure(trace["traceEvents"], title=f"{name}: one step, per track")
+        what = f"{window[0]:g} s to {window[1]:g} s of one step" if window else "one step"
+        fig = plots.gantt_figure(trace["traceEvents"], window=window,
+                                 title=f"{name}: timeline of {what}")
         written += plots.save_figure(fig, out_dir, "gantt")
     return written + _expert_figures(result, out_dir, layer)
 
@@ -157,7 +177,7 @@ def plot_accuracy(path: Path, out_dir: str | Path) -> list[Path]:
         raise MoESimError(f"{path}: {exc}") from None
     if bad is not None:
         raise MoESimError(f"{path}: row {bad!r}: times must be > 0 seconds")
-    fig = plots.accuracy_figure(rows, title=f"moesim accuracy: {path.stem}")
+    fig = plots.accuracy_figure(rows, title=f"moesim accuracy: predicted vs measured ({path.name})")
     return plots.save_figure(fig, out_dir, "accuracy")
 
 

@@ -14,6 +14,7 @@ measured times of the accuracy benchmark.
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,14 @@ import matplotlib
 matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 __all__ = ["BREAKDOWN_PARTS", "throughput_figure", "breakdown_figure", "link_heatmap_figure",
            "gantt_figure", "expert_load_figure", "placement_figure", "accuracy_figure",
-           "save_figure", "time_unit"]
+           "save_figure", "show_value", "time_unit"]
 
 # Step-time parts, bottom to top, with their legend labels and colours.
 BREAKDOWN_PARTS = {"compute": ("compute", "#4c72b0"),
@@ -37,10 +39,12 @@ BREAKDOWN_PARTS = {"compute": ("compute", "#4c72b0"),
                    "exposed_other_comm": ("other communication", "#8172b3"),
                    "imbalance_wait": ("load-imbalance wait", "#c44e52"),
                    "pipeline_bubble": ("pipeline bubble", "#b0b0b0")}
-# Trace categories in the Gantt.
-EVENT_COLOURS = {"compute": "#4c72b0", "alltoall": "#dd8452", "tp_comm": "#8172b3",
-                 "dp_comm": "#937860", "optimizer": "#55a868", "link": "#dd8452",
-                 "forward": "#a1c9f4", "backward": "#8de5a1"}
+# Trace categories in the Gantt: colour and legend label.
+EVENT_KINDS = {"compute": ("#4c72b0", "compute"), "alltoall": ("#dd8452", "all-to-all"),
+               "tp_comm": ("#8172b3", "TP communication"),
+               "dp_comm": ("#937860", "gradient sync + optimizer"),
+               "optimizer": ("#55a868", "optimizer"), "link": ("#e5ae38", "link busy (all-to-all)"),
+               "forward": ("#a1c9f4", "forward chunk"), "backward": ("#8de5a1", "backward chunk")}
 _FALLBACK = ("#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 
 
@@ -57,6 +61,12 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
+def _wrap(fig: Figure, text: str) -> str:
+    """``text`` wrapped to the figure's width (about 11 characters per inch at 10-12 pt)."""
+    width = max(30, int(fig.get_figwidth() * 11))
+    return "\n".join(textwrap.fill(line, width) for line in text.split("\n"))
+
+
 def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
     """Write ``stem.png`` and ``stem.svg`` under ``out_dir``; return their paths."""
     out = Path(out_dir)
@@ -67,7 +77,8 @@ def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
     return paths
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A swept value as a short label (0.4, 64, eplb)."""
     return value if isinstance(value, str) else f"{value:g}" if isinstance(value, float) \
         else str(value)
 
@@ -91,12 +102,20 @@ def throughput_figure(rows: list[dict], axes: list[list[str]], x: str, *, title:
     fig = _figure(7.5, 4.6)
     ax = fig.add_subplot()
     lines = list(dict.fromkeys(_key(r, others) for r in rows))
-    for i, line in enumerate(lines):
+    # colour by the first other axis, line style by the rest, so that many lines stay distinct
+    split = len(next((a for a in axes if a is not x_axis), []))
+    heads = list(dict.fromkeys(line[:split] for line in lines))
+    tails = list(dict.fromkeys(line[split:] for line in lines))
+    for line in lines:
         mine = [r for r in rows if _key(r, others) == line and not r.get("error")]
         mine.sort(key=lambda r: xs.index(_key(r, x_axis)))
-        label = ", ".join(f"{f.split('.')[-1]}={_show(v)}" for f, v in zip(others, line))
-        ax.plot([pos[_key(r, x_axis)] for r in mine], [r[y] for r in mine], marker="o",
-                color=f"C{i % 10}", label=label or None)
+        label = ", ".join(f"{f.split('.')[-1]}={show_value(v)}" for f, v in zip(others, line))
+        if not mine and label:
+            label += " (every point failed)"
+        style = tails.index(line[split:])
+        ax.plot([pos[_key(r, x_axis)] for r in mine], [r[y] for r in mine],
+                color=f"C{heads.index(line[:split]) % 10}", label=label or None,
+                marker="os^Dv"[style % 5], linestyle=("-", "--", ":", "-.")[style % 4])
     failed = [r for r in rows if r.get("error")]
     if failed:
         ax.plot([pos[_key(r, x_axis)] for r in failed], [0] * len(failed), "x", color="red",
@@ -105,15 +124,14 @@ def throughput_figure(rows: list[dict], axes: list[list[str]], x: str, *, title:
     ticks = [pos[v] for v in xs]
     if numeric and min(ticks) > 0 and max(ticks) / min(ticks) >= 8:
         ax.set_xscale("log", base=2)
-    ax.set_xticks(ticks, [" / ".join(_show(p) for p in v) for v in xs])
+    ax.set_xticks(ticks, [" / ".join(show_value(p) for p in v) for v in xs])
     ax.minorticks_off()
     ax.set_xlabel(" / ".join(x_axis))
     ax.set_ylabel("throughput (tokens/s per device)")
-    ax.set_title(title)
+    ax.set_title(_wrap(fig, title))
     ax.grid(alpha=0.3)
     if lines != [()] or failed:
-        ax.legend(fontsize=8, title=", ".join(f.split(".")[-1] for f in others) or None,
-                  title_fontsize=8)
+        ax.legend(fontsize=8)
     return fig
 
 
@@ -125,14 +143,19 @@ def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def breakdown_figure(rows: list[dict], labels: list[str], *, title: str) -> Figure:
-    """Stacked bars of each row's step-time breakdown (``breakdown_<part>_s`` columns)."""
+def breakdown_figure(rows: list[dict], labels: list[str], *, title: str,
+                     xlabel: str = "") -> Figure:
+    """Stacked bars of each row's step-time breakdown (``breakdown_<part>_s`` columns).
+
+    ``labels``: one per row; a multi-line label (one swept value per line) stays horizontal
+    while it fits under its bar, else it is written on one rotated line.
+    """
     parts = [p for p in BREAKDOWN_PARTS if any(f"breakdown_{p}_s" in r for r in rows)]
     parts += sorted({k[len("breakdown_"):-2] for r in rows for k in r
                      if k.startswith("breakdown_") and k[len("breakdown_"):-2] not in parts})
     longest = max((r.get("step_time_s") or 0.0 for r in rows), default=0.0)
     scale, unit = time_unit(longest or 1.0)
-    fig = _figure(max(5.0, 1.2 + 0.55 * len(rows)), 5.2)
+    fig = _figure(max(7.0, 2.5 + 0.6 * len(rows)), 5.0)
     ax = fig.add_subplot()
     bottom = np.zeros(len(rows))
     for i, part in enumerate(parts):
@@ -145,11 +168,14 @@ def breakdown_figure(rows: list[dict], labels: list[str], *, title: str) -> Figu
         if r.get("error"):
             ax.text(i, 0, " " + r["error"].split(":")[0], rotation=90, ha="center",
                     va="bottom", fontsize=8, color="red")
-    rotate = 0 if max((len(s) for s in labels), default=0) * len(rows) < 70 else 90
-    ax.set_xticks(range(len(rows)), labels, rotation=rotate, fontsize=8)
+    longest = max((len(part) for s in labels for part in s.split("\n")), default=0)
+    fits = longest * 0.075 < 0.6 * (fig.get_figwidth() - 2.5) / max(1, len(rows))
+    labels = labels if fits else [s.replace("\n", ", ") for s in labels]
+    ax.set_xticks(range(len(rows)), labels, rotation=0 if fits else 90, fontsize=8)
     ax.set_ylabel(f"time per step ({unit})")
-    ax.set_xlabel("sweep point" if len(rows) > 1 else "")
-    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylim(0, 1.06 * max(float(bottom.max()), 1e-12))  # stacked bars' tops are sticky
+    ax.set_title(_wrap(fig, title))
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return fig
@@ -196,7 +222,7 @@ def link_heatmap_figure(links: list[dict], *, title: str, complete: bool) -> Fig
     nodes = 1 + max((n for p in panels.values() for n, _ in p), default=0)
     devs = 1 + max((d for p in panels.values() for _, d in p), default=0)
     vmax = max([100.0 * e["utilisation"] for e in links] + [1e-9])
-    fig = _figure(min(4.2 * count, 17), 1.6 + min(nodes, 48) * 0.22 + 1.2)
+    fig = _figure(min(1.5 + 4.2 * count, 17), 2.8 + min(nodes, 48) * 0.22)
     grid = fig.subplots(1, count, squeeze=False)[0]
     image = None
     for ax, (name, cells) in zip(grid, sorted(panels.items())):
@@ -210,21 +236,24 @@ def link_heatmap_figure(links: list[dict], *, title: str, complete: bool) -> Fig
         ax.set_ylabel("node")
     if fabric:
         image = _fabric_panel(grid[-1], fabric, vmax)
-    fig.colorbar(image, ax=list(grid), label="link utilisation (% of bandwidth over the step)",
-                 shrink=0.9)
-    note = "" if complete else " (grey: not among the busiest links reported)"
-    fig.suptitle(title + note, fontsize=10)
+    fig.colorbar(image, ax=list(grid), label="utilisation (% of the step)", shrink=0.9)
+    note = "" if complete else "\ngrey: not among the busiest links reported"
+    fig.suptitle(_wrap(fig, title + note), fontsize=10)
     return fig
 
 
 def _heat(ax, matrix: np.ndarray, vmax: float, xlabels: list[str], ylabels: list[str]):
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#e0e0e0")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#e0e0e0")
     image = ax.imshow(matrix, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto",
                       interpolation="nearest")
     step_x, step_y = max(1, len(xlabels) // 16), max(1, len(ylabels) // 24)
     ax.set_xticks(range(0, len(xlabels), step_x), xlabels[::step_x], fontsize=8)
     ax.set_yticks(range(0, len(ylabels), step_y), ylabels[::step_y], fontsize=8)
+    if matrix.size <= 64:  # few cells: write the numbers in
+        for (row, col), value in np.ndenumerate(matrix):
+            if value == value:
+                ax.text(col, row, f"{value:.2g}", ha="center", va="center", fontsize=7,
+                        color="white" if value < 0.6 * vmax else "black")
     return image
 
 
@@ -247,9 +276,14 @@ def _natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def gantt_figure(events: list[dict], *, title: str, max_rows: int = 40) -> Figure:
+def gantt_figure(events: list[dict], *, title: str, window: tuple[float, float] | None = None,
+                 max_rows: int = 40) -> Figure:
     """Gantt of one step from Chrome trace events: one row per (process, thread) track, bars
-    coloured by category (pipeline chunks by forward / backward); gaps are idle time."""
+    coloured by category (pipeline chunks by forward / backward); gaps are idle time.
+
+    ``window``: (start, end) in seconds to zoom into; a bar's width is its true duration, so
+    events much shorter than the shown span are thin (zoom in, or open the trace in Perfetto).
+    """
     names = {(e["pid"], e.get("tid", 0)): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
     procs = {e["pid"]: e["args"]["name"] for e in events
@@ -258,28 +292,28 @@ def gantt_figure(events: list[dict], *, title: str, max_rows: int = 40) -> Figur
     if not slices:
         raise ValueError("the trace has no timed events")
     tracks = sorted({(e["pid"], e.get("tid", 0)) for e in slices})[:max_rows]
-    end = max(e["ts"] + e["dur"] for e in slices) * 1e-6
-    scale, unit = time_unit(end)
+    start, end = window or (0.0, max(e["ts"] + e["dur"] for e in slices) * 1e-6)
+    scale, unit = time_unit(end - start if window else end)
     bars: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for e in slices:
         track = (e["pid"], e.get("tid", 0))
         if track in tracks:
-            row = tracks.index(track)
-            bars.setdefault((row, _event_kind(e)), []).append(
+            bars.setdefault((tracks.index(track), _event_kind(e)), []).append(
                 (e["ts"] * 1e-6 * scale, e["dur"] * 1e-6 * scale))
     fig = _figure(11, 1.4 + 0.34 * len(tracks))
     ax = fig.add_subplot()
     kinds = list(dict.fromkeys(kind for _, kind in sorted(bars)))
-    colours = {k: EVENT_COLOURS.get(k, _FALLBACK[i % len(_FALLBACK)]) for i, k in enumerate(kinds)}
+    style = {k: EVENT_KINDS.get(k, (_FALLBACK[i % len(_FALLBACK)], k)) for i, k in enumerate(kinds)}
     for (row, kind), spans in bars.items():
-        ax.broken_barh(spans, (row - 0.4, 0.8), facecolors=colours[kind], linewidth=0)
+        ax.broken_barh(spans, (row - 0.4, 0.8), facecolors=style[kind][0], linewidth=0,
+                       rasterized=len(spans) > 200)   # keeps the SVG of a long trace small
     labels = [f"{procs.get(pid, pid)} | {names.get((pid, tid), tid)}" for pid, tid in tracks]
     ax.set_yticks(range(len(tracks)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlim(0, end * scale)
+    ax.set_xlim(start * scale, end * scale)
     ax.set_xlabel(f"time in step ({unit})")
-    ax.set_title(title)
-    ax.legend(handles=[Patch(color=colours[k], label=k) for k in kinds], fontsize=8,
+    ax.set_title(_wrap(fig, title))
+    ax.legend(handles=[Patch(color=style[k][0], label=style[k][1]) for k in kinds], fontsize=8,
               loc="upper left", bbox_to_anchor=(1.0, 1.0), title="white: idle", title_fontsize=8)
     return fig
 
@@ -293,19 +327,27 @@ def _event_kind(event: dict) -> str:
 
 def expert_load_figure(tokens_per_expert: list[list[float]], layers: list[int], *,
                        title: str) -> Figure:
-    """Heatmap of expert load [MoE layer x expert], relative to each layer's mean load."""
+    """Heatmap of expert load [MoE layer x expert], relative to each layer's mean load, on a log
+    colour scale centred on 1 (white = balanced; an expert with no tokens takes the coldest
+    colour)."""
     load = np.asarray(tokens_per_expert, dtype=float)          # [moe layers, experts]
     rel = load / np.maximum(load.mean(axis=1, keepdims=True), 1e-30)
-    fig = _figure(min(4 + 0.05 * load.shape[1], 14), 1.8 + min(0.3 * load.shape[0], 9))
+    positive = rel[rel > 0]
+    span = max(2.0, float(rel.max()), 1.0 / float(positive.min()) if positive.size else 2.0)
+    fig = _figure(max(6.5, min(3 + 0.05 * load.shape[1], 14)), 2.8 + min(0.2 * load.shape[0], 8))
     ax = fig.add_subplot()
-    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(rel.max())))
-    image = ax.imshow(rel, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
+    image = ax.imshow(np.maximum(rel, 1.0 / span), cmap="RdBu_r", aspect="auto",
+                      norm=LogNorm(vmin=1.0 / span, vmax=span), interpolation="nearest")
     step = max(1, load.shape[0] // 24)
     ax.set_yticks(range(0, len(layers), step), [str(v) for v in layers[::step]], fontsize=8)
     ax.set_xlabel("expert id")
     ax.set_ylabel("MoE layer (block index)")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="tokens routed / layer mean (1 = balanced)")
+    ax.set_title(_wrap(fig, title))
+    bar = fig.colorbar(image, ax=ax, label="tokens / layer mean")
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
+             if 1.0 / span <= t <= span]
+    bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+    bar.ax.yaxis.set_minor_formatter(NullFormatter())
     return fig
 
 
@@ -327,10 +369,9 @@ def placement_figure(placement: list[list[int]], load: list[float], *, layer: in
             matrix[device, e] = share[e]
     per_device = np.nansum(matrix, axis=1)
     mean = per_device.mean() if per_device.mean() > 0 else 1.0
-    fig = _figure(min(5 + 0.05 * experts, 15), 2.0 + min(0.22 * slots.shape[0], 10))
+    fig = _figure(min(5 + 0.04 * experts, 13), 2.2 + min(0.2 * slots.shape[0], 7))
     ax, side = fig.subplots(1, 2, width_ratios=[5, 1], sharey=True)
-    cmap = matplotlib.colormaps["magma_r"].copy()
-    cmap.set_bad("white")
+    cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="white")
     image = ax.imshow(matrix / mean, cmap=cmap, aspect="auto", interpolation="nearest", vmin=0)
     ax.set_xlabel("expert id")
     ax.set_ylabel("device (rank in EP group)")
@@ -339,7 +380,7 @@ def placement_figure(placement: list[list[int]], load: list[float], *, layer: in
     side.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
     side.set_xlabel("device load / mean")
     fig.colorbar(image, ax=[ax, side], label="replica load / mean device load", shrink=0.9)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(fig, title), fontsize=10)
     return fig
 
 
@@ -365,13 +406,15 @@ def accuracy_figure(rows: list[dict], *, title: str) -> Figure:
                         textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_aspect("equal")
     ax.set_xlabel(f"measured time ({unit})")
     ax.set_ylabel(f"predicted time ({unit})")
     error = np.abs(predicted - measured) / measured
-    ax.set_title(f"{title}\n{len(rows)} cases, mean abs. error {100 * error.mean():.1f}%, "
+    ax.set_title(_wrap(fig, title) + f"\n{len(rows)} cases, mean abs. error {100 * error.mean():.1f}%, "
                  f"max {100 * error.max():.1f}%", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3, which="both")

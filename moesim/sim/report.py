@@ -164,6 +164,9 @@ def _link_rows(sim, uses, step) -> tuple[dict, dict]:
     busiest = [{"link": f"{topo.link_ends[i][0]}->{topo.link_ends[i][1]}",
                 "class": topo.link_class[i], "bytes": float(link_bytes[i]),
                 "utilisation": float(util[i])} for i in order if link_bytes[i] > 0]
+    used_links = [{"link": f"{topo.link_ends[i][0]}->{topo.link_ends[i][1]}",
+                   "class": topo.link_class[i], "bytes": float(link_bytes[i]),
+                   "utilisation": float(util[i])} for i in np.flatnonzero(link_bytes > 0)]
     by_class = {}
     for cls in sorted(set(topo.link_class)):
         mask = np.array([c == cls for c in topo.link_class])
@@ -173,7 +176,8 @@ def _link_rows(sim, uses, step) -> tuple[dict, dict]:
                          "mean_utilisation_used": float(util[used].mean()) if used.any() else 0.0}
     a2a = {"bytes_per_step": total, "cross_node_bytes_per_step": cross,
            "cross_node_fraction": cross / total if total else 0.0}
-    return {"busiest": busiest, "by_class": by_class, "scope": "EP group 0 of stage 0"}, a2a
+    return {"busiest": busiest, "by_class": by_class, "all": used_links,
+            "scope": "EP group 0 of stage 0"}, a2a
 
 
 def _expert_rows(sim, mbs) -> tuple[dict, float]:

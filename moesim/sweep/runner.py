@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,17 +127,19 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, jobs: int = 1, executor: str
     tasks = [PointTask(sweep.base, sweep.base_dir, sweep.source, p.overrides, engine)
              for p in todo]
     bar = _Progress(len(sweep.points), len(sweep.points) - len(todo), progress)
-    with open(jsonl, "a", encoding="utf-8") as handle:
-        for i, metrics in run_tasks(simulate_point, tasks, executor=executor, jobs=jobs,
-                                    address=address):
-            row = _row(sweep, todo[i], metrics)
-            _append(handle, row)
-            done[row["key"]] = row
-            bar.update(todo[i].name, failed=bool(row["error"]))
-    bar.close()
-    rows = _ordered(sweep, done)
+    try:
+        with open(jsonl, "a", encoding="utf-8") as handle:
+            for i, metrics in run_tasks(simulate_point, tasks, executor=executor, jobs=jobs,
+                                        address=address):
+                row = _row(todo[i], metrics)
+                _append(handle, row)
+                done[row["key"]] = row
+                bar.update(todo[i].name, failed=bool(row["error"]))
+    finally:  # interrupted or not: the CSV shows every finished point
+        bar.close()
+        rows = _ordered(sweep, done)
+        write_text_atomic(out / CSV, to_csv(rows, sweep.fields))
     write_text_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in rows))
-    write_text_atomic(out / CSV, to_csv(rows, sweep.fields))
     ours = rows[:len(sweep.points)]
     return SweepOutcome(rows=ours, computed=len(todo), skipped=len(sweep.points) - len(todo),
                         failed=sum(1 for r in ours if r["error"]), jsonl=jsonl, csv=out / CSV)
@@ -193,7 +196,7 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     return rows, clean
 
 
-def _row(sweep: Sweep, point: SweepPoint, metrics: dict[str, Any]) -> dict[str, Any]:
+def _row(point: SweepPoint, metrics: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"point": point.name}
     row.update(point.values)
     row.update(metrics)
@@ -249,21 +252,28 @@ class _Progress:
         self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
         if stream is not None and already:
             stream.write(f"resuming: {already} of {total} points already done\n")
+        if self.tty:
+            self._draw("", failed=False)
 
     def update(self, name: str, *, failed: bool) -> None:
         self.done += 1
         self.failed += failed
-        if self.stream is None:
-            return
+        if self.stream is not None:
+            self._draw(name, failed=failed)
+
+    def _draw(self, name: str, *, failed: bool) -> None:
+        assert self.stream is not None
         elapsed = time.monotonic() - self.start
         rate = (self.done - self.already) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        eta = _clock((self.total - self.done) / rate) if rate > 0 else "?"
         filled = round(self.width * self.done / max(1, self.total))
         line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} points"
-                f"  {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
+                f"  {_clock(elapsed)} elapsed, ETA {eta}"
                 + (f", {self.failed} failed" if self.failed else "") + f"  {name}"
                 + ("  (error)" if failed else ""))
-        self.stream.write(f"\r\x1b[K{line}" if self.tty else line + "\n")
+        if self.tty:  # one screen line, or the carriage return cannot redraw it
+            line = f"\r\x1b[K{line[:shutil.get_terminal_size().columns - 1]}"
+        self.stream.write(line if self.tty else line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
