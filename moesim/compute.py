@@ -1,9 +1,22 @@
 """Kernel times on one device: attention, gate, expert FFNs, shared experts, dense FFNs.
 
-Each function is pure: sizes in, seconds out. By default a kernel takes the roofline time, the larger
-of its FLOPs over the device's achievable FLOP/s (peak x matmul_efficiency) and its bytes over the
+Each function is pure: sizes in, seconds out. A kernel takes the roofline time, the larger of its
+FLOPs over the device's achievable FLOP/s (peak x matmul_efficiency) and its bytes over the
 achievable HBM bandwidth (bandwidth x memory_efficiency). So small batches are memory-bound, as they
 are on real GPUs: a decode step of an expert reads all its weights for a handful of tokens.
+
+Three refinements make a training step's kernels add up to what frameworks measure:
+
+- **Precision per kernel.** With ``compute: fp8`` only the GEMMs run in FP8 (Transformer Engine,
+  DeepSeek-V3); the fused attention core (QK^T, softmax, AV) stays in BF16, and every FP8 GEMM
+  input is first quantized by a memory-bound cast kernel.
+- **Fused attention efficiency.** The attention core is not a cuBLAS GEMM: flash attention reaches a
+  lower fraction of peak (:data:`ATTENTION_EFFICIENCY`).
+- **Glue kernels.** Norms, residual adds, rotary embedding and the FFN activation are separate
+  memory-bound kernels (:func:`glue_bytes_attention`, :func:`glue_bytes_ffn`); they add to the
+  GEMMs instead of hiding under them.
+
+Backward kernels cost twice the forward (the engine's convention), glue included.
 
 When the hardware profile carries measured tables (``moesim calibrate``), :class:`KernelTimer` uses
 them instead, interpolated in log space, and records which source served each kernel.
@@ -18,20 +31,57 @@ import numpy as np
 from moesim.spec.hardware import DeviceSpec, dtype_bytes
 from moesim.spec.model import ModelSpec
 
-__all__ = ["roofline", "KernelTimer", "kv_bytes_per_token"]
+__all__ = ["roofline", "KernelTimer", "kv_bytes_per_token", "ATTENTION_EFFICIENCY",
+           "glue_bytes_attention", "glue_bytes_ffn"]
+
+# Fraction of the dense BF16 peak that fused flash attention reaches, forward and backward
+# together, by device kind (one value per hardware class). GPUs: FlashAttention-3 on H100 SXM5
+# (Shah et al. 2024, arXiv 2407.08608, BF16, head dim 128, causal, 4k tokens) runs the forward
+# at ~640 TFLOPS and the backward (2.5x the forward's FLOPs) at ~500 TFLOPS, so forward plus
+# backward take 3F / (F/640 + 2.5F/500) = 457 TFLOPS in the engine's 1 + 2 accounting, 0.46 of
+# 989.4. cuDNN's fused attention, which Transformer Engine uses, is in the same range. TPUs and
+# CPUs run attention as ordinary matmuls: their matmul_efficiency applies.
+ATTENTION_EFFICIENCY = {"gpu": 0.46}
 
 
-def roofline(flops: float, nbytes: float, device: DeviceSpec, dtype: str) -> float:
+def roofline(flops: float, nbytes: float, device: DeviceSpec, dtype: str,
+             efficiency: float | None = None) -> float:
     """Seconds for a kernel doing ``flops`` FLOPs and moving ``nbytes`` bytes of HBM traffic.
+
+    ``efficiency`` replaces the device's ``matmul_efficiency`` (fused attention).
 
     >>> from moesim.spec.hardware import DeviceSpec
     >>> d = DeviceSpec(name="x", peak_flops={"bf16": 100.0}, memory=1.0, memory_bandwidth=10.0)
     >>> roofline(200.0, 10.0, d, "bf16"), roofline(10.0, 100.0, d, "bf16")
     (2.0, 10.0)
     """
-    compute = flops / (device.flops(dtype) * device.matmul_efficiency)
+    eff = device.matmul_efficiency if efficiency is None else efficiency
+    compute = flops / (device.flops(dtype) * eff)
     memory = nbytes / (device.memory_bandwidth * device.memory_efficiency)
     return max(compute, memory)
+
+
+def glue_bytes_attention(model: ModelSpec, act_bytes: float) -> float:
+    """HBM bytes per token of the attention sub-layer's memory-bound kernels (forward).
+
+    Pre-norm (read h, write h), rotary embedding of queries and keys (read and write both) and
+    the residual add (read two h, write one).
+    """
+    h = model.hidden_size
+    q, k = model.query_width, model.key_width
+    return act_bytes * (2 * h + 2 * (q + k) + 3 * h)
+
+
+def glue_bytes_ffn(model: ModelSpec, act_bytes: float, copies: float, ffn_size: int,
+                   matrices: int) -> float:
+    """HBM bytes per token of an FFN sub-layer's memory-bound kernels (forward).
+
+    Pre-norm and residual add once per token; the activation (gated: read two f, write f; plain:
+    read f, write f) once per routed copy (``copies`` = top-k for experts, 1 for a dense FFN).
+    """
+    h = model.hidden_size
+    activation = (3 if matrices == 3 else 2) * ffn_size
+    return act_bytes * (2 * h + 3 * h + copies * activation)
 
 
 @dataclass(frozen=True)
@@ -58,9 +108,25 @@ class KernelTimer:
     def _ab(self) -> float:
         return dtype_bytes(self.act_dtype)
 
+    @property
+    def _gemm_wb(self) -> float:
+        """Bytes per weight a GEMM reads: FP8 GEMMs read FP8 copies of the weights."""
+        return min(self._wb, dtype_bytes(self.compute_dtype))
+
+    def _cast(self, elements: float) -> float:
+        """Seconds to quantize ``elements`` GEMM inputs to FP8 (0 unless computing in FP8).
+
+        Read the activation, write a row-wise and a column-wise (transposed, for the weight
+        gradient) FP8 copy, as Transformer Engine does on Hopper.
+        """
+        if dtype_bytes(self.compute_dtype) >= self._ab:
+            return 0.0
+        return self.elementwise(elements * (self._ab + 2 * dtype_bytes(self.compute_dtype)))
+
     def attention(self, tokens: float, context: float, kv_tokens: float = 0.0) -> float:
         """Forward attention sub-layer for ``tokens`` tokens attending to ``context`` tokens each.
 
+        Projections (GEMMs, compute dtype) + the fused attention core (BF16) + glue kernels.
         ``kv_tokens``: tokens of KV cache read (decode); prefill/training read none from HBM beyond
         the activations (flash attention keeps the score matrix on chip).
         """
@@ -71,14 +137,22 @@ class KernelTimer:
             measured = self.tables.attention(h, tokens)
             if measured is not None:
                 return measured / self.tp
-        flops = tokens * m.attention_flops_per_token(context) / self.tp
-        weights = (m.attention_params - 2 * h) * self._wb / self.tp
-        acts = tokens * h * self._ab * 6
+        proj_flops = tokens * m.attention_projection_flops_per_token() / self.tp
+        weights = (m.attention_params - 2 * h) * self._gemm_wb / self.tp
+        acts = tokens * (2 * h + 2 * m.query_width) * self._ab / self.tp
+        projections = roofline(proj_flops, weights + acts, self.device, self.compute_dtype)
+        core_flops = tokens * m.attention_core_flops_per_token(context) / self.tp
         kv = kv_tokens * kv_bytes_per_token(m, self.act_dtype) / self.tp
-        return roofline(flops, weights + acts + kv, self.device, self.compute_dtype)
+        core_io = tokens * (2 * m.query_width + 2 * m.key_width) * self._ab / self.tp
+        core = roofline(core_flops, kv + core_io, self.device, "bf16",
+                        ATTENTION_EFFICIENCY.get(self.device.kind))
+        glue = self.elementwise(tokens * glue_bytes_attention(m, self._ab) / self.tp)
+        cast = self._cast(tokens * (h + m.query_width) / self.tp)
+        return projections + core + glue + cast
 
     def gate(self, tokens: float) -> float:
-        """Router: a [tokens, hidden] x [hidden, experts] GEMM plus softmax/top-k (memory-bound)."""
+        """Router: a [tokens, hidden] x [hidden, experts] GEMM plus softmax/top-k (memory-bound),
+        after the MoE sub-layer's norm; its residual add is counted here too."""
         if tokens <= 0:
             return 0.0
         h, e = self.model.hidden_size, self.model.num_experts
@@ -88,13 +162,14 @@ class KernelTimer:
                 return measured
         flops = 2.0 * tokens * h * e
         nbytes = h * e * self._wb + tokens * h * self._ab + 3 * tokens * e * 4
-        return roofline(flops, nbytes, self.device, self.compute_dtype)
+        return roofline(flops, nbytes, self.device, "bf16") + self.ffn_glue(tokens)
 
     def experts(self, tokens_per_slot: np.ndarray, ffn_size: int | None = None) -> float:
         """Grouped GEMM over a device's expert slots: ``tokens_per_slot: [slots]`` tokens each.
 
         One grouped kernel: total FLOPs against total bytes (every slot's weights are read once,
-        whether it got 1 token or 10,000). A slot with no tokens reads no weights.
+        whether it got 1 token or 10,000). A slot with no tokens reads no weights. Plus the
+        activation kernel and the FP8 casts of both GEMMs' inputs, per routed token copy.
         """
         tokens = np.asarray(tokens_per_slot, dtype=float)
         f = ffn_size or self.model.expert_ffn_size
@@ -105,20 +180,32 @@ class KernelTimer:
                 return measured
         mats = self.model.ffn_matrices
         active = tokens > 0
-        flops = 2.0 * mats * h * f * tokens.sum()
-        weights = mats * h * f * self._wb * active.sum()
-        acts = tokens.sum() * (2 * h + (mats - 1) * f) * self._ab
-        return roofline(flops, weights + acts, self.device, self.compute_dtype)
+        copies = float(tokens.sum())
+        flops = 2.0 * mats * h * f * copies
+        weights = mats * h * f * self._gemm_wb * active.sum()
+        acts = copies * (2 * h + (mats - 1) * f) * self._ab
+        gemm = roofline(flops, weights + acts, self.device, self.compute_dtype)
+        activation = copies * (3 if mats == 3 else 2) * f * self._ab
+        return gemm + self.elementwise(activation) + self._cast(copies * (h + f))
+
+    def ffn_glue(self, tokens: float) -> float:
+        """Norm and residual add around a block's FFN sub-layer (once per token, not per copy)."""
+        return self.elementwise(tokens * 5 * self.model.hidden_size * self._ab)
 
     def shared_experts(self, tokens: float) -> float:
         m = self.model
         if m.num_shared_experts == 0 or tokens <= 0:
             return 0.0
         f = (m.shared_expert_ffn_size or m.expert_ffn_size) * m.num_shared_experts
-        return self.dense_ffn(tokens, f, self.model.ffn_matrices)
+        return self.dense_ffn(tokens, f, self.model.ffn_matrices, block_glue=False)
 
-    def dense_ffn(self, tokens: float, ffn_size: int, matrices: int | None = None) -> float:
-        """A dense FFN (dense blocks, shared experts), split over tensor-parallel ranks."""
+    def dense_ffn(self, tokens: float, ffn_size: int, matrices: int | None = None, *,
+                  block_glue: bool = True) -> float:
+        """A dense FFN (dense blocks, shared experts), split over tensor-parallel ranks.
+
+        ``block_glue``: add the sub-layer's norm and residual add (a dense block's FFN; the gate
+        carries them in an MoE block, whose shared experts pass False).
+        """
         if tokens <= 0:
             return 0.0
         h = self.model.hidden_size
@@ -128,8 +215,12 @@ class KernelTimer:
             if measured is not None:
                 return measured / self.tp
         flops = 2.0 * mats * h * ffn_size * tokens / self.tp
-        nbytes = (mats * h * ffn_size * self._wb + tokens * (2 * h + 2 * ffn_size) * self._ab)
-        return roofline(flops, nbytes / self.tp, self.device, self.compute_dtype)
+        nbytes = (mats * h * ffn_size * self._gemm_wb + tokens * (2 * h + 2 * ffn_size) * self._ab)
+        gemm = roofline(flops, nbytes / self.tp, self.device, self.compute_dtype)
+        activation = tokens * (3 if mats == 3 else 2) * ffn_size * self._ab / self.tp
+        cast = self._cast(tokens * (h + ffn_size) / self.tp)
+        glue = self.ffn_glue(tokens) / self.tp if block_glue else 0.0
+        return gemm + self.elementwise(activation) + cast + glue
 
     def lm_head(self, tokens: float) -> float:
         """Output projection to the vocabulary plus softmax cross-entropy (training/prefill)."""
@@ -138,7 +229,7 @@ class KernelTimer:
         h, v = self.model.hidden_size, self.model.vocab_size
         flops = 2.0 * tokens * h * v / self.tp
         nbytes = (h * v * self._wb + tokens * v * 4 * 2) / self.tp + tokens * h * self._ab
-        return roofline(flops, nbytes, self.device, self.compute_dtype)
+        return roofline(flops, nbytes, self.device, "bf16")
 
     def embedding(self, tokens: float) -> float:
         """Embedding lookup: a gather of ``tokens`` rows (memory-bound)."""

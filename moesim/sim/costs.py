@@ -135,20 +135,24 @@ class CostModel:
 
     def _block(self, layer: int) -> BlockCost:
         s, t = self.scenario, self.timer
-        tokens = self.tokens
+        tokens = self.tokens   # per device: the MoE layer's share (split by TP under SP)
+        # Tensor-parallel parts (attention, dense FFN, shared experts) see the whole sequence
+        # and split their weights/heads over TP; KernelTimer divides their work by tp.
+        par = s.parallelism
+        dense_tokens = tokens * par.tp if par.sequence_parallel else tokens
         ctx, kv = self.context()
-        attention = t.attention(tokens, ctx, kv)
+        attention = t.attention(dense_tokens, ctx, kv)
         h = s.model.hidden_size
         tp_comm = 0.0
-        if s.parallelism.tp > 1:
-            link = s.hardware.link("scale_up")
-            nbytes = tokens * h * dtype_bytes(s.precision.activations)
-            tp_comm = 2 * network.ring_all_reduce(nbytes, s.parallelism.tp,
+        if par.tp > 1:
+            link = s.hardware.links.get("scale_up") or s.hardware.link("ici")
+            nbytes = dense_tokens * h * dtype_bytes(s.precision.activations)
+            tp_comm = 2 * network.ring_all_reduce(nbytes, par.tp,
                                                   link.effective_bandwidth, link.latency)
         moe_index = self.layout.moe_index(layer)
-        ep = s.parallelism.ep
+        ep = par.ep
         if moe_index is None:
-            ffn = t.dense_ffn(tokens, s.model.dense_ffn_size or 4 * h)
+            ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * h)
             return BlockCost(layer, attention, tp_comm, 0.0, ffn, np.zeros(ep), 0.0)
         traffic = layer_traffic(
             self.choices[moe_index], self.placement, moe_index, device_node=self.group_nodes,
@@ -160,30 +164,118 @@ class CostModel:
         experts = np.array([t.experts(traffic.slot_tokens[d]) for d in range(ep)])
         routed = traffic.tokens.sum(axis=1)  # token copies each device permutes
         permute = t.elementwise(4 * routed.max() * h * dtype_bytes(s.precision.activations))
-        return BlockCost(layer, attention, tp_comm, t.gate(tokens), t.shared_experts(tokens),
-                         experts, permute, self._collective(traffic.pairs, traffic.dispatch_bytes,
-                                                            traffic),
-                         self._collective(traffic.combine_pairs, traffic.combine_bytes, traffic),
-                         traffic)
+        dispatch, combine = self._collectives(traffic)
+        return BlockCost(layer, attention, tp_comm, t.gate(tokens), t.shared_experts(dense_tokens),
+                         experts, permute, dispatch, combine, traffic)
 
-    def _collective(self, pairs: np.ndarray, nbytes: np.ndarray,
-                    traffic: LayerTraffic) -> Collective:
-        if len(pairs) == 0:
-            return EMPTY
-        return alltoall(self.topology, self.group[pairs], nbytes,
-                        self.scenario.simulation.network_rtol)
+    @cached_property
+    def reverse_link(self) -> np.ndarray:
+        """int[L]: index of each topology link's opposite direction, -1 where there is none."""
+        index = {ends: i for i, ends in enumerate(self.topology.link_ends)}
+        return np.array([index.get((v, u), -1) for u, v in self.topology.link_ends],
+                        dtype=np.int64)
+
+    @cached_property
+    def group_paths(self) -> tuple[np.ndarray, np.ndarray]:
+        """CSR paths between every ordered pair of the representative group's devices: pair
+        ``(i, j)`` of local indices is path ``i * ep + j`` (looked up once, not per layer)."""
+        src, dst = np.divmod(np.arange(len(self.group) ** 2), len(self.group))
+        return self.topology.paths_csr(np.stack([self.group[src], self.group[dst]], axis=1))
+
+    def paths_csr(self, local_pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Paths of ``local_pairs: int[F, 2]`` (group-local indices) as CSR ``(ptr, links)``."""
+        all_ptr, all_links = self.group_paths
+        rows = local_pairs[:, 0] * len(self.group) + local_pairs[:, 1]
+        first = all_ptr[rows]
+        lengths = all_ptr[rows + 1] - first
+        ptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=ptr[1:])
+        return ptr, all_links[np.repeat(first - ptr[:-1], lengths) + np.arange(ptr[-1])]
+
+    def _collectives(self, traffic: LayerTraffic) -> tuple[Collective, Collective]:
+        """The layer's dispatch and combine all-to-alls (the combine mirrored when it can be)."""
+        if len(traffic.pairs) == 0:
+            return EMPTY, EMPTY
+        s = self.scenario
+        scale = dtype_bytes(s.precision.combine) / dtype_bytes(s.precision.dispatch)
+        rtol = s.simulation.network_rtol
+        pairs, back = self.group[traffic.pairs], self.group[traffic.combine_pairs]
+        paths = self.paths_csr(traffic.pairs)
+        back_paths = self.paths_csr(traffic.combine_pairs)
+        if np.array_equal(traffic.combine_bytes, traffic.dispatch_bytes * scale):
+            both = mirrored_alltoalls(self.topology, self.reverse_link, pairs,
+                                      traffic.dispatch_bytes, scale, rtol,
+                                      paths=(*paths, *back_paths))
+            if both is not None:
+                return both
+        return (alltoall(self.topology, pairs, traffic.dispatch_bytes, rtol, paths=paths),
+                alltoall(self.topology, back, traffic.combine_bytes, rtol, paths=back_paths))
 
 
 def alltoall(topology: Topology, pairs: np.ndarray, nbytes: np.ndarray,
-             rtol: float = 0.0) -> Collective:
+             rtol: float = 0.0, *, paths: tuple[np.ndarray, np.ndarray] | None = None
+             ) -> Collective:
     """Flow-level time of one all-to-all: all flows start together, max-min fair sharing.
 
-    ``pairs: int[F, 2]`` global (src, dst) ranks, ``nbytes: float[F]``.
+    ``pairs: int[F, 2]`` global (src, dst) ranks, ``nbytes: float[F]``; ``paths``: their CSR
+    paths when the caller has them (else looked up).
     """
-    ptr, links = topology.paths_csr(pairs)
+    ptr, links = topology.paths_csr(pairs) if paths is None else paths
     result = network.simulate_flows(nbytes, np.zeros(len(nbytes)), ptr, links,
                                     topology.capacity, topology.latency, rtol=max(rtol, 1e-12))
     used = np.flatnonzero(result.link_bytes)
     cross = topology.device_node[pairs[:, 0]] != topology.device_node[pairs[:, 1]]
     return Collective(float(result.makespan), used, result.link_bytes[used], float(nbytes.sum()),
                       float(nbytes[cross].sum()), result.link_busy[used], pairs, nbytes)
+
+
+def mirrored_alltoalls(topology: Topology, reverse_link: np.ndarray, pairs: np.ndarray,
+                       nbytes: np.ndarray, scale: float, rtol: float = 0.0, *,
+                       paths: tuple[np.ndarray, ...] | None = None
+                       ) -> tuple[Collective, Collective] | None:
+    """An all-to-all and its mirror image (reversed pairs, ``scale`` times the bytes) from one
+    fluid simulation; None when the mirror is not exact on this topology.
+
+    If every reversed pair's path is the forward path reversed, link by link onto links of equal
+    capacity, the two flow sets cross isomorphic networks, so max-min fair rates agree at every
+    instant and, with all flows starting at 0, the mirror's transfer times are ``scale`` times
+    the forward ones (event merging is relative, hence scale-free too). Only the per-path latency
+    differs, and is added per flow. ``reverse_link: int[L]`` is each link's opposite direction
+    (-1: none); ``pairs: int[F, 2]`` global ranks, ``nbytes: float[F]``; ``paths``: the CSR
+    paths ``(ptr, links, back_ptr, back_links)`` of the pairs and reversed pairs, if known.
+    """
+    if paths is None:
+        paths = (*topology.paths_csr(pairs), *topology.paths_csr(pairs[:, ::-1]))
+    ptr, links, back_ptr, back_links = paths
+    flow_of_hop = np.repeat(np.arange(len(pairs)), np.diff(ptr))
+    if not np.array_equal(ptr, back_ptr):
+        return None
+    mirror = reverse_link[links]
+    hop_back = ptr[flow_of_hop] + ptr[flow_of_hop + 1] - 1 - np.arange(links.size)
+    if np.any(mirror < 0) or not (np.array_equal(back_links[hop_back], mirror) and np.array_equal(
+            topology.capacity[mirror], topology.capacity[links])):
+        return None
+    # Step 1: transfer times without latency, then each direction's path latency per flow.
+    result = network.simulate_flows(nbytes, np.zeros(len(nbytes)), ptr, links, topology.capacity,
+                                    np.zeros_like(topology.latency), rtol=max(rtol, 1e-12))
+    moving = (nbytes > 0) & (np.diff(ptr) > 0)
+    latencies = (np.bincount(flow_of_hop, weights=topology.latency[path], minlength=len(pairs))
+                 for path in (links, back_links))
+    forward_finish, back_finish = (times + np.where(moving, latency, 0.0) for times, latency in
+                                   zip((result.finish, result.finish * scale), latencies))
+    # Step 2: the mirror's links carry scale times the bytes for scale times as long.
+    used = np.flatnonzero(result.link_bytes)
+    back_bytes = np.zeros(topology.capacity.size)
+    back_busy = np.zeros(topology.capacity.size)
+    back_bytes[reverse_link[used]] = result.link_bytes[used] * scale
+    back_busy[reverse_link[used]] = result.link_busy[used] * scale
+    back_used = np.flatnonzero(back_bytes)
+    cross = topology.device_node[pairs[:, 0]] != topology.device_node[pairs[:, 1]]
+    back_nbytes = nbytes * scale
+    forward = Collective(float(forward_finish.max()), used, result.link_bytes[used],
+                         float(nbytes.sum()), float(nbytes[cross].sum()), result.link_busy[used],
+                         pairs, nbytes)
+    back = Collective(float(back_finish.max()), back_used, back_bytes[back_used],
+                      float(back_nbytes.sum()), float(back_nbytes[cross].sum()),
+                      back_busy[back_used], pairs[:, ::-1], back_nbytes)
+    return forward, back

@@ -36,6 +36,11 @@ class AttentionSpec:
     qk_rope_head_dim: int = spec_field(0, min=0, doc="MLA decoupled RoPE dim per head")
     v_head_dim: int = spec_field(0, min=0, doc="MLA value dim per head (0 = head_dim)")
     bias: bool = False
+    # Sliding-window (banded) attention, as gpt-oss alternates it with full attention: windowed
+    # layers attend to at most ``sliding_window`` earlier tokens; every ``full_attention_every``-th
+    # layer attends to the full context (1 = all layers full, 2 = every other layer).
+    sliding_window: int = spec_field(0, min=0, doc="tokens a windowed layer attends to (0 = off)")
+    full_attention_every: int = spec_field(1, min=1, doc="every n-th layer has full attention")
 
 
 @dataclass(frozen=True)
@@ -191,18 +196,53 @@ class ModelSpec:
         active = total - routed + moe * self.effective_top_k * self.expert_params
         return ParamCounts(embedding, attention, dense_ffn, routed, shared, router, total, active)
 
-    # ---- FLOPs -----------------------------------------------------------------------------
+    # ---- FLOPs ----------------------------------------------------------------------------
+    @property
+    def query_width(self) -> int:
+        """Width of one token's queries (heads x query/key head dim, incl. MLA's RoPE part)."""
+        return self.attention.num_heads * (self.head_dim + self.attention.qk_rope_head_dim)
+
+    @property
+    def key_width(self) -> int:
+        """Width of one token's keys as attention reads them (MLA materialises them per head)."""
+        heads = self.attention.num_heads if self.attention.kind == "mla" else self.kv_heads
+        return heads * (self.head_dim + self.attention.qk_rope_head_dim)
+
+    def attended_context(self, context: float) -> float:
+        """Mean tokens a query attends to, averaged over layers, for a mean ``context``.
+
+        ``context`` is the full-attention mean (S/2 for causal training on S tokens). A layer with
+        a window W < S attends to min(t, W) tokens at position t: on average W (1 - W / (2S)).
+        """
+        a = self.attention
+        window = a.sliding_window
+        if window == 0 or a.full_attention_every == 1 or window >= 2 * context:
+            return context
+        windowed = window * (1.0 - window / (4.0 * context))
+        full_share = 1.0 / a.full_attention_every
+        return full_share * context + (1.0 - full_share) * windowed
+
+    def attention_projection_flops_per_token(self) -> float:
+        """Forward FLOPs of one attention sub-layer's projections for one token: 2 per weight."""
+        return 2.0 * (self.attention_params - 2 * self.hidden_size)
+
+    def attention_core_flops_per_token(self, context: float) -> float:
+        """Forward FLOPs of QK^T and AV for one token attending to ``context`` tokens (mean over
+        layers, sliding windows applied): 2 * heads * (qk_dim + v_dim) * context."""
+        a = self.attention
+        v = a.v_head_dim or self.head_dim
+        qk = self.head_dim + a.qk_rope_head_dim
+        return 2.0 * a.num_heads * (qk + v) * self.attended_context(context)
+
     def attention_flops_per_token(self, context: float) -> float:
         """Forward FLOPs of one attention sub-layer for one token attending to ``context`` tokens.
 
         2 FLOPs per weight (projections) + QK^T and AV (2 * 2 * heads * head_dim * context).
-        Causal training over a sequence of length S uses context = S/2 on average.
+        Causal training over a sequence of length S uses context = S/2 on average; sliding-window
+        layers attend to less (:meth:`attended_context`).
         """
-        a = self.attention
-        proj = 2.0 * (self.attention_params - 2 * self.hidden_size)
-        v = a.v_head_dim or self.head_dim
-        qk = self.head_dim + a.qk_rope_head_dim
-        return proj + 2.0 * a.num_heads * (qk + v) * context
+        return (self.attention_projection_flops_per_token()
+                + self.attention_core_flops_per_token(context))
 
     def expert_flops_per_token(self) -> float:
         """Forward FLOPs of one routed expert for one token (2 per weight)."""
