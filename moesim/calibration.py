@@ -14,9 +14,12 @@ at the table's edge: below the smallest token count a kernel is bound by reading
 cost that does not shrink with fewer tokens, so the edge value is kept; above the largest it is
 compute-bound, so time grows in proportion to tokens from the edge value.
 
-Timings from a shared machine carry upward spikes (a descheduled thread makes one point slow).
-A kernel never gets cheaper with more tokens, so each table is replaced by its running minimum
-from the right (``seconds[i] = min(seconds[i:])``): spikes are cut, a monotone table is unchanged.
+Timing noise only ever adds time (a descheduled thread, a neighbour's job), so a table is read
+at its ``p10`` where it records one (the expert FFN does), else at its median ``seconds``: on an
+idle device the two agree within a few percent, on a shared one p10 is the kernel's own time.
+A kernel never gets cheaper with more tokens, so each table is then replaced by its running
+minimum from the right (``seconds[i] = min(seconds[i:])``): upward spikes are cut, a monotone
+table is unchanged.
 
 Every answer is counted by kernel and source (``table``, ``extrapolated`` beyond the grid,
 ``roofline`` when no table matched), so results can say what served the compute model.
@@ -224,9 +227,9 @@ def _int(entry: Mapping[str, Any], key: str, source: str, where: str) -> int:
 
 
 def _curve(entry: Mapping[str, Any], source: str, where: str) -> Curve:
-    """Validate ``tokens`` / ``seconds`` of one table and build its Curve."""
+    """Validate ``tokens`` / ``seconds`` (/ ``p10``) of one table; its Curve reads p10 if given."""
     arrays = {}
-    for key in ("tokens", "seconds"):
+    for key in ("tokens", "seconds", *(("p10",) if "p10" in entry else ())):
         raw = entry.get(key)
         try:
             values = np.asarray(raw, dtype=float)
@@ -237,10 +240,12 @@ def _curve(entry: Mapping[str, Any], source: str, where: str) -> Curve:
             raise CalibrationError(f"{source}: {where}.{key}: {raw!r:.80} must be a non-empty "
                                    "list of finite numbers > 0")
         arrays[key] = values
-    if arrays["tokens"].size != arrays["seconds"].size:
-        raise CalibrationError(f"{source}: {where}.seconds: {arrays['seconds'].size} values for "
-                               f"{arrays['tokens'].size} token counts; they must match")
+    for key in ("seconds", "p10"):
+        if key in arrays and arrays[key].size != arrays["tokens"].size:
+            raise CalibrationError(f"{source}: {where}.{key}: {arrays[key].size} values for "
+                                   f"{arrays['tokens'].size} token counts; they must match")
     if np.any(np.diff(arrays["tokens"]) <= 0):
         raise CalibrationError(f"{source}: {where}.tokens: {arrays['tokens'].tolist()} must be "
                                "strictly increasing")
-    return Curve(arrays["tokens"], arrays["seconds"])
+    low = np.minimum(arrays["seconds"], arrays.get("p10", arrays["seconds"]))
+    return Curve(arrays["tokens"], low)

@@ -131,10 +131,13 @@ def _run_emulated(suite: Path, path: Path, args: argparse.Namespace) -> Path:
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
         raise CalibrationError("--emulated-nodes needs root and iproute2 (`ip`, `tc`) to build "
                                "network namespaces; run as root or drop --emulated-nodes")
-    # Kernel sizes are minimal: only the links of this run are kept.
+    # Kernel sizes are minimal: only the links of this run are kept. Buffers span MoE dispatch
+    # sizes (16 KiB .. 2 MiB per rank): larger all-to-alls over the tbf-shaped veths are bimodal
+    # here (a 4 MiB one took 41 ms or 80 ms, run to run), which no alpha-beta line describes.
     inner = [sys.executable, str(suite / "run_calibration.py"), "-o", str(path), "--threads", "1",
              "--hidden", "64", "--ffn", "128", "--max-tokens", "16",
-             "--max-bytes", str(4 << 20), *(["--tiny"] if args.tiny else [])]
+             "--min-bytes", str(16 << 10), "--max-bytes", str(2 << 20),
+             *(["--tiny"] if args.tiny else [])]
     cmd = [sys.executable, str(suite / "emulated_cluster.py"), "--nodes", str(args.emulated_nodes),
            "--ranks-per-node", "1", "--rate", args.rate, "--", *inner]
     print(f"moesim calibrate: inter-node links on {args.emulated_nodes} emulated nodes at "
@@ -148,6 +151,7 @@ def _load_module(suite: Path, name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"_moesim_suite_{name}", suite / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
