@@ -52,7 +52,8 @@ DOMAINS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("json+xml", ("json", "xml")),
     ("unittest", ("unittest",)),
     ("tkinter+idlelib", ("tkinter", "idlelib")),
-    ("lib2to3", ("lib2to3",)),
+    ("docs", ("pydoc_data",)),  # English prose: the interactive help() topics
+    ("tables", ("encodings",)),  # codec mapping tables (near-copies of each other)
 )
 HOLDOUT_EVERY = 3  # file i of a domain (sorted) is held out when i % HOLDOUT_EVERY == 1
 _SKIP_PARTS = frozenset({"site-packages", "test", "tests", "idle_test", "__pycache__"})
@@ -298,60 +299,76 @@ def _loads(ids: np.ndarray, num_experts: int) -> np.ndarray:
     return np.stack([np.bincount(layer.ravel(), minlength=num_experts) for layer in ids])
 
 
+def _shares(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """ids: [layers, tokens, k] -> each layer's load normalised to sum 1 [layers, experts]."""
+    c = _loads(ids, num_experts).astype(float)
+    return c / c.sum(1, keepdims=True)
+
+
+def _top_pair(ids: np.ndarray, num_experts: int) -> tuple[tuple[int, int], float]:
+    """ids: [tokens, k] -> the most frequent expert pair and its lift over independence."""
+    hot = np.zeros((ids.shape[0], num_experts))  # [T, E] one-hot of each token's picks
+    np.put_along_axis(hot, ids.astype(np.int64), 1.0, axis=1)
+    co = hot.T @ hot  # [E, E]: tokens picking both experts
+    np.fill_diagonal(co, -1)
+    i, j = np.unravel_index(np.argmax(co), co.shape)  # first maximum: deterministic ties
+    p = hot.mean(0)  # [E] share of tokens picking each expert
+    return (int(min(i, j)), int(max(i, j))), float(co[i, j] / (ids.shape[0] * p[i] * p[j]))
+
+
 def summarize(expert_ids: np.ndarray, num_experts: int, domain: np.ndarray) -> dict[str, Any]:
-    """Skew, drift and co-activation of a trace, per layer.
+    """Skew, drift and co-activation of a trace.
 
-    expert_ids: [layers, tokens, k]; domain: [tokens]. Returns float arrays [layers]:
-    ``max_over_mean`` (hottest expert's load / mean load over the whole trace),
-    ``domain_max_over_mean`` (the same within each domain, averaged over domains), ``drift_l1`` (L1 distance of the
-    normalised loads of the first and last domain, in [0, 2]), ``noise_l1`` (the same between
-    the two halves of the first domain: the sampling-noise floor), ``top_pair_lift``
-    (tokens picking the most frequent expert pair / the count expected if experts were chosen
-    independently, ``T * p_i * p_j`` with ``p_e`` the share of tokens picking e) and
-    ``top_pair`` int[layers, 2].
+    expert_ids: [layers, tokens, k]; domain: [tokens], values 0..D-1. Returns, per layer:
+
+    - ``max_over_mean`` [layers]: hottest expert's load / mean load, whole trace;
+    - ``domain_max_over_mean`` [layers]: the same within each domain, averaged over domains;
+    - ``domain_l1`` [layers, D, D]: L1 distance of the normalised loads of two domains (0..2);
+    - ``drift_l1`` [layers]: that distance between the first and the last domain;
+    - ``noise_l1`` [layers]: the same between the halves of the first domain (noise floor);
+    - ``top_pair`` int[layers, 2] and ``top_pair_lift`` [layers]: the expert pair most tokens
+      pick together, and that count over ``T * p_i * p_j``, the count expected if experts were
+      picked independently (``p_e``: share of tokens picking e).
     """
-    layers, tokens, _ = expert_ids.shape
     loads = _loads(expert_ids, num_experts)
+    names = np.unique(domain)
+    per_domain = [_loads(expert_ids[:, domain == d], num_experts) for d in names]
+    shares = np.stack([_shares(expert_ids[:, domain == d], num_experts) for d in names], axis=1)
+    domain_l1 = np.abs(shares[:, :, None] - shares[:, None]).sum(-1)  # [L, D, D]
     first = np.flatnonzero(domain == domain[0])
-    last = np.flatnonzero(domain == domain[-1])
     half = first.size // 2
-
-    def norm(sel: np.ndarray) -> np.ndarray:
-        c = _loads(expert_ids[:, sel], num_experts).astype(float)
-        return c / c.sum(1, keepdims=True)
-
-    lift, pairs = np.empty(layers), np.empty((layers, 2), dtype=np.int64)
-    for layer in range(layers):
-        hot = np.zeros((tokens, num_experts))  # [T, E] one-hot of each token's picks
-        np.put_along_axis(hot, expert_ids[layer].astype(np.int64), 1.0, axis=1)
-        co = hot.T @ hot  # [E, E]: tokens picking both experts
-        np.fill_diagonal(co, -1)
-        i, j = np.unravel_index(np.argmax(co), co.shape)
-        p = hot.mean(0)
-        pairs[layer] = sorted((i, j))
-        lift[layer] = co[i, j] / (tokens * p[i] * p[j])
-    per_domain = [_loads(expert_ids[:, domain == d], num_experts) for d in np.unique(domain)]
+    pairs = [_top_pair(layer, num_experts) for layer in expert_ids]
     return {
         "max_over_mean": loads.max(1) / loads.mean(1),
         "domain_max_over_mean": np.mean([c.max(1) / c.mean(1) for c in per_domain], axis=0),
-        "drift_l1": np.abs(norm(first) - norm(last)).sum(1),
-        "noise_l1": np.abs(norm(first[:half]) - norm(first[half:])).sum(1),
-        "top_pair_lift": lift,
-        "top_pair": pairs,
+        "domain_l1": domain_l1,
+        "drift_l1": domain_l1[:, np.searchsorted(names, domain[0]),
+                              np.searchsorted(names, domain[-1])],
+        "noise_l1": np.abs(_shares(expert_ids[:, first[:half]], num_experts)
+                           - _shares(expert_ids[:, first[half:]], num_experts)).sum(1),
+        "top_pair": np.array([p for p, _ in pairs]),
+        "top_pair_lift": np.array([lift for _, lift in pairs]),
     }
 
 
 def record_trace(cfg: TraceConfig, corpus: Corpus | None = None,
                  domains: tuple[tuple[str, tuple[str, ...]], ...] = DOMAINS) -> dict[str, Any]:
-    """Steps 1-3 end to end; returns the arrays ``save_trace`` writes."""
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
+    """Steps 1-3 end to end; returns the arrays ``save_trace`` writes.
+
+    Seeds torch's global generator; uses ``cfg.threads`` threads, restored afterwards.
+    """
     corpus = corpus or collect_corpus(domains=domains)
     t0 = time.perf_counter()
-    model = MoELM(cfg)
-    _, _, loss_untrained = record(model, corpus.heldout, cfg)
-    losses = train(model, corpus.train, cfg)
-    expert_ids, domain, loss_heldout = record(model, corpus.heldout, cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        torch.manual_seed(cfg.seed)
+        model = MoELM(cfg)
+        _, _, loss_untrained = record(model, corpus.heldout, cfg)
+        losses = train(model, corpus.train, cfg)
+        expert_ids, domain, loss_heldout = record(model, corpus.heldout, cfg)
+    finally:
+        torch.set_num_threads(threads)
     tail = max(1, cfg.steps // 20)
     return {
         "expert_ids": expert_ids, "num_experts": np.int64(cfg.num_experts),
@@ -386,6 +403,7 @@ def _report(arrays: dict[str, Any]) -> str:
              f"(mean of last steps); held-out loss per domain "
              f"{np.round(arrays['heldout_loss_untrained'], 3)} -> "
              f"{np.round(arrays['heldout_loss'], 3)}; {float(arrays['seconds']):.0f} s"]
+    s["domain_l1"] = s["domain_l1"].mean(0)  # [D, D], averaged over layers
     lines += [f"{k}: {np.round(v, 3).tolist()}" for k, v in s.items()]
     return "\n".join(lines)
 

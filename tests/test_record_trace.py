@@ -25,7 +25,8 @@ def _load_recorder():
 
 rt = _load_recorder()
 TINY = rt.TraceConfig(layers=2, hidden=32, heads=2, num_experts=8, top_k=2, expert_ffn=32,
-                      seq_len=32, batch=8, steps=40, lr=1e-2, tokens_per_domain=256, seed=3)
+                      seq_len=32, batch=8, steps=40, lr=1e-2, tokens_per_domain=256, seed=3,
+                      threads=1)  # tiny matmuls gain nothing from threads; robust on busy cores
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +60,15 @@ def test_corpus_split_on_a_hand_made_stdlib(tmp_path):
 def test_real_heldout_text_is_not_in_the_training_text(corpus):
     assert len(corpus.heldout) == len(rt.DOMAINS) and all(n > 0 for n in corpus.heldout_files)
     train = corpus.train.tobytes()
-    for text in corpus.heldout:
+    for (name, _), text in zip(rt.DOMAINS, corpus.heldout, strict=True):
         starts = np.linspace(0, text.size - 200, 50).astype(int)
-        # Stdlib modules share a little boilerplate; a leak would repeat most windows.
-        assert sum(text[s:s + 200].tobytes() in train for s in starts) <= 3
+        seen = sum(text[s:s + 200].tobytes() in train for s in starts)
+        if name == "tables":
+            # Codec tables are near-copies of each other (documented): held out by file only.
+            assert seen >= 10
+        else:
+            # Stdlib modules share a little boilerplate; a leak would repeat most windows.
+            assert seen <= 3, name
 
 
 def test_tiny_run_writes_the_documented_arrays(tiny_run):
@@ -112,6 +118,7 @@ def test_summarize_matches_hand_counts():
     assert s["domain_max_over_mean"][0] == pytest.approx(2.0)
     # Normalised: domain 0 (.5,.5,0,0), domain 1 (.25,0,.5,.25): L1 = .25+.5+.5+.25.
     assert s["drift_l1"][0] == pytest.approx(1.5)
+    np.testing.assert_allclose(s["domain_l1"][0], [[0, 1.5], [1.5, 0]])
     # Halves of domain 0 are {0,1} and {1,0}: identical loads.
     assert s["noise_l1"][0] == pytest.approx(0.0)
     # Pair (0,1) on 2 of 4 tokens; p0 = 3/4, p1 = 1/2 -> expected 4 * 3/8 = 1.5, lift 2/1.5.
