@@ -81,6 +81,8 @@ def grow_partition(pairs: np.ndarray, load: np.ndarray, limits: Limits) -> np.nd
     for any free expert's demand, demands count as 1 from then on (each expert needs a slot).
     """
     num_experts, num_parts = load.size, limits.num_parts
+    if num_experts == 0:
+        return np.zeros(0, dtype=np.int64)
     demand = limits.demand.copy()
     part = np.full(num_experts, -1, dtype=np.int64)
     free = np.ones(num_experts, dtype=bool)
@@ -174,30 +176,41 @@ def _moves(inside, load, part, weight, size, limits, big) -> list[tuple[int, int
 
 
 def _swaps(pairs, inside, load, part, weight, size, limits, big) -> list[tuple[int, int]]:
-    """Best improving swaps, each part used at most once; returned as two moves each."""
+    """Best improving swaps, each part used at most once; returned as two moves each.
+
+    A swap gains only if one of its experts gains by moving to the other's part (pair weights
+    are >= 0), or if it relieves an overloaded part: only such experts are tried as the first.
+    """
     num_experts = load.size
     own = inside[np.arange(num_experts), part]
+    over = _over(weight, limits.max_load)
+    rows = np.flatnonzero(((inside - own[:, None]).max(axis=1) > _EPS) | (over[part] > 0))
+    if rows.size == 0:
+        return []
     to_other = inside[:, part]                                   # [e, f]: e's weight to f's part
-    gain = to_other - own[:, None] + to_other.T - own[None, :] - 2.0 * pairs
+    gain = (to_other[rows] - own[rows, None] + to_other.T[rows] - own[None, :]
+            - 2.0 * pairs[rows])
     w = weight[part]
-    new_e = w[:, None] - load[:, None] + load[None, :]           # e's part after the swap
-    before = _over(w, limits.max_load)
-    d_over = (_over(new_e, limits.max_load) + _over(new_e.T, limits.max_load)
-              - before[:, None] - before[None, :])
-    demand = limits.demand
-    slots = size[part][:, None] - demand[:, None] + demand[None, :]  # e's part's slots after
-    room = np.maximum(limits.capacity[part], size[part])[:, None]
-    ok = (part[:, None] < part[None, :]) & (slots <= room) & (slots.T <= room.T)
+    new_e = w[rows, None] - load[rows, None] + load[None, :]     # e's part after the swap
+    new_f = w[None, :] - load[None, :] + load[rows, None]        # f's part after the swap
+    d_over = (_over(new_e, limits.max_load) + _over(new_f, limits.max_load)
+              - over[part][rows, None] - over[part][None, :])
+    demand, room = limits.demand, np.maximum(limits.capacity, size)
+    slots_e = size[part][rows, None] - demand[rows, None] + demand[None, :]
+    slots_f = size[part][None, :] - demand[None, :] + demand[rows, None]
+    ok = ((part[rows, None] != part[None, :]) & (slots_e <= room[part][rows, None])
+          & (slots_f <= room[part][None, :]))
     score = np.where(ok, gain - big * d_over, -np.inf)
     chosen: list[tuple[int, int]] = []
     for _ in range(limits.num_parts // 2):
-        e, f = divmod(int(np.argmax(score)), num_experts)
-        if not score[e, f] > _EPS:
+        i, f = divmod(int(np.argmax(score)), num_experts)
+        if not score[i, f] > _EPS:
             break
+        e = int(rows[i])
         a, b = int(part[e]), int(part[f])
         chosen += [(e, b), (f, a)]
         used = (part == a) | (part == b)
-        score[used] = -np.inf
+        score[used[rows]] = -np.inf
         score[:, used] = -np.inf
     return chosen
 
@@ -214,55 +227,143 @@ def _move(expert, target, part, inside, pairs, weight, size, load, demand) -> No
 
 
 def refine_hypergraph(tokens: np.ndarray, load: np.ndarray, part: np.ndarray, limits: Limits,
-                      rounds: int = 8) -> np.ndarray:
-    """Moves that lower the exact connectivity, in rounds.
+                      rounds: int = 8, swap_rounds: int = 4) -> np.ndarray:
+    """Moves, then swaps, that lower the exact connectivity.
 
-    ``tokens: int[T, k]``; ``part: int[E]`` (-1: held everywhere, never moved). Each round
+    ``tokens: int[T, k]``; ``part: int[E]`` (-1: held everywhere, never moved). Each move round
     computes every expert's gain for every part from the per-token part counts, then applies
     the best feasible moves in order of gain, re-evaluating an expert whose tokens an earlier
-    move of the round touched. Stops after ``rounds`` rounds or a round without a move.
-    Returns the refined ``int[E]`` partition.
+    move of the round touched; up to ``rounds`` rounds. Then up to ``swap_rounds`` rounds of
+    swaps (full parts cannot take a move): the pairs whose summed move gains are highest, each
+    applied if its exact gain is positive. Returns the refined ``int[E]`` partition.
     """
-    part = part.copy()
-    num_parts = limits.num_parts
-    movable = part >= 0
-    tok_of, ptr = _tokens_by_expert(tokens, load.size)
-    counts = _part_counts(tokens, part, num_parts)                # [T, P]
-    weight = np.bincount(part[movable], weights=load[movable], minlength=num_parts)
-    size = np.bincount(part[movable], weights=limits.demand[movable], minlength=num_parts)
+    state = _HyperState.build(tokens, load, part, limits)
     for _ in range(rounds):
-        gains = _all_gains(counts, tok_of, ptr, part, num_parts)   # [E, P]
-        gains[~movable] = -np.inf
+        if state.move_round() == 0:
+            break
+    for _ in range(swap_rounds):
+        if state.swap_round() == 0:
+            break
+    return state.part
+
+
+@dataclass(eq=False)
+class _HyperState:
+    """Per-token part counts and per-part totals of a partition being refined."""
+
+    tokens: np.ndarray
+    load: np.ndarray
+    part: np.ndarray
+    limits: Limits
+    tok_of: np.ndarray      # CSR of each expert's tokens
+    ptr: np.ndarray
+    counts: np.ndarray      # int32[T, P]
+    weight: np.ndarray      # float[P]
+    size: np.ndarray        # float[P] demanded slots
+
+    @classmethod
+    def build(cls, tokens, load, part, limits) -> _HyperState:
+        part = part.copy()
+        movable = part >= 0
+        tok_of, ptr = _tokens_by_expert(tokens, load.size)
+        return cls(tokens, load, part, limits, tok_of, ptr,
+                   _part_counts(tokens, part, limits.num_parts),
+                   np.bincount(part[movable], weights=load[movable], minlength=limits.num_parts),
+                   np.bincount(part[movable], weights=limits.demand[movable],
+                               minlength=limits.num_parts))
+
+    def rows(self, expert: int) -> np.ndarray:
+        return self.tok_of[self.ptr[expert]:self.ptr[expert + 1]]
+
+    def gains(self) -> np.ndarray:
+        gains = _all_gains(self.counts, self.tok_of, self.ptr, self.part, self.limits.num_parts)
+        gains[self.part < 0] = -np.inf
+        return gains
+
+    def move(self, expert: int, target: int) -> None:
+        source, rows = self.part[expert], self.rows(expert)
+        self.counts[rows, source] -= 1
+        self.counts[rows, target] += 1
+        self.weight[source] -= self.load[expert]
+        self.weight[target] += self.load[expert]
+        self.size[source] -= self.limits.demand[expert]
+        self.size[target] += self.limits.demand[expert]
+        self.part[expert] = target
+
+    def move_round(self) -> int:
+        gains = self.gains()
         best = gains.max(axis=1)
-        touched = np.zeros(tokens.shape[0], dtype=bool)
+        touched = np.zeros(self.tokens.shape[0], dtype=bool)
         moved = 0
         for expert in np.argsort(-best, kind="stable"):
             if best[expert] <= _EPS:
                 break
-            rows = tok_of[ptr[expert]:ptr[expert + 1]]
+            rows = self.rows(expert)
             gain = gains[expert]
             if touched[rows].any():
-                gain = _expert_gains(counts[rows], part[expert])
-            fits = (weight + load[expert] <= limits.max_load + _EPS) & (
-                size + limits.demand[expert] <= limits.capacity)
+                gain = _expert_gains(self.counts[rows], self.part[expert])
+            fits = (self.weight + self.load[expert] <= self.limits.max_load + _EPS) & (
+                self.size + self.limits.demand[expert] <= self.limits.capacity)
             gain = np.where(fits, gain, -np.inf)
-            gain[part[expert]] = -np.inf
+            gain[self.part[expert]] = -np.inf
             target = int(np.argmax(gain))
-            if gain[target] <= _EPS:
+            if gain[target] > _EPS:
+                self.move(int(expert), target)
+                touched[rows] = True
+                moved += 1
+        return moved
+
+    def swap_round(self, candidates: int = 64) -> int:
+        """Try the ``candidates`` swaps with the best estimated gains (sum of the two move
+        gains), each checked for room and applied if its exact gain is positive; an expert
+        moves at most once per round. Returns the number of swaps applied."""
+        gains, part, load = self.gains(), self.part, self.load
+        movable = np.flatnonzero(part >= 0)
+        p = part[movable]
+        to_other = gains[movable][:, p]                       # g_e(part of f)
+        estimate = np.where(p[:, None] < p[None, :], to_other + to_other.T, -np.inf)
+        order = np.argsort(-estimate, axis=None, kind="stable")[:candidates]
+        moved = np.zeros(load.size, dtype=bool)
+        applied = 0
+        for flat in order:
+            i, j = divmod(int(flat), movable.size)
+            if not estimate[i, j] > _EPS:
+                break
+            e, f = int(movable[i]), int(movable[j])
+            if moved[e] or moved[f] or not self._fits_swap(e, f):
                 continue
-            source = part[expert]
-            counts[rows, source] -= 1
-            counts[rows, target] += 1
-            weight[source] -= load[expert]
-            weight[target] += load[expert]
-            size[source] -= limits.demand[expert]
-            size[target] += limits.demand[expert]
-            part[expert] = target
-            touched[rows] = True
-            moved += 1
-        if moved == 0:
-            break
-    return part
+            if self._swap_gain(e, f) > _EPS:
+                a, b = int(part[e]), int(part[f])
+                self.move(e, b)
+                self.move(f, a)
+                moved[[e, f]] = True
+                applied += 1
+        return applied
+
+    def _fits_swap(self, e: int, f: int) -> bool:
+        a, b = self.part[e], self.part[f]
+        delta, slots = self.load[e] - self.load[f], self.limits.demand[e] - self.limits.demand[f]
+        cap = self.limits.max_load + _EPS
+        for side, change, extra in ((a, -delta, -slots), (b, delta, slots)):
+            if change > 0 and self.weight[side] + change > max(cap, self.weight[side]):
+                return False
+            if extra > 0 and self.size[side] + extra > max(self.limits.capacity[side],
+                                                            self.size[side]):
+                return False
+        return True
+
+    def _swap_gain(self, e: int, f: int) -> float:
+        """Exact connectivity drop of swapping experts e (part a) and f (part b). Tokens with
+        both keep their parts; a token with e only leaves a if e was a's only expert and enters
+        b if b held none of its experts (f only: the other way round)."""
+        a, b = self.part[e], self.part[f]
+        rows_e, rows_f = self.rows(e), self.rows(f)
+        both = np.intersect1d(rows_e, rows_f, assume_unique=True)
+        only_e = np.setdiff1d(rows_e, both, assume_unique=True)
+        only_f = np.setdiff1d(rows_f, both, assume_unique=True)
+        c = self.counts
+        return float((c[only_e, a] == 1).sum() - (c[only_e, b] == 0).sum()
+                     + (c[only_f, b] == 1).sum() - (c[only_f, a] == 0).sum())
 
 
 def _tokens_by_expert(tokens: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:

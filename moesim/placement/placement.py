@@ -14,7 +14,7 @@ import numpy as np
 
 from moesim.errors import InfeasiblePlacement
 
-__all__ = ["Placement"]
+__all__ = ["Placement", "ReplicaSplit"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,20 +77,62 @@ class Placement:
         then replicas on the same node, then all replicas evenly; a device with two replicas of
         an expert takes twice the share.
         """
+        return self.replica_split(layer, device_node).dense()
+
+    def replica_split(self, layer: int, device_node: np.ndarray) -> ReplicaSplit:
+        """:meth:`replica_share` in compact form (per node, plus the experts each device holds)."""
         ep, experts = self.ep, self.num_experts
         holds = np.zeros((experts, ep))  # holds[e, d] = slots of expert e on device d
         np.add.at(holds, (self.slot_expert[layer], np.arange(ep)[:, None]), 1.0)
-        share = np.empty((ep, experts, ep))
-        same_node = device_node[:, None] == device_node[None, :]  # [src, dst]
-        for src in range(ep):
-            on_device = np.zeros(ep)
-            on_device[src] = 1.0
-            chosen = holds.copy()  # fall back to every replica
-            for preferred in (holds * same_node[src], holds * on_device):  # narrower wins
-                has = preferred.sum(axis=1) > 0
-                chosen[has] = preferred[has]
-            share[src] = chosen / chosen.sum(axis=1, keepdims=True)
-        return share
+        # Per node, the replicas on that node where it has any, else all of them.
+        _, node_of = np.unique(np.asarray(device_node), return_inverse=True)
+        node_of = node_of.ravel()
+        in_node = node_of[None, :] == np.arange(node_of.max() + 1)[:, None]      # [N, dst]
+        on_node = in_node[:, None, :] * holds[None, :, :]                          # [N, E, dst]
+        by_node = np.where(on_node.any(axis=2, keepdims=True), on_node, holds[None, :, :])
+        by_node /= by_node.sum(axis=2, keepdims=True)
+        return ReplicaSplit(node_of, by_node, holds.T > 0)
 
     def memory_slots(self) -> int:
         return self.slots_per_device
+
+
+@dataclass(frozen=True, eq=False)
+class ReplicaSplit:
+    """Where each source sends each expert's tokens, without a ``[src, experts, dst]`` array.
+
+    A source device that holds the expert keeps all its tokens for it; any other source sends
+    them as its node's row of ``by_node`` says (replicas on the node, else all, by slot count).
+    """
+
+    node_of: np.ndarray   # int[ep]: node position 0..N-1 of each device
+    by_node: np.ndarray   # float[N, experts, dst]: share for sources of node n not holding e
+    own: np.ndarray       # bool[src, experts]: the source device holds the expert
+
+    def dense(self) -> np.ndarray:
+        """float[src, experts, dst], as :meth:`Placement.replica_share`."""
+        share = np.take(self.by_node, self.node_of, axis=0)
+        src, expert = np.nonzero(self.own)
+        share[src, expert, :] = 0.0
+        share[src, expert, src] = 1.0
+        return share
+
+    def route(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens ``counts: [src, experts]`` sent to devices: ``(tokens [src, dst],
+        per_device_expert [dst, experts])`` (the einsums of ``counts`` with :meth:`dense`)."""
+        away = np.where(self.own, 0.0, counts)          # tokens that leave their source device
+        home = np.where(self.own, counts, 0.0)
+        tokens = np.empty((counts.shape[0], self.by_node.shape[2]))
+        per_node = np.empty((self.by_node.shape[0], counts.shape[1]))
+        for n in range(self.by_node.shape[0]):
+            rows = self.node_of == n
+            tokens[rows] = away[rows] @ self.by_node[n]
+            per_node[n] = away[rows].sum(axis=0)
+        tokens[np.diag_indices_from(tokens)] += home.sum(axis=1)
+        per_device_expert = np.einsum("ne,ned->de", per_node, self.by_node) + home
+        return tokens, per_device_expert
+
+    def preferred_device(self, src: int) -> np.ndarray:
+        """int[experts]: the device taking the largest share of ``src``'s tokens per expert
+        (the first such device on ties, as ``argmax`` of :meth:`dense`)."""
+        return np.where(self.own[src], src, self.by_node[self.node_of[src]].argmax(axis=1))

@@ -9,17 +9,19 @@ and ignores which experts are chosen together. Per MoE layer, from the planning 
    then has a local copy (the simulator's replica choice prefers the same node), so these
    experts never cross the network, and each copy takes ``1 / N`` of the load.
 2. Partition the other experts over the nodes: grow all parts together by co-activation, then
-   refine with moves and swaps on pair counts and with moves on the exact connectivity, under a
-   node load cap of ``(1 + balance_tolerance)`` times the mean.
+   refine with moves and swaps on pair counts and on the exact connectivity, under a node load
+   cap of ``(1 + balance_tolerance)`` times the mean and a slot budget per node (hot experts
+   demand slots for their replicas); several starts when experts are few.
 3. Inside each node, EPLB's steps: replicate the node's hottest experts into its spare slots,
-   then pack the replicas onto its GPUs by load, equal slots per GPU.
+   pack the replicas onto its GPUs by load (equal slots per GPU), then swap to level the GPUs.
+4. Polish: local search on the objective itself (:mod:`moesim.placement.local_search`).
 
-The candidates ``(f, balance_tolerance)`` are priced on a few probe layers with the objective
-(:mod:`moesim.placement.objective`, closed form) when one is given; the cheapest is used for
-every layer. Given a current placement and a migration budget, layers are relabelled to keep as
-many slots as possible, and the layers with the best gain per byte moved are changed within the
-budget. Deterministic for a seed; a time limit switches the remaining layers to step 2's growth
-only (no refinement).
+The knobs ``(f, balance_tolerance)`` are ranked on a few probe layers by the objective
+(:mod:`moesim.placement.objective`, closed form) among those no less balanced than EPLB; each
+layer takes the best one that keeps it no less balanced than EPLB on that layer, else EPLB's own
+plan. Given a current placement and a migration budget, only the layers worth their moved bytes
+change (:mod:`moesim.placement.migration`). Deterministic for a seed; past ``time_limit`` the
+remaining layers get EPLB's plan.
 """
 
 from __future__ import annotations
@@ -34,10 +36,21 @@ from moesim import routing
 from moesim.errors import InfeasiblePlacement
 from moesim.placement import hypergraph
 from moesim.placement.eplb import balanced_packing, replicate_experts
+from moesim.placement.local_search import (
+    balance,
+    eplb_balance,
+    eplb_best,
+    expected_device_loads,
+    polish_layer,
+    regroup_devices,
+)
+from moesim.placement.migration import align_to, moved_slots, within_budget
 from moesim.placement.placement import Placement
 
-__all__ = ["LayerRouting", "ClusterShape", "PlannerConfig", "plan", "plan_layer", "align_to",
-           "moved_slots", "routing_from_trace", "routing_from_choices", "plan_for_scenario"]
+__all__ = ["LayerRouting", "ClusterShape", "PlannerConfig", "plan", "plan_layer",
+           "regroup_devices", "align_to",
+           "moved_slots", "expected_device_loads", "routing_from_trace", "routing_from_choices",
+           "plan_for_scenario"]
 
 Score = Callable[[int, np.ndarray], float]     # (layer, slot_expert [ep, slots]) -> seconds
 
@@ -96,14 +109,16 @@ class ClusterShape:
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    """Knobs of :func:`plan`; a ``None`` knob is chosen per plan by the objective."""
+    """Knobs of :func:`plan`; a ``None`` knob is chosen per plan (see :func:`_rank_knobs`)."""
 
     replicate_everywhere: int | None = None  # experts with a copy on every node
     balance_tolerance: float | None = None   # node load cap above the mean
     max_tokens: int = 4096                   # tokens per layer the partition looks at
     probe_layers: int = 2                    # layers the candidates are priced on
     seed: int = 0
-    time_limit: float = 10.0                 # seconds; then growth-only for the rest
+    time_limit: float = 10.0                 # seconds; then EPLB's plan for the rest
+    polish_seconds: float = 1.0              # local search on the objective, all layers
+    batch_pairs: float | None = None         # pairs a device routes per batch: count noise
     migration_budget: float | None = None    # bytes of expert weights that may move
 
 
@@ -129,62 +144,164 @@ def plan(layers: Sequence[LayerRouting], shape: ClusterShape,
     Placement named "moesim".
     """
     start = time.perf_counter()
-    rng_seed = [config.seed]
-    knobs = _choose_knobs(layers, shape, config, score)
+    ranked = _rank_knobs(layers, shape, config, score)
+    regroup = _regroup_helps(layers, shape, config, score)
     table = np.empty((len(layers), shape.device_node.size, shape.slots_per_device), np.int64)
+    polish_until, timing = time.perf_counter(), {}
     for layer, info in enumerate(layers):
-        fast = time.perf_counter() - start > config.time_limit
-        table[layer] = plan_layer(info, shape, *knobs, max_tokens=config.max_tokens,
-                                  seed=rng_seed + [layer], refine=not fast)
+        seed = [config.seed, layer]
+        if time.perf_counter() - start > config.time_limit:      # out of time: EPLB's plan
+            table[layer] = eplb_best(info.load, shape, config.batch_pairs)[0]
+        else:
+            table[layer], cap = _balanced_layer(info, shape, ranked, config, seed, regroup)
+            if score is not None and config.polish_seconds > 0:
+                # Step 4: each layer polishes for its share of the budget (unused time carries).
+                share = config.polish_seconds / len(layers)
+                polish_until = max(polish_until, time.perf_counter()) + share
+                deadline = min(polish_until, start + config.time_limit)
+                if share >= 20 * timing.get("step", 0.0):        # else too slow to be of use
+                    table[layer] = polish_layer(table[layer], layer, info, shape, score,
+                                                deadline, cap=cap, seed=seed, timing=timing,
+                                                pairs_per_device=config.batch_pairs)
         if progress is not None:
             progress(layer + 1, len(layers))
     if current is not None and config.migration_budget is not None:
-        table = _within_budget(table, current, layers, shape, config.migration_budget,
-                               expert_bytes, score)
+        table = within_budget(table, current, layers, shape, config.migration_budget,
+                              expert_bytes, score)
     return Placement(table, shape.num_experts, name="moesim")
 
 
-def _choose_knobs(layers: Sequence[LayerRouting], shape: ClusterShape, config: PlannerConfig,
-                  score: Score | None) -> tuple[int, float]:
-    """(replicate_everywhere, balance_tolerance): fixed ones kept, the others priced."""
+def _balanced_layer(info: LayerRouting, shape: ClusterShape,
+                    ranked: list[tuple[tuple[int, float], bool]], config: PlannerConfig,
+                    seed: list[int], regroup: bool) -> tuple[np.ndarray, float]:
+    """The layer planned with the best knobs that keep it no less balanced than EPLB on this
+    layer (trying the probes' passing knobs, at most two, else the most balanced one), else
+    EPLB's own plan (``regroup``: with its devices regrouped by co-activation, when that stays
+    as balanced); and the balance it met (the polish's cap)."""
+    eplb_table, reference = eplb_best(info.load, shape, config.batch_pairs)
+    passing = [knobs for knobs, ok in ranked if ok][:2] or [ranked[0][0]]
+    for knobs in passing:
+        table = plan_layer(info, shape, *knobs, max_tokens=config.max_tokens, seed=seed)
+        if balance(info.load, table, shape, config.batch_pairs) <= reference + 1e-12:
+            return table, reference
+    if regroup:
+        table = regroup_devices(eplb_table, info, shape, max_tokens=config.max_tokens,
+                                seed=seed)
+        if balance(info.load, table, shape, config.batch_pairs) <= reference + 1e-12:
+            return table, reference
+    return eplb_table, reference
+
+
+def _regroup_helps(layers: Sequence[LayerRouting], shape: ClusterShape, config: PlannerConfig,
+                   score: Score | None) -> bool:
+    """Whether regrouping EPLB's devices beats EPLB's plan on the probe layers (by the
+    objective; without one, yes)."""
+    if score is None:
+        return True
+    probes = _probes(len(layers), config)
+    gain = 0.0
+    for p in probes:
+        table = eplb_best(layers[p].load, shape, config.batch_pairs)[0]
+        gain += score(int(p), table) - score(int(p), regroup_devices(
+            table, layers[p], shape, max_tokens=config.max_tokens, seed=[config.seed, int(p)]))
+    return gain > 0
+
+
+def _probes(num_layers: int, config: PlannerConfig) -> np.ndarray:
+    """Layers the knobs are tried on: ``probe_layers`` evenly spread ones."""
+    return np.unique(np.linspace(0, num_layers - 1, min(config.probe_layers, num_layers))
+                     .round().astype(int))
+
+
+def _rank_knobs(layers: Sequence[LayerRouting], shape: ClusterShape, config: PlannerConfig,
+                score: Score | None) -> list[tuple[tuple[int, float], bool]]:
+    """Candidate knobs ``(replicate_everywhere, balance_tolerance)`` best first, each with
+    whether it balanced the probe layers no worse than EPLB (per layer its better policy);
+    fixed knobs are kept. Passing ones come first, cheapest by the objective first (without
+    one: most replication, then tightest tolerance); the others follow, most balanced first."""
     most = shape.max_everywhere()
     everywhere = ([config.replicate_everywhere] if config.replicate_everywhere is not None
                   else sorted({0, most // 2, most}))
     tolerance = ([config.balance_tolerance] if config.balance_tolerance is not None
-                 else [0.02, 0.08])
+                 else [0.0, 0.03])
     candidates = [(min(f, most), t) for f in everywhere for t in tolerance]
-    if score is None or len(candidates) == 1:
-        return candidates[-1] if score is None else candidates[0]
-    probes = np.unique(np.linspace(0, len(layers) - 1, min(config.probe_layers, len(layers)))
-                       .round().astype(int))
-    costs = [sum(score(int(p), plan_layer(layers[p], shape, f, t, max_tokens=config.max_tokens,
-                                           seed=[config.seed, int(p)])) for p in probes)
-             for f, t in candidates]
-    return candidates[int(np.argmin(costs))]
+    probes = _probes(len(layers), config)
+    tables = {c: [plan_layer(layers[p], shape, *c, max_tokens=config.max_tokens,
+                             seed=[config.seed, int(p)]) for p in probes] for c in candidates}
+    spread = {c: np.mean([balance(layers[p].load, t, shape, config.batch_pairs)
+                          for p, t in zip(probes, tables[c], strict=True)]) for c in candidates}
+    reference = eplb_balance([layers[p].load for p in probes], shape,
+                             config.batch_pairs) + 1e-12
+    passing = [c for c in candidates if spread[c] <= reference]
+    others = sorted((c for c in candidates if c not in passing), key=lambda c: (spread[c], c))
+    if score is None or len(passing) < 2:
+        passing.sort(key=lambda c: (-c[0], c[1]))
+    else:
+        cost = {c: sum(score(int(p), t) for p, t in zip(probes, tables[c], strict=True))
+                for c in passing}
+        passing.sort(key=lambda c: (cost[c], c))
+    return [(c, True) for c in passing] + [(c, False) for c in others]
 
 
 def plan_layer(info: LayerRouting, shape: ClusterShape, replicate_everywhere: int,
                balance_tolerance: float, *, max_tokens: int = 4096, seed: Sequence[int] = (0,),
                refine: bool = True) -> np.ndarray:
-    """Slots of one layer: ``int64[ep, slots_per_device]`` logical expert of each slot."""
+    """Slots of one layer: ``int64[ep, slots_per_device]`` logical expert of each slot.
+
+    Step 2 is a multi-start local search when experts are few (``256 // E - 1`` random starts
+    besides the grown one, at most 8); the start whose refined partition has the lowest
+    connectivity (then the lowest node load) wins.
+    """
     load = np.asarray(info.load, dtype=np.float64)
     f = min(int(replicate_everywhere), shape.max_everywhere())
     # Step 1: the f hottest experts go everywhere (part -1).
     order = np.argsort(-load, kind="stable")
     everywhere, rest = order[:f], np.sort(order[f:])
     limits = _limits(load, everywhere, rest, shape, balance_tolerance)
-    tokens = _subsample(info.tokens, max_tokens, seed)
-    # Step 2: partition the rest over the nodes.
-    part = np.full(shape.num_experts, -1, dtype=np.int64)
+    tokens = subsample_tokens(info.tokens, max_tokens, seed)
+    # Step 2: partition the rest over the nodes, from several starts.
     pairs = _pairs(info, tokens, rest, shape.num_experts)
     sub = hypergraph.Limits(limits.max_load, limits.capacity, limits.demand[rest])
-    part[rest] = hypergraph.grow_partition(pairs, load[rest], sub)
-    if refine and shape.num_nodes > 1:
-        part[rest] = hypergraph.refine_graph(pairs, load[rest], part[rest], sub)
-        if tokens is not None:
-            part = hypergraph.refine_hypergraph(tokens, load, part, limits)
+    rng = np.random.default_rng(list(seed))
+    starts = 1 + (min(8, max(0, 256 // shape.num_experts - 1)) if refine else 0)
+    best: tuple[tuple[float, float, float], np.ndarray] | None = None
+    for start in range(starts if shape.num_nodes > 1 else 1):
+        part = np.full(shape.num_experts, -1, dtype=np.int64)
+        part[rest] = (hypergraph.grow_partition(pairs, load[rest], sub) if start == 0
+                      else _random_start(sub, rng))
+        if refine and shape.num_nodes > 1 and rest.size:
+            part[rest] = hypergraph.refine_graph(pairs, load[rest], part[rest], sub)
+            if tokens is not None:
+                part = hypergraph.refine_hypergraph(tokens, load, part, limits)
+        node_load = np.bincount(part[rest], weights=load[rest], minlength=shape.num_nodes)
+        key = (float(np.maximum(node_load - limits.max_load, 0.0).sum()),
+               _cut(tokens, pairs, part, rest), float(node_load.max(initial=0.0)))
+        if best is None or key < best[0]:
+            best = (key, part)
+    assert best is not None
     # Step 3: EPLB inside each node.
-    return _fill_nodes(part, load, shape)
+    return _fill_nodes(best[1], load, shape)
+
+
+def _random_start(limits: hypergraph.Limits, rng: np.random.Generator) -> np.ndarray:
+    """A random partition that respects the slot limits: each expert, in random order, to the
+    part with the most room left."""
+    part = np.empty(limits.demand.size, dtype=np.int64)
+    room = limits.capacity.astype(np.int64).copy()
+    for expert in rng.permutation(limits.demand.size):
+        target = int(np.argmax(room))
+        part[expert] = target
+        room[target] -= limits.demand[expert]
+    return part
+
+
+def _cut(tokens: np.ndarray | None, pairs: np.ndarray, part: np.ndarray, rest: np.ndarray
+         ) -> float:
+    """Connectivity of the tokens, or (no tokens) the pair weight between parts."""
+    if tokens is not None:
+        return hypergraph.connectivity(tokens, part)
+    sub = part[rest]
+    return float(pairs[sub[:, None] != sub[None, :]].sum())
 
 
 def _limits(load: np.ndarray, everywhere: np.ndarray, rest: np.ndarray, shape: ClusterShape,
@@ -208,7 +325,7 @@ def _limits(load: np.ndarray, everywhere: np.ndarray, rest: np.ndarray, shape: C
     return hypergraph.Limits(max_load, np.full(num_nodes, capacity), demand)
 
 
-def _subsample(tokens: np.ndarray | None, max_tokens: int, seed: Sequence[int]
+def subsample_tokens(tokens: np.ndarray | None, max_tokens: int, seed: Sequence[int]
                ) -> np.ndarray | None:
     if tokens is None or tokens.shape[0] <= max_tokens:
         return None if tokens is None else tokens.astype(np.int64)
@@ -236,108 +353,50 @@ def _fill_nodes(part: np.ndarray, load: np.ndarray, shape: ClusterShape) -> np.n
     table = np.empty((shape.device_node.size, slots), dtype=np.int64)
     for node in range(num_nodes):
         local = np.concatenate([everywhere, np.flatnonzero(part == node)])
+        if local.size == 0:   # fewer experts than nodes: copies of the hottest serve this one
+            local = np.argsort(-load, kind="stable")[:1]
         local_load = np.where(part[local] < 0, load[local] / num_nodes, load[local])
         # Zero loads still need a slot each; a tiny weight keeps the greedy deterministic.
         local_load = local_load + 1e-12
         to_local, _, count = replicate_experts(local_load[None, :], shape.slots_per_node)
         replica_load = (local_load / count[0])[to_local[0]]
-        gpu, rank = balanced_packing(replica_load[None, :], gpus)
+        gpu = _improve_packing(replica_load, to_local[0],
+                               balanced_packing(replica_load[None, :], gpus)[0][0], gpus)
+        rank = np.zeros_like(gpu)
+        for g in range(gpus):
+            rank[gpu == g] = np.arange(slots)
         devices = shape.node_devices(node)
-        table[devices[gpu[0]], rank[0]] = local[to_local[0]]
+        table[devices[gpu], rank] = local[to_local[0]]
     return table
 
 
-# ----------------------------------------------------------------------------- migration
-
-
-def _within_budget(table: np.ndarray, current: Placement, layers: Sequence[LayerRouting],
-                   shape: ClusterShape, budget: float, expert_bytes: float,
-                   score: Score | None) -> np.ndarray:
-    """Keep the current slots of the layers whose change is worth least per byte moved."""
-    old = np.asarray(current.slot_expert, dtype=np.int64)
-    if old.shape != table.shape:
-        raise InfeasiblePlacement(f"current placement has shape {old.shape}; the plan has "
-                                  f"{table.shape} (layers, devices, slots)")
-    table = np.stack([align_to(table[i], old[i], shape.device_node) for i in range(len(table))])
-    cost = np.array([moved_slots(table[i], old[i]) for i in range(len(table))]) * expert_bytes
-    gain = np.array([_gain(i, table[i], old[i], layers[i], shape, score)
-                     for i in range(len(table))])
-    order = sorted(range(len(table)), key=lambda i: (-(gain[i] / cost[i]) if cost[i] > 0
-                                                     else -np.inf, i))
-    spent = 0.0
-    result = old.copy()
-    for i in order:
-        if gain[i] > 0 and spent + cost[i] <= budget:
-            result[i] = table[i]
-            spent += cost[i]
-    return result
-
-
-def align_to(new: np.ndarray, old: np.ndarray, device_node: np.ndarray) -> np.ndarray:
-    """``new`` relabelled to keep most slots of ``old`` (both ``int[ep, slots]``; the cost is
-    the same: nodes, the GPUs of a node and the slots of a GPU are interchangeable).
-
-    Nodes are matched, then GPUs inside matched nodes, by the largest common multiset of experts
-    (assignment problem); inside a GPU an expert keeps its old slot when it stays.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    num_experts = int(max(new.max(), old.max())) + 1
-    nodes = [np.flatnonzero(device_node == n) for n in range(int(device_node.max()) + 1)]
-    count = lambda rows: np.stack([np.bincount(r.ravel(), minlength=num_experts)  # noqa: E731
-                                   for r in rows])
-    out = np.empty_like(new)
-    node_new = count([new[d] for d in nodes])
-    node_old = count([old[d] for d in nodes])
-    _, node_match = linear_sum_assignment(-np.minimum(node_new[:, None], node_old[None]).sum(-1))
-    for n, m in enumerate(node_match):
-        dev_new, dev_old = count(new[nodes[n]]), count(old[nodes[m]])
-        _, dev_match = linear_sum_assignment(-np.minimum(dev_new[:, None], dev_old[None]).sum(-1))
-        for g, h in enumerate(dev_match):
-            out[nodes[m][h]] = _keep_slots(new[nodes[n][g]], old[nodes[m][h]])
-    return out
-
-
-def _keep_slots(new: np.ndarray, old: np.ndarray) -> np.ndarray:
-    """The experts of ``new`` (one GPU) in an order that leaves old ones in their old slot."""
-    left = list(new)
-    out = np.full_like(new, -1)
-    for slot, expert in enumerate(old):
-        if expert in left:
-            out[slot] = expert
-            left.remove(expert)
-    out[out < 0] = left
-    return out
-
-
-def moved_slots(new: np.ndarray, old: np.ndarray) -> int:
-    """Slots whose expert changes (each costs one expert's weights over the network)."""
-    return int((np.asarray(new) != np.asarray(old)).sum())
-
-
-def _gain(layer: int, new: np.ndarray, old: np.ndarray, info: LayerRouting, shape: ClusterShape,
-          score: Score | None) -> float:
-    """How much better ``new`` is than ``old`` (objective, or a token-count proxy)."""
-    if score is not None:
-        return score(layer, old) - score(layer, new)
-    return _proxy(old, info, shape) - _proxy(new, info, shape)
-
-
-def _proxy(table: np.ndarray, info: LayerRouting, shape: ClusterShape) -> float:
-    """Remote node touches per token plus the hottest device's share of tokens (no objective)."""
-    from moesim.placement.baselines import device_loads
-
-    ep = table.shape[0]
-    loads = device_loads(info.load[None, :], table.reshape(1, -1), ep)[0]
-    cost = loads.max() / max(info.load.sum(), 1e-12) * ep
-    if info.tokens is not None and info.tokens.size:
-        node_of = np.full(shape.num_experts, -1)
-        holders = np.zeros((shape.num_experts, shape.num_nodes), dtype=bool)
-        holders[table, shape.device_node[:, None]] = True
-        only = holders.sum(axis=1) == 1
-        node_of[only] = np.argmax(holders[only], axis=1)
-        cost += hypergraph.connectivity(info.tokens.astype(np.int64), node_of) / len(info.tokens)
-    return float(cost)
+def _improve_packing(weight: np.ndarray, item: np.ndarray, gpu: np.ndarray, gpus: int,
+                     max_swaps: int = 64) -> np.ndarray:
+    """Swap replicas between the hottest GPU and another while that lowers the hotter of the
+    two; never two copies of one expert on a GPU. ``weight, item, gpu: [replicas]`` (load,
+    expert, GPU of each replica). Returns the new ``gpu``."""
+    gpu = gpu.copy()
+    loads = np.bincount(gpu, weights=weight, minlength=gpus)
+    for _ in range(max_swaps):
+        hot = int(np.argmax(loads))
+        mine, other = np.flatnonzero(gpu == hot), np.flatnonzero(gpu != hot)
+        if other.size == 0:
+            break
+        delta = weight[mine][:, None] - weight[other][None, :]              # [a, b]
+        worse = np.maximum(loads[hot] - delta, loads[gpu[other]][None, :] + delta)
+        holds = np.zeros((gpus, int(item.max()) + 1), dtype=bool)
+        holds[gpu, item] = True
+        clash = holds[hot][item[other]][None, :] | holds[gpu[other][None, :],
+                                                         item[mine][:, None]]
+        worse = np.where((delta > 0) & ~clash, worse, np.inf)
+        a, b = divmod(int(np.argmin(worse)), other.size)
+        if not worse[a, b] < loads[hot] * (1.0 - 1e-9):
+            break
+        i, j = mine[a], other[b]
+        loads[hot] -= delta[a, b]
+        loads[gpu[j]] += delta[a, b]
+        gpu[i], gpu[j] = gpu[j], hot
+    return gpu
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -378,4 +437,5 @@ def plan_for_scenario(scenario, load: np.ndarray, device_node: np.ndarray) -> Pl
     layers = routing_from_choices(choices, s.model.num_experts)
     if all(c.top_k == s.model.num_experts for c in choices):     # soft gating: no structure
         layers = [LayerRouting(np.asarray(row, dtype=float)) for row in load]
-    return plan(layers, shape, PlannerConfig(seed=s.seed), score=layer_scorer(ctx, choices, s.model.num_experts))
+    return plan(layers, shape, PlannerConfig(seed=s.seed),
+                score=layer_scorer(ctx, choices, s.model.num_experts))

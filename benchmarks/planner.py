@@ -1,0 +1,195 @@
+"""Expert placement planners compared: contiguous, round-robin, EPLB (two variants) and moesim.
+
+For each setting: a routing trace (synthetic with skew, co-activation and drift, or the recorded
+stdlib MoE trace), split in time; every planner plans on the first half and is priced on the
+second (held out) by moesim's objective: cross-node bytes, max/mean device load and the predicted
+MoE layer time (dispatch + combine by flow simulation, plus the slowest device's expert GEMM),
+with the planning time. Then the planning time of 256 experts x 58 layers on 64 GPUs.
+
+    python benchmarks/planner.py           # full table (a few minutes on 2 cores)
+    python benchmarks/planner.py --tiny    # seconds: small settings, closed-form pricing
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from moesim import routing  # noqa: E402
+from moesim.placement import objective, planner  # noqa: E402
+from moesim.placement.cli import make_placement  # noqa: E402
+from moesim.placement.traces import synthetic_trace  # noqa: E402
+from moesim.spec.scenario import load_scenario  # noqa: E402
+
+PLANNERS = ("contiguous", "round_robin", "eplb", "eplb_global", "moesim")
+REAL_TRACE = REPO / "scenarios" / "traces" / "stdlib-moe-32e-top4.npz"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    scenario: str            # shipped scenario file
+    overrides: tuple[str, ...]
+    trace: str               # "synthetic" or a trace path
+    strength: float = 2.0    # co-activation strength (synthetic)
+    drift: float = 0.1       # popularity drift between the halves (synthetic)
+    tokens: int = 8192       # trace tokens (both halves)
+
+
+def _dsv3(nodes: int, replicas: int, mode: str, layers: int) -> tuple[str, ...]:
+    ep = 8 * nodes
+    common = (f"cluster.nodes={nodes}", f"parallelism.dp={ep}", f"parallelism.ep={ep}",
+              f"placement.redundant_experts={replicas}", f"model.num_layers={3 + layers}")
+    if mode == "decode":
+        return common + (f"workload.global_batch={ep * 128}",)
+    return common + (f"workload.global_batch={ep}", "workload.mode=prefill",
+                     "workload.seq_len=4096", "workload.micro_batch=1", "workload.context_len=0")
+
+
+def _mixtral(layers: int) -> tuple[str, ...]:
+    return ("cluster.topology=fat_tree", "cluster.nodes=2", "cluster.devices_per_node=4",
+            "parallelism.dp=8", "parallelism.ep=8", "placement.redundant_experts=8",
+            "communication.alltoall=hierarchical", f"model.num_layers={layers}")
+
+
+def _real(trace: routing.RoutingTrace) -> tuple[str, ...]:
+    """Mixtral-sized experts with the trace's expert count and k, EP16 over 4 nodes of 4."""
+    return ("cluster.topology=fat_tree", "cluster.nodes=4", "cluster.devices_per_node=4",
+            "parallelism.dp=16", "parallelism.ep=16", "workload.global_batch=1024",
+            "placement.redundant_experts=16", "communication.alltoall=hierarchical",
+            f"model.num_experts={trace.num_experts}",
+            f"model.top_k={trace.expert_ids.shape[2]}", f"model.num_layers={trace.num_layers}")
+
+
+def load_recorded(path: Path) -> routing.RoutingTrace:
+    """The recorded trace's ``expert_ids`` (its other arrays, e.g. each token's text domain,
+    are not needed here). Tokens are in recording order, domain by domain, so the second half
+    is text of other stdlib packages than the first: a real drift."""
+    with np.load(path, allow_pickle=False) as archive:
+        ids = archive["expert_ids"].astype(np.int32)
+        experts = int(archive["num_experts"]) if "num_experts" in archive.files \
+            else int(ids.max()) + 1
+    return routing.RoutingTrace(str(path), experts, expert_ids=ids)
+
+
+def settings(tiny: bool) -> list[Setting]:
+    dsv3 = "scenarios/deepseek-v3-decode-ep.yaml"
+    mixtral = "scenarios/mixtral-8x7b-infer-1node.yaml"
+    if tiny:
+        return [Setting("dsv3-like decode, 64 experts, 32 GPUs/4 nodes (tiny)", dsv3,
+                        _dsv3(4, 32, "decode", 2) + ("model.num_experts=64",), "synthetic",
+                        tokens=4096),
+                Setting("mixtral-like 8 GPUs/2 nodes (tiny)", mixtral, _mixtral(2),
+                        "synthetic", tokens=2048)]
+    layers = 12
+    out = [Setting("dsv3-decode 32 GPUs/4 nodes", dsv3, _dsv3(4, 32, "decode", layers),
+                   "synthetic"),
+           Setting("dsv3-decode 64 GPUs/8 nodes", dsv3, _dsv3(8, 64, "decode", layers),
+                   "synthetic"),
+           Setting("dsv3-prefill 32 GPUs/4 nodes", dsv3, _dsv3(4, 32, "prefill", layers),
+                   "synthetic", tokens=16384),
+           Setting("dsv3-prefill 64 GPUs/8 nodes", dsv3, _dsv3(8, 64, "prefill", layers),
+                   "synthetic", tokens=32768),
+           Setting("dsv3-prefill 64/8, drift 0", dsv3, _dsv3(8, 64, "prefill", layers),
+                   "synthetic", drift=0.0, tokens=32768),
+           Setting("dsv3-prefill 64/8, no co-activation", dsv3,
+                   _dsv3(8, 64, "prefill", layers), "synthetic", strength=0.0, tokens=32768),
+           Setting("mixtral-like decode 8 GPUs/2 nodes", mixtral, _mixtral(32), "synthetic",
+                   tokens=16384)]
+    if REAL_TRACE.exists():
+        out.append(Setting("recorded stdlib MoE trace, 16 GPUs/4 nodes", mixtral,
+                           _real(load_recorded(REAL_TRACE)), str(REAL_TRACE)))
+    return out
+
+
+def run_setting(setting: Setting, *, exact: bool, seed: int = 0) -> list[tuple]:
+    s = load_scenario(REPO / setting.scenario, list(setting.overrides))
+    m = s.model
+    ctx = objective.CostContext.from_scenario(s)
+    if setting.trace == "synthetic":
+        trace = synthetic_trace(m.num_experts, m.num_moe_layers, setting.tokens, m.top_k,
+                                coactivation_groups=8, coactivation_strength=setting.strength,
+                                drift=setting.drift, seed=seed)
+    else:
+        trace = load_recorded(Path(setting.trace))
+    train, test = trace.window(0.0, 0.5), trace.window(0.5, 1.0)
+    layers = planner.routing_from_trace(train)
+    plan_choices = objective.trace_choices(ctx, train, seed=seed)
+    eval_choices = objective.trace_choices(ctx, test, seed=seed)
+    slots = (m.num_experts + s.placement.redundant_experts) // s.parallelism.ep
+    rows = []
+    for name in PLANNERS:
+        start = time.perf_counter()
+        placement = make_placement(name, layers, ctx, m.num_experts, slots, seed=seed,
+                                   plan_choices=plan_choices)
+        elapsed = time.perf_counter() - start
+        rows.append((name, objective.plan_cost(ctx, eval_choices, placement, exact=exact),
+                     elapsed))
+    return rows
+
+
+def planning_time(seed: int = 0) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds to plan 256 experts x 58 layers on 64 GPUs (8 nodes): moesim, EPLB.
+    CPU seconds show what the wall clock would be on an idle core (the machine is shared)."""
+    s = load_scenario(REPO / "scenarios/deepseek-v3-decode-ep.yaml",
+                      list(_dsv3(8, 64, "decode", 58)))
+    ctx = objective.CostContext.from_scenario(s)
+    trace = synthetic_trace(256, 58, 4096, 8, coactivation_groups=8, drift=0.0, seed=seed)
+    layers = planner.routing_from_trace(trace)
+    choices = objective.trace_choices(ctx, trace, seed=seed)
+    times = []
+    for name in ("moesim", "eplb"):
+        start, cpu = time.perf_counter(), time.process_time()
+        make_placement(name, layers, ctx, 256, 5, seed=seed, plan_choices=choices)
+        times.append((time.perf_counter() - start, time.process_time() - cpu))
+    return times
+
+
+def table(name: str, rows: list[tuple]) -> str:
+    best_eplb = min(c.layer_time for n, c, _ in rows if n.startswith("eplb"))
+    eplb_balance = min(c.max_over_mean for n, c, _ in rows if n.startswith("eplb"))
+    lines = [f"\n{name}",
+             f"  {'planner':<12} {'cross-node MB':>13} {'max/mean':>9} {'layer us':>9} "
+             f"{'vs EPLB':>8} {'plan s':>7}"]
+    for planner_name, cost, elapsed in rows:
+        lines.append(f"  {planner_name:<12} {cost.cross_node_bytes / 1e6:>13.2f} "
+                     f"{cost.max_over_mean:>9.3f} {cost.layer_time * 1e6:>9.1f} "
+                     f"{100 * (cost.layer_time / best_eplb - 1):>+7.1f}% {elapsed:>7.2f}")
+    moesim = next(c for n, c, _ in rows if n == "moesim")
+    change = 100 * (moesim.layer_time / best_eplb - 1)
+    lines.append(f"  moesim vs best EPLB: layer time {change:+.1f}%, balance "
+                 f"{moesim.max_over_mean:.3f} vs {eplb_balance:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="seconds-long run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", help="run only the settings whose name contains this")
+    args = parser.parse_args(argv)
+    print("Held-out pricing: plan on the first half of each trace, price on the second half.")
+    print("layer us = dispatch + combine + slowest device's expert GEMM, mean over MoE layers"
+          + (" (closed-form all-to-all)" if args.tiny else " (flow-simulated all-to-all)"))
+    for setting in settings(args.tiny):
+        if args.only and args.only not in setting.name:
+            continue
+        rows = run_setting(setting, exact=not args.tiny, seed=args.seed)
+        print(table(setting.name, rows), flush=True)
+    if not args.tiny and not args.only:
+        (moesim_s, moesim_cpu), (eplb_s, eplb_cpu) = planning_time(args.seed)
+        print(f"\nplanning 256 experts x 58 layers on 64 GPUs: moesim {moesim_s:.2f} s wall "
+              f"({moesim_cpu:.2f} s CPU), EPLB {eplb_s:.2f} s wall ({eplb_cpu:.2f} s CPU)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""moesim's placement planner: brute-force oracles on tiny cases, invariants, objective, traces."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moesim.errors import InfeasiblePlacement, ScenarioError
+from moesim.placement import hypergraph as hg
+from moesim.placement import objective, planner
+from moesim.placement.eplb import eplb_rebalance
+from moesim.placement.placement import Placement
+from moesim.placement.traces import synthetic_trace
+from moesim.routing import RoutingTrace
+from moesim.spec.scenario import load_scenario
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "scenarios" / "tiny-cpu.yaml"
+# tiny-cpu on 2 nodes of 1 device each, one EP group spanning both, hierarchical all-to-all
+TWO_NODES = ["cluster.devices_per_node=1", "parallelism.pp=1", "parallelism.dp=2",
+             "parallelism.ep=2", "communication.alltoall=hierarchical",
+             "workload.global_batch=2", "workload.seq_len=64"]
+
+
+def _node_of(table: np.ndarray, device_node: np.ndarray, num_experts: int) -> np.ndarray:
+    """Node of each expert of a replica-free layer ``[ep, slots]``."""
+    node = np.full(num_experts, -1)
+    for device, experts in enumerate(table):
+        node[experts] = device_node[device]
+    assert (node >= 0).all()
+    return node
+
+
+def _random_tokens(seed: int, num_experts: int, count: int, k: int | None = None
+                   ) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 4)) if k is None else k
+    return np.array([rng.choice(num_experts, k, replace=False) for _ in range(count)])
+
+
+# ----------------------------------------------------------------------------- brute force
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_partition_is_the_brute_force_optimum(seed):
+    """8 experts on 2 nodes of 4 slots, node load at most 15% above the mean: the planner's
+    split has the fewest (token, node) touches of all 70 splits that respect the cap."""
+    tokens = _random_tokens(seed, 8, int(np.random.default_rng(seed).integers(6, 40)))
+    load = np.bincount(tokens.ravel(), minlength=8).astype(float)
+    shape = planner.ClusterShape(8, np.array([0, 1]), 4)
+    table = planner.plan_layer(planner.LayerRouting(load, tokens), shape, 0, 0.15)
+    got = _node_of(table, shape.device_node, 8)
+    cap = load.sum() / 2 * 1.15 + 1e-9
+    feasible = []
+    for first in itertools.combinations(range(8), 4):
+        part = np.isin(np.arange(8), first, invert=True).astype(int)
+        if np.bincount(part, weights=load, minlength=2).max() <= cap:
+            feasible.append(hg.connectivity(tokens, part))
+    assert np.bincount(got, weights=load, minlength=2).max() <= cap
+    assert hg.connectivity(tokens, got) == min(feasible)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_reaches_the_brute_force_best_layer_time(seed):
+    """Every split of 6 experts over 2 nodes of 3 slots priced by the objective: among those
+    no less balanced than EPLB (the planner's rule), the planner returns the cheapest."""
+    s = load_scenario(TINY, TWO_NODES + ["model.num_experts=6"])
+    ctx = objective.CostContext.from_scenario(s)
+    # each token twice in a row: both devices route the same tokens, so a split and its
+    # mirror image cost the same and the optimum is a property of the split
+    tokens = np.repeat(_random_tokens(seed, 6, 64, k=2), 2, axis=0)
+    trace = RoutingTrace("t", 6, expert_ids=tokens[None])
+    score = objective.layer_scorer(ctx, objective.trace_choices(ctx, trace), 6)
+    load = trace.layer_counts()[0]
+    shape = planner.ClusterShape(6, ctx.device_node, 3)
+    eplb = [eplb_rebalance(load[None], 6, g, g, 2).physical_to_logical.reshape(2, 3)
+            for g in (1, 2)]
+    cap = min(max(load[d].sum() for d in table) for table in eplb) + 1e-9
+    splits = [np.array([list(c), [e for e in range(6) if e not in c]])
+              for c in itertools.combinations(range(6), 3)]
+    best = min(score(0, t) for t in splits if max(load[d].sum() for d in t) <= cap)
+    plan = planner.plan(planner.routing_from_trace(trace), shape, score=score)
+    assert max(load[d].sum() for d in plan.slot_expert[0]) <= cap
+    assert score(0, plan.slot_expert[0]) == pytest.approx(best, rel=1e-12)
+
+
+def test_clear_groups_are_found_and_balanced():
+    """Two groups that only co-occur among themselves: each lands whole on one node."""
+    rng = np.random.default_rng(0)
+    groups = [np.array([0, 3, 5, 6]), np.array([1, 2, 4, 7])]
+    tokens = np.array([rng.choice(groups[t % 2], 2, replace=False) for t in range(200)])
+    load = np.bincount(tokens.ravel(), minlength=8).astype(float)
+    table = planner.plan_layer(planner.LayerRouting(load, tokens),
+                               planner.ClusterShape(8, np.array([0, 0, 1, 1]), 2), 0, 0.1)
+    node = _node_of(table, np.array([0, 0, 1, 1]), 8)
+    assert len(set(node[groups[0]])) == 1 and len(set(node[groups[1]])) == 1
+    assert hg.connectivity(tokens, node) == len(tokens)
+
+
+# ----------------------------------------------------------------------------- invariants
+
+
+@settings(max_examples=25, deadline=None)
+@given(nodes=st.integers(1, 3), gpus=st.integers(1, 3), experts=st.integers(2, 12),
+       spare=st.integers(0, 6), k=st.integers(1, 3), seed=st.integers(0, 10_000),
+       everywhere=st.integers(0, 4), tolerance=st.sampled_from([0.0, 0.05, 0.5]))
+def test_every_expert_placed_equal_slots(nodes, gpus, experts, spare, k, seed, everywhere,
+                                         tolerance):
+    ep = nodes * gpus
+    slots = -(-(experts + spare) // ep)
+    k = min(k, experts)
+    rng = np.random.default_rng(seed)
+    tokens = np.array([rng.choice(experts, k, replace=False) for _ in range(30)])
+    load = np.bincount(tokens.ravel(), minlength=experts) * rng.random()
+    shape = planner.ClusterShape(experts, np.repeat(np.arange(nodes), gpus), slots)
+    table = planner.plan_layer(planner.LayerRouting(load, tokens), shape, everywhere,
+                               tolerance, seed=[seed])
+    assert table.shape == (ep, slots)                       # equal slots per device
+    counts = np.bincount(table.ravel(), minlength=experts)
+    assert (counts >= 1).all()                              # every expert placed
+    assert counts.sum() - experts == ep * slots - experts   # replicas = the spare slots
+    again = planner.plan_layer(planner.LayerRouting(load, tokens), shape, everywhere,
+                               tolerance, seed=[seed])
+    np.testing.assert_array_equal(table, again)             # deterministic
+
+
+def test_replicate_everywhere_puts_a_copy_on_each_node():
+    tokens = _random_tokens(1, 16, 200)
+    load = np.bincount(tokens.ravel(), minlength=16).astype(float)
+    shape = planner.ClusterShape(16, np.repeat([0, 1, 2, 3], 2), 3)  # 24 slots, 8 spare
+    assert shape.max_everywhere() == 2                    # 2 experts x 3 extra copies <= 8
+    table = planner.plan_layer(planner.LayerRouting(load, tokens), shape, 2, 0.05)
+    hottest = np.argsort(-load, kind="stable")[:2]
+    for expert in hottest:
+        nodes = {int(shape.device_node[d]) for d in range(8) if expert in table[d]}
+        assert nodes == {0, 1, 2, 3}
+
+
+def test_expected_device_loads_by_hand():
+    """2 nodes of 1 device, expert 0 on device 0 and expert 1 on device 1, loads 3:1, 8 pairs
+    per device per batch: device 0 gets 6 pairs from itself and 6 from device 1 (no copy on
+    its node), Poisson so variance 12; device 1 gets 2 + 2."""
+    from moesim.placement.local_search import balance, expected_device_loads
+
+    shape = planner.ClusterShape(2, np.array([0, 1]), 1)
+    table, load = np.array([[0], [1]]), np.array([3.0, 1.0])
+    mean, std = expected_device_loads(load, table, shape, 8.0)
+    np.testing.assert_allclose(mean, [12.0, 4.0])
+    np.testing.assert_allclose(std, np.sqrt([12.0, 4.0]))
+    z = np.sqrt(2 * np.log(2))
+    assert balance(load, table, shape, 8.0) == pytest.approx((12 + z * np.sqrt(12)) / 8)
+    assert balance(load, table, shape) == pytest.approx(1.5)            # no noise: 12 / 8
+
+
+def test_unequal_nodes_are_rejected():
+    with pytest.raises(InfeasiblePlacement, match="same number of EP devices"):
+        planner.ClusterShape(8, np.array([0, 0, 0, 1]), 2)
+    with pytest.raises(InfeasiblePlacement, match="cannot hold 9 experts"):
+        planner.ClusterShape(9, np.array([0, 1]), 4)
+
+
+def test_out_of_time_layers_get_eplbs_plan_and_progress_is_reported():
+    from moesim.placement.local_search import eplb_best
+
+    trace = synthetic_trace(16, 3, 1024, 2, seed=2)
+    shape = planner.ClusterShape(16, np.repeat([0, 1], 2), 5)
+    calls = []
+    layers = planner.routing_from_trace(trace)
+    plan = planner.plan(layers, shape, planner.PlannerConfig(time_limit=0.0),
+                        progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    np.testing.assert_array_equal(plan.slot_expert,
+                                  np.stack([eplb_best(info.load, shape)[0] for info in layers]))
+
+
+# ----------------------------------------------------------------------------- better than EPLB
+
+
+def test_fewer_cross_node_touches_than_eplb_and_as_balanced():
+    """32 experts in 4 co-activation groups on 4 nodes: moesim keeps tokens on fewer nodes
+    than EPLB, and its device loads are no less balanced."""
+    trace = synthetic_trace(32, 2, 4096, 4, coactivation_groups=4, coactivation_strength=3.0,
+                            drift=0.0, seed=3)
+    shape = planner.ClusterShape(32, np.repeat(np.arange(4), 2), 5)   # 40 slots, 8 spare
+    layers = planner.routing_from_trace(trace)
+    plan = planner.plan(layers, shape, planner.PlannerConfig(seed=0))
+    loads = trace.layer_counts()
+    eplb = eplb_rebalance(loads, 40, 4, 4, 8).physical_to_logical.reshape(2, 8, 5)
+    for layer in range(2):
+        tokens = trace.expert_ids[layer].astype(np.int64)
+        node_of = _home(plan.slot_expert[layer], shape)
+        assert hg.connectivity(tokens, node_of) < hg.connectivity(tokens, _home(eplb[layer],
+                                                                                 shape))
+        mine = planner.expected_device_loads(loads[layer], plan.slot_expert[layer], shape)[0]
+        theirs = planner.expected_device_loads(loads[layer], eplb[layer], shape)[0]
+        assert mine.max() <= theirs.max() + 1e-9
+
+
+def _home(table: np.ndarray, shape: planner.ClusterShape) -> np.ndarray:
+    """Node of each expert held on one node only; -1 for experts held on several."""
+    holders = np.zeros((shape.num_experts, shape.num_nodes), dtype=bool)
+    holders[table, shape.device_node[:, None]] = True
+    return np.where(holders.sum(axis=1) == 1, holders.argmax(axis=1), -1)
+
+
+# ----------------------------------------------------------------------------- migration
+
+
+def test_migration_budget_limits_moved_slots():
+    trace = synthetic_trace(16, 3, 2048, 2, coactivation_groups=4, seed=5)
+    shape = planner.ClusterShape(16, np.repeat([0, 1], 2), 5)
+    layers = planner.routing_from_trace(trace)
+    current = Placement(np.arange(60).reshape(3, 4, 5) % 16, 16)
+    frozen = planner.plan(layers, shape, planner.PlannerConfig(migration_budget=0.0),
+                          current=current, expert_bytes=1e6)
+    np.testing.assert_array_equal(frozen.slot_expert, current.slot_expert)
+    free = planner.plan(layers, shape, planner.PlannerConfig(migration_budget=1e12),
+                        current=current, expert_bytes=1e6)
+    some = planner.plan(layers, shape, planner.PlannerConfig(migration_budget=25e6),
+                        current=current, expert_bytes=1e6)
+    moved = [planner.moved_slots(p.slot_expert, current.slot_expert) for p in (free, some)]
+    assert 0 < moved[1] <= 25 and moved[1] <= moved[0]
+
+
+def test_align_keeps_a_relabelled_plan_in_place():
+    """Nodes, GPUs and slots permuted: aligning back to the original moves nothing."""
+    rng = np.random.default_rng(0)
+    old = rng.permutation(24).reshape(6, 4)          # 3 nodes x 2 GPUs, 4 slots
+    device_node = np.repeat([0, 1, 2], 2)
+    new = old[[5, 4, 1, 0, 3, 2]][:, ::-1]
+    aligned = planner.align_to(new, old, device_node)
+    assert planner.moved_slots(aligned, old) == 0
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+def test_closed_form_matches_flow_simulation_on_one_flow():
+    """One source, one remote expert: the all-to-all is one flow, so the closed form (bytes
+    over the bottleneck capacity plus path latency) equals the flow simulation."""
+    s = load_scenario(TINY, TWO_NODES + ["model.top_k=1", "communication.alltoall=direct"])
+    ctx = objective.CostContext.from_scenario(s)
+    placement = Placement(np.array([[[0, 1, 2, 3], [4, 5, 6, 7]]]), 8)
+    ids = np.array([[[5]] * 64])                     # every token to expert 5 on device 1
+    choices = objective.trace_choices(ctx, RoutingTrace("t", 8, expert_ids=ids))
+    fast = objective.layer_cost(ctx, choices[0], placement, 0)
+    exact = objective.layer_cost(ctx, choices[0], placement, 0, exact=True)
+    assert fast.dispatch == pytest.approx(exact.dispatch, rel=1e-9)
+    # by hand: device 0's 64 tokens cross, 256 floats of 4 bytes each
+    links = ctx.topology.path_links(int(ctx.group[0]), int(ctx.group[1]))
+    nbytes = 64 * 256 * 4
+    by_hand = nbytes / ctx.topology.capacity[links].min() + ctx.topology.latency[links].sum()
+    assert fast.dispatch == pytest.approx(by_hand, rel=1e-12)
+    assert fast.cross_node_bytes == pytest.approx(2 * nbytes)   # dispatch + fp32 combine
+    assert fast.max_over_mean == pytest.approx(2.0)             # all load on one of two
+
+
+def test_moesim_policy_runs_in_the_simulator():
+    from moesim.sim.simulate import simulate
+
+    s = load_scenario(TINY, ["placement.policy=moesim"])
+    sim = simulate(s)
+    assert sim.placement.name == "moesim"
+    assert sim.result.step_time > 0
+
+
+# ----------------------------------------------------------------------------- traces
+
+
+def test_synthetic_trace_shape_determinism_and_drift():
+    a = synthetic_trace(32, 2, 4000, 4, drift=0.5, seed=1)
+    b = synthetic_trace(32, 2, 4000, 4, drift=0.5, seed=1)
+    np.testing.assert_array_equal(a.expert_ids, b.expert_ids)
+    assert a.expert_ids.shape == (2, 4000, 4)
+    assert (np.diff(np.sort(a.expert_ids, axis=2), axis=2) > 0).all()   # distinct per token
+
+    def shift(trace):
+        first, second = (w.layer_counts() for w in (trace.window(0, .5), trace.window(.5, 1)))
+        return np.abs(first / first.sum(1, keepdims=True)
+                      - second / second.sum(1, keepdims=True)).sum(1).mean()
+
+    still = synthetic_trace(32, 2, 4000, 4, drift=0.0, seed=1)
+    assert shift(a) > 2 * shift(still)
+
+
+def test_synthetic_trace_coactivation_keeps_tokens_in_groups():
+    strong = synthetic_trace(32, 1, 4000, 4, coactivation_groups=4, coactivation_strength=4.0)
+    none = synthetic_trace(32, 1, 4000, 4, coactivation_strength=0.0)
+    rng = np.random.default_rng([0, 0])
+    rng.permutation(32)                                  # the base popularity's draw
+    from moesim.routing import coactivation_partition
+    group = coactivation_partition(32, 4, rng)
+    same = lambda t: (group[t.expert_ids[0]] == group[t.expert_ids[0][:, :1]]).mean()  # noqa
+    assert same(strong) > 0.8 > 0.5 > same(none)
+
+
+def test_synthetic_trace_rejects_bad_sizes():
+    with pytest.raises(ScenarioError, match="top_k=9"):
+        synthetic_trace(8, 1, 10, 9)
+    with pytest.raises(ScenarioError, match="multiple of windows"):
+        synthetic_trace(8, 1, 11, 2, windows=2)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_tiny_prints_every_planner(capsys):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("planner_benchmark",
+                                                  REPO / "benchmarks" / "planner.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["planner_benchmark"] = bench       # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny"]) == 0
+    out = capsys.readouterr().out
+    for name in ("contiguous", "round_robin", "eplb", "eplb_global", "moesim"):
+        assert f"  {name} " in out
+    assert out.count("moesim vs best EPLB") == 2
