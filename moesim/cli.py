@@ -35,7 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     write_json_atomic(out / "results.json", sim.result.to_dict())
     written = [out / "results.json"]
     if scenario.outputs.trace and not args.no_trace:
-        write_json_atomic(out / "trace.json", chrome_trace(sim))
+        write_json_atomic(out / "trace.json", chrome_trace(sim), compact=True)
         written.append(out / "trace.json")
     print(f"wrote           {', '.join(str(p) for p in written)}  "
           f"(simulated in {sim.wall_seconds:.2f} s)")

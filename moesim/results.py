@@ -76,8 +76,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def write_json_atomic(path: str | Path, data: Any, *, compact: bool = False) -> None:
+    """JSON with sorted keys (stable bytes); ``compact`` drops indentation (large traces)."""
+    if compact:
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    else:
+        text = json.dumps(data, indent=2, sort_keys=True)
+    write_text_atomic(path, text + "\n")
 
 
 def summary(r: Result) -> str:

@@ -18,6 +18,7 @@ choices and counts. Everything is seeded numpy: layer ``l`` of seed ``s`` always
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -157,17 +158,19 @@ def sample_layer(popularity: np.ndarray, *, num_sources: int, tokens_per_source:
     if coactivation_strength or coactivation_groups < 0:
         inv_rows, token_class = _coactivation(p, inv, coactivation_groups, coactivation_strength,
                                               t, rng)
-    # 2. Draw keys chunk by chunk and take each token's k largest.
+    # 2. Draw keys chunk by chunk, one row per expert (per-node reductions then run over long
+    #    contiguous rows), and take each token's k largest.
     picker = _TopK(e, k)
-    inv_rows = picker.pad(inv_rows.astype(np.float32))
+    inv_cols = np.ascontiguousarray(picker.pad(inv_rows.astype(np.float32)).T)   # [E_pad, G]
+    work = np.empty(inv_cols.shape[0] * min(t, _CHUNK_TOKENS), dtype=np.uint32)
     experts = np.empty((t, k), dtype=np.int32)
     for lo in range(0, t, _CHUNK_TOKENS):
         hi = min(t, lo + _CHUNK_TOKENS)
-        rows = inv_rows if inv_rows.shape[0] == 1 else inv_rows[token_class[lo:hi]]
-        keys = _race_keys(rng, rows, hi - lo, e)
+        cols = inv_cols if inv_cols.shape[1] == 1 else inv_cols[:, token_class[lo:hi]]
+        keys = _race_keys(rng, cols, hi - lo, e, work)                           # [E_pad, chunk]
         if node_limit is not None:
-            _mask_far_nodes(keys, e, k, *node_limit)
-        experts[lo:hi] = picker(keys)
+            _mask_far_nodes_by_expert(keys, e, k, *node_limit)
+        experts[lo:hi] = picker.by_expert(keys)
     return LayerChoices(experts, source, weight)
 
 
@@ -241,23 +244,41 @@ def _coactivation(p: np.ndarray, inv: np.ndarray, groups: int, strength: float, 
     return np.where(member, inv * math.exp(-strength), inv[None, :]), token_group
 
 
-def _race_keys(rng: np.random.Generator, inv_rows: np.ndarray, t: int, e: int) -> np.ndarray:
-    """Keys ``[t, E_pad]`` whose per-row order is that of ``log(p) + Gumbel`` (pads: -inf).
+def _race_keys(rng: np.random.Generator, inv_cols: np.ndarray, t: int, e: int,
+               work: np.ndarray) -> np.ndarray:
+    """Keys ``[E_pad, t]`` (expert-major) whose per-token order is that of ``log(p) + Gumbel``
+    (pads: -inf). ``inv_cols: [E_pad, 1 or t]`` inverse popularities; ``work: uint32[>= E_pad*t]``
+    scratch that the keys are written into.
 
     With u ~ U(0,1), ``log(p) - log(-log u) = -log(-log(u)/p)`` is increasing in
-    ``key = log(u) / p``, so the top-k of key is the Gumbel-top-k without the second log.
+    ``key = log(u) / p``, so the top-k of key is the Gumbel-top-k without the second log. The
+    random words are drawn token-major (token i takes words ``i*E_pad ... (i+1)*E_pad - 1``), so
+    the keys do not depend on the layout.
     """
-    e_pad = inv_rows.shape[1]
+    e_pad = inv_cols.shape[0]
     size = t * e_pad
     bits = rng.bit_generator.random_raw((size + 1) // 2).view(np.uint32)[:size]
-    bits >>= np.uint32(9)                       # 23 random mantissa bits ...
-    bits |= np.uint32(0x3F800000)               # ... of a float in [1, 2)
-    keys = bits.view(np.float32).reshape(t, e_pad)
+    out = work[:size].reshape(e_pad, t)
+    _transpose_shift(bits.reshape(t, e_pad), out)                     # 23 random mantissa bits
+    out |= np.uint32(0x3F800000)                                       # ... of a float in [1, 2)
+    keys = out.view(np.float32)
     keys -= np.float32(1 - 2.0**-24)            # exact: u in (0, 1), so log(u) < 0 and finite
     np.log(keys, out=keys)
-    keys *= inv_rows
-    keys[:, e:] = -np.inf
+    keys *= inv_cols
+    keys[e:] = -np.inf
     return keys
+
+
+def _transpose_shift(bits: np.ndarray, out: np.ndarray, block: int = 32) -> None:
+    """``out = bits.T >> 9`` for ``bits: uint32[t, E]``, ``out: uint32[E, t]``; tile by tile when
+    both sides divide into ``block``-square tiles, which keeps the strided reads in cache."""
+    t, e = bits.shape
+    if t % block or e % block:
+        np.right_shift(bits.T, np.uint32(9), out=out)
+        return
+    tiles_in = bits.reshape(t // block, block, e // block, block).transpose(2, 0, 3, 1)
+    tiles_out = out.reshape(e // block, block, t // block, block).transpose(0, 2, 1, 3)
+    np.right_shift(tiles_in, np.uint32(9), out=tiles_out)
 
 
 class _TopK:
@@ -281,14 +302,22 @@ class _TopK:
         return np.pad(rows, ((0, 0), (0, extra)), constant_values=1.0) if extra else rows
 
     def __call__(self, keys: np.ndarray) -> np.ndarray:
-        t, k, b, nb = keys.shape[0], self.k, self.b, self.nb
+        """``int[t, k]`` for token-major ``keys: [t, E_pad]``."""
+        return self.by_expert(np.ascontiguousarray(keys.T))
+
+    def by_expert(self, keys: np.ndarray) -> np.ndarray:
+        """``int[t, k]`` for expert-major ``keys: [E_pad, t]``."""
+        t, k, b, nb = keys.shape[1], self.k, self.b, self.nb
         if b == 1:
-            return np.argpartition(keys, nb - k, axis=1)[:, nb - k:]
-        blocks_view = keys.reshape(t, b, nb)                    # block j = columns j + i*nb
-        top_blocks = np.argpartition(blocks_view.max(axis=1), nb - k, axis=1)[:, nb - k:]
-        cand = np.take_along_axis(blocks_view, top_blocks[:, None, :], axis=2).reshape(t, b * k)
-        pick = np.argpartition(cand, b * k - k, axis=1)[:, b * k - k:]
-        return (pick // k) * nb + np.take_along_axis(top_blocks, pick % k, axis=1)
+            return np.argpartition(keys.T, nb - k, axis=1)[:, nb - k:]
+        block_max = np.ascontiguousarray(keys.reshape(b, nb, t).max(axis=0).T)   # [t, nb]
+        top_blocks = np.argpartition(block_max, nb - k, axis=1)[:, nb - k:]    # [t, k]
+        # candidate i*k + j of token r is key (i*nb + top_blocks[r, j], r): flat index below
+        rows = np.arange(t)[:, None]
+        offset = np.arange(0, b * nb * t, nb * t)[:, None] + rows[:, :, None]  # [t, b, 1]
+        cand = np.take(keys, top_blocks[:, None, :] * t + offset).reshape(t, b * k)
+        block, j = np.divmod(np.argpartition(cand, b * k - k, axis=1)[:, b * k - k:], k)
+        return block * nb + np.take(top_blocks, rows * k + j)   # take reads top_blocks as [t*k]
 
 
 def _node_limit(expert_node: np.ndarray | None, max_nodes: int | None, e: int,
@@ -322,30 +351,88 @@ def _node_limit(expert_node: np.ndarray | None, max_nodes: int | None, e: int,
 
 def _mask_far_nodes(keys: np.ndarray, e: int, k: int, node: np.ndarray, slots: np.ndarray,
                     max_nodes: int) -> None:
+    """:func:`_mask_far_nodes_by_expert` for token-major ``keys: [t, E_pad]`` (in place)."""
+    by_expert = np.ascontiguousarray(keys.T)
+    _mask_far_nodes_by_expert(by_expert, e, k, node, slots, max_nodes)
+    keys[...] = by_expert.T
+
+
+def _mask_far_nodes_by_expert(keys: np.ndarray, e: int, k: int, node: np.ndarray,
+                              slots: np.ndarray, max_nodes: int) -> None:
     """Set to -inf the keys of experts outside each token's best ``max_nodes`` nodes (in place).
 
-    A node's score is the sum of its highest ceil(k/M) affinities ``exp(logit) = -1/key``,
-    DeepSeek-V3's rule ("the sum of the highest K_r/M affinity scores ... on each node").
+    ``keys: [E_pad, t]`` expert-major. A node's score is the sum of its highest ceil(k/M)
+    affinities ``exp(logit) = -1/key``, DeepSeek-V3's rule ("the sum of the highest K_r/M affinity
+    scores ... on each node"); equal affinities count once, as in the rule's reference form
+    :func:`_node_scores` (rounds of "take the max, then zero every copy of it").
     """
-    t = keys.shape[0]
-    affinity = np.zeros((e + 1, t), dtype=np.float32)              # [E + padding row 0, t]
-    np.divide(-1.0, keys[:, :e].T, out=affinity[:e])
-    per_node = affinity[slots.T]                                   # [maxper, N, t]
+    t = keys.shape[1]
+    n, per = slots.shape
     r = -(-k // max_nodes)
-    if r >= per_node.shape[0]:
-        score = per_node.sum(axis=0)                               # [N, t]
+    contiguous = slots.size == e and np.array_equal(slots.ravel(), np.arange(e))
+    if contiguous:                                  # node i holds experts i*per .. (i+1)*per - 1
+        by_node = keys[:e].reshape(n, per, t)
+    else:                                           # padding slots (index e) read -inf
+        flat = slots.ravel()
+        by_node = keys[np.minimum(flat, e - 1)]
+        by_node[flat == e] = -np.inf
+        by_node = by_node.reshape(n, per, t)
+    score = _top_affinity_sums(by_node, r)
+    if score is None:                               # two keys share an affinity: rare, exact path
+        score = _node_scores(keys, e, slots, r)
+    # Adding 0 or -inf (keys are finite or -inf) is exact and much faster than a masked copy.
+    penalty = np.full((t, n), -np.inf, dtype=keys.dtype)
+    np.put_along_axis(penalty, np.argpartition(score.T, n - max_nodes, axis=1)[:, n - max_nodes:],
+                      0.0, axis=1)
+    if contiguous:
+        by_node += penalty.T[:, None, :]
     else:
-        # r rounds of "take the max, then zero it" (reductions over axis 0 are elementwise)
-        score = np.zeros(per_node.shape[1:], dtype=np.float32)
-        for _ in range(r):
-            top = per_node.max(axis=0)
-            score += top
-            per_node[per_node == top] = 0.0
-    n = score.shape[0]
-    keep = np.zeros((t, n), dtype=bool)
-    np.put_along_axis(keep, np.argpartition(score.T, n - max_nodes, axis=1)[:, n - max_nodes:],
-                      True, axis=1)
-    np.copyto(keys[:, :e], -np.inf, where=~keep[:, node])
+        keys[:e] += penalty.T[node]
+
+
+def _top_affinity_sums(by_node: np.ndarray, r: int) -> np.ndarray | None:
+    """``float32[N, t]``: per node, the sum of its r highest distinct affinities ``-1/key``
+    (fewer if it has fewer), from ``by_node: [N, per, t]``; None if two distinct keys of a node
+    round to the same affinity among those, where :func:`_node_scores` must decide.
+
+    ``-1/key`` is non-decreasing in the key, so the i-th highest distinct affinity is that of
+    the i-th highest distinct key unless rounding merged two keys.
+    """
+    per = by_node.shape[1]
+    with np.errstate(divide="ignore"):
+        if r >= per:                                # every expert counts
+            return np.divide(np.float32(-1.0), by_node).sum(axis=1)
+        top = by_node.max(axis=1)                   # [N, t]
+        score = np.zeros_like(top)
+        scratch = np.empty_like(by_node)
+        previous = None
+        for i in range(r):
+            if i:                                   # the next distinct key: hide the last one
+                np.copyto(scratch, by_node)
+                np.copyto(scratch, -np.inf, where=by_node >= top[:, None, :])
+                top = scratch.max(axis=1)
+            affinity = np.divide(np.float32(-1.0), top)
+            if previous is not None and np.any((affinity == previous) & (top > -np.inf)):
+                return None
+            score += affinity
+            previous = affinity
+    return score
+
+
+def _node_scores(keys: np.ndarray, e: int, slots: np.ndarray, r: int) -> np.ndarray:
+    """Reference form of the node scores ``float32[N, t]`` for expert-major ``keys: [E_pad, t]``:
+    r rounds of "take each node's highest affinity, then zero every copy of it"."""
+    t = keys.shape[1]
+    affinity = np.zeros((e + 1, t), dtype=np.float32)             # [E + padding row, t]
+    with np.errstate(divide="ignore"):
+        np.divide(-1.0, keys[:e], out=affinity[:e])
+    per_node = affinity[slots.T]                                   # [maxper, N, t]
+    score = np.zeros(per_node.shape[1:], dtype=np.float32)
+    for _ in range(r):
+        top = per_node.max(axis=0)
+        score += top
+        per_node[per_node == top] = 0.0
+    return score
 
 
 # ----------------------------------------------------------------------------- counts
@@ -375,11 +462,10 @@ def node_fanout(choices: LayerChoices, expert_node: np.ndarray, num_sources: int
         raise InfeasiblePlacement(f"expert_node must be int[num_experts] of ids in "
                                   f"0..{num_nodes - 1}; got shape {node_of.shape}")
     t = choices.num_tokens
-    hit = np.zeros((t, num_nodes), dtype=bool)
-    hit[np.arange(t)[:, None], node_of[choices.experts]] = True
-    row, node = np.nonzero(hit)
-    flat = choices.source[row].astype(np.int64) * num_nodes + node
-    fanout = np.bincount(flat, minlength=num_sources * num_nodes)
+    hit = np.zeros((t, num_nodes), dtype=np.uint8)                 # 1: token has an expert there
+    hit[np.arange(t)[:, None], node_of[choices.experts]] = 1
+    flat = choices.source.astype(np.int64)[:, None] * num_nodes + np.arange(num_nodes)
+    fanout = np.bincount(flat.ravel(), weights=hit.ravel(), minlength=num_sources * num_nodes)
     return fanout.reshape(num_sources, num_nodes) * choices.weight
 
 
@@ -426,7 +512,38 @@ def sample_routing(spec: RoutingSpec, *, num_experts: int, num_layers: int, num_
 
     ``expert_node``: ``int[E]`` or ``int[layers, E]`` (needed when ``spec.node_limit`` > 0).
     ``spec.distribution == "trace"`` samples from ``trace`` (or loads ``spec.trace`` when None).
+
+    The last few draws are kept (arrays read-only) and handed out again for the same arguments:
+    a placement planned on the routing, a faulted run's healthy twin and a sweep's repeated
+    points draw the same layers.
     """
+    if spec.distribution == "trace" or trace is not None:       # a file may change: no reuse
+        return _sample_layers(spec, num_experts, num_layers, num_sources, tokens_per_source,
+                              top_k, seed, gating, expert_node, trace)
+    nodes = None if expert_node is None else np.asarray(expert_node)
+    key = (spec, num_experts, num_layers, num_sources, tokens_per_source, top_k, seed, gating,
+           None if nodes is None else (nodes.shape, nodes.dtype.str, nodes.tobytes()))
+    layers = _DRAWN.get(key)
+    if layers is None:
+        layers = list(_sample_layers(spec, num_experts, num_layers, num_sources,
+                                     tokens_per_source, top_k, seed, gating, nodes, None))
+        for choice in layers:
+            choice.experts.flags.writeable = choice.source.flags.writeable = False
+        _DRAWN[key] = layers
+        while len(_DRAWN) > _DRAWN_KEPT:
+            _DRAWN.popitem(last=False)
+    _DRAWN.move_to_end(key)
+    return iter(layers)
+
+
+_DRAWN: OrderedDict[tuple, list[LayerChoices]] = OrderedDict()   # sample_routing's last draws
+_DRAWN_KEPT = 2
+
+
+def _sample_layers(spec: RoutingSpec, num_experts: int, num_layers: int, num_sources: int,
+                   tokens_per_source: int, top_k: int, seed: int, gating: str,
+                   expert_node: np.ndarray | None, trace: RoutingTrace | None
+                   ) -> Iterator[LayerChoices]:
     k = _effective_top_k(gating, top_k, num_experts)
     if spec.distribution == "trace" and trace is None:
         trace = load_trace(spec.trace, num_experts=num_experts, num_layers=num_layers)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim import routing
-from moesim.placement.placement import Placement
+from moesim.placement.placement import Placement, ReplicaSplit
 
 __all__ = ["LayerTraffic", "layer_traffic", "merge_flows"]
 
@@ -78,9 +78,8 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
     raw = routing.counts_from_choices(choices, ep, experts)
     counts, dropped = routing.apply_capacity(raw, tokens_per_source, top_k, capacity_factor)
     # Step 2: send each expert's tokens to the replicas each source prefers.
-    share = placement.replica_share(layer, device_node)           # [src, experts, dst]
-    tokens = np.einsum("se,sed->sd", counts, share)               # [src, dst]
-    per_device_expert = np.einsum("se,sed->de", counts, share)    # [dst, experts]
+    split = placement.replica_split(layer, device_node)
+    tokens, per_device_expert = split.route(counts)               # [src, dst], [dst, experts]
     slots = placement.slot_expert[layer]                          # [dst, slots]
     same = (slots[:, :, None] == slots[:, None, :]).sum(axis=2)   # copies of the slot's expert
     slot_tokens = np.take_along_axis(per_device_expert, slots, axis=1) / same
@@ -90,7 +89,7 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
         src, dst = np.nonzero(tokens)
         pairs, nbytes = merge_flows(src, dst, tokens[src, dst] * token_bytes, ep)
     elif algorithm == "hierarchical":
-        pairs, nbytes = _hierarchical_flows(choices, counts, raw, share, tokens, device_node,
+        pairs, nbytes = _hierarchical_flows(choices, counts, raw, split, tokens, device_node,
                                             token_bytes)
     else:
         raise ValueError(f"algorithm={algorithm!r} must be 'direct' or 'hierarchical'")
@@ -100,42 +99,70 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
                         float(dropped.sum()), cross)
 
 
-def _hierarchical_flows(choices, counts, raw, share, tokens, device_node, token_bytes):
-    """Node-deduplicated dispatch: one network copy per (token, destination node), then NVLink."""
-    ep = tokens.shape[0]
-    nodes, local_index = np.unique(device_node, return_inverse=True)
-    node_of = local_index  # node position 0..N-1 of each device
-    num_nodes = len(nodes)
-    # Which node serves expert e for sources on node n: where the largest share goes.
-    src_parts, dst_parts, byte_parts = [], [], []
-    rank_in_node = np.zeros(ep, dtype=int)
-    members = [np.flatnonzero(node_of == n) for n in range(num_nodes)]
-    for m in members:
-        rank_in_node[m] = np.arange(len(m))
+def _hierarchical_flows(choices: routing.LayerChoices, counts: np.ndarray, raw: np.ndarray,
+                        split: ReplicaSplit, tokens: np.ndarray, device_node: np.ndarray,
+                        token_bytes: float) -> tuple[np.ndarray, np.ndarray]:
+    """Node-deduplicated dispatch: one network copy per (token, destination node), then NVLink.
+
+    A source ``s`` on node ``n`` sends, for every other node ``b``, one copy of each token with an
+    expert on ``b`` to its relay there (the device of ``b`` with ``s``'s local index, modulo the
+    size of ``b``); the relay forwards ``tokens[s, d]`` to every device ``d`` of ``b``. Its own
+    node's devices it reaches directly. Returns merged ``(pairs int[F, 2], bytes float[F])``.
+    """
+    # Step 1: the group's nodes, each device's local index, and each (source, node) relay.
+    _, node_of = np.unique(device_node, return_inverse=True)        # node position 0..N-1
+    node_of = node_of.ravel()
+    sizes = np.bincount(node_of)
+    num_nodes = sizes.size
+    node_order = np.argsort(node_of, kind="stable")                   # devices, node by node
+    first = np.cumsum(sizes) - sizes
+    rank_in_node = np.empty_like(node_of)
+    rank_in_node[node_order] = np.arange(node_of.size) - np.repeat(first, sizes)
+    members = np.zeros((num_nodes, sizes.max()), dtype=np.intp)       # [N, widest node]
+    members[node_of[node_order], rank_in_node[node_order]] = node_order
+    relay = members[np.arange(num_nodes), rank_in_node[:, None] % sizes]   # [src, N]
+    # Step 2: bytes of each network copy, from the node fanout of the source's expert map.
     kept = np.divide(counts, raw, out=np.ones_like(counts), where=raw > 0)
+    keep_frac = kept.mean(axis=1)                                     # capacity drops shrink it
+    cross = _fanout_by_source(choices, split, node_of, members[:, 0], num_nodes)
+    cross = cross * keep_frac[:, None] * token_bytes                  # [src, N]
+    # Step 3: one row of flows per source, in the order the reference loop emits them
+    # (merge_flows sums repeated pairs in that order): per other node b its relay copy, then
+    # the relay's forwards; then the source's own node.
+    src_cols, dst_cols, byte_cols, valid_cols = [], [], [], []
+    sources = np.arange(node_of.size)
+    for b in range(num_nodes):
+        targets = members[b, : sizes[b]]
+        src_cols += [sources[:, None], np.repeat(relay[:, b : b + 1], sizes[b], axis=1)]
+        dst_cols += [relay[:, b : b + 1], np.broadcast_to(targets, (node_of.size, sizes[b]))]
+        byte_cols += [cross[:, b : b + 1], tokens[:, targets] * token_bytes]
+        valid_cols.append(np.broadcast_to((node_of != b)[:, None], (node_of.size, 1 + sizes[b])))
+    local = members[node_of]                                          # [src, widest node]
+    src_cols.append(np.broadcast_to(sources[:, None], local.shape))
+    dst_cols.append(local)
+    byte_cols.append(np.take_along_axis(tokens, local, axis=1) * token_bytes)
+    valid_cols.append(np.arange(local.shape[1]) < sizes[node_of][:, None])
+    order = node_order                                                # sources node by node
+    valid = np.concatenate(valid_cols, axis=1)[order]
+    src, dst, nbytes = (np.concatenate(cols, axis=1)[order][valid]
+                        for cols in (src_cols, dst_cols, byte_cols))
+    return merge_flows(src, dst, nbytes, node_of.size)
+
+
+def _fanout_by_source(choices: routing.LayerChoices, split: ReplicaSplit, node_of: np.ndarray,
+                      first_member: np.ndarray, num_nodes: int) -> np.ndarray:
+    """``[src, N]`` real tokens of each source with an expert on each node.
+
+    Sources on node ``n`` see expert ``e`` on the node of the device that takes most of the first
+    member's tokens for ``e``; nodes that see the same map share one count.
+    """
+    fanout = np.empty((node_of.size, num_nodes))
+    seen: dict[bytes, np.ndarray] = {}
     for n in range(num_nodes):
-        sources = members[n]
-        expert_device = share[sources[0]].argmax(axis=1)          # [experts]
-        expert_node = node_of[expert_device]
-        fanout = routing.node_fanout(choices, expert_node, ep, num_nodes)   # [src, node]
-        keep_frac = kept.mean(axis=1)                              # capacity drops shrink it
-        for s in sources:
-            for b in range(num_nodes):
-                if b == n:
-                    continue
-                relay = members[b][rank_in_node[s] % len(members[b])]
-                src_parts.append([s])
-                dst_parts.append([relay])
-                byte_parts.append([fanout[s, b] * keep_frac[s] * token_bytes])
-                # relay forwards to each expert device on node b
-                targets = members[b]
-                src_parts.append(np.full(len(targets), relay))
-                dst_parts.append(targets)
-                byte_parts.append(tokens[s, targets] * token_bytes)
-            local = members[n]
-            src_parts.append(np.full(len(local), s))
-            dst_parts.append(local)
-            byte_parts.append(tokens[s, local] * token_bytes)
-    src = np.concatenate(src_parts).astype(int)
-    dst = np.concatenate(dst_parts).astype(int)
-    return merge_flows(src, dst, np.concatenate(byte_parts), ep)
+        expert_node = node_of[split.preferred_device(first_member[n])]   # [experts]
+        key = expert_node.tobytes()
+        if key not in seen:
+            seen[key] = routing.node_fanout(choices, expert_node, node_of.size, num_nodes)
+        rows = node_of == n
+        fanout[rows] = seen[key][rows]
+    return fanout

@@ -5,6 +5,11 @@ redundant slots) for its first EP group; all are priced by the same objective
 (:mod:`moesim.placement.objective`) and printed side by side: cross-node bytes, max/mean device
 load, predicted MoE layer time, planning time. The first planner's plan is written to ``-o``.
 
+With ``--failed-devices 3,17`` it re-plans instead (:mod:`moesim.placement.failover`): from the
+plan in ``--current`` (else the scenario's placement policy's plan), the experts that lived only
+on those devices (EP-local indices ``0..ep-1``) move into redundant live slots; it prints the
+slots and bytes of expert weights moved per layer and writes the new plan to ``-o``.
+
 Routing: ``--trace FILE`` (a per-token trace is split in time: plan on the first ``--split``
 of its tokens, price on the rest; a counts trace or an engine's load dump is used for both),
 else the scenario's own routing (planned and priced on the simulator's sample).
@@ -23,11 +28,12 @@ import numpy as np
 
 from moesim import routing
 from moesim.errors import ScenarioError
-from moesim.placement import baselines, export, objective, planner
+from moesim.placement import baselines, export, failover, objective, planner
 from moesim.placement.eplb import eplb_rebalance
 from moesim.placement.placement import Placement
 
-__all__ = ["PLANNERS", "register", "make_placement", "PlanningInputs", "planning_inputs"]
+__all__ = ["PLANNERS", "register", "make_placement", "PlanningInputs", "planning_inputs",
+           "parse_failed_devices"]
 
 PLANNERS = ("moesim", "eplb", "eplb_global", "contiguous", "round_robin", "random")
 
@@ -127,6 +133,14 @@ def register(sub, commands: dict) -> None:
     p.add_argument("--exact", action="store_true",
                    help="price all-to-alls by flow simulation instead of the closed form")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--failed-devices", metavar="D,D,...",
+                   help="re-plan around these failed devices (EP-local indices 0..ep-1; "
+                        "cluster rank r is index r %% ep) instead of planning afresh")
+    p.add_argument("--current", help="with --failed-devices: the plan running now (default: "
+                                     "the scenario's placement policy's plan)")
+    p.add_argument("--same-node", action="store_true",
+                   help="with --failed-devices: re-home lost experts on the failed devices' "
+                        "nodes first (keeps the plan's node grouping, at some cost in balance)")
     commands["plan"] = _cmd_plan
 
 
@@ -139,6 +153,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     s = load_scenario(args.scenario, overrides)
     if not 0.0 < args.split <= 1.0:
         raise ScenarioError(f"--split={args.split} must be in (0, 1]", field="--split")
+    if args.failed_devices is not None:
+        return _cmd_failover(args, s)
+    for flag, value in (("--current", args.current), ("--same-node", args.same_node)):
+        if value:
+            raise ScenarioError("is only used with --failed-devices", field=flag)
     ctx = objective.CostContext.from_scenario(s)
     inputs = planning_inputs(s, ctx, args.trace, args.split)
     names = args.planner or ["moesim", "eplb", "contiguous", "round_robin"]
@@ -169,6 +188,96 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                 "predicted": cost.as_dict()})
     print(f"wrote      {args.output} ({placement.name}, {args.format} format)")
     return 0
+
+
+def _cmd_failover(args: argparse.Namespace, s) -> int:
+    """``moesim plan --failed-devices``: re-plan the current placement around failed devices."""
+    from moesim.memory import tokens_per_microbatch
+    from moesim.placement.policies import expected_load, resolve_placement
+    from moesim.spec.hardware import dtype_bytes
+
+    ctx = objective.CostContext.from_scenario(s)
+    failed = parse_failed_devices(args.failed_devices, ctx.ep)
+    tokens = tokens_per_microbatch(s)      # as ``moesim run`` resolves the policy's placement
+    if args.current is not None:
+        current, origin = export.load_plan(args.current, s), f"plan {args.current}"
+    else:
+        current = resolve_placement(s, tokens, ctx.device_node)
+        origin = f"placement policy {s.placement.policy!r}"
+    if args.trace is None:
+        load, routing_what = expected_load(s, tokens), "the scenario's routing"
+    else:
+        inputs = planning_inputs(s, ctx, args.trace, args.split)
+        load = np.stack([info.load for info in inputs.layers])
+        routing_what = inputs.description
+    m = s.model
+    expert_bytes = float(m.expert_params * dtype_bytes(s.precision.weights))
+    plan = failover.replan_failed(current, failed, load, expert_bytes,
+                                  ctx.device_node if args.same_node else None)
+    nodes = sorted({int(ctx.device_node[d]) for d in failed})
+    print(f"scenario   {s.name}: {m.num_moe_layers} MoE layers x {m.num_experts} experts, "
+          f"ep={ctx.ep}, {current.slots_per_device} slots per device")
+    print(f"current    {origin}")
+    print(f"routing    {routing_what}")
+    print(f"failed     EP devices {','.join(map(str, failed))} (node {','.join(map(str, nodes))}); "
+          f"donor replicas: {'same node first, then ' if args.same_node else ''}"
+          "least load per replica")
+    print(_failover_table(current, plan, load, list(m.moe_layer_ids), expert_bytes))
+    print(f"total      moved {plan.total_moved_slots} slots = {plan.moved_bytes / 1e9:.3f} GB of "
+          f"expert weights ({m.expert_params / 1e6:.2f}M params x "
+          f"{dtype_bytes(s.precision.weights):g} B {s.precision.weights} per expert); "
+          f"{sum(map(len, plan.lost_experts))} experts left without a slot")
+    lost = {str(i): experts for i, experts in enumerate(plan.lost_experts) if experts}
+    export.write_plan(args.output, plan.placement, fmt=args.format,
+                      moe_layer_ids=list(m.moe_layer_ids),
+                      metadata={"scenario": s.name, "current": origin,
+                                "failover": {"failed_devices": list(plan.failed),
+                                             "moved_slots": plan.total_moved_slots,
+                                             "moved_bytes": plan.moved_bytes,
+                                             "lost_experts": lost}})
+    print(f"wrote      {args.output} ({plan.placement.name}, {args.format} format)")
+    return 0
+
+
+def parse_failed_devices(text: str, ep: int) -> list[int]:
+    """``"3,17"`` as sorted unique EP-local device indices, each in ``0..ep-1``, at least one
+    device left alive; errors name ``--failed-devices`` and the allowed range."""
+    allowed = f"comma-separated EP-local device indices in 0..{ep - 1}"
+    failed = set()
+    for item in text.split(","):
+        try:
+            device = int(item.strip())
+        except ValueError:
+            raise ScenarioError(f"{item.strip()!r} is not an integer; expected {allowed}",
+                                field="--failed-devices") from None
+        if not 0 <= device < ep:
+            raise ScenarioError(f"device {device} is out of range; expected {allowed} (cluster "
+                                f"rank r is EP-local index r % {ep})", field="--failed-devices")
+        failed.add(device)
+    if len(failed) == ep:
+        raise ScenarioError(f"all {ep} devices of the EP group failed; at least one must stay "
+                            "alive", field="--failed-devices")
+    return sorted(failed)
+
+
+def _failover_table(before: Placement, plan: failover.FailoverPlan, load: np.ndarray,
+                    block_ids: list[int], expert_bytes: float) -> str:
+    """Per MoE layer: experts lost, re-homed and dropped, slots and MB moved, and max/mean
+    live-device load before the failure and after the re-plan."""
+    healthy = failover.live_device_load(before, [], load)
+    after = failover.live_device_load(plan.placement, plan.failed, load)
+    alive = np.setdiff1d(np.arange(before.ep), plan.failed)
+    lines = [f"{'layer':>5} {'block':>5} {'lost':>5} {'moved':>5} {'dropped':>7} "
+             f"{'moved MB':>9} {'max/mean before -> after':>25}"]
+    for i in range(before.num_layers):
+        dropped = len(plan.lost_experts[i])
+        moved = int(plan.moved_slots[i])
+        ratio = [h.max() / max(h.mean(), 1e-300) for h in (healthy[i], after[i][alive])]
+        lines.append(f"{i:>5} {block_ids[i]:>5} {moved + dropped:>5} {moved:>5} {dropped:>7} "
+                     f"{moved * expert_bytes / 1e6:>9.1f} {ratio[0]:>15.3f} -> {ratio[1]:.3f}")
+    lines.append("(lost: experts with no live copy; moved: re-homed into a redundant slot, one "
+                 "copy each; dropped: no redundant slot left, their tokens are dropped)")
+    return "\n".join(lines)
 
 
 def _table(rows: list[tuple[str, objective.PlanCost, float]]) -> str:
