@@ -663,11 +663,13 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             fields = {name: archive[name] for name in archive.files}
     except Exception as exc:   # numpy raises ValueError, OSError or zipfile errors here
         raise TraceError(f"{path}: not a readable .npz archive ({exc})") from None
+    # Extra arrays are metadata (a recorder's model dims, losses, domains) when the archive holds
+    # routing data; with no routing array at all they are most likely misspellings.
     unknown = sorted(set(fields) - set(_NPZ_KEYS))
-    if unknown:
+    if unknown and not ({"expert_ids", "counts"} & set(fields)):
         raise TraceError(f"{path}: unknown array(s) {', '.join(unknown)}; allowed: "
                          f"{', '.join(_NPZ_KEYS)}")
-    return fields
+    return {name: value for name, value in fields.items() if name in _NPZ_KEYS}
 
 
 def _read_csv(path: Path, num_experts: int | None) -> dict[str, np.ndarray]:
