@@ -44,6 +44,7 @@ class LayerTraffic:
     counts: np.ndarray
     dropped: float
     cross_node_dispatch_bytes: float
+    live_sources: int = -1          # devices that sent tokens (-1: all of the group)
 
     @property
     def combine_pairs(self) -> np.ndarray:
@@ -66,19 +67,29 @@ def merge_flows(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, n: int
 def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: int, *,
                   device_node: np.ndarray, tokens_per_source: float, hidden: int,
                   dispatch_bytes_per_elem: float, combine_bytes_per_elem: float,
-                  capacity_factor: float | None, top_k: int, algorithm: str = "direct"
-                  ) -> LayerTraffic:
+                  capacity_factor: float | None, top_k: int, algorithm: str = "direct",
+                  failed: np.ndarray | None = None) -> LayerTraffic:
     """Flows of one layer's dispatch and combine all-to-alls.
 
     ``device_node: int[ep]`` node of each device of the group. Tokens beyond an expert's per-source
     capacity are dropped before dispatch (GShard/Megatron-Core), and their count returned.
+    ``failed: bool[ep]`` devices that send nothing and whose slots serve nothing: tokens for
+    experts left with no live replica are dropped too.
     """
     ep, experts = placement.ep, placement.num_experts
+    if failed is not None:   # failed devices produce no tokens
+        alive_rows = ~np.asarray(failed, dtype=bool)[choices.source]
+        choices = routing.LayerChoices(choices.experts[alive_rows], choices.source[alive_rows],
+                                       choices.weight)
     # Step 1: token counts per (source, expert), after capacity dropping.
     raw = routing.counts_from_choices(choices, ep, experts)
     counts, dropped = routing.apply_capacity(raw, tokens_per_source, top_k, capacity_factor)
+    if failed is not None:   # experts with no live slot: their tokens are dropped
+        dead = ~placement.live_experts(layer, failed)
+        dropped = dropped + np.where(dead[None, :], counts, 0.0)
+        counts = np.where(dead[None, :], 0.0, counts)
     # Step 2: send each expert's tokens to the replicas each source prefers.
-    split = placement.replica_split(layer, device_node)
+    split = placement.replica_split(layer, device_node, failed)
     tokens, per_device_expert = split.route(counts)               # [src, dst], [dst, experts]
     slots = placement.slot_expert[layer]                          # [dst, slots]
     same = (slots[:, :, None] == slots[:, None, :]).sum(axis=2)   # copies of the slot's expert
@@ -95,8 +106,9 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
         raise ValueError(f"algorithm={algorithm!r} must be 'direct' or 'hierarchical'")
     cross = float(nbytes[device_node[pairs[:, 0]] != device_node[pairs[:, 1]]].sum())
     scale = combine_bytes_per_elem / dispatch_bytes_per_elem
+    sources = ep if failed is None else int((~np.asarray(failed, dtype=bool)).sum())
     return LayerTraffic(pairs, nbytes, nbytes * scale, tokens, slot_tokens, counts,
-                        float(dropped.sum()), cross)
+                        float(dropped.sum()), cross, sources)
 
 
 def _hierarchical_flows(choices: routing.LayerChoices, counts: np.ndarray, raw: np.ndarray,

@@ -73,3 +73,27 @@ def test_slowdown_between_zero_and_one_is_rejected(make_scenario):
     from moesim.errors import ScenarioError
     with pytest.raises(ScenarioError, match="slowdown"):
         make_scenario({"faults": [{"kind": "device", "device": 0, "slowdown": 0.5}]})
+
+
+def test_failed_device_drops_tokens_of_experts_without_a_live_replica(make_scenario):
+    # 4 devices, 4 experts, one per device, balanced top-1 routing: device 1 fails. The three
+    # live sources each send T/4 tokens to expert 1, which has no replica: all dropped.
+    sim = simulate(make_scenario({"faults": [{"kind": "device", "device": 1}]}))
+    layer = sim.scenario.model.moe_layer_ids[0]
+    tr = sim.costs.block(layer).traffic
+    tokens = 256
+    assert tr.dropped == pytest.approx(3 * tokens / 4)
+    assert tr.counts[1].sum() == 0 and tr.slot_tokens[1].sum() == 0
+    assert tr.counts.sum() == pytest.approx(3 * tokens - 3 * tokens / 4)
+    per_step = sim.result.faults["dropped_tokens_due_to_faults"]
+    assert per_step == pytest.approx(3 * tokens / 4 * 4 * 1)   # x 4 MoE layers x 1 micro-batch
+
+
+def test_replicas_take_over_a_failed_devices_experts(make_scenario):
+    # 8 slots for 4 experts: every expert has two replicas on different devices, so nothing drops.
+    sim = simulate(make_scenario({"placement": {"policy": "round_robin",
+                                                "redundant_experts": 4},
+                                  "faults": [{"kind": "device", "device": 1}]}))
+    assert sim.result.faults["dropped_tokens_due_to_faults"] == 0
+    tr = sim.costs.block(sim.scenario.model.moe_layer_ids[0]).traffic
+    assert tr.slot_tokens[1].sum() == 0 and tr.counts.sum() == pytest.approx(3 * 256)

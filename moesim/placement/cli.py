@@ -154,6 +154,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if not 0.0 < args.split <= 1.0:
         raise ScenarioError(f"--split={args.split} must be in (0, 1]", field="--split")
     if args.failed_devices is not None:
+        if args.planner:
+            raise ScenarioError("--failed-devices re-plans the current placement; no planner "
+                                "runs", field="--planner")
         return _cmd_failover(args, s)
     for flag, value in (("--current", args.current), ("--same-node", args.same_node)):
         if value:

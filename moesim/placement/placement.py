@@ -79,19 +79,34 @@ class Placement:
         """
         return self.replica_split(layer, device_node).dense()
 
-    def replica_split(self, layer: int, device_node: np.ndarray) -> ReplicaSplit:
-        """:meth:`replica_share` in compact form (per node, plus the experts each device holds)."""
+    def replica_split(self, layer: int, device_node: np.ndarray,
+                      failed: np.ndarray | None = None) -> ReplicaSplit:
+        """:meth:`replica_share` in compact form (per node, plus the experts each device holds).
+
+        ``failed: bool[ep]`` devices whose slots serve nothing; an expert with no live slot gets
+        no destination (its tokens must be dropped by the caller, see :meth:`live_experts`).
+        """
         ep, experts = self.ep, self.num_experts
         holds = np.zeros((experts, ep))  # holds[e, d] = slots of expert e on device d
         np.add.at(holds, (self.slot_expert[layer], np.arange(ep)[:, None]), 1.0)
+        if failed is not None:
+            holds[:, np.asarray(failed, dtype=bool)] = 0.0
         # Per node, the replicas on that node where it has any, else all of them.
         _, node_of = np.unique(np.asarray(device_node), return_inverse=True)
         node_of = node_of.ravel()
         in_node = node_of[None, :] == np.arange(node_of.max() + 1)[:, None]      # [N, dst]
         on_node = in_node[:, None, :] * holds[None, :, :]                          # [N, E, dst]
         by_node = np.where(on_node.any(axis=2, keepdims=True), on_node, holds[None, :, :])
-        by_node /= by_node.sum(axis=2, keepdims=True)
+        total = by_node.sum(axis=2, keepdims=True)
+        by_node = np.divide(by_node, total, out=np.zeros_like(by_node), where=total > 0)
         return ReplicaSplit(node_of, by_node, holds.T > 0)
+
+    def live_experts(self, layer: int, failed: np.ndarray | None = None) -> np.ndarray:
+        """bool[experts]: experts with at least one slot on a device that has not failed."""
+        slots = self.slot_expert[layer]
+        if failed is not None:
+            slots = slots[~np.asarray(failed, dtype=bool)]
+        return np.isin(np.arange(self.num_experts), slots)
 
     def memory_slots(self) -> int:
         return self.slots_per_device

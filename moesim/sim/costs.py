@@ -160,7 +160,7 @@ class CostModel:
             dispatch_bytes_per_elem=dtype_bytes(s.precision.dispatch),
             combine_bytes_per_elem=dtype_bytes(s.precision.combine),
             capacity_factor=s.model.capacity_factor, top_k=s.model.effective_top_k,
-            algorithm=s.communication.alltoall)
+            algorithm=s.communication.alltoall, failed=self._failed(layer))
         experts = np.array([t.experts(traffic.slot_tokens[d]) for d in range(ep)])
         routed = traffic.tokens.sum(axis=1)  # token copies each device permutes
         permute = t.elementwise(4 * routed.max() * h * dtype_bytes(s.precision.activations))
@@ -191,6 +191,17 @@ class CostModel:
         ptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=ptr[1:])
         return ptr, all_links[np.repeat(first - ptr[:-1], lengths) + np.arange(ptr[-1])]
+
+    def _failed(self, layer: int) -> np.ndarray | None:
+        """bool[ep] failed devices of the EP group running ``layer``, or None."""
+        faults = self.device_faults
+        if faults is None:
+            return None
+        for stage in faults.stage_local:
+            if layer in self.layout.stage_layers(stage):
+                mask = faults.failed(stage)
+                return mask if mask.any() else None
+        return None
 
     def _collectives(self, traffic: LayerTraffic) -> tuple[Collective, Collective]:
         """The layer's dispatch and combine all-to-alls (the combine mirrored when it can be)."""

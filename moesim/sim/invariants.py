@@ -31,7 +31,8 @@ def check_invariants(sim) -> None:
         block = costs.block(layer)
         tr = block.traffic
         # Tokens: routed copies = kept + dropped; kept copies all reach some slot.
-        routed = tokens * ep * k
+        sources = ep if tr.live_sources < 0 else tr.live_sources
+        routed = tokens * sources * k
         _close(tr.counts.sum() + tr.dropped, routed, f"layer {layer} token copies routed")
         _close(tr.tokens.sum(), tr.counts.sum(), f"layer {layer} token copies sent")
         _close(tr.slot_tokens.sum(), tr.counts.sum(), f"layer {layer} token copies computed")
