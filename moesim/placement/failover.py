@@ -11,8 +11,10 @@ spare replicas run out the ones left behind (their tokens are dropped) are the c
 Which redundant replica gives way: the one on the failed device's node first (the copy travels
 over the scale-up link and the node keeps the experts the plan grouped there), then the one whose
 expert carries the lowest load per live replica (its other copies absorb the least extra load),
-then the lowest slot index. Failed devices keep their slots in the array (the plan stays the
-same shape and still names every expert); they are simply treated as dead.
+then the lowest slot index. (``moesim plan`` passes no ``device_node`` unless ``--same-node``: on
+DeepSeek-V3 EP64 the node rule cost balance, docs/placement.md.) Failed devices keep their slots
+in the array (the plan stays the same shape and still names every expert); they are treated as
+dead.
 """
 
 from __future__ import annotations
