@@ -111,3 +111,12 @@ def test_info_lists_shipped_things(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "mixtral-8x7b" in out and "h100-sxm" in out and "tiny-cpu.yaml" in out
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_scenario_runs(path, tmp_path, capsys):
+    # Includes DeepSeek-V3 on 2048 GPUs; invariants are checked inside every simulation.
+    assert main(["run", str(path), "-o", str(tmp_path), "--no-trace"]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["step_time"] > 0 and result["tokens_per_s"] > 0
+    assert sum(result["breakdown"].values()) == pytest.approx(result["step_time"], rel=1e-6)
