@@ -163,18 +163,24 @@ def _hierarchical_flows(choices: routing.LayerChoices, counts: np.ndarray, raw: 
 
 def _fanout_by_source(choices: routing.LayerChoices, split: ReplicaSplit, node_of: np.ndarray,
                       first_member: np.ndarray, num_nodes: int) -> np.ndarray:
-    """``[src, N]`` real tokens of each source with an expert on each node.
+    """``[src, N]`` expected real tokens of each source that reach each node.
 
-    Sources on node ``n`` see expert ``e`` on the node of the device that takes most of the first
-    member's tokens for ``e``; nodes that see the same map share one count.
+    A token of a source on node ``n`` sends expert ``e``'s copy to node ``b`` with probability
+    ``q[e, b]``: the share of ``e``'s tokens from node ``n`` that replicas on ``b`` take (0 or 1 when
+    all of them sit on one node, as without replicas). It reaches ``b`` unless every one of its
+    experts goes elsewhere: ``1 - prod_k (1 - q[e_k, b])``. A source holding an expert keeps its
+    tokens on its own node, where ``q`` already sends them (a replica there takes all of ``n``'s
+    share), so ``first_member`` is not needed.
     """
-    fanout = np.empty((node_of.size, num_nodes))
-    seen: dict[bytes, np.ndarray] = {}
+    del first_member
+    on_node = (node_of[:, None] == np.arange(num_nodes)[None, :]).astype(float)   # [dst, N]
+    source_node = node_of[choices.source]                                         # [T]
+    fanout = np.zeros((node_of.size, num_nodes))
     for n in range(num_nodes):
-        expert_node = node_of[split.preferred_device(first_member[n])]   # [experts]
-        key = expert_node.tobytes()
-        if key not in seen:
-            seen[key] = routing.node_fanout(choices, expert_node, node_of.size, num_nodes)
-        rows = node_of == n
-        fanout[rows] = seen[key][rows]
-    return fanout
+        rows = np.flatnonzero(source_node == n)
+        if rows.size == 0:
+            continue
+        q = split.by_node[n] @ on_node                                            # [E, N]
+        miss = np.prod(1.0 - q[choices.experts[rows]], axis=1)                    # [rows, N]
+        np.add.at(fanout, choices.source[rows], 1.0 - miss)
+    return fanout * choices.weight
