@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moesim.spec.models import merge_mappings
 from moesim.spec.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,13 +36,7 @@ SMALL = {
 
 
 def merge(base: dict, changes: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+    return merge_mappings(copy.deepcopy(base), changes)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from moesim.errors import InternalError
+from moesim.spec.hardware import dtype_bytes
 
 __all__ = ["check_invariants"]
 
@@ -42,7 +43,7 @@ def check_invariants(sim) -> None:
         _close(sent, received, f"layer {layer} dispatch bytes sent vs received")
         if s.communication.alltoall == "direct":
             off_device = tr.tokens.sum() - np.trace(tr.tokens)
-            bytes_per = s.model.hidden_size * _bytes(s.precision.dispatch)
+            bytes_per = s.model.hidden_size * dtype_bytes(s.precision.dispatch)
             _close(tr.dispatch_bytes.sum(), off_device * bytes_per,
                    f"layer {layer} dispatch bytes vs token copies")
         for coll in (block.dispatch, block.combine):
@@ -79,8 +80,3 @@ def _check_timeline(sim) -> None:
             if len(idx) > 1 and np.any(run.start[idx[1:]] < run.end[idx[:-1]] - 1e-12):
                 raise InternalError(f"invariant broken: a device's {stream} stream runs two ops "
                                     "at once")
-
-
-def _bytes(dtype: str) -> float:
-    from moesim.spec.hardware import dtype_bytes
-    return dtype_bytes(dtype)

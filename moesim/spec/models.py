@@ -24,7 +24,7 @@ from moesim.errors import ScenarioError
 from moesim.spec.fields import build, read_yaml
 from moesim.spec.model import ModelSpec
 
-__all__ = ["model_dirs", "list_models", "find_model", "load_model"]
+__all__ = ["model_dirs", "list_models", "find_model", "load_model", "merge_mappings"]
 
 # How deep ``base:`` chains may go before we call it a cycle.
 _MAX_BASE_DEPTH = 8
@@ -145,7 +145,7 @@ def _resolve_base(data: dict[str, Any], *, source: str | None, relative_to: Path
     base_data = _spec_mapping(base)
     if "name" not in data:
         data["name"] = f"{base.name}-variant" if data else base.name
-    return _merge(base_data, data)
+    return merge_mappings(base_data, data)
 
 
 def _spec_mapping(spec: Any) -> dict[str, Any]:
@@ -155,11 +155,12 @@ def _spec_mapping(spec: Any) -> dict[str, Any]:
             for f in dataclasses.fields(spec) if f.init}
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge_mappings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` applied; nested mappings merge key by key."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_mappings(merged[key], value)
         else:
             merged[key] = value
     return merged
