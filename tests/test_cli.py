@@ -27,6 +27,7 @@ EXPECTED = {
     "degrees_mismatch": "parallelism: tp * pp * dp",
     "ep_not_divisor": "parallelism.ep: ep=3",
     "explicit_disconnected": "cluster: device 'c' has no links",
+    "huge_layers": "model.num_layers: 2000000000000 must be <= 10000",
     "missing_workload": "workload: required field is missing",
     "negative_bandwidth": "cluster.scale_out_bandwidth",
     "negative_batch": "workload.global_batch: -8 must be >= 1",

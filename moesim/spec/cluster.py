@@ -48,10 +48,10 @@ class ClusterSpec:
 
     hardware: str = spec_field(doc="shipped profile name (see `moesim info`) or a .yaml path")
     topology: Literal["nvswitch", "fat_tree", "rail_optimized", "torus", "explicit"] = "fat_tree"
-    nodes: int = spec_field(1, min=1)
-    devices_per_node: int = spec_field(0, min=0, doc="0 = the profile's node.devices_per_node")
-    oversubscription: float = spec_field(1.0, min=1.0, doc="leaf downlink : uplink bandwidth")
-    leaf_nodes: int = spec_field(16, min=1, doc="nodes per leaf switch (fat_tree)")
+    nodes: int = spec_field(1, min=1, max=1 << 20)
+    devices_per_node: int = spec_field(0, min=0, max=1024, doc="0 = the profile's node.devices_per_node")
+    oversubscription: float = spec_field(1.0, min=1.0, max=1000, doc="leaf downlink : uplink bandwidth")
+    leaf_nodes: int = spec_field(16, min=1, max=1 << 20, doc="nodes per leaf switch (fat_tree)")
     torus_dims: tuple[int, ...] = ()
     wraparound: bool = True
     scale_up_bandwidth: float | None = spec_field(None, unit="bandwidth", gt=0,

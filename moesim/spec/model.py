@@ -25,16 +25,16 @@ Gating = Literal["topk", "top1", "soft"]
 class AttentionSpec:
     """Multi-head (MHA), grouped-query (GQA) or multi-head latent (MLA) attention."""
 
-    num_heads: int = spec_field(min=1, doc="query heads")
-    num_kv_heads: int = spec_field(0, min=0, doc="key/value heads (0 = num_heads; GQA when fewer)")
-    head_dim: int = spec_field(0, min=0, doc="per-head dim (0 = hidden_size / num_heads)")
+    num_heads: int = spec_field(min=1, max=65536, doc="query heads")
+    num_kv_heads: int = spec_field(0, min=0, max=65536, doc="key/value heads (0 = num_heads; GQA when fewer)")
+    head_dim: int = spec_field(0, min=0, max=65536, doc="per-head dim (0 = hidden_size / num_heads)")
     kind: Literal["mha", "gqa", "mla"] = "mha"
     # MLA (DeepSeek-V2/V3): queries and keys/values go through low-rank latents; the KV cache
     # holds the latent (kv_lora_rank + qk_rope_head_dim per token), not full heads.
-    q_lora_rank: int = spec_field(0, min=0, doc="MLA query latent rank (0 = no query compression)")
-    kv_lora_rank: int = spec_field(0, min=0, doc="MLA key/value latent rank")
-    qk_rope_head_dim: int = spec_field(0, min=0, doc="MLA decoupled RoPE dim per head")
-    v_head_dim: int = spec_field(0, min=0, doc="MLA value dim per head (0 = head_dim)")
+    q_lora_rank: int = spec_field(0, min=0, max=1 << 20, doc="MLA query latent rank (0 = no query compression)")
+    kv_lora_rank: int = spec_field(0, min=0, max=1 << 20, doc="MLA key/value latent rank")
+    qk_rope_head_dim: int = spec_field(0, min=0, max=65536, doc="MLA decoupled RoPE dim per head")
+    v_head_dim: int = spec_field(0, min=0, max=65536, doc="MLA value dim per head (0 = head_dim)")
     bias: bool = False
     # Sliding-window (banded) attention, as gpt-oss alternates it with full attention: windowed
     # layers attend to at most ``sliding_window`` earlier tokens; every ``full_attention_every``-th
@@ -62,19 +62,19 @@ class ModelSpec:
     """An MoE transformer. Sizes are the model's public configuration (e.g. its HF config.json)."""
 
     name: str
-    hidden_size: int = spec_field(min=1)
-    num_layers: int = spec_field(min=1, doc="transformer blocks (encoder + decoder if enc-dec)")
-    vocab_size: int = spec_field(min=1)
+    hidden_size: int = spec_field(min=1, max=1 << 20)
+    num_layers: int = spec_field(min=1, max=10_000, doc="transformer blocks (encoder + decoder if enc-dec)")
+    vocab_size: int = spec_field(min=1, max=1 << 24)
     attention: AttentionSpec = field(default_factory=lambda: AttentionSpec(num_heads=1))
-    num_experts: int = spec_field(min=1, doc="routed experts per MoE layer")
-    top_k: int = spec_field(min=1, doc="routed experts per token")
-    expert_ffn_size: int = spec_field(min=1, doc="intermediate size of one routed expert")
-    num_shared_experts: int = spec_field(0, min=0)
-    shared_expert_ffn_size: int = spec_field(0, min=0, doc="0 = expert_ffn_size")
-    dense_ffn_size: int = spec_field(0, min=0, doc="intermediate size of dense blocks' FFN")
-    first_dense_layers: int = spec_field(0, min=0, doc="leading blocks with a dense FFN")
-    moe_layer_interval: int = spec_field(1, min=1, doc="an MoE FFN every n-th block after those")
-    cross_attention_layers: int = spec_field(0, min=0, doc="decoder blocks with cross-attention")
+    num_experts: int = spec_field(min=1, max=1 << 16, doc="routed experts per MoE layer")
+    top_k: int = spec_field(min=1, max=1 << 16, doc="routed experts per token")
+    expert_ffn_size: int = spec_field(min=1, max=1 << 22, doc="intermediate size of one routed expert")
+    num_shared_experts: int = spec_field(0, min=0, max=1024)
+    shared_expert_ffn_size: int = spec_field(0, min=0, max=1 << 22, doc="0 = expert_ffn_size")
+    dense_ffn_size: int = spec_field(0, min=0, max=1 << 22, doc="intermediate size of dense blocks' FFN")
+    first_dense_layers: int = spec_field(0, min=0, max=10_000, doc="leading blocks with a dense FFN")
+    moe_layer_interval: int = spec_field(1, min=1, max=10_000, doc="an MoE FFN every n-th block after those")
+    cross_attention_layers: int = spec_field(0, min=0, max=10_000, doc="decoder blocks with cross-attention")
     activation: Activation = "swiglu"
     # GLaM gates only its dense FFNs (GeGLU) and keeps plain GELU experts; null = activation.
     dense_activation: Activation | None = None

@@ -31,11 +31,11 @@ Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4"]
 class Parallelism:
     """Parallel degrees. tp * pp * dp = devices; EP is carved out of dp * tp (Megatron-Core, DeepSeek)."""
 
-    tp: int = spec_field(1, min=1, doc="tensor parallel (inside a node)")
-    pp: int = spec_field(1, min=1, doc="pipeline stages")
-    dp: int = spec_field(1, min=1, doc="data parallel replicas of the dense part")
-    ep: int = spec_field(1, min=1, doc="expert parallel group size (divides dp * tp)")
-    vp: int = spec_field(1, min=1, doc="virtual pipeline chunks per device (interleaved 1F1B)")
+    tp: int = spec_field(1, min=1, max=1 << 20, doc="tensor parallel (inside a node)")
+    pp: int = spec_field(1, min=1, max=1 << 20, doc="pipeline stages")
+    dp: int = spec_field(1, min=1, max=1 << 20, doc="data parallel replicas of the dense part")
+    ep: int = spec_field(1, min=1, max=1 << 20, doc="expert parallel group size (divides dp * tp)")
+    vp: int = spec_field(1, min=1, max=1024, doc="virtual pipeline chunks per device (interleaved 1F1B)")
     zero_stage: int = spec_field(1, min=0, max=3, doc="ZeRO stage of the optimizer state")
     sequence_parallel: bool = False
 
@@ -49,10 +49,10 @@ class Workload:
     """What one step processes. Training: global_batch sequences of seq_len tokens."""
 
     mode: Literal["training", "prefill", "decode"] = "training"
-    global_batch: int = spec_field(min=1, doc="sequences per step (all DP replicas)")
-    seq_len: int = spec_field(min=1, doc="tokens per sequence (prefill/training) ")
-    micro_batch: int = spec_field(1, min=1, doc="sequences per micro-batch per DP rank")
-    context_len: int = spec_field(0, min=0, doc="decode: tokens already in the KV cache")
+    global_batch: int = spec_field(min=1, max=1 << 30, doc="sequences per step (all DP replicas)")
+    seq_len: int = spec_field(min=1, max=1 << 24, doc="tokens per sequence (prefill/training) ")
+    micro_batch: int = spec_field(1, min=1, max=1 << 24, doc="sequences per micro-batch per DP rank")
+    context_len: int = spec_field(0, min=0, max=1 << 24, doc="decode: tokens already in the KV cache")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +62,7 @@ class Precision:
     activations: Dtype = "bf16"
     gradients: Dtype = "fp32"
     master_weights: bool = True
-    optimizer_state_bytes: float = spec_field(8.0, min=0, doc="bytes per parameter (Adam: 2 x fp32)")
+    optimizer_state_bytes: float = spec_field(8.0, min=0, max=64, doc="bytes per parameter (Adam: 2 x fp32)")
     dispatch: Dtype = "bf16"
     combine: Dtype = "bf16"
     kv_cache: Dtype = "bf16"
@@ -71,22 +71,22 @@ class Precision:
 @dataclass(frozen=True, kw_only=True)
 class RoutingSpec:
     distribution: Literal["uniform", "zipf", "dirichlet", "hot", "trace", "balanced"] = "uniform"
-    zipf_s: float = spec_field(1.0, min=0)
+    zipf_s: float = spec_field(1.0, min=0, max=100)
     dirichlet_alpha: float = spec_field(1.0, gt=0)
-    hot_experts: int = spec_field(0, min=0)
+    hot_experts: int = spec_field(0, min=0, max=1 << 16)
     hot_fraction: float = spec_field(0.5, min=0, max=1)
-    coactivation_groups: int = spec_field(0, min=0)
-    coactivation_strength: float = spec_field(0.0, min=0)
-    node_limit: int = spec_field(0, min=0, doc="max nodes per token (DeepSeek-V3: 4); 0 = off")
+    coactivation_groups: int = spec_field(0, min=0, max=1 << 16)
+    coactivation_strength: float = spec_field(0.0, min=0, max=1000)
+    node_limit: int = spec_field(0, min=0, max=1 << 16, doc="max nodes per token (DeepSeek-V3: 4); 0 = off")
     trace: str = spec_field("", doc="routing trace file (see docs/trace_format.md)")
-    max_tokens_per_source: int = spec_field(256, min=1, doc="sampled tokens per device and layer")
+    max_tokens_per_source: int = spec_field(256, min=1, max=1 << 16, doc="sampled tokens per device and layer")
 
 
 @dataclass(frozen=True, kw_only=True)
 class PlacementSpec:
     policy: Literal["contiguous", "round_robin", "random", "eplb", "moesim", "file"] = "contiguous"
     file: str = ""
-    redundant_experts: int = spec_field(0, min=0, doc="extra expert slots per EP group")
+    redundant_experts: int = spec_field(0, min=0, max=1 << 20, doc="extra expert slots per EP group")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,7 +101,7 @@ class CommunicationSpec:
 class MemorySpec:
     recompute: Literal["none", "selective", "full"] = "none"
     on_overflow: Literal["error", "warn"] = "error"
-    alltoall_buffer_factor: float = spec_field(2.0, min=0, doc="buffers per expected bytes")
+    alltoall_buffer_factor: float = spec_field(2.0, min=0, max=100, doc="buffers per expected bytes")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,14 +132,14 @@ class FaultSpec:
 @dataclass(frozen=True, kw_only=True)
 class OutputSpec:
     trace: bool = True
-    trace_links: int = spec_field(8, min=0, doc="busiest links shown as trace tracks")
+    trace_links: int = spec_field(8, min=0, max=1000, doc="busiest links shown as trace tracks")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Scenario:
     name: str
     description: str = ""
-    seed: int = spec_field(0, min=0)
+    seed: int = spec_field(0, min=0, max=2**63 - 1)
     model: ModelSpec
     cluster: ClusterSpec
     hardware: HardwareProfile
