@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import settings
 
 from moesim.spec.models import merge_mappings
 from moesim.spec.scenario import load_scenario
+
+# Property tests draw the same examples on every run (a red CI is then reproducible);
+# benchmarks/fuzz.py explores at random.
+settings.register_profile("moesim", derandomize=True, database=None)
+settings.load_profile("moesim")
 
 REPO = Path(__file__).resolve().parent.parent
 
