@@ -129,7 +129,9 @@ def test_sliding_window_context_against_brute_force():
     windowed = np.minimum(np.arange(1, S + 1), W).mean()        # 126.0 tokens, brute force
     full = np.arange(1, S + 1).mean() - 0.5                      # S/2, as moesim counts it
     assert m.attended_context(S / 2) == pytest.approx((full + windowed) / 2, rel=1e-4)
-    assert load_model("gpt-oss-120b").attended_context(S / 2) == S / 2
+    assert load_model("gpt-oss-120b").attended_context(S / 2) == m.attended_context(S / 2)
+    no_window = load_model({"base": "gpt-oss-120b", "attention": {"sliding_window": 0}})
+    assert no_window.attended_context(S / 2) == S / 2
 
 
 def _hand_device(**changes) -> DeviceSpec:
