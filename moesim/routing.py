@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,12 +29,13 @@ from moesim.errors import InfeasiblePlacement, ScenarioError
 
 if TYPE_CHECKING:
     from moesim.routing_trace import RoutingTrace
-    from moesim.spec.scenario import RoutingSpec
+    from moesim.spec.scenario import RoutingSpec, Scenario
 
 __all__ = [
     "DISTRIBUTIONS", "GATINGS", "LayerChoices", "expert_popularity",
     "sample_layer", "balanced_layer", "coactivation_partition", "counts_from_choices",
     "node_fanout", "coactivation_counts", "apply_capacity", "layer_rng", "sample_routing",
+    "scenario_routing",
 ]  # plus RoutingTrace, load_trace, choices_from_trace from moesim.routing_trace (see end)
 
 DISTRIBUTIONS = ("uniform", "zipf", "dirichlet", "hot", "balanced")
@@ -537,6 +538,24 @@ def sample_routing(spec: RoutingSpec, *, num_experts: int, num_layers: int, num_
 
 
 _DRAWN: OrderedDict[tuple, list[LayerChoices]] = OrderedDict()   # sample_routing's last draws
+def scenario_routing(s: Scenario, *, tokens_per_source: float,
+                     expert_node: np.ndarray | None = None,
+                     node_limited: bool = True) -> list[LayerChoices]:
+    """The routing of one EP group of scenario ``s``, every MoE layer, as the simulator draws it.
+
+    ``node_limited=False`` draws the router's preferences with node-limited routing off: the
+    planners use that, since the limit depends on the placement being chosen.
+    """
+    spec = s.routing
+    if spec.node_limit and not node_limited:
+        spec = replace(spec, node_limit=0)
+    return list(sample_routing(
+        spec, num_experts=s.model.num_experts, num_layers=s.model.num_moe_layers,
+        num_sources=s.parallelism.ep, tokens_per_source=max(1, round(tokens_per_source)),
+        top_k=s.model.top_k, seed=s.seed, gating=s.model.gating,
+        expert_node=expert_node if spec.node_limit else None))
+
+
 _DRAWN_KEPT = 2
 
 

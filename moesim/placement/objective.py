@@ -18,7 +18,7 @@ overlapped). Also reported: cross-node bytes of dispatch plus combine, and max/m
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -191,11 +191,8 @@ def trace_choices(ctx: CostContext, trace: routing.RoutingTrace, *, seed: int = 
 def scenario_choices(s: Scenario, ctx: CostContext) -> list[routing.LayerChoices]:
     """The scenario's routing sample for one EP group, as the simulator draws it but with
     node-limited routing off (that limit depends on the placement being chosen)."""
-    spec = replace(s.routing, node_limit=0) if s.routing.node_limit else s.routing
-    return list(routing.sample_routing(
-        spec, num_experts=s.model.num_experts, num_layers=s.model.num_moe_layers,
-        num_sources=ctx.ep, tokens_per_source=max(1, round(ctx.tokens_per_source)),
-        top_k=s.model.top_k, seed=s.seed, gating=s.model.gating))
+    return routing.scenario_routing(s, tokens_per_source=ctx.tokens_per_source,
+                                    node_limited=False)
 
 
 def _alltoall_time(ctx: CostContext, pairs: np.ndarray, nbytes: np.ndarray, exact: bool) -> float:

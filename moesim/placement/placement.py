@@ -101,6 +101,16 @@ class Placement:
         by_node = np.divide(by_node, total, out=np.zeros_like(by_node), where=total > 0)
         return ReplicaSplit(node_of, by_node, holds.T > 0)
 
+    def expert_node(self, device_node: np.ndarray) -> np.ndarray:
+        """int[layers, experts]: node position (0..N-1) of the lowest-numbered device holding
+        each expert, for node-limited routing."""
+        _, node_of = np.unique(np.asarray(device_node), return_inverse=True)
+        slots = self.slot_expert                                           # [layers, ep, slots]
+        out = np.zeros((self.num_layers, self.num_experts), dtype=int)
+        for dev in range(self.ep - 1, -1, -1):       # lower devices overwrite higher ones
+            np.put_along_axis(out, slots[:, dev, :], node_of.ravel()[dev], axis=1)
+        return out
+
     def live_experts(self, layer: int, failed: np.ndarray | None = None) -> np.ndarray:
         """bool[experts]: experts with at least one slot on a device that has not failed."""
         slots = self.slot_expert[layer]

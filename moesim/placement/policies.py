@@ -23,15 +23,8 @@ def expected_load(s: Scenario, tokens_per_source: float) -> np.ndarray:
 
     Drawn with node-limiting off: planners see the router's preferences, not a placement's.
     """
-    spec = s.routing
-    if spec.node_limit:
-        from dataclasses import replace
-        spec = replace(spec, node_limit=0)
     ep, e = s.parallelism.ep, s.model.num_experts
-    layers = routing.sample_routing(
-        spec, num_experts=e, num_layers=s.model.num_moe_layers, num_sources=ep,
-        tokens_per_source=max(1, round(tokens_per_source)), top_k=s.model.top_k,
-        seed=s.seed, gating=s.model.gating)
+    layers = routing.scenario_routing(s, tokens_per_source=tokens_per_source, node_limited=False)
     return np.stack([routing.counts_from_choices(c, ep, e).sum(axis=0) for c in layers])
 
 

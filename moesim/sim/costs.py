@@ -104,21 +104,12 @@ class CostModel:
 
     @cached_property
     def choices(self) -> list[routing.LayerChoices]:
-        s = self.scenario
+        """Routing of the representative EP group, every MoE layer (node-limited if asked)."""
         expert_node = None
-        if s.routing.node_limit:
-            first = self.placement.slot_expert[:, :, 0]   # [layers, ep] primary expert per device
-            expert_node = np.zeros((self.placement.num_layers, s.model.num_experts), dtype=int)
-            per_dev = self.placement.slot_expert         # [layers, ep, slots]
-            _, node_idx = np.unique(self.group_nodes, return_inverse=True)
-            for layer in range(per_dev.shape[0]):
-                for dev in range(per_dev.shape[1])[::-1]:
-                    expert_node[layer, per_dev[layer, dev]] = node_idx[dev]
-            del first
-        return list(routing.sample_routing(
-            s.routing, num_experts=s.model.num_experts, num_layers=s.model.num_moe_layers,
-            num_sources=s.parallelism.ep, tokens_per_source=max(1, round(self.tokens)),
-            top_k=s.model.top_k, seed=s.seed, gating=s.model.gating, expert_node=expert_node))
+        if self.scenario.routing.node_limit:
+            expert_node = self.placement.expert_node(self.group_nodes)
+        return routing.scenario_routing(self.scenario, tokens_per_source=self.tokens,
+                                        expert_node=expert_node)
 
     def context(self) -> tuple[float, float]:
         """(average attended context per token, KV tokens read per device) for the workload."""

@@ -9,7 +9,7 @@ import numpy as np
 from moesim.results import Result
 from moesim.sim.streams import ChunkRun
 
-__all__ = ["build_result", "exposure", "rep_device"]
+__all__ = ["build_result", "compute_busy", "exposure", "rep_device"]
 
 PRIORITY = ("compute", "alltoall", "tp_comm")
 
@@ -61,16 +61,19 @@ def exposure(run: ChunkRun, device: int) -> dict[str, float]:
     return out
 
 
+def compute_busy(run: ChunkRun) -> np.ndarray:
+    """float[ep]: seconds each device of the group spends on compute ops in ``run``."""
+    busy = np.zeros(run.start.shape[1]) if run.ops else np.zeros(0)
+    for i, op in enumerate(run.ops):
+        if op.category == "compute":
+            busy += run.end[i] - run.start[i]
+    return busy
+
+
 def rep_device(runs: dict) -> int:
     """The device of the EP group with the most compute: the straggler the step waits for."""
-    busy = None
-    for run in runs.values():
-        if not run.ops:
-            continue
-        compute = sum(run.end[i] - run.start[i] for i, op in enumerate(run.ops)
-                      if op.category == "compute")
-        busy = compute if busy is None else busy + compute
-    return int(np.argmax(busy)) if busy is not None else 0
+    busy = [compute_busy(run) for run in runs.values() if run.ops]
+    return int(np.argmax(np.sum(busy, axis=0))) if busy else 0
 
 
 def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engine) -> Result:
@@ -129,15 +132,10 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
 def _stage_rows(sim, uses, step) -> list[dict]:
     rows = []
     for stage in range(sim.scenario.parallelism.pp):
-        busy = 0.0
+        busy = np.zeros(sim.scenario.parallelism.ep)
         for (st, kind, chunk), n in uses.items():
-            if st != stage:
-                continue
-            run = sim.runs[(st, kind, chunk)]
-            for i, op in enumerate(run.ops):
-                if op.category == "compute":
-                    busy = busy + n * (run.end[i] - run.start[i])
-        busy = np.asarray(busy, dtype=float) * np.ones(sim.scenario.parallelism.ep)
+            if st == stage:
+                busy += n * compute_busy(sim.runs[(st, kind, chunk)])
         rows.append({"stage": stage, "end": sim.stage_end[stage],
                      "compute_busy": busy.tolist(),
                      "utilisation": (busy / step).tolist(),
