@@ -133,11 +133,8 @@ def placements(scenario, kind: str) -> Placement | None:
 
 
 def scale_out_for(profile, rate: str) -> float | None:
-    """Node egress bandwidth at ``rate``: the calibrated one, scaled by the tc rate ratio."""
-    emulated = ((profile.calibration or {}).get("metadata") or {}).get("emulated")
-    if not emulated or "scale_out" not in profile.links:
-        return None
-    return profile.links["scale_out"].bandwidth * RATES[rate] / emulated["rate_bytes_per_s"]
+    """Node egress bytes/s at tc ``rate`` (see :func:`moesim.validation.emulated_scale_out`)."""
+    return validation.emulated_scale_out(profile, RATES[rate])
 
 
 def run_config(c: Config, profile_path: Path, iters: int) -> dict[str, Any]:

@@ -76,12 +76,8 @@ TINY = Setup(hidden=64, ffn=192, tokens=128, rounds=1, iters=3, warmup=1)
 
 
 def scale_out_for(profile, rate: str) -> float | None:
-    """Node egress bytes/s at tc ``rate``: a calibrated emulated link scaled by the rate ratio;
-    an uncalibrated profile's own link (None: keep it)."""
-    emulated = ((profile.calibration or {}).get("metadata") or {}).get("emulated")
-    if not emulated or "scale_out" not in profile.links:
-        return None
-    return profile.links["scale_out"].bandwidth * RATES[rate] / emulated["rate_bytes_per_s"]
+    """Node egress bytes/s at tc ``rate`` (see :func:`moesim.validation.emulated_scale_out`)."""
+    return validation.emulated_scale_out(profile, RATES[rate])
 
 
 def build(setup: Setup, profile_path: Path, placement: str):

@@ -45,7 +45,7 @@ from moesim.sim.streams import chunk_ops, run_ops
 from moesim.spec.hardware import HardwareProfile, load_hardware
 from moesim.spec.scenario import Scenario, scenario_from_mapping
 
-__all__ = ["PHASES", "layer_scenario", "cost_model", "layer_config", "predict_layer",
+__all__ = ["PHASES", "emulated_scale_out", "layer_scenario", "cost_model", "layer_config", "predict_layer",
            "predict_phases", "layer_phases", "measured_phases", "run_layer"]
 
 PHASES = ("route", "dispatch", "expert", "combine")
@@ -99,6 +99,16 @@ def layer_scenario(*, hardware: str | Path, hidden: int, ffn: int, num_experts: 
         "placement": {"policy": placement},
     }
     return scenario_from_mapping(data, source=f"<{name}>")
+
+
+def emulated_scale_out(profile: HardwareProfile, rate_bytes_per_s: float) -> float | None:
+    """Node egress bytes/s of an emulated cluster shaped at ``rate_bytes_per_s``: the profile's
+    calibrated emulated link scaled by the ratio of tc rates; None when the profile was not
+    calibrated on emulated nodes (keep its own link)."""
+    emulated = ((profile.calibration or {}).get("metadata") or {}).get("emulated")
+    if not emulated or "scale_out" not in profile.links:
+        return None
+    return profile.links["scale_out"].bandwidth * rate_bytes_per_s / emulated["rate_bytes_per_s"]
 
 
 def _link(a: str, b: str, bandwidth: float, latency: float, kind: str) -> dict[str, Any]:
