@@ -537,7 +537,6 @@ def sample_routing(spec: RoutingSpec, *, num_experts: int, num_layers: int, num_
     return iter(layers)
 
 
-_DRAWN: OrderedDict[tuple, list[LayerChoices]] = OrderedDict()   # sample_routing's last draws
 def scenario_routing(s: Scenario, *, tokens_per_source: float,
                      expert_node: np.ndarray | None = None,
                      node_limited: bool = True) -> list[LayerChoices]:
@@ -556,6 +555,7 @@ def scenario_routing(s: Scenario, *, tokens_per_source: float,
         expert_node=expert_node if spec.node_limit else None))
 
 
+_DRAWN: OrderedDict[tuple, list[LayerChoices]] = OrderedDict()   # sample_routing's last draws
 _DRAWN_KEPT = 2
 
 

@@ -118,8 +118,6 @@ class Placement:
             slots = slots[~np.asarray(failed, dtype=bool)]
         return np.isin(np.arange(self.num_experts), slots)
 
-    def memory_slots(self) -> int:
-        return self.slots_per_device
 
 
 @dataclass(frozen=True, eq=False)

@@ -74,7 +74,6 @@ class CostModel:
     placement: Placement
     half_batch: bool = False           # two-batch overlap runs each half separately
     device_faults: object | None = None  # moesim.sim.faults.DeviceFaults
-    _routing: dict[int, routing.LayerChoices] = field(default_factory=dict)
     _cache: dict[int, BlockCost] = field(default_factory=dict)
 
     @cached_property
