@@ -119,7 +119,6 @@ class Placement:
         return np.isin(np.arange(self.num_experts), slots)
 
 
-
 @dataclass(frozen=True, eq=False)
 class ReplicaSplit:
     """Where each source sends each expert's tokens, without a ``[src, experts, dst]`` array.
