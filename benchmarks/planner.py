@@ -26,10 +26,12 @@ sys.path.insert(0, str(REPO))
 from moesim import routing  # noqa: E402
 from moesim.placement import objective, planner  # noqa: E402
 from moesim.placement.cli import make_placement  # noqa: E402
-from moesim.placement.traces import synthetic_trace  # noqa: E402
+from moesim.placement.placement import Placement  # noqa: E402
+from moesim.placement.traces import synthetic_groups, synthetic_trace  # noqa: E402
 from moesim.spec.scenario import load_scenario  # noqa: E402
 
 PLANNERS = ("contiguous", "round_robin", "eplb", "eplb_global", "moesim")
+GROUPS = 8                   # co-activation groups of the synthetic traces
 REAL_TRACE = REPO / "scenarios" / "traces" / "stdlib-moe-32e-top4.npz"
 
 
@@ -116,7 +118,8 @@ def run_setting(setting: Setting, *, exact: bool, seed: int = 0) -> list[tuple]:
     ctx = objective.CostContext.from_scenario(s)
     if setting.trace == "synthetic":
         trace = synthetic_trace(m.num_experts, m.num_moe_layers, setting.tokens, m.top_k,
-                                coactivation_groups=8, coactivation_strength=setting.strength,
+                                coactivation_groups=GROUPS,
+                                coactivation_strength=setting.strength,
                                 drift=setting.drift, seed=seed)
     else:
         trace = load_recorded(Path(setting.trace))
@@ -133,7 +136,37 @@ def run_setting(setting: Setting, *, exact: bool, seed: int = 0) -> list[tuple]:
         elapsed = time.perf_counter() - start
         rows.append((name, objective.plan_cost(ctx, eval_choices, placement, exact=exact),
                      elapsed))
+        if name == "moesim" and setting.trace == "synthetic":
+            groups = synthetic_groups(m.num_experts, m.num_moe_layers,
+                                      coactivation_groups=GROUPS,
+                                      coactivation_strength=setting.strength, seed=seed)
+            truth = true_groups(groups, placement, layers, ctx, slots)
+            if truth is not None:
+                rows.append(("true groups", objective.plan_cost(ctx, eval_choices, truth,
+                                                                exact=exact), 0.0))
     return rows
+
+
+def true_groups(groups: np.ndarray | None, moesim: Placement, layers, ctx, slots: int
+                ) -> Placement | None:
+    """Reference plan: the trace generator's own co-activation groups dealt to the nodes
+    (group g on node g mod N), with the experts moesim's plan holds on every node held
+    everywhere too, and EPLB's steps inside each node (as moesim's step 3). What a planner that
+    knew the structure would send across the network; None if groups do not fit the nodes."""
+    if groups is None:
+        return None
+    shape = planner.ClusterShape(moesim.num_experts, ctx.device_node, slots)
+    table = np.empty_like(moesim.slot_expert)
+    for layer, info in enumerate(layers):
+        part = groups[layer] % shape.num_nodes
+        holders = np.zeros((moesim.num_experts, shape.num_nodes), dtype=bool)
+        holders[moesim.slot_expert[layer], shape.device_node[:, None]] = True
+        part[holders.all(axis=1)] = -1
+        per_node = np.bincount(part[part >= 0], minlength=shape.num_nodes)
+        if (per_node + (part < 0).sum() > shape.slots_per_node).any():
+            return None
+        table[layer] = planner._fill_nodes(part, info.load, shape)
+    return Placement(table, moesim.num_experts, name="true groups")
 
 
 def planning_time(seed: int = 0) -> list[tuple[float, float]]:
@@ -164,9 +197,13 @@ def table(name: str, rows: list[tuple]) -> str:
                      f"{cost.max_over_mean:>9.3f} {cost.layer_time * 1e6:>9.1f} "
                      f"{100 * (cost.layer_time / best_eplb - 1):>+7.1f}% {elapsed:>7.2f}")
     moesim = next(c for n, c, _ in rows if n == "moesim")
+    truth = next((c for n, c, _ in rows if n == "true groups"), None)
     change = 100 * (moesim.layer_time / best_eplb - 1)
     lines.append(f"  moesim vs best EPLB: layer time {change:+.1f}%, balance "
                  f"{moesim.max_over_mean:.3f} vs {eplb_balance:.3f}")
+    if truth is not None:
+        lines.append(f"  cross-node bytes: moesim {moesim.cross_node_bytes / 1e6:.1f} MB, the "
+                     f"generator's own groups {truth.cross_node_bytes / 1e6:.1f} MB")
     return "\n".join(lines)
 
 

@@ -121,7 +121,9 @@ def measure(setup: Setup, profile_path: Path, log=print) -> dict[str, Any]:
         config = validation.layer_config(s, placement=costs.placement, warmup=setup.warmup,
                                          iters=setup.iters)
         pairs = routing.counts_from_choices(costs.choices[0], s.parallelism.ep, setup.experts)
-        res[name] = {"config": config, "predicted_s": validation.layer_phases(costs)["total"],
+        phases = validation.layer_phases(costs)
+        res[name] = {"config": config, "predicted_s": phases["total"], "predicted": phases,
+                     "measured": [],
                      "moesim_tokens": pairs.sum(axis=0).astype(np.int64), "steps": [],
                      "placement": config["placement"], "expert_tokens": None}
     a, b = (res[n]["config"]["routing"]["expert_ids"] for n in PLACEMENTS)
@@ -134,6 +136,7 @@ def measure(setup: Setup, profile_path: Path, log=print) -> dict[str, Any]:
             report = validation.run_layer(r["config"], nodes=setup.nodes,
                                           ranks_per_node=setup.ranks_per_node, rate=setup.rate)
             r["steps"] += report["step_max_total_per_iter_s"]
+            r["measured"].append(validation.measured_phases(report, "median"))
             tokens = expert_tokens(report, r["placement"], setup.experts)
             assert r["expert_tokens"] is None or np.array_equal(tokens, r["expert_tokens"])
             r["expert_tokens"] = tokens
@@ -142,6 +145,8 @@ def measure(setup: Setup, profile_path: Path, log=print) -> dict[str, Any]:
             log(f"round {rnd + 1}/{setup.rounds} {name}: median "
                 f"{np.median(report['step_max_total_per_iter_s']) * 1e3:.1f} ms")
     for r in res.values():
+        r["measured"] = {p: float(np.median([m[p] for m in r["measured"]]))
+                         for p in r["measured"][0]}
         r["median_s"] = float(np.median(r["steps"]))
         r["p10_s"] = float(np.percentile(r["steps"], 10))
     return res
@@ -160,6 +165,12 @@ def table(res: dict[str, dict[str, Any]]) -> list[str]:
             f"{base['median_s'] / r['median_s']:>13.2f} {base['p10_s'] / r['p10_s']:>6.2f}")
     same = all(np.array_equal(r["expert_tokens"], base["expert_tokens"]) for r in res.values())
     agree = all(np.array_equal(r["expert_tokens"], r["moesim_tokens"]) for r in res.values())
+    lines.append("per phase, measured / predicted ms (median over rounds of each run's "
+                 "largest per-rank median; total: slowest rank's step):")
+    for name, r in res.items():
+        lines.append(f"  [{name}] " + "  ".join(
+            f"{p} {r['measured'][p] * 1e3:.1f}/{r['predicted'][p] * 1e3:.1f}"
+            for p in r["predicted"]))
     lines += [f"tokens per expert identical across placements: {'yes' if same else 'NO'}; "
               f"equal to moesim's routing sample: {'yes' if agree else 'NO'}",
               "placements: " + "; ".join(f"{n} {r['placement']}" for n, r in res.items())]

@@ -15,7 +15,7 @@ from moesim.placement import hypergraph as hg
 from moesim.placement import objective, planner
 from moesim.placement.eplb import eplb_rebalance
 from moesim.placement.placement import Placement
-from moesim.placement.traces import synthetic_trace
+from moesim.placement.traces import synthetic_groups, synthetic_trace
 from moesim.routing import RoutingTrace
 from moesim.spec.scenario import load_scenario
 
@@ -49,7 +49,8 @@ def _random_tokens(seed: int, num_experts: int, count: int, k: int | None = None
 @pytest.mark.parametrize("seed", range(12))
 def test_partition_is_the_brute_force_optimum(seed):
     """8 experts on 2 nodes of 4 slots, node load at most 15% above the mean: the planner's
-    split has the fewest (token, node) touches of all 70 splits that respect the cap."""
+    split has the lowest touch cost (tokens touching the busier node + tokens touching a node on
+    average) of all 70 splits that respect the cap."""
     tokens = _random_tokens(seed, 8, int(np.random.default_rng(seed).integers(6, 40)))
     load = np.bincount(tokens.ravel(), minlength=8).astype(float)
     shape = planner.ClusterShape(8, np.array([0, 1]), 4)
@@ -60,9 +61,71 @@ def test_partition_is_the_brute_force_optimum(seed):
     for first in itertools.combinations(range(8), 4):
         part = np.isin(np.arange(8), first, invert=True).astype(int)
         if np.bincount(part, weights=load, minlength=2).max() <= cap:
-            feasible.append(hg.connectivity(tokens, part))
+            touched = [len({p for p in part[row]}) for row in tokens]   # nodes per token
+            busiest = max(sum(p in part[row] for row in tokens) for p in (0, 1))
+            feasible.append(busiest + sum(touched) / 2)
     assert np.bincount(got, weights=load, minlength=2).max() <= cap
-    assert hg.connectivity(tokens, got) == min(feasible)
+    assert hg.touch_cost(tokens, got, 2) == min(feasible)
+
+
+def test_level_touch_moves_the_expert_that_overloads_a_node_by_hand():
+    """Experts 0, 1, 2 on node 0, expert 3 on node 1; 5 tokens choose (0, 1), 5 choose (2, 3).
+    Node 0 is touched by all 10 tokens, node 1 by 5: cost 10 + 15 / 2 = 17.5. Moving expert 2
+    to node 1 leaves 5 and 5 touches, cost 5 + 10 / 2 = 10, the least there is."""
+    tokens = np.array([[0, 1]] * 5 + [[2, 3]] * 5)
+    load = np.array([5.0, 5.0, 5.0, 5.0])
+    limits = hg.Limits(max_load=20.0, capacity=np.array([3, 3]), demand=np.ones(4, np.int64))
+    start = np.array([0, 0, 0, 1])
+    assert hg.touch_cost(tokens, start, 2) == 17.5
+    got = hg.level_touch(tokens, load, start, limits)
+    np.testing.assert_array_equal(got, [0, 0, 1, 1])
+    np.testing.assert_array_equal(hg.touch(tokens, got, 2), [5, 5])
+    assert hg.touch_cost(tokens, got, 2) == 10.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6), st.integers(2, 4), st.integers(2, 3))
+def test_level_touch_never_raises_its_cost_and_keeps_the_limits(seed, parts, k):
+    """On random tokens and a random feasible start: the touches sum to the connectivity,
+    leveling never raises the touch cost, keeps every part within its load cap and slots, and
+    never moves an expert held everywhere (part -1)."""
+    rng = np.random.default_rng(seed)
+    experts = parts * 4
+    tokens = _random_tokens(seed, experts, int(rng.integers(5, 80)), k)
+    load = np.bincount(tokens.ravel(), minlength=experts).astype(float) + 1.0
+    start = np.repeat(np.arange(parts), 4)[rng.permutation(experts)]
+    start[rng.integers(experts)] = -1
+    held = start >= 0
+    weight = np.bincount(start[held], weights=load[held], minlength=parts)
+    limits = hg.Limits(max_load=float(weight.max()) * 1.1, capacity=np.full(parts, 5),
+                       demand=np.ones(experts, np.int64))
+    assert hg.touch(tokens, start, parts).sum() == hg.connectivity(tokens, start)
+    got = hg.level_touch(tokens, load, start, limits)
+    assert hg.touch_cost(tokens, got, parts) <= hg.touch_cost(tokens, start, parts)
+    assert (got == -1).sum() == 1 and got[start == -1] == -1
+    moved = got >= 0
+    assert np.bincount(got[moved], weights=load[moved], minlength=parts).max() \
+        <= limits.max_load + 1e-9
+    assert np.bincount(got[moved], minlength=parts).max() <= 5
+
+
+def test_choose_trades_balance_across_layers_by_hand():
+    """Two layers, each with a moesim option and EPLB's (last). Costs come from a table by
+    option name. Layer 0: moesim 10 s at balance 1.00, EPLB 12 s at 1.10; layer 1: moesim 5 s
+    at 1.15, EPLB 8 s at 1.10. Cheapest per layer: 1.00 + 1.15 = 2.15 <= 2.20 (EPLB's sum), so
+    both take moesim although layer 1 alone is less balanced than its EPLB plan. With layer 1's
+    moesim option at 1.30 the sum 2.30 exceeds 2.20; the only better balanced switch is layer
+    1 to EPLB (3 s for 0.20), so the picks are (moesim, EPLB)."""
+    cost = {"m0": 10.0, "e0": 12.0, "m1": 5.0, "e1": 8.0}
+
+    def score(layer, table):
+        return cost[str(table)]
+
+    options = [[("m0", 1.00), ("e0", 1.10)], [("m1", 1.15), ("e1", 1.10)]]
+    assert planner._choose(options, score) == [0, 0]
+    options[1][0] = ("m1", 1.30)
+    assert planner._choose(options, score) == [0, 1]
+    assert planner._choose(options, None) == [0, 1]      # no objective: per layer, strict
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -297,6 +360,9 @@ def test_synthetic_trace_coactivation_keeps_tokens_in_groups():
     group = coactivation_partition(32, 4, rng)
     same = lambda t: (group[t.expert_ids[0]] == group[t.expert_ids[0][:, :1]]).mean()  # noqa
     assert same(strong) > 0.8 > 0.5 > same(none)
+    np.testing.assert_array_equal(
+        synthetic_groups(32, 1, coactivation_groups=4, coactivation_strength=4.0)[0], group)
+    assert synthetic_groups(32, 1, coactivation_strength=0.0) is None
 
 
 def test_synthetic_trace_rejects_bad_sizes():

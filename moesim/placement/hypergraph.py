@@ -16,6 +16,11 @@ to every token and take no part in the hypergraph.
    weight kept inside parts; the best feasible changes each round, vectorised.
 3. :func:`refine_hypergraph`: moves with exact connectivity gains, Fiduccia-Mattheyses style,
    all gains recomputed per round from per-token part counts.
+4. :func:`level_touch`: moves and swaps that lower the busiest part's *touch* (tokens with an
+   expert in it), plus the mean touch (:func:`touch_cost`). A node's network ingress under hierarchical dispatch is its touch (times the
+   share of tokens from other nodes), and the all-to-all lasts as long as the busiest node's
+   NICs; connectivity is only the sum of the touches, so a low-connectivity partition can still
+   leave one node receiving far more than the others.
 
 All functions are deterministic: ties go to the lowest expert, then the lowest part.
 """
@@ -26,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Limits", "coactivation", "connectivity", "grow_partition", "refine_graph",
-           "refine_hypergraph"]
+__all__ = ["Limits", "coactivation", "connectivity", "touch", "touch_cost", "grow_partition",
+           "refine_graph", "refine_hypergraph", "level_touch"]
 
 _EPS = 1e-9
 
@@ -69,6 +74,16 @@ def connectivity(tokens: np.ndarray, part: np.ndarray) -> float:
     parts = np.sort(part[tokens], axis=1)
     distinct = (parts[:, 1:] != parts[:, :-1]) & (parts[:, 1:] >= 0)
     return float(distinct.sum() + (parts[:, 0] >= 0).sum())
+
+
+def touch(tokens: np.ndarray, part: np.ndarray, num_parts: int) -> np.ndarray:
+    """``float[P]``: tokens with at least one expert in each part (parts -1 ignored).
+
+    Their sum is :func:`connectivity`.
+    """
+    if tokens.size == 0:
+        return np.zeros(num_parts)
+    return (_part_counts(tokens, part, num_parts) > 0).sum(axis=0).astype(np.float64)
 
 
 def grow_partition(pairs: np.ndarray, load: np.ndarray, limits: Limits) -> np.ndarray:
@@ -247,6 +262,29 @@ def refine_hypergraph(tokens: np.ndarray, load: np.ndarray, part: np.ndarray, li
     return state.part
 
 
+def touch_cost(tokens: np.ndarray, part: np.ndarray, num_parts: int) -> float:
+    """The busiest part's touch plus the mean touch: the partition objective of
+    :func:`level_touch`. The busiest node's ingress sets the all-to-all time; the mean keeps
+    the peak from being bought with much more traffic everywhere else."""
+    counts = touch(tokens, part, num_parts)
+    return float(counts.max(initial=0.0) + counts.sum() / num_parts)
+
+
+def level_touch(tokens: np.ndarray, load: np.ndarray, part: np.ndarray, limits: Limits,
+                rounds: int = 64) -> np.ndarray:
+    """Moves, else swaps, of an expert out of the part with the highest touch (:func:`touch`),
+    while that lowers :func:`touch_cost`.
+
+    Load and slot limits hold as in :func:`refine_hypergraph`; experts of part -1 never move.
+    Up to ``rounds`` changes. Returns the new ``int[E]`` partition.
+    """
+    state = _HyperState.build(tokens, load, part, limits)
+    for _ in range(rounds):
+        if not state.level_round():
+            break
+    return state.part
+
+
 @dataclass(eq=False)
 class _HyperState:
     """Per-token part counts and per-part totals of a partition being refined."""
@@ -312,6 +350,75 @@ class _HyperState:
                 touched[rows] = True
                 moved += 1
         return moved
+
+    def level_round(self, candidates: int = 32) -> bool:
+        """One change out of the busiest part that lowers :func:`touch_cost` (see
+        :func:`level_touch`): the best move if one helps, else the first of the ``candidates``
+        swaps with the best estimates that does, checked exactly."""
+        num_parts = self.limits.num_parts
+        touch = (self.counts > 0).sum(axis=0).astype(np.float64)
+        hot = int(np.argmax(touch))
+        mine = np.flatnonzero(self.part == hot)
+        if num_parts < 2 or mine.size == 0:
+            return False
+        leaves, enters = _leave_enter(self.counts, self.tok_of, self.ptr, self.part, num_parts)
+        now = touch.max() + touch.sum() / num_parts
+
+        def cost(hot_after, b, b_after):
+            """touch_cost after a change that leaves the hot part at ``hot_after`` and part(s)
+            ``b`` at ``b_after`` (arrays broadcast)."""
+            rest = np.where((np.arange(num_parts)[None, :] == hot)
+                            | (np.arange(num_parts)[None, :] == np.asarray(b)[..., None]),
+                            -np.inf, touch[None, :]).max(axis=-1)
+            peak = np.maximum(np.maximum(hot_after, b_after), rest)
+            return peak + (touch.sum() - touch[hot] - touch[b] + hot_after + b_after) / num_parts
+
+        # Moves: e from the hot part to part b.
+        parts = np.arange(num_parts)
+        score = cost((touch[hot] - leaves[mine])[:, None], parts[None, :],
+                     touch[None, :] + enters[mine])
+        fits = ((self.weight[None, :] + self.load[mine, None] <= self.limits.max_load + _EPS)
+                & (self.size[None, :] + self.limits.demand[mine, None] <= self.limits.capacity))
+        fits[:, hot] = False
+        score = np.where(fits, score, np.inf)
+        i, b = divmod(int(np.argmin(score)), num_parts)
+        if score[i, b] < now - _EPS:
+            self.move(int(mine[i]), b)
+            return True
+        # Swaps: e (hot part) with f (part b).
+        others = np.flatnonzero((self.part >= 0) & (self.part != hot))
+        if others.size == 0:
+            return False
+        b = self.part[others]
+        estimate = cost(touch[hot] - leaves[mine, None] + enters[others, hot][None, :],
+                        b[None, :],
+                        touch[b][None, :] - leaves[others][None, :] + enters[mine][:, b])
+        for flat in np.argsort(estimate, axis=None, kind="stable")[:candidates]:
+            i, j = divmod(int(flat), others.size)
+            e, f = int(mine[i]), int(others[j])
+            if not np.isfinite(estimate[i, j]) or not self._fits_swap(e, f):
+                continue
+            d_hot, d_b = self._swap_touch(e, f)
+            b_now = int(self.part[f])
+            exact = float(cost(np.array([touch[hot] + d_hot]), np.array([b_now]),
+                               np.array([touch[b_now] + d_b]))[0])
+            if exact < now - _EPS:
+                self.move(e, b_now)
+                self.move(f, hot)
+                return True
+        return False
+
+    def _swap_touch(self, e: int, f: int) -> tuple[float, float]:
+        """Exact touch changes of e's part and f's part if e and f swap parts."""
+        a, b = self.part[e], self.part[f]
+        rows_e, rows_f = self.rows(e), self.rows(f)
+        both = np.intersect1d(rows_e, rows_f, assume_unique=True)
+        only_e = np.setdiff1d(rows_e, both, assume_unique=True)
+        only_f = np.setdiff1d(rows_f, both, assume_unique=True)
+        c = self.counts
+        d_a = float((c[only_f, a] == 0).sum() - (c[only_e, a] == 1).sum())
+        d_b = float((c[only_e, b] == 0).sum() - (c[only_f, b] == 1).sum())
+        return d_a, d_b
 
     def swap_round(self, candidates: int = 64) -> int:
         """Try the ``candidates`` swaps with the best estimated gains (sum of the two move
@@ -384,21 +491,31 @@ def _part_counts(tokens: np.ndarray, part: np.ndarray, num_parts: int) -> np.nda
     return counts.reshape(tokens.shape[0], num_parts + 1)[:, :num_parts].astype(np.int32)
 
 
-def _all_gains(counts, tok_of, ptr, part, num_parts) -> np.ndarray:
-    """Connectivity gain of moving each expert to each part: ``[E, P]`` (own part: 0)."""
+def _leave_enter(counts, tok_of, ptr, part, num_parts) -> tuple[np.ndarray, np.ndarray]:
+    """Per expert: ``leaves: [E]`` its tokens whose only expert in its part it is (the part's
+    touch drops by this if it leaves), ``enters: [E, P]`` its tokens with no expert in each part
+    (that part's touch rises by this if it joins; own part: 0)."""
     num_experts = ptr.size - 1
-    gains = np.zeros((num_experts, num_parts))
+    leaves, enters = np.zeros(num_experts), np.zeros((num_experts, num_parts))
     nonempty = np.flatnonzero(np.diff(ptr) > 0)
     if nonempty.size == 0:
-        return gains
+        return leaves, enters
     expert_of = np.repeat(np.arange(num_experts), np.diff(ptr))
     rows = counts[tok_of]                                        # [nnz, P]
     own = part[expert_of]
-    leaves = (rows[np.arange(rows.shape[0]), np.maximum(own, 0)] == 1) & (own >= 0)
+    alone = (rows[np.arange(rows.shape[0]), np.maximum(own, 0)] == 1) & (own >= 0)
     starts = ptr[nonempty]
-    gains[nonempty] = (np.add.reduceat(leaves.astype(np.float64), starts)[:, None]
-                       - np.add.reduceat((rows == 0).astype(np.float64), starts, axis=0))
-    gains[np.arange(num_experts), np.maximum(part, 0)] = 0.0
+    leaves[nonempty] = np.add.reduceat(alone.astype(np.float64), starts)
+    enters[nonempty] = np.add.reduceat((rows == 0).astype(np.float64), starts, axis=0)
+    enters[np.arange(num_experts), np.maximum(part, 0)] = 0.0
+    return leaves, enters
+
+
+def _all_gains(counts, tok_of, ptr, part, num_parts) -> np.ndarray:
+    """Connectivity gain of moving each expert to each part: ``[E, P]`` (own part: 0)."""
+    leaves, enters = _leave_enter(counts, tok_of, ptr, part, num_parts)
+    gains = leaves[:, None] - enters
+    gains[np.arange(part.size), np.maximum(part, 0)] = 0.0
     return gains
 
 

@@ -8,13 +8,13 @@ same node, then all); :func:`balance` is its max/mean, the planner's balance mea
 :func:`regroup_devices` moves whole devices' contents between nodes so that co-activated experts
 share nodes (the planner's fallback improves EPLB's plan this way: device loads stay as they
 are). :func:`polish_layer` is the planner's last step: iterated local search on the objective
-itself (predicted layer time, closed form) with slot swaps between devices, within a budget.
+itself (predicted layer time, closed form) with slot swaps between devices, within a budget
+of objective evaluations.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -133,65 +133,66 @@ def regroup_devices(table: np.ndarray, info: LayerRouting, shape: ClusterShape, 
 
 
 def polish_layer(table: np.ndarray, layer: int, info: LayerRouting, shape: ClusterShape,
-                 score: Score, deadline: float, *, cap: float, seed: Sequence[int],
-                 timing: dict, pairs_per_device: float | None = None) -> np.ndarray:
-    """:func:`_polish`, kept only if its expected balance stays within ``cap`` (the planner's
-    balance rule) or no worse than before: polish may not buy time with balance."""
-    if deadline <= time.perf_counter():
+                 score: Score, evaluations: int, *, seed: Sequence[int],
+                 pairs_per_device: float | None = None) -> np.ndarray:
+    """:func:`_polish` with ``evaluations`` objective evaluations, kept only if its expected
+    balance is no worse than the table's own: polish may not buy time with balance. A budget
+    in evaluations, not seconds, keeps the plan the same on a fast or a busy machine."""
+    if evaluations <= 0:
         return table
-    polished = _polish(table, layer, info, shape, score, deadline, seed=seed, timing=timing)
+    polished = _polish(table, layer, info, shape, score, evaluations, seed=seed)
     if np.array_equal(polished, table):
         return table
-    limit = max(balance(info.load, table, shape, pairs_per_device), cap)
+    limit = balance(info.load, table, shape, pairs_per_device)
     return polished if balance(info.load, polished, shape, pairs_per_device) <= limit + 1e-12 \
         else table
 
 
 def _polish(table: np.ndarray, layer: int, info: LayerRouting, shape: ClusterShape,
-            score: Score, deadline: float, seed: Sequence[int] = (0,), kicks: int = 16,
-            timing: dict | None = None) -> np.ndarray:
+            score: Score, evaluations: int, seed: Sequence[int] = (0,), kicks: int = 16
+            ) -> np.ndarray:
     """Iterated local search on the objective: swap the experts of two slots on different
     devices while that helps (first improvement, the most loaded devices' slots first), then
-    up to ``kicks`` times restart from the best with two random swaps. Stops at ``deadline``
-    (``time.perf_counter()`` seconds). ``table: [ep, slots]``; returns the best found.
-    ``timing["step"]`` is set to the seconds of one evaluation."""
+    up to ``kicks`` times restart from the best with two random swaps; at most
+    ``evaluations`` calls of ``score``. ``table: [ep, slots]``; returns the best found."""
     rng = np.random.default_rng([*seed, 1])
     best_table = table.copy()
-    timing = {} if timing is None else timing
-    best = _climb(best_table, layer, info, shape, score, deadline, timing)
+    left = [evaluations]
+    best = _climb(best_table, layer, info, shape, score, left)
     for _ in range(kicks):
-        if time.perf_counter() >= deadline:
+        if left[0] <= 0:
             break
         trial = best_table.copy()
         for _ in range(2):
             i, j = _random_swap(trial, shape, rng)
             trial.reshape(-1)[[i, j]] = trial.reshape(-1)[[j, i]]
-        cost = _climb(trial, layer, info, shape, score, deadline, timing)
+        cost = _climb(trial, layer, info, shape, score, left)
         if cost < best * (1.0 - 1e-12):
             best, best_table = cost, trial
     return best_table
 
 
 def _climb(table: np.ndarray, layer: int, info: LayerRouting, shape: ClusterShape,
-           score: Score, deadline: float, timing: dict) -> float:
-    """First-improvement slot swaps on ``table`` (in place) until none helps; its cost."""
+           score: Score, left: list[int]) -> float:
+    """First-improvement slot swaps on ``table`` (in place) until none helps or the
+    evaluations ``left[0]`` (decremented) run out; its cost."""
     flat = table.reshape(-1)
     device = np.arange(flat.size) // shape.slots_per_device
-    tick = time.perf_counter()
     best = score(layer, table)
-    step = timing["step"] = time.perf_counter() - tick   # no evaluation starts past deadline
+    left[0] -= 1
     improved = True
-    while improved and time.perf_counter() + step < deadline:
+    while improved and left[0] > 0:
         improved = False
         hot = np.argsort(-expected_device_loads(info.load, table, shape)[0], kind="stable")
         order = np.concatenate([np.flatnonzero(device == d) for d in hot])
         for i, j in itertools.combinations(order, 2):
-            if time.perf_counter() + step >= deadline:
+            if left[0] <= 0:
                 break
             if not _swappable(table, device, i, j):
                 continue
             flat[i], flat[j] = flat[j], flat[i]
             cost = score(layer, table)
+            left[0] -= 1
             if cost < best * (1.0 - 1e-12):
                 best, improved = cost, True
                 break

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -58,6 +59,22 @@ class CostContext:
     def device_node(self) -> np.ndarray:
         """int[ep] node of each device of the group."""
         return self.topology.device_node[self.group]
+
+    @cached_property
+    def group_paths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Paths between the group's devices, for the closed form: ``links: int[ep * ep, H]``
+        (row ``i * ep + j``: the links from device i to device j, padded with -1) and
+        ``latency: float[ep * ep]`` (each path's summed latency)."""
+        ep = self.ep
+        src, dst = np.divmod(np.arange(ep * ep), ep)
+        ptr, links = self.topology.paths_csr(np.stack([self.group[src], self.group[dst]], 1))
+        hops = np.diff(ptr)
+        padded = np.full((ep * ep, max(int(hops.max(initial=0)), 1)), -1, dtype=np.int64)
+        column = np.arange(links.size) - np.repeat(ptr[:-1], hops)
+        padded[np.repeat(np.arange(ep * ep), hops), column] = links
+        latency = np.bincount(np.repeat(np.arange(ep * ep), hops),
+                              weights=self.topology.latency[links], minlength=ep * ep)
+        return padded, latency
 
     @classmethod
     def from_scenario(cls, s: Scenario) -> CostContext:
@@ -198,18 +215,19 @@ def scenario_choices(s: Scenario, ctx: CostContext) -> list[routing.LayerChoices
 def _alltoall_time(ctx: CostContext, pairs: np.ndarray, nbytes: np.ndarray, exact: bool) -> float:
     if len(pairs) == 0:
         return 0.0
-    ranks = ctx.group[pairs]
     if exact:
         from moesim.sim.costs import alltoall
-        return alltoall(ctx.topology, ranks, nbytes).duration
+        return alltoall(ctx.topology, ctx.group[pairs], nbytes).duration
     topo = ctx.topology
-    ptr, links = topo.paths_csr(ranks)
-    hops = np.diff(ptr)
-    link_bytes = np.bincount(links, weights=np.repeat(nbytes, hops), minlength=topo.num_links)
-    flow = np.repeat(np.arange(len(nbytes)), hops)
-    path_latency = np.bincount(flow, weights=topo.latency[links], minlength=len(nbytes))
-    moving = (nbytes > 0) & (hops > 0)
-    latency = float(path_latency[moving].max()) if moving.any() else 0.0
+    paths, path_latency = ctx.group_paths
+    row = pairs[:, 0] * ctx.ep + pairs[:, 1]
+    links = paths[row]                                          # [F, H], -1 padded
+    used = links >= 0
+    link_bytes = np.bincount(links[used], weights=np.broadcast_to(nbytes[:, None],
+                                                                  links.shape)[used],
+                             minlength=topo.num_links)
+    moving = (nbytes > 0) & used[:, 0]
+    latency = float(path_latency[row][moving].max()) if moving.any() else 0.0
     return network.alltoall_bound(link_bytes, topo.capacity) + latency
 
 

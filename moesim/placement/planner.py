@@ -9,19 +9,23 @@ and ignores which experts are chosen together. Per MoE layer, from the planning 
    then has a local copy (the simulator's replica choice prefers the same node), so these
    experts never cross the network, and each copy takes ``1 / N`` of the load.
 2. Partition the other experts over the nodes: grow all parts together by co-activation, then
-   refine with moves and swaps on pair counts and on the exact connectivity, under a node load
-   cap of ``(1 + balance_tolerance)`` times the mean and a slot budget per node (hot experts
-   demand slots for their replicas); several starts when experts are few.
+   refine with moves and swaps on pair counts and on the exact connectivity, then level the
+   nodes' network ingress (the busiest node's touched tokens, :func:`hypergraph.level_touch`),
+   under a node load cap of ``(1 + balance_tolerance)`` times the mean and a slot budget per
+   node (hot experts demand slots for their replicas); several starts when experts are few.
 3. Inside each node, EPLB's steps: replicate the node's hottest experts into its spare slots,
    pack the replicas onto its GPUs by load (equal slots per GPU), then swap to level the GPUs.
 4. Polish: local search on the objective itself (:mod:`moesim.placement.local_search`).
 
 The knobs ``(f, balance_tolerance)`` are ranked on a few probe layers by the objective
-(:mod:`moesim.placement.objective`, closed form) among those no less balanced than EPLB; each
-layer takes the best one that keeps it no less balanced than EPLB on that layer, else EPLB's own
-plan. Given a current placement and a migration budget, only the layers worth their moved bytes
-change (:mod:`moesim.placement.migration`). Deterministic for a seed; past ``time_limit`` the
-remaining layers get EPLB's plan.
+(:mod:`moesim.placement.objective`, closed form), those no less balanced than EPLB first. Each
+layer gets candidates: moesim's plan with the two best knobs, EPLB's plan with whole devices
+regrouped by co-activation, EPLB's own plan. Each layer takes its cheapest candidate, then the
+cheapest switches to better balanced ones are made until the plan's mean balance over layers is
+no worse than EPLB's (:func:`_choose`). Given a current placement and a migration budget, only
+the layers worth their moved bytes change (:mod:`moesim.placement.migration`). Deterministic for
+a seed (the polish counts objective evaluations, not seconds); only past ``time_limit`` do the
+remaining layers get EPLB's plan, which depends on the machine's speed.
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ class PlannerConfig:
     probe_layers: int = 2                    # layers the candidates are priced on
     seed: int = 0
     time_limit: float = 10.0                 # seconds; then EPLB's plan for the rest
-    polish_seconds: float = 1.0              # local search on the objective, all layers
+    polish_evaluations: int = 256            # objective evaluations of step 4, all layers
     batch_pairs: float | None = None         # pairs a device routes per batch: count noise
     migration_budget: float | None = None    # bytes of expert weights that may move
 
@@ -146,50 +150,82 @@ def plan(layers: Sequence[LayerRouting], shape: ClusterShape,
     start = time.perf_counter()
     ranked = _rank_knobs(layers, shape, config, score)
     regroup = _regroup_helps(layers, shape, config, score)
-    table = np.empty((len(layers), shape.device_node.size, shape.slots_per_device), np.int64)
-    polish_until, timing = time.perf_counter(), {}
+    options: list[list[tuple[np.ndarray, float]]] = []
     for layer, info in enumerate(layers):
-        seed = [config.seed, layer]
         if time.perf_counter() - start > config.time_limit:      # out of time: EPLB's plan
-            table[layer] = eplb_best(info.load, shape, config.batch_pairs)[0]
+            options.append([eplb_best(info.load, shape, config.batch_pairs)])
         else:
-            table[layer], cap = _balanced_layer(info, shape, ranked, config, seed, regroup)
-            if score is not None and config.polish_seconds > 0:
-                # Step 4: each layer polishes for its share of the budget (unused time carries).
-                share = config.polish_seconds / len(layers)
-                polish_until = max(polish_until, time.perf_counter()) + share
-                deadline = min(polish_until, start + config.time_limit)
-                if share >= 20 * timing.get("step", 0.0):        # else too slow to be of use
-                    table[layer] = polish_layer(table[layer], layer, info, shape, score,
-                                                deadline, cap=cap, seed=seed, timing=timing,
-                                                pairs_per_device=config.batch_pairs)
+            options.append(_layer_options(info, shape, ranked, config, [config.seed, layer],
+                                          regroup))
         if progress is not None:
             progress(layer + 1, len(layers))
+    table = np.stack([layer_options[pick][0] for layer_options, pick
+                      in zip(options, _choose(options, score), strict=True)])
+    share = config.polish_evaluations // max(len(layers), 1)
+    if score is not None and share > 0:
+        # Step 4: each layer's local search, within its chosen plan's balance.
+        for layer, info in enumerate(layers):
+            if time.perf_counter() - start > config.time_limit:
+                break
+            table[layer] = polish_layer(table[layer], layer, info, shape, score, share,
+                                        seed=[config.seed, layer],
+                                        pairs_per_device=config.batch_pairs)
     if current is not None and config.migration_budget is not None:
         table = within_budget(table, current, layers, shape, config.migration_budget,
                               expert_bytes, score)
     return Placement(table, shape.num_experts, name="moesim")
 
 
-def _balanced_layer(info: LayerRouting, shape: ClusterShape,
-                    ranked: list[tuple[tuple[int, float], bool]], config: PlannerConfig,
-                    seed: list[int], regroup: bool) -> tuple[np.ndarray, float]:
-    """The layer planned with the best knobs that keep it no less balanced than EPLB on this
-    layer (trying the probes' passing knobs, at most two, else the most balanced one), else
-    EPLB's own plan (``regroup``: with its devices regrouped by co-activation, when that stays
-    as balanced); and the balance it met (the polish's cap)."""
+def _layer_options(info: LayerRouting, shape: ClusterShape,
+                   ranked: list[tuple[tuple[int, float], bool]], config: PlannerConfig,
+                   seed: list[int], regroup: bool) -> list[tuple[np.ndarray, float]]:
+    """Candidate plans of one layer with their balance, preferred first, EPLB's own plan last:
+    moesim's plan with the best two knobs (passing ones first), EPLB's plan with its devices
+    regrouped by co-activation (``regroup``; device loads unchanged)."""
     eplb_table, reference = eplb_best(info.load, shape, config.batch_pairs)
-    passing = [knobs for knobs, ok in ranked if ok][:2] or [ranked[0][0]]
-    for knobs in passing:
+    out = []
+    for knobs, _ in ranked[:2]:
         table = plan_layer(info, shape, *knobs, max_tokens=config.max_tokens, seed=seed)
-        if balance(info.load, table, shape, config.batch_pairs) <= reference + 1e-12:
-            return table, reference
+        out.append((table, balance(info.load, table, shape, config.batch_pairs)))
     if regroup:
         table = regroup_devices(eplb_table, info, shape, max_tokens=config.max_tokens,
                                 seed=seed)
-        if balance(info.load, table, shape, config.batch_pairs) <= reference + 1e-12:
-            return table, reference
-    return eplb_table, reference
+        out.append((table, balance(info.load, table, shape, config.batch_pairs)))
+    return out + [(eplb_table, reference)]
+
+
+def _choose(options: Sequence[Sequence[tuple[np.ndarray, float]]], score: Score | None
+            ) -> list[int]:
+    """Which option each layer takes, keeping the plan no less balanced than EPLB's.
+
+    Without an objective: per layer the first option no less balanced than EPLB's (its last).
+    With one: per layer the cheapest option, then, while the mean balance over layers exceeds
+    EPLB's, the switch to a better balanced option that costs the least time per unit of
+    balance regained (a layer may trade a little balance for a shorter all-to-all when another
+    layer is better balanced than EPLB's).
+    """
+    if score is None:
+        return [next(i for i, (_, b) in enumerate(opts) if b <= opts[-1][1] + 1e-12)
+                for opts in options]
+    cost = [[score(layer, table) for table, _ in opts] for layer, opts in enumerate(options)]
+    pick = [int(np.argmin(c)) for c in cost]
+    budget = sum(opts[-1][1] for opts in options) + 1e-9
+    spread = sum(opts[p][1] for opts, p in zip(options, pick, strict=True))
+    while spread > budget:
+        best: tuple[float, int, int] | None = None
+        for layer, opts in enumerate(options):
+            now_cost, now_spread = cost[layer][pick[layer]], opts[pick[layer]][1]
+            for i, (_, b) in enumerate(opts):
+                if b < now_spread - 1e-12:
+                    rate = (cost[layer][i] - now_cost) / (now_spread - b)
+                    if best is None or rate < best[0]:
+                        best = (rate, layer, i)
+        if best is None:
+            break
+        _, layer, i = best
+        spread += options[layer][i][1] - options[layer][pick[layer]][1]
+        pick[layer] = i
+    return pick
 
 
 def _regroup_helps(layers: Sequence[LayerRouting], shape: ClusterShape, config: PlannerConfig,
@@ -250,7 +286,8 @@ def plan_layer(info: LayerRouting, shape: ClusterShape, replicate_everywhere: in
 
     Step 2 is a multi-start local search when experts are few (``256 // E - 1`` random starts
     besides the grown one, at most 8); the start whose refined partition has the lowest
-    connectivity (then the lowest node load) wins.
+    :func:`hypergraph.touch_cost` (busiest node's network ingress plus the mean; then the lowest
+    node load) wins.
     """
     load = np.asarray(info.load, dtype=np.float64)
     f = min(int(replicate_everywhere), shape.max_everywhere())
@@ -273,9 +310,10 @@ def plan_layer(info: LayerRouting, shape: ClusterShape, replicate_everywhere: in
             part[rest] = hypergraph.refine_graph(pairs, load[rest], part[rest], sub)
             if tokens is not None:
                 part = hypergraph.refine_hypergraph(tokens, load, part, limits)
+                part = hypergraph.level_touch(tokens, load, part, limits)
         node_load = np.bincount(part[rest], weights=load[rest], minlength=shape.num_nodes)
         key = (float(np.maximum(node_load - limits.max_load, 0.0).sum()),
-               _cut(tokens, pairs, part, rest), float(node_load.max(initial=0.0)))
+               _cut(tokens, pairs, part, rest, shape.num_nodes), float(node_load.max(initial=0.0)))
         if best is None or key < best[0]:
             best = (key, part)
     assert best is not None
@@ -295,11 +333,12 @@ def _random_start(limits: hypergraph.Limits, rng: np.random.Generator) -> np.nda
     return part
 
 
-def _cut(tokens: np.ndarray | None, pairs: np.ndarray, part: np.ndarray, rest: np.ndarray
-         ) -> float:
-    """Connectivity of the tokens, or (no tokens) the pair weight between parts."""
+def _cut(tokens: np.ndarray | None, pairs: np.ndarray, part: np.ndarray, rest: np.ndarray,
+         num_parts: int) -> float:
+    """:func:`hypergraph.touch_cost` of the tokens, or (no tokens) the pair weight between
+    parts."""
     if tokens is not None:
-        return hypergraph.connectivity(tokens, part)
+        return hypergraph.touch_cost(tokens, part, num_parts)
     sub = part[rest]
     return float(pairs[sub[:, None] != sub[None, :]].sum())
 

@@ -19,7 +19,7 @@ import numpy as np
 from moesim.errors import ScenarioError
 from moesim.routing import RoutingTrace, coactivation_partition
 
-__all__ = ["synthetic_trace"]
+__all__ = ["synthetic_trace", "synthetic_groups"]
 
 
 def synthetic_trace(num_experts: int, num_layers: int, num_tokens: int, top_k: int, *,
@@ -55,10 +55,8 @@ def synthetic_trace(num_experts: int, num_layers: int, num_tokens: int, top_k: i
     per_window = num_tokens // windows
     for layer in range(num_layers):
         rng = np.random.default_rng([seed, layer])
-        base = _zipf(num_experts, zipf_s, rng)
-        group_of = None
-        if coactivation_groups and coactivation_strength:
-            group_of = coactivation_partition(num_experts, coactivation_groups, rng)
+        base, group_of = _structure(num_experts, zipf_s, coactivation_groups,
+                                    coactivation_strength, rng)
         for w in range(windows):
             popularity = (1.0 - drift) * base + drift * _zipf(num_experts, zipf_s, rng)
             rows = slice(w * per_window, (w + 1) * per_window)
@@ -67,6 +65,30 @@ def synthetic_trace(num_experts: int, num_layers: int, num_tokens: int, top_k: i
     name = (f"synthetic(E={num_experts}, k={top_k}, s={zipf_s}, groups={coactivation_groups}, "
             f"strength={coactivation_strength}, drift={drift}, seed={seed})")
     return RoutingTrace(name, num_experts, expert_ids=ids)
+
+
+def synthetic_groups(num_experts: int, num_layers: int, *, zipf_s: float = 0.8,
+                     coactivation_groups: int = 8, coactivation_strength: float = 2.0,
+                     seed: int = 0) -> np.ndarray | None:
+    """The co-activation group ``int[layers, E]`` of each expert in :func:`synthetic_trace`'s
+    trace with the same arguments (None without co-activation): the structure a planner should
+    find, for reference rows in studies."""
+    if not (coactivation_groups and coactivation_strength):
+        return None
+    out = np.empty((num_layers, num_experts), dtype=np.int64)
+    for layer in range(num_layers):
+        out[layer] = _structure(num_experts, zipf_s, coactivation_groups, coactivation_strength,
+                                np.random.default_rng([seed, layer]))[1]
+    return out
+
+
+def _structure(num_experts: int, zipf_s: float, groups: int, strength: float,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """A layer's base popularity and co-activation groups (None: none), drawn first from its
+    ``rng`` in this order."""
+    base = _zipf(num_experts, zipf_s, rng)
+    group_of = coactivation_partition(num_experts, groups, rng) if groups and strength else None
+    return base, group_of
 
 
 def _zipf(num_experts: int, s: float, rng: np.random.Generator) -> np.ndarray:
