@@ -57,6 +57,7 @@ __all__ = ["LayerRouting", "ClusterShape", "PlannerConfig", "plan", "plan_layer"
            "plan_for_scenario"]
 
 Score = Callable[[int, np.ndarray], float]     # (layer, slot_expert [ep, slots]) -> seconds
+MIN_POLISH = 16   # evaluations per layer below which the polish is skipped (too few for a pass)
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,6 +123,7 @@ class PlannerConfig:
     seed: int = 0
     time_limit: float = 10.0                 # seconds; then EPLB's plan for the rest
     polish_evaluations: int = 256            # objective evaluations of step 4, all layers
+                                             # (skipped under MIN_POLISH per layer)
     batch_pairs: float | None = None         # pairs a device routes per batch: count noise
     migration_budget: float | None = None    # bytes of expert weights that may move
 
@@ -162,7 +164,7 @@ def plan(layers: Sequence[LayerRouting], shape: ClusterShape,
     table = np.stack([layer_options[pick][0] for layer_options, pick
                       in zip(options, _choose(options, score), strict=True)])
     share = config.polish_evaluations // max(len(layers), 1)
-    if score is not None and share > 0:
+    if score is not None and share >= MIN_POLISH:
         # Step 4: each layer's local search, within its chosen plan's balance.
         for layer, info in enumerate(layers):
             if time.perf_counter() - start > config.time_limit:
