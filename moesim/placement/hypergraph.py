@@ -409,7 +409,9 @@ class _HyperState:
         return False
 
     def _swap_touch(self, e: int, f: int) -> tuple[float, float]:
-        """Exact touch changes of e's part and f's part if e and f swap parts."""
+        """Exact touch changes of e's part a and f's part b if e and f swap parts. Tokens with
+        both keep their parts; a token with e only leaves a if e was a's only expert there and
+        enters b if b held none of its experts (f only: the other way round)."""
         a, b = self.part[e], self.part[f]
         rows_e, rows_f = self.rows(e), self.rows(f)
         both = np.intersect1d(rows_e, rows_f, assume_unique=True)
@@ -460,17 +462,10 @@ class _HyperState:
         return True
 
     def _swap_gain(self, e: int, f: int) -> float:
-        """Exact connectivity drop of swapping experts e (part a) and f (part b). Tokens with
-        both keep their parts; a token with e only leaves a if e was a's only expert and enters
-        b if b held none of its experts (f only: the other way round)."""
-        a, b = self.part[e], self.part[f]
-        rows_e, rows_f = self.rows(e), self.rows(f)
-        both = np.intersect1d(rows_e, rows_f, assume_unique=True)
-        only_e = np.setdiff1d(rows_e, both, assume_unique=True)
-        only_f = np.setdiff1d(rows_f, both, assume_unique=True)
-        c = self.counts
-        return float((c[only_e, a] == 1).sum() - (c[only_e, b] == 0).sum()
-                     + (c[only_f, b] == 1).sum() - (c[only_f, a] == 0).sum())
+        """Exact connectivity drop of swapping experts e (part a) and f (part b): minus the
+        two parts' touch changes (tokens with both experts keep their parts)."""
+        d_a, d_b = self._swap_touch(e, f)
+        return -(d_a + d_b)
 
 
 def _tokens_by_expert(tokens: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:

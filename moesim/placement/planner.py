@@ -19,7 +19,8 @@ and ignores which experts are chosen together. Per MoE layer, from the planning 
 
 The knobs ``(f, balance_tolerance)`` are ranked on a few probe layers by the objective
 (:mod:`moesim.placement.objective`, closed form), those no less balanced than EPLB first. Each
-layer gets candidates: moesim's plan with the two best knobs, EPLB's plan with whole devices
+layer gets candidates: moesim's plan with the best knobs that pass on the probes and with the
+cheapest knobs overall, EPLB's plan with whole devices
 regrouped by co-activation, EPLB's own plan. Each layer takes its cheapest candidate, then the
 cheapest switches to better balanced ones are made until the plan's mean balance over layers is
 no worse than EPLB's (:func:`_choose`). Given a current placement and a migration budget, only
@@ -256,7 +257,10 @@ def _rank_knobs(layers: Sequence[LayerRouting], shape: ClusterShape, config: Pla
     """Candidate knobs ``(replicate_everywhere, balance_tolerance)`` best first, each with
     whether it balanced the probe layers no worse than EPLB (per layer its better policy);
     fixed knobs are kept. Passing ones come first, cheapest by the objective first (without
-    one: most replication, then tightest tolerance); the others follow, most balanced first."""
+    one: most replication, then tightest tolerance); the others follow, most balanced first.
+    With an objective, the cheapest knobs overall move to second place when they are not
+    first: the layers' candidates are the first two, and :func:`_choose` settles the balance
+    across layers (on 64-GPU DeepSeek-V3 this let decode replicate more on every node)."""
     most = shape.max_everywhere()
     everywhere = ([config.replicate_everywhere] if config.replicate_everywhere is not None
                   else sorted({0, most // 2, most}))
@@ -272,13 +276,19 @@ def _rank_knobs(layers: Sequence[LayerRouting], shape: ClusterShape, config: Pla
                              config.batch_pairs) + 1e-12
     passing = [c for c in candidates if spread[c] <= reference]
     others = sorted((c for c in candidates if c not in passing), key=lambda c: (spread[c], c))
-    if score is None or len(passing) < 2:
+    if score is None:
         passing.sort(key=lambda c: (-c[0], c[1]))
-    else:
-        cost = {c: sum(score(int(p), t) for p, t in zip(probes, tables[c], strict=True))
-                for c in passing}
-        passing.sort(key=lambda c: (cost[c], c))
-    return [(c, True) for c in passing] + [(c, False) for c in others]
+        return [(c, True) for c in passing] + [(c, False) for c in others]
+    cost = {c: sum(score(int(p), t) for p, t in zip(probes, tables[c], strict=True))
+            for c in candidates}
+    passing.sort(key=lambda c: (cost[c], c))
+    ranked = [(c, True) for c in passing] + [(c, False) for c in others]
+    # The cheapest knobs overall come second: the balance is settled across layers later.
+    cheapest = min(candidates, key=lambda c: (cost[c], c))
+    if ranked and ranked[0][0] != cheapest:
+        ranked.remove((cheapest, cheapest in passing))
+        ranked.insert(1, (cheapest, cheapest in passing))
+    return ranked
 
 
 def plan_layer(info: LayerRouting, shape: ClusterShape, replicate_everywhere: int,
