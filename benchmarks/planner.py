@@ -150,21 +150,32 @@ def run_setting(setting: Setting, *, exact: bool, seed: int = 0) -> list[tuple]:
 def true_groups(groups: np.ndarray | None, moesim: Placement, layers, ctx, slots: int
                 ) -> Placement | None:
     """Reference plan: the trace generator's own co-activation groups dealt to the nodes
-    (group g on node g mod N), with the experts moesim's plan holds on every node held
-    everywhere too, and EPLB's steps inside each node (as moesim's step 3). What a planner that
-    knew the structure would send across the network; None if groups do not fit the nodes."""
+    (group g on node g mod N), the hottest of the experts moesim's plan holds on every node held
+    everywhere too (as many as the nodes' slots allow), and EPLB's steps inside each node (as
+    moesim's step 3). What a planner that knew the structure would send across the network;
+    None if the groups alone do not fit the nodes."""
     if groups is None:
         return None
     shape = planner.ClusterShape(moesim.num_experts, ctx.device_node, slots)
     table = np.empty_like(moesim.slot_expert)
     for layer, info in enumerate(layers):
         part = groups[layer] % shape.num_nodes
+        room = shape.slots_per_node - np.bincount(part, minlength=shape.num_nodes).max()
+        if room < 0:
+            return None
         holders = np.zeros((moesim.num_experts, shape.num_nodes), dtype=bool)
         holders[moesim.slot_expert[layer], shape.device_node[:, None]] = True
-        part[holders.all(axis=1)] = -1
-        per_node = np.bincount(part[part >= 0], minlength=shape.num_nodes)
-        if (per_node + (part < 0).sum() > shape.slots_per_node).any():
-            return None
+        everywhere = np.flatnonzero(holders.all(axis=1))
+        everywhere = everywhere[np.argsort(-info.load[everywhere], kind="stable")]
+        # Each everywhere-expert frees a slot on its group's node and takes one on every node.
+        while everywhere.size:
+            trial = part.copy()
+            trial[everywhere] = -1
+            per_node = np.bincount(trial[trial >= 0], minlength=shape.num_nodes)
+            if (per_node + everywhere.size <= shape.slots_per_node).all():
+                part = trial
+                break
+            everywhere = everywhere[:-1]
         table[layer] = planner._fill_nodes(part, info.load, shape)
     return Placement(table, moesim.num_experts, name="true groups")
 
