@@ -176,7 +176,7 @@ def true_groups(groups: np.ndarray | None, moesim: Placement, layers, ctx, slots
                 part = trial
                 break
             everywhere = everywhere[:-1]
-        table[layer] = planner._fill_nodes(part, info.load, shape)
+        table[layer] = planner.fill_nodes(part, info.load, shape)
     return Placement(table, moesim.num_experts, name="true groups")
 
 

@@ -52,7 +52,7 @@ from moesim.placement.local_search import (
 from moesim.placement.migration import align_to, moved_slots, within_budget
 from moesim.placement.placement import Placement
 
-__all__ = ["LayerRouting", "ClusterShape", "PlannerConfig", "plan", "plan_layer",
+__all__ = ["LayerRouting", "ClusterShape", "PlannerConfig", "plan", "plan_layer", "fill_nodes",
            "regroup_devices", "align_to",
            "moved_slots", "expected_device_loads", "routing_from_trace", "routing_from_choices",
            "plan_for_scenario"]
@@ -330,7 +330,7 @@ def plan_layer(info: LayerRouting, shape: ClusterShape, replicate_everywhere: in
             best = (key, part)
     assert best is not None
     # Step 3: EPLB inside each node.
-    return _fill_nodes(best[1], load, shape)
+    return fill_nodes(best[1], load, shape)
 
 
 def _random_start(limits: hypergraph.Limits, rng: np.random.Generator) -> np.ndarray:
@@ -397,8 +397,9 @@ def _pairs(info: LayerRouting, tokens: np.ndarray | None, rest: np.ndarray,
     return np.zeros((rest.size, rest.size))
 
 
-def _fill_nodes(part: np.ndarray, load: np.ndarray, shape: ClusterShape) -> np.ndarray:
-    """EPLB's replicate-and-pack inside every node; -1 experts get a copy on each node."""
+def fill_nodes(part: np.ndarray, load: np.ndarray, shape: ClusterShape) -> np.ndarray:
+    """Step 3 for a given node partition ``part: int[E]`` (-1: a copy on each node): EPLB's
+    replicate-and-pack inside every node. Returns the layer's ``int64[ep, slots]``."""
     num_nodes, gpus, slots = shape.num_nodes, shape.devices_per_node, shape.slots_per_device
     everywhere = np.flatnonzero(part < 0)
     table = np.empty((shape.device_node.size, slots), dtype=np.int64)
