@@ -110,22 +110,20 @@ def test_level_touch_never_raises_its_cost_and_keeps_the_limits(seed, parts, k):
 
 
 def test_choose_trades_balance_across_layers_by_hand():
-    """Two layers, each with a moesim option and EPLB's (last). Costs come from a table by
-    option name. Layer 0: moesim 10 s at balance 1.00, EPLB 12 s at 1.10; layer 1: moesim 5 s
-    at 1.15, EPLB 8 s at 1.10. Cheapest per layer: 1.00 + 1.15 = 2.15 <= 2.20 (EPLB's sum), so
-    both take moesim although layer 1 alone is less balanced than its EPLB plan. With layer 1's
-    moesim option at 1.30 the sum 2.30 exceeds 2.20; the only better balanced switch is layer
-    1 to EPLB (3 s for 0.20), so the picks are (moesim, EPLB)."""
-    cost = {"m0": 10.0, "e0": 12.0, "m1": 5.0, "e1": 8.0}
-
-    def score(layer, table):
-        return cost[str(table)]
-
-    options = [[("m0", 1.00), ("e0", 1.10)], [("m1", 1.15), ("e1", 1.10)]]
-    assert planner._choose(options, score) == [0, 0]
-    options[1][0] = ("m1", 1.30)
-    assert planner._choose(options, score) == [0, 1]
-    assert planner._choose(options, None) == [0, 1]      # no objective: per layer, strict
+    """Two layers, each with a moesim option and EPLB's (last). Layer 0: moesim 10 s at balance
+    1.00, EPLB 12 s at 1.10; layer 1: moesim 5 s at 1.15, EPLB 8 s at 1.10. Cheapest per layer:
+    1.00 + 1.15 = 2.15 <= 2.20 (EPLB's sum), so both take moesim although layer 1 alone is less
+    balanced than its EPLB plan. With layer 1's moesim option at 1.30 the sum 2.30 exceeds
+    2.20; the only better balanced switch is layer 1 to EPLB (3 s for 0.20), so the picks are
+    (moesim, EPLB)."""
+    Option = planner.Option
+    none = np.zeros((1, 1))
+    options = [[Option(none, 1.00, 10.0), Option(none, 1.10, 12.0)],
+               [Option(none, 1.15, 5.0), Option(none, 1.10, 8.0)]]
+    assert planner._choose(options, True) == [0, 0]
+    options[1][0] = Option(none, 1.30, 5.0)
+    assert planner._choose(options, True) == [0, 1]
+    assert planner._choose(options, False) == [0, 1]      # no objective: per layer, strict
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -84,7 +84,7 @@ def _is_load_npz(path: Path) -> bool:
 
 def make_placement(name: str, layers: list[planner.LayerRouting], ctx: objective.CostContext,
                    num_experts: int, slots_per_device: int, *, seed: int = 0,
-                   time_limit: float = 10.0, plan_choices: list[routing.LayerChoices] | None = None,
+                   time_limit: float = 30.0, plan_choices: list[routing.LayerChoices] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> Placement:
     """Placement of planner ``name`` (one of :data:`PLANNERS`) for the group of ``ctx``."""
     load = np.stack([info.load for info in layers])
@@ -129,7 +129,7 @@ def register(sub, commands: dict) -> None:
                         "default: moesim, eplb, contiguous, round_robin)")
     p.add_argument("--format", choices=export.FORMATS, default="moesim", help="plan file format")
     p.add_argument("--seed", type=int, help="planner seed (default: the scenario's)")
-    p.add_argument("--time-limit", type=float, default=10.0, help="seconds per planner")
+    p.add_argument("--time-limit", type=float, default=30.0, help="seconds per planner")
     p.add_argument("--exact", action="store_true",
                    help="price all-to-alls by flow simulation instead of the closed form")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -122,7 +123,7 @@ class PlannerConfig:
     max_tokens: int = 4096                   # tokens per layer the partition looks at
     probe_layers: int = 2                    # layers the candidates are priced on
     seed: int = 0
-    time_limit: float = 10.0                 # seconds; then EPLB's plan for the rest
+    time_limit: float = 30.0                 # seconds; then EPLB's plan for the rest
     polish_evaluations: int = 256            # objective evaluations of step 4, all layers
                                              # (skipped under MIN_POLISH per layer)
     batch_pairs: float | None = None         # pairs a device routes per batch: count noise
@@ -153,17 +154,16 @@ def plan(layers: Sequence[LayerRouting], shape: ClusterShape,
     start = time.perf_counter()
     ranked = _rank_knobs(layers, shape, config, score)
     regroup = _regroup_helps(layers, shape, config, score)
-    options: list[list[tuple[np.ndarray, float]]] = []
+    options: list[list[Option]] = []
     for layer, info in enumerate(layers):
         if time.perf_counter() - start > config.time_limit:      # out of time: EPLB's plan
-            options.append([eplb_best(info.load, shape, config.batch_pairs)])
+            options.append([Option(*eplb_best(info.load, shape, config.batch_pairs))])
         else:
-            options.append(_layer_options(info, shape, ranked, config, [config.seed, layer],
-                                          regroup))
+            options.append(_layer_options(layer, info, shape, ranked, config, regroup, score))
         if progress is not None:
             progress(layer + 1, len(layers))
-    table = np.stack([layer_options[pick][0] for layer_options, pick
-                      in zip(options, _choose(options, score), strict=True)])
+    table = np.stack([layer_options[pick].table for layer_options, pick
+                      in zip(options, _choose(options, score is not None), strict=True)])
     share = config.polish_evaluations // max(len(layers), 1)
     if score is not None and share >= MIN_POLISH:
         # Step 4: each layer's local search, within its chosen plan's balance.
@@ -179,54 +179,63 @@ def plan(layers: Sequence[LayerRouting], shape: ClusterShape,
     return Placement(table, shape.num_experts, name="moesim")
 
 
-def _layer_options(info: LayerRouting, shape: ClusterShape,
+class Option(NamedTuple):
+    """One candidate plan of a layer: its slots, balance and predicted time (0 without an
+    objective)."""
+
+    table: np.ndarray
+    balance: float
+    cost: float = 0.0
+
+
+def _layer_options(layer: int, info: LayerRouting, shape: ClusterShape,
                    ranked: list[tuple[tuple[int, float], bool]], config: PlannerConfig,
-                   seed: list[int], regroup: bool) -> list[tuple[np.ndarray, float]]:
-    """Candidate plans of one layer with their balance, preferred first, EPLB's own plan last:
-    moesim's plan with the best two knobs (passing ones first), EPLB's plan with its devices
-    regrouped by co-activation (``regroup``; device loads unchanged)."""
+                   regroup: bool, score: Score | None) -> list[Option]:
+    """Candidate plans of one layer, preferred first, EPLB's own plan last: moesim's plan with
+    the first two knobs, EPLB's plan with its devices regrouped by co-activation
+    (``regroup``; device loads unchanged). Each priced by ``score`` when given."""
+    seed = [config.seed, layer]
     eplb_table, reference = eplb_best(info.load, shape, config.batch_pairs)
-    out = []
-    for knobs, _ in ranked[:2]:
-        table = plan_layer(info, shape, *knobs, max_tokens=config.max_tokens, seed=seed)
-        out.append((table, balance(info.load, table, shape, config.batch_pairs)))
+    tables = [plan_layer(info, shape, *knobs, max_tokens=config.max_tokens, seed=seed)
+              for knobs, _ in ranked[:2]]
     if regroup:
-        table = regroup_devices(eplb_table, info, shape, max_tokens=config.max_tokens,
-                                seed=seed)
-        out.append((table, balance(info.load, table, shape, config.batch_pairs)))
-    return out + [(eplb_table, reference)]
+        tables.append(regroup_devices(eplb_table, info, shape, max_tokens=config.max_tokens,
+                                      seed=seed))
+    out = [Option(t, balance(info.load, t, shape, config.batch_pairs)) for t in tables]
+    out.append(Option(eplb_table, reference))
+    if score is not None:
+        out = [o._replace(cost=score(layer, o.table)) for o in out]
+    return out
 
 
-def _choose(options: Sequence[Sequence[tuple[np.ndarray, float]]], score: Score | None
-            ) -> list[int]:
+def _choose(options: Sequence[Sequence[Option]], priced: bool) -> list[int]:
     """Which option each layer takes, keeping the plan no less balanced than EPLB's.
 
-    Without an objective: per layer the first option no less balanced than EPLB's (its last).
-    With one: per layer the cheapest option, then, while the mean balance over layers exceeds
-    EPLB's, the switch to a better balanced option that costs the least time per unit of
-    balance regained (a layer may trade a little balance for a shorter all-to-all when another
-    layer is better balanced than EPLB's).
+    Not ``priced`` (no objective): per layer the first option no less balanced than EPLB's (its
+    last). Priced: per layer the cheapest option, then, while the mean balance over layers
+    exceeds EPLB's, the switch to a better balanced option that costs the least time per unit
+    of balance regained (a layer may trade a little balance for a shorter all-to-all when
+    another layer is better balanced than EPLB's).
     """
-    if score is None:
-        return [next(i for i, (_, b) in enumerate(opts) if b <= opts[-1][1] + 1e-12)
+    if not priced:
+        return [next(i for i, o in enumerate(opts) if o.balance <= opts[-1].balance + 1e-12)
                 for opts in options]
-    cost = [[score(layer, table) for table, _ in opts] for layer, opts in enumerate(options)]
-    pick = [int(np.argmin(c)) for c in cost]
-    budget = sum(opts[-1][1] for opts in options) + 1e-9
-    spread = sum(opts[p][1] for opts, p in zip(options, pick, strict=True))
+    pick = [int(np.argmin([o.cost for o in opts])) for opts in options]
+    budget = sum(opts[-1].balance for opts in options) + 1e-9
+    spread = sum(opts[p].balance for opts, p in zip(options, pick, strict=True))
     while spread > budget:
         best: tuple[float, int, int] | None = None
         for layer, opts in enumerate(options):
-            now_cost, now_spread = cost[layer][pick[layer]], opts[pick[layer]][1]
-            for i, (_, b) in enumerate(opts):
-                if b < now_spread - 1e-12:
-                    rate = (cost[layer][i] - now_cost) / (now_spread - b)
+            now = opts[pick[layer]]
+            for i, o in enumerate(opts):
+                if o.balance < now.balance - 1e-12:
+                    rate = (o.cost - now.cost) / (now.balance - o.balance)
                     if best is None or rate < best[0]:
                         best = (rate, layer, i)
         if best is None:
             break
         _, layer, i = best
-        spread += options[layer][i][1] - options[layer][pick[layer]][1]
+        spread += options[layer][i].balance - options[layer][pick[layer]].balance
         pick[layer] = i
     return pick
 
