@@ -160,8 +160,7 @@ def true_groups(groups: np.ndarray | None, moesim: Placement, layers, ctx, slots
     table = np.empty_like(moesim.slot_expert)
     for layer, info in enumerate(layers):
         part = groups[layer] % shape.num_nodes
-        room = shape.slots_per_node - np.bincount(part, minlength=shape.num_nodes).max()
-        if room < 0:
+        if np.bincount(part).max() > shape.slots_per_node:
             return None
         holders = np.zeros((moesim.num_experts, shape.num_nodes), dtype=bool)
         holders[moesim.slot_expert[layer], shape.device_node[:, None]] = True

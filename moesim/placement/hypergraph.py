@@ -17,10 +17,10 @@ to every token and take no part in the hypergraph.
 3. :func:`refine_hypergraph`: moves with exact connectivity gains, Fiduccia-Mattheyses style,
    all gains recomputed per round from per-token part counts.
 4. :func:`level_touch`: moves and swaps that lower the busiest part's *touch* (tokens with an
-   expert in it), plus the mean touch (:func:`touch_cost`). A node's network ingress under hierarchical dispatch is its touch (times the
-   share of tokens from other nodes), and the all-to-all lasts as long as the busiest node's
-   NICs; connectivity is only the sum of the touches, so a low-connectivity partition can still
-   leave one node receiving far more than the others.
+   expert in it) plus the mean touch (:func:`touch_cost`). A node's network ingress under
+   hierarchical dispatch is its touch (times the share of tokens from other nodes), and the
+   all-to-all lasts as long as the busiest node's NICs; connectivity is only the sum of the
+   touches, so a low-connectivity partition can still leave one node receiving far more.
 
 All functions are deterministic: ties go to the lowest expert, then the lowest part.
 """
@@ -266,8 +266,11 @@ def touch_cost(tokens: np.ndarray, part: np.ndarray, num_parts: int) -> float:
     """The busiest part's touch plus the mean touch: the partition objective of
     :func:`level_touch`. The busiest node's ingress sets the all-to-all time; the mean keeps
     the peak from being bought with much more traffic everywhere else."""
-    counts = touch(tokens, part, num_parts)
-    return float(counts.max(initial=0.0) + counts.sum() / num_parts)
+    return _peak_plus_mean(touch(tokens, part, num_parts))
+
+
+def _peak_plus_mean(touches: np.ndarray) -> float:
+    return float(touches.max(initial=0.0) + touches.sum() / touches.size)
 
 
 def level_touch(tokens: np.ndarray, load: np.ndarray, part: np.ndarray, limits: Limits,
@@ -362,7 +365,7 @@ class _HyperState:
         if num_parts < 2 or mine.size == 0:
             return False
         leaves, enters = _leave_enter(self.counts, self.tok_of, self.ptr, self.part, num_parts)
-        now = touch.max() + touch.sum() / num_parts
+        now = _peak_plus_mean(touch)
 
         def cost(hot_after, b, b_after):
             """touch_cost after a change that leaves the hot part at ``hot_after`` and part(s)

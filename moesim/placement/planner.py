@@ -189,7 +189,7 @@ class Option(NamedTuple):
 
 
 def _layer_options(layer: int, info: LayerRouting, shape: ClusterShape,
-                   ranked: list[tuple[tuple[int, float], bool]], config: PlannerConfig,
+                   ranked: list[tuple[int, float]], config: PlannerConfig,
                    regroup: bool, score: Score | None) -> list[Option]:
     """Candidate plans of one layer, preferred first, EPLB's own plan last: moesim's plan with
     the first two knobs, EPLB's plan with its devices regrouped by co-activation
@@ -197,7 +197,7 @@ def _layer_options(layer: int, info: LayerRouting, shape: ClusterShape,
     seed = [config.seed, layer]
     eplb_table, reference = eplb_best(info.load, shape, config.batch_pairs)
     tables = [plan_layer(info, shape, *knobs, max_tokens=config.max_tokens, seed=seed)
-              for knobs, _ in ranked[:2]]
+              for knobs in ranked[:2]]
     if regroup:
         tables.append(regroup_devices(eplb_table, info, shape, max_tokens=config.max_tokens,
                                       seed=seed))
@@ -262,11 +262,11 @@ def _probes(num_layers: int, config: PlannerConfig) -> np.ndarray:
 
 
 def _rank_knobs(layers: Sequence[LayerRouting], shape: ClusterShape, config: PlannerConfig,
-                score: Score | None) -> list[tuple[tuple[int, float], bool]]:
-    """Candidate knobs ``(replicate_everywhere, balance_tolerance)`` best first, each with
-    whether it balanced the probe layers no worse than EPLB (per layer its better policy);
-    fixed knobs are kept. Passing ones come first, cheapest by the objective first (without
-    one: most replication, then tightest tolerance); the others follow, most balanced first.
+                score: Score | None) -> list[tuple[int, float]]:
+    """Candidate knobs ``(replicate_everywhere, balance_tolerance)`` best first; fixed knobs are
+    kept. Those that balanced the probe layers no worse than EPLB (per layer its better policy)
+    come first, cheapest by the objective first (without one: most replication, then tightest
+    tolerance); the others follow, most balanced first.
     With an objective, the cheapest knobs overall move to second place when they are not
     first: the layers' candidates are the first two, and :func:`_choose` settles the balance
     across layers (on 64-GPU DeepSeek-V3 this let decode replicate more on every node)."""
@@ -287,16 +287,16 @@ def _rank_knobs(layers: Sequence[LayerRouting], shape: ClusterShape, config: Pla
     others = sorted((c for c in candidates if c not in passing), key=lambda c: (spread[c], c))
     if score is None:
         passing.sort(key=lambda c: (-c[0], c[1]))
-        return [(c, True) for c in passing] + [(c, False) for c in others]
+        return passing + others
     cost = {c: sum(score(int(p), t) for p, t in zip(probes, tables[c], strict=True))
             for c in candidates}
     passing.sort(key=lambda c: (cost[c], c))
-    ranked = [(c, True) for c in passing] + [(c, False) for c in others]
+    ranked = passing + others
     # The cheapest knobs overall come second: the balance is settled across layers later.
     cheapest = min(candidates, key=lambda c: (cost[c], c))
-    if ranked and ranked[0][0] != cheapest:
-        ranked.remove((cheapest, cheapest in passing))
-        ranked.insert(1, (cheapest, cheapest in passing))
+    if ranked[0] != cheapest:
+        ranked.remove(cheapest)
+        ranked.insert(1, cheapest)
     return ranked
 
 
