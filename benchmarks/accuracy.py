@@ -158,7 +158,7 @@ def run_config(c: Config, profile_path: Path, iters: int) -> dict[str, Any]:
     return {"name": c.name, "measured": validation.measured_phases(report, "best"),
             "same_loads": bool(np.array_equal(rows, slot_tokens)),
             "median": validation.measured_phases(report, "median"), "predicted": predicted,
-            "source": costs.timer.tables.summary() if costs.timer.tables else "roofline"}
+            "source": costs.ctx.timer.tables.summary() if costs.ctx.timer.tables else "roofline"}
 
 
 def _err(row: dict[str, Any], phase: str = "total", key: str = "measured") -> float:

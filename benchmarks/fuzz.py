@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, seed, settings
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_fuzz import scenario_texts  # noqa: E402
 
+from moesim.assembly import simulate  # noqa: E402
 from moesim.errors import MoESimError  # noqa: E402
-from moesim.sim.simulate import simulate  # noqa: E402
 from moesim.spec.scenario import load_scenario  # noqa: E402
 
 

@@ -23,11 +23,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from moesim import routing  # noqa: E402
+from moesim import routing_trace  # noqa: E402
 from moesim.placement import objective, planner  # noqa: E402
 from moesim.placement.cli import make_placement  # noqa: E402
 from moesim.placement.placement import Placement  # noqa: E402
 from moesim.placement.traces import synthetic_groups, synthetic_trace  # noqa: E402
+from moesim.pricing.context import PricingContext  # noqa: E402
 from moesim.spec.scenario import load_scenario  # noqa: E402
 
 PLANNERS = ("contiguous", "round_robin", "eplb", "eplb_global", "moesim")
@@ -62,7 +63,7 @@ def _mixtral(layers: int) -> tuple[str, ...]:
             "communication.alltoall=hierarchical", f"model.num_layers={layers}")
 
 
-def _real(trace: routing.RoutingTrace) -> tuple[str, ...]:
+def _real(trace: routing_trace.RoutingTrace) -> tuple[str, ...]:
     """Mixtral-sized experts with the trace's expert count and k, EP16 over 4 nodes of 4."""
     return ("cluster.topology=fat_tree", "cluster.nodes=4", "cluster.devices_per_node=4",
             "parallelism.dp=16", "parallelism.ep=16", "workload.global_batch=1024",
@@ -71,7 +72,7 @@ def _real(trace: routing.RoutingTrace) -> tuple[str, ...]:
             f"model.top_k={trace.expert_ids.shape[2]}", f"model.num_layers={trace.num_layers}")
 
 
-def load_recorded(path: Path) -> routing.RoutingTrace:
+def load_recorded(path: Path) -> routing_trace.RoutingTrace:
     """The recorded trace's ``expert_ids`` (its other arrays, e.g. each token's text domain,
     are not needed here). Tokens are in recording order, domain by domain, so the second half
     is text of other stdlib packages than the first: a real drift."""
@@ -79,7 +80,7 @@ def load_recorded(path: Path) -> routing.RoutingTrace:
         ids = archive["expert_ids"].astype(np.int32)
         experts = int(archive["num_experts"]) if "num_experts" in archive.files \
             else int(ids.max()) + 1
-    return routing.RoutingTrace(str(path), experts, expert_ids=ids)
+    return routing_trace.RoutingTrace(str(path), experts, expert_ids=ids)
 
 
 def settings(tiny: bool) -> list[Setting]:
@@ -115,7 +116,7 @@ def settings(tiny: bool) -> list[Setting]:
 def run_setting(setting: Setting, *, exact: bool, seed: int = 0) -> list[tuple]:
     s = load_scenario(REPO / setting.scenario, list(setting.overrides))
     m = s.model
-    ctx = objective.CostContext.from_scenario(s)
+    ctx = PricingContext.from_scenario(s)
     if setting.trace == "synthetic":
         trace = synthetic_trace(m.num_experts, m.num_moe_layers, setting.tokens, m.top_k,
                                 coactivation_groups=GROUPS,
@@ -184,7 +185,7 @@ def planning_time(seed: int = 0) -> list[tuple[float, float]]:
     CPU seconds show what the wall clock would be on an idle core (the machine is shared)."""
     s = load_scenario(REPO / "scenarios/deepseek-v3-decode-ep.yaml",
                       list(_dsv3(8, 64, "decode", 58)))
-    ctx = objective.CostContext.from_scenario(s)
+    ctx = PricingContext.from_scenario(s)
     trace = synthetic_trace(256, 58, 4096, 8, coactivation_groups=8, drift=0.0, seed=seed)
     layers = planner.routing_from_trace(trace)
     choices = objective.trace_choices(ctx, trace, seed=seed)

@@ -44,8 +44,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from moesim import network  # noqa: E402
-from moesim.sim.costs import alltoall  # noqa: E402
-from moesim.sim.simulate import scenario_topology, simulate  # noqa: E402
+from moesim.assembly import simulate  # noqa: E402
+from moesim.pricing.alltoall import alltoall  # noqa: E402
+from moesim.pricing.context import scenario_topology  # noqa: E402
 from moesim.spec.hardware import dtype_bytes  # noqa: E402
 from moesim.spec.scenario import Scenario, load_scenario  # noqa: E402
 

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from moesim import network, routing  # noqa: E402
-from moesim.sim.simulate import simulate  # noqa: E402
+from moesim.assembly import simulate  # noqa: E402
 from moesim.spec.scenario import load_scenario  # noqa: E402
 
 SCENARIOS = REPO / "scenarios"

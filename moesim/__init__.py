@@ -16,7 +16,7 @@ __all__ = ["MoESimError", "Scenario", "load_scenario", "simulate", "__version__"
 
 
 def simulate(scenario: Scenario, **kwargs):  # noqa: ANN201 - re-export with lazy import
-    """Simulate one step of ``scenario`` (see :func:`moesim.sim.simulate.simulate`)."""
-    from moesim.sim.simulate import simulate as _simulate
+    """Simulate one step of ``scenario`` (see :func:`moesim.assembly.simulate`)."""
+    from moesim.assembly import simulate as _simulate
 
     return _simulate(scenario, **kwargs)

@@ -57,6 +57,8 @@ class Curve:
         s = np.minimum.accumulate(np.asarray(self.seconds, dtype=float)[::-1])[::-1]
         object.__setattr__(self, "tokens", t)
         object.__setattr__(self, "seconds", s)
+        self._log_t: np.ndarray
+        self._log_s: np.ndarray
         object.__setattr__(self, "_log_t", np.log(t))
         object.__setattr__(self, "_log_s", np.log(s))
 
@@ -117,13 +119,13 @@ class MeasuredTables:
         ffn, gate, attention = {}, {}, {}
         for i, entry in enumerate(_entries(kernels, "expert_ffn", source)):
             where = f"calibration.kernels.expert_ffn[{i}]"
-            key = tuple(_int(entry, k, source, where) for k in ("hidden", "ffn"))
+            key = (_int(entry, "hidden", source, where), _int(entry, "ffn", source, where))
             experts = _int(entry, "experts", source, where) if "experts" in entry else 1
             ffn[(*key, experts)] = _curve(entry, source, where)
         for i, entry in enumerate(_entries(kernels, "gate", source)):
             where = f"calibration.kernels.gate[{i}]"
-            key = tuple(_int(entry, k, source, where) for k in ("hidden", "experts"))
-            gate[key] = _curve(entry, source, where)
+            gate[(_int(entry, "hidden", source, where),
+                  _int(entry, "experts", source, where))] = _curve(entry, source, where)
         for i, entry in enumerate(_entries(kernels, "attention", source)):
             where = f"calibration.kernels.attention[{i}]"
             attention[_int(entry, "hidden", source, where)] = _curve(entry, source, where)

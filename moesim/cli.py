@@ -23,9 +23,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from moesim.assembly import simulate
     from moesim.report.trace import chrome_trace
     from moesim.results import summary, write_json_atomic
-    from moesim.sim.simulate import simulate
     from moesim.spec.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, args.set)
@@ -47,7 +47,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     from moesim.layout import Layout
     from moesim.memory import check_memory, stage_memory
-    from moesim.sim.simulate import scenario_topology
+    from moesim.pricing.context import scenario_topology
     from moesim.spec.fields import to_plain
     from moesim.spec.scenario import load_scenario
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim.calibration import MeasuredTables
 from moesim.spec.hardware import DeviceSpec, dtype_bytes
 from moesim.spec.model import ModelSpec
 
@@ -98,7 +99,7 @@ class KernelTimer:
     weight_dtype: str = "bf16"
     act_dtype: str = "bf16"
     tp: int = 1
-    tables: object | None = None  # moesim.calibration.MeasuredTables
+    tables: MeasuredTables | None = None
 
     @property
     def _wb(self) -> float:

@@ -58,7 +58,7 @@ def stage_params(s: Scenario, layout: Layout, stage: int) -> tuple[float, float]
     layers = layout.stage_layers(stage)
     moe = [layer for layer in layers if layout.moe_index(layer) is not None]
     dense_blocks = len(layers) - len(moe)
-    dense = len(layers) * m.attention_params
+    dense: float = len(layers) * m.attention_params
     dense += dense_blocks * m.dense_ffn_params
     dense += len(moe) * (m.shared_expert_params + m.num_experts * m.hidden_size)
     if m.cross_attention_layers:
@@ -110,6 +110,7 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
     dense_w = dense * wb / shard_dense
     expert_w = experts * wb / shard_expert
     grads = opt = acts = kv = 0.0
+    in_flight: float
     tokens = tokens_per_microbatch(s)
     layers = layout.stage_layers(stage)
     if wl.mode == "training":

@@ -11,32 +11,26 @@ also come from a recorded routing trace (formats in ``docs/trace_format.md``).
 Sampling every real token is too slow at scale, so a layer samples at most
 ``max_tokens_per_source`` tokens per source device and each sampled token stands for ``weight``
 real ones. The simulator turns choices plus a placement into traffic; this module only produces
-choices and counts. Everything is seeded numpy: layer ``l`` of seed ``s`` always draws from
+choices and counts (:mod:`moesim.routing_draw` draws a whole scenario's layers, from a
+distribution or a trace). Everything is seeded numpy: layer ``l`` of seed ``s`` always draws from
 ``np.random.default_rng([s, l])``.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
 from moesim.errors import InfeasiblePlacement, ScenarioError
 
-if TYPE_CHECKING:
-    from moesim.routing_trace import RoutingTrace
-    from moesim.spec.scenario import RoutingSpec, Scenario
-
 __all__ = [
     "DISTRIBUTIONS", "GATINGS", "LayerChoices", "expert_popularity",
     "sample_layer", "balanced_layer", "coactivation_partition", "counts_from_choices",
-    "node_fanout", "coactivation_counts", "apply_capacity", "layer_rng", "sample_routing",
-    "scenario_routing",
-]  # plus RoutingTrace, load_trace, choices_from_trace from moesim.routing_trace (see end)
+    "node_fanout", "coactivation_counts", "apply_capacity", "effective_top_k",
+    "sampled_per_source", "layer_rng",
+]
 
 DISTRIBUTIONS = ("uniform", "zipf", "dirichlet", "hot", "balanced")
 GATINGS = ("topk", "top1", "soft")
@@ -141,8 +135,8 @@ def sample_layer(popularity: np.ndarray, *, num_sources: int, tokens_per_source:
     """
     p = _check_popularity(popularity)
     e = p.size
-    k = _effective_top_k(gating, top_k, e)
-    n = _sampled_per_source(tokens_per_source, max_tokens_per_source, num_sources)
+    k = effective_top_k(gating, top_k, e)
+    n = sampled_per_source(tokens_per_source, max_tokens_per_source, num_sources)
     t = num_sources * n
     source = np.repeat(np.arange(num_sources, dtype=np.int32), n)
     weight = tokens_per_source / n
@@ -181,8 +175,8 @@ def balanced_layer(num_experts: int, *, num_sources: int, tokens_per_source: int
 
     Deterministic; every expert receives the same load whenever T*k is a multiple of E.
     """
-    k = _effective_top_k("topk", top_k, num_experts)
-    n = _sampled_per_source(tokens_per_source, max_tokens_per_source, num_sources)
+    k = effective_top_k("topk", top_k, num_experts)
+    n = sampled_per_source(tokens_per_source, max_tokens_per_source, num_sources)
     t = num_sources * n
     experts = (np.arange(t)[:, None] * k + np.arange(k)[None, :]) % num_experts
     source = np.repeat(np.arange(num_sources, dtype=np.int32), n)
@@ -198,7 +192,7 @@ def _check_popularity(popularity: np.ndarray) -> np.ndarray:
     return p
 
 
-def _effective_top_k(gating: str, top_k: int, num_experts: int) -> int:
+def effective_top_k(gating: str, top_k: int, num_experts: int) -> int:
     if gating not in GATINGS:
         raise ScenarioError(f"unknown gating {gating!r}; valid: {', '.join(GATINGS)}",
                             field="model.gating")
@@ -209,7 +203,7 @@ def _effective_top_k(gating: str, top_k: int, num_experts: int) -> int:
     return k
 
 
-def _sampled_per_source(tokens_per_source: int, max_tokens_per_source: int,
+def sampled_per_source(tokens_per_source: int, max_tokens_per_source: int,
                         num_sources: int) -> int:
     for name, value in (("num_sources", num_sources), ("tokens_per_source", tokens_per_source),
                         ("max_tokens_per_source", max_tokens_per_source)):
@@ -477,7 +471,7 @@ def coactivation_counts(choices: LayerChoices, num_experts: int) -> np.ndarray:
     return (onehot.T @ onehot).astype(np.float64) * choices.weight
 
 
-def apply_capacity(counts: np.ndarray, tokens_per_source: int, top_k: int,
+def apply_capacity(counts: np.ndarray, tokens_per_source: float, top_k: int,
                    capacity_factor: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Drop tokens over each expert's capacity (GShard / Megatron, per source).
 
@@ -497,112 +491,6 @@ def apply_capacity(counts: np.ndarray, tokens_per_source: int, top_k: int,
     return kept, counts - kept
 
 
-# ----------------------------------------------------------------------------- whole model
-
-
 def layer_rng(seed: int, layer: int) -> np.random.Generator:
     """The generator of one layer: independent of how many other layers were drawn."""
     return np.random.default_rng([seed, layer])
-
-
-def sample_routing(spec: RoutingSpec, *, num_experts: int, num_layers: int, num_sources: int,
-                   tokens_per_source: int, top_k: int, seed: int, gating: str = "topk",
-                   expert_node: np.ndarray | None = None,
-                   trace: RoutingTrace | None = None) -> Iterator[LayerChoices]:
-    """Yield the choices of layers ``0..num_layers-1`` of a scenario's routing.
-
-    ``expert_node``: ``int[E]`` or ``int[layers, E]`` (needed when ``spec.node_limit`` > 0).
-    ``spec.distribution == "trace"`` samples from ``trace`` (or loads ``spec.trace`` when None).
-
-    The last few draws are kept (arrays read-only) and handed out again for the same arguments:
-    a placement planned on the routing, a faulted run's healthy twin and a sweep's repeated
-    points draw the same layers.
-    """
-    if spec.distribution == "trace" or trace is not None:       # a file may change: no reuse
-        return _sample_layers(spec, num_experts, num_layers, num_sources, tokens_per_source,
-                              top_k, seed, gating, expert_node, trace)
-    nodes = None if expert_node is None else np.asarray(expert_node)
-    key = (spec, num_experts, num_layers, num_sources, tokens_per_source, top_k, seed, gating,
-           None if nodes is None else (nodes.shape, nodes.dtype.str, nodes.tobytes()))
-    layers = _DRAWN.get(key)
-    if layers is None:
-        layers = list(_sample_layers(spec, num_experts, num_layers, num_sources,
-                                     tokens_per_source, top_k, seed, gating, nodes, None))
-        for choice in layers:
-            choice.experts.flags.writeable = choice.source.flags.writeable = False
-        _DRAWN[key] = layers
-        while len(_DRAWN) > _DRAWN_KEPT:
-            _DRAWN.popitem(last=False)
-    _DRAWN.move_to_end(key)
-    return iter(layers)
-
-
-def scenario_routing(s: Scenario, *, tokens_per_source: float,
-                     expert_node: np.ndarray | None = None,
-                     node_limited: bool = True) -> list[LayerChoices]:
-    """The routing of one EP group of scenario ``s``, every MoE layer, as the simulator draws it.
-
-    ``node_limited=False`` draws the router's preferences with node-limited routing off: the
-    planners use that, since the limit depends on the placement being chosen.
-    """
-    spec = s.routing
-    if spec.node_limit and not node_limited:
-        spec = replace(spec, node_limit=0)
-    return list(sample_routing(
-        spec, num_experts=s.model.num_experts, num_layers=s.model.num_moe_layers,
-        num_sources=s.parallelism.ep, tokens_per_source=max(1, round(tokens_per_source)),
-        top_k=s.model.top_k, seed=s.seed, gating=s.model.gating,
-        expert_node=expert_node if spec.node_limit else None))
-
-
-_DRAWN: OrderedDict[tuple, list[LayerChoices]] = OrderedDict()   # sample_routing's last draws
-_DRAWN_KEPT = 2
-
-
-def _sample_layers(spec: RoutingSpec, num_experts: int, num_layers: int, num_sources: int,
-                   tokens_per_source: int, top_k: int, seed: int, gating: str,
-                   expert_node: np.ndarray | None, trace: RoutingTrace | None
-                   ) -> Iterator[LayerChoices]:
-    k = _effective_top_k(gating, top_k, num_experts)
-    from moesim.routing_trace import choices_from_trace, load_trace
-    if spec.distribution == "trace" and trace is None:
-        trace = load_trace(spec.trace, num_experts=num_experts, num_layers=num_layers)
-    max_nodes = spec.node_limit or None
-    for layer in range(num_layers):
-        rng = layer_rng(seed, layer)
-        nodes = None if expert_node is None else np.asarray(expert_node)
-        if nodes is not None and nodes.ndim == 2:
-            nodes = nodes[layer]
-        if spec.distribution == "trace":
-            assert trace is not None
-            yield choices_from_trace(trace, layer, num_sources=num_sources,
-                                     tokens_per_source=tokens_per_source, rng=rng, top_k=k,
-                                     max_tokens_per_source=spec.max_tokens_per_source,
-                                     expert_node=nodes, max_nodes=max_nodes)
-        elif spec.distribution == "balanced":
-            yield balanced_layer(num_experts, num_sources=num_sources,
-                                 tokens_per_source=tokens_per_source,
-                                 top_k=k,
-                                 max_tokens_per_source=spec.max_tokens_per_source)
-        else:
-            popularity = expert_popularity(
-                num_experts, spec.distribution, rng, zipf_s=spec.zipf_s,
-                dirichlet_alpha=spec.dirichlet_alpha, hot_experts=spec.hot_experts,
-                hot_fraction=spec.hot_fraction)
-            yield sample_layer(
-                popularity, num_sources=num_sources, tokens_per_source=tokens_per_source,
-                top_k=top_k, rng=rng, max_tokens_per_source=spec.max_tokens_per_source,
-                coactivation_groups=spec.coactivation_groups,
-                coactivation_strength=spec.coactivation_strength, expert_node=nodes,
-                max_nodes=max_nodes, gating=gating)
-
-
-_TRACE_NAMES = ("RoutingTrace", "load_trace", "choices_from_trace")
-
-
-def __getattr__(name: str):
-    """Traces live in :mod:`moesim.routing_trace` (which builds on this module); re-export them."""
-    if name in _TRACE_NAMES:
-        from moesim import routing_trace
-        return getattr(routing_trace, name)
-    raise AttributeError(f"module 'moesim.routing' has no attribute {name!r}")

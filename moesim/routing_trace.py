@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from moesim.errors import ScenarioError, TraceError
-from moesim.routing import LayerChoices, _sampled_per_source, sample_layer
+from moesim.routing import LayerChoices, sample_layer, sampled_per_source
 
 __all__ = ["RoutingTrace", "load_trace", "choices_from_trace"]
 
@@ -265,7 +265,7 @@ def choices_from_trace(trace: RoutingTrace, layer: int, *, num_sources: int,
     if not 0 <= layer < trace.num_layers:
         raise TraceError(f"{trace.path}: layer {layer} out of range; the trace has layers "
                          f"0..{trace.num_layers - 1}")
-    n = _sampled_per_source(tokens_per_source, max_tokens_per_source, num_sources)
+    n = sampled_per_source(tokens_per_source, max_tokens_per_source, num_sources)
     if trace.expert_ids is None:
         if top_k is None:
             raise TraceError(f"{trace.path}: a counts-only trace needs top_k to sample tokens")

@@ -35,12 +35,10 @@ from typing import Any
 import numpy as np
 
 from moesim.errors import CalibrationError, ScenarioError
-from moesim.layout import Layout
-from moesim.memory import tokens_per_microbatch
 from moesim.placement.placement import Placement
 from moesim.placement.policies import resolve_placement
+from moesim.pricing.context import PricingContext
 from moesim.sim.costs import CostModel
-from moesim.sim.simulate import scenario_topology
 from moesim.sim.streams import chunk_ops, run_ops
 from moesim.spec.hardware import HardwareProfile, load_hardware
 from moesim.spec.scenario import Scenario, scenario_from_mapping
@@ -120,25 +118,25 @@ def cost_model(scenario: Scenario, profile: HardwareProfile | str | Path | None 
                placement: Placement | None = None) -> CostModel:
     """The simulator's cost model of ``scenario`` (``profile`` replaces its hardware).
 
-    Built as :func:`moesim.sim.simulate.simulate` builds it: topology, layout, the scenario's
-    placement for the first EP group (unless ``placement`` is given), full micro-batch.
+    Built as :func:`moesim.assembly.simulate` builds it: topology, layout, the scenario's
+    placement for the first EP group (unless ``placement`` is given).
     """
     s = scenario
     if profile is not None:
         hw = profile if isinstance(profile, HardwareProfile) else load_hardware(str(profile))
         s = replace(s, hardware=hw)
-    topology = scenario_topology(s)
-    layout = Layout(s.parallelism, s.model.num_layers, s.model.moe_layer_ids)
+    ctx = PricingContext.from_scenario(s)
     if placement is None:
-        group = layout.ep_group(0, 0)
-        placement = resolve_placement(s, tokens_per_microbatch(s), topology.device_node[group])
-    return CostModel(s, topology, layout, placement)
+        placement = resolve_placement(s, ctx)
+    return CostModel(ctx, placement)
 
 
 def _first_moe(costs: CostModel) -> tuple[int, int]:
     """(block index, MoE index) of the first MoE layer."""
     layer = costs.scenario.model.moe_layer_ids[0]
-    return layer, costs.layout.moe_index(layer)
+    moe = costs.ctx.layout.moe_index(layer)
+    assert moe is not None   # the first of the MoE layer ids
+    return layer, moe
 
 
 def layer_config(scenario: Scenario, *, placement: Placement | None = None, warmup: int = 2,

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moesim import routing
+from moesim import routing, routing_draw
+from moesim.assembly import simulate
 from moesim.placement.placement import Placement
-from moesim.sim.costs import alltoall, mirrored_alltoalls
-from moesim.sim.simulate import micro_batches, simulate
+from moesim.pricing.alltoall import alltoall, mirrored_alltoalls
+from moesim.pricing.step import micro_batches
 from moesim.spec.hardware import dtype_bytes
 from moesim.spec.scenario import load_scenario
 from moesim.traffic import _hierarchical_flows, merge_flows
@@ -92,7 +93,7 @@ def test_mirrored_combine_equals_simulating_the_reversed_flows(rtol):
     pairs = costs.group[traffic.pairs]
     scale = dtype_bytes("fp32") / dtype_bytes(s.precision.dispatch)
     assert scale > 1 and np.array_equal(traffic.combine_bytes, traffic.dispatch_bytes * scale)
-    both = mirrored_alltoalls(topo, costs.reverse_link, pairs, traffic.dispatch_bytes, scale, rtol)
+    both = mirrored_alltoalls(topo, costs.ctx.reverse_link, pairs, traffic.dispatch_bytes, scale, rtol)
     assert both is not None
     forward, back = both
     direct_fwd = alltoall(topo, pairs, traffic.dispatch_bytes, rtol)
@@ -113,7 +114,7 @@ def test_mirror_is_refused_where_reversed_paths_differ():
     sim = simulate(s)
     costs = sim.costs
     traffic = costs.block(s.model.moe_layer_ids[0]).traffic
-    assert mirrored_alltoalls(sim.topology, costs.reverse_link, costs.group[traffic.pairs],
+    assert mirrored_alltoalls(sim.topology, costs.ctx.reverse_link, costs.group[traffic.pairs],
                               traffic.dispatch_bytes, 2.0) is None
 
 
@@ -277,9 +278,9 @@ def test_tiled_transpose_equals_plain_transpose():
 def test_sample_routing_reuses_draws_read_only():
     spec = load_scenario(REPO / "scenarios" / "tiny-cpu.yaml").routing
     kw = dict(num_experts=8, num_layers=2, num_sources=2, tokens_per_source=64, top_k=2)
-    first = list(routing.sample_routing(spec, seed=1, **kw))
-    again = list(routing.sample_routing(spec, seed=1, **kw))
-    other = list(routing.sample_routing(spec, seed=2, **kw))
+    first = list(routing_draw.sample_routing(spec, seed=1, **kw))
+    again = list(routing_draw.sample_routing(spec, seed=1, **kw))
+    other = list(routing_draw.sample_routing(spec, seed=2, **kw))
     assert all(a is b for a, b in zip(first, again))
     assert not np.array_equal(first[0].experts, other[0].experts)
     with pytest.raises(ValueError, match="read-only"):

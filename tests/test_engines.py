@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moesim.sim.simulate import simulate
+from moesim.assembly import simulate
 
 
 @pytest.mark.parametrize("changes", [

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from moesim.assembly import simulate
 from moesim.errors import TopologyError
-from moesim.sim.simulate import simulate
 
 
 def _compute_seconds(sim, device: int) -> float:

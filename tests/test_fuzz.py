@@ -14,8 +14,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from moesim.assembly import simulate
 from moesim.errors import MoESimError
-from moesim.sim.simulate import simulate
 from moesim.spec.scenario import load_scenario
 
 BASE = {

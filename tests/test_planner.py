@@ -16,7 +16,8 @@ from moesim.placement import objective, planner
 from moesim.placement.eplb import eplb_rebalance
 from moesim.placement.placement import Placement
 from moesim.placement.traces import synthetic_groups, synthetic_trace
-from moesim.routing import RoutingTrace
+from moesim.pricing.context import PricingContext
+from moesim.routing_trace import RoutingTrace
 from moesim.spec.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,7 +132,7 @@ def test_plan_reaches_the_brute_force_best_layer_time(seed):
     """Every split of 6 experts over 2 nodes of 3 slots priced by the objective: among those
     no less balanced than EPLB (the planner's rule), the planner returns the cheapest."""
     s = load_scenario(TINY, TWO_NODES + ["model.num_experts=6"])
-    ctx = objective.CostContext.from_scenario(s)
+    ctx = PricingContext.from_scenario(s)
     # each token twice in a row: both devices route the same tokens, so a split and its
     # mirror image cost the same and the optimum is a property of the split
     tokens = np.repeat(_random_tokens(seed, 6, 64, k=2), 2, axis=0)
@@ -305,7 +306,7 @@ def test_closed_form_matches_flow_simulation_on_one_flow():
     """One source, one remote expert: the all-to-all is one flow, so the closed form (bytes
     over the bottleneck capacity plus path latency) equals the flow simulation."""
     s = load_scenario(TINY, TWO_NODES + ["model.top_k=1", "communication.alltoall=direct"])
-    ctx = objective.CostContext.from_scenario(s)
+    ctx = PricingContext.from_scenario(s)
     placement = Placement(np.array([[[0, 1, 2, 3], [4, 5, 6, 7]]]), 8)
     ids = np.array([[[5]] * 64])                     # every token to expert 5 on device 1
     choices = objective.trace_choices(ctx, RoutingTrace("t", 8, expert_ids=ids))
@@ -322,7 +323,7 @@ def test_closed_form_matches_flow_simulation_on_one_flow():
 
 
 def test_moesim_policy_runs_in_the_simulator():
-    from moesim.sim.simulate import simulate
+    from moesim.assembly import simulate
 
     s = load_scenario(TINY, ["placement.policy=moesim"])
     sim = simulate(s)

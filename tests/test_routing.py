@@ -14,17 +14,16 @@ from moesim.routing import (
     LayerChoices,
     apply_capacity,
     balanced_layer,
-    choices_from_trace,
     coactivation_counts,
     coactivation_partition,
     counts_from_choices,
     expert_popularity,
     layer_rng,
-    load_trace,
     node_fanout,
     sample_layer,
-    sample_routing,
 )
+from moesim.routing_draw import sample_routing
+from moesim.routing_trace import choices_from_trace, load_trace
 from moesim.spec.scenario import RoutingSpec
 
 

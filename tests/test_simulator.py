@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from moesim import network
+from moesim.assembly import simulate
 from moesim.sim.pipeline import run_pipeline
 from moesim.sim.schedule import one_f_one_b
-from moesim.sim.simulate import simulate
 
 
 def test_dispatch_time_equals_bytes_over_nic_plus_latency(make_scenario):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moesim.sim.costs import BlockCost, Collective
+from moesim.pricing.alltoall import Collective
+from moesim.pricing.block import BlockCost
 from moesim.sim.streams import chunk_ops, run_ops
 
 

@@ -26,16 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-from moesim import routing
+from moesim import routing, routing_trace
 from moesim.errors import ScenarioError
-from moesim.placement import baselines, export, failover, objective, planner
-from moesim.placement.eplb import eplb_rebalance
+from moesim.placement import export, failover, objective, planner
 from moesim.placement.placement import Placement
+from moesim.placement.policies import expected_load, resolve_placement, scenario_choices
+from moesim.placement.registry import CLI_PLANNERS, PlacementRequest, placer
+from moesim.pricing.context import PricingContext
+from moesim.spec.hardware import dtype_bytes
 
 __all__ = ["PLANNERS", "register", "make_placement", "PlanningInputs", "planning_inputs",
            "parse_failed_devices"]
 
-PLANNERS = ("moesim", "eplb", "eplb_global", "contiguous", "round_robin", "random")
+PLANNERS = CLI_PLANNERS
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,19 +51,19 @@ class PlanningInputs:
     description: str
 
 
-def planning_inputs(scenario, ctx: objective.CostContext, trace_path: str | None = None,
+def planning_inputs(scenario, ctx: PricingContext, trace_path: str | None = None,
                     split: float = 0.5) -> PlanningInputs:
     """Planning and pricing routing from a trace file or from the scenario's routing."""
     m = scenario.model
     if trace_path is None:
-        choices = objective.scenario_choices(scenario, ctx)
+        choices = scenario_choices(scenario, ctx)
         return PlanningInputs(planner.routing_from_choices(choices, m.num_experts), choices,
                               choices, "the scenario's routing (planned and priced on it)")
     path = Path(trace_path)
     if path.suffix.lower() in (".json", ".pt") or _is_load_npz(path):
         trace = export.import_load(path, num_experts=m.num_experts, num_layers=m.num_moe_layers)
     else:
-        trace = routing.load_trace(path, num_experts=m.num_experts, num_layers=m.num_moe_layers)
+        trace = routing_trace.load_trace(path, num_experts=m.num_experts, num_layers=m.num_moe_layers)
     if trace.per_token and split < 1.0:
         train, test = trace.window(0.0, split), trace.window(split, 1.0)
         what = f"{path}: plan on tokens [0, {split:g}), price on [{split:g}, 1)"
@@ -82,36 +85,14 @@ def _is_load_npz(path: Path) -> bool:
         return False
 
 
-def make_placement(name: str, layers: list[planner.LayerRouting], ctx: objective.CostContext,
+def make_placement(name: str, layers: list[planner.LayerRouting], ctx: PricingContext,
                    num_experts: int, slots_per_device: int, *, seed: int = 0,
                    time_limit: float = 30.0, plan_choices: list[routing.LayerChoices] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> Placement:
     """Placement of planner ``name`` (one of :data:`PLANNERS`) for the group of ``ctx``."""
-    load = np.stack([info.load for info in layers])
-    num_layers, ep = load.shape[0], ctx.ep
-    physical = ep * slots_per_device
-    nodes = int(np.unique(ctx.device_node).size)
-    if name == "moesim":
-        shape = planner.ClusterShape(num_experts, ctx.device_node, slots_per_device)
-        score = None if plan_choices is None else objective.layer_scorer(ctx, plan_choices,
-                                                                         num_experts)
-        config = planner.PlannerConfig(seed=seed, time_limit=time_limit)
-        return planner.plan(layers, shape, config, score=score, progress=progress)
-    if name == "eplb":
-        groups = nodes if num_experts % nodes == 0 else 1
-        table = eplb_rebalance(load, physical, groups, nodes, ep).physical_to_logical
-    elif name == "eplb_global":
-        table = eplb_rebalance(load, physical, 1, 1, ep).physical_to_logical
-    elif name == "contiguous":
-        table = baselines.contiguous(num_layers, num_experts, ep, physical, load=load)
-    elif name == "round_robin":
-        table = baselines.round_robin(num_layers, num_experts, ep, physical, load=load)
-    elif name == "random":
-        table = baselines.random_placement(num_layers, num_experts, ep, physical, seed, load=load)
-    else:
-        raise ScenarioError(f"unknown planner {name!r}; valid: {', '.join(PLANNERS)}",
-                            field="--planner")
-    return Placement.from_physical(table, ep, num_experts, name=name)
+    request = PlacementRequest(ctx, layers, num_experts, slots_per_device, seed=seed, time_limit=time_limit,
+                               plan_choices=plan_choices, progress=progress)
+    return placer(name, field="--planner")(request)
 
 
 def register(sub, commands: dict) -> None:
@@ -161,7 +142,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     for flag, value in (("--current", args.current), ("--same-node", args.same_node)):
         if value:
             raise ScenarioError("is only used with --failed-devices", field=flag)
-    ctx = objective.CostContext.from_scenario(s)
+    ctx = PricingContext.from_scenario(s)
     inputs = planning_inputs(s, ctx, args.trace, args.split)
     names = args.planner or ["moesim", "eplb", "contiguous", "round_robin"]
     slots = (s.model.num_experts + s.placement.redundant_experts) // s.parallelism.ep
@@ -183,6 +164,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if written is None:
             written = (placement, cost, elapsed)
     print(_table(rows))
+    assert written is not None   # at least one planner ran
     placement, cost, elapsed = written
     export.write_plan(args.output, placement, fmt=args.format,
                       moe_layer_ids=list(s.model.moe_layer_ids),
@@ -195,20 +177,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_failover(args: argparse.Namespace, s) -> int:
     """``moesim plan --failed-devices``: re-plan the current placement around failed devices."""
-    from moesim.memory import tokens_per_microbatch
-    from moesim.placement.policies import expected_load, resolve_placement
-    from moesim.spec.hardware import dtype_bytes
 
-    ctx = objective.CostContext.from_scenario(s)
+    ctx = PricingContext.from_scenario(s)
     failed = parse_failed_devices(args.failed_devices, ctx.ep)
-    tokens = tokens_per_microbatch(s)      # as ``moesim run`` resolves the policy's placement
     if args.current is not None:
         current, origin = export.load_plan(args.current, s), f"plan {args.current}"
     else:
-        current = resolve_placement(s, tokens, ctx.device_node)
+        current = resolve_placement(s, ctx)  # as ``moesim run`` resolves it
         origin = f"placement policy {s.placement.policy!r}"
     if args.trace is None:
-        load, routing_what = expected_load(s, tokens), "the scenario's routing"
+        load, routing_what = expected_load(s, ctx.tokens_per_source), "the scenario's routing"
     else:
         inputs = planning_inputs(s, ctx, args.trace, args.split)
         load = np.stack([info.load for info in inputs.layers])

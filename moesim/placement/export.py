@@ -15,7 +15,7 @@ A placement leaves moesim in one of three forms (docs/placement.md has examples)
 
 :func:`load_plan` reads any of the three back against a scenario. :func:`import_load` turns an
 engine's recorded expert load (SGLang ``logical_count``, vLLM ``logical_expert_load``, both
-``[..., layers, experts]``) into a counts-only :class:`moesim.routing.RoutingTrace`.
+``[..., layers, experts]``) into a counts-only :class:`moesim.routing_trace.RoutingTrace`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import yaml
 from moesim.errors import InfeasiblePlacement, TraceError
 from moesim.placement.placement import Placement
 from moesim.results import write_text_atomic
-from moesim.routing import RoutingTrace
+from moesim.routing_trace import RoutingTrace
 
 __all__ = ["FORMATS", "to_moesim", "to_sglang", "to_trtllm", "write_plan", "read_plan",
            "load_plan", "import_load"]

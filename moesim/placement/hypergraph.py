@@ -392,10 +392,10 @@ class _HyperState:
         others = np.flatnonzero((self.part >= 0) & (self.part != hot))
         if others.size == 0:
             return False
-        b = self.part[others]
+        nodes = self.part[others]
         estimate = cost(touch[hot] - leaves[mine, None] + enters[others, hot][None, :],
-                        b[None, :],
-                        touch[b][None, :] - leaves[others][None, :] + enters[mine][:, b])
+                        nodes[None, :],
+                        touch[nodes][None, :] - leaves[others][None, :] + enters[mine][:, nodes])
         for flat in np.argsort(estimate, axis=None, kind="stable")[:candidates]:
             i, j = divmod(int(flat), others.size)
             e, f = int(mine[i]), int(others[j])

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moesim.placement import hypergraph
 from moesim.placement.eplb import eplb_rebalance
-
-if TYPE_CHECKING:
-    from moesim.placement.planner import ClusterShape, LayerRouting
+from moesim.placement.problem import ClusterShape, LayerRouting, subsample_tokens
 
 __all__ = ["expected_device_loads", "balance", "eplb_best", "eplb_balance", "regroup_devices",
            "polish_layer"]
@@ -108,7 +105,6 @@ def regroup_devices(table: np.ndarray, info: LayerRouting, shape: ClusterShape, 
     co-activated experts share nodes, no node's load rising above the most loaded node's
     (step 2's refinement on devices instead of experts: each device's load stays as it is).
     An expert counts on the device of its first copy."""
-    from moesim.placement.planner import subsample_tokens
 
     tokens = subsample_tokens(info.tokens, max_tokens, seed)
     if tokens is None or shape.num_nodes == 1:

@@ -10,16 +10,14 @@ spent, keeping the current slots of the others.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moesim.errors import InfeasiblePlacement
 from moesim.placement import hypergraph
+from moesim.placement.baselines import device_loads
 from moesim.placement.placement import Placement
-
-if TYPE_CHECKING:
-    from moesim.placement.planner import ClusterShape, LayerRouting
+from moesim.placement.problem import ClusterShape, LayerRouting
 
 __all__ = ["within_budget", "align_to", "moved_slots"]
 
@@ -101,7 +99,7 @@ def _gain(layer: int, new: np.ndarray, old: np.ndarray, info: LayerRouting, shap
 
 def _proxy(table: np.ndarray, info: LayerRouting, shape: ClusterShape) -> float:
     """Remote node touches per token plus the hottest device's share of tokens (no objective)."""
-    from moesim.placement.baselines import device_loads
+
 
     ep = table.shape[0]
     loads = device_loads(info.load[None, :], table.reshape(1, -1), ep)[0]

@@ -38,8 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moesim import routing
-from moesim.errors import InfeasiblePlacement
+from moesim import routing, routing_trace
 from moesim.placement import hypergraph
 from moesim.placement.eplb import balanced_packing, replicate_experts
 from moesim.placement.local_search import (
@@ -52,66 +51,14 @@ from moesim.placement.local_search import (
 )
 from moesim.placement.migration import align_to, moved_slots, within_budget
 from moesim.placement.placement import Placement
+from moesim.placement.problem import ClusterShape, LayerRouting, subsample_tokens
 
 __all__ = ["LayerRouting", "ClusterShape", "PlannerConfig", "plan", "plan_layer", "fill_nodes",
            "regroup_devices", "align_to",
-           "moved_slots", "expected_device_loads", "routing_from_trace", "routing_from_choices",
-           "plan_for_scenario"]
+           "moved_slots", "expected_device_loads", "routing_from_trace", "routing_from_choices"]
 
 Score = Callable[[int, np.ndarray], float]     # (layer, slot_expert [ep, slots]) -> seconds
 MIN_POLISH = 16   # evaluations per layer below which the polish is skipped (too few for a pass)
-
-
-@dataclass(frozen=True, eq=False)
-class LayerRouting:
-    """What the planner knows of one layer's routing."""
-
-    load: np.ndarray                  # float[E] token-expert pairs per expert
-    tokens: np.ndarray | None = None  # int[T, k] per-token choices, or None (counts only)
-    pairs: np.ndarray | None = None   # float[E, E] co-activation counts, or None
-
-
-@dataclass(frozen=True, eq=False)
-class ClusterShape:
-    """The EP group: ``device_node: int[ep]`` node of each device, equal slots per device."""
-
-    num_experts: int
-    device_node: np.ndarray
-    slots_per_device: int
-
-    def __post_init__(self) -> None:
-        nodes, index = np.unique(np.asarray(self.device_node), return_inverse=True)
-        per_node = np.bincount(index)
-        if np.any(per_node != per_node[0]):
-            raise InfeasiblePlacement(f"the moesim planner needs the same number of EP devices on "
-                                      f"every node; got {per_node.tolist()} (use policy eplb)")
-        slots = index.size * self.slots_per_device
-        if self.slots_per_device < 1 or slots < self.num_experts:
-            raise InfeasiblePlacement(f"{index.size} devices x {self.slots_per_device} slots = "
-                                      f"{slots} slots cannot hold {self.num_experts} experts")
-        object.__setattr__(self, "device_node", index)
-
-    @property
-    def num_nodes(self) -> int:
-        return int(self.device_node.max()) + 1
-
-    @property
-    def devices_per_node(self) -> int:
-        return self.device_node.size // self.num_nodes
-
-    @property
-    def slots_per_node(self) -> int:
-        return self.devices_per_node * self.slots_per_device
-
-    def node_devices(self, node: int) -> np.ndarray:
-        return np.flatnonzero(self.device_node == node)
-
-    def max_everywhere(self) -> int:
-        """Most experts that can hold a slot on every node (one spare slot each elsewhere)."""
-        if self.num_nodes == 1:
-            return 0
-        spare = self.num_nodes * self.slots_per_node - self.num_experts
-        return min(spare // (self.num_nodes - 1), self.slots_per_node - 1, self.num_experts)
 
 
 @dataclass(frozen=True)
@@ -385,14 +332,6 @@ def _limits(load: np.ndarray, everywhere: np.ndarray, rest: np.ndarray, shape: C
     return hypergraph.Limits(max_load, np.full(num_nodes, capacity), demand)
 
 
-def subsample_tokens(tokens: np.ndarray | None, max_tokens: int, seed: Sequence[int]
-               ) -> np.ndarray | None:
-    if tokens is None or tokens.shape[0] <= max_tokens:
-        return None if tokens is None else tokens.astype(np.int64)
-    rows = np.random.default_rng(list(seed)).choice(tokens.shape[0], max_tokens, replace=False)
-    return tokens[np.sort(rows)].astype(np.int64)
-
-
 def _pairs(info: LayerRouting, tokens: np.ndarray | None, rest: np.ndarray,
            num_experts: int) -> np.ndarray:
     """Co-activation among ``rest``: ``[len(rest), len(rest)]``, zero diagonal (zeros if
@@ -463,7 +402,7 @@ def _improve_packing(weight: np.ndarray, item: np.ndarray, gpu: np.ndarray, gpus
 # ----------------------------------------------------------------------------- inputs
 
 
-def routing_from_trace(trace: routing.RoutingTrace) -> list[LayerRouting]:
+def routing_from_trace(trace: routing_trace.RoutingTrace) -> list[LayerRouting]:
     """Per-layer planning inputs from a trace (per-token, or counts with optional co-activation)."""
     loads = trace.layer_counts()
     out = []
@@ -479,24 +418,3 @@ def routing_from_choices(choices: Sequence[routing.LayerChoices], num_experts: i
     """Per-layer planning inputs from sampled choices (the scenario's routing)."""
     return [LayerRouting(np.bincount(c.experts.ravel(), minlength=num_experts) * c.weight,
                          c.experts) for c in choices]
-
-
-def plan_for_scenario(scenario, load: np.ndarray, device_node: np.ndarray) -> Placement:
-    """The placement of policy "moesim" for one EP group whose devices sit on ``device_node``.
-
-    Plans on the scenario's own routing (its trace, or a sample of its distribution drawn with
-    node limiting off, as :func:`moesim.placement.policies.expected_load`), priced by the
-    scenario's objective. ``load: [moe_layers, experts]`` is used when routing has no tokens.
-    """
-    from moesim.placement.objective import CostContext, layer_scorer, scenario_choices
-
-    s = scenario
-    slots = (s.model.num_experts + s.placement.redundant_experts) // s.parallelism.ep
-    shape = ClusterShape(s.model.num_experts, np.asarray(device_node), slots)
-    ctx = CostContext.from_scenario(s)
-    choices = scenario_choices(s, ctx)
-    layers = routing_from_choices(choices, s.model.num_experts)
-    if all(c.top_k == s.model.num_experts for c in choices):     # soft gating: no structure
-        layers = [LayerRouting(np.asarray(row, dtype=float)) for row in load]
-    return plan(layers, shape, PlannerConfig(seed=s.seed),
-                score=layer_scorer(ctx, choices, s.model.num_experts))

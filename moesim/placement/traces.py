@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from moesim.errors import ScenarioError
-from moesim.routing import RoutingTrace, coactivation_partition
+from moesim.routing import coactivation_partition
+from moesim.routing_trace import RoutingTrace
 
 __all__ = ["synthetic_trace", "synthetic_groups"]
 
@@ -77,8 +78,10 @@ def synthetic_groups(num_experts: int, num_layers: int, *, zipf_s: float = 0.8,
         return None
     out = np.empty((num_layers, num_experts), dtype=np.int64)
     for layer in range(num_layers):
-        out[layer] = _structure(num_experts, zipf_s, coactivation_groups, coactivation_strength,
-                                np.random.default_rng([seed, layer]))[1]
+        group_of = _structure(num_experts, zipf_s, coactivation_groups, coactivation_strength,
+                              np.random.default_rng([seed, layer]))[1]
+        assert group_of is not None   # groups and strength are set
+        out[layer] = group_of
     return out
 
 
@@ -110,7 +113,7 @@ def _draw(popularity: np.ndarray, group_of: np.ndarray | None, strength: float, 
     for lo in range(0, tokens, chunk):
         hi = min(tokens, lo + chunk)
         keys = logits + rng.gumbel(size=(hi - lo, popularity.size))
-        if token_group is not None:
+        if token_group is not None and group_of is not None:
             keys += strength * (group_of[None, :] == token_group[lo:hi, None])
         out[lo:hi] = np.argpartition(-keys, top_k - 1, axis=1)[:, :top_k]
     return out

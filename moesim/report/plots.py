@@ -209,6 +209,7 @@ def link_heatmap_figure(links: list[dict], *, title: str, complete: bool) -> Fig
         util = 100.0 * entry["utilisation"]
         if da or db:
             dev = da or db
+            assert dev is not None
             peer = _switch_kind(b if da else a) if not (da and db) else "peer"
             arrow = f"device -> {peer}" if da else f"{peer} -> device"
             cell = (int(dev.group(1)), int(dev.group(3)))
@@ -236,6 +237,7 @@ def link_heatmap_figure(links: list[dict], *, title: str, complete: bool) -> Fig
         ax.set_ylabel("node")
     if fabric:
         image = _fabric_panel(grid[-1], fabric, vmax)
+    assert image is not None   # at least one panel was drawn
     fig.colorbar(image, ax=list(grid), label="utilisation (% of the step)", shrink=0.9)
     note = "" if complete else "\ngrey: not among the busiest links reported"
     fig.suptitle(_wrap(fig, title + note), fontsize=10)

@@ -62,7 +62,8 @@ def device_faults(s: Scenario, layout: Layout) -> DeviceFaults | None:
 
 def faulty_topology(s: Scenario, topology: Topology) -> Topology:
     """The topology after the scenario's link faults (failed links removed, slow links slowed)."""
-    failed = [tuple(f.link) for f in s.faults if f.kind == "link" and f.slowdown == 0]
+    failed = [(str(f.link[0]), str(f.link[1])) for f in s.faults
+              if f.kind == "link" and f.slowdown == 0]
     slow = [f for f in s.faults if f.kind == "link" and f.slowdown >= 1]
     if failed:
         topology = topology.without(links=failed)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import simpy
 
-from moesim.sim.costs import CostModel, alltoall
+from moesim.pricing.alltoall import alltoall
+from moesim.sim.costs import CostModel
 from moesim.sim.streams import COMM, COMPUTE, ChunkRun, Op
 
 __all__ = ["run_ops_full"]
@@ -40,8 +41,8 @@ class _Group:
             return float(op.duration[0])
         group0 = self.costs.group
         local = np.searchsorted(group0, coll.pairs)       # back to group-local indices
-        return alltoall(self.costs.topology, self.ranks[local], coll.nbytes,
-                        self.costs.scenario.simulation.network_rtol).duration
+        ctx = self.costs.ctx
+        return alltoall(ctx.topology, self.ranks[local], coll.nbytes, ctx.rtol).duration
 
     def stream(self, device: int, stream: str):
         for i, op in enumerate(self.ops):
@@ -67,7 +68,7 @@ class _Group:
 def run_ops_full(ops: list[Op], costs: CostModel, stage: int) -> ChunkRun:
     """Run a chunk's ops on every device of every EP group of ``stage``; return the slowest group."""
     env = simpy.Environment()
-    layout = costs.layout
+    layout = costs.ctx.layout
     groups = []
     for g in range(layout.stage_size // layout.par.ep):
         group = _Group(env, ops, layout.ep_group(stage, g), costs)

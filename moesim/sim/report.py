@@ -6,6 +6,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+from moesim.pricing.step import model_flops_per_token
 from moesim.results import Result
 from moesim.sim.streams import ChunkRun
 
@@ -87,21 +88,20 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
     for (stage, kind, chunk), n in uses.items():
         own[stage] += n * sim.runs[(stage, kind, chunk)].makespan
     critical = int(np.argmax(own))
-    from moesim.sim.simulate import model_flops_per_token
     tokens_step = wl.global_batch * (1 if wl.mode == "decode" else wl.seq_len)
     tps = tokens_step / step
     flops_tok = model_flops_per_token(s)
     peak = s.hardware.device.flops(s.precision.compute if s.precision.compute != "fp8" else "bf16")
     tflops = flops_tok * tps / s.num_devices
     # Breakdown of the bottleneck stage's straggler device.
-    parts = defaultdict(float)
+    exposed: defaultdict[str, float] = defaultdict(float)
     for (stage, kind, chunk), n in uses.items():
         if stage != critical:
             continue
         for cat, secs in exposure(sim.runs[(stage, kind, chunk)], rep).items():
-            parts[cat] += n * secs
-    parts["compute"] += optimizer[critical]
-    parts = {k: float(v) for k, v in parts.items()}
+            exposed[cat] += n * secs
+    exposed["compute"] += optimizer[critical]
+    parts = {k: float(v) for k, v in exposed.items()}
     breakdown = {
         "compute": parts["compute"],
         "exposed_alltoall": parts["alltoall"],
@@ -113,7 +113,7 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
     stages = _stage_rows(sim, uses, step)
     links, a2a = _link_rows(sim, uses, step)
     experts, dropped = _expert_rows(sim, mbs)
-    tables = sim.costs.timer.tables  # MeasuredTables with per-kernel counters, or None
+    tables = sim.costs.ctx.timer.tables  # MeasuredTables with per-kernel counters, or None
     source = tables.summary() if tables is not None else "roofline (datasheet profile)"
     notes = []
     if par.ep < par.dp * par.tp:
@@ -182,7 +182,7 @@ def _expert_rows(sim, mbs) -> tuple[dict, float]:
     s, costs = sim.scenario, sim.costs
     loads, device_ratio, dropped = [], [], 0.0
     groups = s.parallelism.dp * s.parallelism.tp // s.parallelism.ep
-    halves = 2 if costs.half_batch else 1
+    halves = 2 if costs.ctx.half_batch else 1
     for layer in s.model.moe_layer_ids:
         block = costs.block(layer)
         tr = block.traffic

@@ -3,7 +3,9 @@
 A chunk (the layers a pipeline stage runs for one micro-batch, forward or backward) becomes a list
 of operations in issue order. Each op runs on the ``compute`` or ``comm`` stream, after the ops it
 depends on. Collective ops (all-to-alls) are barriers: they start when every device of the group
-is ready. Overlap policies differ only in the dependencies:
+is ready. A schedule (:data:`SCHEDULES`) writes each block's ops with named dependencies
+(:class:`OpSpec`); :func:`chunk_ops` resolves them into the indexed list the engines run. Adding
+an overlap schedule is one new block function. The shipped ones differ only in the dependencies:
 
 - ``none``: every op waits for the previous one of the same micro-batch;
 - ``shared_expert``: the shared experts (or dense FFN) depend on the gate, not on the dispatch, so
@@ -17,27 +19,48 @@ engine (``moesim.sim.full``) runs the same op list as SimPy processes, one per d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.sim.costs import BlockCost
+from moesim.pricing.alltoall import Collective
+from moesim.pricing.block import BlockCost
 
-__all__ = ["Op", "ChunkRun", "chunk_ops", "run_ops"]
+__all__ = ["Op", "OpSpec", "ChunkRun", "Schedule", "SCHEDULES", "chunk_ops", "run_ops"]
 
 COMPUTE, COMM = "compute", "comm"
 
 
 @dataclass(frozen=True, eq=False)
+class OpSpec:
+    """One op of a block as a schedule writes it: dependencies by name, inside the block.
+
+    An op with no ``after`` is the block's entry: it follows the previous block's last op of
+    the same chain (nothing, for a chunk's first block).
+    """
+
+    name: str                        # unique in its block: "attention", "dispatch", ...
+    stream: str                      # COMPUTE or COMM
+    category: str                    # "compute", "alltoall", "tp_comm"
+    seconds: np.ndarray              # float[ep] (collectives: the same value on every device)
+    after: tuple[str, ...] = ()      # names of this block's ops it waits for
+    barrier: bool = False            # a collective: starts when all devices are ready
+    collective: Collective | None = None
+
+
+@dataclass(frozen=True, eq=False)
 class Op:
-    name: str               # "attention", "dispatch", ...
+    """An op of a chunk's resolved op list: dependencies are indices of earlier ops."""
+
+    name: str               # "attention", "dispatch.a", ...
     stream: str             # "compute" or "comm"
     category: str           # "compute", "alltoall", "tp_comm"
     duration: np.ndarray    # float[ep] (collectives: the same value on every device)
     deps: tuple[int, ...]   # indices of earlier ops
     layer: int
     barrier: bool = False   # a collective: starts when all devices are ready
-    collective: object | None = None  # the Collective, for link accounting
+    collective: Collective | None = None  # for link accounting
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,73 +76,119 @@ class ChunkRun:
         return float(self.end.max()) if len(self.ops) else 0.0
 
 
-def _block_ops(cost: BlockCost, ep: int, backward: bool, recompute: bool, overlap: str,
-               tag: str = "") -> list[tuple[str, str, str, np.ndarray, str, bool, object]]:
-    """The ops of one block in data-flow order: (name, stream, category, duration, dep, barrier).
+BlockOps = Callable[[BlockCost, int, bool], list[OpSpec]]
 
-    ``dep`` names which earlier op of this block an op waits for ("prev" = the previous op).
-    """
+
+@dataclass(frozen=True)
+class Schedule:
+    """An overlap schedule: the ops of one block (``block(cost, ep, backward)``), and how many
+    interleaved chains (micro-batch halves) a chunk runs."""
+
+    block: BlockOps
+    halves: int = 1
+
+
+def _ops(cost: BlockCost, ep: int, backward: bool, *, shared_after: str) -> list[OpSpec]:
+    """A block's ops in data-flow order; the shared experts (or nothing) wait for
+    ``shared_after``: "dispatch" runs them after the dispatch, "gate" beside it."""
     scale = 2.0 if backward else 1.0
     ones = np.ones(ep)
 
-    def comp(name, seconds, dep="prev"):
-        return (name + tag, COMPUTE, "compute", np.broadcast_to(seconds * scale, (ep,)) * ones,
-                dep, False, None)
+    def compute(name: str, seconds: float | np.ndarray, *after: str) -> OpSpec:
+        return OpSpec(name, COMPUTE, "compute", np.broadcast_to(seconds * scale, (ep,)) * ones,
+                      after)
 
-    ops = []
-    if backward and recompute:
-        ops += [(*c[:4], "prev", False, None) for c in _block_ops(cost, ep, False, False,
-                                                                  overlap, tag + ".recompute")]
-    ops.append(comp("attention", cost.attention))
+    ops = [compute("attention", cost.attention)]
     if cost.tp_comm:
-        ops.append(("tp_allreduce" + tag, COMM, "tp_comm", ones * cost.tp_comm, "prev", True,
-                    None))
+        ops.append(OpSpec("tp_allreduce", COMM, "tp_comm", ones * cost.tp_comm, ("attention",),
+                          barrier=True))
     if not cost.is_moe:
-        ops.append(comp("dense_ffn", cost.ffn))
-        return ops
+        return [*ops, compute("dense_ffn", cost.ffn, ops[-1].name)]
     first, second = (cost.combine, cost.dispatch) if backward else (cost.dispatch, cost.combine)
-    ops.append(comp("gate", cost.gate + cost.permute / 2))
-    ops.append(("dispatch" + tag, COMM, "alltoall", ones * first.duration, "prev", True, first))
-    shared_dep = "gate" if overlap in ("shared_expert", "two_batch") else "prev"
+    ops.append(compute("gate", cost.gate + cost.permute / 2, ops[-1].name))
+    ops.append(OpSpec("dispatch", COMM, "alltoall", ones * first.duration, ("gate",),
+                      barrier=True, collective=first))
+    experts_after: tuple[str, ...] = ("dispatch",)
     if cost.ffn:
-        ops.append(comp("shared_experts", cost.ffn, dep=shared_dep))
-    ops.append(comp("experts", cost.experts + cost.permute / 2, dep="dispatch"))
-    ops.append(("combine" + tag, COMM, "alltoall", ones * second.duration, "prev", True, second))
+        ops.append(compute("shared_experts", cost.ffn, shared_after))
+        experts_after = ("dispatch", "shared_experts")
+    ops.append(compute("experts", cost.experts + cost.permute / 2, *experts_after))
+    ops.append(OpSpec("combine", COMM, "alltoall", ones * second.duration, ("experts",),
+                      barrier=True, collective=second))
     return ops
+
+
+def serial_block(cost: BlockCost, ep: int, backward: bool) -> list[OpSpec]:
+    """``none``: every op waits for the one before it."""
+    return _ops(cost, ep, backward, shared_after="dispatch")
+
+
+def shared_expert_overlap_block(cost: BlockCost, ep: int, backward: bool) -> list[OpSpec]:
+    """``shared_expert``: the shared experts (or dense FFN) run on the compute stream while the
+    dispatch is in flight (they need only the gate's input)."""
+    return _ops(cost, ep, backward, shared_after="gate")
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "none": Schedule(serial_block),
+    "shared_expert": Schedule(shared_expert_overlap_block),
+    # two_batch: two halves of the micro-batch whose chains interleave, so one half's
+    # all-to-all overlaps the other half's compute (DualPipe / SGLang two-batch overlap).
+    "two_batch": Schedule(shared_expert_overlap_block, halves=2),
+}
+
+
+def _recomputed(ops: list[OpSpec]) -> list[OpSpec]:
+    """Full recomputation before a backward block: its forward ops again, one after another
+    (collectives included, without the barrier), then the backward ops after them."""
+    return [OpSpec(op.name + ".recompute", op.stream, op.category, op.seconds,
+                   () if i == 0 else (ops[i - 1].name + ".recompute",))
+            for i, op in enumerate(ops)]
 
 
 def chunk_ops(costs: list[BlockCost], ep: int, *, backward: bool, recompute: bool,
               overlap: str) -> list[Op]:
     """Op list of a chunk (blocks in execution order; reversed by the caller for backward)."""
-    halves = ("", ) if overlap != "two_batch" else (".a", ".b")
-    chains: list[list[tuple]] = []
-    for tag in halves:
+    schedule = SCHEDULES[overlap]
+    tags = ("",) if schedule.halves == 1 else tuple(f".{chr(97 + h)}" for h in
+                                                     range(schedule.halves))
+    # Step 1: each half's chain of (layer, op spec, block position) in issue order.
+    chains: list[list[tuple[int, OpSpec, int]]] = []
+    for _ in tags:
         chain = []
-        for cost in costs:
-            chain += [(cost.layer, op) for op in _block_ops(cost, ep, backward, recompute,
-                                                            overlap, tag)]
+        for b, cost in enumerate(costs):
+            ops = schedule.block(cost, ep, backward)
+            if backward and recompute:
+                forward = _recomputed(schedule.block(cost, ep, False))
+                ops = [*forward, *([OpSpec(op.name, op.stream, op.category, op.seconds,
+                                           op.after or (forward[-1].name,), op.barrier,
+                                           op.collective) for op in ops])]
+            chain += [(cost.layer, op, b) for op in ops]
         chains.append(chain)
-    # Interleave the halves' chains op by op (issue order), keeping each chain's dependencies.
+    # Step 2: interleave the halves op by op (issue order) and resolve names to indices.
     order = [(c, i) for i in range(max(len(ch) for ch in chains)) for c in range(len(chains))
              if i < len(chains[c])]
-    index: dict[tuple[int, int], int] = {}
-    ops: list[Op] = []
+    index: dict[tuple[int, int, str], int] = {}
+    last_of_block: dict[tuple[int, int], int] = {}
+    out: list[Op] = []
     for c, i in order:
-        layer, (name, stream, category, duration, dep, barrier, coll) = chains[c][i]
-        deps = []
-        if i > 0:
-            if dep == "prev":
-                deps.append(index[(c, i - 1)])
-            else:  # the most recent op of this block with that base name
-                j = i - 1
-                while j >= 0 and not chains[c][j][1][0].startswith(dep):
-                    j -= 1
-                deps.append(index[(c, max(j, 0))])
-                if dep == "dispatch":   # experts also follow the shared experts' data flow
-                    deps.append(index[(c, i - 1)])
-        index[(c, i)] = len(ops)
-        ops.append(Op(name, stream, category, duration, tuple(deps), layer, barrier, coll))
-    return ops
+        layer, spec, b = chains[c][i]
+        if spec.after:
+            deps = tuple(index[(c, b, name)] for name in spec.after)
+        else:
+            previous = last_of_block.get((c, b - 1))
+            deps = () if previous is None else (previous,)
+        index[(c, b, spec.name)] = last_of_block[(c, b)] = len(out)
+        name = spec.name if not tags[c] else _tagged(spec.name, tags[c])
+        out.append(Op(name, spec.stream, spec.category, spec.seconds, deps, layer, spec.barrier,
+                      spec.collective))
+    return out
+
+
+def _tagged(name: str, tag: str) -> str:
+    """"attention.recompute" of half ".a" is "attention.a.recompute"."""
+    base, dot, rest = name.partition(".")
+    return base + tag + dot + rest
 
 
 def run_ops(ops: list[Op], ep: int) -> ChunkRun:

@@ -74,7 +74,7 @@ def build(cls: type[T], data: Any, *, source: str | None, path: str = "") -> T:
         raise ScenarioError(f"expected a mapping with fields {_names(cls)}, got "
                             f"{_describe(data)}", source=source, field=path or None)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ScenarioError(f"unknown field {unknown[0]!r} (allowed: {_names(cls)})",
@@ -146,7 +146,7 @@ def _convert(hint: Any, value: Any, meta: Any, source: str | None, path: str) ->
         return {_convert(key_hint, k, {}, source, path): _convert(val_hint, v, meta, source,
                                                                      join_path(path, str(k)))
                 for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return build(hint, value, source=source, path=path)
     if hint is Any:
         return value

@@ -63,7 +63,7 @@ class SweepOutcome:
 
 def simulate_point(task: PointTask) -> dict[str, Any]:
     """Metrics of one point, or ``{"error": "<Kind>: <message>"}`` if it raised a MoESimError."""
-    from moesim.sim.simulate import simulate
+    from moesim.assembly import simulate
 
     try:
         scenario = build_point_scenario(task.base, task.base_dir, task.source, task.overrides)

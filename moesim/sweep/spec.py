@@ -189,7 +189,7 @@ def _axes(section: Any, source: str) -> list[tuple[tuple[str, ...], list[tuple[A
     if unknown:
         raise ScenarioError(f"unknown field {unknown[0]!r} (allowed: grid, zip)", source=source,
                             field=f"sweep.{unknown[0]}")
-    axes = []
+    axes: list[tuple[tuple[str, ...], list[tuple[Any, ...]]]] = []
     grid = section.get("grid") or {}
     if not isinstance(grid, dict):
         raise ScenarioError("expected a mapping of field.path: [values]", source=source,

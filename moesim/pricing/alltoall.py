@@ -1,0 +1,159 @@
+"""Dispatch and combine all-to-alls of one EP group: flow-level, or the closed form for search.
+
+The flow-level price (:func:`alltoall`) runs the max-min fair fluid simulation of
+:func:`moesim.network.simulate_flows` over the group's flows; it is what ``moesim run`` charges.
+When the combine is the dispatch mirrored (reversed pairs, bytes scaled by the dtype ratio) on a
+topology whose reverse paths mirror the forward ones, one simulation prices both
+(:func:`mirrored_alltoalls`). The closed form (:func:`alltoall_closed_form`: the busiest link's
+bytes over its capacity plus the longest path latency) is a lower bound fast enough for planners.
+:func:`layer_alltoalls` is the one entry point both the simulator and the planner use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moesim import network
+from moesim.pricing.context import PricingContext
+from moesim.topology import Topology
+from moesim.traffic import LayerTraffic
+
+__all__ = ["Collective", "EMPTY", "alltoall", "mirrored_alltoalls", "alltoall_closed_form",
+           "layer_alltoalls", "layer_alltoall_times"]
+
+
+@dataclass(frozen=True, eq=False)
+class Collective:
+    """One all-to-all of one EP group: duration, and bytes per topology link."""
+
+    duration: float
+    link_index: np.ndarray   # int[n] links carrying bytes
+    link_bytes: np.ndarray   # float[n]
+    total_bytes: float
+    cross_node_bytes: float
+    link_busy: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float[n] seconds
+    pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=int))  # global ranks
+    nbytes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float[F]
+
+
+EMPTY = Collective(0.0, np.zeros(0, dtype=int), np.zeros(0), 0.0, 0.0)
+
+
+def alltoall(topology: Topology, pairs: np.ndarray, nbytes: np.ndarray,
+             rtol: float = 0.0, *, paths: tuple[np.ndarray, np.ndarray] | None = None
+             ) -> Collective:
+    """Flow-level time of one all-to-all: all flows start together, max-min fair sharing.
+
+    ``pairs: int[F, 2]`` global (src, dst) ranks, ``nbytes: float[F]``; ``paths``: their CSR
+    paths when the caller has them (else looked up).
+    """
+    ptr, links = topology.paths_csr(pairs) if paths is None else paths
+    result = network.simulate_flows(nbytes, np.zeros(len(nbytes)), ptr, links,
+                                    topology.capacity, topology.latency, rtol=max(rtol, 1e-12))
+    used = np.flatnonzero(result.link_bytes)
+    cross = topology.device_node[pairs[:, 0]] != topology.device_node[pairs[:, 1]]
+    return Collective(float(result.makespan), used, result.link_bytes[used], float(nbytes.sum()),
+                      float(nbytes[cross].sum()), result.link_busy[used], pairs, nbytes)
+
+
+def mirrored_alltoalls(topology: Topology, reverse_link: np.ndarray, pairs: np.ndarray,
+                       nbytes: np.ndarray, scale: float, rtol: float = 0.0, *,
+                       paths: tuple[np.ndarray, ...] | None = None
+                       ) -> tuple[Collective, Collective] | None:
+    """An all-to-all and its mirror image (reversed pairs, ``scale`` times the bytes) from one
+    fluid simulation; None when the mirror is not exact on this topology.
+
+    If every reversed pair's path is the forward path reversed, link by link onto links of equal
+    capacity, the two flow sets cross isomorphic networks, so max-min fair rates agree at every
+    instant and, with all flows starting at 0, the mirror's transfer times are ``scale`` times
+    the forward ones (event merging is relative, hence scale-free too). Only the per-path latency
+    differs, and is added per flow. ``reverse_link: int[L]`` is each link's opposite direction
+    (-1: none); ``pairs: int[F, 2]`` global ranks, ``nbytes: float[F]``; ``paths``: the CSR
+    paths ``(ptr, links, back_ptr, back_links)`` of the pairs and reversed pairs, if known.
+    """
+    if paths is None:
+        paths = (*topology.paths_csr(pairs), *topology.paths_csr(pairs[:, ::-1]))
+    ptr, links, back_ptr, back_links = paths
+    flow_of_hop = np.repeat(np.arange(len(pairs)), np.diff(ptr))
+    if not np.array_equal(ptr, back_ptr):
+        return None
+    mirror = reverse_link[links]
+    hop_back = ptr[flow_of_hop] + ptr[flow_of_hop + 1] - 1 - np.arange(links.size)
+    if np.any(mirror < 0) or not (np.array_equal(back_links[hop_back], mirror) and np.array_equal(
+            topology.capacity[mirror], topology.capacity[links])):
+        return None
+    # Step 1: transfer times without latency, then each direction's path latency per flow.
+    result = network.simulate_flows(nbytes, np.zeros(len(nbytes)), ptr, links, topology.capacity,
+                                    np.zeros_like(topology.latency), rtol=max(rtol, 1e-12))
+    moving = (nbytes > 0) & (np.diff(ptr) > 0)
+    latencies = (np.bincount(flow_of_hop, weights=topology.latency[path], minlength=len(pairs))
+                 for path in (links, back_links))
+    forward_finish, back_finish = (times + np.where(moving, latency, 0.0) for times, latency in
+                                   zip((result.finish, result.finish * scale), latencies))
+    # Step 2: the mirror's links carry scale times the bytes for scale times as long.
+    used = np.flatnonzero(result.link_bytes)
+    back_bytes = np.zeros(topology.capacity.size)
+    back_busy = np.zeros(topology.capacity.size)
+    back_bytes[reverse_link[used]] = result.link_bytes[used] * scale
+    back_busy[reverse_link[used]] = result.link_busy[used] * scale
+    back_used = np.flatnonzero(back_bytes)
+    cross = topology.device_node[pairs[:, 0]] != topology.device_node[pairs[:, 1]]
+    back_nbytes = nbytes * scale
+    forward = Collective(float(forward_finish.max()), used, result.link_bytes[used],
+                         float(nbytes.sum()), float(nbytes[cross].sum()), result.link_busy[used],
+                         pairs, nbytes)
+    back = Collective(float(back_finish.max()), back_used, back_bytes[back_used],
+                      float(back_nbytes.sum()), float(back_nbytes[cross].sum()),
+                      back_busy[back_used], pairs[:, ::-1], back_nbytes)
+    return forward, back
+
+
+def layer_alltoalls(ctx: PricingContext, traffic: LayerTraffic) -> tuple[Collective, Collective]:
+    """The layer's dispatch and combine all-to-alls, flow-level (the combine mirrored when it
+    can be): what ``moesim run`` charges and the planner's exact price."""
+    if len(traffic.pairs) == 0:
+        return EMPTY, EMPTY
+    scale = ctx.combine_bytes_per_elem / ctx.dispatch_bytes_per_elem
+    pairs, back = ctx.group[traffic.pairs], ctx.group[traffic.combine_pairs]
+    paths = ctx.paths_csr(traffic.pairs)
+    back_paths = ctx.paths_csr(traffic.combine_pairs)
+    if np.array_equal(traffic.combine_bytes, traffic.dispatch_bytes * scale):
+        both = mirrored_alltoalls(ctx.topology, ctx.reverse_link, pairs, traffic.dispatch_bytes,
+                                  scale, ctx.rtol, paths=(*paths, *back_paths))
+        if both is not None:
+            return both
+    return (alltoall(ctx.topology, pairs, traffic.dispatch_bytes, ctx.rtol, paths=paths),
+            alltoall(ctx.topology, back, traffic.combine_bytes, ctx.rtol, paths=back_paths))
+
+
+def layer_alltoall_times(ctx: PricingContext, traffic: LayerTraffic, *, exact: bool
+                         ) -> tuple[float, float]:
+    """(dispatch, combine) seconds: flow-level when ``exact``, else the closed form."""
+    if exact:
+        dispatch, combine = layer_alltoalls(ctx, traffic)
+        return dispatch.duration, combine.duration
+    return (alltoall_closed_form(ctx, traffic.pairs, traffic.dispatch_bytes),
+            alltoall_closed_form(ctx, traffic.combine_pairs, traffic.combine_bytes))
+
+
+def alltoall_closed_form(ctx: PricingContext, pairs: np.ndarray, nbytes: np.ndarray) -> float:
+    """Busiest link's bytes over its capacity plus the longest moving path's latency.
+
+    ``pairs: int[F, 2]`` group-local (src, dst), ``nbytes: float[F]``. A lower bound of the
+    flow-level time (:func:`moesim.network.alltoall_bound`).
+    """
+    if len(pairs) == 0:
+        return 0.0
+    topo = ctx.topology
+    paths, path_latency = ctx.padded_paths
+    row = pairs[:, 0] * ctx.ep + pairs[:, 1]
+    links = paths[row]                                          # [F, H], -1 padded
+    used = links >= 0
+    link_bytes = np.bincount(links[used], weights=np.broadcast_to(nbytes[:, None],
+                                                                  links.shape)[used],
+                             minlength=topo.num_links)
+    moving = (nbytes > 0) & used[:, 0]
+    latency = float(path_latency[row][moving].max()) if moving.any() else 0.0
+    return network.alltoall_bound(link_bytes, topo.capacity) + latency

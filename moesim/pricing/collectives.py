@@ -1,0 +1,117 @@
+"""Dense-model communication: tensor-parallel all-reduce, pipeline sends, data-parallel gradient
+reduction. Each is a named pure function of the pricing context, priced with the alpha-beta
+collectives of :mod:`moesim.network` on the bottleneck link between the ranks involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from moesim import network
+from moesim.errors import ScenarioError
+from moesim.memory import stage_params
+from moesim.pricing.context import PricingContext
+from moesim.spec.hardware import dtype_bytes
+from moesim.topology import Topology
+
+__all__ = ["DP_ALGORITHMS", "link_between", "tp_all_reduce_time", "p2p_time", "dp_sync_time",
+           "gradient_bytes_per_param"]
+
+
+def link_between(topology: Topology, a: int, b: int) -> tuple[float, float]:
+    """(bandwidth, latency) of the bottleneck on the path from rank a to rank b."""
+    links = topology.path_links(a, b)
+    if len(links) == 0:
+        return float("inf"), 0.0
+    return float(topology.capacity[links].min()), float(topology.latency[links].sum())
+
+
+def tp_all_reduce_time(ctx: PricingContext, tokens: float) -> float:
+    """The two forward all-reduces of a block's tensor-parallel activations (attention and
+    FFN outputs), ring over the scale-up link (ICI on TPUs)."""
+    s = ctx.scenario
+    tp = s.parallelism.tp
+    if tp <= 1:
+        return 0.0
+    link = s.hardware.links.get("scale_up") or s.hardware.link("ici")
+    nbytes = tokens * ctx.hidden * ctx.activation_bytes
+    return 2 * network.ring_all_reduce(nbytes, tp, link.effective_bandwidth, link.latency)
+
+
+def p2p_time(ctx: PricingContext) -> float:
+    """Send of one micro-batch's activations between consecutive pipeline stages."""
+    s = ctx.scenario
+    if s.parallelism.pp == 1:
+        return 0.0
+    nbytes = ctx.microbatch_tokens * ctx.hidden * ctx.activation_bytes
+    a, b = ctx.layout.stage_ranks(0)[0], ctx.layout.stage_ranks(1)[0]
+    bw, lat = link_between(ctx.topology, int(a), int(b))
+    return network.p2p(nbytes / s.parallelism.tp, bw, lat)
+
+
+def gradient_bytes_per_param(ctx: PricingContext) -> float:
+    """Bytes per gradient element the data-parallel reduction moves: the gradient dtype, as
+    memory charges it (FP32 main gradients are reduced in FP32, Megatron's default for BF16
+    training; set ``precision.gradients: bf16`` for a BF16 reduction)."""
+    return dtype_bytes(ctx.scenario.precision.gradients)
+
+
+def _ring(ctx: PricingContext, nbytes: float, members: np.ndarray) -> float:
+    bw, lat = _bottleneck(ctx.topology, members)
+    return network.ring_all_reduce(nbytes, members.size, bw, lat)
+
+
+def _tree(ctx: PricingContext, nbytes: float, members: np.ndarray) -> float:
+    bw, lat = _bottleneck(ctx.topology, members)
+    return network.tree_all_reduce(nbytes, members.size, bw, lat)
+
+
+def _hierarchical(ctx: PricingContext, nbytes: float, members: np.ndarray) -> float:
+    """Reduce-scatter inside each node, all-reduce across nodes per rail, all-gather inside;
+    a ring when the group sits on one node, has one member per node or uneven nodes."""
+    node = ctx.topology.device_node[members]
+    nodes, per = np.unique(node, return_counts=True)
+    if nodes.size == 1 or per[0] == 1 or np.any(per != per[0]):
+        return _ring(ctx, nbytes, members)
+    first = members[node == nodes[0]]
+    across = np.array([members[node == n][0] for n in nodes])
+    intra_bw, intra_lat = _bottleneck(ctx.topology, first)
+    inter_bw, inter_lat = _bottleneck(ctx.topology, across)
+    return network.hierarchical_all_reduce(nbytes, int(nodes.size), int(per[0]), intra_bw,
+                                           intra_lat, inter_bw, inter_lat)
+
+
+DP_ALGORITHMS: dict[str, Callable[[PricingContext, float, np.ndarray], float]] = {
+    "ring": _ring, "tree": _tree, "hierarchical": _hierarchical}
+
+
+def _bottleneck(topology: Topology, members: np.ndarray) -> tuple[float, float]:
+    """Slowest (bandwidth, latency) between consecutive members (the first 8 hops of the ring)."""
+    return min(link_between(topology, int(members[i]), int(members[i + 1]))
+               for i in range(min(len(members) - 1, 8)))
+
+
+def dp_sync_time(ctx: PricingContext, stage: int) -> float:
+    """Gradient reduction of one stage: dense parameters over dp, expert parameters over the
+    expert-data-parallel group, with ``communication.dp_algorithm``."""
+    s, layout = ctx.scenario, ctx.layout
+    par = s.parallelism
+    name = s.communication.dp_algorithm
+    if name not in DP_ALGORITHMS:
+        raise ScenarioError(f"unknown dp_algorithm {name!r} (allowed: "
+                            f"{', '.join(DP_ALGORITHMS)})", source=s.source,
+                            field="communication.dp_algorithm")
+    algorithm = DP_ALGORITHMS[name]
+    dense, experts = stage_params(s, layout, stage)
+    per_param = gradient_bytes_per_param(ctx)
+    ranks = layout.stage_ranks(stage)
+    total = 0.0
+    for params, group_size, stride in ((dense, par.dp, par.tp),
+                                       (experts, layout.expert_dp, par.ep)):
+        if group_size <= 1 or params == 0:
+            continue
+        members = ranks[::stride][:group_size]
+        total += algorithm(ctx, params * per_param, members)
+    return total

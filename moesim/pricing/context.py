@@ -1,0 +1,161 @@
+"""The pricing context: everything besides routing and placement that prices a scenario's step.
+
+Built once per scenario (and per topology: a faulted run prices on its damaged topology) by
+:meth:`PricingContext.from_scenario`. The simulator prices the representative EP group (stage 0,
+group 0) with it, the planner scores candidate placements with it, so the two agree on what a
+placement costs by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from moesim.calibration import MeasuredTables
+from moesim.compute import KernelTimer
+from moesim.errors import TopologyError
+from moesim.layout import Layout
+from moesim.memory import tokens_per_microbatch
+from moesim.spec.hardware import dtype_bytes, load_hardware
+from moesim.spec.scenario import Scenario
+from moesim.topology import Topology, build_topology
+
+__all__ = ["PricingContext", "scenario_topology", "kernel_timer"]
+
+
+def scenario_topology(s: Scenario) -> Topology:
+    """The scenario's topology; topology errors are reported against the scenario file."""
+    base = Path(s.source).parent if s.source else None
+    try:
+        profiles = {d.hardware: load_hardware(d.hardware, relative_to=base)
+                    for d in s.cluster.devices if d.hardware}
+        return build_topology(s.cluster, s.hardware, profiles)
+    except TopologyError as exc:
+        raise TopologyError(f"{s.source or s.name}: cluster: {exc}") from None
+
+
+def kernel_timer(s: Scenario) -> KernelTimer:
+    """Kernel times of the scenario's model on its device, from measured tables when the
+    profile has them."""
+    tables = MeasuredTables.from_profile(s.hardware) if s.hardware.calibration else None
+    return KernelTimer(s.model, s.hardware.device, s.precision.compute, s.precision.weights,
+                       s.precision.activations, s.parallelism.tp, tables)
+
+
+@dataclass(frozen=True, eq=False)
+class PricingContext:
+    """What prices one EP group's step: built once per scenario and topology.
+
+    ``tokens_per_source`` is each device's real tokens per micro-batch as the MoE layer sees
+    them: halved under two-batch overlap, whose halves run separately.
+    """
+
+    scenario: Scenario
+    topology: Topology
+    layout: Layout
+    timer: KernelTimer
+    group: np.ndarray                 # int[ep] global ranks of the representative EP group
+    microbatch_tokens: float          # tokens per device per micro-batch
+    half_batch: bool                  # two-batch overlap: each half priced separately
+    rtol: float                       # flow solver's event-merging tolerance
+
+    @classmethod
+    def from_scenario(cls, s: Scenario, topology: Topology | None = None) -> PricingContext:
+        """The context of ``s`` on ``topology`` (default: the scenario's healthy topology)."""
+        layout = Layout(s.parallelism, s.model.num_layers, s.model.moe_layer_ids)
+        return cls(s, scenario_topology(s) if topology is None else topology, layout,
+                   kernel_timer(s), layout.ep_group(0, 0), float(tokens_per_microbatch(s)),
+                   s.communication.overlap == "two_batch", s.simulation.network_rtol)
+
+    # --- what the group routes -----------------------------------------------------------
+    @property
+    def tokens_per_source(self) -> float:
+        """Real tokens each device routes per (half) micro-batch."""
+        return self.microbatch_tokens / 2 if self.half_batch else self.microbatch_tokens
+
+    @property
+    def ep(self) -> int:
+        return int(self.group.size)
+
+    @cached_property
+    def device_node(self) -> np.ndarray:
+        """int[ep] node of each device of the group."""
+        return self.topology.device_node[self.group]
+
+    @property
+    def hidden(self) -> int:
+        return self.scenario.model.hidden_size
+
+    @property
+    def top_k(self) -> int:
+        return self.scenario.model.effective_top_k
+
+    @property
+    def algorithm(self) -> str:
+        return self.scenario.communication.alltoall
+
+    @property
+    def max_tokens_per_source(self) -> int:
+        return self.scenario.routing.max_tokens_per_source
+
+    @property
+    def dispatch_bytes_per_elem(self) -> float:
+        return dtype_bytes(self.scenario.precision.dispatch)
+
+    @property
+    def combine_bytes_per_elem(self) -> float:
+        return dtype_bytes(self.scenario.precision.combine)
+
+    @property
+    def activation_bytes(self) -> float:
+        return dtype_bytes(self.scenario.precision.activations)
+
+    # --- the group's paths, looked up once ---------------------------------------------------
+    @cached_property
+    def group_paths(self) -> tuple[np.ndarray, np.ndarray]:
+        """CSR paths between every ordered pair of the group's devices: pair ``(i, j)`` of local
+        indices is path ``i * ep + j``."""
+        src, dst = np.divmod(np.arange(self.ep ** 2), self.ep)
+        return self.topology.paths_csr(np.stack([self.group[src], self.group[dst]], axis=1))
+
+    @cached_property
+    def padded_paths(self) -> tuple[np.ndarray, np.ndarray]:
+        """The group's paths for the closed form: ``links: int[ep * ep, H]`` (row ``i * ep + j``,
+        padded with -1) and ``latency: float[ep * ep]`` (each path's summed latency)."""
+        ep = self.ep
+        ptr, links = self.group_paths
+        hops = np.diff(ptr)
+        padded = np.full((ep * ep, max(int(hops.max(initial=0)), 1)), -1, dtype=np.int64)
+        column = np.arange(links.size) - np.repeat(ptr[:-1], hops)
+        padded[np.repeat(np.arange(ep * ep), hops), column] = links
+        latency = np.bincount(np.repeat(np.arange(ep * ep), hops),
+                              weights=self.topology.latency[links], minlength=ep * ep)
+        return padded, latency
+
+    def paths_csr(self, local_pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Paths of ``local_pairs: int[F, 2]`` (group-local indices) as CSR ``(ptr, links)``."""
+        all_ptr, all_links = self.group_paths
+        rows = local_pairs[:, 0] * self.ep + local_pairs[:, 1]
+        first = all_ptr[rows]
+        lengths = all_ptr[rows + 1] - first
+        ptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=ptr[1:])
+        return ptr, all_links[np.repeat(first - ptr[:-1], lengths) + np.arange(ptr[-1])]
+
+    @cached_property
+    def reverse_link(self) -> np.ndarray:
+        """int[L]: index of each topology link's opposite direction, -1 where there is none."""
+        index = {ends: i for i, ends in enumerate(self.topology.link_ends)}
+        return np.array([index.get((v, u), -1) for u, v in self.topology.link_ends],
+                        dtype=np.int64)
+
+    def context_length(self) -> tuple[float, float]:
+        """(average attended context per token, KV tokens read per device) for the workload."""
+        wl = self.scenario.workload
+        if wl.mode == "decode":
+            ctx = wl.context_len + 1
+            return ctx, self.tokens_per_source * ctx
+        return wl.seq_len / 2, 0.0

@@ -1,0 +1,59 @@
+"""Per-step prices outside the blocks: micro-batches, the optimizer update, model FLOPs."""
+
+from __future__ import annotations
+
+from moesim.memory import stage_params
+from moesim.pricing.context import PricingContext
+from moesim.spec.hardware import dtype_bytes
+from moesim.spec.scenario import Scenario
+
+__all__ = ["micro_batches", "optimizer_time", "optimizer_bytes_per_param",
+           "model_flops_per_token"]
+
+
+def micro_batches(s: Scenario) -> int:
+    """Micro-batches each pipeline runs per step."""
+    wl, par = s.workload, s.parallelism
+    return wl.global_batch // par.dp // wl.micro_batch
+
+
+def optimizer_bytes_per_param(s: Scenario) -> float:
+    """HBM bytes the Adam update moves per parameter (a memory-bound kernel).
+
+    Read the gradient; read and write the optimizer state; with FP32 master weights read and
+    write the master copy and write the model weight, else read and write the weight itself
+    (the same bytes :mod:`moesim.memory` charges for each).
+    """
+    prec = s.precision
+    weights = dtype_bytes(prec.weights)
+    params = 2 * 4.0 + weights if prec.master_weights else 2 * weights
+    return 2 * prec.optimizer_state_bytes + dtype_bytes(prec.gradients) + params
+
+
+def optimizer_time(ctx: PricingContext, stage: int) -> float:
+    """The optimizer step of one stage's busiest device (ZeRO >= 1 shards it over DP)."""
+    s = ctx.scenario
+    if s.workload.mode != "training":
+        return 0.0
+    par = s.parallelism
+    dense, experts = stage_params(s, ctx.layout, stage)
+    shard = par.dp if par.zero_stage >= 1 else 1
+    eshard = ctx.layout.expert_dp if par.zero_stage >= 1 else 1
+    dev = s.hardware.device
+    return (dense / shard + experts / eshard) * optimizer_bytes_per_param(s) / (
+        dev.memory_bandwidth * dev.memory_efficiency)
+
+
+def model_flops_per_token(s: Scenario) -> float:
+    """Model FLOPs per token: 2 per active weight per token forward (x3 for training), plus
+    attention scores (QK^T and AV over the average causal context), excluding the input embedding
+    lookup. This is the PaLM/Megatron MFU convention (6N + attention for training)."""
+    m, wl = s.model, s.workload
+    counts = m.param_counts()
+    input_embedding = m.vocab_size * m.hidden_size
+    dense = 2.0 * (counts.active - input_embedding)
+    context = wl.context_len + 1 if wl.mode == "decode" else wl.seq_len / 2
+    attn_proj = 2.0 * (m.attention_params - 2 * m.hidden_size)
+    scores = (m.attention_flops_per_token(context) - attn_proj) * m.num_layers
+    forward = dense + scores
+    return 3.0 * forward if wl.mode == "training" else forward
