@@ -84,7 +84,8 @@ class RoutingSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class PlacementSpec:
-    policy: Literal["contiguous", "round_robin", "random", "eplb", "moesim", "file"] = "contiguous"
+    policy: Literal["contiguous", "round_robin", "random", "eplb", "eplb_global", "moesim",
+                    "file"] = "contiguous"
     file: str = ""
     redundant_experts: int = spec_field(0, min=0, max=1 << 20, doc="extra expert slots per EP group")
 
