@@ -56,3 +56,44 @@ def test_two_batch_overlap_hides_communication_behind_the_other_half():
     # chunks (2 x 10) but not the compute-stream bound of the straggler (2 x (1+0.5+1.5+3) = 12).
     _, _, makespan = _ends("two_batch")
     assert 12.0 <= makespan < 20.0
+
+
+def test_a_new_overlap_schedule_is_one_block_function(monkeypatch):
+    # A made-up schedule: the experts start with the gate's output (as if tokens were local),
+    # the dispatch runs beside them and the combine waits for both. Named dependencies only.
+    from moesim.sim import streams
+
+    def experts_first(cost, ep, backward):
+        ones = np.ones(ep)
+        return [streams.OpSpec("attention", streams.COMPUTE, "compute", ones * cost.attention),
+                streams.OpSpec("gate", streams.COMPUTE, "compute", ones * cost.gate,
+                               ("attention",)),
+                streams.OpSpec("experts", streams.COMPUTE, "compute", cost.experts, ("gate",)),
+                streams.OpSpec("dispatch", streams.COMM, "alltoall",
+                               ones * cost.dispatch.duration, ("gate",), barrier=True),
+                streams.OpSpec("combine", streams.COMM, "alltoall",
+                               ones * cost.combine.duration, ("experts", "dispatch"),
+                               barrier=True)]
+
+    monkeypatch.setitem(streams.SCHEDULES, "experts_first", streams.Schedule(experts_first))
+    # attention 0-1, gate 1-1.5, experts 1.5-2.5 / 1.5-4.5, dispatch 1.5-3.5, combine 4.5-6.5.
+    names, end, makespan = _ends("experts_first")
+    assert names == ["attention", "gate", "experts", "dispatch", "combine"]
+    assert end[2].tolist() == [2.5, 4.5]
+    assert end[3].tolist() == [3.5, 3.5]
+    assert makespan == pytest.approx(6.5)
+
+
+def test_blocks_chain_through_their_entry_ops():
+    # Two blocks, no overlap: the second block's attention starts when the first's combine ends.
+    ops = chunk_ops([_block(), _block()], 2, backward=False, recompute=False, overlap="none")
+    run = run_ops(ops, 2)
+    assert ops[6].name == "attention" and ops[6].deps == (5,)
+    assert run.makespan == pytest.approx(20.0)
+
+
+def test_recompute_reruns_the_forward_before_the_backward_block():
+    # Full recompute: forward ops (10, as test_no_overlap) then the backward (16) = 26.
+    ops = chunk_ops([_block()], 2, backward=True, recompute=True, overlap="none")
+    assert [op.name for op in ops][:2] == ["attention.recompute", "gate.recompute"]
+    assert run_ops(ops, 2).makespan == pytest.approx(26.0)
