@@ -1,4 +1,4 @@
-"""One-GPU check: calibrate this GPU, then hold moesim's MoE-layer predictions against the real layer.
+"""One-GPU check: calibrate this GPU, then hold moesim's MoE-layer predictions to the real layer.
 
 Everything a single CUDA GPU can tell moesim, in one run of a few minutes:
 
@@ -68,7 +68,9 @@ from moesim.compute import KernelTimer  # noqa: E402
 from moesim.spec.hardware import DeviceSpec, dtype_bytes, load_hardware  # noqa: E402
 from moesim.spec.models import list_models, load_model  # noqa: E402
 
-__all__ = ["LayerCase", "GPU_CASES", "tiny_case", "predict_seconds", "merge_profiles", "main"]
+__all__ = ["LayerCase", "GPU_CASES", "tiny_case", "merge_profiles", "calibrate", "collective_smoke",
+           "fp8_supported", "Fp8Expert", "fp8_swiglu", "LayerBench", "predict_seconds",
+           "summarize", "run", "main"]
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 CALIBRATION_SHARE = 0.4  # no calibration starts after this share of the budget
@@ -113,7 +115,8 @@ GPU_CASES = (
 
 
 def tiny_case(case: LayerCase) -> LayerCase:
-    """The dry-run stand-in: sizes and tokens / 64 (sizes multiples of 16, for FP8), <= 16 experts."""
+    """The dry-run stand-in: sizes and tokens / 64 (sizes multiples of 16 for FP8), <= 16
+    experts."""
     def size(n: int) -> int:
         return max(32, n // 64 // 16 * 16)
     experts = min(case.experts, 16)

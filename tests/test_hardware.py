@@ -127,7 +127,8 @@ def test_unknown_profile_name_lists_the_shipped_ones():
 # FP8 9 PF sparse, FP4 18 PF sparse, NVLink5 1.8 TB/s. GB200 NVL72 per GPU: 186 GB, 8 TB/s,
 # BF16 5 PF sparse, FP8 10 PF sparse, FP4 20 PF sparse; 72 GPUs per NVLink domain.
 # NICs: ConnectX-7 400 Gb/s per GPU in all three (DGX H200 / DGX B200 / DGX GB200 guides).
-@pytest.mark.parametrize("name, memory, bandwidth, bf16_sparse, fp8_sparse, nvlink_total, per_node", [
+@pytest.mark.parametrize(("name, memory, bandwidth, bf16_sparse, fp8_sparse, nvlink_total, "
+                          "per_node"), [
     ("h200-sxm", 141e9, 4.8e12, 1979e12, 3958e12, 900e9, 8),
     ("b200", 180e9, 7.7e12, 4.5e15, 9e15, 1.8e12, 8),
     ("gb200-nvl72", 186e9, 8e12, 5e15, 10e15, 1.8e12, 72),
