@@ -5,7 +5,8 @@ Everything a single CUDA GPU can tell moesim, in one run of a few minutes:
 1. **Calibrate** -- ``run_calibration.py`` (in this process, kernels only) once per expert shape:
    the shapes of the layer cases below, then the other shipped MoE models' (hidden, ffn) shapes
    while time allows. The per-shape profiles are merged into ONE measured profile (kernel
-   tables of every shape; device peaks and the gemm / memcpy tables of the first run).
+   tables of every shape; device peaks and the gemm / memcpy tables of the first run), plus a
+   decode-attention table (``attention_decode``: moesim does not read it yet).
 2. **Collectives at world size 1** -- an NCCL (gloo on CPU) process group of one rank runs every
    collective of ``bench_collectives`` once, timed by its own ``_timed``: this proves the code
    path; one rank has no link to measure.
@@ -60,6 +61,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: calibrate/ and m
     sys.path.insert(0, str(ROOT))
 
 from calibrate import bench_collectives as bc  # noqa: E402
+from calibrate import bench_kernels as bk  # noqa: E402
 from calibrate import moe_layer  # noqa: E402
 from calibrate.profile_writer import write_profile  # noqa: E402
 from calibrate.run_calibration import run as run_calibration  # noqa: E402
@@ -69,7 +71,7 @@ from moesim.spec.hardware import DeviceSpec, dtype_bytes, load_hardware  # noqa:
 from moesim.spec.models import list_models, load_model  # noqa: E402
 
 __all__ = ["LayerCase", "GPU_CASES", "tiny_case", "merge_profiles", "calibrate", "collective_smoke",
-           "fp8_supported", "Fp8Expert", "fp8_swiglu", "LayerBench", "predict_seconds",
+           "bench_decode_attention", "fp8_supported", "Fp8Expert", "fp8_swiglu", "LayerBench", "predict_seconds",
            "summarize", "run", "main"]
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -207,12 +209,57 @@ def calibrate(cases: list[LayerCase], out: Path, name: str, dry_run: bool, stop_
             torch.cuda.empty_cache()
     if not done:
         return None, log
+    merged = merge_profiles(done, name)
+    device = torch.device("cpu") if dry_run else torch.device("cuda", 0)
+    try:
+        merged["calibration"]["kernels"]["attention_decode"] = bench_decode_attention(
+            device, dry_run)
+        log.append({"attention_decode": "ok"})
+    except (RuntimeError, TypeError) as exc:  # keep the profile without the table
+        log.append({"attention_decode": f"failed: {exc}"[:300]})
     target = out / "hardware_profiles" / "measured" / f"{name}.yaml"
     header = (f"moesim hardware profile measured by calibrate/gpu_check.py ({len(done)} "
               "run_calibration.py runs, one per expert shape, merged)\n"
-              "device, gemm and memcpy: the first run; kernel tables: every run (first per key)")
-    write_profile(target, merge_profiles(done, name), header=header)
+              "device, gemm and memcpy: the first run; kernel tables: every run (first per key)\n"
+              "attention_decode: one new token per sequence against a KV cache of `context` "
+              "tokens (GQA)")
+    write_profile(target, merged, header=header)
     return target, log
+
+
+@torch.inference_mode()
+def bench_decode_attention(device: torch.device, dry_run: bool) -> list[dict[str, Any]]:
+    """Decode attention (run_calibration times prefill only): ``batch`` sequences, one new token
+    each, attending to a KV cache of ``context`` tokens; QKV and output projections included.
+
+    Mixtral 8x7B's attention (hidden 4096, 32 query / 8 KV heads of 128), batch 1 and 32,
+    contexts 512..32768; tiny in the dry run. Seconds per call, one table per batch.
+    """
+    h, nh, nkv, hd = (64, 4, 2, 16) if dry_run else (4096, 32, 8, 128)
+    contexts = bk.log2_grid(16, 128) if dry_run else bk.log2_grid(512, 32768)
+    policy = (bk.TimingPolicy(warmup=1, repeats=5, min_repeats=3, budget_s=0.1)
+              if dry_run else bk.TimingPolicy(repeats=10, budget_s=1.0))
+    dt = torch.bfloat16
+    w_qkv = torch.randn((nh + 2 * nkv) * hd, h, device=device, dtype=dt) * h**-0.5
+    w_out = torch.randn(h, nh * hd, device=device, dtype=dt) * (nh * hd) ** -0.5
+    tables = []
+    for batch in (1, 32):
+        x = torch.randn(batch, 1, h, device=device, dtype=dt)
+        seconds = []
+        for ctx in contexts:
+            cache = torch.randn(2, batch, nkv, ctx, hd, device=device, dtype=dt)  # K, V
+
+            def step(x: torch.Tensor = x, cache: torch.Tensor = cache) -> torch.Tensor:
+                q = F.linear(x, w_qkv)[..., : nh * hd].view(-1, 1, nh, hd).transpose(1, 2)
+                y = F.scaled_dot_product_attention(q, cache[0], cache[1], enable_gqa=True)
+                return F.linear(y.transpose(1, 2).reshape(-1, 1, nh * hd), w_out)
+
+            seconds.append(bk.measure(step, device, policy).median)
+            del cache
+        tables.append({"hidden": h, "heads": nh, "kv_heads": nkv, "head_dim": hd,
+                       "batch": batch, "dtype": "bfloat16", "context": contexts,
+                       "seconds": seconds})
+    return tables
 
 
 # ---- 2. collectives at world size 1 ----------------------------------------------------------

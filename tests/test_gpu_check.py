@@ -57,6 +57,11 @@ def test_dry_run_profile_loads_with_moesim_and_has_every_case_shape(dry_run):
         assert (case.hidden, case.ffn, 1) in tables.expert_ffn_tables
         assert (case.hidden, case.experts) in tables.gate_tables
         assert case.hidden in tables.attention_tables
+    decode = profile.calibration["kernels"]["attention_decode"]
+    assert [t["batch"] for t in decode] == [1, 32]
+    for table in decode:
+        assert len(table["seconds"]) == len(table["context"]) >= 2
+        assert all(s > 0 for s in table["seconds"])
 
 
 def test_dry_run_table_has_one_row_per_case_with_positive_finite_ratios(dry_run):
