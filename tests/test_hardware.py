@@ -119,3 +119,51 @@ def test_bad_profile_names_the_file_and_the_field(tmp_path, dotted, value, field
 def test_unknown_profile_name_lists_the_shipped_ones():
     with pytest.raises(ScenarioError, match="unknown hardware profile 'h1000'.*h100-sxm"):
         load_hardware("h1000")
+
+
+# Datasheet values copied by hand from NVIDIA's pages (dense = the "with sparsity" figure / 2):
+# H200 datasheet: 141 GB HBM3e, 4.8 TB/s, BF16 1,979 sparse, FP8 3,958 sparse, NVLink 900 GB/s.
+# HGX B200 column of the GB200 NVL72 / HGX B200 table: 180 GB, 7.7 TB/s, BF16 4.5 PF sparse,
+# FP8 9 PF sparse, FP4 18 PF sparse, NVLink5 1.8 TB/s. GB200 NVL72 per GPU: 186 GB, 8 TB/s,
+# BF16 5 PF sparse, FP8 10 PF sparse, FP4 20 PF sparse; 72 GPUs per NVLink domain.
+# NICs: ConnectX-7 400 Gb/s per GPU in all three (DGX H200 / DGX B200 / DGX GB200 guides).
+@pytest.mark.parametrize(("name, memory, bandwidth, bf16_sparse, fp8_sparse, nvlink_total, "
+                          "per_node"), [
+    ("h200-sxm", 141e9, 4.8e12, 1979e12, 3958e12, 900e9, 8),
+    ("b200", 180e9, 7.7e12, 4.5e15, 9e15, 1.8e12, 8),
+    ("gb200-nvl72", 186e9, 8e12, 5e15, 10e15, 1.8e12, 72),
+])
+def test_new_gpu_profiles_hold_the_datasheet_numbers(name, memory, bandwidth, bf16_sparse,
+                                                      fp8_sparse, nvlink_total, per_node):
+    p = load_hardware(name)
+    assert p.device.kind == "gpu"
+    assert p.device.memory == pytest.approx(memory)
+    assert p.device.memory_bandwidth == pytest.approx(bandwidth)
+    assert p.device.peak_flops["bf16"] == pytest.approx(bf16_sparse / 2, rel=1e-3)
+    assert p.device.peak_flops["fp8"] == pytest.approx(fp8_sparse / 2, rel=1e-3)
+    assert p.link("scale_up").bandwidth == pytest.approx(nvlink_total / 2)  # per direction
+    assert p.link("scale_out").bandwidth == pytest.approx(400e9 / 8)          # 400 Gb/s NIC
+    assert p.node.devices_per_node == per_node
+
+
+def test_blackwell_profiles_have_fp4_at_twice_fp8():
+    for name, fp4_sparse in (("b200", 18e15), ("gb200-nvl72", 20e15)):
+        flops = load_hardware(name).device.peak_flops
+        assert flops["fp4"] == pytest.approx(fp4_sparse / 2)
+        assert flops["fp4"] == pytest.approx(2 * flops["fp8"])
+
+
+def test_h200_computes_like_h100_and_stores_more():
+    """Same GH100 silicon: identical tensor peaks; only the memory system differs."""
+    h100, h200 = load_hardware("h100-sxm"), load_hardware("h200-sxm")
+    assert h200.device.peak_flops == h100.device.peak_flops
+    assert h200.device.memory_bandwidth / h100.device.memory_bandwidth == pytest.approx(4.8 / 3.35)
+
+
+@pytest.mark.parametrize("name, sm_count", [("h200-sxm", 132), ("b200", 148),
+                                            ("gb200-nvl72", 148)])
+def test_new_profiles_carry_sm_count_as_a_sourced_comment(name, sm_count):
+    """sm_count is not a DeviceSpec field yet: a comment line that names its source."""
+    text = (PROFILE_DIR / f"{name}.yaml").read_text()
+    line = next(ln for ln in text.splitlines() if "# sm_count:" in ln)
+    assert re.search(rf"# sm_count: {sm_count} \(.+", line)
