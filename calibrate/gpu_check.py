@@ -16,7 +16,7 @@ Everything a single CUDA GPU can tell moesim, in one run of a few minutes:
    FP8 where torch supports it). FP8 cases run the layer with FP8 expert GEMMs (per-tensor
    scaled e4m3, ``torch._scaled_mm``); moe_layer.py has no FP8 dtype of its own.
 4. **Predict** each case with moesim's own kernel model (:class:`moesim.compute.KernelTimer`),
-   composed as :class:`moesim.sim.costs.CostModel` composes an MoE block on one device (gate +
+   composed as :func:`moesim.pricing.block.block_cost` composes an MoE block on one device (gate +
    expert FFNs + token permute; no remote traffic), once with the datasheet profile and once with
    the measured one, using the tokens per expert the real layer routed.
 
