@@ -6,7 +6,7 @@
 
 Each case is a scenario in ``scenarios/published/`` (model, cluster, parallel layout, batch and
 precision as published; hardware only from the shipped datasheet profiles) and a published figure,
-copied below with its source. Training cases (P1-P5, P9) run ``moesim.sim.simulate`` and convert
+copied below with its source. Training cases (P1-P5, P9) run ``moesim.assembly.simulate`` and convert
 the simulated tokens/s into the published metric *with the publisher's own FLOP convention*:
 
 - tokens/s per GPU (P2, P3, P4, P9) needs no convention;
@@ -15,7 +15,7 @@ the simulated tokens/s into the published metric *with the publisher's own FLOP 
   full sequence, no causal halving, logits included), against the 989.4 TFLOPS BF16 peak.
 
 Communication cases run moesim's network model alone: P7 and P8 push a uniform 1 GiB-per-GPU
-all-to-all through the flow-level solver (``moesim.sim.costs.alltoall``); P6 prices Tutel's
+all-to-all through the flow-level solver (``moesim.pricing.alltoall.alltoall``); P6 prices Tutel's
 dispatch buffer with the closed-form all-to-all (``moesim.network.all_to_all_alpha_beta``),
 because the flow-level solver would need 4.2M flows at 2,048 GPUs.
 

@@ -14,7 +14,7 @@ How it measures. Each case runs in a forked child of this process (imports done 
 so that its memory is its own: ``peak MB`` is the child's maximum resident set size
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which includes the interpreter and the imported
 modules, about the ``base MB`` column), ``+sim MB`` the growth over that base. ``wall s`` is
-``time.perf_counter`` around :func:`moesim.sim.simulate.simulate` (topology, routing, flows,
+``time.perf_counter`` around :func:`moesim.assembly.simulate` (topology, routing, flows,
 pipeline and report; not loading the YAML, not writing results or the trace); ``cpu s`` is
 ``time.process_time`` over the same span. On a shared machine wall time includes waiting for a
 core and CPU time does not, so scaling is judged on CPU time. ``events`` = the pipeline's SimPy
