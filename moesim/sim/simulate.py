@@ -176,14 +176,23 @@ def _with_ends(ops: list[Op], costs: CostModel, stage: int, chunk: int,
     tokens = ctx.microbatch_tokens
     first, last = stage == 0 and chunk == 0, stage == par.pp - 1 and chunk == par.vp - 1
     if last:
-        head = Op("lm_head", "compute", "compute", np.full(ep, scale * ctx.timer.lm_head(tokens)),
-                  (), -1)
+        head = Op("lm_head", "compute", "compute",
+                  np.full(ep, scale * ctx.timer.lm_head(logit_tokens(ctx))), (), -1)
         ops = _chain(ops, head, at_end=not backward)
     if first:
         emb = Op("embedding", "compute", "compute", np.full(ep, scale * ctx.timer.embedding(
             tokens)), (), -1)
         ops = _chain(ops, emb, at_end=backward)
     return ops
+
+
+def logit_tokens(ctx: PricingContext) -> float:
+    """Tokens per device per micro-batch whose logits are computed: every token in training,
+    the last token of each prompt in prefill (its next token), every token in decode."""
+    wl = ctx.scenario.workload
+    if wl.mode == "prefill":
+        return ctx.microbatch_tokens / wl.seq_len
+    return ctx.microbatch_tokens
 
 
 def _slowed(ops: list[Op], costs: CostModel, stage: int) -> list[Op]:
