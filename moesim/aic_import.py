@@ -51,7 +51,7 @@ from typing import Any
 from moesim.errors import CalibrationError
 
 __all__ = ["BACKENDS", "ImportResult", "data_root", "version_key", "list_systems",
-           "list_backends", "list_versions", "import_tables", "build_profile_text",
+           "list_backends", "list_versions", "check_request", "import_tables", "build_profile_text",
            "write_atomically"]
 
 BACKENDS = ("trtllm", "sglang", "vllm")
@@ -390,6 +390,31 @@ def _fmt(values: Iterable[float], digits: int) -> str:
     return " ".join(f"{v:.{digits}g}" for v in values)
 
 
+def check_request(root: Path, system: str, backend: str, version: str | None) -> str:
+    """The version to read (``version``, or the newest present).
+
+    Raises
+    ------
+    CalibrationError
+        Unknown system, backend or version; the message lists what is there.
+    """
+    systems = list_systems(root)
+    if system not in systems:
+        raise CalibrationError(f"--system {system!r}: not in {root} (available: "
+                               f"{', '.join(systems) or 'none'})")
+    backends = list_backends(root, system)
+    if backend not in backends:
+        raise CalibrationError(f"--backend {backend!r}: no {system} tables for it (available: "
+                               f"{', '.join(backends) or 'none'})")
+    versions = list_versions(root, system, backend)
+    if version is None:
+        return versions[-1]
+    if version not in versions:
+        raise CalibrationError(f"--version {version!r}: no {system}/{backend} folder has it "
+                               f"(available: {', '.join(versions)})")
+    return version
+
+
 def import_tables(root: Path, system: str, backend: str, version: str | None, *,
                   devices_per_node: int) -> tuple[dict[str, Any], dict[str, Any], list[str], str]:
     """Read and convert every table of ``system``/``backend`` up to ``version``.
@@ -402,21 +427,8 @@ def import_tables(root: Path, system: str, backend: str, version: str | None, *,
         Unknown system, backend or version (the message lists what is there), or no usable
         table at all.
     """
-    systems = list_systems(root)
-    if system not in systems:
-        raise CalibrationError(f"--system {system!r}: not in {root} (available: "
-                               f"{', '.join(systems) or 'none'})")
-    backends = list_backends(root, system)
-    if backend not in backends:
-        raise CalibrationError(f"--backend {backend!r}: no {system} tables for it (available: "
-                               f"{', '.join(backends) or 'none'})")
-    versions = list_versions(root, system, backend)
     requested = version
-    if version is None:
-        version = versions[-1]
-    elif version not in versions:
-        raise CalibrationError(f"--version {version!r}: no {system}/{backend} folder has it "
-                               f"(available: {', '.join(versions)})")
+    version = check_request(root, system, backend, version)
     limit = version_key(version)
     ctx = {"devices_per_node": devices_per_node}
     kernels: dict[str, Any] = {}

@@ -250,6 +250,7 @@ def import_aiconfigurator(args: argparse.Namespace) -> Path:
         raise CalibrationError("--import aiconfigurator needs --system (e.g. h100_sxm) and "
                                f"--backend ({', '.join(aic.BACKENDS)})")
     root, label = aic.data_root(args.aic_data)
+    aic.check_request(root, args.system, args.backend, args.version)
     base = args.base_profile or aic.DEFAULT_BASE.get(args.system)
     if base is None:
         raise CalibrationError(f"--base-profile: no shipped moesim profile matches system "
