@@ -50,8 +50,8 @@ from typing import Any
 
 from moesim.errors import CalibrationError
 
-__all__ = ["BACKENDS", "ImportResult", "data_root", "version_key", "list_systems",
-           "list_backends", "list_versions", "check_request", "import_tables", "build_profile_text",
+__all__ = ["BACKENDS", "data_root", "version_key", "list_systems", "list_backends",
+           "list_versions", "check_request", "import_tables", "build_profile_text",
            "write_atomically"]
 
 BACKENDS = ("trtllm", "sglang", "vllm")
@@ -80,15 +80,6 @@ class _Table:
     convert: Callable[[dict[str, list[Any]], Mapping[str, Any]], dict[tuple[Any, ...], dict]]
     columns: tuple[str, ...]
     own_backend: str | None = None   # folder name when not the serving backend (comm/nccl)
-
-
-@dataclass
-class ImportResult:
-    """What an import produced: the calibration section and a line per table family."""
-
-    calibration: dict[str, Any]
-    summary: list[str]
-    version: str
 
 
 # ---- finding the data ------------------------------------------------------------------------

@@ -304,7 +304,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
         MeasuredTables.from_profile(load_hardware(str(output)))  # it loads as moesim reads it
         print(f"wrote           {output}")
-        print(f"use it with     --set hardware={output}   (or cluster: {{hardware: {output}}})")
+        print(f"use it with     --set cluster.hardware={output}   (or cluster: {{hardware: ...}})")
         return 0
     output = Path(args.output or f"measured-{socket.gethostname()}.yaml").resolve()
     calibrate(output, args)
