@@ -23,12 +23,31 @@ table is unchanged.
 
 Every answer is counted by kernel and source (``table``, ``extrapolated`` beyond the grid,
 ``roofline`` when no table matched), so results can say what served the compute model.
+
+Shaped tables (``moesim calibrate --import aiconfigurator``, see ``docs/calibration_import.md``)
+add kinds keyed by the full kernel shape, each a curve over one token axis:
+
+- ``gemm``: one GEMM ``[m, k] x [k, n]`` keyed by (n, k, dtype), axis m (tokens);
+- ``moe``: one device's fused MoE layer (grouped GEMMs, activation, routing glue) keyed by
+  (hidden, ffn, experts on the device, top-k, dtype, total experts), axis the routed token copies
+  the device computes (see :meth:`MeasuredTables.moe`);
+- ``attention_context`` / ``attention_generation``: the attention core (no projections) keyed by
+  (heads, kv heads, head dim, KV dtype, batch), axis the sequence length / the KV length;
+- ``mla_context`` / ``mla_generation``: the same for DeepSeek-style MLA, keyed by (heads, KV
+  dtype, batch).
+
+A shaped lookup takes the exact key or answers None; only the token axis is interpolated. It is
+counted only where the profile has tables of that kind, so a profile without them reports as
+before. ``calibration.kernels.gemm`` of a ``moesim calibrate`` profile is the suite's peak sweep (a
+mapping, not a list of shaped tables) and is not a lookup table. A curve's ``tokens`` and
+``seconds`` may be lists or strings of space-separated numbers (the compact form the import
+writes: pure-Python YAML reads one long string several times faster than a list).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +55,15 @@ import numpy as np
 
 from moesim.errors import CalibrationError
 
-__all__ = ["Curve", "MeasuredTables", "KERNELS", "SOURCES"]
+__all__ = ["Curve", "MeasuredTables", "KERNELS", "SHAPED", "SOURCES", "DTYPE_TABLES"]
 
-KERNELS = ("expert_ffn", "gate", "attention")
+KERNELS = ("expert_ffn", "gate", "attention", "gemm", "moe", "attention_context",
+           "attention_generation", "mla_context", "mla_generation")
+# Kinds keyed by the full shape (aiconfigurator import): counted only where the profile has them.
+SHAPED = KERNELS[3:]
+# A compute dtype and the table dtypes that serve it, in order of preference: moesim's "fp8" GEMM
+# is served by per-tensor FP8 tables, else by block-scaled FP8 (DeepSeek-V3 style) ones.
+DTYPE_TABLES = {"fp8": ("fp8", "fp8_block")}
 SOURCES = ("table", "extrapolated", "roofline")
 
 
@@ -90,10 +115,14 @@ class MeasuredTables:
 
     def __init__(self, expert_ffn: Mapping[tuple[int, int, int], Curve],
                  gate: Mapping[tuple[int, int], Curve], attention: Mapping[int, Curve],
-                 source: str = "") -> None:
+                 source: str = "", *,
+                 shaped: Mapping[str, Mapping[tuple[Any, ...], Curve]] | None = None) -> None:
         self.expert_ffn_tables = dict(expert_ffn)   # (hidden, ffn, experts in group) -> Curve
         self.gate_tables = dict(gate)               # (hidden, experts) -> Curve
         self.attention_tables = dict(attention)     # hidden -> Curve
+        # kind -> {key -> Curve}, keys in the order of SHAPE_FIELDS[kind] (ints, then strings)
+        self.shaped_tables: dict[str, dict[tuple[Any, ...], Curve]] = {
+            kind: dict((shaped or {}).get(kind, {})) for kind in SHAPED}
         self.source = source
         self.served: Counter[tuple[str, str]] = Counter()  # (kernel, source) -> calls
 
@@ -129,7 +158,22 @@ class MeasuredTables:
         for i, entry in enumerate(_entries(kernels, "attention", source)):
             where = f"calibration.kernels.attention[{i}]"
             attention[_int(entry, "hidden", source, where)] = _curve(entry, source, where)
-        return cls(ffn, gate, attention, source)
+        shaped: dict[str, dict[tuple[Any, ...], Curve]] = {}
+        for kind in SHAPED:
+            raw = kernels.get(kind)
+            if kind == "gemm" and isinstance(raw, Mapping):
+                continue  # the calibration suite's peak sweep, not shaped tables
+            tables = shaped.setdefault(kind, {})
+            ints, strs = SHAPE_FIELDS[kind]
+            for i, entry in enumerate(_entries(kernels, kind, source)):
+                where = f"calibration.kernels.{kind}[{i}]"
+                key = (*(_int(entry, k, source, where) for k in ints),
+                       *(_str(entry, k, source, where) for k in strs))
+                if key in tables:
+                    raise CalibrationError(f"{source}: {where}: a second table for "
+                                           f"{dict(zip(ints + strs, key))}; keys must be unique")
+                tables[key] = _curve(entry, source, where)
+        return cls(ffn, gate, attention, source, shaped=shaped)
 
     # ---- the questions KernelTimer asks ----
 
@@ -171,6 +215,100 @@ class MeasuredTables:
         mean = active.mean()
         self._count("expert_ffn", curve, np.array([mean]))
         return float(curve(mean)) * active.size / size
+
+    # ---- shaped tables (aiconfigurator import) ----
+
+    def gemm(self, m: float, n: int, k: int, dtype: str) -> float | None:
+        """Seconds of one GEMM ``[m, k] x [k, n]`` in ``dtype``, or None (no table for n, k)."""
+        curve = self._shaped("gemm", lambda d: (int(n), int(k), d), dtype)
+        return self._shaped_lookup("gemm", curve, m)
+
+    def moe(self, tokens_per_slot: np.ndarray, hidden: int, ffn: int, experts_per_device: int,
+            top_k: int, dtype: str, *, experts: int | None = None) -> float | None:
+        """Seconds of one device's fused MoE layer, or None (no table for the shape).
+
+        The measured table (aiconfigurator's ``moe_perf``) times rank 0 of an expert-parallel
+        group of ``ep`` ranks: ``num_tokens`` tokens are routed evenly over all ``experts``
+        experts with ``top_k`` each, and the rank runs its ``experts / ep`` local experts on the
+        ``num_tokens * top_k / ep`` token copies they receive. The import stores that curve
+        against those copies, so a device is priced at the total of ``tokens_per_slot: [slots]``
+        (its slots are its ``experts_per_device``): how the copies spread over its experts is
+        not modelled (the table is even routing). ``experts`` (the model's total) picks among
+        tables that differ only in the group size; without it the smallest group is taken.
+        """
+        tokens = np.asarray(tokens_per_slot, dtype=float).ravel()
+        tables = self.shaped_tables["moe"]
+        curve = None
+        for d in DTYPE_TABLES.get(dtype, (dtype,)):
+            found = sorted((key[4], c) for key, c in tables.items()
+                           if key[:4] == (int(hidden), int(ffn), int(experts_per_device),
+                                          int(top_k)) and key[5] == d
+                           and (experts is None or key[4] == int(experts)))
+            if found:
+                curve = found[0][1]
+                break
+        copies = float(tokens.sum())
+        if curve is not None and copies <= 0:
+            self._count("moe", curve, np.zeros(0))
+            return 0.0
+        return self._shaped_lookup("moe", curve, copies)
+
+    def attention_context(self, batch: float, seq_len: float, heads: int, kv_heads: int,
+                          head_dim: int, kv_dtype: str = "bf16") -> float | None:
+        """Seconds of the prefill attention core (causal, ``batch`` sequences of ``seq_len``)."""
+        curve = self._batch_curve("attention_context", batch,
+                                  lambda b, d: (int(heads), int(kv_heads), int(head_dim), b, d),
+                                  kv_dtype)
+        return self._shaped_lookup("attention_context", curve, seq_len)
+
+    def attention_generation(self, batch: float, kv_len: float, heads: int, kv_heads: int,
+                             head_dim: int, kv_dtype: str = "bf16") -> float | None:
+        """Seconds of the decode attention core: ``batch`` new tokens, ``kv_len`` cached each."""
+        curve = self._batch_curve("attention_generation", batch,
+                                  lambda b, d: (int(heads), int(kv_heads), int(head_dim), b, d),
+                                  kv_dtype)
+        return self._shaped_lookup("attention_generation", curve, kv_len)
+
+    def mla_context(self, batch: float, seq_len: float, heads: int,
+                    kv_dtype: str = "bf16") -> float | None:
+        """Seconds of the prefill MLA core (DeepSeek-V3 latent dims), ``heads`` per device."""
+        curve = self._batch_curve("mla_context", batch, lambda b, d: (int(heads), b, d), kv_dtype)
+        return self._shaped_lookup("mla_context", curve, seq_len)
+
+    def mla_generation(self, batch: float, kv_len: float, heads: int,
+                       kv_dtype: str = "bf16") -> float | None:
+        """Seconds of the decode MLA core (DeepSeek-V3 latent dims), ``heads`` per device."""
+        curve = self._batch_curve("mla_generation", batch, lambda b, d: (int(heads), b, d),
+                                  kv_dtype)
+        return self._shaped_lookup("mla_generation", curve, kv_len)
+
+    def has(self, kind: str) -> bool:
+        """Whether the profile holds any table of ``kind``."""
+        return bool(self.shaped_tables.get(kind))
+
+    def _shaped(self, kind: str, key: Callable[[str], tuple[Any, ...]],
+                dtype: str) -> Curve | None:
+        tables = self.shaped_tables[kind]
+        for d in DTYPE_TABLES.get(dtype, (dtype,)):
+            curve = tables.get(key(d))
+            if curve is not None:
+                return curve
+        return None
+
+    def _batch_curve(self, kind: str, batch: float, key: Callable[[int, str], tuple[Any, ...]],
+                     dtype: str) -> Curve | None:
+        """The table of exactly ``batch`` sequences (None for a fractional or missing batch)."""
+        if batch < 1 or batch != int(batch):
+            return None
+        return self._shaped(kind, lambda d: key(int(batch), d), dtype)
+
+    def _shaped_lookup(self, kind: str, curve: Curve | None, tokens: float) -> float | None:
+        if curve is None:
+            if self.has(kind):
+                self.served[kind, "roofline"] += 1
+            return None
+        self._count(kind, curve, np.array([tokens]))
+        return float(curve(float(tokens)))
 
     # ---- bookkeeping ----
 
@@ -228,15 +366,41 @@ def _int(entry: Mapping[str, Any], key: str, source: str, where: str) -> int:
     return value
 
 
+def _str(entry: Mapping[str, Any], key: str, source: str, where: str) -> str:
+    value = entry.get(key)
+    if not isinstance(value, str) or not value:
+        raise CalibrationError(f"{source}: {where}.{key}: {value!r} must be a non-empty string "
+                               "(a dtype such as bf16, fp8)")
+    return value
+
+
+# Key fields of each shaped kind: integers, then strings (the order of the lookup keys).
+SHAPE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "gemm": (("n", "k"), ("dtype",)),
+    "moe": (("hidden", "ffn", "experts_per_device", "top_k", "experts"), ("dtype",)),
+    "attention_context": (("heads", "kv_heads", "head_dim", "batch"), ("kv_dtype",)),
+    "attention_generation": (("heads", "kv_heads", "head_dim", "batch"), ("kv_dtype",)),
+    "mla_context": (("heads", "batch"), ("kv_dtype",)),
+    "mla_generation": (("heads", "batch"), ("kv_dtype",)),
+}
+
+
+def _numbers(raw: Any) -> np.ndarray:
+    """A list of numbers, or a string of space-separated numbers, as float[n] (empty if bad)."""
+    if isinstance(raw, str):
+        raw = raw.split()
+    try:
+        return np.asarray(raw, dtype=float)
+    except (TypeError, ValueError):
+        return np.zeros(0)
+
+
 def _curve(entry: Mapping[str, Any], source: str, where: str) -> Curve:
     """Validate ``tokens`` / ``seconds`` (/ ``p10``) of one table; its Curve reads p10 if given."""
     arrays = {}
     for key in ("tokens", "seconds", *(("p10",) if "p10" in entry else ())):
         raw = entry.get(key)
-        try:
-            values = np.asarray(raw, dtype=float)
-        except (TypeError, ValueError):
-            values = np.zeros(0)
+        values = _numbers(raw)
         if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)) \
                 or np.any(values <= 0):
             raise CalibrationError(f"{source}: {where}.{key}: {raw!r:.80} must be a non-empty "

@@ -28,7 +28,7 @@ from typing import Any
 
 from moesim.errors import CalibrationError, MoESimError
 
-__all__ = ["register", "find_suite", "calibrate", "merge_emulated"]
+__all__ = ["register", "find_suite", "calibrate", "merge_emulated", "import_aiconfigurator"]
 
 _INSTALL = "pip install 'moesim[calibrate]' (torch==2.13.0)"
 # Flags forwarded to run_calibration.py as they are (model sizes of the kernel tables).
@@ -55,6 +55,18 @@ def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> N
     for name in _FORWARD:
         p.add_argument(f"--{name.replace('_', '-')}", type=int,
                        help="forwarded to run_calibration.py")
+    imp = p.add_argument_group("import measured tables instead of measuring "
+                               "(docs/calibration_import.md)")
+    imp.add_argument("--import", dest="import_from", choices=("aiconfigurator",),
+                     help="read NVIDIA aiconfigurator's measured kernel tables (pip install "
+                     "'moesim[aic]') instead of running the suite")
+    imp.add_argument("--system", help="aiconfigurator system, e.g. h100_sxm")
+    imp.add_argument("--backend", help="trtllm, sglang or vllm")
+    imp.add_argument("--version", help="backend version (default: the newest present)")
+    imp.add_argument("--base-profile", help="moesim datasheet profile giving device and links "
+                     "(default: the one matching --system, e.g. h100-sxm)")
+    imp.add_argument("--aic-data", metavar="DIR", help="read this copy of aiconfigurator's "
+                     "systems/data folder instead of the installed package")
     commands["calibrate"] = _cmd_calibrate
 
 
@@ -219,7 +231,81 @@ def _span(tokens: Any) -> str:
     return f"{int(tokens[0])}..{int(tokens[-1])}"
 
 
+def import_aiconfigurator(args: argparse.Namespace) -> Path:
+    """``moesim calibrate --import aiconfigurator``: its measured tables on a datasheet profile.
+
+    Raises
+    ------
+    CalibrationError
+        aiconfigurator (or pyarrow) missing, unknown system/backend/version, no usable table.
+    ScenarioError
+        The base profile is unknown or already calibrated.
+    """
+    from moesim import aic_import as aic
+    from moesim.errors import ScenarioError
+    from moesim.spec.fields import read_yaml
+    from moesim.spec.hardware import find_profile
+
+    if not args.system or not args.backend:
+        raise CalibrationError("--import aiconfigurator needs --system (e.g. h100_sxm) and "
+                               f"--backend ({', '.join(aic.BACKENDS)})")
+    root, label = aic.data_root(args.aic_data)
+    aic.check_request(root, args.system, args.backend, args.version)
+    base = args.base_profile or aic.DEFAULT_BASE.get(args.system)
+    if base is None:
+        raise CalibrationError(f"--base-profile: no shipped moesim profile matches system "
+                               f"{args.system!r} (known: {', '.join(sorted(aic.DEFAULT_BASE))}); "
+                               "give --base-profile NAME_OR_PATH")
+    base_path = find_profile(base)
+    base_data = read_yaml(base_path)
+    if not isinstance(base_data, dict) or "calibration" in base_data:
+        raise ScenarioError("--base-profile must be a datasheet profile (a mapping without a "
+                            "`calibration` section)", source=str(base_path))
+    per_node = (base_data.get("node") or {}).get("devices_per_node", 8)
+    kernels, collectives, summary, version = aic.import_tables(
+        root, args.system, args.backend, args.version, devices_per_node=int(per_node))
+    source = f"{label} {args.system}/{args.backend}/{version}"
+    name = f"{base_data.get('name', base_path.stem)}-aic-{args.backend}"
+    command = ("moesim calibrate --import aiconfigurator --system " + args.system + " --backend "
+               + args.backend + (f" --version {args.version}" if args.version else "")
+               + (f" --base-profile {args.base_profile}" if args.base_profile else ""))
+    calibration = {
+        "source": source,
+        "metadata": {"tool": "aiconfigurator", "data": str(root), "system": args.system,
+                     "backend": args.backend, "version": version,
+                     "requested_version": args.version or "newest", "base_profile": base,
+                     "command": command,
+                     "license": "aiconfigurator is Apache-2.0 (NVIDIA); kernel timings "
+                                "measured by NVIDIA on real GPUs",
+                     "units": "seconds; tokens as each table's token axis (see "
+                              "docs/calibration_import.md)",
+                     "tables": summary},
+        "kernels": kernels,
+        "collectives": collectives,
+    }
+    header = [f"Measured kernel tables from NVIDIA aiconfigurator (Apache-2.0): {source}.",
+              f"Device, links and their sources: moesim's datasheet profile {base} "
+              f"({base_path.name}), unchanged.",
+              f"Written by: {command}"]
+    output = Path(args.output or f"{name}.yaml").resolve()
+    text = aic.build_profile_text(base_path.read_text(encoding="utf-8"), base, name,
+                                  calibration, header)
+    aic.write_atomically(output, text)
+    for line in summary:
+        print(line)
+    return output
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.import_from:
+        output = import_aiconfigurator(args)
+        from moesim.calibration import MeasuredTables
+        from moesim.spec.hardware import load_hardware
+
+        MeasuredTables.from_profile(load_hardware(str(output)))  # it loads as moesim reads it
+        print(f"wrote           {output}")
+        print(f"use it with     --set cluster.hardware={output}   (or cluster: {{hardware: ...}})")
+        return 0
     output = Path(args.output or f"measured-{socket.gethostname()}.yaml").resolve()
     calibrate(output, args)
     for line in describe(output):

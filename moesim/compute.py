@@ -134,6 +134,10 @@ class KernelTimer:
         if tokens <= 0:
             return 0.0
         m, h = self.model, self.model.hidden_size
+        if self.tables is not None:  # shaped tables (aiconfigurator import): core + GEMMs
+            measured = self._measured_attention(tokens, context, kv_tokens)
+            if measured is not None:
+                return measured
         if self.tables is not None:
             measured = self.tables.attention(h, tokens)
             if measured is not None:
@@ -157,6 +161,10 @@ class KernelTimer:
         if tokens <= 0:
             return 0.0
         h, e = self.model.hidden_size, self.model.num_experts
+        if self.tables is not None:  # shaped tables (aiconfigurator import): router GEMM
+            measured = self._measured_gate(tokens)
+            if measured is not None:
+                return measured
         if self.tables is not None:
             measured = self.tables.gate(h, e, tokens)
             if measured is not None:
@@ -175,6 +183,10 @@ class KernelTimer:
         tokens = np.asarray(tokens_per_slot, dtype=float)
         f = ffn_size or self.model.expert_ffn_size
         h = self.model.hidden_size
+        if self.tables is not None:  # shaped tables (aiconfigurator import): fused MoE layer
+            measured = self._measured_moe(tokens, f)
+            if measured is not None:
+                return measured
         if self.tables is not None:
             measured = self.tables.expert_ffn(h, f, tokens)
             if measured is not None:
@@ -211,6 +223,10 @@ class KernelTimer:
             return 0.0
         h = self.model.hidden_size
         mats = matrices or self.model.dense_ffn_matrices
+        if self.tables is not None:  # shaped tables (aiconfigurator import): the FFN's GEMMs
+            measured = self._measured_ffn(tokens, ffn_size, mats, block_glue)
+            if measured is not None:
+                return measured
         if self.tables is not None:
             measured = self.tables.expert_ffn(h, ffn_size, np.array([tokens]))
             if measured is not None:
@@ -239,6 +255,103 @@ class KernelTimer:
     def elementwise(self, nbytes: float) -> float:
         """Memory-bound glue (permute/unpermute tokens, norms, residual adds)."""
         return nbytes / (self.device.memory_bandwidth * self.device.memory_efficiency)
+
+    # ---- measured shaped tables (moesim calibrate --import aiconfigurator) --------------------
+    # Each helper answers from the profile's shaped tables or returns None (a shape, batch or
+    # dtype the tables do not hold): the caller then takes its own model. Table times replace
+    # the kernels they measured; the memory-bound glue around them stays modelled as above.
+
+    def _gemms(self, tokens: float, shapes: list[tuple[float, float]]) -> float | None:
+        """Seconds of GEMMs ``[tokens, k] x [k, n]`` for ``shapes: [(n, k)]``, None if any
+        shape is fractional or has no table."""
+        total = 0.0
+        for n, k in shapes:
+            if n != int(n) or k != int(k):
+                return None
+            measured = self.tables.gemm(tokens, int(n), int(k), self.compute_dtype)
+            if measured is None:
+                return None
+            total += measured
+        return total
+
+    def _measured_attention(self, tokens: float, context: float, kv_tokens: float) -> float | None:
+        """Attention core from the context/generation (or MLA) table, projections from GEMM
+        tables, plus glue and casts. Decode (``kv_tokens`` > 0) is one new token per sequence:
+        batch = tokens, KV length = kv_tokens / tokens; prefill and training read ``context`` as
+        half the causal sequence: sequence = 2 context, batch = tokens / sequence."""
+        t, m, a, tp = self.tables, self.model, self.model.attention, self.tp
+        if not hasattr(t, "gemm"):
+            return None
+        heads = a.num_heads / tp
+        kv = "fp8" if dtype_bytes(self.act_dtype) == 1 else self.act_dtype
+        decode = kv_tokens > 0
+        batch = tokens if decode else tokens / (2 * context)
+        length = kv_tokens / tokens if decode else 2 * context
+        h, d = m.hidden_size, m.head_dim
+        if heads != int(heads):
+            return None
+        if a.kind == "mla":
+            # aiconfigurator's MLA kernels are DeepSeek-V3's latent shape only.
+            v = a.v_head_dim or d
+            if (a.kv_lora_rank, a.qk_rope_head_dim, d, v) != (512, 64, 128, 128):
+                return None
+            lookup = t.mla_generation if decode else t.mla_context
+            core = lookup(batch, length, int(heads), kv)
+            qk = d + a.qk_rope_head_dim
+            q = ([(a.q_lora_rank, h), (heads * qk, a.q_lora_rank)] if a.q_lora_rank
+                 else [(heads * qk, h)])
+            shapes = [*q, (a.kv_lora_rank + a.qk_rope_head_dim, h),
+                      (heads * (d + v), a.kv_lora_rank), (h, heads * v)]
+        else:
+            kv_heads = max(1.0, m.kv_heads / tp)
+            if kv_heads != int(kv_heads):
+                return None
+            lookup = t.attention_generation if decode else t.attention_context
+            core = lookup(batch, length, int(heads), int(kv_heads), d, kv)
+            shapes = [((heads + 2 * kv_heads) * d, h), (h, heads * d)]
+        if core is None:
+            return None
+        projections = self._gemms(tokens, shapes)
+        if projections is None:
+            return None
+        glue = self.elementwise(tokens * glue_bytes_attention(m, self._ab) / tp)
+        cast = self._cast(tokens * (h + m.query_width) / tp)
+        return core + projections + glue + cast
+
+    def _measured_gate(self, tokens: float) -> float | None:
+        """Router GEMM from the BF16 GEMM table; softmax/top-k and the FFN glue as modelled."""
+        if not hasattr(self.tables, "gemm"):
+            return None
+        h, e = self.model.hidden_size, self.model.num_experts
+        gemm = self.tables.gemm(tokens, e, h, "bf16")
+        if gemm is None:
+            return None
+        return gemm + self.elementwise(3 * tokens * e * 4) + self.ffn_glue(tokens)
+
+    def _measured_moe(self, tokens_per_slot: np.ndarray, ffn_size: int) -> float | None:
+        """A device's routed experts from the fused-MoE table (grouped GEMMs, activation and
+        the kernel's own routing glue), priced at the device's total token copies."""
+        if not hasattr(self.tables, "moe"):
+            return None
+        m = self.model
+        tokens = np.asarray(tokens_per_slot, dtype=float).ravel()
+        return self.tables.moe(tokens, m.hidden_size, ffn_size, tokens.size, m.effective_top_k,
+                               self.compute_dtype, experts=m.num_experts)
+
+    def _measured_ffn(self, tokens: float, ffn_size: int, mats: int,
+                      block_glue: bool) -> float | None:
+        """A dense FFN's up(+gate) and down GEMMs from GEMM tables (this rank's TP shard), the
+        activation, casts and block glue as modelled."""
+        if not hasattr(self.tables, "gemm"):
+            return None
+        h, f = self.model.hidden_size, ffn_size / self.tp
+        gemms = self._gemms(tokens, [((mats - 1) * f, h), (h, f)])
+        if gemms is None:
+            return None
+        activation = tokens * (3 if mats == 3 else 2) * f * self._ab
+        glue = self.ffn_glue(tokens) / self.tp if block_glue else 0.0
+        cast = self._cast(tokens * (h + ffn_size) / self.tp)
+        return gemms + self.elementwise(activation) + cast + glue
 
 
 def kv_bytes_per_token(model: ModelSpec, dtype: str) -> float:

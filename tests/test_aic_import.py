@@ -1,0 +1,248 @@
+"""`moesim calibrate --import aiconfigurator`: a tiny data folder in aiconfigurator 0.12's real
+layout (same folders, file names and columns as its h100_sxm tables) becomes a moesim profile whose
+shaped tables the compute model reads. aiconfigurator itself is not needed: pyarrow writes the
+parquet files here."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from moesim import cli
+from moesim.aic_import import version_key
+from moesim.calibration import MeasuredTables
+from moesim.compute import KernelTimer, glue_bytes_attention
+from moesim.spec.hardware import load_hardware
+from moesim.spec.models import load_model
+
+DEVICE = "NVIDIA H100 80GB HBM3"
+# tiny-cpu: hidden 256, GQA 4 heads / 2 KV heads of 64, 8 SwiGLU experts of 512, top-2.
+GEMM_M = [1, 4, 16, 64, 256, 1024]
+GEMM_MS = {(512, 256): [0.010, 0.011, 0.012, 0.020, 0.050, 0.150],   # QKV: (4 + 2 * 2) * 64
+           (256, 256): [0.008, 0.008, 0.009, 0.012, 0.030, 0.090],   # O projection
+           (8, 256): [0.004, 0.004, 0.005, 0.006, 0.010, 0.030]}     # router
+
+
+def _write(folder: Path, name: str, rows: list[dict], framework: str, version: str,
+           op_name: str) -> None:
+    """One parquet file with aiconfigurator's leading provenance columns, then ``rows``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    head = {"framework": framework, "version": version, "device": DEVICE, "op_name": op_name,
+            "kernel_source": "test"}
+    columns = {k: [head[k]] * len(rows) for k in head}
+    for key in rows[0]:
+        columns[key] = [r[key] for r in rows]
+    pq.write_table(pa.table(columns), folder / name)
+
+
+def _moe_row(num_tokens: int, latency: float, **kw) -> dict:
+    row = {"moe_dtype": "bfloat16", "num_tokens": num_tokens, "hidden_size": 256,
+           "inter_size": 512, "topk": 2, "num_experts": 8, "moe_tp_size": 1, "moe_ep_size": 4,
+           "distribution": "balanced", "latency": latency}
+    return row | kw
+
+
+def _attention_row(isl: int, step: int, batch: int, latency: float, **kw) -> dict:
+    row = {"batch_size": batch, "isl": isl, "num_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 64, "beam_width": 1, "attn_dtype": "bfloat16",
+           "kv_cache_dtype": "bfloat16", "step": step, "window_size": 0, "latency": latency}
+    return row | kw
+
+
+@pytest.fixture(scope="module")
+def aic_data(tmp_path_factory) -> Path:
+    """``systems/data``-style folder: h100_sxm, sglang 0.5.10 and 0.5.14, NCCL 2.29.2."""
+    root = tmp_path_factory.mktemp("aic") / "data"
+    sys = root / "h100_sxm"
+    gemm = [{"gemm_dtype": "bfloat16", "m": m, "n": n, "k": k, "latency": ms}
+            for (n, k), lat in GEMM_MS.items() for m, ms in zip(GEMM_M, lat)]
+    gemm.append({"gemm_dtype": "int4_wo", "m": 1, "n": 512, "k": 256, "latency": 0.001})
+    _write(sys / "gemm/sglang/0.5.14", "gemm_perf.parquet", gemm, "SGLang", "0.5.14", "gemm")
+    # Even routing, 8 experts over ep 4 (2 per device): 32 and 128 tokens -> 16 and 64 copies.
+    moe = [_moe_row(32, 0.100), _moe_row(128, 0.200),
+           _moe_row(32, 0.500, distribution="power_law_1.2"),   # skewed: not imported
+           _moe_row(32, 0.050, moe_tp_size=2)]                  # TP-split experts: not imported
+    _write(sys / "moe/sglang/0.5.14", "moe_perf.parquet", moe, "SGLang", "0.5.14", "moe")
+    # An older release measured another shape (ep 8) and, slower, the same one.
+    old = [_moe_row(32, 0.300, moe_ep_size=8), _moe_row(32, 0.900)]
+    _write(sys / "moe/sglang/0.5.10", "moe_perf.parquet", old, "SGLang", "0.5.10", "moe")
+    gen = [_attention_row(1, 127, 8, 0.020), _attention_row(1, 511, 8, 0.040),
+           _attention_row(1, 127, 8, 0.001, window_size=128)]   # sliding window: not imported
+    _write(sys / "attention/sglang/0.5.14", "generation_attention_perf.parquet", gen, "SGLang",
+           "0.5.14", "generation_attention")
+    ctx = [_attention_row(64, 0, 1, 0.030), _attention_row(256, 0, 1, 0.090)]
+    _write(sys / "attention/sglang/0.5.14", "context_attention_perf.parquet", ctx, "SGLang",
+           "0.5.14", "context_attention")
+    nccl = [{"nccl_dtype": "half", "num_gpus": 8, "message_size": n, "latency": ms}
+            for n, ms in ((1024, 0.020), (1 << 20, 0.040))]
+    _write(sys / "comm/nccl/2.29.2", "nccl_perf.parquet",
+           [r | {} for r in nccl], "TRTLLM", "2.29.2", "all_reduce")
+    return root
+
+
+def _import(data: Path, out: Path, *extra: str) -> int:
+    return cli.main(["calibrate", "--import", "aiconfigurator", "--system", "h100_sxm",
+                     "--backend", "sglang", "--aic-data", str(data), "-o", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def profile_path(aic_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("profile") / "h100-aic.yaml"
+    assert _import(aic_data, out) == 0
+    return out
+
+
+def _table(kernels: list[dict], **key) -> dict:
+    (entry,) = [e for e in kernels if all(e[k] == v for k, v in key.items())]
+    return entry
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split()]
+
+
+def test_import_converts_milliseconds_and_token_axes(profile_path):
+    data = yaml.safe_load(profile_path.read_text())
+    cal = data["calibration"]
+    assert cal["source"].endswith("h100_sxm/sglang/0.5.14")
+    kernels = cal["kernels"]
+    qkv = _table(kernels["gemm"], n=512, k=256, dtype="bf16")
+    assert _floats(qkv["tokens"]) == GEMM_M
+    assert _floats(qkv["seconds"]) == pytest.approx([ms * 1e-3 for ms in GEMM_MS[(512, 256)]])
+    assert not [e for e in kernels["gemm"] if e["dtype"] not in ("bf16",)]   # int4 dropped
+    # MoE: copies per device = num_tokens * top_k / ep = 32 * 2 / 4 = 16 and 128 * 2 / 4 = 64.
+    moe = _table(kernels["moe"], experts_per_device=2)
+    assert (moe["hidden"], moe["ffn"], moe["top_k"], moe["experts"], moe["ep"]) == (
+        256, 512, 2, 8, 4)
+    assert _floats(moe["tokens"]) == [16, 64]
+    assert _floats(moe["seconds"]) == pytest.approx([1.0e-4, 2.0e-4])    # not the skewed 0.5 ms
+    assert moe["version"] == "0.5.14"
+    # The ep-8 shape only 0.5.10 measured is filled in from it: 32 * 2 / 8 = 8 copies, 1 expert.
+    older = _table(kernels["moe"], experts_per_device=1)
+    assert (older["version"], _floats(older["tokens"]), _floats(older["seconds"])) == (
+        "0.5.10", [8], [3.0e-4])
+    # Decode attention: KV length = isl + step = 1 + 127 and 1 + 511; the windowed row is gone.
+    gen = _table(kernels["attention_generation"], heads=4, kv_heads=2, head_dim=64, batch=8)
+    assert (_floats(gen["tokens"]), _floats(gen["seconds"])) == ([128, 512], [2e-5, 4e-5])
+    ctx = _table(kernels["attention_context"], batch=1)
+    assert (_floats(ctx["tokens"]), _floats(ctx["seconds"])) == ([64, 256], [3e-5, 9e-5])
+    # NCCL: message_size counts fp16 elements, so bytes = 2 x; 8 GPUs fit one 8-GPU node.
+    (ar,) = cal["collectives"]["all_reduce"]
+    assert (ar["ranks"], ar["link"], ar["dtype"]) == (8, "intra_node", "fp16")
+    assert _floats(ar["bytes"]) == [2048, 2 << 20]
+    assert _floats(ar["seconds"]) == [2e-5, 4e-5]
+
+
+def test_profile_keeps_the_datasheet_device_and_its_sources(profile_path):
+    imported, datasheet = load_hardware(str(profile_path)), load_hardware("h100-sxm")
+    assert imported.device == datasheet.device and imported.links == datasheet.links
+    assert imported.name == "h100-sxm-aic-sglang"
+    assert "H100 datasheet" in profile_path.read_text()       # the base's source comments
+
+
+def _timer(profile_path: Path) -> tuple[KernelTimer, MeasuredTables]:
+    profile = load_hardware(str(profile_path))
+    tables = MeasuredTables.from_profile(profile)
+    return KernelTimer(load_model("tiny-cpu"), profile.device, tables=tables), tables
+
+
+def test_kernel_timer_takes_the_moe_table_and_interpolates_log_log(profile_path):
+    timer, tables = _timer(profile_path)
+    # 2 slots with 10 + 6 = 16 copies: the grid point, 0.1 ms.
+    assert timer.experts(np.array([10.0, 6.0])) == pytest.approx(1.0e-4)
+    # 32 copies is the geometric middle of 16 and 64: sqrt(0.1 ms * 0.2 ms) = 0.14142 ms.
+    assert timer.experts(np.array([16.0, 16.0])) == pytest.approx(math.sqrt(1e-4 * 2e-4))
+    assert tables.shares()["moe"] == {"table": 1.0, "extrapolated": 0.0, "roofline": 0.0}
+    # Another expert count per device has no table: the timer's own model answers.
+    assert timer.experts(np.array([4.0, 4.0, 4.0, 4.0])) > 0
+    assert tables.served["moe", "roofline"] == 1
+
+
+def test_decode_attention_is_the_core_table_plus_projection_gemms(profile_path):
+    timer, tables = _timer(profile_path)
+    model = load_model("tiny-cpu")
+    # 8 sequences, 128 cached tokens each: core 0.020 ms; QKV and O GEMMs at m = 8, between the
+    # m = 4 and m = 16 grid points: 0.011 * (0.012 / 0.011) ** 0.5 and 0.008 * (0.009 / 0.008)
+    # ** 0.5 ms (8 is their geometric middle); BF16 needs no FP8 casts.
+    core = 2e-5
+    qkv = math.sqrt(0.011 * 0.012) * 1e-3
+    out = math.sqrt(0.008 * 0.009) * 1e-3
+    glue = timer.elementwise(8 * glue_bytes_attention(model, 2))
+    assert timer.attention(8, 128, kv_tokens=8 * 128) == pytest.approx(core + qkv + out + glue)
+    # KV 320 between 128 and 512: 0.020 * (320 / 128) ** (log 2 / log 4) ms = 0.020 * 2.5 ** 0.5.
+    assert timer.attention(8, 320, kv_tokens=8 * 320) == pytest.approx(
+        2e-5 * 2.5 ** 0.5 + qkv + out + glue)
+    # Prefill of one 256-token sequence (context = 128 on average): core 0.090 ms, GEMMs at m=256.
+    prefill = 9e-5 + (0.050 + 0.030) * 1e-3 + timer.elementwise(256 * glue_bytes_attention(model, 2))
+    assert timer.attention(256, 128) == pytest.approx(prefill)
+    shares = tables.shares()
+    assert shares["attention_generation"]["table"] == 1.0
+    assert shares["attention_context"]["table"] == 1.0 and shares["gemm"]["table"] == 1.0
+
+
+def test_moesim_run_reports_the_imported_tables_as_its_source(profile_path, tmp_path):
+    # tiny-cpu decode, dp 4 x ep 4 (2 experts per device), 8 sequences per device with 127 tokens
+    # of context: KV 128, balanced routing -> 8 * 2 = 16 copies per device, all grid points.
+    scenario = {"name": "aic", "model": "tiny-cpu",
+                "cluster": {"hardware": str(profile_path), "topology": "nvswitch", "nodes": 1,
+                            "devices_per_node": 4},
+                "parallelism": {"tp": 1, "pp": 1, "dp": 4, "ep": 4},
+                "workload": {"mode": "decode", "global_batch": 32, "micro_batch": 8,
+                             "seq_len": 1, "context_len": 127},
+                "routing": {"distribution": "balanced"}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    assert cli.main(["run", str(path), "-o", str(tmp_path / "out"), "--no-trace"]) == 0
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["compute_source"] == ("calibrated tables (gemm 100%, moe 100%, "
+                                        "attention_generation 100%)")
+
+
+def test_an_older_version_reads_only_its_own_and_older_tables(aic_data, tmp_path):
+    out = tmp_path / "old.yaml"
+    assert _import(aic_data, out, "--version", "0.5.10") == 0
+    cal = yaml.safe_load(out.read_text())["calibration"]
+    assert cal["source"].endswith("h100_sxm/sglang/0.5.10")
+    assert set(cal["kernels"]) == {"moe"}                       # nothing else existed by 0.5.10
+    same = _table(cal["kernels"]["moe"], experts_per_device=2)
+    assert _floats(same["seconds"]) == [9e-4]                   # 0.5.10's own measurement
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--backend", "tensorflow"], ["--backend 'tensorflow'", "available: sglang"]),
+    (["--backend", "sglang", "--version", "9.9"], ["--version '9.9'", "0.5.10, 0.5.14"]),
+    (["--backend", "sglang", "--system", "tpu_v9"], ["--system 'tpu_v9'", "h100_sxm"]),
+])
+def test_unknown_backend_version_or_system_is_one_line_exit_2(aic_data, tmp_path, capsys,
+                                                              args, words):
+    argv = ["calibrate", "--import", "aiconfigurator", "--system", "h100_sxm",
+            "--aic-data", str(aic_data), "-o", str(tmp_path / "x.yaml"), *args]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("moesim: error:")
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_missing_aiconfigurator_is_a_user_error(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "aiconfigurator_core" else real(name, *a))
+    argv = ["calibrate", "--import", "aiconfigurator", "--system", "h100_sxm", "--backend",
+            "sglang", "-o", str(tmp_path / "x.yaml")]
+    assert cli.main(argv) == 2
+    assert "moesim[aic]" in capsys.readouterr().err
+
+
+def test_release_labels_sort_like_releases():
+    labels = ["1.3.0rc20", "0.5.6.post2", "0.5.10", "1.3.0", "0.5.9", "1.3.0rc3", "0.5.6"]
+    assert sorted(labels, key=version_key) == [
+        "0.5.6", "0.5.6.post2", "0.5.9", "0.5.10", "1.3.0rc3", "1.3.0rc20", "1.3.0"]
