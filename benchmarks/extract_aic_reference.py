@@ -64,6 +64,22 @@ COMPONENT_OPS = {
 }
 OP_COMPONENT = {op: comp for comp, ops in COMPONENT_OPS.items() for op in ops}
 
+# Read off aiconfigurator 0.12.0's model code and tables while writing this extraction.
+OBSERVATIONS = [
+    "SGLang wide-EP MoE rows (DeepSeek-V3 at EP 32, DeepEP) are labelled 'uniform'; a 'balanced' "
+    "request is served from them: W3 h100_sxm sglang gives 9.3712 ms either way, 61 x 0.1536 ms, "
+    "the 2,048-token 'uniform' row of wideep_generation_moe_perf (sglang 0.5.10)",
+    "TensorRT-LLM wide-EP DeepSeek-V3 decode multiplies every decode op by 0.9 (_PDL_FACTOR: "
+    "scale_factor 54.9 = 61 x 0.9) and, like the other backends, counts all 61 layers as MoE "
+    "layers with a shared expert (DeepSeek-V3's first 3 layers are dense)",
+    "TensorRT-LLM's wide-EP MoE table (wideep_moe_perf, DeepSeek-V3 at EP 32) holds power-law "
+    "rows only; asked for 'balanced' it silently serves the 'power_law_1.01_eplb' row (W3 "
+    "h100_sxm: 0.2858 ms/layer), so those entries are recorded as errors (moe_served_by checks "
+    "every entry against the table rows)",
+    "moe_query_tokens: the MoE tables are keyed by the tokens of the whole attention-DP group; "
+    "beyond moe_table_tokens[1] aiconfigurator extrapolates",
+]
+
 MIXTRAL_CONFIG = "mistralai--Mixtral-8x7B-v0.1_config.json"   # bundled in aiconfigurator-core
 
 DECODE = {"mode": "static_gen", "isl": 2048, "osl": 2, "batch_size": 64}
@@ -173,24 +189,41 @@ class Estimator:
         return result, dict(times), dict(sources), list(ops)
 
 
-def moe_table_tokens(system: str, backend: str, shape: dict[str, Any]) -> list[int] | None:
-    """[min, max] token counts of the measured MoE rows (any version of ``backend`` on
-    ``system``) with this op's shape and an even distribution, or None when there are none."""
+def moe_rows(system: str, backend: str, shape: dict[str, Any]) -> Any:
+    """The measured MoE rows (every table and version of ``backend`` on ``system``) with this
+    op's hidden/inter size, experts, top-k and EP, as one DataFrame with a ``table`` column."""
     import aiconfigurator_core
     import pandas as pd
 
     root = Path(aiconfigurator_core.__file__).parent / "systems" / "data" / system / "moe" / backend
-    keys = {"hidden_size": "hidden_size", "inter_size": "inter_size",
-            "num_experts": "num_experts", "topk": "topk", "moe_ep_size": "moe_ep_size"}
-    tokens: list[int] = []
-    for table in root.glob("*/*.parquet"):
+    keys = ("hidden_size", "inter_size", "num_experts", "topk", "moe_ep_size")
+    frames = []
+    for table in sorted(root.glob("*/*.parquet")):
         rows = pd.read_parquet(table)
-        mask = rows["distribution"].isin(DISTRIBUTIONS)
-        for column, attr in keys.items():
-            if attr in shape and column in rows:
-                mask &= rows[column] == shape[attr]
-        tokens.extend(int(t) for t in rows.loc[mask, "num_tokens"])
-    return [min(tokens), max(tokens)] if tokens else None
+        mask = pd.Series(True, index=rows.index)
+        for key in keys:
+            if key in shape and key in rows:
+                mask &= rows[key] == shape[key]
+        frames.append(rows.loc[mask].assign(table=str(table.relative_to(root.parent.parent))))
+    return pd.concat(frames, ignore_index=True)
+
+
+def moe_check(system: str, backend: str, shape: dict[str, Any], query_tokens: int,
+              per_layer_ms: float) -> dict[str, Any]:
+    """Which measured row served the MoE op: the token range of the even-routing rows of its
+    shape, and the rows at exactly ``query_tokens`` whose latency equals the op's per-layer time
+    (``served_by``; empty when aiconfigurator interpolated or extrapolated)."""
+    rows = moe_rows(system, backend, shape)
+    even = rows[rows["distribution"].isin(DISTRIBUTIONS)]
+    hit = rows[(rows["num_tokens"] == query_tokens)
+               & ((rows["latency"] - per_layer_ms).abs() <= 1e-4 * per_layer_ms)]
+    return {
+        "moe_table_tokens": ([int(even["num_tokens"].min()), int(even["num_tokens"].max())]
+                             if len(even) else None),
+        "served_by": [{"table": t, "distribution": d, "latency_ms": round(float(v), 6)}
+                      for t, d, v in zip(hit["table"], hit["distribution"], hit["latency"],
+                                         strict=True)],
+    }
 
 
 def components(times: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
@@ -229,8 +262,16 @@ def extract_one(est: Estimator, w: dict[str, Any], model_path: str, system: str,
         step_ms = unsplit.tpot if w["mode"] == "static_gen" else unsplit.ttft
         comp, unmapped = components(times)
         shapes = {op._name: op_shape(op) for op in ops if times.get(op._name)}
-        moe_shape = next(v for k, v in shapes.items() if k.endswith("_moe"))
+        moe_op = next(k for k in shapes if k.endswith("_moe"))
         tokens = w["batch_size"] * (w["isl"] if w["mode"] == "static_ctx" else 1)
+        check = moe_check(system, backend, shapes[moe_op], tokens * w["dp"],
+                          times[moe_op] / shapes[moe_op]["scale_factor"])
+        served = {row["distribution"] for row in check["served_by"]}
+        if served and not served & set(DISTRIBUTIONS):
+            errors.append(f"{distribution}: aiconfigurator served the routed experts from "
+                          f"{sorted(served)} rows ({check['served_by'][0]['table']}), not even "
+                          "routing")
+            continue
         return {
             "backend_version": result.backend_version,
             "workload_distribution": distribution,
@@ -243,7 +284,8 @@ def extract_one(est: Estimator, w: dict[str, Any], model_path: str, system: str,
             "tokens_per_gpu": tokens,
             # The MoE tables are keyed by the tokens of the whole attention-DP group.
             "moe_query_tokens": tokens * w["dp"],
-            "moe_table_tokens": moe_table_tokens(system, backend, moe_shape),
+            "moe_table_tokens": check["moe_table_tokens"],
+            "moe_served_by": check["served_by"],
             "shapes": shapes,
         }
     return {"error": "no even-routing estimate: " + "; ".join(errors)}
@@ -311,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                  "prompts of isl tokens per GPU (static_ctx); each op already multiplied by "
                  "aiconfigurator's layer count for it (shapes.*.scale_factor)",
         "component_ops": {k: list(v) for k, v in COMPONENT_OPS.items()},
+        "observations": OBSERVATIONS,
         "workloads": workloads,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

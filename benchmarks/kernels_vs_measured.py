@@ -168,6 +168,8 @@ def notes_for(entry: dict[str, Any], component_ops: dict[str, list[str]]) -> lis
     if table and entry["moe_query_tokens"] > table[1]:
         notes.append(f"routed experts extrapolated: MoE queried at {entry['moe_query_tokens']} "
                      f"tokens, measured rows end at {table[1]}")
+    elif not entry.get("moe_served_by"):
+        notes.append("routed experts interpolated between even-routing rows")
     if entry.get("overlap_split"):
         notes.append("overlapped op groups split into their ops (aiconfigurator's own step, "
                      "overlapped, is shorter)")
@@ -219,7 +221,11 @@ def table(data: dict[str, Any], system: str, label: str, make: Any,
                   + f" {cell(ours, theirs):<19} {cell(ours5, theirs5)}")
             if wid.endswith("d"):
                 continue
+            table_end = (entry.get("moe_table_tokens") or [0, math.inf])[1]
+            extrapolated = entry["moe_query_tokens"] > table_end
             for c in COMPONENTS:
+                if c == "routed_experts" and extrapolated:
+                    continue   # beyond the measured rows: not a measurement
                 if measured[c] > 0 and comps[c] > 0:
                     per_comp[c].append(comps[c] * 1e3 / measured[c])
             for n in notes_for(entry, data["component_ops"]):
@@ -227,7 +233,8 @@ def table(data: dict[str, Any], system: str, label: str, make: Any,
     if ratios:
         print(f"total moesim/measured: geometric mean {geomean(ratios):.2f} over {len(ratios)} "
               f"rows, range {min(ratios):.2f}-{max(ratios):.2f}")
-        print("per component, geometric mean (range) over W1-W5 rows: " + "; ".join(
+        print("per component, geometric mean (range) over W1-W5 rows (routed experts: "
+              "measured range only): " + "; ".join(
             f"{h} {geomean(v):.2f} ({min(v):.2f}-{max(v):.2f})"
             for h, v in zip(HEADERS, per_comp.values(), strict=True) if v))
     for text, rows in notes.items():

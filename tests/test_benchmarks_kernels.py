@@ -104,5 +104,8 @@ def test_reference_file_components_are_its_ops_summed():
                 for op, ms in entry["ops_ms"].items():
                     summed[owner[op.split("_", 1)[1]]] += ms
                 assert entry["unmapped_ms"] == {}
+                # A routed-expert time read off one table row must be an even-routing row.
+                for row in entry["moe_served_by"]:
+                    assert row["distribution"] in ("balanced", "uniform")
                 for comp, ms in entry["components_ms"].items():
                     assert ms == pytest.approx(summed[comp], abs=1e-3)
