@@ -16,8 +16,11 @@ this calls ``aiconfigurator.cli.api.cli_estimate`` in a static mode (the equival
 - **Even routing.** The model config's ``workload_distribution`` (default ``power_law``, which the
   CLI does not expose) is set before the model is built: ``balanced`` (fused-MoE tables) is tried
   first, then ``uniform`` (wide-EP tables); the first whose routed-expert op is served from a
-  measured (``silicon``) row is kept. Backends whose tables hold no even-routing rows for the
-  workload are recorded with the reason, not with skewed numbers.
+  measured (``silicon``) row is kept, after checking the op's per-layer time against the table
+  rows at its token count (``moe_served_by``): aiconfigurator silently serves a missing
+  distribution from another one (TensorRT-LLM wide-EP: ``power_law_1.01_eplb``). Backends whose
+  tables hold no even-routing rows for the workload are recorded with the reason, not with
+  skewed numbers.
 - **Overlap split.** Where aiconfigurator models two op groups on parallel streams (``OverlapOp``,
   latency = max of the two sums; TensorRT-LLM's shared-expert/routed-expert overlap), the groups
   are flattened into their ops so each op's time is visible; ``step_ms`` is still the unsplit
