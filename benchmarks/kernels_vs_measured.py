@@ -1,0 +1,296 @@
+"""moesim's per-component kernel times against measured kernel data (aiconfigurator 0.12.0).
+
+    python benchmarks/kernels_vs_measured.py                   # H100, then H200 (no refit)
+    python benchmarks/kernels_vs_measured.py --profile P.yaml  # another profile, vs H100 rows
+    python benchmarks/kernels_vs_measured.py --profile P.yaml --measured-system h200_sxm
+    python benchmarks/kernels_vs_measured.py --smoke           # tiny scenario, seconds (tests)
+
+The measured side is ``benchmarks/data/measured_kernels_aic012.json`` (written by
+``benchmarks/extract_aic_reference.py`` from NVIDIA aiconfigurator 0.12.0, Apache-2.0): for five
+serving workloads (W1-W5 of the reference note ``measured_kernels.md``), per GPU system and
+serving backend (SGLang, TensorRT-LLM, vLLM), per-op times whose rows were measured on real GPUs,
+summed over layers and mapped to moesim's components, with even routing.
+
+The moesim side builds the same workloads from the shipped scenarios plus overrides
+(:data:`WORKLOADS`, even routing: ``routing.distribution=balanced``) and reads per-block costs
+from moesim's cost model in ONE place, :func:`moesim_components`. Components, ms per step (one
+decode step of 64 sequences per GPU, or one 4,096-token prefill per GPU), summed over layers:
+
+=================  ==============================================  ===============================
+component          moesim (per block, summed over blocks)          aiconfigurator ops
+=================  ==============================================  ===============================
+attention block    attention (+ TP all-reduce; norm, RoPE, res.)   add_norm_1, QKV/MLA GEMMs,
+                                                                   attention, proj (+ bmm, q_b)
+router+norm        gate (router GEMM, softmax/top-k, norm, res.)   router_gemm + add_norm_2
+routed experts     max over EP devices of the grouped expert GEMM  moe (the framework's fused MoE
+                   + token permute/unpermute                       call, which permutes inside)
+shared/dense       dense FFN blocks and shared experts             gate_ffn1, act_gate, ffn2
+all-to-all         dispatch + combine (flow-level)                 dispatch/combine (or pre/post)
+lm head+embedding  lm_head + embedding (once per micro-batch)      logits_gemm + embedding
+=================  ==============================================  ===============================
+
+Both tools count the LM head and the embedding in a step, so the table shows them as a sixth
+column and ``total`` sums all six. Printed cells are ``moesim/measured`` ratios with both ms;
+notes flag measured components that are not all table rows (``empirical``: a formula, e.g. the
+norms; ``estimated``), MoE queries beyond the largest measured token count, and backends without
+even-routing rows. H200 runs the same scenarios on ``hardware_profiles/h200-sxm.yaml`` when the
+repository has it, else on :func:`h200_variant` of h100-sxm (datasheet figures, no refitting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from moesim.errors import MoESimError  # noqa: E402
+from moesim.spec.hardware import HardwareProfile  # noqa: E402
+from moesim.spec.scenario import Scenario, load_scenario  # noqa: E402
+
+DATA = REPO / "benchmarks" / "data" / "measured_kernels_aic012.json"
+COMPONENTS = ("attention", "router_norm", "routed_experts", "shared_dense", "all_to_all",
+              "lm_head_embedding")
+HEADERS = ("attention", "router+norm", "routed exp.", "shared/dense", "all-to-all", "lm head+emb")
+BACKENDS = ("sglang", "trtllm", "vllm")
+
+EVEN = ["routing.distribution=balanced"]
+DECODE_1NODE = "scenarios/mixtral-8x7b-infer-1node.yaml"   # DP 8 + EP 8, 64 seqs/GPU, ctx 2,048
+DSV3 = "scenarios/deepseek-v3-decode-ep.yaml"
+DSV3_AT_32 = ["cluster.nodes=4", "parallelism.dp=32", "parallelism.ep=32",
+              "workload.global_batch=2048", "workload.micro_batch=64",
+              "placement.policy=contiguous", "placement.redundant_experts=0",
+              "communication.overlap=none", "precision.kv_cache=fp8"]
+QWEN_PREFILL = ["workload={mode: prefill, global_batch: 8, seq_len: 4096, micro_batch: 1}"]
+DSV3_PREFILL = ["workload={mode: prefill, global_batch: 32, seq_len: 4096, micro_batch: 1}"]
+# id: (label, scenario, overrides, measured workload). W3/W5 also run with the direct all-to-all.
+WORKLOADS: dict[str, tuple[str, str, list[str], str]] = {
+    "W1": ("Qwen3-30B-A3B decode", DECODE_1NODE, ["model=qwen3-30b-a3b", *EVEN], "W1"),
+    "W2": ("Mixtral-8x7B decode", DECODE_1NODE, EVEN, "W2"),
+    "W3": ("DeepSeek-V3 decode", DSV3, [*DSV3_AT_32, *EVEN], "W3"),
+    "W3d": ("  same, direct a2a", DSV3, [*DSV3_AT_32, *EVEN, "communication.alltoall=direct"],
+            "W3"),
+    "W4": ("Qwen3-30B-A3B prefill", DECODE_1NODE, ["model=qwen3-30b-a3b", *EVEN, *QWEN_PREFILL],
+           "W4"),
+    "W5": ("DeepSeek-V3 prefill", DSV3, [*DSV3_AT_32, *EVEN, *DSV3_PREFILL], "W5"),
+    "W5d": ("  same, direct a2a", DSV3, [*DSV3_AT_32, *EVEN, *DSV3_PREFILL,
+                                         "communication.alltoall=direct"], "W5"),
+}
+SMOKE = ("scenarios/tiny-cpu.yaml",
+         ["parallelism={tp: 1, pp: 1, dp: 4, ep: 2}", *EVEN,
+          "workload={mode: decode, global_batch: 8, seq_len: 1, micro_batch: 2, context_len: 64}"])
+
+# NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e at 4.8 TB/s; the same Hopper tensor
+# cores and FP8/BF16 peaks as H100 SXM; NVLink 900 GB/s (bidirectional, i.e. 450 GB/s per
+# direction, as H100's NVLink4). Only capacity and bandwidth change.
+H200_MEMORY = 141e9            # bytes
+H200_MEMORY_BANDWIDTH = 4.8e12  # bytes/s
+H200_NVLINK_PER_DIRECTION = 450e9  # bytes/s (900 GB/s bidirectional)
+
+
+def moesim_components(scenario: Scenario) -> dict[str, float]:
+    """moesim's time per step of each component (seconds), from its per-block cost model.
+
+    The only function here that touches moesim's cost-model API. One EP group (stage 0) is
+    priced; every block's costs are summed: attention (+ TP all-reduce), the gate, the largest
+    device's routed-expert grouped GEMM plus token permute, the dense FFN or shared experts, the
+    dispatch and combine all-to-alls; plus the LM head and embedding. A step runs all
+    micro-batches (both halves under two-batch overlap), serially: no overlap is credited.
+    """
+    from moesim.layout import Layout
+    from moesim.memory import tokens_per_microbatch
+    from moesim.placement.policies import resolve_placement
+    from moesim.sim.costs import CostModel
+    from moesim.sim.simulate import micro_batches, scenario_topology
+
+    s = scenario
+    topology = scenario_topology(s)
+    layout = Layout(s.parallelism, s.model.num_layers, s.model.moe_layer_ids)
+    group = layout.ep_group(0, 0)
+    placement = resolve_placement(s, tokens_per_microbatch(s), topology.device_node[group])
+    half = s.communication.overlap == "two_batch"
+    costs = CostModel(s, topology, layout, placement, half_batch=half)
+    total = dict.fromkeys(COMPONENTS, 0.0)
+    for layer in range(s.model.num_layers):
+        b = costs.block(layer)
+        total["attention"] += b.attention + b.tp_comm
+        total["router_norm"] += b.gate
+        total["routed_experts"] += float(b.experts.max(initial=0.0)) + b.permute
+        total["shared_dense"] += b.ffn
+        total["all_to_all"] += b.dispatch.duration + b.combine.duration
+    tokens = costs.tokens
+    total["lm_head_embedding"] = costs.timer.lm_head(tokens) + costs.timer.embedding(tokens)
+    runs = micro_batches(s) * (2 if half else 1)
+    return {k: v * runs for k, v in total.items()}
+
+
+def h200_variant(h100: HardwareProfile) -> HardwareProfile:
+    """H200 SXM from an H100 SXM profile: datasheet memory and HBM bandwidth, all else equal."""
+    device = replace(h100.device, name="H200 SXM 141GB (h100-sxm variant)", memory=H200_MEMORY,
+                     memory_bandwidth=H200_MEMORY_BANDWIDTH,
+                     source="NVIDIA H200 Tensor Core GPU datasheet: 141 GB HBM3e, 4.8 TB/s")
+    links = dict(h100.links)
+    if "scale_up" in links:
+        links["scale_up"] = replace(links["scale_up"], bandwidth=H200_NVLINK_PER_DIRECTION)
+    return replace(h100, name="h200-sxm (variant of h100-sxm)", device=device, links=links)
+
+
+def build(wid: str, hardware: str | None = None, variant: bool = False) -> Scenario:
+    """Workload ``wid`` in moesim; ``hardware``: a profile name or path for the cluster (default
+    h100-sxm); ``variant``: run it on :func:`h200_variant` of the scenario's own profile."""
+    _, path, overrides, _ = WORKLOADS[wid]
+    s = load_scenario(REPO / path, [*overrides, f"cluster.hardware={hardware or 'h100-sxm'}"])
+    return replace(s, hardware=h200_variant(s.hardware)) if variant else s
+
+
+def measured_row(data: dict[str, Any], wid: str, system: str, backend: str) -> dict[str, Any]:
+    return data["workloads"][WORKLOADS[wid][3]]["results"][system][backend]
+
+
+def notes_for(entry: dict[str, Any], component_ops: dict[str, list[str]]) -> list[str]:
+    """Caveats of one measured entry: non-table sources per component, MoE extrapolation."""
+    notes = []
+    comps = {op: comp for comp, ops in component_ops.items() for op in ops}
+    for op, source in sorted(entry["op_sources"].items()):
+        base = op.split("_", 1)[1]
+        if source != "silicon" and entry["ops_ms"].get(op, 0) > 0:
+            notes.append(f"{comps.get(base, 'unmapped')}: {base} is {source}, not a table row")
+    for comp, main_op in (("router_norm", "router_gemm"), ("lm_head_embedding", "logits_gemm")):
+        if not any(op.endswith(main_op) for op in entry["ops_ms"]):
+            notes.append(f"{comp}: aiconfigurator has no {main_op} op (moesim's time shown alone)")
+    table = entry.get("moe_table_tokens")
+    if table and entry["moe_query_tokens"] > table[1]:
+        notes.append(f"routed experts extrapolated: MoE queried at {entry['moe_query_tokens']} "
+                     f"tokens, measured rows end at {table[1]}")
+    elif not entry.get("moe_served_by"):
+        notes.append("routed experts interpolated between even-routing rows")
+    if entry.get("overlap_split"):
+        notes.append("overlapped op groups split into their ops (aiconfigurator's own step, "
+                     "overlapped, is shorter)")
+    if entry["unmapped_ms"]:
+        notes.append(f"unmapped ops: {entry['unmapped_ms']}")
+    return notes
+
+
+def cell(model_s: float, measured_ms: float | None) -> str:
+    """``ratio (moesim ms/measured ms)``; measured None: aiconfigurator has no such op."""
+    ms = model_s * 1e3
+    if not measured_ms:
+        return "-" if ms <= 0 else f"({ms:.3g}/-)"
+    return f"{ms / measured_ms:.2f} ({ms:.3g}/{measured_ms:.3g})"
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def table(data: dict[str, Any], system: str, label: str, make: Any,
+          workloads: list[str]) -> list[float]:
+    """Print one system's comparison; return the total ratios of the rows printed."""
+    print(f"\n{label} vs aiconfigurator {system}, even routing. Cells: moesim/measured "
+          "(moesim ms/measured ms), per step")
+    head = f"{'workload':<22} {'backend':<7} " + " ".join(f"{h:<19}" for h in HEADERS)
+    print(head + f" {'total (6)':<19} total (first 5)")
+    ratios: list[float] = []
+    per_comp: dict[str, list[float]] = {c: [] for c in COMPONENTS}
+    notes: dict[str, list[str]] = {}
+    for wid in workloads:
+        comps = moesim_components(make(wid))
+        for backend in BACKENDS:
+            entry = measured_row(data, wid, system, backend)
+            row = f"{wid} {backend}"
+            if "error" in entry:
+                if not wid.endswith("d"):
+                    notes.setdefault(entry["error"], []).append(row)
+                continue
+            measured = dict(entry["components_ms"])
+            if not any(op.endswith("logits_gemm") for op in entry["ops_ms"]):
+                measured["lm_head_embedding"] = 0.0   # only an embedding: no lm head to compare
+            cells = [cell(comps[c], measured[c]) for c in COMPONENTS]
+            five = COMPONENTS[:5]
+            ours, theirs = sum(comps.values()), sum(measured.values())
+            ours5, theirs5 = sum(comps[c] for c in five), sum(measured[c] for c in five)
+            ratios.append(ours * 1e3 / theirs)
+            print(f"{WORKLOADS[wid][0]:<22} {backend:<7} " + " ".join(f"{c:<19}" for c in cells)
+                  + f" {cell(ours, theirs):<19} {cell(ours5, theirs5)}")
+            if wid.endswith("d"):
+                continue
+            table_end = (entry.get("moe_table_tokens") or [0, math.inf])[1]
+            extrapolated = entry["moe_query_tokens"] > table_end
+            for c in COMPONENTS:
+                if c == "routed_experts" and extrapolated:
+                    continue   # beyond the measured rows: not a measurement
+                if measured[c] > 0 and comps[c] > 0:
+                    per_comp[c].append(comps[c] * 1e3 / measured[c])
+            for n in notes_for(entry, data["component_ops"]):
+                notes.setdefault(n, []).append(row)
+    if ratios:
+        print(f"total moesim/measured: geometric mean {geomean(ratios):.2f} over {len(ratios)} "
+              f"rows, range {min(ratios):.2f}-{max(ratios):.2f}")
+        print("per component, geometric mean (range) over W1-W5 rows (routed experts: "
+              "measured range only): " + "; ".join(
+            f"{h} {geomean(v):.2f} ({min(v):.2f}-{max(v):.2f})"
+            for h, v in zip(HEADERS, per_comp.values(), strict=True) if v))
+    for text, rows in notes.items():
+        print(f"  note: {text} [{', '.join(rows)}]")
+    return ratios
+
+
+def smoke() -> int:
+    """moesim's side on a tiny decode scenario, and the measured file's shape."""
+    path, overrides = SMOKE
+    comps = moesim_components(load_scenario(REPO / path, overrides))
+    print("tiny-cpu decode (moesim ms): " + ", ".join(f"{k} {v * 1e3:.4g}"
+                                                      for k, v in comps.items()))
+    data = json.loads(DATA.read_text())
+    for wid, (_, _, _, key) in WORKLOADS.items():
+        for system, rows in data["workloads"][key]["results"].items():
+            ok = [b for b in BACKENDS if "error" not in rows[b]]
+            print(f"{wid} {system}: measured for {', '.join(ok) or 'no backend'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", help="hardware profile (name or .yaml) to run instead of the "
+                    "datasheet H100/H200 pair")
+    ap.add_argument("--measured-system", default="h100_sxm", choices=("h100_sxm", "h200_sxm"),
+                    help="the measured rows --profile is compared with")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--smoke", action="store_true", help="tiny run for tests")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        return smoke()
+    data = json.loads(args.data.read_text())
+    print(f"measured: {data['source']}")
+    workloads = args.workloads.split(",")
+    try:
+        if args.profile:
+            profile = str(Path(args.profile).resolve()) if args.profile.endswith(
+                (".yaml", ".yml")) else args.profile
+            table(data, args.measured_system, f"moesim on {args.profile}",
+                  lambda w: build(w, profile), workloads)
+            return 0
+        table(data, "h100_sxm", "moesim on h100-sxm (datasheet)", build, workloads)
+        h200 = REPO / "hardware_profiles" / "h200-sxm.yaml"
+        if h200.exists():
+            table(data, "h200_sxm", "moesim on hardware_profiles/h200-sxm.yaml (no refit)",
+                  lambda w: build(w, str(h200)), workloads)
+        else:
+            table(data, "h200_sxm", "moesim on h100-sxm with H200 datasheet memory (no refit)",
+                  lambda w: build(w, variant=True), workloads)
+    except MoESimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
