@@ -11,8 +11,7 @@ Refinements that make a block's kernels add up to what frameworks measure:
 - **Kernels counted one by one.** A block launches its GEMMs (QKV, output projection, router,
   expert or FFN up/gate and down), the fused attention core, and small memory-bound kernels:
   add+norm (fused, once per sub-layer), rotary embedding with the KV-cache write, router
-  softmax/top-k, the FFN activation. Each pays ``kernel_overhead``; FP8 casts are fused into
-  the kernel producing the GEMM input (bytes, no floor).
+  softmax/top-k, the FFN activation, FP8 casts. Each pays ``kernel_overhead``.
 - **Grouped GEMM for routed experts** (:func:`moesim.kernels.grouped_gemm_time`): each expert
   pads its tokens to whole tile rows; its own efficiencies.
 - **Precision per kernel.** With ``compute: fp8`` only the GEMMs run in FP8 (Transformer Engine,
@@ -130,19 +129,19 @@ class KernelTimer:
         return gemm_time(m, n, k, self.device, self.compute_dtype, a_bytes=self._gemm_ab,
                          b_bytes=self._gemm_wb, c_bytes=self._ab, batch=batch)
 
-    def _cast(self, elements: float) -> float:
-        """Seconds to quantize ``elements`` GEMM inputs to FP8 (0 unless computing in FP8).
+    def _cast(self, elements: float, kernels: int) -> float:
+        """Seconds to quantize ``elements`` GEMM inputs to FP8 (0 unless computing in FP8), in
+        ``kernels`` cast kernels (one per FP8 GEMM input).
 
         Read the activation, write a row-wise and a column-wise (transposed, for the weight
-        gradient) FP8 copy, as Transformer Engine does on Hopper. The cast is fused into the
-        kernel that produces the GEMM input (Transformer Engine's LayerNormLinear and
-        LayerNormMLP, TensorRT-LLM's and SGLang's fused norm/activation + quantize kernels), so
-        it adds bytes but no kernel floor of its own.
+        gradient) FP8 copy, as Transformer Engine does on Hopper. Measured FP8 GEMMs of inference
+        stacks include their quantize kernel (aiconfigurator's H100 rows at m <= 16 cost about
+        one more kernel floor than BF16 ones), so each cast pays a floor.
         """
         if dtype_bytes(self.compute_dtype) >= self._ab or elements <= 0:
             return 0.0
-        nbytes = elements * (self._ab + 2 * dtype_bytes(self.compute_dtype))
-        return memory_time(nbytes, self.device, kernels=0)
+        return self.elementwise(elements * (self._ab + 2 * dtype_bytes(self.compute_dtype)),
+                                kernels=kernels)
 
     # ---- attention --------------------------------------------------------------------------
     def _projection_shapes(self, absorbed: bool) -> list[tuple[float, float, int]]:
@@ -229,7 +228,7 @@ class KernelTimer:
         kernels = ATTENTION_GLUE_KERNELS + (MLA_EXTRA_GLUE_KERNELS if mla else 0)
         glue = self.elementwise(tokens * glue_bytes_attention(m, self._ab) / self.tp,
                                 kernels=kernels)
-        cast = self._cast(tokens * (h + m.query_width) / self.tp)
+        cast = self._cast(tokens * (h + m.query_width) / self.tp, kernels=2)
         return projections + core + glue + cast
 
     # ---- MoE layer --------------------------------------------------------------------------
@@ -271,7 +270,7 @@ class KernelTimer:
         up = grouped_gemm_time(tokens, (mats - 1) * f, h, self.device, self.compute_dtype, **kw)
         down = grouped_gemm_time(tokens, h, f, self.device, self.compute_dtype, **kw)
         activation = copies * (3 if mats == 3 else 2) * f * self._ab
-        return up + down + self.elementwise(activation) + self._cast(copies * (h + f))
+        return up + down + self.elementwise(activation) + self._cast(copies * (h + f), kernels=2)
 
     def permute(self, token_copies: float) -> float:
         """Permute routed token copies into expert order and back (two memory-bound kernels:
@@ -311,7 +310,7 @@ class KernelTimer:
         f = ffn_size / self.tp
         gemms = self._gemm(tokens, (mats - 1) * f, h) + self._gemm(tokens, h, f)
         activation = tokens * (3 if mats == 3 else 2) * f * self._ab
-        cast = self._cast(tokens * (h + ffn_size) / self.tp)
+        cast = self._cast(tokens * (h + ffn_size) / self.tp, kernels=2)
         glue = self.ffn_glue(tokens / self.tp) if block_glue else 0.0
         return gemms + self.elementwise(activation) + cast + glue
 

@@ -33,8 +33,8 @@ import numpy as np
 
 from moesim.spec.hardware import DeviceSpec
 
-__all__ = ["padded", "gemm_tiles", "waves", "gemm_time", "grouped_gemm_time", "memory_time",
-           "overlapped_compute_slowdown"]
+__all__ = ["padded", "gemm_tiles", "waves", "matmul_efficiency", "gemm_time", "grouped_gemm_time",
+           "memory_time", "overlapped_compute_slowdown"]
 
 
 def padded(size: float, tile: int) -> float:
@@ -60,6 +60,17 @@ def waves(tiles: float, device: DeviceSpec) -> float:
     if full <= 1.0 or device.gemm_scheduler == "stream_k":
         return full
     return float(math.ceil(full - 1e-9))
+
+
+def matmul_efficiency(device: DeviceSpec, dtype: str, grouped: bool = False) -> float:
+    """Fraction of ``dtype``'s peak a GEMM reaches: dense ``matmul_efficiency`` (FP8:
+    ``fp8_matmul_efficiency``); grouped GEMMs ``grouped_gemm_efficiency``, scaled for FP8 by the
+    same FP8-to-dense ratio."""
+    dense = device.matmul_efficiency
+    eff = (device.grouped_gemm_efficiency or dense) if grouped else dense
+    if dtype == "fp8" and device.fp8_matmul_efficiency:
+        eff *= device.fp8_matmul_efficiency / dense
+    return eff
 
 
 def _tiled_compute(tiles: float, k: float, device: DeviceSpec, dtype: str,
@@ -96,7 +107,7 @@ def gemm_time(m: float, n: float, k: float, device: DeviceSpec, dtype: str, *,
 
     ``a_bytes``, ``b_bytes``, ``c_bytes``: bytes per element of the input, the weight and the
     output (read once from and written once to HBM). ``efficiency`` replaces
-    ``matmul_efficiency``, ``memory_efficiency`` the device's.
+    :func:`matmul_efficiency`, ``memory_efficiency`` the device's.
 
     >>> d = DeviceSpec(name="x", peak_flops={"bf16": 4.0}, memory=1.0, memory_bandwidth=1e9,
     ...                sm_count=2, gemm_tile_m=2, gemm_tile_n=2)
@@ -105,7 +116,7 @@ def gemm_time(m: float, n: float, k: float, device: DeviceSpec, dtype: str, *,
     """
     if m <= 0 or n <= 0 or k <= 0:
         return 0.0
-    eff = device.matmul_efficiency if efficiency is None else efficiency
+    eff = matmul_efficiency(device, dtype) if efficiency is None else efficiency
     if device.sm_count:
         compute = _tiled_compute(batch * gemm_tiles(m, n, device), k, device, dtype, eff)
     else:
@@ -128,7 +139,7 @@ def grouped_gemm_time(tokens: np.ndarray, n: float, k: float, device: DeviceSpec
     t = t[t > 0]
     if t.size == 0 or n <= 0 or k <= 0:
         return 0.0
-    eff = device.grouped_gemm_efficiency or device.matmul_efficiency
+    eff = matmul_efficiency(device, dtype, grouped=True)
     mem_eff = device.grouped_gemm_memory_efficiency or device.memory_efficiency
     rows = float(t.sum())
     if device.sm_count:

@@ -89,6 +89,17 @@ def test_grouped_gemm_uneven_tokens_cost_more_tiles_than_even():
                              **kw) == pytest.approx(8.0)
 
 
+def test_fp8_efficiency_scales_dense_and_grouped_gemms_alike():
+    # FP8 reaches 0.5 where BF16 reaches 1.0 (matmul_efficiency default): half the rate, dense
+    # (4 tiles = 1 wave = 2 s at 32 FLOP/s FP8 peak x 0.5) and grouped (0.8 x 0.5 of 32).
+    d = toy(peak_flops={"bf16": 16.0, "fp8": 32.0}, fp8_matmul_efficiency=0.5,
+            grouped_gemm_efficiency=0.8)
+    assert gemm_time(4, 4, 1, d, "fp8", **NO_BYTES) == pytest.approx(2.0)
+    assert gemm_time(4, 4, 1, d, "bf16", **NO_BYTES) == pytest.approx(2.0)
+    assert grouped_gemm_time(np.array([2, 2, 2, 2]), 2, 1, d, "fp8",
+                             **NO_BYTES) == pytest.approx(2.0 / 0.8)
+
+
 def test_grouped_gemm_uses_its_own_efficiencies():
     d = toy(grouped_gemm_efficiency=0.5)
     assert grouped_gemm_time(np.array([2, 2, 2, 2]), 2, 1, d, "bf16",
@@ -161,11 +172,15 @@ def test_block_kernels_are_counted_one_floor_each():
     assert gqa.dense_ffn(1, 64) == pytest.approx(4.0)                # + add+norm
     assert gqa.shared_experts(1) == 0.0                               # tiny-cpu has none
     assert gqa.permute(8) == pytest.approx(2.0)
-    mla = KernelTimer(load_model("deepseek-v3"), free, "fp8", "fp8")
+    mla = KernelTimer(load_model("deepseek-v3"), free, "bf16", "bf16")
     # Fused q/kv down, q up, two absorption BMMs, output GEMM, core, 3 glue (incl. latent norm).
     assert mla.attention(1, 10, 10) == pytest.approx(9.0)
     # Prefill: the KV up-projection is one GEMM instead of two BMMs.
     assert mla.attention(1, 10, 0) == pytest.approx(8.0)
+    # FP8 GEMMs add one quantize kernel per GEMM input (two per sub-layer).
+    fp8 = KernelTimer(load_model("deepseek-v3"), free, "fp8", "fp8")
+    assert fp8.attention(1, 10, 10) == pytest.approx(11.0)
+    assert fp8.experts(np.array([1.0])) == pytest.approx(5.0)
 
 
 def test_mla_decode_runs_absorbed_and_compute_heavy():

@@ -55,6 +55,9 @@ class DeviceSpec:
     gemm_scheduler: Literal["waves", "stream_k"] = "waves"
     # Fixed time every kernel pays (launch, prologue, pipeline fill, tail), seconds.
     kernel_overhead: float = spec_field(0.0, unit="time", min=0)
+    # FP8 GEMMs: fraction of the FP8 peak they reach (null = matmul_efficiency); grouped FP8
+    # GEMMs reach grouped_gemm_efficiency scaled by the same FP8/dense ratio.
+    fp8_matmul_efficiency: float | None = spec_field(None, gt=0, max=1.0)
     # Grouped (MoE) GEMM: fraction of peak FLOP/s and of HBM bandwidth it reaches (null = the
     # dense matmul_efficiency / memory_efficiency).
     grouped_gemm_efficiency: float | None = spec_field(None, gt=0, max=1.0)
