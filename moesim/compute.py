@@ -17,8 +17,9 @@ Refinements that make a block's kernels add up to what frameworks measure:
 - **Precision per kernel.** With ``compute: fp8`` only the GEMMs run in FP8 (Transformer Engine,
   DeepSeek-V3); the fused attention core stays in BF16, and every FP8 GEMM input is first
   quantized by a memory-bound cast kernel.
-- **Attention by phase and kind.** Prefill/training flash attention reaches
-  ``attention_efficiency`` of peak; decode streams the KV cache at ``decode_attention_efficiency``
+- **Attention by phase and kind.** Training flash attention reaches ``attention_efficiency`` of
+  peak (forward and backward together), an inference prefill's forward
+  ``prefill_attention_efficiency``; decode streams the KV cache at ``decode_attention_efficiency``
   of HBM bandwidth; MLA decode runs absorbed (queries multiplied into the latent space, so the
   core is compute-heavy, at ``mla_decode_efficiency``). Devices without a fused-attention figure
   (TPUs, CPUs) run attention as matmuls with head dims padded to the matmul tile.
@@ -95,7 +96,9 @@ class KernelTimer:
     """Kernel times of one model on one device type, in one precision.
 
     ``calibration`` is the ``calibration`` mapping of a measured profile (or None); ``tp`` divides the
-    dense parts (attention heads, shared experts) over tensor-parallel ranks.
+    dense parts (attention heads, shared experts) over tensor-parallel ranks. ``inference``: the
+    forward runs alone (prefill attention at ``prefill_attention_efficiency``), not as the first
+    third of a training step.
     """
 
     model: ModelSpec
@@ -105,6 +108,7 @@ class KernelTimer:
     act_dtype: str = "bf16"
     tp: int = 1
     tables: object | None = None  # moesim.calibration.MeasuredTables
+    inference: bool = False
 
     @property
     def _wb(self) -> float:
@@ -194,9 +198,12 @@ class KernelTimer:
                 eff = dev.attention_efficiency or dev.matmul_efficiency
             compute = tokens * per_pair * attended / self.tp / (dev.flops("bf16") * eff)
             return max(compute, memory) + dev.kernel_overhead
-        if dev.attention_efficiency:
+        fused = dev.attention_efficiency
+        if self.inference and dev.prefill_attention_efficiency:
+            fused = dev.prefill_attention_efficiency
+        if fused:
             flops = tokens * m.attention_core_flops_per_token(context) / self.tp
-            eff = dev.attention_efficiency
+            eff = fused
         else:
             # Attention as matmuls: QK^T contracts over the head dim, AV outputs head-dim
             # columns; both are padded to the matmul tile (a 64-wide head half-fills a 128 MXU).

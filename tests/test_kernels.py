@@ -193,6 +193,19 @@ def test_mla_decode_runs_absorbed_and_compute_heavy():
     assert core == pytest.approx(tokens * context * 278_528 / (1e15 * 0.5))
 
 
+def test_inference_prefill_attention_runs_the_forward_alone():
+    # tiny-cpu: core FLOPs per token 2 * 4 heads * (64 + 64) * context; compute-bound device.
+    m = load_model("tiny-cpu")
+    d = toy(peak_flops={"bf16": 1e12}, sm_count=0, attention_efficiency=0.4,
+            prefill_attention_efficiency=0.8)
+    tokens, context = 1000, 500
+    flops = tokens * 2 * 4 * 128 * context
+    assert KernelTimer(m, d)._attention_core(tokens, context, 0) == pytest.approx(
+        flops / 0.4e12)
+    assert KernelTimer(m, d, inference=True)._attention_core(tokens, context, 0) == (
+        pytest.approx(flops / 0.8e12))
+
+
 def test_decode_attention_streams_the_kv_cache_at_its_own_efficiency():
     # tiny-cpu GQA: 2 KV heads x 64 x 2 (K and V) x 2 B = 512 B per cached token per layer.
     m = load_model("tiny-cpu")

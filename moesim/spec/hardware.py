@@ -66,6 +66,8 @@ class DeviceSpec:
     # KV-cache streaming fraction of HBM bandwidth (null = memory_efficiency), MLA absorbed
     # decode fraction of peak (null = attention_efficiency).
     attention_efficiency: float | None = spec_field(None, gt=0, max=1.0)
+    # Inference prefill runs the forward alone (null = attention_efficiency, the training mix).
+    prefill_attention_efficiency: float | None = spec_field(None, gt=0, max=1.0)
     decode_attention_efficiency: float | None = spec_field(None, gt=0, max=1.0)
     mla_decode_efficiency: float | None = spec_field(None, gt=0, max=1.0)
     # Fraction of the SMs an expert-parallel communication kernel holds while it overlaps
