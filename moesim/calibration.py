@@ -148,9 +148,9 @@ class MeasuredTables:
         ffn, gate, attention = {}, {}, {}
         for i, entry in enumerate(_entries(kernels, "expert_ffn", source)):
             where = f"calibration.kernels.expert_ffn[{i}]"
-            key = (_int(entry, "hidden", source, where), _int(entry, "ffn", source, where))
             experts = _int(entry, "experts", source, where) if "experts" in entry else 1
-            ffn[(*key, experts)] = _curve(entry, source, where)
+            ffn[(_int(entry, "hidden", source, where), _int(entry, "ffn", source, where),
+                 experts)] = _curve(entry, source, where)
         for i, entry in enumerate(_entries(kernels, "gate", source)):
             where = f"calibration.kernels.gate[{i}]"
             gate[(_int(entry, "hidden", source, where),

@@ -1,20 +1,28 @@
 """Kernel times on one device: attention, gate, expert FFNs, shared experts, dense FFNs.
 
-Each function is pure: sizes in, seconds out. A kernel takes the roofline time, the larger of its
-FLOPs over the device's achievable FLOP/s (peak x matmul_efficiency) and its bytes over the
-achievable HBM bandwidth (bandwidth x memory_efficiency). So small batches are memory-bound, as they
-are on real GPUs: a decode step of an expert reads all its weights for a handful of tokens.
+Each method is pure: sizes in, seconds out. Every GEMM goes through the tile-and-wave model of
+:mod:`moesim.kernels` (the larger of its tiled compute time and its HBM bytes over achievable
+bandwidth, plus a fixed per-kernel floor); a profile without ``sm_count`` gets the plain roofline.
+So small batches are memory-bound, as they are on real GPUs: a decode step of an expert reads all
+its weights for a handful of tokens, and a one-token decode step pays every kernel's floor.
 
-Three refinements make a training step's kernels add up to what frameworks measure:
+Refinements that make a block's kernels add up to what frameworks measure:
 
+- **Kernels counted one by one.** A block launches its GEMMs (QKV, output projection, router,
+  expert or FFN up/gate and down), the fused attention core, and small memory-bound kernels:
+  add+norm (fused, once per sub-layer), rotary embedding with the KV-cache write, router
+  softmax/top-k, the FFN activation, FP8 casts. Each pays ``kernel_overhead``.
+- **Grouped GEMM for routed experts** (:func:`moesim.kernels.grouped_gemm_time`): each expert
+  pads its tokens to whole tile rows; its own efficiencies.
 - **Precision per kernel.** With ``compute: fp8`` only the GEMMs run in FP8 (Transformer Engine,
-  DeepSeek-V3); the fused attention core (QK^T, softmax, AV) stays in BF16, and every FP8 GEMM
-  input is first quantized by a memory-bound cast kernel.
-- **Fused attention efficiency.** The attention core is not a cuBLAS GEMM: flash attention reaches a
-  lower fraction of peak (:data:`ATTENTION_EFFICIENCY`).
-- **Glue kernels.** Norms, residual adds, rotary embedding and the FFN activation are separate
-  memory-bound kernels (:func:`glue_bytes_attention`, :func:`glue_bytes_ffn`); they add to the
-  GEMMs instead of hiding under them.
+  DeepSeek-V3); the fused attention core stays in BF16, and every FP8 GEMM input is first
+  quantized by a memory-bound cast kernel.
+- **Attention by phase and kind.** Training flash attention reaches ``attention_efficiency`` of
+  peak (forward and backward together), an inference prefill's forward
+  ``prefill_attention_efficiency``; decode streams the KV cache at ``decode_attention_efficiency``
+  of HBM bandwidth; MLA decode runs absorbed (queries multiplied into the latent space, so the
+  core is compute-heavy, at ``mla_decode_efficiency``). Devices without a fused-attention figure
+  (TPUs, CPUs) run attention as matmuls with head dims padded to the matmul tile.
 
 Backward kernels cost twice the forward (the engine's convention), glue included.
 
@@ -29,27 +37,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim.calibration import MeasuredTables
+from moesim.kernels import gemm_time, grouped_gemm_time, memory_time, padded
 from moesim.spec.hardware import DeviceSpec, dtype_bytes
 from moesim.spec.model import ModelSpec
 
-__all__ = ["roofline", "KernelTimer", "kv_bytes_per_token", "ATTENTION_EFFICIENCY",
-           "glue_bytes_attention", "glue_bytes_ffn"]
-
-# Fraction of the dense BF16 peak that fused flash attention reaches, forward and backward
-# together, by device kind (one value per hardware class). GPUs: FlashAttention-3 on H100 SXM5
-# (Shah et al. 2024, arXiv 2407.08608, BF16, head dim 128, causal, 4k tokens) runs the forward
-# at ~640 TFLOPS and the backward (2.5x the forward's FLOPs) at ~500 TFLOPS, so forward plus
-# backward take 3F / (F/640 + 2.5F/500) = 457 TFLOPS in the engine's 1 + 2 accounting, 0.46 of
-# 989.4. cuDNN's fused attention, which Transformer Engine uses, is in the same range. TPUs and
-# CPUs run attention as ordinary matmuls: their matmul_efficiency applies.
-ATTENTION_EFFICIENCY = {"gpu": 0.46}
+__all__ = ["roofline", "KernelTimer", "kv_bytes_per_token", "glue_bytes_attention",
+           "glue_bytes_ffn"]
 
 
 def roofline(flops: float, nbytes: float, device: DeviceSpec, dtype: str,
              efficiency: float | None = None) -> float:
     """Seconds for a kernel doing ``flops`` FLOPs and moving ``nbytes`` bytes of HBM traffic.
 
-    ``efficiency`` replaces the device's ``matmul_efficiency`` (fused attention).
+    The plain roofline, no tiles and no floor. ``efficiency`` replaces ``matmul_efficiency``.
 
     >>> from moesim.spec.hardware import DeviceSpec
     >>> d = DeviceSpec(name="x", peak_flops={"bf16": 100.0}, memory=1.0, memory_bandwidth=10.0)
@@ -85,12 +85,21 @@ def glue_bytes_ffn(model: ModelSpec, act_bytes: float, copies: float, ffn_size: 
     return act_bytes * (2 * h + 3 * h + copies * activation)
 
 
+# Small kernels per sub-layer: attention glue = fused residual add + norm, and rotary embedding
+# with the KV-cache write; FFN glue = fused residual add + norm. MLA adds the norm of its latents.
+ATTENTION_GLUE_KERNELS = 2
+MLA_EXTRA_GLUE_KERNELS = 1
+FFN_GLUE_KERNELS = 1
+
+
 @dataclass(frozen=True)
 class KernelTimer:
     """Kernel times of one model on one device type, in one precision.
 
     ``calibration`` is the ``calibration`` mapping of a measured profile (or None); ``tp`` divides the
-    dense parts (attention heads, shared experts) over tensor-parallel ranks.
+    dense parts (attention heads, shared experts) over tensor-parallel ranks. ``inference``: the
+    forward runs alone (prefill attention at ``prefill_attention_efficiency``), not as the first
+    third of a training step.
     """
 
     model: ModelSpec
@@ -100,6 +109,7 @@ class KernelTimer:
     act_dtype: str = "bf16"
     tp: int = 1
     tables: MeasuredTables | None = None
+    inference: bool = False         # serving: prefill attention at its own efficiency
 
     @property
     def _wb(self) -> float:
@@ -114,15 +124,97 @@ class KernelTimer:
         """Bytes per weight a GEMM reads: FP8 GEMMs read FP8 copies of the weights."""
         return min(self._wb, dtype_bytes(self.compute_dtype))
 
-    def _cast(self, elements: float) -> float:
-        """Seconds to quantize ``elements`` GEMM inputs to FP8 (0 unless computing in FP8).
+    @property
+    def _gemm_ab(self) -> float:
+        """Bytes per input activation a GEMM reads (FP8 GEMMs read the cast copy)."""
+        return min(self._ab, dtype_bytes(self.compute_dtype))
+
+    def _gemm(self, m: float, n: float, k: float, batch: int = 1) -> float:
+        """One GEMM (or BMM of ``batch``) in the compute dtype: activations in, weights, out."""
+        return gemm_time(m, n, k, self.device, self.compute_dtype, a_bytes=self._gemm_ab,
+                         b_bytes=self._gemm_wb, c_bytes=self._ab, batch=batch)
+
+    def _cast(self, elements: float, kernels: int) -> float:
+        """Seconds to quantize ``elements`` GEMM inputs to FP8 (0 unless computing in FP8), in
+        ``kernels`` cast kernels (one per FP8 GEMM input).
 
         Read the activation, write a row-wise and a column-wise (transposed, for the weight
-        gradient) FP8 copy, as Transformer Engine does on Hopper.
+        gradient) FP8 copy, as Transformer Engine does on Hopper. Measured FP8 GEMMs of inference
+        stacks include their quantize kernel (aiconfigurator's H100 rows at m <= 16 cost about
+        one more kernel floor than BF16 ones), so each cast pays a floor.
         """
-        if dtype_bytes(self.compute_dtype) >= self._ab:
+        if dtype_bytes(self.compute_dtype) >= self._ab or elements <= 0:
             return 0.0
-        return self.elementwise(elements * (self._ab + 2 * dtype_bytes(self.compute_dtype)))
+        return self.elementwise(elements * (self._ab + 2 * dtype_bytes(self.compute_dtype)),
+                                kernels=kernels)
+
+    # ---- attention --------------------------------------------------------------------------
+    def _projection_shapes(self, absorbed: bool) -> list[tuple[float, float, int]]:
+        """(n, k, batch) of the attention sub-layer's projection GEMMs on one TP rank.
+
+        GQA/MHA: fused QKV and the output projection. MLA: the fused query/KV down-projection,
+        the query up-projection, the KV up-projection (absorbed decode: two per-head BMMs that
+        multiply queries into, and outputs out of, the latent space), the output projection.
+        """
+        m, h, a, tp = self.model, self.model.hidden_size, self.model.attention, self.tp
+        heads = a.num_heads
+        if a.kind != "mla":
+            qkv = (heads + 2 * m.kv_heads) * m.head_dim
+            return [(qkv / tp, h, 1), (h, heads * m.head_dim / tp, 1)]
+        nope, rope = m.head_dim, a.qk_rope_head_dim
+        v = a.v_head_dim or m.head_dim
+        shapes: list[tuple[float, float, int]] = [((a.q_lora_rank + a.kv_lora_rank + rope) / tp,
+                                                    h, 1)]
+        if a.q_lora_rank:
+            shapes.append((heads * (nope + rope) / tp, a.q_lora_rank, 1))
+        else:
+            shapes[0] = ((heads * (nope + rope) + a.kv_lora_rank + rope) / tp, h, 1)
+        local_heads = max(1, round(heads / tp))
+        if absorbed:
+            shapes += [(a.kv_lora_rank, nope, local_heads), (v, a.kv_lora_rank, local_heads)]
+        else:
+            shapes.append((heads * (nope + v) / tp, a.kv_lora_rank, 1))
+        shapes.append((h, heads * v / tp, 1))
+        return shapes
+
+    def _attention_core(self, tokens: float, context: float, kv_tokens: float) -> float:
+        """The fused attention kernel (BF16): prefill/training flash attention, or decode
+        reading ``kv_tokens`` tokens of KV cache."""
+        m, dev, a = self.model, self.device, self.model.attention
+        qk = m.head_dim + a.qk_rope_head_dim
+        v = a.v_head_dim or m.head_dim
+        attended = m.attended_context(context)
+        if kv_tokens > 0:   # decode: KV-cache streaming
+            kv = kv_tokens * kv_bytes_per_token(m, self.act_dtype) / self.tp
+            q_io = tokens * 2 * m.query_width * self._ab / self.tp
+            memory = memory_time(kv + q_io, dev, kernels=0,
+                                 efficiency=dev.decode_attention_efficiency)
+            if a.kind == "mla":
+                # Absorbed: every head scores against the latent (kv_lora + rope) and sums
+                # values in it (kv_lora).
+                per_pair = 2.0 * a.num_heads * (2 * a.kv_lora_rank + a.qk_rope_head_dim)
+                eff = (dev.mla_decode_efficiency or dev.attention_efficiency
+                       or dev.matmul_efficiency)
+            else:
+                per_pair = 2.0 * a.num_heads * (qk + v)
+                eff = dev.attention_efficiency or dev.matmul_efficiency
+            compute = tokens * per_pair * attended / self.tp / (dev.flops("bf16") * eff)
+            return max(compute, memory) + dev.kernel_overhead
+        fused = dev.attention_efficiency
+        if self.inference and dev.prefill_attention_efficiency:
+            fused = dev.prefill_attention_efficiency
+        if fused:
+            flops = tokens * m.attention_core_flops_per_token(context) / self.tp
+            eff = fused
+        else:
+            # Attention as matmuls: QK^T contracts over the head dim, AV outputs head-dim
+            # columns; both are padded to the matmul tile (a 64-wide head half-fills a 128 MXU).
+            qk_pad, v_pad = padded(qk, dev.gemm_tile_k), padded(v, dev.gemm_tile_n)
+            flops = 2.0 * tokens * a.num_heads * (qk_pad + v_pad) * attended / self.tp
+            eff = dev.matmul_efficiency
+        core_io = tokens * (2 * m.query_width + 2 * m.key_width) * self._ab / self.tp
+        compute = flops / (dev.flops("bf16") * eff)
+        return max(compute, memory_time(core_io, dev, kernels=0)) + dev.kernel_overhead
 
     def attention(self, tokens: float, context: float, kv_tokens: float = 0.0) -> float:
         """Forward attention sub-layer for ``tokens`` tokens attending to ``context`` tokens each.
@@ -142,22 +234,20 @@ class KernelTimer:
             measured = self.tables.attention(h, tokens)
             if measured is not None:
                 return measured / self.tp
-        proj_flops = tokens * m.attention_projection_flops_per_token() / self.tp
-        weights = (m.attention_params - 2 * h) * self._gemm_wb / self.tp
-        acts = tokens * (2 * h + 2 * m.query_width) * self._ab / self.tp
-        projections = roofline(proj_flops, weights + acts, self.device, self.compute_dtype)
-        core_flops = tokens * m.attention_core_flops_per_token(context) / self.tp
-        kv = kv_tokens * kv_bytes_per_token(m, self.act_dtype) / self.tp
-        core_io = tokens * (2 * m.query_width + 2 * m.key_width) * self._ab / self.tp
-        core = roofline(core_flops, kv + core_io, self.device, "bf16",
-                        ATTENTION_EFFICIENCY.get(self.device.kind))
-        glue = self.elementwise(tokens * glue_bytes_attention(m, self._ab) / self.tp)
-        cast = self._cast(tokens * (h + m.query_width) / self.tp)
+        mla = m.attention.kind == "mla"
+        shapes = self._projection_shapes(absorbed=mla and kv_tokens > 0)
+        projections = sum(self._gemm(tokens, n, k, batch) for n, k, batch in shapes)
+        core = self._attention_core(tokens, context, kv_tokens)
+        kernels = ATTENTION_GLUE_KERNELS + (MLA_EXTRA_GLUE_KERNELS if mla else 0)
+        glue = self.elementwise(tokens * glue_bytes_attention(m, self._ab) / self.tp,
+                                kernels=kernels)
+        cast = self._cast(tokens * (h + m.query_width) / self.tp, kernels=2)
         return projections + core + glue + cast
 
+    # ---- MoE layer --------------------------------------------------------------------------
     def gate(self, tokens: float) -> float:
-        """Router: a [tokens, hidden] x [hidden, experts] GEMM plus softmax/top-k (memory-bound),
-        after the MoE sub-layer's norm; its residual add is counted here too."""
+        """Router: a [tokens, hidden] x [hidden, experts] GEMM (BF16) plus a softmax/top-k
+        kernel, after the MoE sub-layer's add+norm (counted here too)."""
         if tokens <= 0:
             return 0.0
         h, e = self.model.hidden_size, self.model.num_experts
@@ -169,16 +259,18 @@ class KernelTimer:
             measured = self.tables.gate(h, e, tokens)
             if measured is not None:
                 return measured
-        flops = 2.0 * tokens * h * e
-        nbytes = h * e * self._wb + tokens * h * self._ab + 3 * tokens * e * 4
-        return roofline(flops, nbytes, self.device, "bf16") + self.ffn_glue(tokens)
+        router = gemm_time(tokens, e, h, self.device, "bf16", a_bytes=self._ab,
+                           b_bytes=self._wb, c_bytes=4)
+        top_k = self.elementwise(3 * tokens * e * 4)
+        return router + top_k + self.ffn_glue(tokens)
 
     def experts(self, tokens_per_slot: np.ndarray, ffn_size: int | None = None) -> float:
-        """Grouped GEMM over a device's expert slots: ``tokens_per_slot: [slots]`` tokens each.
+        """Grouped GEMMs over a device's expert slots: ``tokens_per_slot: [slots]`` tokens each.
 
-        One grouped kernel: total FLOPs against total bytes (every slot's weights are read once,
-        whether it got 1 token or 10,000). A slot with no tokens reads no weights. Plus the
-        activation kernel and the FP8 casts of both GEMMs' inputs, per routed token copy.
+        Two grouped kernels (up/gate projection, then down projection): each slot's tokens are
+        padded to whole tile rows, every active slot's weights are read once, whether it got 1
+        token or 10,000; a slot with no tokens reads no weights. Plus the activation kernel and
+        the FP8 casts of both GEMMs' inputs, per routed token copy.
         """
         tokens = np.asarray(tokens_per_slot, dtype=float)
         f = ffn_size or self.model.expert_ffn_size
@@ -192,18 +284,26 @@ class KernelTimer:
             if measured is not None:
                 return measured
         mats = self.model.ffn_matrices
-        active = tokens > 0
-        copies = float(tokens.sum())
-        flops = 2.0 * mats * h * f * copies
-        weights = mats * h * f * self._gemm_wb * active.sum()
-        acts = copies * (2 * h + (mats - 1) * f) * self._ab
-        gemm = roofline(flops, weights + acts, self.device, self.compute_dtype)
+        copies = float(tokens[tokens > 0].sum())
+        if copies <= 0:
+            return 0.0
+        kw = dict(a_bytes=self._gemm_ab, b_bytes=self._gemm_wb, c_bytes=self._ab)
+        up = grouped_gemm_time(tokens, (mats - 1) * f, h, self.device, self.compute_dtype, **kw)
+        down = grouped_gemm_time(tokens, h, f, self.device, self.compute_dtype, **kw)
         activation = copies * (3 if mats == 3 else 2) * f * self._ab
-        return gemm + self.elementwise(activation) + self._cast(copies * (h + f))
+        return up + down + self.elementwise(activation) + self._cast(copies * (h + f), kernels=2)
+
+    def permute(self, token_copies: float) -> float:
+        """Permute routed token copies into expert order and back (two memory-bound kernels:
+        each reads and writes every copy's hidden vector)."""
+        if token_copies <= 0:
+            return 0.0
+        return self.elementwise(4 * token_copies * self.model.hidden_size * self._ab, kernels=2)
 
     def ffn_glue(self, tokens: float) -> float:
-        """Norm and residual add around a block's FFN sub-layer (once per token, not per copy)."""
-        return self.elementwise(tokens * 5 * self.model.hidden_size * self._ab)
+        """Add+norm around a block's FFN sub-layer (once per token, not per copy)."""
+        return self.elementwise(tokens * 5 * self.model.hidden_size * self._ab,
+                                kernels=FFN_GLUE_KERNELS)
 
     def shared_experts(self, tokens: float) -> float:
         m = self.model
@@ -216,8 +316,9 @@ class KernelTimer:
                   block_glue: bool = True) -> float:
         """A dense FFN (dense blocks, shared experts), split over tensor-parallel ranks.
 
-        ``block_glue``: add the sub-layer's norm and residual add (a dense block's FFN; the gate
-        carries them in an MoE block, whose shared experts pass False).
+        Up/gate GEMM (column-parallel), activation, down GEMM (row-parallel). ``block_glue``: add
+        the sub-layer's add+norm (a dense block's FFN; the gate carries it in an MoE block,
+        whose shared experts pass False).
         """
         if tokens <= 0:
             return 0.0
@@ -231,30 +332,33 @@ class KernelTimer:
             measured = self.tables.expert_ffn(h, ffn_size, np.array([tokens]))
             if measured is not None:
                 return measured / self.tp
-        flops = 2.0 * mats * h * ffn_size * tokens / self.tp
-        nbytes = (mats * h * ffn_size * self._gemm_wb + tokens * (2 * h + 2 * ffn_size) * self._ab)
-        gemm = roofline(flops, nbytes / self.tp, self.device, self.compute_dtype)
-        activation = tokens * (3 if mats == 3 else 2) * ffn_size * self._ab / self.tp
-        cast = self._cast(tokens * (h + ffn_size) / self.tp)
-        glue = self.ffn_glue(tokens) / self.tp if block_glue else 0.0
-        return gemm + self.elementwise(activation) + cast + glue
+        f = ffn_size / self.tp
+        gemms = self._gemm(tokens, (mats - 1) * f, h) + self._gemm(tokens, h, f)
+        activation = tokens * (3 if mats == 3 else 2) * f * self._ab
+        cast = self._cast(tokens * (h + ffn_size) / self.tp, kernels=2)
+        glue = self.ffn_glue(tokens / self.tp) if block_glue else 0.0
+        return gemms + self.elementwise(activation) + cast + glue
 
+    # ---- model ends -------------------------------------------------------------------------
     def lm_head(self, tokens: float) -> float:
-        """Output projection to the vocabulary plus softmax cross-entropy (training/prefill)."""
+        """Output projection to the vocabulary (BF16) plus softmax cross-entropy."""
         if tokens <= 0:
             return 0.0
         h, v = self.model.hidden_size, self.model.vocab_size
-        flops = 2.0 * tokens * h * v / self.tp
-        nbytes = (h * v * self._wb + tokens * v * 4 * 2) / self.tp + tokens * h * self._ab
-        return roofline(flops, nbytes, self.device, "bf16")
+        head = gemm_time(tokens, v / self.tp, h, self.device, "bf16", a_bytes=self._ab,
+                         b_bytes=self._wb, c_bytes=4)
+        return head + self.elementwise(tokens * v * 4 / self.tp)
 
     def embedding(self, tokens: float) -> float:
         """Embedding lookup: a gather of ``tokens`` rows (memory-bound)."""
         return self.elementwise(2 * tokens * self.model.hidden_size * self._ab)
 
-    def elementwise(self, nbytes: float) -> float:
-        """Memory-bound glue (permute/unpermute tokens, norms, residual adds)."""
-        return nbytes / (self.device.memory_bandwidth * self.device.memory_efficiency)
+    def elementwise(self, nbytes: float, kernels: int = 1) -> float:
+        """Memory-bound glue (permute/unpermute tokens, norms, residual adds): ``nbytes`` over
+        achievable HBM bandwidth plus one ``kernel_overhead`` per kernel (none for no bytes)."""
+        if nbytes <= 0:
+            return 0.0
+        return memory_time(nbytes, self.device, kernels=kernels)
 
     # ---- measured shaped tables (moesim calibrate --import aiconfigurator) --------------------
     # Each helper answers from the profile's shaped tables or returns None (a shape, batch or
@@ -264,6 +368,8 @@ class KernelTimer:
     def _gemms(self, tokens: float, shapes: list[tuple[float, float]]) -> float | None:
         """Seconds of GEMMs ``[tokens, k] x [k, n]`` for ``shapes: [(n, k)]``, None if any
         shape is fractional or has no table."""
+        if self.tables is None:
+            return None
         total = 0.0
         for n, k in shapes:
             if n != int(n) or k != int(k):
@@ -280,7 +386,7 @@ class KernelTimer:
         batch = tokens, KV length = kv_tokens / tokens; prefill and training read ``context`` as
         half the causal sequence: sequence = 2 context, batch = tokens / sequence."""
         t, m, a, tp = self.tables, self.model, self.model.attention, self.tp
-        if not hasattr(t, "gemm"):
+        if t is None:
             return None
         heads = a.num_heads / tp
         kv = "fp8" if dtype_bytes(self.act_dtype) == 1 else self.act_dtype
@@ -295,8 +401,8 @@ class KernelTimer:
             v = a.v_head_dim or d
             if (a.kv_lora_rank, a.qk_rope_head_dim, d, v) != (512, 64, 128, 128):
                 return None
-            lookup = t.mla_generation if decode else t.mla_context
-            core = lookup(batch, length, int(heads), kv)
+            mla_core = t.mla_generation if decode else t.mla_context
+            core = mla_core(batch, length, int(heads), kv)
             qk = d + a.qk_rope_head_dim
             q = ([(a.q_lora_rank, h), (heads * qk, a.q_lora_rank)] if a.q_lora_rank
                  else [(heads * qk, h)])
@@ -314,13 +420,14 @@ class KernelTimer:
         projections = self._gemms(tokens, shapes)
         if projections is None:
             return None
-        glue = self.elementwise(tokens * glue_bytes_attention(m, self._ab) / tp)
-        cast = self._cast(tokens * (h + m.query_width) / tp)
+        kernels = ATTENTION_GLUE_KERNELS + (MLA_EXTRA_GLUE_KERNELS if a.kind == "mla" else 0)
+        glue = self.elementwise(tokens * glue_bytes_attention(m, self._ab) / tp, kernels=kernels)
+        cast = self._cast(tokens * (h + m.query_width) / tp, kernels=2)
         return core + projections + glue + cast
 
     def _measured_gate(self, tokens: float) -> float | None:
         """Router GEMM from the BF16 GEMM table; softmax/top-k and the FFN glue as modelled."""
-        if not hasattr(self.tables, "gemm"):
+        if self.tables is None:
             return None
         h, e = self.model.hidden_size, self.model.num_experts
         gemm = self.tables.gemm(tokens, e, h, "bf16")
@@ -331,7 +438,7 @@ class KernelTimer:
     def _measured_moe(self, tokens_per_slot: np.ndarray, ffn_size: int) -> float | None:
         """A device's routed experts from the fused-MoE table (grouped GEMMs, activation and
         the kernel's own routing glue), priced at the device's total token copies."""
-        if not hasattr(self.tables, "moe"):
+        if self.tables is None:
             return None
         m = self.model
         tokens = np.asarray(tokens_per_slot, dtype=float).ravel()
@@ -342,7 +449,7 @@ class KernelTimer:
                       block_glue: bool) -> float | None:
         """A dense FFN's up(+gate) and down GEMMs from GEMM tables (this rank's TP shard), the
         activation, casts and block glue as modelled."""
-        if not hasattr(self.tables, "gemm"):
+        if self.tables is None:
             return None
         h, f = self.model.hidden_size, ffn_size / self.tp
         gemms = self._gemms(tokens, [((mats - 1) * f, h), (h, f)])
@@ -350,7 +457,7 @@ class KernelTimer:
             return None
         activation = tokens * (3 if mats == 3 else 2) * f * self._ab
         glue = self.ffn_glue(tokens) / self.tp if block_glue else 0.0
-        cast = self._cast(tokens * (h + ffn_size) / self.tp)
+        cast = self._cast(tokens * (h + ffn_size) / self.tp, kernels=2)
         return gemms + self.elementwise(activation) + cast + glue
 
 

@@ -43,6 +43,36 @@ class DeviceSpec:
     memory_efficiency: float = spec_field(1.0, gt=0, max=1.0)
     # Reserved by the framework/driver (CUDA context, allocator fragmentation).
     reserved_memory: float = spec_field(0.0, unit="bytes", min=0)
+    # ---- kernel shape physics (moesim.kernels); the defaults give the plain roofline ----
+    # GEMMs are cut into tile_m x tile_n output tiles (contraction padded to tile_k) that run in
+    # waves over ``sm_count`` units (SMs; MXUs on a TPU). 0 = no tile model: plain roofline.
+    sm_count: int = spec_field(0, min=0, max=1 << 20, doc="SMs (GPU) or MXUs (TPU) per device")
+    gemm_tile_m: int = spec_field(1, min=1, max=4096, doc="GEMM output tile rows (tokens)")
+    gemm_tile_n: int = spec_field(1, min=1, max=4096, doc="GEMM output tile columns")
+    gemm_tile_k: int = spec_field(1, min=1, max=4096, doc="contraction padded to a multiple")
+    # "waves": tiles run in whole waves (a partial last wave costs a full one); "stream_k":
+    # a persistent kernel spreads the last wave's work over all SMs (CUTLASS stream-K).
+    gemm_scheduler: Literal["waves", "stream_k"] = "waves"
+    # Fixed time every kernel pays (launch, prologue, pipeline fill, tail), seconds.
+    kernel_overhead: float = spec_field(0.0, unit="time", min=0)
+    # FP8 GEMMs: fraction of the FP8 peak they reach (null = matmul_efficiency); grouped FP8
+    # GEMMs reach grouped_gemm_efficiency scaled by the same FP8/dense ratio.
+    fp8_matmul_efficiency: float | None = spec_field(None, gt=0, max=1.0)
+    # Grouped (MoE) GEMM: fraction of peak FLOP/s and of HBM bandwidth it reaches (null = the
+    # dense matmul_efficiency / memory_efficiency).
+    grouped_gemm_efficiency: float | None = spec_field(None, gt=0, max=1.0)
+    grouped_gemm_memory_efficiency: float | None = spec_field(None, gt=0, max=1.0)
+    # Fused attention: prefill/training fraction of peak (null = matmul_efficiency), decode
+    # KV-cache streaming fraction of HBM bandwidth (null = memory_efficiency), MLA absorbed
+    # decode fraction of peak (null = attention_efficiency).
+    attention_efficiency: float | None = spec_field(None, gt=0, max=1.0)
+    # Inference prefill runs the forward alone (null = attention_efficiency, the training mix).
+    prefill_attention_efficiency: float | None = spec_field(None, gt=0, max=1.0)
+    decode_attention_efficiency: float | None = spec_field(None, gt=0, max=1.0)
+    mla_decode_efficiency: float | None = spec_field(None, gt=0, max=1.0)
+    # Fraction of the SMs an expert-parallel communication kernel holds while it overlaps
+    # compute (DeepEP-style kernels run on SMs); compute sharing the device slows down.
+    comm_sm_fraction: float = spec_field(0.0, min=0, max=0.9)
     source: str = ""
 
     def __post_init__(self) -> None:

@@ -1,0 +1,165 @@
+"""GEMM, grouped-GEMM and small-kernel physics on one accelerator: tiles, waves and launch floors.
+
+A GEMM ``C[m, n] = A[m, k] @ B[k, n]`` runs as output tiles of ``gemm_tile_m x gemm_tile_n``; one
+SM (one MXU on a TPU) computes one tile at a time, so the tiles run in waves of ``sm_count``
+(NVIDIA, "Matrix Multiplication Background User's Guide": tile and wave quantization). Padding a
+dimension to whole tiles wastes work: ``m = 129`` rows cost two 128-row tiles. Its time is
+
+    max(compute, memory) + kernel_overhead
+
+- **compute**: waves x the FLOPs of one (padded) tile at one unit's share of the achievable peak
+  (``peak x efficiency / sm_count``). With fewer tiles than units the kernel splits the
+  contraction over the idle units (split-K), so a partial single wave costs its fraction; beyond
+  one wave, ``gemm_scheduler: waves`` rounds up to whole waves and ``stream_k`` (a persistent
+  kernel that spreads the last wave's work, CUTLASS stream-K) keeps the fraction.
+- **memory**: bytes of A, B and C over the achievable HBM bandwidth. Small ``m`` (decode) is
+  weight-read bound.
+- **kernel_overhead**: the fixed launch, prologue, pipeline fill and tail every kernel pays; it
+  is the floor of small memory-bound kernels (norms, router softmax/top-k, casts).
+
+A grouped (MoE) GEMM runs every active expert's tiles in one kernel: each expert pads its own
+tokens to whole tile rows, all experts' tiles share the waves, and every active expert's weights
+are read once. A profile without ``sm_count`` gets the plain roofline (FLOPs over achievable
+peak) and no floor, as before this module.
+
+All functions are pure: sizes in, seconds out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from moesim.spec.hardware import DeviceSpec
+
+__all__ = ["padded", "gemm_tiles", "waves", "matmul_efficiency", "gemm_time", "grouped_gemm_time",
+           "memory_time", "overlapped_compute_slowdown"]
+
+
+def padded(size: float, tile: int) -> float:
+    """``size`` rounded up to a whole number of ``tile`` (0 stays 0).
+
+    >>> padded(129, 128), padded(64, 128), padded(7.5, 1)
+    (256, 128, 7.5)
+    """
+    if tile <= 1 or size <= 0:
+        return size
+    return math.ceil(size / tile) * tile
+
+
+def gemm_tiles(m: float, n: float, device: DeviceSpec) -> float:
+    """Output tiles of an ``[m, n]`` result: ceil(m / tile_m) x ceil(n / tile_n)."""
+    return (padded(m, device.gemm_tile_m) / device.gemm_tile_m
+            * padded(n, device.gemm_tile_n) / device.gemm_tile_n)
+
+
+def waves(tiles: float, device: DeviceSpec) -> float:
+    """Waves of ``sm_count`` tiles; below one wave, split-K spreads the tiles over every unit."""
+    full = tiles / device.sm_count
+    if full <= 1.0 or device.gemm_scheduler == "stream_k":
+        return full
+    return float(math.ceil(full - 1e-9))
+
+
+def matmul_efficiency(device: DeviceSpec, dtype: str, grouped: bool = False) -> float:
+    """Fraction of ``dtype``'s peak a GEMM reaches: dense ``matmul_efficiency`` (FP8:
+    ``fp8_matmul_efficiency``); grouped GEMMs ``grouped_gemm_efficiency``, scaled for FP8 by the
+    same FP8-to-dense ratio."""
+    dense = device.matmul_efficiency
+    eff = (device.grouped_gemm_efficiency or dense) if grouped else dense
+    if dtype == "fp8" and device.fp8_matmul_efficiency:
+        eff *= device.fp8_matmul_efficiency / dense
+    return eff
+
+
+def _tiled_compute(tiles: float, k: float, device: DeviceSpec, dtype: str,
+                   efficiency: float) -> float:
+    """Seconds of ``tiles`` output tiles, each contracting ``k`` (padded to tile_k)."""
+    tile_flops = 2.0 * device.gemm_tile_m * device.gemm_tile_n * padded(k, device.gemm_tile_k)
+    per_unit = device.flops(dtype) * efficiency / device.sm_count
+    return waves(tiles, device) * tile_flops / per_unit
+
+
+def memory_time(nbytes: float, device: DeviceSpec, kernels: int = 1,
+                efficiency: float | None = None) -> float:
+    """Memory-bound kernels: ``nbytes`` over achievable HBM bandwidth plus ``kernels`` floors.
+
+    ``efficiency`` replaces the device's ``memory_efficiency``.
+
+    >>> d = DeviceSpec(name="x", peak_flops={"bf16": 1.0}, memory=1.0, memory_bandwidth=10.0,
+    ...                kernel_overhead=0.5)
+    >>> memory_time(20.0, d, kernels=2)
+    3.0
+    """
+    if nbytes <= 0 and kernels <= 0:
+        return 0.0
+    eff = device.memory_efficiency if efficiency is None else efficiency
+    return max(nbytes, 0.0) / (device.memory_bandwidth * eff) + kernels * device.kernel_overhead
+
+
+def gemm_time(m: float, n: float, k: float, device: DeviceSpec, dtype: str, *,
+              a_bytes: float, b_bytes: float, c_bytes: float,
+              efficiency: float | None = None, memory_efficiency: float | None = None,
+              batch: int = 1) -> float:
+    """Seconds of one GEMM ``[m, k] @ [k, n]`` (``batch`` of them in one kernel: a BMM);
+    0 for an empty one.
+
+    ``a_bytes``, ``b_bytes``, ``c_bytes``: bytes per element of the input, the weight and the
+    output (read once from and written once to HBM). ``efficiency`` replaces
+    :func:`matmul_efficiency`, ``memory_efficiency`` the device's.
+
+    >>> d = DeviceSpec(name="x", peak_flops={"bf16": 4.0}, memory=1.0, memory_bandwidth=1e9,
+    ...                sm_count=2, gemm_tile_m=2, gemm_tile_n=2)
+    >>> gemm_time(3, 2, 1, d, "bf16", a_bytes=0, b_bytes=0, c_bytes=0)  # 2 tiles, 1 wave
+    4.0
+    """
+    if m <= 0 or n <= 0 or k <= 0:
+        return 0.0
+    eff = matmul_efficiency(device, dtype) if efficiency is None else efficiency
+    if device.sm_count:
+        compute = _tiled_compute(batch * gemm_tiles(m, n, device), k, device, dtype, eff)
+    else:
+        compute = 2.0 * batch * m * n * k / (device.flops(dtype) * eff)
+    nbytes = batch * (m * k * a_bytes + k * n * b_bytes + m * n * c_bytes)
+    memory = memory_time(nbytes, device, kernels=0, efficiency=memory_efficiency)
+    return max(compute, memory) + device.kernel_overhead
+
+
+def grouped_gemm_time(tokens: np.ndarray, n: float, k: float, device: DeviceSpec, dtype: str, *,
+                      a_bytes: float, b_bytes: float, c_bytes: float) -> float:
+    """Seconds of one grouped GEMM: expert ``e`` multiplies ``[tokens[e], k] @ [k, n]``.
+
+    ``tokens: [experts]`` rows per expert (0 = idle: no tiles, no weight read). Each active
+    expert pads its rows to whole tiles; all tiles share the waves; each active expert's
+    ``k x n`` weights are read once. Efficiencies: ``grouped_gemm_efficiency`` and
+    ``grouped_gemm_memory_efficiency`` (falling back to the dense ones).
+    """
+    t = np.asarray(tokens, dtype=float)
+    t = t[t > 0]
+    if t.size == 0 or n <= 0 or k <= 0:
+        return 0.0
+    eff = matmul_efficiency(device, dtype, grouped=True)
+    mem_eff = device.grouped_gemm_memory_efficiency or device.memory_efficiency
+    rows = float(t.sum())
+    if device.sm_count:
+        row_tiles = np.ceil(t / device.gemm_tile_m) if device.gemm_tile_m > 1 else t
+        tiles = float(row_tiles.sum()) * gemm_tiles(1.0, n, device)
+        compute = _tiled_compute(tiles, k, device, dtype, eff)
+    else:
+        compute = 2.0 * rows * n * k / (device.flops(dtype) * eff)
+    nbytes = t.size * k * n * b_bytes + rows * (k * a_bytes + n * c_bytes)
+    memory = memory_time(nbytes, device, kernels=0, efficiency=mem_eff)
+    return max(compute, memory) + device.kernel_overhead
+
+
+def overlapped_compute_slowdown(device: DeviceSpec) -> float:
+    """Factor by which compute slows while an expert-parallel communication kernel holds
+    ``comm_sm_fraction`` of the SMs: the GEMMs keep ``1 - fraction`` of them.
+
+    >>> d = DeviceSpec(name="x", peak_flops={"bf16": 1.0}, memory=1.0, memory_bandwidth=1.0,
+    ...                comm_sm_fraction=0.25)
+    >>> overlapped_compute_slowdown(d)
+    1.3333333333333333
+    """
+    return 1.0 / (1.0 - device.comm_sm_fraction)
