@@ -103,19 +103,15 @@ def moesim_components(scenario: Scenario) -> dict[str, float]:
     dispatch and combine all-to-alls; plus the LM head and embedding. A step runs all
     micro-batches (both halves under two-batch overlap), serially: no overlap is credited.
     """
-    from moesim.layout import Layout
-    from moesim.memory import tokens_per_microbatch
-    from moesim.placement.policies import resolve_placement
+    from moesim.assembly import scenario_placement
+    from moesim.pricing.context import PricingContext
+    from moesim.pricing.step import logit_tokens, micro_batches
     from moesim.sim.costs import CostModel
-    from moesim.sim.simulate import micro_batches, scenario_topology
 
     s = scenario
-    topology = scenario_topology(s)
-    layout = Layout(s.parallelism, s.model.num_layers, s.model.moe_layer_ids)
-    group = layout.ep_group(0, 0)
-    placement = resolve_placement(s, tokens_per_microbatch(s), topology.device_node[group])
-    half = s.communication.overlap == "two_batch"
-    costs = CostModel(s, topology, layout, placement, half_batch=half)
+    ctx = PricingContext.from_scenario(s)
+    half = ctx.half_batch
+    costs = CostModel(ctx, scenario_placement(s))
     total = dict.fromkeys(COMPONENTS, 0.0)
     for layer in range(s.model.num_layers):
         b = costs.block(layer)
@@ -124,8 +120,9 @@ def moesim_components(scenario: Scenario) -> dict[str, float]:
         total["routed_experts"] += float(b.experts.max(initial=0.0)) + b.permute
         total["shared_dense"] += b.ffn
         total["all_to_all"] += b.dispatch.duration + b.combine.duration
-    tokens = costs.tokens
-    total["lm_head_embedding"] = costs.timer.lm_head(tokens) + costs.timer.embedding(tokens)
+    timer = ctx.timer
+    total["lm_head_embedding"] = (timer.lm_head(logit_tokens(ctx))
+                                  + timer.embedding(ctx.microbatch_tokens)) / (2 if half else 1)
     runs = micro_batches(s) * (2 if half else 1)
     return {k: v * runs for k, v in total.items()}
 

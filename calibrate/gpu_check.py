@@ -67,7 +67,7 @@ from calibrate.profile_writer import write_profile  # noqa: E402
 from calibrate.run_calibration import run as run_calibration  # noqa: E402
 from moesim.calibration import MeasuredTables  # noqa: E402
 from moesim.compute import KernelTimer  # noqa: E402
-from moesim.spec.hardware import DeviceSpec, dtype_bytes, load_hardware  # noqa: E402
+from moesim.spec.hardware import DeviceSpec, load_hardware  # noqa: E402
 from moesim.spec.models import list_models, load_model  # noqa: E402
 
 __all__ = ["LayerCase", "GPU_CASES", "tiny_case", "merge_profiles", "calibrate", "collective_smoke",
@@ -423,7 +423,7 @@ def predict_seconds(case: LayerCase, device: DeviceSpec, tables: MeasuredTables 
                     slot_tokens: list[int]) -> float:
     """moesim's seconds for one MoE layer forward of ``case`` on one device.
 
-    As ``CostModel._block`` prices an MoE block at EP 1 (no token leaves the device, so dispatch
+    As :func:`moesim.pricing.block.block_cost` prices an MoE block at EP 1 (no token leaves the device, so dispatch
     and combine move nothing): gate + grouped expert FFNs over ``slot_tokens: [experts]`` +
     permute/unpermute (4 passes over the routed copies, memory-bound).
     """
@@ -433,8 +433,7 @@ def predict_seconds(case: LayerCase, device: DeviceSpec, tables: MeasuredTables 
     timer = KernelTimer(model, device, compute_dtype=case.dtype, weight_dtype="bf16",
                         act_dtype="bf16", tables=tables)
     tokens = np.asarray(slot_tokens, dtype=float)
-    permute = timer.elementwise(4 * tokens.sum() * case.hidden * dtype_bytes("bf16"))
-    return timer.gate(case.tokens) + timer.experts(tokens) + permute
+    return timer.gate(case.tokens) + timer.experts(tokens) + timer.permute(float(tokens.sum()))
 
 
 # ---- outputs ---------------------------------------------------------------------------------

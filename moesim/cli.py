@@ -53,7 +53,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     s = load_scenario(args.scenario, args.set)
     topo = scenario_topology(s)
-    layout = Layout(s.parallelism, s.model.num_layers, s.model.moe_layer_ids)
+    layout = Layout.for_scenario(s)
     plain = to_plain(s)
     plain["hardware"] = {"name": s.hardware.name, "path": s.hardware.path}
     plain["model"] = {k: v for k, v in plain["model"].items()}

@@ -110,6 +110,7 @@ class KernelTimer:
     tp: int = 1
     tables: MeasuredTables | None = None
     inference: bool = False         # serving: prefill attention at its own efficiency
+    kv_dtype: str | None = None     # KV-cache dtype (None: the activation dtype)
 
     @property
     def _wb(self) -> float:
@@ -177,6 +178,14 @@ class KernelTimer:
         shapes.append((h, heads * v / tp, 1))
         return shapes
 
+    def attention_core(self, tokens: float, context: float, kv_tokens: float = 0.0) -> float:
+        """The fused attention kernel alone (what selective recomputation re-runs)."""
+        return self._attention_core(tokens, context, kv_tokens) if tokens > 0 else 0.0
+
+    def gemm(self, m: float, n: float, k: float) -> float:
+        """One ``[m, k] x [k, n]`` GEMM in the compute dtype (e.g. the MTP projection)."""
+        return self._gemm(m, n, k) + self._cast(m * k, kernels=1) if m > 0 else 0.0
+
     def _attention_core(self, tokens: float, context: float, kv_tokens: float) -> float:
         """The fused attention kernel (BF16): prefill/training flash attention, or decode
         reading ``kv_tokens`` tokens of KV cache."""
@@ -185,7 +194,7 @@ class KernelTimer:
         v = a.v_head_dim or m.head_dim
         attended = m.attended_context(context)
         if kv_tokens > 0:   # decode: KV-cache streaming
-            kv = kv_tokens * kv_bytes_per_token(m, self.act_dtype) / self.tp
+            kv = kv_tokens * kv_bytes_per_token(m, self.kv_dtype or self.act_dtype) / self.tp
             q_io = tokens * 2 * m.query_width * self._ab / self.tp
             memory = memory_time(kv + q_io, dev, kernels=0,
                                  efficiency=dev.decode_attention_efficiency)
@@ -389,7 +398,8 @@ class KernelTimer:
         if t is None:
             return None
         heads = a.num_heads / tp
-        kv = "fp8" if dtype_bytes(self.act_dtype) == 1 else self.act_dtype
+        kv_dtype = self.kv_dtype or self.act_dtype
+        kv = "fp8" if dtype_bytes(kv_dtype) == 1 else kv_dtype
         decode = kv_tokens > 0
         batch = tokens if decode else tokens / (2 * context)
         length = kv_tokens / tokens if decode else 2 * context

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.spec.scenario import Parallelism
+from moesim.errors import ScenarioError
+from moesim.spec.scenario import Parallelism, Scenario
 
 __all__ = ["Layout"]
 
@@ -22,6 +23,24 @@ class Layout:
     par: Parallelism
     num_layers: int
     moe_layer_ids: tuple[int, ...]
+    first_extra: int = 0    # layers' worth of work the first stage does besides its blocks
+    last_extra: int = 0     # same, last stage (LM head and loss, MTP modules)
+
+    @classmethod
+    def for_scenario(cls, s: Scenario) -> Layout:
+        """The scenario's layout, with the ends counted as layers where it asks."""
+        par, m = s.parallelism, s.model
+        mtp = m.mtp_modules if s.workload.mode == "training" else 0
+        layout = cls(par, m.num_layers, m.moe_layer_ids,
+                     1 if par.account_for_embedding else 0,
+                     (1 + mtp) if par.account_for_loss else 0)
+        sizes = layout._sizes()
+        if sizes.min() < 0 or sizes.max() == 0:
+            raise ScenarioError(f"{m.num_layers} layers cannot be split over pp * vp = "
+                                f"{par.pp * par.vp} virtual stages with the embedding and loss "
+                                "counted as layers", source=s.source,
+                                field="parallelism.account_for_loss")
+        return layout
 
     @property
     def stage_size(self) -> int:
@@ -48,11 +67,21 @@ class Layout:
         stages take the remainder); virtual stage v = chunk * pp + stage, as in interleaved 1F1B.
         """
         pp, vp = self.par.pp, self.par.vp
-        sizes = np.full(pp * vp, self.num_layers // (pp * vp))
-        sizes[: self.num_layers % (pp * vp)] += 1
-        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        bounds = np.concatenate([[0], np.cumsum(np.maximum(self._sizes(), 0))])
         return [[range(int(bounds[c * pp + s]), int(bounds[c * pp + s + 1])) for c in range(vp)]
                 for s in range(pp)]
+
+    def _sizes(self) -> np.ndarray:
+        """Blocks per virtual stage: ``num_layers`` plus the ends' extra layers split as evenly
+        as possible (earlier virtual stages take the remainder), the extras then taken off the
+        first and last virtual stages."""
+        stages = self.par.pp * self.par.vp
+        total = self.num_layers + self.first_extra + self.last_extra
+        sizes = np.full(stages, total // stages)
+        sizes[: total % stages] += 1
+        sizes[0] -= self.first_extra
+        sizes[-1] -= self.last_extra
+        return sizes
 
     def stage_layers(self, stage: int) -> list[int]:
         return [layer for chunk in self.chunk_layers()[stage] for layer in chunk]

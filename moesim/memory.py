@@ -68,9 +68,20 @@ def stage_params(s: Scenario, layout: Layout, stage: int) -> tuple[float, float]
         dense += embed
     if stage == par.pp - 1 and not (m.tie_embeddings and par.pp == 1):
         dense += embed
+    mtp = mtp_blocks(s) if stage == par.pp - 1 else 0
+    h = m.hidden_size
+    # A multi-token-prediction module: two norms, a [2h -> h] projection, one MoE block.
+    dense += mtp * (m.attention_params + m.shared_expert_params + m.num_experts * h
+                    + 2 * h * h + 2 * h)
     slots = (m.num_experts + s.placement.redundant_experts) // par.ep
-    experts = len(moe) * slots * m.expert_params
+    experts = (len(moe) + mtp) * slots * m.expert_params
     return dense / par.tp, float(experts)
+
+
+def mtp_blocks(s: Scenario) -> int:
+    """Multi-token-prediction modules the last stage trains (DeepSeek-V3: 1); serving runs
+    none (they only draft tokens for speculative decoding, not modelled)."""
+    return s.model.mtp_modules if s.workload.mode == "training" else 0
 
 
 def tokens_per_microbatch(s: Scenario) -> float:

@@ -18,7 +18,7 @@ import yaml
 from moesim import cli
 from moesim.aic_import import version_key
 from moesim.calibration import MeasuredTables
-from moesim.compute import KernelTimer, glue_bytes_attention
+from moesim.compute import ATTENTION_GLUE_KERNELS, KernelTimer, glue_bytes_attention
 from moesim.spec.hardware import load_hardware
 from moesim.spec.models import load_model
 
@@ -174,13 +174,14 @@ def test_decode_attention_is_the_core_table_plus_projection_gemms(profile_path):
     core = 2e-5
     qkv = math.sqrt(0.011 * 0.012) * 1e-3
     out = math.sqrt(0.008 * 0.009) * 1e-3
-    glue = timer.elementwise(8 * glue_bytes_attention(model, 2))
+    glue = timer.elementwise(8 * glue_bytes_attention(model, 2), kernels=ATTENTION_GLUE_KERNELS)
     assert timer.attention(8, 128, kv_tokens=8 * 128) == pytest.approx(core + qkv + out + glue)
     # KV 320 between 128 and 512: 0.020 * (320 / 128) ** (log 2 / log 4) ms = 0.020 * 2.5 ** 0.5.
     assert timer.attention(8, 320, kv_tokens=8 * 320) == pytest.approx(
         2e-5 * 2.5 ** 0.5 + qkv + out + glue)
     # Prefill of one 256-token sequence (context = 128 on average): core 0.090 ms, GEMMs at m=256.
-    prefill = 9e-5 + (0.050 + 0.030) * 1e-3 + timer.elementwise(256 * glue_bytes_attention(model, 2))
+    prefill = 9e-5 + (0.050 + 0.030) * 1e-3 + timer.elementwise(
+        256 * glue_bytes_attention(model, 2), kernels=ATTENTION_GLUE_KERNELS)
     assert timer.attention(256, 128) == pytest.approx(prefill)
     shares = tables.shares()
     assert shares["attention_generation"]["table"] == 1.0

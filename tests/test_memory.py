@@ -17,7 +17,7 @@ DENSE = LAYERS * (ATTENTION + ROUTER) + 2 * VOCAB * H    # untied input and outp
 
 
 def _layout(s):
-    return Layout(s.parallelism, s.model.num_layers, s.model.moe_layer_ids)
+    return Layout.for_scenario(s)
 
 
 def test_weights_gradients_optimizer_by_hand(make_scenario):

@@ -36,6 +36,7 @@ class BlockCost:
     dispatch: Collective = EMPTY
     combine: Collective = EMPTY
     traffic: LayerTraffic | None = None
+    recompute: float = 0.0           # forward work re-run before this block's backward (selective)
 
     @property
     def is_moe(self) -> bool:
@@ -57,8 +58,41 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
     moe_index = ctx.layout.moe_index(layer)
     if moe_index is None or choices is None:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
-        return BlockCost(layer, attention, tp_comm, 0.0, ffn, np.zeros(par.ep), 0.0)
+        return BlockCost(layer, attention, tp_comm, 0.0, ffn, np.zeros(par.ep), 0.0,
+                         recompute=selective_recompute_time(ctx, dense_tokens, tokens, None))
     flows = layer_traffic(ctx, choices, placement, moe_index, failed)
     dispatch, combine = layer_alltoalls(ctx, flows)
     return BlockCost(layer, attention, tp_comm, t.gate(tokens), t.shared_experts(dense_tokens),
-                     expert_times(ctx, flows), permute_time(ctx, flows), dispatch, combine, flows)
+                     expert_times(ctx, flows), permute_time(ctx, flows), dispatch, combine, flows,
+                     selective_recompute_time(ctx, dense_tokens, tokens, flows))
+
+
+def selective_recompute_time(ctx: PricingContext, dense_tokens: float, tokens: float,
+                             flows: LayerTraffic | None) -> float:
+    """Forward seconds that selective recomputation re-runs before a block's backward:
+    ``memory.recompute_modules`` (default: the attention core); 0 unless ``selective``."""
+    memory = ctx.scenario.memory
+    if ctx.scenario.workload.mode != "training" or memory.recompute != "selective":
+        return 0.0
+    modules = memory.recompute_modules or ("core_attn",)
+    t, h, ab = ctx.timer, ctx.hidden, ctx.activation_bytes
+    total = 0.0
+    if "core_attn" in modules:
+        context, kv = ctx.context_length()
+        total += t.attention_core(dense_tokens, context, kv)
+    if "layernorm" in modules:          # the block's two norms: read and write h each
+        total += t.elementwise(2 * 2 * tokens * h * ab, kernels=2)
+    a = ctx.scenario.model.attention
+    if "mla_up_proj" in modules and a.kind == "mla":   # q_b and kv_b on this rank's heads
+        heads = a.num_heads / ctx.scenario.parallelism.tp
+        d, v = ctx.scenario.model.head_dim, a.v_head_dim or ctx.scenario.model.head_dim
+        if a.q_lora_rank:
+            total += t.gemm(dense_tokens, heads * (d + a.qk_rope_head_dim), a.q_lora_rank)
+        total += t.gemm(dense_tokens, heads * (d + v), a.kv_lora_rank)
+    if "moe_act" in modules and flows is not None:   # SwiGLU over the busiest device's copies
+        copies = float(flows.slot_tokens.sum(axis=1).max())
+        f = ctx.scenario.model.expert_ffn_size
+        total += t.elementwise(copies * 3 * f * ab)
+    if "shared_experts" in modules:
+        total += t.shared_experts(dense_tokens)
+    return total

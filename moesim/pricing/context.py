@@ -42,7 +42,8 @@ def kernel_timer(s: Scenario) -> KernelTimer:
     profile has them."""
     tables = MeasuredTables.from_profile(s.hardware) if s.hardware.calibration else None
     return KernelTimer(s.model, s.hardware.device, s.precision.compute, s.precision.weights,
-                       s.precision.activations, s.parallelism.tp, tables)
+                       s.precision.activations, s.parallelism.tp, tables,
+                       inference=s.workload.mode != "training", kv_dtype=s.precision.kv_cache)
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +66,7 @@ class PricingContext:
     @classmethod
     def from_scenario(cls, s: Scenario, topology: Topology | None = None) -> PricingContext:
         """The context of ``s`` on ``topology`` (default: the scenario's healthy topology)."""
-        layout = Layout(s.parallelism, s.model.num_layers, s.model.moe_layer_ids)
+        layout = Layout.for_scenario(s)
         return cls(s, scenario_topology(s) if topology is None else topology, layout,
                    kernel_timer(s), layout.ep_group(0, 0), float(tokens_per_microbatch(s)),
                    s.communication.overlap == "two_batch", s.simulation.network_rtol)

@@ -42,10 +42,9 @@ def expert_times(ctx: PricingContext, flows: traffic.LayerTraffic) -> np.ndarray
 
 
 def permute_time(ctx: PricingContext, flows: traffic.LayerTraffic) -> float:
-    """Permute before and unpermute after the experts (memory-bound), on the device that
-    permutes the most token copies: each copy is read and written once each way."""
-    routed = flows.tokens.sum(axis=1)
-    return ctx.timer.elementwise(4 * routed.max() * ctx.hidden * ctx.activation_bytes)
+    """Permute before and unpermute after the experts (two memory-bound kernels), on the device
+    that permutes the most token copies: each copy is read and written once each way."""
+    return ctx.timer.permute(float(flows.tokens.sum(axis=1).max()))
 
 
 @dataclass(frozen=True)

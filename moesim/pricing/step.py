@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from moesim.memory import stage_params
+from moesim.kernels import memory_time
+from moesim.memory import mtp_blocks, stage_params
 from moesim.pricing.context import PricingContext
 from moesim.spec.hardware import dtype_bytes
 from moesim.spec.scenario import Scenario
 
 __all__ = ["micro_batches", "optimizer_time", "optimizer_bytes_per_param",
-           "model_flops_per_token"]
+           "model_flops_per_token", "heads_time", "logit_tokens"]
 
 
 def micro_batches(s: Scenario) -> int:
@@ -39,9 +40,8 @@ def optimizer_time(ctx: PricingContext, stage: int) -> float:
     dense, experts = stage_params(s, ctx.layout, stage)
     shard = par.dp if par.zero_stage >= 1 else 1
     eshard = ctx.layout.expert_dp if par.zero_stage >= 1 else 1
-    dev = s.hardware.device
-    return (dense / shard + experts / eshard) * optimizer_bytes_per_param(s) / (
-        dev.memory_bandwidth * dev.memory_efficiency)
+    nbytes = (dense / shard + experts / eshard) * optimizer_bytes_per_param(s)
+    return memory_time(nbytes, s.hardware.device, kernels=1)   # one fused multi-tensor kernel
 
 
 def model_flops_per_token(s: Scenario) -> float:
@@ -57,3 +57,22 @@ def model_flops_per_token(s: Scenario) -> float:
     scores = (m.attention_flops_per_token(context) - attn_proj) * m.num_layers
     forward = dense + scores
     return 3.0 * forward if wl.mode == "training" else forward
+
+
+def heads_time(ctx: PricingContext) -> float:
+    """The LM head (and loss) of the last stage, plus each MTP module's projection and its
+    own pass through the shared head."""
+    t, h = ctx.timer, ctx.hidden
+    mtp = mtp_blocks(ctx.scenario)
+    tokens = logit_tokens(ctx)
+    projection = t.gemm(ctx.microbatch_tokens, h, 2 * h) if mtp else 0.0
+    return (1 + mtp) * t.lm_head(tokens) + mtp * projection
+
+
+def logit_tokens(ctx: PricingContext) -> float:
+    """Tokens per device per micro-batch whose logits are computed: every token in training,
+    the last token of each prompt in prefill (its next token), every token in decode."""
+    wl = ctx.scenario.workload
+    if wl.mode == "prefill":
+        return ctx.microbatch_tokens / wl.seq_len
+    return ctx.microbatch_tokens

@@ -17,12 +17,13 @@ from dataclasses import replace
 import numpy as np
 
 from moesim.errors import ScenarioError
+from moesim.kernels import overlapped_compute_slowdown
 from moesim.layout import Layout
-from moesim.memory import check_memory, tokens_per_microbatch
+from moesim.memory import check_memory, mtp_blocks, tokens_per_microbatch
 from moesim.placement.placement import Placement
 from moesim.pricing.collectives import dp_sync_time, p2p_time
 from moesim.pricing.context import PricingContext, scenario_topology
-from moesim.pricing.step import micro_batches, optimizer_time
+from moesim.pricing.step import heads_time, micro_batches, optimizer_time
 from moesim.sim.costs import CostModel
 from moesim.sim.faults import device_faults, fault_summary, faulty_topology
 from moesim.sim.full import run_ops_full
@@ -150,16 +151,20 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: Engine
                 ) -> dict[tuple[int, str, int], ChunkRun]:
     par = s.parallelism
     recompute = s.memory.recompute == "full"
+    slowdown = overlapped_compute_slowdown(s.hardware.device)
     runs = {}
+    mtp = mtp_blocks(s)
     for stage, chunks in enumerate(layout.chunk_layers()):
         for c, layers in enumerate(chunks):
             blocks = [costs.block(layer) for layer in layers]
+            if mtp and stage == par.pp - 1 and c == par.vp - 1:   # MTP: one more MoE block each
+                blocks += [costs.block(s.model.moe_layer_ids[-1])] * mtp
             kinds = [("F", blocks, False)]
             if s.workload.mode == "training":
                 kinds.append(("B", blocks[::-1], True))
             for kind, seq, backward in kinds:
                 ops = chunk_ops(seq, par.ep, backward=backward, recompute=recompute,
-                                overlap=s.communication.overlap)
+                                overlap=s.communication.overlap, comm_slowdown=slowdown)
                 ops = _with_ends(ops, costs, stage, c, backward)
                 ops = _slowed(ops, costs, stage)
                 runs[(stage, kind, c)] = engine(ops, costs, stage)
@@ -177,22 +182,13 @@ def _with_ends(ops: list[Op], costs: CostModel, stage: int, chunk: int,
     first, last = stage == 0 and chunk == 0, stage == par.pp - 1 and chunk == par.vp - 1
     if last:
         head = Op("lm_head", "compute", "compute",
-                  np.full(ep, scale * ctx.timer.lm_head(logit_tokens(ctx))), (), -1)
+                  np.full(ep, scale * heads_time(ctx)), (), -1)
         ops = _chain(ops, head, at_end=not backward)
     if first:
         emb = Op("embedding", "compute", "compute", np.full(ep, scale * ctx.timer.embedding(
             tokens)), (), -1)
         ops = _chain(ops, emb, at_end=backward)
     return ops
-
-
-def logit_tokens(ctx: PricingContext) -> float:
-    """Tokens per device per micro-batch whose logits are computed: every token in training,
-    the last token of each prompt in prefill (its next token), every token in decode."""
-    wl = ctx.scenario.workload
-    if wl.mode == "prefill":
-        return ctx.microbatch_tokens / wl.seq_len
-    return ctx.microbatch_tokens
 
 
 def _slowed(ops: list[Op], costs: CostModel, stage: int) -> list[Op]:

@@ -20,7 +20,7 @@ engine (``moesim.sim.full``) runs the same op list as SimPy processes, one per d
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,6 +47,8 @@ class OpSpec:
     after: tuple[str, ...] = ()      # names of this block's ops it waits for
     barrier: bool = False            # a collective: starts when all devices are ready
     collective: Collective | None = None
+    beside_comm: bool = False        # compute scheduled to run while a communication kernel
+                                     # holds some of the SMs (runs slower, see chunk_ops)
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,11 +83,13 @@ BlockOps = Callable[[BlockCost, int, bool], list[OpSpec]]
 
 @dataclass(frozen=True)
 class Schedule:
-    """An overlap schedule: the ops of one block (``block(cost, ep, backward)``), and how many
-    interleaved chains (micro-batch halves) a chunk runs."""
+    """An overlap schedule: the ops of one block (``block(cost, ep, backward)``), how many
+    interleaved chains (micro-batch halves) a chunk runs, and whether all compute then runs
+    beside communication kernels (two-batch overlap keeps them running throughout)."""
 
     block: BlockOps
     halves: int = 1
+    compute_beside_comm: bool = False
 
 
 def _ops(cost: BlockCost, ep: int, backward: bool, *, shared_after: str) -> list[OpSpec]:
@@ -110,7 +114,9 @@ def _ops(cost: BlockCost, ep: int, backward: bool, *, shared_after: str) -> list
                       barrier=True, collective=first))
     experts_after: tuple[str, ...] = ("dispatch",)
     if cost.ffn:
-        ops.append(compute("shared_experts", cost.ffn, shared_after))
+        beside = shared_after != "dispatch" and first.duration > 0
+        ops.append(replace(compute("shared_experts", cost.ffn, shared_after),
+                           beside_comm=beside))
         experts_after = ("dispatch", "shared_experts")
     ops.append(compute("experts", cost.experts + cost.permute / 2, *experts_after))
     ops.append(OpSpec("combine", COMM, "alltoall", ones * second.duration, ("experts",),
@@ -134,7 +140,7 @@ SCHEDULES: dict[str, Schedule] = {
     "shared_expert": Schedule(shared_expert_overlap_block),
     # two_batch: two halves of the micro-batch whose chains interleave, so one half's
     # all-to-all overlaps the other half's compute (DualPipe / SGLang two-batch overlap).
-    "two_batch": Schedule(shared_expert_overlap_block, halves=2),
+    "two_batch": Schedule(shared_expert_overlap_block, halves=2, compute_beside_comm=True),
 }
 
 
@@ -147,8 +153,13 @@ def _recomputed(ops: list[OpSpec]) -> list[OpSpec]:
 
 
 def chunk_ops(costs: list[BlockCost], ep: int, *, backward: bool, recompute: bool,
-              overlap: str) -> list[Op]:
-    """Op list of a chunk (blocks in execution order; reversed by the caller for backward)."""
+              overlap: str, comm_slowdown: float = 1.0) -> list[Op]:
+    """Op list of a chunk (blocks in execution order; reversed by the caller for backward).
+
+    ``comm_slowdown``: factor on compute that runs beside a communication kernel holding some
+    of the SMs (:func:`moesim.kernels.overlapped_compute_slowdown`): ops a schedule marks
+    ``beside_comm``, or all compute of an MoE block under a schedule whose halves overlap.
+    """
     schedule = SCHEDULES[overlap]
     tags = ("",) if schedule.halves == 1 else tuple(f".{chr(97 + h)}" for h in
                                                      range(schedule.halves))
@@ -158,11 +169,21 @@ def chunk_ops(costs: list[BlockCost], ep: int, *, backward: bool, recompute: boo
         chain = []
         for b, cost in enumerate(costs):
             ops = schedule.block(cost, ep, backward)
+            if backward and not recompute and cost.recompute > 0:   # selective: first re-run
+                redo = OpSpec("recompute", COMPUTE, "compute", np.full(ep, cost.recompute))
+                ops = [redo, *(OpSpec(op.name, op.stream, op.category, op.seconds,
+                                      op.after or ("recompute",), op.barrier, op.collective)
+                               for op in ops)]
             if backward and recompute:
                 forward = _recomputed(schedule.block(cost, ep, False))
                 ops = [*forward, *([OpSpec(op.name, op.stream, op.category, op.seconds,
                                            op.after or (forward[-1].name,), op.barrier,
                                            op.collective) for op in ops])]
+            if comm_slowdown != 1.0:
+                moving = cost.dispatch.duration > 0 or cost.combine.duration > 0
+                ops = [replace(op, seconds=op.seconds * comm_slowdown)
+                       if op.stream == COMPUTE and (op.beside_comm or (
+                           schedule.compute_beside_comm and moving)) else op for op in ops]
             chain += [(cost.layer, op, b) for op in ops]
         chains.append(chain)
     # Step 2: interleave the halves op by op (issue order) and resolve names to indices.

@@ -81,6 +81,10 @@ class ModelSpec:
     gating: Gating = "topk"
     capacity_factor: float | None = spec_field(None, gt=0.0, doc="null = dropless")
     tie_embeddings: bool = False
+    # DeepSeek-V3's multi-token prediction: modules after the last block that predict one more
+    # token each (norms, a [2h -> h] projection, one MoE block, the shared LM head). Trained with
+    # the model; not counted in its parameters (671B excludes the 14B MTP module).
+    mtp_modules: int = spec_field(0, min=0, max=16, doc="multi-token-prediction modules")
     expert_bias: bool = False
     description: str = ""
     source: str = ""

@@ -38,6 +38,11 @@ class Parallelism:
     vp: int = spec_field(1, min=1, max=1024, doc="virtual pipeline chunks per device (interleaved 1F1B)")
     zero_stage: int = spec_field(1, min=0, max=3, doc="ZeRO stage of the optimizer state")
     sequence_parallel: bool = False
+    # Megatron-Core's --account-for-embedding-in-pipeline-split / --account-for-loss-in-
+    # pipeline-split: the embedding (first stage) and the LM head with its loss (last stage, one
+    # more per multi-token-prediction module) count as one layer each when layers are split.
+    account_for_embedding: bool = False
+    account_for_loss: bool = False
 
     @property
     def world(self) -> int:
@@ -98,9 +103,19 @@ class CommunicationSpec:
     dp_algorithm: Literal["ring", "tree", "hierarchical"] = "ring"
 
 
+# What selective recomputation can re-run in the backward (Megatron-Core's recompute_modules):
+# the attention core, the block's norms, MLA's query/KV up-projections (DeepSeek-V3), the MoE
+# activation (SwiGLU), the shared experts.
+RecomputeModule = Literal["core_attn", "layernorm", "mla_up_proj", "moe_act", "shared_experts"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class MemorySpec:
+    # none: keep every activation; full: re-run each block's forward before its backward;
+    # selective: re-run only ``recompute_modules`` (default: the attention core, Megatron's
+    # --recompute-granularity selective), storing half the activations.
     recompute: Literal["none", "selective", "full"] = "none"
+    recompute_modules: tuple[RecomputeModule, ...] = ()
     on_overflow: Literal["error", "warn"] = "error"
     alltoall_buffer_factor: float = spec_field(2.0, min=0, max=100, doc="buffers per expected bytes")
 
