@@ -1,8 +1,10 @@
 """The ``moesim`` command line: run, validate, info (plan, sweep, plot, calibrate as they land).
 
 Every user error is a :class:`moesim.errors.MoESimError`: printed on one line as
-``moesim: error: <file>: <field>: <what is wrong and what is allowed>`` with exit code 2. Other
-exceptions are bugs; ``--debug`` shows the traceback of either kind.
+``moesim: error: <file>: <field>: <what is wrong and what is allowed>`` with exit code 2. An
+:class:`moesim.errors.InternalError` or any other exception is a bug in moesim: one line saying so,
+naming the failing check, exit code 3. ``--debug`` (before or after the subcommand) shows the
+traceback of either kind.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from moesim.errors import MoESimError
+from moesim.errors import describe_internal, is_internal
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_OK", "EXIT_INPUT", "EXIT_INTERNAL"]
+
+EXIT_OK, EXIT_INPUT, EXIT_INTERNAL = 0, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("-v", "--verbose", action="store_true", help="print the resolved scenario")
     sub.add_parser("info", help="list shipped models, hardware profiles and scenarios")
     _extend(sub)
+    for subparser in sub.choices.values():  # --debug also after the subcommand
+        if "--debug" not in subparser._option_string_actions:
+            subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                   help="show tracebacks")
     return parser
 
 
@@ -149,21 +157,33 @@ def _extend(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``moesim`` command line; return the exit code (0 ok, 2 bad input, 3 a bug)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
         return COMMANDS[args.command](args)
-    except MoESimError as exc:
-        if args.debug:
-            raise
-        message = " ".join(str(exc).split())
-        print(f"moesim: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("moesim: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:  # noqa: BLE001 - every exception becomes one line and an exit code
+        if debug:
+            raise
+        return report_error(exc)
+
+
+def report_error(exc: BaseException) -> int:
+    """Print ``exc`` as one line on stderr; return its exit code (2 bad input, 3 a bug)."""
+    if is_internal(exc):
+        print(f"moesim: internal error (a bug in moesim, not in your input): "
+              f"{describe_internal(exc)}; rerun with --debug for the traceback and please "
+              "report it", file=sys.stderr)
+        return EXIT_INTERNAL
+    message = " ".join(str(exc).split())
+    print(f"moesim: error: {message}", file=sys.stderr)
+    return EXIT_INPUT
 
 
 if __name__ == "__main__":

@@ -51,4 +51,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                         engine=args.engine, progress=None if args.quiet else sys.stderr)
     print(f"{len(outcome.rows)} points ({outcome.computed} simulated, {outcome.skipped} resumed, "
           f"{outcome.failed} with errors); wrote {outcome.csv} and {outcome.jsonl}")
+    if outcome.internal:
+        print(f"moesim: internal error (a bug in moesim, not in your input): {outcome.internal} "
+              f"point(s) hit an internal error (rows whose error starts with 'internal error:' "
+              f"in {outcome.csv}); rerun one with `moesim run --debug` for the traceback and "
+              "please report it", file=sys.stderr)
+        return 3
     return 0

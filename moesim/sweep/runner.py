@@ -3,7 +3,9 @@
 One row per point: the point's name, its swept values, the metrics of its simulated step (step
 time, tokens/s, MFU, the step-time breakdown, cross-node traffic, load imbalance, peak memory,
 dropped tokens) and ``error``, which holds the one-line message of a point that raised a
-MoESimError (out of memory, an invalid combination) instead of crashing the sweep.
+MoESimError (out of memory, an invalid combination) instead of crashing the sweep. A point that hit
+a bug in moesim (an InternalError or any other exception) gets an ``error`` starting with
+``internal error:``; it never reads like bad input, and the CLI exits 3 after the sweep.
 
 Crash safety: each finished row is appended to ``results.jsonl`` as one whole line, flushed and
 fsynced, so a killed sweep loses at most the points in flight. ``--resume`` reads the finished rows
@@ -23,15 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from moesim.errors import MoESimError
+from moesim.errors import MoESimError, describe_internal, is_internal
 from moesim.results import write_json_atomic, write_text_atomic
 from moesim.sweep.executors import run_tasks
 from moesim.sweep.spec import Sweep, SweepPoint, build_point_scenario
 
-__all__ = ["PointTask", "SweepOutcome", "simulate_point", "result_metrics", "run_sweep",
+__all__ = ["PointTask", "SweepOutcome", "simulate_point", "is_internal_row", "INTERNAL", "result_metrics", "run_sweep",
            "read_rows", "table_columns", "METRIC_COLUMNS"]
 
 JSONL, CSV, MANIFEST = "results.jsonl", "results.csv", "sweep.json"
+INTERNAL = "internal error: "   # prefix of the error of a point that hit a bug in moesim
 
 # Metric columns in table order; breakdown_<part>_s columns follow step_time_s.
 METRIC_COLUMNS = ("scenario", "devices", "step_time_s", "tokens_per_s", "tokens_per_s_per_device",
@@ -57,23 +60,27 @@ class SweepOutcome:
     computed: int                   # points simulated by this run
     skipped: int                    # points found finished in results.jsonl (resume)
     failed: int                     # rows with an error
+    internal: int                   # of those, rows whose error is a bug in moesim (exit 3)
     jsonl: Path
     csv: Path
 
 
 def simulate_point(task: PointTask) -> dict[str, Any]:
-    """Metrics of one point, or ``{"error": "<Kind>: <message>"}`` if it raised a MoESimError."""
+    """Metrics of one point, or ``{"error": "<Kind>: <message>"}`` if it raised a MoESimError.
+
+    A bug in moesim (InternalError or any other exception) gives ``{"error": "internal error:
+    <Kind>: <message> (at file:line in function)"}``: the sweep goes on and exits 3 at the end.
+    """
     from moesim.sim.simulate import simulate
 
     try:
         scenario = build_point_scenario(task.base, task.base_dir, task.source, task.overrides)
         result = simulate(scenario, engine=task.engine).result
-    except MoESimError as exc:
+        return result_metrics(result.to_dict())
+    except Exception as exc:  # noqa: BLE001 - every point ends as a row
+        if is_internal(exc):
+            return {"error": INTERNAL + describe_internal(exc)}
         return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
-    except Exception as exc:  # a bug in moesim: crash, but say which point
-        exc.add_note(f"while simulating the sweep point with {', '.join(task.overrides)}")
-        raise
-    return result_metrics(result.to_dict())
 
 
 def result_metrics(r: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +149,14 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, jobs: int = 1, executor: str
     write_text_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in rows))
     ours = rows[:len(sweep.points)]
     return SweepOutcome(rows=ours, computed=len(todo), skipped=len(sweep.points) - len(todo),
-                        failed=sum(1 for r in ours if r["error"]), jsonl=jsonl, csv=out / CSV)
+                        failed=sum(1 for r in ours if r["error"]),
+                        internal=sum(1 for r in ours if is_internal_row(r)), jsonl=jsonl,
+                        csv=out / CSV)
+
+
+def is_internal_row(row: dict[str, Any]) -> bool:
+    """True if the row's point hit a bug in moesim (not a bad combination of inputs)."""
+    return str(row.get("error", "")).startswith(INTERNAL)
 
 
 def _prepare(sweep: Sweep, out: Path, *, resume: bool, overwrite: bool) -> dict[str, dict]:
