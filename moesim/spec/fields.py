@@ -21,9 +21,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-import yaml
-
 from moesim.errors import ScenarioError
+from moesim.spec.limits import check_text, load_yaml_text, read_text_bounded
 from moesim.units import UnitError, parse_quantity
 
 __all__ = ["build", "read_yaml", "spec_field", "join_path", "to_plain"]
@@ -48,22 +47,10 @@ def join_path(parent: str, key: str | int) -> str:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; a missing file or a syntax error becomes a ScenarioError naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ScenarioError("file not found", source=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError(f"cannot read file ({exc.__class__.__name__}: {exc})",
-                            source=str(path)) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ScenarioError(f"not valid YAML{where}: {problem}", source=str(path)) from None
+    """Parse a YAML file within the limits of :mod:`moesim.spec.limits` (size, regular file,
+    nesting, alias expansion, integer digits); every problem is a ScenarioError naming the file."""
+    text = read_text_bounded(path)
+    return load_yaml_text(text, source=str(path))
 
 
 def build(cls: type[T], data: Any, *, source: str | None, path: str = "") -> T:
@@ -164,7 +151,7 @@ def _scalar(hint: Any, value: Any, meta: Any, source: str | None, path: str) -> 
         if not isinstance(value, str):
             raise ScenarioError(f"expected a string, got {_describe(value)}", source=source,
                                 field=path)
-        return value
+        return check_text(value, source=source, field=path)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from moesim.errors import ScenarioError
 from moesim.spec.cluster import ClusterSpec
 from moesim.spec.fields import build, read_yaml, spec_field
 from moesim.spec.hardware import DTYPES, HardwareProfile, load_hardware
+from moesim.spec.limits import MAX_DEVICES, check_name, load_yaml_text
 from moesim.spec.model import ModelSpec
 
 __all__ = ["Parallelism", "Workload", "Precision", "RoutingSpec", "PlacementSpec",
@@ -155,6 +154,9 @@ class Scenario:
     outputs: OutputSpec = field(default_factory=OutputSpec)
     source: str = ""
 
+    def __post_init__(self) -> None:
+        check_name(self.name, source=self.source or None, field="name")
+
     @property
     def devices_per_node(self) -> int:
         return self.cluster.devices_per_node or self.hardware.node.devices_per_node
@@ -200,11 +202,7 @@ def apply_overrides(data: dict, overrides: list[str], *, source: str) -> dict:
         if "=" not in item:
             raise ScenarioError(f"override {item!r} must look like key.path=value", source=source)
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ScenarioError(f"override value {raw!r} is not valid YAML", source=source,
-                                field=key) from None
+        value = load_yaml_text(raw, source=source, field=key.strip())
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -251,6 +249,10 @@ def _check_relations(s: Scenario, source: str) -> None:
     """Cross-field checks: things each field alone cannot know."""
     par, wl, m = s.parallelism, s.workload, s.model
     devices = s.num_devices
+    if devices > MAX_DEVICES:
+        raise ScenarioError(f"{devices:,} devices is more than the {MAX_DEVICES:,} moesim "
+                            "simulates; use fewer nodes or smaller torus dims", source=source,
+                            field="cluster")
     if par.world != devices:
         raise ScenarioError(f"tp * pp * dp = {par.tp} * {par.pp} * {par.dp} = {par.world} must "
                             f"equal the cluster's {devices} devices", source=source,
