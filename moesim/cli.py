@@ -28,19 +28,32 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from moesim.report.trace import chrome_trace
-    from moesim.results import summary, write_json_atomic
+    from moesim.results import (
+        check_output_dir,
+        discard_output_dir,
+        json_text,
+        summary,
+        write_files_together,
+    )
     from moesim.sim.simulate import simulate
     from moesim.spec.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, args.set)
-    sim = simulate(scenario, engine=args.engine)
-    print(summary(sim.result))
     out = Path(args.output) if args.output else Path("results") / scenario.name
-    write_json_atomic(out / "results.json", sim.result.to_dict())
-    written = [out / "results.json"]
-    if scenario.outputs.trace and not args.no_trace:
-        write_json_atomic(out / "trace.json", chrome_trace(sim), compact=True)
-        written.append(out / "trace.json")
+    out, created = check_output_dir(out)          # before any work: fail fast on a bad -o
+    try:
+        sim = simulate(scenario, engine=args.engine)
+        text = summary(sim.result)
+        files = {"results.json": json_text(sim.result.to_dict())}
+        if scenario.outputs.trace and not args.no_trace:
+            files["trace.json"] = json_text(chrome_trace(sim), compact=True)
+        files["summary.txt"] = text + "\n"
+        # all or nothing; a trace.json of an earlier run would not match these results
+        written = write_files_together(out, files, remove=("trace.json",))
+    except BaseException:
+        discard_output_dir(out, created)
+        raise
+    print(text)
     print(f"wrote           {', '.join(str(p) for p in written)}  "
           f"(simulated in {sim.wall_seconds:.2f} s)")
     return 0
@@ -177,13 +190,19 @@ def main(argv: list[str] | None = None) -> int:
 def report_error(exc: BaseException) -> int:
     """Print ``exc`` as one line on stderr; return its exit code (2 bad input, 3 a bug)."""
     if is_internal(exc):
-        print(f"moesim: internal error (a bug in moesim, not in your input): "
-              f"{describe_internal(exc)}; rerun with --debug for the traceback and please "
-              "report it", file=sys.stderr)
+        _say(f"moesim: internal error (a bug in moesim, not in your input): "
+             f"{describe_internal(exc)}; rerun with --debug for the traceback and please "
+             "report it")
         return EXIT_INTERNAL
-    message = " ".join(str(exc).split())
-    print(f"moesim: error: {message}", file=sys.stderr)
+    _say(f"moesim: error: {' '.join(str(exc).split())}")
     return EXIT_INPUT
+
+
+def _say(line: str) -> None:
+    """One line on stderr, whatever it holds (a path with undecodable bytes, a lone surrogate)."""
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    safe = line.encode(encoding, "backslashreplace").decode(encoding, "replace")
+    print(safe, file=sys.stderr)
 
 
 if __name__ == "__main__":

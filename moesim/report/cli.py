@@ -51,7 +51,12 @@ def _window(text: str) -> tuple[float, float]:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     path = Path(args.results)
+    from moesim.results import check_output_dir
+
     out = Path(args.output) if args.output else (path if path.is_dir() else path.parent) / "plots"
+    if not path.exists():
+        raise MoESimError(f"{path}: no such file or folder")
+    check_output_dir(out, what="plot folder")
     written = plot_results(path, out, x=args.x, layer=args.layer, window=args.window)
     for p in written:
         print(p)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["register"]
@@ -33,6 +36,28 @@ def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> N
     commands["sweep"] = _cmd_sweep
 
 
+@contextlib.contextmanager
+def _exit_on_termination() -> Iterator[None]:
+    """SIGTERM / SIGHUP end the sweep like Ctrl-C does: finished rows are kept, workers stopped
+    (by the executor's cleanup), and the process exits 128 + the signal number."""
+    def handler(signum: int, frame) -> None:  # noqa: ANN001
+        signal.signal(signum, signal.SIG_IGN)   # one is enough; a second must not cut cleanup
+        print(f"moesim: terminated by signal {signum}; stopping the sweep's workers",
+              file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from moesim.sweep.runner import run_sweep
     from moesim.sweep.spec import load_sweep
@@ -46,9 +71,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {sweep.name}: {len(sweep.points)} points over {', '.join(sweep.fields)} "
           f"({args.executor}{f', -j {args.jobs}' if args.executor == 'local' else ''})",
           file=sys.stderr)
-    outcome = run_sweep(sweep, out, jobs=args.jobs, executor=args.executor,
-                        address=args.address, resume=args.resume, overwrite=args.overwrite,
-                        engine=args.engine, progress=None if args.quiet else sys.stderr)
+    with _exit_on_termination():
+        outcome = run_sweep(sweep, out, jobs=args.jobs, executor=args.executor,
+                            address=args.address, resume=args.resume, overwrite=args.overwrite,
+                            engine=args.engine, progress=None if args.quiet else sys.stderr)
     print(f"{len(outcome.rows)} points ({outcome.computed} simulated, {outcome.skipped} resumed, "
           f"{outcome.failed} with errors); wrote {outcome.csv} and {outcome.jsonl}")
     if outcome.internal:

@@ -15,25 +15,33 @@ whose key is missing, and at the end both files are rewritten atomically in swee
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from moesim.errors import MoESimError, describe_internal, is_internal
-from moesim.results import write_json_atomic, write_text_atomic
+from moesim.results import (
+    check_output_dir,
+    discard_output_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
 from moesim.sweep.executors import run_tasks
 from moesim.sweep.spec import Sweep, SweepPoint, build_point_scenario
 
 __all__ = ["PointTask", "SweepOutcome", "simulate_point", "is_internal_row", "INTERNAL", "result_metrics", "run_sweep",
            "read_rows", "table_columns", "METRIC_COLUMNS"]
 
-JSONL, CSV, MANIFEST = "results.jsonl", "results.csv", "sweep.json"
+JSONL, CSV, MANIFEST, LOCK = "results.jsonl", "results.csv", "sweep.json", ".moesim-sweep.lock"
 INTERNAL = "internal error: "   # prefix of the error of a point that hit a bug in moesim
 
 # Metric columns in table order; breakdown_<part>_s columns follow step_time_s.
@@ -127,7 +135,44 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, jobs: int = 1, executor: str
         Existing results without resume/overwrite, a resumed sweep whose base scenario changed,
         a corrupt results.jsonl, or an executor problem (e.g. Ray not installed).
     """
-    out = Path(out_dir)
+    out, created = check_output_dir(out_dir, what="sweep output folder")
+    try:
+        with _locked(out):
+            return _run_locked(sweep, out, jobs=jobs, executor=executor, address=address,
+                               resume=resume, overwrite=overwrite, engine=engine,
+                               progress=progress)
+    except BaseException:
+        if created is not None and not (out / JSONL).exists():
+            discard_output_dir(out, created)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (a second sweep on the same folder is refused).
+
+    The lock is an ``flock`` on ``out/.moesim-sweep.lock``: the kernel releases it when this
+    process and its workers end, however they end, so a killed sweep never leaves it stuck.
+    """
+    path = out / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            raise MoESimError(f"{out} is in use by another moesim sweep (pid {holder}); wait "
+                              "for it to finish or use another -o folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _run_locked(sweep: Sweep, out: Path, *, jobs: int, executor: str, address: str | None,
+                resume: bool, overwrite: bool, engine: str | None,
+                progress: TextIO | None) -> SweepOutcome:
     jsonl = out / JSONL
     done = _prepare(sweep, out, resume=resume, overwrite=overwrite)
     todo = [p for p in sweep.points if p.key not in done]
@@ -135,9 +180,10 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, jobs: int = 1, executor: str
              for p in todo]
     bar = _Progress(len(sweep.points), len(sweep.points) - len(todo), progress)
     try:
-        with open(jsonl, "a", encoding="utf-8") as handle:
-            for i, metrics in run_tasks(simulate_point, tasks, executor=executor, jobs=jobs,
-                                        address=address):
+        with open(jsonl, "a", encoding="utf-8") as handle, contextlib.closing(
+                run_tasks(simulate_point, tasks, executor=executor, jobs=jobs,
+                          address=address)) as finished:
+            for i, metrics in finished:
                 row = _row(todo[i], metrics)
                 _append(handle, row)
                 done[row["key"]] = row
