@@ -30,8 +30,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from moesim.report.trace import chrome_trace
     from moesim.results import (
         check_output_dir,
+        default_run_dir,
         discard_output_dir,
         json_text,
+        provenance,
         summary,
         write_files_together,
     )
@@ -39,12 +41,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from moesim.spec.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, args.set)
-    out = Path(args.output) if args.output else Path("results") / scenario.name
+    out = Path(args.output) if args.output else default_run_dir(scenario.name, args.set)
     out, created = check_output_dir(out)          # before any work: fail fast on a bad -o
     try:
         sim = simulate(scenario, engine=args.engine)
-        text = summary(sim.result)
-        files = {"results.json": json_text(sim.result.to_dict())}
+        text = summary(sim.result, args.set)
+        files = {"results.json": json_text({**sim.result.to_dict(),
+                                            **provenance(scenario, args.set)})}
         if scenario.outputs.trace and not args.no_trace:
             files["trace.json"] = json_text(chrome_trace(sim), compact=True)
         files["summary.txt"] = text + "\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -20,7 +21,8 @@ from moesim.errors import MoESimError
 from moesim.units import format_quantity
 
 __all__ = ["Result", "summary", "write_json_atomic", "write_text_atomic", "json_text",
-           "check_output_dir", "discard_output_dir", "write_files_together"]
+           "check_output_dir", "discard_output_dir", "write_files_together", "provenance",
+           "run_label", "default_run_dir"]
 
 _NAME_MAX, _PATH_MAX = 255, 4096   # bytes (Linux NAME_MAX and PATH_MAX)
 
@@ -52,6 +54,38 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return _round(asdict(self))
+
+
+def provenance(scenario: Any, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """What makes a results.json self-describing: the resolved scenario as a plain dict, the
+    ``--set`` overrides, the seed, the moesim version and the hardware profile's source.
+
+    ``scenario`` is a :class:`moesim.spec.scenario.Scenario` (already with the overrides).
+    """
+    from moesim import __version__
+    from moesim.spec.fields import to_plain
+
+    resolved = to_plain(scenario)
+    hw = scenario.hardware
+    profile = {"name": hw.name, "path": hw.path, "measured": hw.calibration is not None}
+    resolved["hardware"] = profile                  # the profile's own figures live in its file
+    return {"moesim_version": __version__, "scenario_file": scenario.source,
+            "overrides": list(overrides), "seed": scenario.seed, "hardware_profile": profile,
+            "resolved_scenario": _round(resolved)}
+
+
+def run_label(name: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """A scenario's name with its overrides, for summaries and plot titles."""
+    return f"{name} [{', '.join(overrides)}]" if overrides else name
+
+
+def default_run_dir(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """``results/<name>``, or ``results/<name>-<8 hex digits>`` with overrides, so that a
+    ``--set`` run never overwrites the baseline (the digits hash the overrides, in order)."""
+    if not overrides:
+        return Path("results") / name
+    digest = hashlib.sha256("\n".join(overrides).encode("utf-8", "surrogatepass")).hexdigest()
+    return Path("results") / f"{name}-{digest[:8]}"
 
 
 def _round(obj: Any) -> Any:
@@ -239,11 +273,12 @@ def _replace_all(folder: Path, temps: dict[str, str]) -> None:
             os.unlink(backup)
 
 
-def summary(r: Result) -> str:
-    """A human-readable table of a result."""
+def summary(r: Result, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """A human-readable table of a result (``overrides``: the ``--set`` values it ran with)."""
     ms = lambda s: format_quantity(s, "time")  # noqa: E731
     lines = [
         f"scenario        {r.scenario}  ({r.mode}, {r.devices} devices, {r.engine} engine)",
+        *([f"overrides       {', '.join(overrides)}"] if overrides else []),
         f"step time       {ms(r.step_time)}",
         f"throughput      {r.tokens_per_s:,.0f} tokens/s  ({r.tokens_per_s_per_device:,.1f} per "
         "device)",

@@ -128,3 +128,39 @@ def test_no_trace_removes_a_stale_trace(tmp_path, capsys):
     assert main(["run", scenario, "-o", str(tmp_path)]) == 0
     assert main(["run", scenario, "-o", str(tmp_path), "--no-trace", "--set", "seed=3"]) == 0
     assert not (tmp_path / "trace.json").exists()     # it belonged to the earlier run
+
+
+# --- self-describing results --------------------------------------------------------------------
+
+def test_results_json_describes_its_run_and_rebuilds_it(tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    import moesim
+    from moesim.spec.scenario import scenario_from_mapping
+    from tests.conftest import REPO
+    monkeypatch.chdir(tmp_path)
+    scenario = str(REPO / "scenarios" / "tiny-cpu.yaml")
+    assert main(["run", scenario, "--no-trace"]) == 0
+    baseline = (tmp_path / "results" / "tiny-cpu" / "results.json").read_bytes()
+    overrides = ["seed=3", "workload.seq_len=128"]
+    assert main(["run", scenario, "--no-trace", "--set", overrides[0], "--set", overrides[1]]) == 0
+    out = capsys.readouterr().out
+    assert "overrides       seed=3, workload.seq_len=128" in out
+    digest = hashlib.sha256(b"seed=3\nworkload.seq_len=128").hexdigest()[:8]
+    folder = tmp_path / "results" / f"tiny-cpu-{digest}"      # not the baseline's folder
+    assert (tmp_path / "results" / "tiny-cpu" / "results.json").read_bytes() == baseline
+    data = json.loads((folder / "results.json").read_text())
+    assert data["overrides"] == overrides and data["seed"] == 3
+    assert data["moesim_version"] == moesim.__version__
+    assert data["scenario_file"] == scenario
+    assert data["hardware_profile"]["name"] == "cpu-local"
+    assert data["hardware_profile"]["path"] == str(REPO / "hardware_profiles" / "cpu-local.yaml")
+    resolved = data["resolved_scenario"]
+    assert resolved["workload"]["seq_len"] == 128 and resolved["seed"] == 3
+    # the recorded scenario alone reproduces the run (a second, independent path to the result)
+    resolved.pop("source"), resolved.pop("hardware")
+    again = moesim.simulate(scenario_from_mapping(resolved, source="results.json")).result
+    assert again.to_dict()["step_time"] == data["step_time"]
+    assert again.to_dict()["breakdown"] == data["breakdown"]
+    summary = (folder / "summary.txt").read_text()
+    assert summary.splitlines()[1] == "overrides       seed=3, workload.seq_len=128"

@@ -117,10 +117,11 @@ def plot_run(folder: Path, out_dir: str | Path, *, layer: int | None = None,
              window: tuple[float, float] | None = None) -> list[Path]:
     """Breakdown, link utilisation, Gantt (if trace.json), expert load and placement of a run."""
     from moesim.report import plots
+    from moesim.results import run_label
     from moesim.sweep.runner import result_metrics
 
     result = _read_json(folder / "results.json")
-    name = result["scenario"]
+    name = run_label(result["scenario"], result.get("overrides", []))
     written = []
     row = result_metrics(result)
     fig = plots.breakdown_figure([row], [name], title=f"{name}: step-time breakdown "
@@ -145,8 +146,9 @@ def plot_run(folder: Path, out_dir: str | Path, *, layer: int | None = None,
 
 def _expert_figures(result: dict[str, Any], out_dir, layer: int | None) -> list[Path]:
     from moesim.report import plots
+    from moesim.results import run_label
 
-    name, experts = result["scenario"], result["experts"]
+    name, experts = run_label(result["scenario"], result.get("overrides", [])), result["experts"]
     loads, layers = experts["tokens_per_expert"], experts["layers"]
     if not loads:
         return []
