@@ -19,14 +19,16 @@ def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> N
     p = sub.add_parser("sweep", help="run a scenario over a grid / zip of field values",
                        description="Run every point of a sweep file; one row per point in "
                        "DIR/results.csv and DIR/results.jsonl.")
-    p.add_argument("sweep", help="sweep file (see scenarios/sweeps/)")
+    p.add_argument("sweep", help="sweep file, or the name of a shipped one in scenarios/sweeps/ "
+                   "(e.g. mixtral-ep-x-nodes)")
     p.add_argument("-o", "--output", help="output folder (default results/sweeps/<sweep name>)")
     p.add_argument("-j", "--jobs", type=int, default=min(4, os.cpu_count() or 1),
                    help="local worker processes (default: min(4, CPUs)); 1 = in this process")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local processes (default) or Ray tasks (pip install 'moesim[ray]')")
     p.add_argument("--address", help="Ray cluster address (default: start a local 2-CPU Ray)")
-    p.add_argument("--engine", choices=("aggregated", "full"), default=None)
+    p.add_argument("--engine", choices=("aggregated", "full"), default=None,
+                   help="simulation engine for every point (default: the scenario's)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="keep finished rows of an earlier run; simulate only missing points")
@@ -34,6 +36,17 @@ def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> N
     p.add_argument("--list", action="store_true", help="print the points and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     commands["sweep"] = _cmd_sweep
+
+
+def _resolve_sweep(arg: str) -> str:
+    """``arg`` if it names a file; else the shipped sweep of that name."""
+    if Path(arg).exists() or "/" in arg or arg.endswith((".yaml", ".yml")):
+        return arg
+    here = Path(__file__).resolve().parent.parent
+    for base in (here / "_data" / "scenarios" / "sweeps", here.parent / "scenarios" / "sweeps"):
+        if (base / f"{arg}.yaml").is_file():
+            return str(base / f"{arg}.yaml")
+    return arg     # load_sweep says "file not found"
 
 
 @contextlib.contextmanager
@@ -62,7 +75,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from moesim.sweep.runner import run_sweep
     from moesim.sweep.spec import load_sweep
 
-    sweep = load_sweep(args.sweep)
+    sweep = load_sweep(_resolve_sweep(args.sweep))
     if args.list:
         for p in sweep.points:
             print(f"{p.index:>4}  {p.key}  {p.name}")
