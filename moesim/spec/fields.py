@@ -8,7 +8,10 @@ and what is allowed. Defaults live in the dataclasses only.
 Field metadata understood by :func:`build`:
 
 - ``unit``: a kind for :func:`moesim.units.parse_quantity` ("bytes", "bandwidth", "flops", "time");
-  the YAML may then say ``"900 GB/s"`` and the field holds bytes/s.
+  the YAML must then say ``"900 GB/s"`` (a bare number is an error naming the field and giving an
+  example, since ``900`` could mean B/s or GB/s) and the field holds bytes/s. Only files written
+  by moesim's calibration suite (profiles with a ``calibration`` section) hold bare SI numbers:
+  :func:`build` with ``bare_si=True``.
 - ``min`` / ``max``: inclusive bounds; ``gt``: exclusive lower bound.
 - ``doc``: one line shown in error messages and ``moesim validate``.
 """
@@ -53,8 +56,13 @@ def read_yaml(path: str | Path) -> Any:
     return load_yaml_text(text, source=str(path))
 
 
-def build(cls: type[T], data: Any, *, source: str | None, path: str = "") -> T:
-    """Build the frozen dataclass ``cls`` from ``data`` (a mapping), validating every field."""
+def build(cls: type[T], data: Any, *, source: str | None, path: str = "",
+          bare_si: bool = False) -> T:
+    """Build the frozen dataclass ``cls`` from ``data`` (a mapping), validating every field.
+
+    ``bare_si`` accepts plain numbers (taken as SI) in fields with a unit; only for files that
+    moesim itself wrote in SI (measured hardware profiles).
+    """
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
@@ -75,7 +83,7 @@ def build(cls: type[T], data: Any, *, source: str | None, path: str = "") -> T:
                 raise ScenarioError("required field is missing" + (f" ({doc})" if doc else ""),
                                     source=source, field=fpath)
             continue
-        values[name] = _convert(hints[name], data[name], fld.metadata, source, fpath)
+        values[name] = _convert(hints[name], data[name], fld.metadata, source, fpath, bare_si)
     try:
         return cls(**values)
     except ScenarioError as exc:
@@ -95,7 +103,8 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-def _convert(hint: Any, value: Any, meta: Any, source: str | None, path: str) -> Any:
+def _convert(hint: Any, value: Any, meta: Any, source: str | None, path: str,
+             bare_si: bool = False) -> Any:
     origin = get_origin(hint)
     args = get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -103,11 +112,11 @@ def _convert(hint: Any, value: Any, meta: Any, source: str | None, path: str) ->
             return None
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
-            return _convert(inner[0], value, meta, source, path)
+            return _convert(inner[0], value, meta, source, path, bare_si)
         errors = []
         for option in inner:
             try:
-                return _convert(option, value, meta, source, path)
+                return _convert(option, value, meta, source, path, bare_si)
             except ScenarioError as exc:
                 errors.append(str(exc))
         raise ScenarioError(f"{_describe(value)} fits none of the allowed forms", source=source,
@@ -123,7 +132,7 @@ def _convert(hint: Any, value: Any, meta: Any, source: str | None, path: str) ->
             raise ScenarioError(f"expected a list, got {_describe(value)}", source=source,
                                 field=path)
         item_hint = args[0] if args else Any
-        return tuple(_convert(item_hint, v, meta, source, join_path(path, i))
+        return tuple(_convert(item_hint, v, meta, source, join_path(path, i), bare_si)
                      for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
@@ -131,16 +140,18 @@ def _convert(hint: Any, value: Any, meta: Any, source: str | None, path: str) ->
                                 field=path)
         key_hint, val_hint = args if args else (Any, Any)
         return {_convert(key_hint, k, {}, source, path): _convert(val_hint, v, meta, source,
-                                                                     join_path(path, str(k)))
+                                                                     join_path(path, str(k)),
+                                                                     bare_si)
                 for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
-        return build(hint, value, source=source, path=path)
+        return build(hint, value, source=source, path=path, bare_si=bare_si)
     if hint is Any:
         return value
-    return _scalar(hint, value, meta, source, path)
+    return _scalar(hint, value, meta, source, path, bare_si)
 
 
-def _scalar(hint: Any, value: Any, meta: Any, source: str | None, path: str) -> Any:
+def _scalar(hint: Any, value: Any, meta: Any, source: str | None, path: str,
+            bare_si: bool = False) -> Any:
     unit = meta.get("unit") if meta else None
     if hint is bool:
         if not isinstance(value, bool):
@@ -162,7 +173,7 @@ def _scalar(hint: Any, value: Any, meta: Any, source: str | None, path: str) -> 
     elif hint is float:
         if unit:
             try:
-                value = parse_quantity(value, unit)
+                value = parse_quantity(value, unit, require_unit=not bare_si)
             except UnitError as exc:
                 raise ScenarioError(str(exc), source=source, field=path) from None
         elif isinstance(value, bool) or not isinstance(value, int | float):

@@ -142,4 +142,6 @@ def load_hardware(name_or_path: str, relative_to: Path | None = None) -> Hardwar
     data = read_yaml(path)
     if isinstance(data, dict):
         data = {**data, "path": str(path)}
-    return build(HardwareProfile, data, source=str(path))
+    # Profiles written by the calibration suite (a `calibration` section) hold SI numbers.
+    measured = isinstance(data, dict) and data.get("calibration") is not None
+    return build(HardwareProfile, data, source=str(path), bare_si=measured)

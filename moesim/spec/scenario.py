@@ -219,8 +219,13 @@ def apply_overrides(data: dict, overrides: list[str], *, source: str) -> dict:
     return data
 
 
-def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = None) -> Scenario:
-    """Build a Scenario from a parsed mapping (the body of :func:`load_scenario`)."""
+def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = None,
+                          bare_si: bool = False) -> Scenario:
+    """Build a Scenario from a parsed mapping (the body of :func:`load_scenario`).
+
+    ``bare_si=True`` accepts plain SI numbers in fields with a unit (mappings made by code, such
+    as :mod:`moesim.validation`'s layer scenarios); YAML written by people needs units.
+    """
     from moesim.spec.models import load_model  # models module resolves shipped names
 
     unknown = [k for k in data if k not in _TOP_FIELDS]
@@ -231,7 +236,7 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
         if required not in data:
             raise ScenarioError("required field is missing", source=source, field=required)
     model = load_model(data["model"], source=source, relative_to=base_dir, field_path="model")
-    cluster = build(ClusterSpec, data["cluster"], source=source, path="cluster")
+    cluster = build(ClusterSpec, data["cluster"], source=source, path="cluster", bare_si=bare_si)
     try:
         hardware = load_hardware(cluster.hardware, relative_to=base_dir)
     except ScenarioError as exc:
@@ -240,7 +245,7 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
         raise ScenarioError(str(exc), source=source, field="cluster.hardware") from None
     body = {k: v for k, v in data.items() if k not in ("model", "cluster", "sweep")}
     body.update(model=model, cluster=cluster, hardware=hardware, source=source)
-    scenario = build(Scenario, body, source=source)
+    scenario = build(Scenario, body, source=source, bare_si=bare_si)
     _check_relations(scenario, source)
     return scenario
 
