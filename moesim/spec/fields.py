@@ -14,6 +14,7 @@ Field metadata understood by :func:`build`:
   :func:`build` with ``bare_si=True``.
 - ``min`` / ``max``: inclusive bounds; ``gt``: exclusive lower bound.
 - ``doc``: one line shown in error messages and ``moesim validate``.
+- ``path``: the string is a file path (checked against the OS's length limits).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from moesim.errors import ScenarioError
-from moesim.spec.limits import check_text, load_yaml_text, read_text_bounded
+from moesim.spec.limits import check_path_text, check_text, load_yaml_text, read_text_bounded
 from moesim.units import UnitError, parse_quantity
 
 __all__ = ["build", "read_yaml", "spec_field", "join_path", "to_plain"]
@@ -35,9 +36,10 @@ T = TypeVar("T")
 
 def spec_field(default: Any = dataclasses.MISSING, *, unit: str | None = None,
                min: float | None = None, max: float | None = None, gt: float | None = None,
-               doc: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
+               doc: str = "", default_factory: Any = dataclasses.MISSING,
+               path: bool = False) -> Any:
     """A dataclass field with validation metadata (see the module docstring)."""
-    meta = {"unit": unit, "min": min, "max": max, "gt": gt, "doc": doc}
+    meta = {"unit": unit, "min": min, "max": max, "gt": gt, "doc": doc, "path": path}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -162,6 +164,8 @@ def _scalar(hint: Any, value: Any, meta: Any, source: str | None, path: str,
         if not isinstance(value, str):
             raise ScenarioError(f"expected a string, got {_describe(value)}", source=source,
                                 field=path)
+        if meta and meta.get("path"):
+            return check_path_text(value, source=source, field=path)
         return check_text(value, source=source, field=path)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):

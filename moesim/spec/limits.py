@@ -11,7 +11,8 @@ enforce them:
   anything walks it), no recursive anchors, integers of at most :data:`MAX_INT_DIGITS` digits;
 - JSON: the same depth and node limits;
 - strings: no NUL, control characters or lone surrogates; names that become file or folder names
-  (a scenario's or a sweep's ``name``) only letters, digits and ``._-``;
+  (a scenario's or a sweep's ``name``) only letters, digits and ``._-``; paths (profile, model,
+  trace and plan references) no longer than the OS allows;
 - sizes: at most :data:`MAX_DEVICES` devices in a cluster and :data:`MAX_SWEEP_POINTS` points in a
   sweep, checked from the sizes before anything is built or expanded.
 """
@@ -31,7 +32,7 @@ from moesim.errors import ScenarioError
 
 __all__ = ["MAX_FILE_BYTES", "MAX_DEPTH", "MAX_NODES", "MAX_INT_DIGITS", "MAX_DEVICES",
            "MAX_SWEEP_POINTS", "MAX_NAME_CHARS", "read_text_bounded", "load_yaml_text",
-           "load_json_text", "check_text", "check_name"]
+           "load_json_text", "check_text", "check_name", "check_path_text"]
 
 MAX_FILE_BYTES = 16 * 2**20     # scenarios, profiles, sweeps and plans are kilobytes
 MAX_DEPTH = 64                  # nesting levels of a YAML/JSON document
@@ -40,6 +41,7 @@ MAX_INT_DIGITS = 40             # 2**63 has 19 digits; nothing moesim reads need
 MAX_DEVICES = 65_536            # devices in one cluster (DeepSeek-V3's training run used 2,048)
 MAX_SWEEP_POINTS = 100_000      # points of one sweep
 MAX_NAME_CHARS = 128
+MAX_PATH_BYTES, MAX_PATH_PART_BYTES = 4095, 255   # Linux PATH_MAX - 1 and NAME_MAX
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _BAD_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
@@ -235,4 +237,20 @@ def check_name(value: str, *, source: str | None, field: str | None) -> str:
         raise ScenarioError(f"{value[:60]!r} is not a valid name: use 1 to {MAX_NAME_CHARS} "
                             "letters, digits, '.', '_' or '-' (no path separators or spaces; "
                             "not '.' or '..'), e.g. my-scenario_2", source=source, field=field)
+    return value
+
+
+def check_path_text(value: str, *, source: str | None, field: str | None) -> str:
+    """``value`` if it can be a file path: :func:`check_text`, and short enough for the OS."""
+    check_text(value, source=source, field=field)
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_PATH_BYTES:
+        raise ScenarioError(f"a path of {size:,} bytes is longer than the {MAX_PATH_BYTES:,} "
+                            "allowed", source=source, field=field)
+    for part in value.split("/"):
+        part_size = len(part.encode("utf-8", "surrogatepass"))
+        if part_size > MAX_PATH_PART_BYTES:
+            raise ScenarioError(f"the path component {part[:30]!r}... is {part_size:,} bytes, "
+                                f"longer than the {MAX_PATH_PART_BYTES} allowed", source=source,
+                                field=field)
     return value

@@ -77,14 +77,14 @@ class RoutingSpec:
     coactivation_groups: int = spec_field(0, min=0, max=1 << 16)
     coactivation_strength: float = spec_field(0.0, min=0, max=1000)
     node_limit: int = spec_field(0, min=0, max=1 << 16, doc="max nodes per token (DeepSeek-V3: 4); 0 = off")
-    trace: str = spec_field("", doc="routing trace file (see docs/trace_format.md)")
+    trace: str = spec_field("", path=True, doc="routing trace file (see docs/trace_format.md)")
     max_tokens_per_source: int = spec_field(256, min=1, max=1 << 16, doc="sampled tokens per device and layer")
 
 
 @dataclass(frozen=True, kw_only=True)
 class PlacementSpec:
     policy: Literal["contiguous", "round_robin", "random", "eplb", "moesim", "file"] = "contiguous"
-    file: str = ""
+    file: str = spec_field("", path=True, doc="plan file (policy: file)")
     redundant_experts: int = spec_field(0, min=0, max=1 << 20, doc="extra expert slots per EP group")
 
 
