@@ -235,3 +235,14 @@ def test_csv_trace_ids_are_bounded(row, fragment, tmp_path):
     with pytest.raises(TraceError, match=fragment):
         load_trace(path, num_experts=8, num_layers=1, top_k=1)
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("content, fragment", [("{}", "not a moesim results.json (no scenario"),
+                                               ("[" * 5000 + "]" * 5000, "nested deeper than"),
+                                               ("{", "not valid JSON")])
+def test_plot_of_a_bad_results_json_is_exit_2_and_writes_nothing(content, fragment, tmp_path,
+                                                                 capsys):
+    (tmp_path / "results.json").write_text(content)
+    assert main(["plot", str(tmp_path)]) == 2
+    assert fragment in one_line(capsys.readouterr().err)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]      # no plots/ left
