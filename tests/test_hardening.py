@@ -246,3 +246,10 @@ def test_plot_of_a_bad_results_json_is_exit_2_and_writes_nothing(content, fragme
     assert main(["plot", str(tmp_path)]) == 2
     assert fragment in one_line(capsys.readouterr().err)
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]      # no plots/ left
+
+
+@pytest.mark.parametrize("override", [".".join(["a"] * 100) + "=1", "workload..seq_len=1",
+                                      "seed=" + "9" * 400, "name=" + "[" * 200 + "]" * 200])
+def test_hostile_overrides_are_one_line_exit_2(override, capsys):
+    assert main(["validate", str(TINY), "--set", override]) == 2
+    assert one_line(capsys.readouterr().err).startswith(f"moesim: error: {TINY}: ")

@@ -16,7 +16,7 @@ from moesim.errors import ScenarioError
 from moesim.spec.cluster import ClusterSpec
 from moesim.spec.fields import build, read_yaml, spec_field
 from moesim.spec.hardware import DTYPES, HardwareProfile, load_hardware
-from moesim.spec.limits import MAX_DEVICES, check_name, load_yaml_text
+from moesim.spec.limits import MAX_DEPTH, MAX_DEVICES, check_name, load_yaml_text
 from moesim.spec.model import ModelSpec
 
 __all__ = ["Parallelism", "Workload", "Precision", "RoutingSpec", "PlacementSpec",
@@ -205,6 +205,10 @@ def apply_overrides(data: dict, overrides: list[str], *, source: str) -> dict:
         value = load_yaml_text(raw, source=source, field=key.strip())
         node = data
         parts = key.strip().split(".")
+        if len(parts) > MAX_DEPTH or not all(parts):
+            raise ScenarioError(f"override key {key[:60]!r} must be a dotted field path of at "
+                                f"most {MAX_DEPTH} non-empty parts, e.g. parallelism.ep",
+                                source=source)
         for part in parts[:-1]:
             child = node.get(part) if isinstance(node, dict) else None
             if child is None:
