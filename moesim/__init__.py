@@ -10,8 +10,8 @@ Python API::
 
 from moesim.errors import MoESimError
 from moesim.spec.scenario import Scenario, load_scenario
+from moesim.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["MoESimError", "Scenario", "load_scenario", "simulate", "__version__"]
 
 

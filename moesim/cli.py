@@ -1,8 +1,10 @@
 """The ``moesim`` command line: run, validate, info (plan, sweep, plot, calibrate as they land).
 
 Every user error is a :class:`moesim.errors.MoESimError`: printed on one line as
-``moesim: error: <file>: <field>: <what is wrong and what is allowed>`` with exit code 2. Other
-exceptions are bugs; ``--debug`` shows the traceback of either kind.
+``moesim: error: <file>: <field>: <what is wrong and what is allowed>`` with exit code 2. An
+:class:`moesim.errors.InternalError` or any other exception is a bug in moesim: one line saying so,
+naming the failing check, exit code 3. ``--debug`` (before or after the subcommand) shows the
+traceback of either kind.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from moesim.errors import MoESimError
+from moesim.errors import describe_internal, is_internal
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_OK", "EXIT_INPUT", "EXIT_INTERNAL"]
+
+EXIT_OK, EXIT_INPUT, EXIT_INTERNAL = 0, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,24 +29,45 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_run(args: argparse.Namespace) -> int:
     from moesim.assembly import simulate
     from moesim.report.trace import chrome_trace
-    from moesim.results import summary, write_json_atomic
+    from moesim.results import (
+        check_output_dir,
+        default_run_dir,
+        discard_output_dir,
+        json_text,
+        provenance,
+        summary,
+        write_files_together,
+    )
     from moesim.spec.scenario import load_scenario
 
-    scenario = load_scenario(args.scenario, args.set)
-    sim = simulate(scenario, engine=args.engine)
-    print(summary(sim.result))
-    out = Path(args.output) if args.output else Path("results") / scenario.name
-    write_json_atomic(out / "results.json", sim.result.to_dict())
-    written = [out / "results.json"]
-    if scenario.outputs.trace and not args.no_trace:
-        write_json_atomic(out / "trace.json", chrome_trace(sim), compact=True)
-        written.append(out / "trace.json")
+    scenario = load_scenario(resolve_scenario(args.scenario), args.set)
+    out = Path(args.output) if args.output else default_run_dir(scenario.name, args.set)
+    out, created = check_output_dir(out)          # before any work: fail fast on a bad -o
+    try:
+        sim = simulate(scenario, engine=args.engine)
+        text = summary(sim.result, args.set)
+        data = {**sim.result.to_dict(), **provenance(scenario, args.set)}
+        files = {"results.json": json_text(data)}
+        if scenario.outputs.trace and not args.no_trace:
+            files["trace.json"] = json_text(chrome_trace(sim), compact=True)
+        files["summary.txt"] = text + "\n"
+        # all or nothing; a trace.json of an earlier run would not match these results
+        written = write_files_together(out, files, remove=("trace.json",))
+    except BaseException:
+        discard_output_dir(out, created)
+        raise
+    if args.json:
+        print(json_text({**data, "written": [str(p) for p in written]}), end="")
+        return 0
+    print(text)
     print(f"wrote           {', '.join(str(p) for p in written)}  "
           f"(simulated in {sim.wall_seconds:.2f} s)")
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    import json
+
     import yaml
 
     from moesim.layout import Layout
@@ -51,40 +76,70 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from moesim.spec.fields import to_plain
     from moesim.spec.scenario import load_scenario
 
-    s = load_scenario(args.scenario, args.set)
+    s = load_scenario(resolve_scenario(args.scenario), args.set)
     topo = scenario_topology(s)
     layout = Layout.for_scenario(s)
     plain = to_plain(s)
     plain["hardware"] = {"name": s.hardware.name, "path": s.hardware.path}
-    plain["model"] = {k: v for k, v in plain["model"].items()}
+    counts = s.model.param_counts()
+    par = s.parallelism
+    parts = ("dense_weights", "expert_weights", "gradients", "optimizer", "activations",
+             "kv_cache", "comm_buffers", "reserved", "total", "capacity")
+    stages = [stage_memory(s, layout, stage) for stage in range(par.pp)]
+    worst = next((m for m in reversed(stages) if not m.fits), None)
+    if args.json:
+        if worst is not None:
+            check_memory(s, layout)   # raises OutOfMemory unless memory.on_overflow: warn
+        print(json.dumps({
+            "valid": True, "source": s.source, "overrides": list(args.set),
+            "model": {"name": s.model.name, "parameters": counts.total,
+                      "active_parameters": counts.active, "moe_layers": s.model.num_moe_layers,
+                      "experts": s.model.num_experts, "top_k": s.model.effective_top_k},
+            "cluster": {"devices": s.num_devices, "device": s.hardware.device.name,
+                        "topology": s.cluster.topology, "nodes": topo.num_nodes,
+                        "links": topo.num_links},
+            "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp, "ep": par.ep, "vp": par.vp,
+                       "zero_stage": par.zero_stage, "expert_dp": layout.expert_dp},
+            "memory_bytes": [{"stage": m.stage, **{k: getattr(m, k) for k in parts},
+                              "fits": m.fits} for m in stages],
+            "warnings": [] if worst is None else [
+                f"stage {worst.stage} needs {worst.total / 2**30:.1f} GiB of "
+                f"{worst.capacity / 2**30:.1f} GiB"],
+            **({"resolved_scenario": plain} if args.verbose else {})},
+            indent=2, sort_keys=True, default=str))
+        return 0
     if args.verbose:
         print(yaml.safe_dump(plain, sort_keys=False), end="")
-    counts = s.model.param_counts()
     print(f"{s.source}: valid")
     print(f"  model     {s.model.name}: {counts.total / 1e9:.1f}B parameters, "
           f"{counts.active / 1e9:.1f}B active per token, {s.model.num_moe_layers} MoE layers "
           f"x {s.model.num_experts} experts, top-{s.model.effective_top_k}")
     print(f"  cluster   {s.num_devices} x {s.hardware.device.name} ({s.cluster.topology}, "
           f"{topo.num_nodes} nodes, {topo.num_links} links)")
-    par = s.parallelism
     print(f"  layout    tp={par.tp} pp={par.pp} dp={par.dp} ep={par.ep} vp={par.vp} "
           f"zero={par.zero_stage}; expert-DP {layout.expert_dp}")
     print("  memory per device (GiB), busiest device of each pipeline stage:")
     header = ("stage", "dense_w", "expert_w", "grads", "optim", "activ", "kv", "buffers",
               "reserved", "total", "capacity")
     print("   " + " ".join(f"{h:>8}" for h in header))
-    worst = None
-    for stage in range(par.pp):
-        m = stage_memory(s, layout, stage)
-        vals = [m.dense_weights, m.expert_weights, m.gradients, m.optimizer, m.activations,
-                m.kv_cache, m.comm_buffers, m.reserved, m.total, m.capacity]
-        print("   " + f"{stage:>8}" + "".join(f"{v / 2**30:>9.1f}" for v in vals))
-        if not m.fits:
-            worst = m
+    for m in stages:
+        vals = [getattr(m, k) for k in parts]
+        print("   " + f"{m.stage:>8}" + "".join(f"{v / 2**30:>9.1f}" for v in vals))
     if worst is not None:
         print(f"  warning: stage {worst.stage} needs {worst.total / 2**30:.1f} GiB of "
               f"{worst.capacity / 2**30:.1f} GiB")
         check_memory(s, layout)  # raises OutOfMemory with the breakdown unless on_overflow: warn
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from moesim.report.compare import compare_json, compare_table, load_result
+
+    a, b = load_result(args.a), load_result(args.b)
+    if args.json:
+        print(compare_json(a, b, (args.a, args.b)))
+    else:
+        print(compare_table(a, b))
     return 0
 
 
@@ -101,6 +156,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_scenario(arg: str) -> str:
+    """``arg`` if it names a file; else the shipped scenario of that name (``tiny-cpu``)."""
+    if Path(arg).exists() or "/" in arg or arg.endswith((".yaml", ".yml")):
+        return arg
+    matches = [p for p in _scenario_files() if p.stem == arg]
+    if len(matches) == 1:
+        return str(matches[0])
+    from moesim.errors import ScenarioError
+    names = ", ".join(sorted(p.stem for p in _scenario_files()))
+    raise ScenarioError(f"no such file, and no shipped scenario of that name (shipped: {names})",
+                        source=arg)
+
+
 def _scenario_files() -> list[Path]:
     here = Path(__file__).resolve().parent
     for base in (here / "_data" / "scenarios", here.parent / "scenarios"):
@@ -111,27 +179,52 @@ def _scenario_files() -> list[Path]:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": _cmd_run, "validate": _cmd_validate, "info": _cmd_info,
+    "run": _cmd_run, "validate": _cmd_validate, "info": _cmd_info, "compare": _cmd_compare,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="moesim", description="Simulate and plan MoE training and serving.")
+    from moesim.version import __version__
+
+    parser = _Parser(prog="moesim", description="Simulate and plan MoE training and serving. "
+                     "Exit codes: 0 ok, 2 bad input, 3 a bug in moesim.")
+    parser.add_argument("--version", action="version", version=f"moesim {__version__}",
+                        help="print the moesim version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                help="what to do (moesim COMMAND -h for its options)")
+    scenario_help = "scenario YAML file, or the name of a shipped one (see `moesim info`)"
+    set_help = "override a scenario field (value read as YAML), e.g. --set parallelism.ep=16; " \
+               "repeat for more"
     run = sub.add_parser("run", help="simulate one step of a scenario")
-    run.add_argument("scenario")
-    run.add_argument("-o", "--output", help="output directory (default results/<scenario name>)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a scenario field, e.g. --set parallelism.ep=16")
-    run.add_argument("--engine", choices=("aggregated", "full"), default=None)
+    run.add_argument("scenario", help=scenario_help)
+    run.add_argument("-o", "--output", help="output folder (default results/<scenario name>, "
+                     "or results/<name>-<hash> with --set)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    run.add_argument("--engine", choices=("aggregated", "full"), default=None,
+                     help="aggregated (fast) or full (every op as an event); default: the "
+                     "scenario's simulation.mode")
     run.add_argument("--no-trace", action="store_true", help="skip trace.json")
+    run.add_argument("--json", action="store_true",
+                     help="print the results (as in results.json) as JSON instead of a summary")
     val = sub.add_parser("validate", help="check a scenario and print its memory table")
-    val.add_argument("scenario")
-    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    val.add_argument("scenario", help=scenario_help)
+    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     val.add_argument("-v", "--verbose", action="store_true", help="print the resolved scenario")
+    val.add_argument("--json", action="store_true",
+                     help="print the check, sizes and memory table as JSON")
     sub.add_parser("info", help="list shipped models, hardware profiles and scenarios")
+    cmp = sub.add_parser("compare", help="two run results side by side",
+                         description="Compare two `moesim run` results: step time, throughput, "
+                         "MFU, breakdown, memory and busiest links, with B's change vs A.")
+    cmp.add_argument("a", help="results.json or run folder (the reference)")
+    cmp.add_argument("b", help="results.json or run folder to compare with A")
+    cmp.add_argument("--json", action="store_true", help="print the comparison as JSON")
     _extend(sub)
+    for subparser in sub.choices.values():  # --debug also after the subcommand
+        if "--debug" not in subparser._option_string_actions:
+            subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                   help="show tracebacks")
     return parser
 
 
@@ -149,21 +242,39 @@ def _extend(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``moesim`` command line; return the exit code (0 ok, 2 bad input, 3 a bug)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
         return COMMANDS[args.command](args)
-    except MoESimError as exc:
-        if args.debug:
-            raise
-        message = " ".join(str(exc).split())
-        print(f"moesim: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("moesim: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:  # noqa: BLE001 - every exception becomes one line and an exit code
+        if debug:
+            raise
+        return report_error(exc)
+
+
+def report_error(exc: BaseException) -> int:
+    """Print ``exc`` as one line on stderr; return its exit code (2 bad input, 3 a bug)."""
+    if is_internal(exc):
+        _say(f"moesim: internal error (a bug in moesim, not in your input): "
+             f"{describe_internal(exc)}; rerun with --debug for the traceback and please "
+             "report it")
+        return EXIT_INTERNAL
+    _say(f"moesim: error: {' '.join(str(exc).split())}")
+    return EXIT_INPUT
+
+
+def _say(line: str) -> None:
+    """One line on stderr, whatever it holds (a path with undecodable bytes, a lone surrogate)."""
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    safe = line.encode(encoding, "backslashreplace").decode(encoding, "replace")
+    print(safe, file=sys.stderr)
 
 
 if __name__ == "__main__":

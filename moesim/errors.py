@@ -7,6 +7,8 @@ other exception is a bug in moesim. ``InternalError`` marks a broken internal in
 
 from __future__ import annotations
 
+import traceback
+
 __all__ = [
     "MoESimError",
     "ScenarioError",
@@ -16,6 +18,8 @@ __all__ = [
     "CalibrationError",
     "TraceError",
     "InternalError",
+    "is_internal",
+    "describe_internal",
 ]
 
 
@@ -62,3 +66,25 @@ class TraceError(MoESimError):
 
 class InternalError(MoESimError):
     """An internal invariant broke: a bug in moesim, never the user's fault."""
+
+
+def is_internal(exc: BaseException) -> bool:
+    """True if ``exc`` is a bug in moesim: an InternalError or any non-MoESimError exception."""
+    return isinstance(exc, InternalError) or not isinstance(exc, MoESimError)
+
+
+def describe_internal(exc: BaseException) -> str:
+    """One line naming the failing check of an internal error: kind, message and where it broke.
+
+    For an InternalError the message is the check; for any other exception the innermost frame
+    (``file:line in function``) says where it broke.
+    """
+    message = " ".join(str(exc).split()) or "(no message)"
+    if len(message) > 300:
+        message = message[:297] + "..."
+    text = f"{type(exc).__name__}: {message}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        text += f" (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name})"
+    return text

@@ -20,6 +20,10 @@ __all__ = ["RoutingTrace", "load_trace", "choices_from_trace"]
 
 _NPZ_KEYS = ("expert_ids", "counts", "coactivation", "num_experts")
 _CSV_HEADERS = ("layer,token,expert", "layer,expert,count")
+# Largest id a CSV column may hold (the model limits: 10,000 layers, 65,536 experts); token ids
+# must be below the number of rows (every token 0..T-1 has rows). Larger ids would size arrays.
+_CSV_MAX_ID = {"layer": 10_000, "expert": 1 << 16}
+_CSV_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_csv(path: Path, num_experts: int | None) -> dict[str, np.ndarray]:
+    if path.stat().st_size > _CSV_MAX_BYTES:
+        raise TraceError(f"{path}: {path.stat().st_size:,} bytes is more than the "
+                         f"{_CSV_MAX_BYTES:,} allowed for a CSV trace")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -134,6 +141,11 @@ def _read_csv(path: Path, num_experts: int | None) -> dict[str, np.ndarray]:
         if name != "count" and not (np.all(values >= 0) and np.all(values == np.round(values))):
             bad = values[(values < 0) | (values != np.round(values))][0]
             raise TraceError(f"{path}: column {name}: {bad} is not an integer >= 0")
+        limit = len(rows) - 1 if name == "token" else _CSV_MAX_ID.get(name)
+        if limit is not None and values.max() > limit:
+            raise TraceError(f"{path}: column {name}: id {values.max():.0f} is larger than the "
+                             f"{limit:,} allowed" + (" (token ids count up from 0, one or more "
+                                                     "rows each)" if name == "token" else ""))
     layer = rows[:, 0].astype(np.int64)
     layers = int(layer.max()) + 1          # a layer count mismatch is reported by the caller
     if columns[1] == "token":

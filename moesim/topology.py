@@ -40,6 +40,7 @@ import numpy as np
 from moesim.errors import TopologyError
 from moesim.spec.cluster import ClusterSpec
 from moesim.spec.hardware import HardwareProfile
+from moesim.spec.limits import MAX_DEVICES
 
 __all__ = ["Topology", "build_topology", "LINK_CLASSES"]
 
@@ -212,6 +213,9 @@ def build_topology(cluster: ClusterSpec, hardware: HardwareProfile,
         link names an unknown device, a device's profile was not given, or a device cannot reach
         another.
     """
+    count = _device_count(cluster, hardware)
+    if count > MAX_DEVICES:
+        raise TopologyError(f"{count:,} devices is more than the {MAX_DEVICES:,} moesim simulates")
     builders = {"nvswitch": _build_switched, "fat_tree": _build_switched,
                 "rail_optimized": _build_switched, "torus": _build_torus,
                 "explicit": _build_explicit}
@@ -273,6 +277,15 @@ class _Builder:
         return Topology(self.graph, tuple(self.devices), np.asarray(self.device_node, np.int64),
                         np.asarray(self.capacity, float), np.asarray(self.latency, float),
                         tuple(self.ends), tuple(self.classes), router)
+
+
+def _device_count(cluster: ClusterSpec, hardware: HardwareProfile) -> int:
+    """Devices the cluster will have, from its sizes alone (nothing is built)."""
+    if cluster.topology == "explicit":
+        return len(cluster.devices)
+    if cluster.topology == "torus":
+        return math.prod(cluster.torus_dims)
+    return cluster.nodes * _devices_per_node(cluster, hardware)
 
 
 def _link_spec(cluster: ClusterSpec, hardware: HardwareProfile, cls: str) -> _Link:

@@ -9,7 +9,9 @@ Rules:
   powers of 1024;
 - a lower-case ``b`` is a bit (``Gb/s``, ``Gbps``, ``Gbit/s``), an upper-case ``B`` a byte; bits are
   divided by 8 so bandwidths always come out in bytes/s;
-- a plain number (``3.35e12`` or ``42``) is taken as already in SI units.
+- a plain number (``3.35e12`` or ``42``) is taken as already in SI units, except where a unit is
+  required (``require_unit=True``, every YAML field with a unit kind): there ``900`` could mean
+  B/s or GB/s, so a bare number is an error that gives an example. Counts never need a unit.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def _unit_factor(unit: str, kind: str) -> float:
     return _scale(prefix) * bases[base]
 
 
-def parse_quantity(value: object, kind: str) -> float:
+def parse_quantity(value: object, kind: str, *, require_unit: bool = False) -> float:
     """Parse a human quantity into SI units.
 
     Parameters
@@ -74,6 +76,8 @@ def parse_quantity(value: object, kind: str) -> float:
         ``"900 GB/s"``, ``"400 Gb/s"``, ``"80 GiB"``, ``"989 TFLOPS"``, ``"2 us"`` or a plain number
         (taken as SI: bytes, bytes/s, FLOP/s or seconds).
     kind : {"bytes", "bandwidth", "flops", "time", "count"}
+    require_unit : bool
+        Refuse a number without a unit (except for ``count``).
 
     Returns
     -------
@@ -94,13 +98,20 @@ def parse_quantity(value: object, kind: str) -> float:
         raise ValueError(f"kind={kind!r} must be one of {KINDS}")
     if isinstance(value, bool):
         raise UnitError(f"expected a number or a quantity string, got {value!r}")
+    needs_unit = require_unit and kind != "count"
     if isinstance(value, int | float):
+        if needs_unit:
+            raise UnitError(f"{value!r} has no unit: write the {kind} with its unit, e.g. "
+                            f"{_example(kind)}")
         number = float(value)
     elif isinstance(value, str):
         match = _QUANTITY.match(value)
         if not match:
             raise UnitError(f"cannot read {value!r} as a {kind} quantity (e.g. {_example(kind)})")
         unit = match["unit"] or ""
+        if needs_unit and not unit:
+            raise UnitError(f"{value!r} has no unit: write the {kind} with its unit, e.g. "
+                            f"{_example(kind)}")
         factor = _unit_factor(unit, kind) if unit else 1.0
         number = float(match["num"]) * factor
     else:

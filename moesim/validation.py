@@ -96,7 +96,7 @@ def layer_scenario(*, hardware: str | Path, hidden: int, ffn: int, num_experts: 
         "routing": {**(routing or {}), "max_tokens_per_source": tokens_per_rank},
         "placement": {"policy": placement},
     }
-    return scenario_from_mapping(data, source=f"<{name}>")
+    return scenario_from_mapping(data, source=f"<{name}>", bare_si=True)  # links in SI
 
 
 def emulated_scale_out(profile: HardwareProfile, rate_bytes_per_s: float) -> float | None:

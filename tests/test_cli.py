@@ -121,3 +121,76 @@ def test_every_shipped_scenario_runs(path, tmp_path, capsys):
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["step_time"] > 0 and result["tokens_per_s"] > 0
     assert sum(result["breakdown"].values()) == pytest.approx(result["step_time"], rel=1e-6)
+
+
+# --- conveniences -------------------------------------------------------------------------------
+
+def test_version_and_python_dash_m(capsys):
+    import moesim
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"moesim {moesim.__version__}\n"
+    proc = subprocess.run([sys.executable, "-m", "moesim", "--version"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout == f"moesim {moesim.__version__}\n"
+
+
+def test_shipped_scenario_by_name_and_json_output(tmp_path, capsys):
+    assert main(["run", "tiny-cpu", "-o", str(tmp_path), "--no-trace", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert printed.pop("written") == [str(tmp_path / "results.json"),
+                                      str(tmp_path / "summary.txt")]
+    assert printed == on_disk and on_disk["scenario_file"] == str(SHIPPED_BY_NAME["tiny-cpu"])
+    assert main(["validate", "tiny-cpu", "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)
+    # tiny-cpu: 2 nodes x 2 devices, tp=1 pp=2 dp=2 ep=2 (scenarios/tiny-cpu.yaml)
+    assert check["valid"] and check["cluster"]["devices"] == 4 and check["cluster"]["nodes"] == 2
+    assert check["layout"]["pp"] == 2 and len(check["memory_bytes"]) == 2
+    for stage in check["memory_bytes"]:
+        parts = sum(stage[k] for k in ("dense_weights", "expert_weights", "gradients",
+                                       "optimizer", "activations", "kv_cache", "comm_buffers",
+                                       "reserved"))
+        assert parts == pytest.approx(stage["total"], rel=1e-9)
+    assert main(["run", "no-such-scenario"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no shipped scenario of that name" in err
+    assert "tiny-cpu" in err
+
+
+SHIPPED_BY_NAME = {p.stem: p for p in SHIPPED}
+
+
+def test_compare_two_runs(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", "tiny-cpu", "-o", str(a), "--no-trace"]) == 0
+    assert main(["run", "tiny-cpu", "-o", str(b), "--no-trace", "--set",
+                 "workload.global_batch=16"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b / "results.json")]) == 0
+    table = capsys.readouterr().out
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    assert "B: tiny-cpu [workload.global_batch=16]" in table
+    change = 100 * (rb["step_time"] - ra["step_time"]) / ra["step_time"]
+    step_line = next(line for line in table.splitlines() if line.startswith("step time"))
+    assert step_line.endswith(f"{change:+.1f}%")
+    assert all(f"  {part}" in table for part in ra["breakdown"]) and "busiest links A" in table
+    assert main(["compare", str(a), str(b), "--json"]) == 0
+    rows = {r["metric"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["step time"]["a"] == ra["step_time"] and rows["MFU"]["b"] == rb["mfu"]
+    assert main(["compare", str(a), str(tmp_path / "nothing")]) == 2
+    assert "no results.json here" in capsys.readouterr().err
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from moesim.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    owned = ("run", "validate", "info", "compare", "sweep", "plot")   # plan, calibrate: elsewhere
+    missing = [f"{name} {a.option_strings or a.dest}" for name in owned
+               for a in sub.choices[name]._actions if not a.help]
+    missing += [str(a.option_strings) for a in parser._actions if not a.help]
+    assert missing == []

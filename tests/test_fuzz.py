@@ -1,8 +1,10 @@
 """Fuzzing: mutated scenarios give a valid result or a MoESimError with a message, nothing else.
 
 Mutations of a valid scenario: drop a field, retype a value, negate or enlarge a number, misspell
-a key, truncate the YAML text, or replace it with random bytes. `benchmarks/fuzz.py` runs the same
-strategy for many more examples.
+a key, truncate the YAML text, or replace it with random bytes; and hostile text: YAML alias bombs
+in typed fields, deep nesting, integers of hundreds or thousands of digits, names that are paths or
+hold NUL / surrogates, and file fields pointing at devices, folders, /proc, missing or absurdly long
+paths. `benchmarks/fuzz.py` runs the same strategy for many more examples, with a time limit.
 """
 
 from __future__ import annotations
@@ -70,17 +72,70 @@ def _mutate(data: dict, draw) -> dict:
     return data
 
 
+HOSTILE = ("alias_bomb", "deep", "huge_int", "bad_name", "bad_path")
+# Typed fields a hostile value goes into (a repeated top-level key replaces the first).
+_TYPED = ("name", "seed", "description", "model", "cluster", "workload", "parallelism",
+          "routing", "simulation")
+BAD_NAMES = ("../../x", "a/b", "/abs", "..", ".", "", "a b", "x" * 300, "\\0", "a\\0b",
+             "\\ud800", "a\\udfffb", "\\x07bell", "naïve", "con:", "~", "-", "a\\\\b")
+BAD_PATHS = ("/dev/zero", "/dev/null", "/", "/proc/self/status", "/proc", "/etc/shadow",
+             "../../../../etc/passwd", "/nonexistent/x.yaml", "x" * 5000, "a\\0b.yaml",
+             "/dev/zero.yaml", "/tmp", "scenario.yaml", "~/.ssh/id_rsa", "\\ud800.csv")
+
+
+def _bomb(levels: int, width: int) -> str:
+    parts = ['l0: &l0 ["lol"]']
+    parts += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels + 1)]
+    return "{" + ", ".join(parts) + "}"
+
+
+def hostile_line(kind: str, draw) -> str:
+    """One YAML line of hostile input (appended to a valid scenario)."""
+    key = draw(st.sampled_from(_TYPED))
+    if kind == "alias_bomb":
+        return f"{key}: {_bomb(draw(st.integers(3, 12)), draw(st.integers(2, 12)))}"
+    if kind == "deep":
+        depth = draw(st.sampled_from([10, 63, 64, 65, 100, 1000, 20000]))
+        opener, closer = draw(st.sampled_from([("[", "]"), ("{a: ", "}")]))
+        return f"{key}: " + opener * depth + "1" + closer * depth
+    if kind == "huge_int":
+        digits = draw(st.sampled_from([19, 20, 40, 41, 400, 4300, 4301, 20000]))
+        number = draw(st.sampled_from(["9", "1"])) * digits
+        where = draw(st.sampled_from(["seed", "workload", "cluster", "parallelism"]))
+        if where == "seed":
+            return f"seed: {number}"
+        field = {"workload": "global_batch", "cluster": "nodes", "parallelism": "dp"}[where]
+        inner = {**BASE[where], field: "NUMBER"}
+        return f"{where}: " + yaml.safe_dump(inner, default_flow_style=True).strip().replace(
+            "NUMBER", number)
+    if kind == "bad_name":
+        return f'name: "{draw(st.sampled_from(BAD_NAMES))}"'
+    path = draw(st.sampled_from(BAD_PATHS))
+    where = draw(st.sampled_from(["hardware", "trace", "plan", "model"]))
+    if where == "hardware":
+        return "cluster: " + yaml.safe_dump({**BASE["cluster"], "hardware": "PATH"},
+                                            default_flow_style=True).strip().replace(
+            "PATH", f'"{path}"')
+    if where == "trace":
+        return f'routing: {{distribution: trace, trace: "{path}"}}'
+    if where == "plan":
+        return f'placement: {{policy: file, file: "{path}"}}'
+    return f'model: "{path}"'
+
+
 @st.composite
 def scenario_texts(draw) -> str:
     data = BASE
     for _ in range(draw(st.integers(1, 3))):
         data = _mutate(data, draw)
     text = yaml.safe_dump(data)
-    how = draw(st.sampled_from(["whole", "whole", "whole", "truncate", "bytes"]))
+    how = draw(st.sampled_from(["whole", "whole", "whole", "truncate", "bytes", "hostile"]))
     if how == "truncate":
         return text[: draw(st.integers(0, len(text)))]
     if how == "bytes":
         return draw(st.binary(max_size=200)).decode("latin-1")
+    if how == "hostile":
+        return yaml.safe_dump(BASE) + hostile_line(draw(st.sampled_from(HOSTILE)), draw) + "\n"
     return text
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -244,3 +249,87 @@ def test_shipped_sweeps_load_and_every_point_is_a_valid_scenario(name):
     for p in sweep.points:
         scenario = sweep.scenario(p)
         assert scenario.parallelism.world == scenario.num_devices
+
+
+# --- killing a running sweep --------------------------------------------------------------------
+
+KILL_POINTS = list(range(8))
+
+
+def kill_sweep(tmp_path):
+    """8 points of the 4-node Mixtral scenario (about 0.5 s each in a worker)."""
+    return write_sweep(tmp_path, {"grid": {"seed": KILL_POINTS}}, name="kill.yaml",
+                       base=str(REPO / "scenarios" / "mixtral-8x7b-train-4node.yaml"))
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (an orphaned zombie waits for init to reap it; it runs nothing)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    outcome = run_sweep(load_sweep(kill_sweep(tmp)), tmp / "out", jobs=1)
+    return outcome.csv.read_bytes(), outcome.jsonl.read_bytes()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_sweep_leaves_no_worker_and_resumes_byte_identically(sig, tmp_path,
+                                                                     uninterrupted):
+    path, out = kill_sweep(tmp_path), tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "moesim.cli", "sweep", str(path), "-o",
+                             str(out), "-j", "2", "-q"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        jsonl = out / "results.jsonl"
+        while not (jsonl.exists() and jsonl.read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.02)
+        workers = children_of(proc.pid)
+        assert len(workers) >= 2                    # the pool (and its manager's helpers)
+        os.kill(proc.pid, sig)
+        killed = time.monotonic()
+        proc.wait(timeout=5)
+        while any(alive(w) for w in workers) and time.monotonic() - killed < 5:
+            time.sleep(0.05)
+        assert not [w for w in workers if alive(w)], "workers outlived the sweep by 5 s"
+        assert proc.returncode == -sig if sig == signal.SIGKILL else proc.returncode == 128 + sig
+        if sig == signal.SIGTERM:
+            assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = jsonl.read_text().count("\n")
+    assert 1 <= done < len(KILL_POINTS)
+    assert main(["sweep", str(path), "-o", str(out), "--resume", "-j", "1", "-q"]) == 0
+    assert ((out / "results.csv").read_bytes(), jsonl.read_bytes()) == uninterrupted
+
+
+def test_two_sweeps_on_one_folder_are_refused(small, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with runner._locked(out):                # as if another sweep were running there
+        assert main(["sweep", small.source, "-o", str(out), "-q"]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert f"{out} is in use by another moesim sweep (pid {os.getpid()})" in err
+        assert not (out / "results.jsonl").exists()
+    assert main(["sweep", small.source, "-o", str(out), "-q", "-j", "1"]) == 0  # free again

@@ -53,3 +53,50 @@ def test_format_round_trips():
     for value, kind in ((4.5e10, "bandwidth"), (8e10, "bytes"), (9.89e14, "flops"),
                         (3e-3, "time")):
         assert parse_quantity(format_quantity(value, kind, digits=6), kind) == pytest.approx(value)
+
+
+# --- YAML fields with a unit kind must carry a unit ---------------------------------------------
+
+@pytest.mark.parametrize("value, kind", [(900, "bandwidth"), ("900", "bandwidth"),
+                                         (80, "bytes"), (2.5e-6, "time"), (989e12, "flops")])
+def test_a_bare_number_needs_a_unit_where_one_is_required(value, kind):
+    with pytest.raises(UnitError, match=f"has no unit: write the {kind} with its unit, e.g. "):
+        parse_quantity(value, kind, require_unit=True)
+    assert parse_quantity(value, kind) == float(value)          # code paths: SI numbers
+
+
+def test_counts_never_need_a_unit():
+    assert parse_quantity(1500, "count", require_unit=True) == 1500.0
+    assert parse_quantity("1.5k", "count", require_unit=True) == 1500.0
+
+
+def test_bare_bandwidth_in_a_scenario_is_an_error_naming_field_and_example(capsys):
+    from moesim.cli import main
+    from tests.conftest import REPO
+    tiny = str(REPO / "scenarios" / "tiny-cpu.yaml")
+    assert main(["validate", tiny, "--set", "cluster.scale_up_bandwidth=900"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert (f"{tiny}: cluster.scale_up_bandwidth: 900 has no unit: write the bandwidth with its "
+            'unit, e.g. "900 GB/s"') in err
+    assert main(["validate", tiny, "--set", "cluster.scale_up_bandwidth=900 GB/s"]) == 0
+
+
+def test_measured_profiles_hold_si_numbers(tmp_path):
+    """The calibration suite writes SI numbers; a profile with a calibration section may."""
+    import yaml
+
+    from moesim.errors import ScenarioError
+    from moesim.spec.hardware import load_hardware
+    profile = {"name": "m", "device": {"name": "cpu", "kind": "cpu", "peak_flops": {"fp32": 1e11},
+                                       "memory": 2**34, "memory_bandwidth": 2e10},
+               "links": {"scale_up": {"kind": "shm", "bandwidth": 5e9, "latency": 2e-6}},
+               "node": {"devices_per_node": 2}}
+    by_hand = tmp_path / "by_hand.yaml"
+    by_hand.write_text(yaml.safe_dump(profile))
+    with pytest.raises(ScenarioError, match="device.peak_flops.fp32: 100000000000.0 has no unit"):
+        load_hardware(str(by_hand))
+    measured = tmp_path / "measured.yaml"
+    measured.write_text(yaml.safe_dump({**profile, "calibration": {"metadata": {}}}))
+    hw = load_hardware(str(measured))
+    assert hw.links["scale_up"].bandwidth == 5e9 and hw.device.memory == 2**34

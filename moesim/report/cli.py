@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,8 +50,17 @@ def _window(text: str) -> tuple[float, float]:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     path = Path(args.results)
+    from moesim.results import check_output_dir, discard_output_dir
+
     out = Path(args.output) if args.output else (path if path.is_dir() else path.parent) / "plots"
-    written = plot_results(path, out, x=args.x, layer=args.layer, window=args.window)
+    if not path.exists():
+        raise MoESimError(f"{path}: no such file or folder")
+    out, created = check_output_dir(out, what="plot folder")
+    try:
+        written = plot_results(path, out, x=args.x, layer=args.layer, window=args.window)
+    except BaseException:
+        discard_output_dir(out, created)
+        raise
     for p in written:
         print(p)
     return 0
@@ -112,10 +120,17 @@ def plot_run(folder: Path, out_dir: str | Path, *, layer: int | None = None,
              window: tuple[float, float] | None = None) -> list[Path]:
     """Breakdown, link utilisation, Gantt (if trace.json), expert load and placement of a run."""
     from moesim.report import plots
+    from moesim.results import run_label
     from moesim.sweep.runner import result_metrics
 
     result = _read_json(folder / "results.json")
-    name = result["scenario"]
+    needed = ("scenario", "step_time", "tokens_per_s", "mfu", "breakdown", "memory", "alltoall",
+              "experts", "links")
+    missing = [k for k in needed if not isinstance(result, dict) or k not in result]
+    if missing:
+        raise MoESimError(f"{folder / 'results.json'}: not a moesim results.json (no "
+                          f"{', '.join(missing)})")
+    name = run_label(result["scenario"], result.get("overrides", []))
     written = []
     row = result_metrics(result)
     fig = plots.breakdown_figure([row], [name], title=f"{name}: step-time breakdown "
@@ -140,8 +155,9 @@ def plot_run(folder: Path, out_dir: str | Path, *, layer: int | None = None,
 
 def _expert_figures(result: dict[str, Any], out_dir, layer: int | None) -> list[Path]:
     from moesim.report import plots
+    from moesim.results import run_label
 
-    name, experts = result["scenario"], result["experts"]
+    name, experts = run_label(result["scenario"], result.get("overrides", [])), result["experts"]
     loads, layers = experts["tokens_per_expert"], experts["layers"]
     if not loads:
         return []
@@ -163,9 +179,9 @@ def _expert_figures(result: dict[str, Any], out_dir, layer: int | None) -> list[
 def plot_accuracy(path: Path, out_dir: str | Path) -> list[Path]:
     """Predicted vs measured scatter of an accuracy CSV (``name,measured_s,predicted_s``)."""
     from moesim.report import plots
+    from moesim.spec.limits import read_text_bounded
 
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = list(csv.DictReader(read_text_bounded(path).splitlines()))
     need = {"name", "measured_s", "predicted_s"}
     if not rows or not need <= set(rows[0]):
         raise MoESimError(f"{path}: an accuracy CSV needs a header with {', '.join(sorted(need))}"
@@ -182,7 +198,7 @@ def plot_accuracy(path: Path, out_dir: str | Path) -> list[Path]:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MoESimError(f"{path}: cannot read ({exc})") from None
+    """A results/manifest JSON file, bounded in size and depth (moesim.spec.limits)."""
+    from moesim.spec.limits import load_json_text, read_text_bounded
+
+    return load_json_text(read_text_bounded(path, limit=256 * 2**20), source=str(path))

@@ -29,7 +29,7 @@ TOPOLOGIES = ("nvswitch", "fat_tree", "rail_optimized", "torus", "explicit")
 class ExplicitDevice:
     name: str
     node: int = spec_field(0, min=0, doc="host index, for intra/inter-node accounting")
-    hardware: str = spec_field("", doc="profile name/path; empty = the cluster's profile")
+    hardware: str = spec_field("", path=True, doc="profile name/path; empty = the cluster's profile")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +46,7 @@ class ExplicitLink:
 class ClusterSpec:
     """Hardware profile + topology + sizes. Bandwidth overrides are for what-if sweeps."""
 
-    hardware: str = spec_field(doc="shipped profile name (see `moesim info`) or a .yaml path")
+    hardware: str = spec_field(path=True, doc="shipped profile name (see `moesim info`) or a .yaml path")
     topology: Literal["nvswitch", "fat_tree", "rail_optimized", "torus", "explicit"] = "fat_tree"
     nodes: int = spec_field(1, min=1, max=1 << 20)
     devices_per_node: int = spec_field(0, min=0, max=1024, doc="0 = the profile's node.devices_per_node")

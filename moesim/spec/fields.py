@@ -8,9 +8,13 @@ and what is allowed. Defaults live in the dataclasses only.
 Field metadata understood by :func:`build`:
 
 - ``unit``: a kind for :func:`moesim.units.parse_quantity` ("bytes", "bandwidth", "flops", "time");
-  the YAML may then say ``"900 GB/s"`` and the field holds bytes/s.
+  the YAML must then say ``"900 GB/s"`` (a bare number is an error naming the field and giving an
+  example, since ``900`` could mean B/s or GB/s) and the field holds bytes/s. Only files written
+  by moesim's calibration suite (profiles with a ``calibration`` section) hold bare SI numbers:
+  :func:`build` with ``bare_si=True``.
 - ``min`` / ``max``: inclusive bounds; ``gt``: exclusive lower bound.
 - ``doc``: one line shown in error messages and ``moesim validate``.
+- ``path``: the string is a file path (checked against the OS's length limits).
 """
 
 from __future__ import annotations
@@ -21,9 +25,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-import yaml
-
 from moesim.errors import ScenarioError
+from moesim.spec.limits import check_path_text, check_text, load_yaml_text, read_text_bounded
 from moesim.units import UnitError, parse_quantity
 
 __all__ = ["build", "read_yaml", "spec_field", "join_path", "to_plain"]
@@ -33,9 +36,10 @@ T = TypeVar("T")
 
 def spec_field(default: Any = dataclasses.MISSING, *, unit: str | None = None,
                min: float | None = None, max: float | None = None, gt: float | None = None,
-               doc: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
+               doc: str = "", default_factory: Any = dataclasses.MISSING,
+               path: bool = False) -> Any:
     """A dataclass field with validation metadata (see the module docstring)."""
-    meta = {"unit": unit, "min": min, "max": max, "gt": gt, "doc": doc}
+    meta = {"unit": unit, "min": min, "max": max, "gt": gt, "doc": doc, "path": path}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -48,26 +52,19 @@ def join_path(parent: str, key: str | int) -> str:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; a missing file or a syntax error becomes a ScenarioError naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ScenarioError("file not found", source=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError(f"cannot read file ({exc.__class__.__name__}: {exc})",
-                            source=str(path)) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ScenarioError(f"not valid YAML{where}: {problem}", source=str(path)) from None
+    """Parse a YAML file within the limits of :mod:`moesim.spec.limits` (size, regular file,
+    nesting, alias expansion, integer digits); every problem is a ScenarioError naming the file."""
+    text = read_text_bounded(path)
+    return load_yaml_text(text, source=str(path))
 
 
-def build(cls: type[T], data: Any, *, source: str | None, path: str = "") -> T:
-    """Build the frozen dataclass ``cls`` from ``data`` (a mapping), validating every field."""
+def build(cls: type[T], data: Any, *, source: str | None, path: str = "",
+          bare_si: bool = False) -> T:
+    """Build the frozen dataclass ``cls`` from ``data`` (a mapping), validating every field.
+
+    ``bare_si`` accepts plain numbers (taken as SI) in fields with a unit; only for files that
+    moesim itself wrote in SI (measured hardware profiles).
+    """
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
@@ -88,7 +85,7 @@ def build(cls: type[T], data: Any, *, source: str | None, path: str = "") -> T:
                 raise ScenarioError("required field is missing" + (f" ({doc})" if doc else ""),
                                     source=source, field=fpath)
             continue
-        values[name] = _convert(hints[name], data[name], fld.metadata, source, fpath)
+        values[name] = _convert(hints[name], data[name], fld.metadata, source, fpath, bare_si)
     try:
         return cls(**values)
     except ScenarioError as exc:
@@ -108,7 +105,8 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-def _convert(hint: Any, value: Any, meta: Any, source: str | None, path: str) -> Any:
+def _convert(hint: Any, value: Any, meta: Any, source: str | None, path: str,
+             bare_si: bool = False) -> Any:
     origin = get_origin(hint)
     args = get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -116,11 +114,11 @@ def _convert(hint: Any, value: Any, meta: Any, source: str | None, path: str) ->
             return None
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
-            return _convert(inner[0], value, meta, source, path)
+            return _convert(inner[0], value, meta, source, path, bare_si)
         errors = []
         for option in inner:
             try:
-                return _convert(option, value, meta, source, path)
+                return _convert(option, value, meta, source, path, bare_si)
             except ScenarioError as exc:
                 errors.append(str(exc))
         raise ScenarioError(f"{_describe(value)} fits none of the allowed forms", source=source,
@@ -136,7 +134,7 @@ def _convert(hint: Any, value: Any, meta: Any, source: str | None, path: str) ->
             raise ScenarioError(f"expected a list, got {_describe(value)}", source=source,
                                 field=path)
         item_hint = args[0] if args else Any
-        return tuple(_convert(item_hint, v, meta, source, join_path(path, i))
+        return tuple(_convert(item_hint, v, meta, source, join_path(path, i), bare_si)
                      for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
@@ -144,16 +142,18 @@ def _convert(hint: Any, value: Any, meta: Any, source: str | None, path: str) ->
                                 field=path)
         key_hint, val_hint = args if args else (Any, Any)
         return {_convert(key_hint, k, {}, source, path): _convert(val_hint, v, meta, source,
-                                                                     join_path(path, str(k)))
+                                                                     join_path(path, str(k)),
+                                                                     bare_si)
                 for k, v in value.items()}
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return build(hint, value, source=source, path=path)
+        return build(hint, value, source=source, path=path, bare_si=bare_si)
     if hint is Any:
         return value
-    return _scalar(hint, value, meta, source, path)
+    return _scalar(hint, value, meta, source, path, bare_si)
 
 
-def _scalar(hint: Any, value: Any, meta: Any, source: str | None, path: str) -> Any:
+def _scalar(hint: Any, value: Any, meta: Any, source: str | None, path: str,
+            bare_si: bool = False) -> Any:
     unit = meta.get("unit") if meta else None
     if hint is bool:
         if not isinstance(value, bool):
@@ -164,7 +164,9 @@ def _scalar(hint: Any, value: Any, meta: Any, source: str | None, path: str) -> 
         if not isinstance(value, str):
             raise ScenarioError(f"expected a string, got {_describe(value)}", source=source,
                                 field=path)
-        return value
+        if meta and meta.get("path"):
+            return check_path_text(value, source=source, field=path)
+        return check_text(value, source=source, field=path)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -175,7 +177,7 @@ def _scalar(hint: Any, value: Any, meta: Any, source: str | None, path: str) -> 
     elif hint is float:
         if unit:
             try:
-                value = parse_quantity(value, unit)
+                value = parse_quantity(value, unit, require_unit=not bare_si)
             except UnitError as exc:
                 raise ScenarioError(str(exc), source=source, field=path) from None
         elif isinstance(value, bool) or not isinstance(value, int | float):

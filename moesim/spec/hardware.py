@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from moesim.errors import ScenarioError
 from moesim.spec.fields import build, read_yaml, spec_field
+from moesim.spec.limits import check_path_text
 
 __all__ = ["DeviceSpec", "LinkSpec", "NodeSpec", "HardwareProfile", "load_hardware",
            "DTYPES", "dtype_bytes"]
@@ -150,6 +151,8 @@ def profile_dirs() -> list[Path]:
 
 def find_profile(name_or_path: str, relative_to: Path | None = None) -> Path:
     """Resolve a profile name ("h100-sxm") or a path (absolute, or relative to the scenario)."""
+    as_file = name_or_path if name_or_path.endswith((".yaml", ".yml")) else f"{name_or_path}.yaml"
+    check_path_text(as_file, source=None, field=None)   # NUL, surrogates, OS length limits
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml"):
         for base in ([relative_to] if relative_to else []) + [Path.cwd()]:
@@ -172,4 +175,6 @@ def load_hardware(name_or_path: str, relative_to: Path | None = None) -> Hardwar
     data = read_yaml(path)
     if isinstance(data, dict):
         data = {**data, "path": str(path)}
-    return build(HardwareProfile, data, source=str(path))
+    # Profiles written by the calibration suite (a `calibration` section) hold SI numbers.
+    measured = isinstance(data, dict) and data.get("calibration") is not None
+    return build(HardwareProfile, data, source=str(path), bare_si=measured)

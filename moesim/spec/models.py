@@ -22,6 +22,7 @@ from typing import Any
 
 from moesim.errors import ScenarioError
 from moesim.spec.fields import build, read_yaml
+from moesim.spec.limits import check_path_text
 from moesim.spec.model import ModelSpec
 
 __all__ = ["model_dirs", "list_models", "find_model", "load_model", "merge_mappings"]
@@ -52,6 +53,8 @@ def find_model(name_or_path: str, relative_to: Path | None = None) -> Path:
     ScenarioError
         The file does not exist, or the name is not a shipped model (the message lists them).
     """
+    as_file = name_or_path if name_or_path.endswith((".yaml", ".yml")) else f"{name_or_path}.yaml"
+    check_path_text(as_file, source=None, field=None)   # NUL, surrogates, OS length limits
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml"):
         bases = ([relative_to] if relative_to is not None else []) + [Path.cwd()]

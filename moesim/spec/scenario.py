@@ -12,12 +12,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from moesim.errors import ScenarioError
 from moesim.spec.cluster import ClusterSpec
 from moesim.spec.fields import build, read_yaml, spec_field
 from moesim.spec.hardware import DTYPES, HardwareProfile, load_hardware
+from moesim.spec.limits import MAX_DEPTH, MAX_DEVICES, check_name, load_yaml_text
 from moesim.spec.model import ModelSpec
 
 __all__ = ["Parallelism", "Workload", "Precision", "RoutingSpec", "PlacementSpec",
@@ -83,7 +82,7 @@ class RoutingSpec:
     coactivation_groups: int = spec_field(0, min=0, max=1 << 16)
     coactivation_strength: float = spec_field(0.0, min=0, max=1000)
     node_limit: int = spec_field(0, min=0, max=1 << 16, doc="max nodes per token (DeepSeek-V3: 4); 0 = off")
-    trace: str = spec_field("", doc="routing trace file (see docs/trace_format.md)")
+    trace: str = spec_field("", path=True, doc="routing trace file (see docs/trace_format.md)")
     max_tokens_per_source: int = spec_field(256, min=1, max=1 << 16, doc="sampled tokens per device and layer")
 
 
@@ -91,7 +90,7 @@ class RoutingSpec:
 class PlacementSpec:
     policy: Literal["contiguous", "round_robin", "random", "eplb", "eplb_global", "moesim",
                     "file"] = "contiguous"
-    file: str = ""
+    file: str = spec_field("", path=True, doc="plan file (policy: file)")
     redundant_experts: int = spec_field(0, min=0, max=1 << 20, doc="extra expert slots per EP group")
 
 
@@ -171,6 +170,9 @@ class Scenario:
     outputs: OutputSpec = field(default_factory=OutputSpec)
     source: str = ""
 
+    def __post_init__(self) -> None:
+        check_name(self.name, source=self.source or None, field="name")
+
     @property
     def devices_per_node(self) -> int:
         return self.cluster.devices_per_node or self.hardware.node.devices_per_node
@@ -216,13 +218,13 @@ def apply_overrides(data: dict, overrides: list[str], *, source: str) -> dict:
         if "=" not in item:
             raise ScenarioError(f"override {item!r} must look like key.path=value", source=source)
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ScenarioError(f"override value {raw!r} is not valid YAML", source=source,
-                                field=key) from None
+        value = load_yaml_text(raw, source=source, field=key.strip())
         node = data
         parts = key.strip().split(".")
+        if len(parts) > MAX_DEPTH or not all(parts):
+            raise ScenarioError(f"override key {key[:60]!r} must be a dotted field path of at "
+                                f"most {MAX_DEPTH} non-empty parts, e.g. parallelism.ep",
+                                source=source)
         for part in parts[:-1]:
             child = node.get(part) if isinstance(node, dict) else None
             if child is None:
@@ -237,8 +239,13 @@ def apply_overrides(data: dict, overrides: list[str], *, source: str) -> dict:
     return data
 
 
-def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = None) -> Scenario:
-    """Build a Scenario from a parsed mapping (the body of :func:`load_scenario`)."""
+def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = None,
+                          bare_si: bool = False) -> Scenario:
+    """Build a Scenario from a parsed mapping (the body of :func:`load_scenario`).
+
+    ``bare_si=True`` accepts plain SI numbers in fields with a unit (mappings made by code, such
+    as :mod:`moesim.validation`'s layer scenarios); YAML written by people needs units.
+    """
     from moesim.spec.models import load_model  # models module resolves shipped names
 
     unknown = [k for k in data if k not in _TOP_FIELDS]
@@ -249,7 +256,7 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
         if required not in data:
             raise ScenarioError("required field is missing", source=source, field=required)
     model = load_model(data["model"], source=source, relative_to=base_dir, field_path="model")
-    cluster = build(ClusterSpec, data["cluster"], source=source, path="cluster")
+    cluster = build(ClusterSpec, data["cluster"], source=source, path="cluster", bare_si=bare_si)
     try:
         hardware = load_hardware(cluster.hardware, relative_to=base_dir)
     except ScenarioError as exc:
@@ -258,7 +265,7 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
         raise ScenarioError(str(exc), source=source, field="cluster.hardware") from None
     body = {k: v for k, v in data.items() if k not in ("model", "cluster", "sweep")}
     body.update(model=model, cluster=cluster, hardware=hardware, source=source)
-    scenario = build(Scenario, body, source=source)
+    scenario = build(Scenario, body, source=source, bare_si=bare_si)
     _check_relations(scenario, source)
     return scenario
 
@@ -267,6 +274,10 @@ def _check_relations(s: Scenario, source: str) -> None:
     """Cross-field checks: things each field alone cannot know."""
     par, wl, m = s.parallelism, s.workload, s.model
     devices = s.num_devices
+    if devices > MAX_DEVICES:
+        raise ScenarioError(f"{devices:,} devices is more than the {MAX_DEVICES:,} moesim "
+                            "simulates; use fewer nodes or smaller torus dims", source=source,
+                            field="cluster")
     if par.world != devices:
         raise ScenarioError(f"tp * pp * dp = {par.tp} * {par.pp} * {par.dp} = {par.world} must "
                             f"equal the cluster's {devices} devices", source=source,

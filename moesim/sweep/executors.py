@@ -4,12 +4,23 @@ Every executor takes the same picklable tasks, calls the same module-level funct
 yields ``(task index, row)`` as points finish (in completion order), so the runner writes the same
 table whichever ran them. Ray is optional (``pip install moesim[ray]``) and imported only here,
 only when asked for.
+
+Local workers never outlive the sweep: if the sweep stops early (an exception, Ctrl-C, a SIGTERM
+the CLI turns into an exit) they are terminated, then killed; if the sweep's process is killed
+outright (SIGKILL), each worker gets SIGKILL from the kernel (Linux ``PR_SET_PDEATHSIG``), or,
+elsewhere, a watchdog thread in the worker notices that its parent is gone and exits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
@@ -28,7 +39,7 @@ Done = tuple[int, dict[str, Any]]
 
 def run_tasks(fn: Callable[[Task], dict[str, Any]], tasks: Sequence[Task], *,
               executor: str = "local", jobs: int = 1, address: str | None = None
-              ) -> Iterator[Done]:
+              ) -> Generator[Done, None, None]:
     """Run ``fn(task)`` for every task; yield ``(index in tasks, result)`` as each finishes.
 
     Raises
@@ -45,29 +56,78 @@ def run_tasks(fn: Callable[[Task], dict[str, Any]], tasks: Sequence[Task], *,
     raise MoESimError(f"unknown executor {executor!r} (allowed: {', '.join(EXECUTORS)})")
 
 
-def run_inline(fn: Callable[[Task], dict[str, Any]], tasks: Sequence[Task]) -> Iterator[Done]:
+def run_inline(fn: Callable[[Task], dict[str, Any]], tasks: Sequence[Task]
+               ) -> Generator[Done, None, None]:
     """Run the tasks one by one in this process (``-j 1``: no pool start-up, easy to debug)."""
     for i, task in enumerate(tasks):
         yield i, fn(task)
 
 
 def run_local(fn: Callable[[Task], dict[str, Any]], tasks: Sequence[Task], jobs: int
-              ) -> Iterator[Done]:
-    """Run the tasks on a pool of ``jobs`` local processes."""
-    with ProcessPoolExecutor(max_workers=min(jobs, max(1, len(tasks)))) as pool:
+              ) -> Generator[Done, None, None]:
+    """Run the tasks on a pool of ``jobs`` local processes; none outlives this generator."""
+    pool = ProcessPoolExecutor(max_workers=min(jobs, max(1, len(tasks))),
+                               initializer=_worker_init, initargs=(os.getpid(),))
+    completed = False
+    try:
         pending = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
-        try:
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    yield pending.pop(future), future.result()
-        finally:  # interrupted or a bug in one point: drop what has not started
-            for future in pending:
-                future.cancel()
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield pending.pop(future), future.result()
+        completed = True
+    finally:
+        if completed:
+            pool.shutdown(wait=True)
+        else:  # interrupted or a bug in one point: stop every worker now, not after its point
+            _stop_pool(pool)
+
+
+def _stop_pool(pool: ProcessPoolExecutor, grace: float = 2.0) -> None:
+    """Cancel what has not started and end the workers: SIGTERM, then SIGKILL after ``grace``."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in workers:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in workers:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+
+
+def _worker_init(parent: int) -> None:
+    """In each worker: leave Ctrl-C to the parent, die on SIGTERM, and die with the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent stops us after Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not _die_with_parent():
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True,
+                         name="moesim-parent-watchdog").start()
+    if os.getppid() != parent:                       # the parent died before we got here
+        os._exit(1)
+
+
+def _die_with_parent() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies; False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0   # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int, period: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(period)
+    os._exit(1)
 
 
 def run_ray(fn: Callable[[Task], dict[str, Any]], tasks: Sequence[Task], *,
-            address: str | None = None, jobs: int = 1) -> Iterator[Done]:
+            address: str | None = None, jobs: int = 1) -> Generator[Done, None, None]:
     """Run the tasks as Ray tasks, on the cluster at ``address`` or on a local Ray instance.
 
     At most ``max(jobs, cluster CPUs)`` tasks are in flight, so an interrupted sweep leaves little

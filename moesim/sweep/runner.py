@@ -3,7 +3,9 @@
 One row per point: the point's name, its swept values, the metrics of its simulated step (step
 time, tokens/s, MFU, the step-time breakdown, cross-node traffic, load imbalance, peak memory,
 dropped tokens) and ``error``, which holds the one-line message of a point that raised a
-MoESimError (out of memory, an invalid combination) instead of crashing the sweep.
+MoESimError (out of memory, an invalid combination) instead of crashing the sweep. A point that hit
+a bug in moesim (an InternalError or any other exception) gets an ``error`` starting with
+``internal error:``; it never reads like bad input, and the CLI exits 3 after the sweep.
 
 Crash safety: each finished row is appended to ``results.jsonl`` as one whole line, flushed and
 fsynced, so a killed sweep loses at most the points in flight. ``--resume`` reads the finished rows
@@ -13,25 +15,34 @@ whose key is missing, and at the end both files are rewritten atomically in swee
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from moesim.errors import MoESimError
-from moesim.results import write_json_atomic, write_text_atomic
+from moesim.errors import MoESimError, describe_internal, is_internal
+from moesim.results import (
+    check_output_dir,
+    discard_output_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
 from moesim.sweep.executors import run_tasks
 from moesim.sweep.spec import Sweep, SweepPoint, build_point_scenario
 
-__all__ = ["PointTask", "SweepOutcome", "simulate_point", "result_metrics", "run_sweep",
+__all__ = ["PointTask", "SweepOutcome", "simulate_point", "is_internal_row", "INTERNAL", "result_metrics", "run_sweep",
            "read_rows", "table_columns", "METRIC_COLUMNS"]
 
-JSONL, CSV, MANIFEST = "results.jsonl", "results.csv", "sweep.json"
+JSONL, CSV, MANIFEST, LOCK = "results.jsonl", "results.csv", "sweep.json", ".moesim-sweep.lock"
+INTERNAL = "internal error: "   # prefix of the error of a point that hit a bug in moesim
 
 # Metric columns in table order; breakdown_<part>_s columns follow step_time_s.
 METRIC_COLUMNS = ("scenario", "devices", "step_time_s", "tokens_per_s", "tokens_per_s_per_device",
@@ -57,23 +68,27 @@ class SweepOutcome:
     computed: int                   # points simulated by this run
     skipped: int                    # points found finished in results.jsonl (resume)
     failed: int                     # rows with an error
+    internal: int                   # of those, rows whose error is a bug in moesim (exit 3)
     jsonl: Path
     csv: Path
 
 
 def simulate_point(task: PointTask) -> dict[str, Any]:
-    """Metrics of one point, or ``{"error": "<Kind>: <message>"}`` if it raised a MoESimError."""
+    """Metrics of one point, or ``{"error": "<Kind>: <message>"}`` if it raised a MoESimError.
+
+    A bug in moesim (InternalError or any other exception) gives ``{"error": "internal error:
+    <Kind>: <message> (at file:line in function)"}``: the sweep goes on and exits 3 at the end.
+    """
     from moesim.assembly import simulate
 
     try:
         scenario = build_point_scenario(task.base, task.base_dir, task.source, task.overrides)
         result = simulate(scenario, engine=task.engine).result
-    except MoESimError as exc:
+        return result_metrics(result.to_dict())
+    except Exception as exc:  # noqa: BLE001 - every point ends as a row
+        if is_internal(exc):
+            return {"error": INTERNAL + describe_internal(exc)}
         return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
-    except Exception as exc:  # a bug in moesim: crash, but say which point
-        exc.add_note(f"while simulating the sweep point with {', '.join(task.overrides)}")
-        raise
-    return result_metrics(result.to_dict())
 
 
 def result_metrics(r: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +135,44 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, jobs: int = 1, executor: str
         Existing results without resume/overwrite, a resumed sweep whose base scenario changed,
         a corrupt results.jsonl, or an executor problem (e.g. Ray not installed).
     """
-    out = Path(out_dir)
+    out, created = check_output_dir(out_dir, what="sweep output folder")
+    try:
+        with _locked(out):
+            return _run_locked(sweep, out, jobs=jobs, executor=executor, address=address,
+                               resume=resume, overwrite=overwrite, engine=engine,
+                               progress=progress)
+    except BaseException:
+        if created is not None and not (out / JSONL).exists():
+            discard_output_dir(out, created)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (a second sweep on the same folder is refused).
+
+    The lock is an ``flock`` on ``out/.moesim-sweep.lock``: the kernel releases it when this
+    process and its workers end, however they end, so a killed sweep never leaves it stuck.
+    """
+    path = out / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            raise MoESimError(f"{out} is in use by another moesim sweep (pid {holder}); wait "
+                              "for it to finish or use another -o folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _run_locked(sweep: Sweep, out: Path, *, jobs: int, executor: str, address: str | None,
+                resume: bool, overwrite: bool, engine: str | None,
+                progress: TextIO | None) -> SweepOutcome:
     jsonl = out / JSONL
     done = _prepare(sweep, out, resume=resume, overwrite=overwrite)
     todo = [p for p in sweep.points if p.key not in done]
@@ -128,9 +180,10 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, jobs: int = 1, executor: str
              for p in todo]
     bar = _Progress(len(sweep.points), len(sweep.points) - len(todo), progress)
     try:
-        with open(jsonl, "a", encoding="utf-8") as handle:
-            for i, metrics in run_tasks(simulate_point, tasks, executor=executor, jobs=jobs,
-                                        address=address):
+        with open(jsonl, "a", encoding="utf-8") as handle, contextlib.closing(
+                run_tasks(simulate_point, tasks, executor=executor, jobs=jobs,
+                          address=address)) as finished:
+            for i, metrics in finished:
                 row = _row(todo[i], metrics)
                 _append(handle, row)
                 done[row["key"]] = row
@@ -142,7 +195,14 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, jobs: int = 1, executor: str
     write_text_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in rows))
     ours = rows[:len(sweep.points)]
     return SweepOutcome(rows=ours, computed=len(todo), skipped=len(sweep.points) - len(todo),
-                        failed=sum(1 for r in ours if r["error"]), jsonl=jsonl, csv=out / CSV)
+                        failed=sum(1 for r in ours if r["error"]),
+                        internal=sum(1 for r in ours if is_internal_row(r)), jsonl=jsonl,
+                        csv=out / CSV)
+
+
+def is_internal_row(row: dict[str, Any]) -> bool:
+    """True if the row's point hit a bug in moesim (not a bad combination of inputs)."""
+    return str(row.get("error", "")).startswith(INTERNAL)
 
 
 def _prepare(sweep: Sweep, out: Path, *, resume: bool, overwrite: bool) -> dict[str, dict]:

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 
 from moesim.errors import ScenarioError
 from moesim.spec.fields import read_yaml
+from moesim.spec.limits import MAX_NAME_CHARS, MAX_SWEEP_POINTS, check_name
 from moesim.spec.model import ModelSpec
 from moesim.spec.scenario import Scenario, apply_overrides, scenario_from_mapping
 
@@ -128,7 +130,15 @@ def sweep_from_mapping(data: dict, *, source: str, base_dir: Path) -> Sweep:
         base = {k: v for k, v in data.items() if k != "sweep"}
         scen_dir, fixed = base_dir, {}
         name, description = data.get("name") or Path(source).stem, data.get("description", "")
+    name = _sweep_name(name, explicit=bool(data.get("name")), source=source)
     axes = _axes(data["sweep"], source)
+    total = 1
+    for _, rows in axes:
+        total *= len(rows)
+    if total > MAX_SWEEP_POINTS:
+        sizes = " x ".join(str(len(rows)) for _, rows in axes)
+        raise ScenarioError(f"{sizes} = {total:,} points is more than the {MAX_SWEEP_POINTS:,} "
+                            "allowed in one sweep; split it", source=source, field="sweep")
     fields = tuple(f for axis in axes for f in axis[0])
     for f in (*fields, *fixed):
         _check_field_path(f, source, "sweep" if f in fields else "set")
@@ -142,6 +152,14 @@ def sweep_from_mapping(data: dict, *, source: str, base_dir: Path) -> Sweep:
     return Sweep(name=str(name), description=str(description), source=source, base=base,
                  base_dir=str(scen_dir), fields=fields, axes=tuple(a[0] for a in axes),
                  points=tuple(points))
+
+
+def _sweep_name(name: Any, *, explicit: bool, source: str) -> str:
+    """The sweep's name, a folder name: checked if the file gave it, made safe if derived."""
+    if explicit:
+        return check_name(name, source=source, field="name")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(name))[:MAX_NAME_CHARS].strip(".")
+    return safe or "sweep"
 
 
 def _base_of_sweep_file(data: dict, source: str, base_dir: Path) -> tuple[dict, Path]:
