@@ -25,7 +25,7 @@ from moesim.sweep.spec import load_sweep
 
 from .conftest import REPO
 
-simulate_module = importlib.import_module("moesim.sim.simulate")
+simulate_module = importlib.import_module("moesim.assembly")
 TINY = REPO / "scenarios" / "tiny-cpu.yaml"
 
 

@@ -63,7 +63,7 @@ def test_unusable_output_is_refused_before_any_work(case, command, tmp_path, mon
     from tests.conftest import REPO
     out = str(_unusable_outputs(tmp_path)[case])
     calls = []
-    sim_module = importlib.import_module("moesim.sim.simulate")
+    sim_module = importlib.import_module("moesim.assembly")
     monkeypatch.setattr(sim_module, "simulate", lambda *a, **k: calls.append(a))
     if command == "run":
         argv = ["run", str(REPO / "scenarios" / "tiny-cpu.yaml"), "-o", out]
