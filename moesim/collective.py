@@ -52,7 +52,7 @@ from moesim.units import parse_quantity
 
 __all__ = ["CollectiveResult", "OPS", "BUSBW_FACTOR", "cluster_topology", "uniform_alltoall",
            "ring_collective", "token_alltoall", "deepep_choices", "scenario_layer_alltoall",
-           "register"]
+           "published_checks", "DEEPEP_NORMAL", "DEEPEP_LL", "H100_LL", "register"]
 
 OPS = ("alltoall", "allreduce", "allgather", "reducescatter")
 _PROFILE_CLASS = {"scale_up": "scale_up", "scale_out": "scale_out", "fabric": "scale_out",
@@ -358,6 +358,67 @@ def scenario_layer_alltoall(s, topo: Topology, *, algorithm: str | None = None,
                           ll_nvlink=ll_nvlink, rtol=rtol)
 
 
+# ----------------------------------------------------------------------------- published checks
+
+# DeepEP's README (V1 tables, now deepseek-ai/DeepEP docs/legacy.md): H800, ~160 GB/s NVLink, one
+# CX-7 400 Gb/s NIC per GPU. Normal kernels: 4,096 tokens per rank, hidden 7,168, top-4 groups,
+# top-8 of 256 experts, FP8 dispatch, BF16 combine; (EP, dispatch GB/s, combine GB/s), NVLink
+# bandwidth at EP 8, RDMA at EP >= 16 (DeepEP's logical definitions, module docstring).
+DEEPEP_NORMAL = ((8, 153e9, 158e9), (16, 43e9, 43e9), (32, 58e9, 57e9), (64, 51e9, 50e9))
+# Low-latency kernels: 128 tokens per rank, same model; (EP, dispatch s, combine s).
+DEEPEP_LL = ((8, 77e-6, 114e-6), (16, 118e-6, 195e-6), (32, 155e-6, 273e-6),
+             (64, 173e-6, 314e-6), (128, 192e-6, 369e-6), (256, 194e-6, 360e-6))
+# DeepEP low-latency kernels measured on H100 SXM under SGLang 0.5.6.post2 (NVLink allowed inside
+# a node), aiconfigurator 0.12.0 table systems/data/h100_sxm/comm/sglang/0.5.6.post2/
+# wideep_deepep_ll_perf.parquet (Apache-2.0): (nodes, tokens per rank, dispatch s, combine s),
+# hidden 7,168, top-8 of 256 experts.
+H100_LL = ((2, 8, 23.6e-6, 36.2e-6), (2, 64, 58.1e-6, 102.2e-6), (2, 128, 102.1e-6, 186.2e-6),
+           (4, 8, 32.0e-6, 41.8e-6), (4, 64, 82.9e-6, 151.7e-6), (4, 128, 143.0e-6, 263.3e-6),
+           (8, 8, 35.2e-6, 42.8e-6), (8, 64, 94.0e-6, 160.3e-6), (8, 128, 166.8e-6, 304.7e-6))
+
+
+def _layer(profile: str, nodes: int, tokens: int, algorithm: str, ll_nvlink: bool,
+           groups: int = 4) -> tuple[CollectiveResult, CollectiveResult]:
+    topo, hw, _ = cluster_topology(profile, nodes=nodes,
+                                   topology="fat_tree" if algorithm == "deepep_ll" else None)
+    ranks = topo.num_devices
+    choices = deepep_choices(ranks, tokens, 256, 8, nodes, min(groups, nodes))
+    placement = Placement(np.arange(256).reshape(1, ranks, -1), 256)
+    return token_alltoall(topo, hw, choices, placement, hidden=7168, algorithm=algorithm,
+                          tokens_per_source=tokens, ll_nvlink=ll_nvlink)
+
+
+def published_checks(*, ll_nvlink: bool, h800: str = "h800-sxm", h100: str = "h100-sxm"
+                     ) -> list[tuple[str, str, float, float]]:
+    """(case, unit, published, predicted) for DeepEP's README tables on ``h800`` and the H100
+    low-latency measurements on ``h100`` (8 GPUs per node in both)."""
+    rows = []
+    for ep, d_pub, c_pub in DEEPEP_NORMAL:
+        d, c = _layer(h800, ep // 8, 4096, "deepep_normal", ll_nvlink)
+        key = "nvl_gbps" if ep == 8 else "rdma_gbps"
+        rows += [(f"DeepEP normal EP{ep} dispatch", key[:-5].upper() + " GB/s", d_pub,
+                  d.figures[key]),
+                 (f"DeepEP normal EP{ep} combine", key[:-5].upper() + " GB/s", c_pub,
+                  c.figures[key])]
+    for ep, d_pub, c_pub in DEEPEP_LL:
+        d, c = _layer(h800, ep // 8, 128, "deepep_ll", ll_nvlink)
+        rows += [(f"DeepEP LL EP{ep} dispatch", "us", d_pub, d.seconds),
+                 (f"DeepEP LL EP{ep} combine", "us", c_pub, c.seconds)]
+    for nodes, tokens, d_pub, c_pub in H100_LL:
+        d, c = _layer(h100, nodes, tokens, "deepep_ll", ll_nvlink)
+        rows += [(f"H100 LL {nodes}x8 {tokens} tok dispatch", "us", d_pub, d.seconds),
+                 (f"H100 LL {nodes}x8 {tokens} tok combine", "us", c_pub, c.seconds)]
+    return rows
+
+
+def _print_checks(rows: list[tuple[str, str, float, float]]) -> None:
+    print(f"{'case':<34} {'unit':<9} {'published':>9} {'moesim':>9} {'error %':>8}")
+    for case, unit, pub, pred in rows:
+        scale = 1e6 if unit == "us" else 1e-9
+        print(f"{case:<34} {unit:<9} {pub * scale:>9.1f} {pred * scale:>9.1f} "
+              f"{(pred / pub - 1) * 100:>+8.1f}")
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -380,6 +441,9 @@ def _print(results: list[CollectiveResult]) -> None:
 
 
 def _cmd_collective(args: argparse.Namespace) -> int:
+    if args.published:
+        _print_checks(published_checks(ll_nvlink=args.ll_nvlink))
+        return 0
     topo, hardware, scenario = cluster_topology(args.source, nodes=args.nodes,
                                                 topology=args.topology)
     ranks = args.ranks or topo.num_devices
@@ -425,7 +489,8 @@ def _cmd_collective(args: argparse.Namespace) -> int:
 def register(sub, commands: dict) -> None:
     """Add ``moesim collective`` to the CLI."""
     p = sub.add_parser("collective", help="time one collective alone on a topology")
-    p.add_argument("source", help="scenario .yaml, or a hardware profile name/file")
+    p.add_argument("source", nargs="?", default="h800-sxm",
+                   help="scenario .yaml, or a hardware profile name/file")
     p.add_argument("--op", choices=OPS, default="alltoall")
     p.add_argument("--algorithm", choices=(*ALGORITHMS, "all"), default="direct",
                    help="all-to-all algorithm (ring collectives ignore it)")
@@ -445,5 +510,7 @@ def register(sub, commands: dict) -> None:
                    help="the scenario's first MoE layer as the simulator routes it")
     p.add_argument("--ll-nvlink", action="store_true",
                    help="deepep_ll: intra-node messages over NVLink instead of the NIC")
+    p.add_argument("--published", action="store_true",
+                   help="compare with DeepEP's README tables (H800) and H100 LL measurements")
     commands["collective"] = _cmd_collective
 
