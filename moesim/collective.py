@@ -287,7 +287,8 @@ def token_alltoall(topo: Topology, hardware: HardwareProfile, choices: routing.L
     """Dispatch and combine of one routed MoE layer over ranks ``0..ep-1`` under ``algorithm``.
 
     ``ll_nvlink``: deepep_ll sends intra-node messages over NVLink (DeepEP's
-    ``allow_nvlink_for_low_latency_mode``) instead of through the NIC.
+    ``allow_nvlink_for_low_latency_mode``) instead of through the NIC; a topology without NICs
+    (one NVSwitch node) uses NVLink too, and ``figures["via_nic"]`` says which was used.
     """
     ep = placement.ep
     node = topo.device_node[:ep]
@@ -296,7 +297,7 @@ def token_alltoall(topo: Topology, hardware: HardwareProfile, choices: routing.L
                             dispatch_bytes_per_elem=dispatch_bytes_per_elem,
                             combine_bytes_per_elem=combine_bytes_per_elem, capacity_factor=None,
                             top_k=choices.top_k, algorithm=algorithm)
-    via_nic = traffic.via_nic and not ll_nvlink
+    via_nic = traffic.via_nic and not ll_nvlink and "scale_out" in topo.link_class
     figures = _deepep_counts(choices, placement, node)
     out = []
     for op, nbytes, pairs, copy in (
@@ -304,7 +305,7 @@ def token_alltoall(topo: Topology, hardware: HardwareProfile, choices: routing.L
             ("combine", traffic.combine_bytes, traffic.combine_pairs, traffic.combine_copy_bytes)):
         seconds, transfer, overhead = _run(topo, hardware, pairs, nbytes, via_nic=via_nic,
                                            per_message_cost=traffic.per_message_cost, rtol=rtol)
-        named = {"bytes": float(nbytes.sum()), "copy_bytes": copy}
+        named = {"bytes": float(nbytes.sum()), "copy_bytes": copy, "via_nic": float(via_nic)}
         if seconds > 0:
             named.update({"rdma_gbps": figures["node_copies"] * copy / seconds,
                           "nvl_gbps": figures["rank_copies"] * copy / seconds,
@@ -435,6 +436,8 @@ def _print(results: list[CollectiveResult]) -> None:
             f = r.figures
             extra = (f"RDMA {f.get('rdma_gbps', 0) / 1e9:6.1f}  NVL {f.get('nvl_gbps', 0) / 1e9:6.1f}"
                      f"  LL {f.get('ll_gbps', 0) / 1e9:6.1f}")
+            if r.algorithm == "deepep_ll":
+                extra += "  (intra-node via NIC)" if f["via_nic"] else "  (intra-node via NVLink)"
         print(f"{r.op:<13} {r.algorithm:<14} {r.ranks:>5} {r.nbytes / 1e6:>8.2f}MB "
               f"{r.seconds * 1e6:>10.1f} {r.overhead * 1e6:>8.1f} {_gb(r.algbw)} {_gb(r.busbw)}"
               f"  {extra}")

@@ -102,11 +102,11 @@ def test_multi_node_ring_uses_every_nic_once():
     assert r.seconds == pytest.approx(7 / 16 * 1.6e9 / 10e9, rel=1e-6)
 
 
-def _one_token(algorithm, ll_nvlink=False):
+def _one_token(algorithm, ll_nvlink=False, kind="fat_tree"):
     # One node, two devices, a fat tree (so a NIC exists); device 0 sends one token to expert 1
     # on device 1; hidden 128, FP8: a low-latency message is 128 + 4 + 16 = 148 bytes.
     hw = _hardware(per_node=2)
-    topo = _topology(hw, nodes=1, kind="fat_tree")
+    topo = _topology(hw, nodes=1, kind=kind)
     choices = routing.LayerChoices(np.array([[1]], dtype=np.int32), np.array([0], np.int32), 1.0)
     placement = Placement(np.array([[[0], [1]]]), 2)
     return token_alltoall(topo, hw, choices, placement, hidden=128, algorithm=algorithm,
@@ -122,6 +122,9 @@ def test_low_latency_goes_through_the_nic_inside_a_node():
     assert dispatch.figures["ll_gbps"] == pytest.approx(74 / (148 / 10e9))
     nvlink, _ = _one_token("deepep_ll", ll_nvlink=True)
     assert nvlink.seconds == pytest.approx(148 / 50e9)
+    assert dispatch.figures["via_nic"] == 1.0 and nvlink.figures["via_nic"] == 0.0
+    no_nic, _ = _one_token("deepep_ll", kind="nvswitch")      # no NIC modelled: NVLink
+    assert no_nic.seconds == pytest.approx(148 / 50e9)
     normal, _ = _one_token("deepep_normal")
     assert normal.seconds == pytest.approx(132 / 50e9)            # 128 + 4 scale bytes, NVLink
 
