@@ -14,6 +14,15 @@ packets, congestion control or switch buffers.
 
 The closed-form alpha-beta costs of collectives (ring, tree, hierarchical all-reduce, all-to-all,
 point-to-point) live here too, so the simulator and the placement planner price traffic alike.
+
+Message-size dependence (opt-in per link class, :class:`moesim.spec.hardware.LinkSpec`): a message
+of ``s`` bytes reaches ``efficiency * s / (s + h)`` of line rate, ``h`` the link's
+``half_efficiency_size``: the alpha-beta law ``t = (s + h) / B_eff`` of nccl-tests size sweeps with
+its per-message alpha written as ``h`` bytes of wire time. :func:`link_time` and
+:func:`effective_bandwidth` price one message; :func:`wire_bytes` turns flows made of messages
+into the bytes a link at the large-message rate ``B_eff`` would carry in the same time, so
+:func:`simulate_flows` charges the size curve unchanged. :func:`simulate_concurrent` runs several
+collectives' flows together on one network (contention) and reports each one's finish.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim.errors import InternalError
+from moesim.spec.hardware import LinkSpec
 
 __all__ = [
     "FlowResult",
@@ -39,6 +49,13 @@ __all__ = [
     "hierarchical_all_reduce",
     "all_to_all_alpha_beta",
     "p2p",
+    "message_efficiency",
+    "effective_bandwidth",
+    "link_time",
+    "wire_bytes",
+    "FlowGroup",
+    "ConcurrentResult",
+    "simulate_concurrent",
 ]
 
 # Two fair shares within this relative distance are the same water level: float noise from
@@ -295,6 +312,140 @@ def p2p(nbytes: float, bw: float, lat: float) -> float:
     """Point-to-point send: ``lat + nbytes/bw``; 0 for an empty message, as in the flow model."""
     _check_collective(nbytes, 1, bw, lat)
     return lat + nbytes / bw if nbytes > 0 else 0.0
+
+
+# --- Message-size dependent link cost ---
+
+
+def message_efficiency(nbytes: float | np.ndarray, link: LinkSpec) -> float | np.ndarray:
+    """Fraction of line rate one message of ``nbytes`` reaches: ``eff * s / (s + h)``.
+
+    ``eff`` is ``link.efficiency`` (the large-message ceiling) and ``h`` its
+    ``half_efficiency_size``; with ``h = 0`` (the default) every size gets ``eff``. An empty
+    message gets 0 when ``h > 0``.
+    """
+    s = np.asarray(nbytes, dtype=float)
+    if np.any(~np.isfinite(s) | (s < 0)):
+        raise InternalError(f"message sizes must be finite and >= 0, got {nbytes!r}")
+    h = link.half_efficiency_size
+    out = np.full(s.shape, link.efficiency) if h == 0 else link.efficiency * s / (s + h)
+    return float(out) if out.ndim == 0 else out
+
+
+def effective_bandwidth(nbytes: float | np.ndarray, link: LinkSpec) -> float | np.ndarray:
+    """Bytes/s one message of ``nbytes`` moves at on ``link``: ``bandwidth * eff * s / (s + h)``.
+
+    Tends to ``eff * bandwidth`` for huge messages and to ``eff * bandwidth * s / h`` (a fixed
+    per-message time) for tiny ones.
+    """
+    return link.bandwidth * message_efficiency(nbytes, link)
+
+
+def link_time(nbytes: float | np.ndarray, link: LinkSpec) -> float | np.ndarray:
+    """Seconds to deliver one message of ``nbytes`` over ``link``, 0 for an empty message.
+
+    ``latency + (s + h) / (eff * bandwidth)``: latency-bound (``latency + h / B_eff``) for tiny
+    messages, bandwidth-bound (``s / B_eff``) for huge ones. The collective's fixed cost
+    (``collective_overhead``) is not included: it is paid once per collective, not per message.
+    """
+    s = np.asarray(nbytes, dtype=float)
+    message_efficiency(s, link)  # validates sizes
+    out = np.where(s > 0, link.latency + (s + link.half_efficiency_size)
+                   / (link.bandwidth * link.efficiency), 0.0)
+    return float(out) if out.ndim == 0 else out
+
+
+def wire_bytes(nbytes: np.ndarray, half_size: float | np.ndarray,
+               message_bytes: float | np.ndarray = 0.0) -> np.ndarray:
+    """Wire-equivalent bytes of flows: what moves at the large-message rate in the same time.
+
+    Flow ``f`` moves ``nbytes[f]`` in messages of ``message_bytes[f]`` (0 or >= the flow: one
+    message) over a link whose size curve has half-size ``half_size[f]``. Each message of ``m``
+    bytes costs ``(m + h) / B_eff`` seconds, so the flow costs ``nbytes * (m + h) / m`` bytes at
+    ``B_eff``, i.e. ``nbytes / efficiency(m) * eff``: the flow-level simulation, whose link
+    capacities are ``B_eff``, then charges the size curve without change. A flow crossing link
+    classes with different curves should be given the largest ``h`` on its path (a bound).
+
+    Example
+    -------
+    >>> wire_bytes(np.array([1000.0, 0.0]), 500.0, 250.0).tolist()   # 4 messages of 250 B
+    [3000.0, 0.0]
+    """
+    size = np.asarray(nbytes, dtype=float)
+    h = np.broadcast_to(np.asarray(half_size, dtype=float), size.shape)
+    m = np.broadcast_to(np.asarray(message_bytes, dtype=float), size.shape)
+    if np.any(~np.isfinite(size) | (size < 0)) or np.any(h < 0) or np.any(m < 0):
+        raise InternalError("wire_bytes: sizes, half sizes and message sizes must be >= 0")
+    msg = np.where((m > 0) & (m < size), m, size)
+    out = size + np.divide(size * h, msg, out=np.zeros_like(size), where=msg > 0)
+    return out
+
+
+# --- Contention between collectives that run at the same time ---
+
+
+@dataclass(frozen=True, eq=False)
+class FlowGroup:
+    """The flows of one collective: ``sizes, starts: float[F]`` and CSR paths on the network."""
+
+    name: str
+    sizes: np.ndarray
+    starts: np.ndarray
+    path_ptr: np.ndarray
+    path_links: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class ConcurrentResult:
+    """Outcome of :func:`simulate_concurrent`.
+
+    ``finish[g]``: each group's last-arrival time (its start if it moves nothing);
+    ``alone[g]``: the same group's finish with the network to itself; ``result``: the joint
+    :class:`FlowResult` over all groups' flows, concatenated in group order.
+    """
+
+    names: tuple[str, ...]
+    finish: np.ndarray
+    alone: np.ndarray
+    result: FlowResult
+
+    @property
+    def slowdown(self) -> np.ndarray:
+        """``finish / alone`` per group (1 = contention cost nothing); nan for empty groups."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.alone > 0, self.finish / self.alone, np.nan)
+
+
+def simulate_concurrent(groups: Sequence[FlowGroup], capacity: np.ndarray, latency: np.ndarray,
+                        *, rtol: float = 1e-12) -> ConcurrentResult:
+    """Simulate several collectives' flows together on one network, and each alone.
+
+    All flows share links max-min fairly (:func:`simulate_flows` on the concatenated flows), so
+    groups that cross a common link (e.g. EP groups on one oversubscribed leaf uplink, or data-
+    parallel gradient traffic during an all-to-all) slow each other down exactly where the
+    topology makes them share; groups on disjoint links do not interact.
+    """
+    if not groups:
+        raise InternalError("simulate_concurrent needs at least one group")
+    sizes = np.concatenate([np.asarray(g.sizes, dtype=float) for g in groups])
+    starts = np.concatenate([np.asarray(g.starts, dtype=float) for g in groups])
+    ptrs, links, offset = [np.zeros(1, dtype=np.int64)], [], 0
+    for g in groups:
+        ptr = np.asarray(g.path_ptr, dtype=np.int64)
+        ptrs.append(ptr[1:] + offset)
+        links.append(np.asarray(g.path_links, dtype=np.int64))
+        offset += int(ptr[-1])
+    result = simulate_flows(sizes, starts, np.concatenate(ptrs), np.concatenate(links),
+                            capacity, latency, rtol=rtol)
+    bounds = np.cumsum([0] + [np.size(g.sizes) for g in groups])
+    finish, alone = np.zeros(len(groups)), np.zeros(len(groups))
+    for i, g in enumerate(groups):
+        lo, hi = bounds[i], bounds[i + 1]
+        own = simulate_flows(g.sizes, g.starts, g.path_ptr, g.path_links, capacity, latency,
+                             rtol=rtol)
+        finish[i] = result.finish[lo:hi].max() if hi > lo else 0.0
+        alone[i] = own.finish.max() if hi > lo else 0.0
+    return ConcurrentResult(tuple(g.name for g in groups), finish, alone, result)
 
 
 # --- Internals ---

@@ -7,15 +7,27 @@ which experts), build the byte flows of the two all-to-alls:
   it (Megatron-Core's all-to-all dispatcher);
 - ``hierarchical``: a token crosses the network at most once per destination node, to the device
   on that node with the sender's local index, which forwards copies over NVLink to the devices
-  holding its experts (DeepEP, Tutel's 2D all-to-all). Cross-node bytes shrink when a token's top-k
-  experts share a node.
+  holding its experts (Tutel's 2D all-to-all). Cross-node bytes shrink when a token's top-k
+  experts share a node;
+- ``deepep_normal``: DeepEP's normal (high-throughput) kernels. Inside a node one copy per
+  (token, destination RANK), however many of the rank's experts the token chose; across nodes one
+  RDMA copy per (token, destination NODE) to the rank of the sender's local index there, which
+  forwards one copy per (token, destination rank) over NVLink. With FP8 dispatch each copy carries
+  one FP32 scale per 128 elements (``hidden / 128 * 4`` bytes); combine (BF16) carries none;
+- ``deepep_ll``: DeepEP's low-latency kernels. One message per (token, expert) pair written by
+  RDMA straight to the rank holding the expert, through the NIC even inside the node
+  (``via_nic``); an FP8 message is ``hidden + hidden / 128 * 4 + 16`` bytes (payload, scales,
+  metadata: 7,408 bytes at hidden 7,168, as DeepEP's ``tests/test_low_latency.py`` counts it);
+  combine sends ``hidden * 2`` BF16 bytes per pair back. A copy to the sender itself is local.
 
-Combine is the same flows reversed, scaled from the dispatch dtype to the combine dtype (FP8
-dispatch, BF16 combine as DeepEP does). Token counts are real tokens (sampled x weight).
+Combine is the same flows reversed, scaled from the dispatch bytes per copy to the combine bytes
+per copy (the dtype ratio for ``direct``/``hierarchical``; FP8 + scales -> BF16 for DeepEP).
+Token counts are real tokens (sampled x weight).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +35,16 @@ import numpy as np
 from moesim import routing
 from moesim.placement.placement import Placement, ReplicaSplit
 
-__all__ = ["LayerTraffic", "layer_traffic", "merge_flows"]
+__all__ = ["LayerTraffic", "layer_traffic", "merge_flows", "ALGORITHMS", "copy_bytes",
+           "SCALE_BLOCK", "SCALE_BYTES", "LL_META_BYTES"]
+
+ALGORITHMS = ("direct", "hierarchical", "deepep_normal", "deepep_ll")
+# FP8 payloads carry one FP32 scale per 128 elements (DeepSeek-V3 report sec. 3.3; DeepEP's
+# per_token_cast_to_fp8), and a DeepEP low-latency message 16 bytes of metadata on top
+# (deepseek-ai/DeepEP tests/test_low_latency.py: num_fp8_bytes = hidden + hidden / 128 * 4 + 16).
+SCALE_BLOCK = 128
+SCALE_BYTES = 4
+LL_META_BYTES = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +66,16 @@ class LayerTraffic:
     dropped: float
     cross_node_dispatch_bytes: float
     live_sources: int = -1          # devices that sent tokens (-1: all of the group)
+    algorithm: str = "direct"       # which all-to-all algorithm these flows follow
+    # Bytes of one dispatch / combine copy (a token, or a token-expert message for deepep_ll).
+    dispatch_copy_bytes: float = 0.0
+    combine_copy_bytes: float = 0.0
+    # True: intra-node flows go through the NIC (deepep_ll's pure-RDMA kernels), not NVLink.
+    via_nic: bool = False
+    # True: every flow is one NCCL send/recv message, so the link's message-size curve applies
+    # (direct, hierarchical). False: GPU-initiated streaming (DeepEP) that runs at the
+    # large-message rate and pays the per-collective cost only.
+    per_message_cost: bool = True
 
     @property
     def combine_pairs(self) -> np.ndarray:
@@ -95,20 +126,75 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
     same = (slots[:, :, None] == slots[:, None, :]).sum(axis=2)   # copies of the slot's expert
     slot_tokens = np.take_along_axis(per_device_expert, slots, axis=1) / same
     token_bytes = hidden * dispatch_bytes_per_elem
-    # Step 3: flows.
-    if algorithm == "direct":
+    # Step 3: flows, and the bytes of one dispatch and one combine copy.
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r} must be one of {', '.join(ALGORITHMS)}")
+    token_bytes, combine_copy = copy_bytes(algorithm, hidden, dispatch_bytes_per_elem,
+                                           combine_bytes_per_elem)
+    if algorithm in ("direct", "deepep_ll"):
         src, dst = np.nonzero(tokens)
         pairs, nbytes = merge_flows(src, dst, tokens[src, dst] * token_bytes, ep)
     elif algorithm == "hierarchical":
         pairs, nbytes = _hierarchical_flows(choices, counts, raw, split, tokens, device_node,
                                             token_bytes)
-    else:
-        raise ValueError(f"algorithm={algorithm!r} must be 'direct' or 'hierarchical'")
+    else:   # deepep_normal: the hierarchical route with one copy per destination rank
+        per_rank = _rank_fanout(choices, split, counts, raw)
+        pairs, nbytes = _hierarchical_flows(choices, counts, raw, split, per_rank, device_node,
+                                            token_bytes)
     cross = float(nbytes[device_node[pairs[:, 0]] != device_node[pairs[:, 1]]].sum())
-    scale = combine_bytes_per_elem / dispatch_bytes_per_elem
+    scale = combine_copy / token_bytes
     sources = ep if failed is None else int((~np.asarray(failed, dtype=bool)).sum())
+    deepep = algorithm.startswith("deepep")
     return LayerTraffic(pairs, nbytes, nbytes * scale, tokens, slot_tokens, counts,
-                        float(dropped.sum()), cross, sources)
+                        float(dropped.sum()), cross, sources, algorithm, token_bytes,
+                        combine_copy, algorithm == "deepep_ll", not deepep)
+
+
+def copy_bytes(algorithm: str, hidden: int, dispatch_bytes_per_elem: float,
+               combine_bytes_per_elem: float) -> tuple[float, float]:
+    """Bytes of one dispatch copy and one combine copy of a token under ``algorithm``.
+
+    ``direct``/``hierarchical``: ``hidden * bytes per element`` each way. DeepEP: a dispatch in a
+    1-byte format (FP8) adds one 4-byte scale per 128 elements; ``deepep_ll`` adds 16 bytes of
+    metadata per dispatch message; combine is ``hidden * combine bytes`` without scales.
+
+    Example
+    -------
+    >>> copy_bytes("deepep_ll", 7168, 1, 2)
+    (7408.0, 14336.0)
+    """
+    dispatch = float(hidden * dispatch_bytes_per_elem)
+    if algorithm.startswith("deepep") and dispatch_bytes_per_elem <= 1:
+        dispatch += math.ceil(hidden / SCALE_BLOCK) * SCALE_BYTES
+    if algorithm == "deepep_ll":
+        dispatch += LL_META_BYTES
+    return dispatch, float(hidden * combine_bytes_per_elem)
+
+
+def _rank_fanout(choices: routing.LayerChoices, split: ReplicaSplit, counts: np.ndarray,
+                 raw: np.ndarray) -> np.ndarray:
+    """``[src, dst]`` expected real tokens of each source with at least one expert on each device.
+
+    A source on node ``n`` sends expert ``e``'s copy to device ``d`` with probability
+    ``q[e, d] = split.by_node[n][e, d]`` (to itself if it holds ``e``); a token reaches ``d``
+    unless all its experts go elsewhere: ``1 - prod_k (1 - q[e_k, d])``. Capacity drops shrink
+    each source's row by its kept fraction, as for the hierarchical network copies.
+    """
+    ep = split.node_of.size
+    fanout = np.zeros((ep, ep))
+    k = choices.top_k
+    block = max(1, (1 << 22) // max(1, k * ep))           # rows per block: <= 4M floats of q
+    for start in range(0, choices.num_tokens, block):
+        rows = np.arange(start, min(start + block, choices.num_tokens))
+        src, experts = choices.source[rows], choices.experts[rows]
+        q = split.by_node[split.node_of[src][:, None], experts]           # [rows, k, dst]
+        own = split.own[src[:, None], experts]                            # [rows, k]
+        r, j = np.nonzero(own)
+        q[r, j, :] = 0.0
+        q[r, j, src[r]] = 1.0
+        np.add.at(fanout, src, 1.0 - np.prod(1.0 - q, axis=1))
+    kept = np.divide(counts, raw, out=np.ones_like(counts), where=raw > 0).mean(axis=1)
+    return fanout * choices.weight * kept[:, None]
 
 
 def _hierarchical_flows(choices: routing.LayerChoices, counts: np.ndarray, raw: np.ndarray,

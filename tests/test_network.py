@@ -15,18 +15,25 @@ from hypothesis import strategies as st
 
 from moesim.errors import InternalError
 from moesim.network import (
+    FlowGroup,
     all_to_all_alpha_beta,
     alltoall_bound,
+    effective_bandwidth,
     hierarchical_all_reduce,
+    link_time,
     max_min_rates,
+    message_efficiency,
     p2p,
     paths_to_csr,
     ring_all_gather,
     ring_all_reduce,
     ring_reduce_scatter,
+    simulate_concurrent,
     simulate_flows,
     tree_all_reduce,
+    wire_bytes,
 )
+from moesim.spec.hardware import LinkSpec
 
 
 def _rates(paths, capacity, active=None):
@@ -432,3 +439,86 @@ def test_tree_beats_ring_only_on_latency():
     assert tree_all_reduce(1e3, 64, 1e11, 5e-6) < ring_all_reduce(1e3, 64, 1e11, 5e-6)
     # 64 ranks: the ring saves 2/64 of 2 * 0.1 s = 3.1 ms of transfer, pays 0.57 ms more latency.
     assert tree_all_reduce(1e10, 64, 1e11, 5e-6) > ring_all_reduce(1e10, 64, 1e11, 5e-6)
+
+
+# --- Message-size curve and per-collective cost (LinkSpec.half_efficiency_size) ---
+
+# 100 GB/s line rate, 80% ceiling (80 GB/s), half rate at 100 kB, 2 us latency.
+_CURVED = LinkSpec(kind="nvlink", bandwidth=100e9, latency=2e-6, efficiency=0.8,
+                   half_efficiency_size=1e5)
+
+
+def test_tiny_message_is_latency_bound():
+    # link_time(s) = 2 us + (s + 1e5) / 8e10: at 1 byte 2 us + 1.2500125 us; doubling a tiny
+    # message adds one byte-time (12.5 ps), i.e. the time is the constant latency + h / B_eff.
+    assert link_time(1.0, _CURVED) == pytest.approx(2e-6 + 100_001 / 8e10, rel=1e-12)
+    assert link_time(2.0, _CURVED) - link_time(1.0, _CURVED) == pytest.approx(1 / 8e10)
+    assert effective_bandwidth(1.0, _CURVED) == pytest.approx(8e10 / 100_001)
+
+
+def test_huge_message_reaches_the_efficiency_ceiling():
+    # 1 TB: efficiency 0.8 * 1e12 / (1e12 + 1e5) = 0.8 * (1 - 1e-7); time ~ 1e12 / 8e10 = 12.5 s.
+    assert effective_bandwidth(1e12, _CURVED) == pytest.approx(0.8e11 * 1e12 / (1e12 + 1e5))
+    assert effective_bandwidth(1e12, _CURVED) / 8e10 > 1 - 2e-7
+    assert link_time(1e12, _CURVED) == pytest.approx(12.5, rel=1e-6)
+    # At the half-size the message moves at half the ceiling: 40 GB/s.
+    assert effective_bandwidth(1e5, _CURVED) == pytest.approx(4e10)
+
+
+def test_no_curve_by_default_keeps_the_old_cost():
+    flat = LinkSpec(kind="infiniband", bandwidth=50e9, latency=4e-6, efficiency=0.97)
+    sizes = np.array([1.0, 1e3, 1e9])
+    assert np.allclose(message_efficiency(sizes, flat), 0.97)
+    # link_time = p2p's alpha-beta with the large-message bandwidth, for every size.
+    for s in sizes:
+        assert link_time(s, flat) == pytest.approx(p2p(s, flat.effective_bandwidth, 4e-6))
+    assert link_time(0.0, _CURVED) == 0.0
+
+
+def test_wire_bytes_charge_one_half_size_per_message():
+    # 1,000 B in 250 B messages with h = 500: 4 messages x (250 + 500) = 3,000 wire bytes; as one
+    # message 1,000 + 500 = 1,500; no curve: unchanged; an empty flow stays empty.
+    assert wire_bytes(np.array([1000.0]), 500.0, 250.0).tolist() == [3000.0]
+    assert wire_bytes(np.array([1000.0]), 500.0).tolist() == [1500.0]
+    assert wire_bytes(np.array([1000.0]), 0.0, 250.0).tolist() == [1000.0]
+    assert wire_bytes(np.array([0.0]), 500.0).tolist() == [0.0]
+
+
+def test_wire_bytes_in_the_flow_simulation_agree_with_link_time():
+    # One message over one link of capacity B_eff: the fluid simulation of its wire bytes plus
+    # the link latency is link_time, by two independent paths.
+    for s in (1.0, 3e4, 1e5, 7e8):
+        res = _simulate(wire_bytes(np.array([s]), _CURVED.half_efficiency_size), [0.0], [[0]],
+                        [_CURVED.effective_bandwidth], [_CURVED.latency])
+        assert res.makespan == pytest.approx(link_time(s, _CURVED), rel=1e-12)
+
+
+def _group(name, sizes, paths):
+    ptr, links = paths_to_csr(paths)
+    return FlowGroup(name, np.asarray(sizes, float), np.zeros(len(sizes)), ptr, links)
+
+
+def test_two_groups_sharing_one_uplink_each_get_half():
+    # Links: 0, 1 = each group's own NIC (100 B/s), 2 = the shared leaf uplink (100 B/s), 3 = a
+    # third group's private path (100 B/s). Groups a and b each move 1,000 B across the uplink:
+    # alone 1,000 / 100 = 10 s; together the uplink splits 50/50, so each takes 20 s. Group c
+    # shares nothing and keeps its 10 s.
+    cap, lat = np.full(4, 100.0), np.zeros(4)
+    groups = [_group("a", [1000.0], [[0, 2]]), _group("b", [1000.0], [[1, 2]]),
+              _group("c", [1000.0], [[3]])]
+    out = simulate_concurrent(groups, cap, lat)
+    assert out.names == ("a", "b", "c")
+    assert out.alone.tolist() == pytest.approx([10.0, 10.0, 10.0])
+    assert out.finish.tolist() == pytest.approx([20.0, 20.0, 10.0])
+    assert out.slowdown.tolist() == pytest.approx([2.0, 2.0, 1.0])
+    assert out.result.link_bytes[2] == pytest.approx(2000.0)
+
+
+def test_contention_never_speeds_a_group_up():
+    rng = np.random.default_rng(3)
+    cap, lat = rng.uniform(1, 10, 6), np.zeros(6)
+    groups = [_group(str(g), rng.uniform(1, 50, 4),
+                     [rng.choice(6, size=2, replace=False).tolist() for _ in range(4)])
+              for g in range(3)]
+    out = simulate_concurrent(groups, cap, lat)
+    assert np.all(out.finish >= out.alone * (1 - 1e-9))

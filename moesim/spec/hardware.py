@@ -102,12 +102,23 @@ class LinkSpec:
     kind: str = spec_field(doc="nvlink, infiniband, ethernet, pcie, ici, loopback, emulated")
     bandwidth: float = spec_field(unit="bandwidth", gt=0, doc="per device, per direction")
     latency: float = spec_field(0.0, unit="time", min=0)
-    # Fraction of line rate that collectives achieve (protocol overhead), from a benchmark.
+    # Fraction of line rate that collectives achieve on large messages (protocol overhead), from a
+    # benchmark: the ceiling of the message-size curve below.
     efficiency: float = spec_field(1.0, gt=0, max=1.0)
+    # Message-size curve (opt-in; 0 = no size dependence): a message of s bytes moves at
+    # efficiency * s / (s + half_efficiency_size) of line rate, i.e. it occupies the link for
+    # (s + half_efficiency_size) / (efficiency * bandwidth) seconds (alpha-beta per message).
+    half_efficiency_size: float = spec_field(0.0, unit="bytes", min=0,
+                                             doc="message size at half the large-message rate")
+    # Fixed cost of one collective (or communication kernel) over this link class: launch,
+    # handshake and completion signalling, paid once per collective, not per message.
+    collective_overhead: float = spec_field(0.0, unit="time", min=0,
+                                            doc="fixed seconds per collective")
     source: str = ""
 
     @property
     def effective_bandwidth(self) -> float:
+        """Large-message bytes/s (the size curve's ceiling)."""
         return self.bandwidth * self.efficiency
 
 

@@ -1,0 +1,153 @@
+"""``moesim collective``: one collective alone, priced by hand on small topologies.
+
+The test profile has a 100 GB/s NVLink at 50% efficiency (B_eff = 50 GB/s) and a 10 GB/s NIC at
+100%, no latency unless a test adds it, so every expected time below is bytes / bandwidth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from moesim import routing
+from moesim.cli import main
+from moesim.collective import (
+    BUSBW_FACTOR,
+    deepep_choices,
+    ring_collective,
+    token_alltoall,
+    uniform_alltoall,
+)
+from moesim.placement.placement import Placement
+from moesim.spec.cluster import ClusterSpec
+from moesim.spec.hardware import DeviceSpec, HardwareProfile, LinkSpec, NodeSpec
+from moesim.topology import build_topology
+
+NVL = LinkSpec(kind="nvlink", bandwidth=100e9, efficiency=0.5)
+NIC = LinkSpec(kind="infiniband", bandwidth=10e9)
+
+
+def _hardware(nvl=NVL, nic=NIC, per_node=4):
+    device = DeviceSpec(name="t", peak_flops={"bf16": 1e12}, memory=1e9, memory_bandwidth=1e9)
+    return HardwareProfile(name="t", device=device, links={"scale_up": nvl, "scale_out": nic},
+                           node=NodeSpec(devices_per_node=per_node))
+
+
+def _topology(hw, nodes=1, kind=None):
+    cluster = ClusterSpec(hardware="t", nodes=nodes,
+                          topology=kind or ("nvswitch" if nodes == 1 else "fat_tree"))
+    return build_topology(cluster, hw)
+
+
+def test_busbw_factors_are_nccl_tests():
+    # nccl-tests doc/PERFORMANCE.md: all-reduce 2(n-1)/n, the others (n-1)/n.
+    assert BUSBW_FACTOR("allreduce", 8) == pytest.approx(1.75)
+    assert BUSBW_FACTOR("allgather", 8) == pytest.approx(0.875)
+    assert BUSBW_FACTOR("reducescatter", 4) == pytest.approx(0.75)
+    assert BUSBW_FACTOR("alltoall", 64) == pytest.approx(63 / 64)
+
+
+def test_direct_alltoall_busbw_is_the_link_rate():
+    # 4 ranks, S = 4 GB each: every rank sends 3 x 1 GB through its 50 GB/s NVLink egress:
+    # 0.06 s; algbw = 4e9 / 0.06, busbw = algbw x 3/4 = 50 GB/s.
+    hw = _hardware()
+    r = uniform_alltoall(_topology(hw), hw, 4e9)
+    assert r.seconds == pytest.approx(0.06)
+    assert r.busbw == pytest.approx(50e9)
+
+
+def test_size_curve_and_fixed_cost_slow_small_alltoalls():
+    # h = 1 MB per message and 10 us per collective: each rank's 3 messages of 1 kB cost
+    # 3 x (1e3 + 1e6) / 5e10 = 60.06 us on the wire, + 10 us = 70.06 us.
+    hw = _hardware(nvl=dataclasses.replace(NVL, half_efficiency_size=1e6,
+                                           collective_overhead=10e-6))
+    r = uniform_alltoall(_topology(hw), hw, 4e3)
+    assert r.overhead == pytest.approx(10e-6)
+    assert r.seconds == pytest.approx(10e-6 + 3 * (1e3 + 1e6) / 5e10)
+
+
+def test_hierarchical_alltoall_sends_one_network_message_per_node():
+    # 2 nodes x 4, S = 8 MB: each rank sends 1 MB to every rank. Direct: 4 remote MB through
+    # each 10 GB/s NIC = 0.4 ms. Hierarchical: one 4 MB message per (rank, other node), the
+    # same 4 MB on each NIC = 0.4 ms, and NVLink forwards of 3 x 1 MB concurrently (0.06 ms +
+    # the own node's 3 MB: 6 MB / 50 GB/s = 0.12 ms) beside it. With h = 1 MB per NIC message
+    # direct pays 4 extra MB (0.8 ms) and hierarchical 1 (0.5 ms).
+    hw = _hardware(nic=dataclasses.replace(NIC, half_efficiency_size=1e6))
+    topo = _topology(hw, nodes=2)
+    direct = uniform_alltoall(topo, hw, 8e6, algorithm="direct")
+    hier = uniform_alltoall(topo, hw, 8e6, algorithm="hierarchical")
+    assert direct.seconds == pytest.approx(8e-4, rel=1e-6)
+    assert hier.seconds == pytest.approx(5e-4, rel=1e-6)
+
+
+def test_ring_allreduce_busbw_is_the_link_rate():
+    # 4 ranks on one NVSwitch, 4 rings of S/4; each rank sends 2(n-1)/n x S = 1.5 S through its
+    # 50 GB/s egress: S = 1 GB takes 0.03 s and busbw = (1e9 / 0.03) x 1.5 = 50 GB/s.
+    hw = _hardware()
+    r = ring_collective(_topology(hw), hw, "allreduce", 1e9)
+    assert r.seconds == pytest.approx(0.03)
+    assert r.busbw == pytest.approx(50e9)
+    gather = ring_collective(_topology(hw), hw, "allgather", 1e9)
+    assert gather.seconds == pytest.approx(0.015)      # (n-1)/n x S = 0.75 GB at 50 GB/s
+    assert gather.busbw == pytest.approx(50e9)
+
+
+def test_multi_node_ring_uses_every_nic_once():
+    # 2 nodes x 4: four rings, each crossing both node boundaries once through a different NIC
+    # pair, so a NIC carries one ring: 2(n-1)/n x S/4 = 7/16 S at 10 GB/s; S = 1.6 GB: 70 ms.
+    hw = _hardware()
+    r = ring_collective(_topology(hw, nodes=2), hw, "allreduce", 1.6e9)
+    assert r.seconds == pytest.approx(7 / 16 * 1.6e9 / 10e9, rel=1e-6)
+
+
+def _one_token(algorithm, ll_nvlink=False, kind="fat_tree"):
+    # One node, two devices, a fat tree (so a NIC exists); device 0 sends one token to expert 1
+    # on device 1; hidden 128, FP8: a low-latency message is 128 + 4 + 16 = 148 bytes.
+    hw = _hardware(per_node=2)
+    topo = _topology(hw, nodes=1, kind=kind)
+    choices = routing.LayerChoices(np.array([[1]], dtype=np.int32), np.array([0], np.int32), 1.0)
+    placement = Placement(np.array([[[0], [1]]]), 2)
+    return token_alltoall(topo, hw, choices, placement, hidden=128, algorithm=algorithm,
+                          tokens_per_source=1, ll_nvlink=ll_nvlink)
+
+
+def test_low_latency_goes_through_the_nic_inside_a_node():
+    # Through the NIC: 148 B at 10 GB/s = 14.8 ns; over NVLink (allowed): 148 B at 50 GB/s.
+    # DeepEP-style LL GB/s counts the one pair over the two ranks: 148 / 2 per rank / time.
+    dispatch, combine = _one_token("deepep_ll")
+    assert dispatch.seconds == pytest.approx(148 / 10e9)
+    assert combine.seconds == pytest.approx(256 / 10e9)           # BF16 back, no metadata
+    assert dispatch.figures["ll_gbps"] == pytest.approx(74 / (148 / 10e9))
+    nvlink, _ = _one_token("deepep_ll", ll_nvlink=True)
+    assert nvlink.seconds == pytest.approx(148 / 50e9)
+    assert dispatch.figures["via_nic"] == 1.0 and nvlink.figures["via_nic"] == 0.0
+    no_nic, _ = _one_token("deepep_ll", kind="nvswitch")      # no NIC modelled: NVLink
+    assert no_nic.seconds == pytest.approx(148 / 50e9)
+    normal, _ = _one_token("deepep_normal")
+    assert normal.seconds == pytest.approx(132 / 50e9)            # 128 + 4 scale bytes, NVLink
+
+
+def test_deepep_choices_respect_node_groups():
+    # 4 nodes, 2 groups per token: every token's 8 experts lie on at most 2 nodes.
+    c = deepep_choices(ranks=8, tokens=64, num_experts=32, top_k=8, nodes=4, groups=2)
+    assert c.experts.shape == (512, 8)
+    nodes = c.experts // 8
+    assert max(len(set(row)) for row in nodes.tolist()) <= 2
+    assert all(len(set(row)) == 8 for row in c.experts.tolist())
+
+
+def test_cli_prints_a_table(capsys):
+    assert main(["collective", "h100-sxm", "--size", "1 MiB", "--size", "1 GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "busbw" in out and out.count("alltoall") == 2
+    assert main(["collective", "h800-sxm", "--nodes", "2", "--tokens", "8", "--hidden", "256",
+                 "--experts", "32", "--algorithm", "all"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("dispatch") == 4 and "deepep_ll" in out
+
+
+def test_cli_rejects_bad_ranks(capsys):
+    assert main(["collective", "h100-sxm", "--ranks", "9"]) == 2
+    assert "--ranks=9" in capsys.readouterr().err
