@@ -106,7 +106,7 @@ def cluster_topology(source: str, *, nodes: int | None = None, devices_per_node:
     if path.suffix in (".yaml", ".yml") and path.exists():
         data = read_yaml(path)
         if isinstance(data, dict) and "cluster" in data:
-            from moesim.sim.simulate import scenario_topology
+            from moesim.pricing.context import scenario_topology
             from moesim.spec.scenario import load_scenario
 
             overrides = [f"cluster.nodes={nodes}"] if nodes else []
@@ -115,8 +115,8 @@ def cluster_topology(source: str, *, nodes: int | None = None, devices_per_node:
     hardware = load_hardware(source)
     nodes = nodes or 1
     kind = topology or ("nvswitch" if nodes == 1 else "fat_tree")
-    cluster = ClusterSpec(hardware=source, topology=kind, nodes=nodes,
-                          devices_per_node=devices_per_node)
+    cluster = ClusterSpec(hardware=source, topology=kind,  # type: ignore[arg-type]
+                          nodes=nodes, devices_per_node=devices_per_node)
     return build_topology(cluster, hardware), hardware, None
 
 
@@ -154,7 +154,7 @@ def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: n
     if via_nic:
         same = topo.device_node[pairs[:, 0]] == topo.device_node[pairs[:, 1]]
         cache: dict = {}
-        paths = [(_nic_path(topo, s, d, cache) if m else topo.path_links(s, d))
+        paths = [list(_nic_path(topo, s, d, cache) if m else topo.path_links(s, d))
                  for (s, d), m in zip(pairs.tolist(), same.tolist())]
         ptr, links = network.paths_to_csr(paths)
     else:
@@ -199,7 +199,7 @@ def uniform_alltoall(topo: Topology, hardware: HardwareProfile, nbytes: float, *
     if algorithm == "direct":
         pairs = np.stack([src[keep], dst[keep]], axis=1)
         sizes = np.full(len(pairs), piece)
-        message = piece
+        message: float | np.ndarray = piece
     else:
         per_node = np.bincount(node)
         local = np.arange(n) - np.repeat(np.cumsum(per_node) - per_node, per_node)
@@ -208,10 +208,10 @@ def uniform_alltoall(topo: Topology, hardware: HardwareProfile, nbytes: float, *
         for s in range(n):
             for b in np.unique(node):
                 members = np.flatnonzero(node == b)
-                relay = s if b == node[s] else first[b] + local[s] % per_node[b]
+                relay = s if b == node[s] else int(first[b] + local[s] % per_node[b])
                 if relay != s:
                     flows[(s, relay)] = flows.get((s, relay), 0.0) + piece * members.size
-                for d in members:
+                for d in members.tolist():
                     if d != relay:
                         flows[(relay, d)] = flows.get((relay, d), 0.0) + piece
         pairs = np.array(list(flows), dtype=np.int64).reshape(-1, 2)
@@ -242,13 +242,13 @@ def ring_collective(topo: Topology, hardware: HardwareProfile, op: str, nbytes: 
     p = min(len(m) for m in members)
     steps = 2 * (n - 1) if op == "allreduce" else n - 1
     chunk = nbytes / (n * p)
-    pairs = []
+    ring: list[tuple[int, int]] = []
     for r in range(p):
         order = np.concatenate([np.roll(m, -r) for m in members])
-        pairs += list(zip(order.tolist(), np.roll(order, -1).tolist()))
-    pairs = np.array(pairs, dtype=np.int64)
+        ring += list(zip(order.tolist(), np.roll(order, -1).tolist()))
+    pairs = np.array(ring, dtype=np.int64)
     sizes = np.full(len(pairs), steps * chunk)
-    hop = max(float(topo.latency[topo.path_links(s, d)].sum()) for s, d in pairs.tolist())
+    hop = max(float(topo.latency[topo.path_links(s, d)].sum()) for s, d in ring)
     seconds, transfer, overhead = _run(topo, hardware, pairs, sizes, message_bytes=chunk,
                                        extra_latency=(steps - 1) * hop, rtol=rtol)
     return CollectiveResult(op, "ring", n, nbytes, seconds, transfer, overhead, len(pairs))
@@ -342,15 +342,16 @@ def scenario_layer_alltoall(s, topo: Topology, *, algorithm: str | None = None,
                             ) -> tuple[CollectiveResult, CollectiveResult]:
     """The first MoE layer of scenario ``s`` as the simulator routes it, on its first EP group
     (ranks ``0..ep-1``) with the scenario's placement policy, dispatch and combine dtypes."""
-    from moesim.memory import tokens_per_microbatch
-    from moesim.placement.policies import resolve_placement
+    from moesim.assembly import scenario_placement
+    from moesim.pricing.context import PricingContext
+    from moesim.routing_draw import scenario_routing
     from moesim.spec.hardware import dtype_bytes
 
-    ep = s.parallelism.ep
-    tokens = tokens_per_microbatch(s)
-    node = topo.device_node[:ep]
-    choices = routing.scenario_routing(s, tokens_per_source=tokens)[0]
-    placement = resolve_placement(s, tokens, node)
+    ctx = PricingContext.from_scenario(s, topo)
+    tokens = ctx.tokens_per_source
+    placement = scenario_placement(s)
+    expert_node = placement.expert_node(ctx.device_node) if s.routing.node_limit else None
+    choices = scenario_routing(s, tokens_per_source=tokens, expert_node=expert_node)[0]
     return token_alltoall(topo, s.hardware, choices, placement, hidden=s.model.hidden_size,
                           algorithm=algorithm or s.communication.alltoall,
                           tokens_per_source=tokens,
