@@ -60,7 +60,9 @@ COMPONENTS = ("attention", "router_norm", "routed_experts", "shared_dense", "all
 HEADERS = ("attention", "router+norm", "routed exp.", "shared/dense", "all-to-all", "lm head+emb")
 BACKENDS = ("sglang", "trtllm", "vllm")
 
-EVEN = ["routing.distribution=balanced"]
+# Even routing: every expert the same load, each token's experts paired at random (as a real
+# router pairs them, and as DeepEP's and aiconfigurator's harnesses draw them).
+EVEN = ["routing.distribution=balanced_random"]
 DECODE_1NODE = "scenarios/mixtral-8x7b-infer-1node.yaml"   # DP 8 + EP 8, 64 seqs/GPU, ctx 2,048
 DSV3 = "scenarios/deepseek-v3-decode-ep.yaml"
 DSV3_AT_32 = ["cluster.nodes=4", "parallelism.dp=32", "parallelism.ep=32",
@@ -68,7 +70,10 @@ DSV3_AT_32 = ["cluster.nodes=4", "parallelism.dp=32", "parallelism.ep=32",
               "placement.policy=contiguous", "placement.redundant_experts=0",
               "communication.overlap=none", "precision.kv_cache=fp8"]
 QWEN_PREFILL = ["workload={mode: prefill, global_batch: 8, seq_len: 4096, micro_batch: 1}"]
-DSV3_PREFILL = ["workload={mode: prefill, global_batch: 32, seq_len: 4096, micro_batch: 1}"]
+# Prefill runs DeepEP's normal kernels (one copy per destination node over RDMA), decode its
+# low-latency kernels (the shipped decode scenario's algorithm), as DeepSeek's serving does.
+DSV3_PREFILL = ["workload={mode: prefill, global_batch: 32, seq_len: 4096, micro_batch: 1}",
+                "communication.alltoall=deepep_normal"]
 # id: (label, scenario, overrides, measured workload). W3/W5 also run with the direct all-to-all.
 WORKLOADS: dict[str, tuple[str, str, list[str], str]] = {
     "W1": ("Qwen3-30B-A3B decode", DECODE_1NODE, ["model=qwen3-30b-a3b", *EVEN], "W1"),

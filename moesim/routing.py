@@ -32,7 +32,7 @@ __all__ = [
     "sampled_per_source", "layer_rng",
 ]
 
-DISTRIBUTIONS = ("uniform", "zipf", "dirichlet", "hot", "balanced")
+DISTRIBUTIONS = ("uniform", "zipf", "dirichlet", "hot", "balanced", "balanced_random")
 GATINGS = ("topk", "top1", "soft")
 
 _CHUNK_TOKENS = 512     # tokens per sampling chunk: keeps the [chunk, E] working set in cache
@@ -80,7 +80,7 @@ def expert_popularity(num_experts: int, distribution: str, rng: np.random.Genera
     e = num_experts
     if e < 1:
         raise ScenarioError(f"num_experts={e} must be >= 1", field="num_experts")
-    if distribution in ("uniform", "balanced"):
+    if distribution in ("uniform", "balanced", "balanced_random"):
         return np.full(e, 1.0 / e)
     if distribution == "zipf":
         if not zipf_s >= 0:
@@ -170,15 +170,28 @@ def sample_layer(popularity: np.ndarray, *, num_sources: int, tokens_per_source:
 
 
 def balanced_layer(num_experts: int, *, num_sources: int, tokens_per_source: int, top_k: int,
-                   max_tokens_per_source: int = 256) -> LayerChoices:
+                   max_tokens_per_source: int = 256,
+                   rng: np.random.Generator | None = None) -> LayerChoices:
     """Perfectly balanced routing: sampled token t takes experts ``(t*k + j) % E`` for j < k.
 
-    Deterministic; every expert receives the same load whenever T*k is a multiple of E.
+    Deterministic; every expert receives the same load whenever T*k is a multiple of E. That
+    pairs neighbouring experts (NeMo Automodel's fake balanced gate). With ``rng`` the experts
+    are dealt from a deck reshuffled every E // k tokens instead: the same exact balance, but a
+    token's experts are paired at random, as a real router's are (``balanced_random``).
+
+    >>> balanced_layer(4, num_sources=1, tokens_per_source=2, top_k=2).experts.tolist()
+    [[0, 1], [2, 3]]
     """
     k = effective_top_k("topk", top_k, num_experts)
     n = sampled_per_source(tokens_per_source, max_tokens_per_source, num_sources)
     t = num_sources * n
     experts = (np.arange(t)[:, None] * k + np.arange(k)[None, :]) % num_experts
+    if rng is not None:     # relabel each deck of E // k tokens with its own permutation
+        per_deck = max(1, num_experts // k)
+        decks = -(-t // per_deck)
+        perm = np.argsort(rng.random((decks, num_experts)), axis=1)
+        deck = np.arange(t) // per_deck
+        experts = perm[deck[:, None], experts]
     source = np.repeat(np.arange(num_sources, dtype=np.int32), n)
     return LayerChoices(experts.astype(np.int32), source, tokens_per_source / n)
 

@@ -101,11 +101,12 @@ def _sample_layers(spec: RoutingSpec, num_experts: int, num_layers: int, num_sou
                                      tokens_per_source=tokens_per_source, rng=rng, top_k=k,
                                      max_tokens_per_source=spec.max_tokens_per_source,
                                      expert_node=nodes, max_nodes=max_nodes)
-        elif spec.distribution == "balanced":
+        elif spec.distribution in ("balanced", "balanced_random"):
             yield balanced_layer(num_experts, num_sources=num_sources,
                                  tokens_per_source=tokens_per_source,
                                  top_k=k,
-                                 max_tokens_per_source=spec.max_tokens_per_source)
+                                 max_tokens_per_source=spec.max_tokens_per_source,
+                                 rng=rng if spec.distribution == "balanced_random" else None)
         else:
             popularity = expert_popularity(
                 num_experts, spec.distribution, rng, zipf_s=spec.zipf_s,

@@ -11,7 +11,7 @@ bytes over its capacity plus the longest path latency) is a lower bound fast eno
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -112,20 +112,69 @@ def mirrored_alltoalls(topology: Topology, reverse_link: np.ndarray, pairs: np.n
 
 def layer_alltoalls(ctx: PricingContext, traffic: LayerTraffic) -> tuple[Collective, Collective]:
     """The layer's dispatch and combine all-to-alls, flow-level (the combine mirrored when it
-    can be): what ``moesim run`` charges and the planner's exact price."""
+    can be): what ``moesim run`` charges and the planner's exact price.
+
+    Real kernels are not the line rate: NCCL-style algorithms (direct, hierarchical) send each
+    flow as one message, which reaches its links' size-dependent efficiency
+    (:func:`moesim.network.wire_bytes` with the largest half-efficiency size on its path);
+    GPU-initiated DeepEP kernels stream at the large-message rate. Every collective pays its
+    links' fixed per-collective cost once (the largest over the classes it crosses). DeepEP's
+    low-latency kernels send intra-node messages over NVLink, as DeepEP does by default
+    (``allow_nvlink_for_low_latency_mode``).
+    """
     if len(traffic.pairs) == 0:
         return EMPTY, EMPTY
-    scale = ctx.combine_bytes_per_elem / ctx.dispatch_bytes_per_elem
     pairs, back = ctx.group[traffic.pairs], ctx.group[traffic.combine_pairs]
     paths = ctx.paths_csr(traffic.pairs)
     back_paths = ctx.paths_csr(traffic.combine_pairs)
-    if np.array_equal(traffic.combine_bytes, traffic.dispatch_bytes * scale):
-        both = mirrored_alltoalls(ctx.topology, ctx.reverse_link, pairs, traffic.dispatch_bytes,
-                                  scale, ctx.rtol, paths=(*paths, *back_paths))
+    dispatch = _on_the_wire(ctx, traffic, traffic.dispatch_bytes, paths)
+    combine = _on_the_wire(ctx, traffic, traffic.combine_bytes, back_paths)
+    overhead = _fixed_cost(ctx, paths)
+    if dispatch.sum() > 0 and np.allclose(combine, dispatch * (combine.sum() / dispatch.sum()),
+                                          rtol=1e-12, atol=0.0):
+        both = mirrored_alltoalls(ctx.topology, ctx.reverse_link, pairs, dispatch,
+                                  combine.sum() / dispatch.sum(), ctx.rtol,
+                                  paths=(*paths, *back_paths))
         if both is not None:
-            return both
-    return (alltoall(ctx.topology, pairs, traffic.dispatch_bytes, ctx.rtol, paths=paths),
-            alltoall(ctx.topology, back, traffic.combine_bytes, ctx.rtol, paths=back_paths))
+            return tuple(_priced(c, traffic_bytes, pairs_, overhead, ctx)   # type: ignore
+                         for c, traffic_bytes, pairs_ in zip(
+                             both, (traffic.dispatch_bytes, traffic.combine_bytes),
+                             (pairs, back)))
+    return (_priced(alltoall(ctx.topology, pairs, dispatch, ctx.rtol, paths=paths),
+                    traffic.dispatch_bytes, pairs, overhead, ctx),
+            _priced(alltoall(ctx.topology, back, combine, ctx.rtol, paths=back_paths),
+                    traffic.combine_bytes, back, overhead, ctx))
+
+
+def _on_the_wire(ctx: PricingContext, traffic: LayerTraffic, nbytes: np.ndarray,
+                 paths: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Wire-equivalent bytes of each flow (its own bytes where no size curve applies)."""
+    half, _ = ctx.link_curves
+    if not traffic.per_message_cost or not half.any():
+        return nbytes
+    ptr, links = paths
+    hops = np.diff(ptr)
+    flow_half = np.zeros(len(nbytes))
+    if links.size:
+        np.maximum.at(flow_half, np.repeat(np.arange(len(nbytes)), hops), half[links])
+    return network.wire_bytes(nbytes, flow_half)
+
+
+def _fixed_cost(ctx: PricingContext, paths: tuple[np.ndarray, np.ndarray]) -> float:
+    """The collective's fixed cost: the largest of its links' classes' per-collective costs."""
+    _, overhead = ctx.link_curves
+    links = paths[1]
+    return float(overhead[links].max()) if links.size else 0.0
+
+
+def _priced(coll: Collective, real_bytes: np.ndarray, pairs: np.ndarray, overhead: float,
+            ctx: PricingContext) -> Collective:
+    """The collective with its fixed cost added and its byte totals the real (not wire) bytes;
+    link bytes stay wire-equivalent (they are what occupies each link)."""
+    cross = ctx.topology.device_node[pairs[:, 0]] != ctx.topology.device_node[pairs[:, 1]]
+    return replace(coll, duration=coll.duration + overhead if coll.duration > 0 else 0.0,
+                   total_bytes=float(real_bytes.sum()),
+                   cross_node_bytes=float(real_bytes[cross].sum()), nbytes=real_bytes)
 
 
 def layer_alltoall_times(ctx: PricingContext, traffic: LayerTraffic, *, exact: bool
@@ -134,8 +183,15 @@ def layer_alltoall_times(ctx: PricingContext, traffic: LayerTraffic, *, exact: b
     if exact:
         dispatch, combine = layer_alltoalls(ctx, traffic)
         return dispatch.duration, combine.duration
-    return (alltoall_closed_form(ctx, traffic.pairs, traffic.dispatch_bytes),
-            alltoall_closed_form(ctx, traffic.combine_pairs, traffic.combine_bytes))
+    if len(traffic.pairs) == 0:
+        return 0.0, 0.0
+    paths = ctx.paths_csr(traffic.pairs)
+    back = ctx.paths_csr(traffic.combine_pairs)
+    overhead = _fixed_cost(ctx, paths)
+    wire = _on_the_wire(ctx, traffic, traffic.dispatch_bytes, paths)
+    wire_back = _on_the_wire(ctx, traffic, traffic.combine_bytes, back)
+    return (alltoall_closed_form(ctx, traffic.pairs, wire) + overhead,
+            alltoall_closed_form(ctx, traffic.combine_pairs, wire_back) + overhead)
 
 
 def alltoall_closed_form(ctx: PricingContext, pairs: np.ndarray, nbytes: np.ndarray) -> float:

@@ -153,6 +153,21 @@ class PricingContext:
         return np.array([index.get((v, u), -1) for u, v in self.topology.link_ends],
                         dtype=np.int64)
 
+    @cached_property
+    def link_curves(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per topology link: the message size at which its class reaches half its large-message
+        efficiency (bytes; 0 = no size dependence) and its per-collective fixed cost (seconds),
+        from the profile's link classes (``fabric`` switch links as ``scale_out``)."""
+        links = self.scenario.hardware.links
+        classes = {"fabric": "scale_out"}
+        half = np.zeros(self.topology.num_links)
+        overhead = np.zeros(self.topology.num_links)
+        for i, name in enumerate(self.topology.link_class):
+            spec = links.get(classes.get(name, name))
+            if spec is not None:
+                half[i], overhead[i] = spec.half_efficiency_size, spec.collective_overhead
+        return half, overhead
+
     def context_length(self) -> tuple[float, float]:
         """(average attended context per token, KV tokens read per device) for the workload."""
         wl = self.scenario.workload

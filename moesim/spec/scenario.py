@@ -74,7 +74,8 @@ class Precision:
 
 @dataclass(frozen=True, kw_only=True)
 class RoutingSpec:
-    distribution: Literal["uniform", "zipf", "dirichlet", "hot", "trace", "balanced"] = "uniform"
+    distribution: Literal["uniform", "zipf", "dirichlet", "hot", "trace", "balanced",
+                          "balanced_random"] = "uniform"
     zipf_s: float = spec_field(1.0, min=0, max=100)
     dirichlet_alpha: float = spec_field(1.0, gt=0)
     hot_experts: int = spec_field(0, min=0, max=1 << 16)
