@@ -1,0 +1,187 @@
+"""What the simulator now charges beyond kernels' rooflines, each derived by hand: recomputation
+by mode and module, the MTP module, prefill logits, the pipeline split that counts the ends,
+SMs held by overlapped communication, link message-size curves and per-collective costs, and
+balanced routing with random expert pairing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim.assembly import scenario_placement, simulate
+from moesim.errors import ScenarioError
+from moesim.layout import Layout
+from moesim.memory import stage_params
+from moesim.pricing.block import block_cost
+from moesim.pricing.context import PricingContext
+from moesim.routing import balanced_layer
+from moesim.sim.costs import CostModel
+from moesim.sim.streams import chunk_ops, run_ops
+
+ONE_LAYER = {"model": {"num_layers": 1}, "parallelism": {"dp": 4, "ep": 4}}
+
+
+def _backward(make_scenario, memory: dict) -> tuple[float, float, PricingContext]:
+    sim = simulate(make_scenario({**ONE_LAYER, "memory": memory}))
+    return (sim.runs[(0, "B", 0)].makespan, sim.runs[(0, "F", 0)].makespan,
+            sim.costs.ctx)
+
+
+def test_recompute_costs_what_each_mode_reruns(make_scenario):
+    none, forward, ctx = _backward(make_scenario, {"recompute": "none"})
+    block = CostModel(ctx, scenario_placement(ctx.scenario)).block(0)
+    t = ctx.timer
+    context, _ = ctx.context_length()
+    # selective (default module: the attention core) re-runs one forward attention core
+    core, _, _ = _backward(make_scenario, {"recompute": "selective"})
+    assert core - none == pytest.approx(t.attention_core(ctx.tokens_per_source, context),
+                                        rel=1e-12)
+    # norms: two memory-bound kernels reading and writing h per token each
+    norms, _, _ = _backward(make_scenario, {"recompute": "selective",
+                                            "recompute_modules": ["layernorm"]})
+    h, ab = ctx.hidden, ctx.activation_bytes
+    assert norms - none == pytest.approx(t.elementwise(4 * ctx.tokens_per_source * h * ab,
+                                                       kernels=2), rel=1e-12)
+    # full: the whole block forward again (the forward chunk less its embedding and LM head)
+    full, _, _ = _backward(make_scenario, {"recompute": "full"})
+    ends = t.embedding(ctx.microbatch_tokens) + t.lm_head(ctx.microbatch_tokens)
+    assert full - none == pytest.approx(forward - ends, rel=1e-9)
+    assert block.recompute == 0.0
+
+
+def test_mtp_adds_a_block_and_a_head_on_the_last_stage(make_scenario):
+    base = {"parallelism": {"pp": 2, "dp": 2, "ep": 2}, "workload": {"global_batch": 4}}
+    plain = make_scenario(base)
+    mtp = make_scenario({**base, "model": {"mtp_modules": 1}})
+    a, b = simulate(plain), simulate(mtp)
+    dispatches = [sum(op.name == "dispatch" for op in sim.runs[(1, "F", 0)].ops)
+                  for sim in (a, b)]
+    assert dispatches[1] == dispatches[0] + 1
+    assert sum(op.name == "dispatch" for op in b.runs[(0, "F", 0)].ops) == dispatches[0]
+    # Parameters: the last stage holds one more block's dense parts, a [2h -> h] projection
+    # and two norms, and one more layer of expert slots.
+    m, h = mtp.model, mtp.model.hidden_size
+    extra = (m.attention_params + m.shared_expert_params + m.num_experts * h + 2 * h * h + 2 * h)
+    (d0, e0), (d1, e1) = (stage_params(s, Layout.for_scenario(s), 1) for s in (plain, mtp))
+    assert d1 - d0 == extra
+    assert e1 - e0 == (m.num_experts // 2) * m.expert_params
+    assert mtp.model.param_counts() == plain.model.param_counts()   # not in the model's count
+    # Serving runs no MTP module.
+    serve = {**base, "workload": {"mode": "decode", "global_batch": 4, "context_len": 16}}
+    assert (simulate(make_scenario({**serve, "model": {"mtp_modules": 1}})).result.step_time
+            == simulate(make_scenario(serve)).result.step_time)
+
+
+def test_prefill_computes_logits_for_the_last_token_of_each_prompt(make_scenario):
+    s = make_scenario({"workload": {"mode": "prefill", "global_batch": 8, "seq_len": 256,
+                                    "micro_batch": 2}})
+    sim = simulate(s)
+    head = next(op for op in sim.runs[(0, "F", 0)].ops if op.name == "lm_head")
+    assert head.duration[0] == pytest.approx(sim.costs.ctx.timer.lm_head(2))   # 2 prompts
+
+
+def test_pipeline_split_counts_the_ends_as_layers(make_scenario):
+    def layout(layers: int, mtp: int = 0, **flags) -> Layout:
+        return Layout.for_scenario(make_scenario({
+            "model": {"num_layers": layers, "mtp_modules": mtp},
+            "parallelism": {"pp": 4, "dp": 1, "ep": 1, **flags},
+            "workload": {"global_batch": 4}}))
+
+    def sizes(lay: Layout) -> list[int]:
+        return [len(lay.stage_layers(i)) for i in range(4)]
+
+    # 8 blocks over 4 stages: 2 each. Counting the embedding and the loss as one layer each:
+    # 10 = 3, 3, 2, 2, then the first stage gives one to the embedding, the last one to the loss.
+    assert sizes(layout(8)) == [2, 2, 2, 2]
+    assert sizes(layout(8, account_for_embedding=True, account_for_loss=True)) == [2, 3, 2, 1]
+    # With an MTP module the loss side weighs two layers: 8 + 2 = 10 -> 3, 3, 2, 2 - 2 = 0.
+    assert sizes(layout(8, mtp=1, account_for_loss=True)) == [3, 3, 2, 0]
+    # 4 blocks, both ends and MTP: 7 -> 2, 2, 2, 1: the last stage would need -1 blocks.
+    with pytest.raises(ScenarioError, match="cannot be split"):
+        layout(4, mtp=1, account_for_embedding=True, account_for_loss=True)
+
+
+def test_a_stage_with_only_the_loss_runs(make_scenario):
+    sim = simulate(make_scenario({"model": {"num_layers": 8, "mtp_modules": 1},
+                                  "parallelism": {"pp": 4, "dp": 1, "ep": 1,
+                                                  "account_for_loss": True},
+                                  "workload": {"global_batch": 4}}))
+    last = [op.name for op in sim.runs[(3, "F", 0)].ops]
+    assert "lm_head" in last and last.count("dispatch") == 1    # the MTP block alone
+
+
+def test_compute_beside_communication_runs_on_fewer_sms():
+    from tests.test_streams import _block
+    # attention 1, gate 0.5, dispatch 2, shared 1.5, experts 1 / 3, combine 2; the shared
+    # experts overlap the dispatch and run 1.25x slower: 1.5-3.375, the dispatch ends at 3.5.
+    ops = chunk_ops([_block()], 2, backward=False, recompute=False, overlap="shared_expert",
+                    comm_slowdown=1.25)
+    run = run_ops(ops, 2)
+    shared = [op.name for op in ops].index("shared_experts")
+    assert run.end[shared].tolist() == [3.375, 3.375]
+    assert run.makespan == pytest.approx(8.5)
+    # Without overlap nothing runs beside a collective: no slowdown.
+    serial = chunk_ops([_block()], 2, backward=False, recompute=False, overlap="none",
+                       comm_slowdown=1.25)
+    assert run_ops(serial, 2).makespan == pytest.approx(10.0)
+    # Two-batch overlap keeps communication kernels running: all of the block's compute slows.
+    both = chunk_ops([_block()], 2, backward=False, recompute=False, overlap="two_batch",
+                     comm_slowdown=1.25)
+    plain = chunk_ops([_block()], 2, backward=False, recompute=False, overlap="two_batch")
+    for slow, fast in zip(both, plain):
+        factor = 1.25 if fast.stream == "compute" else 1.0
+        assert np.allclose(slow.duration, fast.duration * factor)
+
+
+TWO_DEVICES = {
+    "cluster": {"topology": "explicit", "nodes": 2,
+                "devices": [{"name": "a", "node": 0}, {"name": "b", "node": 1}],
+                "links": [{"a": "a", "b": "b", "bandwidth": "10 GB/s", "latency": "0 us"}]},
+    "parallelism": {"tp": 1, "pp": 1, "dp": 2, "ep": 2},
+    "model": {"num_experts": 2, "top_k": 1},
+    "workload": {"mode": "prefill", "global_batch": 2, "seq_len": 256, "micro_batch": 1},
+}
+
+
+def test_all_to_all_pays_the_message_size_curve_and_a_fixed_cost(make_scenario):
+    # Balanced top-1 of 2 experts: each device sends half its 256 tokens to the other, one
+    # message of 128 x hidden x 2 bytes; a message of s bytes with half-efficiency size h takes
+    # (s + h) / 10 GB/s on the link, plus the collective's fixed cost once.
+    curve = {"links": {"scale_out": {"half_efficiency_size": "100 KB",
+                                     "collective_overhead": "7 us"}}}
+    plain = make_scenario(TWO_DEVICES)
+    real = make_scenario(TWO_DEVICES, profile_changes=curve)
+    s_bytes = 128 * plain.model.hidden_size * 2
+
+    def dispatch(s):
+        ctx = PricingContext.from_scenario(s)
+        costs = CostModel(ctx, scenario_placement(s))
+        return costs.block(s.model.moe_layer_ids[0]).dispatch
+
+    assert dispatch(plain).duration == pytest.approx(s_bytes / 10e9, rel=1e-9)
+    coll = dispatch(real)
+    assert coll.duration == pytest.approx((s_bytes + 100e3) / 10e9 + 7e-6, rel=1e-9)
+    assert coll.total_bytes == pytest.approx(2 * s_bytes)        # real bytes are reported
+
+
+def test_balanced_random_routing_is_exactly_balanced_with_random_pairs():
+    rng = np.random.default_rng(3)
+    c = balanced_layer(16, num_sources=4, tokens_per_source=64, top_k=4, rng=rng)
+    assert np.all(np.bincount(c.experts.ravel(), minlength=16) == 4 * 64 * 4 // 16)
+    assert all(len(set(row)) == 4 for row in c.experts.tolist())          # distinct experts
+    fixed = balanced_layer(16, num_sources=4, tokens_per_source=64, top_k=4)
+    # The fixed scheme pairs neighbours (experts 4j..4j+3); random pairing does not, mostly.
+    neighbours = np.all(np.diff(np.sort(c.experts, axis=1), axis=1) == 1, axis=1)
+    assert np.all(np.diff(fixed.experts, axis=1) == 1) and neighbours.mean() < 0.2
+    again = balanced_layer(16, num_sources=4, tokens_per_source=64, top_k=4,
+                           rng=np.random.default_rng(3))
+    assert np.array_equal(again.experts, c.experts)                      # seeded
+
+
+def test_block_cost_is_what_the_engine_reads(make_scenario):
+    s = make_scenario(ONE_LAYER)
+    ctx = PricingContext.from_scenario(s)
+    costs = CostModel(ctx, scenario_placement(s))
+    direct = block_cost(ctx, 0, costs.choices[0], costs.placement)
+    assert direct.attention == costs.block(0).attention
+    assert np.array_equal(direct.experts, costs.block(0).experts)
