@@ -71,11 +71,15 @@ def scenario_routing(s: Scenario, *, tokens_per_source: float,
     spec = s.routing
     if spec.node_limit and not node_limited:
         spec = replace(spec, node_limit=0)
-    return list(sample_routing(
+    whole = max(1, round(tokens_per_source))
+    layers = list(sample_routing(
         spec, num_experts=s.model.num_experts, num_layers=s.model.num_moe_layers,
-        num_sources=s.parallelism.ep, tokens_per_source=max(1, round(tokens_per_source)),
+        num_sources=s.parallelism.ep, tokens_per_source=whole,
         top_k=s.model.top_k, seed=s.seed, gating=s.model.gating,
         expert_node=expert_node if spec.node_limit else None))
+    if whole != tokens_per_source:   # e.g. half of an odd micro-batch under two-batch overlap
+        layers = [replace(c, weight=c.weight * tokens_per_source / whole) for c in layers]
+    return layers
 
 
 _DRAWN: OrderedDict[tuple, list[LayerChoices]] = OrderedDict()   # sample_routing's last draws

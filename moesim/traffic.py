@@ -108,7 +108,9 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
     experts left with no live replica are dropped too.
     """
     ep, experts = placement.ep, placement.num_experts
-    if failed is not None:   # failed devices produce no tokens
+    lost = 0.0
+    if failed is not None:   # failed devices produce no tokens: their token copies are lost
+        lost = tokens_per_source * top_k * float(np.asarray(failed, dtype=bool).sum())
         alive_rows = ~np.asarray(failed, dtype=bool)[choices.source]
         choices = routing.LayerChoices(choices.experts[alive_rows], choices.source[alive_rows],
                                        choices.weight)
@@ -146,7 +148,7 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
     sources = ep if failed is None else int((~np.asarray(failed, dtype=bool)).sum())
     deepep = algorithm.startswith("deepep")
     return LayerTraffic(pairs, nbytes, nbytes * scale, tokens, slot_tokens, counts,
-                        float(dropped.sum()), cross, sources, algorithm, token_bytes,
+                        float(dropped.sum()) + lost, cross, sources, algorithm, token_bytes,
                         combine_copy, algorithm == "deepep_ll", not deepep)
 
 

@@ -58,8 +58,8 @@ def check_traffic(tr: LayerTraffic, tokens_per_source: float, top_k: int, token_
                   device_node: np.ndarray, algorithm: str, where: str) -> None:
     """Token and byte conservation of one layer's dispatch (see the module docstring)."""
     ep = tr.tokens.shape[0]
-    sources = ep if tr.live_sources < 0 else tr.live_sources
-    _close(tr.counts.sum() + tr.dropped, tokens_per_source * sources * top_k,
+    # Every source's copies are kept or dropped (a failed source's are all dropped).
+    _close(tr.counts.sum() + tr.dropped, tokens_per_source * ep * top_k,
            f"{where} token copies routed")
     _close(tr.tokens.sum(), tr.counts.sum(), f"{where} token copies sent")
     _close(tr.tokens.sum(axis=0), tr.slot_tokens.sum(axis=1),

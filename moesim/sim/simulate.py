@@ -21,6 +21,7 @@ from moesim.kernels import overlapped_compute_slowdown
 from moesim.layout import Layout
 from moesim.memory import check_memory, mtp_blocks, tokens_per_microbatch
 from moesim.placement.placement import Placement
+from moesim.results import Result
 from moesim.pricing.collectives import dp_sync_time, p2p_time
 from moesim.pricing.context import PricingContext, scenario_topology
 from moesim.pricing.step import heads_time, micro_batches, optimizer_time
@@ -105,6 +106,12 @@ def simulate_step(s: Scenario, placement: Placement, *, engine: str | None = Non
     par = s.parallelism
     _check_size(s, engine)
     healthy = simulate_step(replace(s, faults=()), placement, engine=engine) if s.faults else None
+    strike = min((f.at for f in s.faults), default=0.0)
+    if healthy is not None and strike >= healthy.result.step_time:   # after the step: no effect
+        healthy.result.faults = fault_summary(s, healthy.result, healthy.result)
+        healthy.result.notes.append(f"faults strike at {strike:g} s, after the step ends "
+                                    f"({healthy.result.step_time:g} s): no effect")
+        return healthy
     ctx = PricingContext.from_scenario(s, faulty_topology(s, scenario_topology(s)))
     layout = ctx.layout
     memory = check_memory(s, layout)
@@ -114,7 +121,6 @@ def simulate_step(s: Scenario, placement: Placement, *, engine: str | None = Non
     runs = _chunk_runs(s, layout, costs, ENGINES[engine])
     make_order = one_f_one_b if s.workload.mode == "training" else forward_only
     orders = [make_order(st, par.pp, par.vp, mbs) for st in range(par.pp)]
-    strike = min((f.at for f in s.faults), default=0.0)
 
     def duration(stage: int, kind: str, chunk: int, now: float) -> float:
         chosen = healthy.runs if healthy is not None and now < strike else runs
@@ -125,13 +131,41 @@ def simulate_step(s: Scenario, placement: Placement, *, engine: str | None = Non
     timeline = Timeline(s, ctx.topology, layout, placement, costs, runs, spans, stage_end)
     result = build_result(timeline, mbs, events, dp_exposed, optimizer, memory, engine)
     if healthy is not None:
-        assert healthy.result is not None
+        _no_faster_than_healthy(result, healthy.result)
+        _count_lost_work(s, result, healthy.result)
         result.faults = fault_summary(s, healthy.result, result)
     sim = Simulation(**vars(timeline), result=result)
     check_invariants(sim)
     _note_shared_links(sim)
     sim.wall_seconds = time.perf_counter() - wall
     return sim
+
+
+def _no_faster_than_healthy(result: Result, healthy: Result) -> None:
+    """Faults never speed a step up: only the damaged EP group is simulated, and the step also
+    waits for every healthy group (data-parallel replicas meet at the gradient reduction; a
+    serving step ends when its last group does). A damaged group that finishes first (its failed
+    devices do no work) leaves the step at the healthy groups' time, with its tokens lost."""
+    if result.step_time >= healthy.step_time:
+        return
+    scale = result.step_time / healthy.step_time
+    result.notes.append("the damaged EP group finishes before the healthy ones; the step waits "
+                        "for them (its lost tokens are counted as dropped)")
+    result.step_time = healthy.step_time
+    for name in ("tokens_per_s", "tokens_per_s_per_device", "mfu", "tflops_per_device"):
+        setattr(result, name, getattr(result, name) * scale)
+
+
+def _count_lost_work(s: Scenario, result: Result, healthy: Result) -> None:
+    """Tokens lost to faults did no useful work: scale throughput and MFU by the share of
+    routed token copies that still reached an expert."""
+    routed = result.tokens_per_step * s.model.effective_top_k * s.model.num_moe_layers
+    lost = max(0.0, result.dropped_tokens - healthy.dropped_tokens)
+    if routed <= 0 or lost <= 0:
+        return
+    kept = max(0.0, 1.0 - lost / routed)
+    for name in ("tokens_per_s", "tokens_per_s_per_device", "mfu", "tflops_per_device"):
+        setattr(result, name, getattr(result, name) * kept)
 
 
 def _note_shared_links(sim: Simulation) -> None:

@@ -315,7 +315,15 @@ def _check_relations(s: Scenario, source: str) -> None:
     if s.placement.policy == "file" and not s.placement.file:
         raise ScenarioError("policy 'file' needs placement.file", source=source,
                             field="placement.file")
+    seen: dict[tuple, int] = {}
     for i, fault in enumerate(s.faults):
+        target = ("device", fault.device) if fault.kind == "device" else (
+            "link", tuple(sorted(map(str, fault.link))))
+        if target in seen:
+            raise ScenarioError(f"faults[{seen[target]}] already names this {fault.kind}; give "
+                                "each device or link one fault", source=source,
+                                field=f"faults[{i}]")
+        seen[target] = i
         if fault.kind == "device" and not 0 <= fault.device < devices:
             raise ScenarioError(f"device {fault.device} is not in 0..{devices - 1}",
                                 source=source, field=f"faults[{i}].device")
