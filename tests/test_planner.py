@@ -226,18 +226,38 @@ def test_unequal_nodes_are_rejected():
         planner.ClusterShape(9, np.array([0, 1]), 4)
 
 
-def test_out_of_time_layers_get_eplbs_plan_and_progress_is_reported():
+def test_layers_past_the_evaluation_budget_get_eplbs_plan_and_say_so():
     from moesim.placement.local_search import eplb_best
 
     trace = synthetic_trace(16, 3, 1024, 2, seed=2)
     shape = planner.ClusterShape(16, np.repeat([0, 1], 2), 5)
     calls = []
     layers = planner.routing_from_trace(trace)
-    plan = planner.plan(layers, shape, planner.PlannerConfig(time_limit=0.0),
+    plan = planner.plan(layers, shape, planner.PlannerConfig(max_evaluations=0),
+                        score=lambda layer, slots: 1.0,
                         progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
     np.testing.assert_array_equal(plan.slot_expert,
                                   np.stack([eplb_best(info.load, shape)[0] for info in layers]))
+    assert plan.notes and "the last 3 of 3 layers use EPLB's plan" in plan.notes[0]
+
+
+def test_the_budget_counts_evaluations_so_plans_repeat_exactly():
+    trace = synthetic_trace(16, 3, 1024, 2, seed=2)
+    shape = planner.ClusterShape(16, np.repeat([0, 1], 2), 5)
+    layers = planner.routing_from_trace(trace)
+    seen = []
+
+    def score(layer, slots):
+        seen.append(layer)
+        return float(np.sum(slots * (layer + 1)) % 7)
+
+    first = planner.plan(layers, shape, planner.PlannerConfig(max_evaluations=40), score=score)
+    used = len(seen)
+    second = planner.plan(layers, shape, planner.PlannerConfig(max_evaluations=40), score=score)
+    assert len(seen) == 2 * used and used >= 40
+    np.testing.assert_array_equal(first.slot_expert, second.slot_expert)
+    assert first.notes == second.notes
 
 
 # ----------------------------------------------------------------------------- better than EPLB

@@ -3,7 +3,8 @@
 Each planner named with ``--planner`` places the scenario's experts (plus ``--replicas``
 redundant slots) for its first EP group; all are priced by the same objective
 (:mod:`moesim.placement.objective`) and printed side by side: cross-node bytes, max/mean device
-load, predicted MoE layer time, planning time. The first planner's plan is written to ``-o``.
+load, predicted MoE layer time, planning time. The plan with the lowest predicted MoE layer time
+is written to ``-o``.
 
 With ``--failed-devices 3,17`` it re-plans instead (:mod:`moesim.placement.failover`): from the
 plan in ``--current`` (else the scenario's placement policy's plan), the experts that lived only
@@ -87,10 +88,11 @@ def _is_load_npz(path: Path) -> bool:
 
 def make_placement(name: str, layers: list[planner.LayerRouting], ctx: PricingContext,
                    num_experts: int, slots_per_device: int, *, seed: int = 0,
-                   time_limit: float = 30.0, plan_choices: list[routing.LayerChoices] | None = None,
+                   max_evaluations: int = 100_000, plan_choices: list[routing.LayerChoices] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> Placement:
     """Placement of planner ``name`` (one of :data:`PLANNERS`) for the group of ``ctx``."""
-    request = PlacementRequest(ctx, layers, num_experts, slots_per_device, seed=seed, time_limit=time_limit,
+    request = PlacementRequest(ctx, layers, num_experts, slots_per_device, seed=seed,
+                               max_evaluations=max_evaluations,
                                plan_choices=plan_choices, progress=progress)
     return placer(name, field="--planner")(request)
 
@@ -105,12 +107,15 @@ def register(sub, commands: dict) -> None:
     p.add_argument("--split", type=float, default=0.5,
                    help="plan on this leading fraction of a per-token trace (default 0.5)")
     p.add_argument("--replicas", type=int, help="redundant expert slots per EP group")
-    p.add_argument("--planner", action="append", choices=PLANNERS,
-                   help="planner to run (repeatable; the first one's plan is written; "
-                        "default: moesim, eplb, contiguous, round_robin)")
+    p.add_argument("--planner", action="extend", nargs="+", choices=PLANNERS,
+                   help="planners to run (one or more, or repeat the option); the plan with the "
+                        "lowest predicted layer time is written (default: moesim, eplb, "
+                        "contiguous, round_robin)")
     p.add_argument("--format", choices=export.FORMATS, default="moesim", help="plan file format")
     p.add_argument("--seed", type=int, help="planner seed (default: the scenario's)")
-    p.add_argument("--time-limit", type=float, default=30.0, help="seconds per planner")
+    p.add_argument("--max-evaluations", type=int, default=100_000,
+                   help="the moesim planner's budget in objective evaluations (deterministic; "
+                        "layers past it get EPLB's plan, and the output says so)")
     p.add_argument("--exact", action="store_true",
                    help="price all-to-alls by flow simulation instead of the closed form")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -155,13 +160,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     for name in dict.fromkeys(names):
         start = time.perf_counter()
         placement = make_placement(name, inputs.layers, ctx, s.model.num_experts, slots,
-                                   seed=seed, time_limit=args.time_limit,
+                                   seed=seed, max_evaluations=args.max_evaluations,
                                    plan_choices=inputs.plan_choices,
                                    progress=_Progress(name, sys.stderr))
         elapsed = time.perf_counter() - start
         cost = objective.plan_cost(ctx, inputs.eval_choices, placement, exact=args.exact)
         rows.append((name, cost, elapsed))
-        if written is None:
+        for note in placement.notes:
+            print(f"note       {name}: {note}")
+        if written is None or cost.layer_time < written[1].layer_time:   # keep the best
             written = (placement, cost, elapsed)
     print(_table(rows))
     assert written is not None   # at least one planner ran
@@ -170,7 +177,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                       moe_layer_ids=list(s.model.moe_layer_ids),
                       metadata={"planner": placement.name, "scenario": s.name,
                                 "routing": inputs.description, "planning_seconds": elapsed,
-                                "predicted": cost.as_dict()})
+                                "predicted": cost.as_dict(), "notes": list(placement.notes)})
     print(f"wrote      {args.output} ({placement.name}, {args.format} format)")
     return 0
 

@@ -24,6 +24,7 @@ class Placement:
     slot_expert: np.ndarray
     num_experts: int
     name: str = ""
+    notes: tuple[str, ...] = ()     # what the planner wants said (e.g. a budget it hit)
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.slot_expert)

@@ -25,13 +25,12 @@ regrouped by co-activation, EPLB's own plan. Each layer takes its cheapest candi
 cheapest switches to better balanced ones are made until the plan's mean balance over layers is
 no worse than EPLB's (:func:`_choose`). Given a current placement and a migration budget, only
 the layers worth their moved bytes change (:mod:`moesim.placement.migration`). Deterministic for
-a seed (the polish counts objective evaluations, not seconds); only past ``time_limit`` do the
-remaining layers get EPLB's plan, which depends on the machine's speed.
+a seed and of the machine's speed: the work is bounded in objective evaluations, never seconds.
+Past ``max_evaluations`` the remaining layers get EPLB's plan, and the placement says so.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -70,7 +69,7 @@ class PlannerConfig:
     max_tokens: int = 4096                   # tokens per layer the partition looks at
     probe_layers: int = 2                    # layers the candidates are priced on
     seed: int = 0
-    time_limit: float = 30.0                 # seconds; then EPLB's plan for the rest
+    max_evaluations: int = 100_000           # objective calls; then EPLB's plan for the rest
     polish_evaluations: int = 256            # objective evaluations of step 4, all layers
                                              # (skipped under MIN_POLISH per layer)
     batch_pairs: float | None = None         # pairs a device routes per batch: count noise
@@ -98,13 +97,16 @@ def plan(layers: Sequence[LayerRouting], shape: ClusterShape,
     -------
     Placement named "moesim".
     """
-    start = time.perf_counter()
+    counted = None if score is None else _Counted(score)
+    score = counted
     ranked = _rank_knobs(layers, shape, config, score)
     regroup = _regroup_helps(layers, shape, config, score)
     options: list[list[Option]] = []
+    fallback = 0
     for layer, info in enumerate(layers):
-        if time.perf_counter() - start > config.time_limit:      # out of time: EPLB's plan
+        if counted is not None and counted.calls >= config.max_evaluations:   # out of budget
             options.append([Option(*eplb_best(info.load, shape, config.batch_pairs))])
+            fallback += 1
         else:
             options.append(_layer_options(layer, info, shape, ranked, config, regroup, score))
         if progress is not None:
@@ -115,7 +117,7 @@ def plan(layers: Sequence[LayerRouting], shape: ClusterShape,
     if score is not None and share >= MIN_POLISH:
         # Step 4: each layer's local search, within its chosen plan's balance.
         for layer, info in enumerate(layers):
-            if time.perf_counter() - start > config.time_limit:
+            if counted is not None and counted.calls >= config.max_evaluations:
                 break
             table[layer] = polish_layer(table[layer], layer, info, shape, score, share,
                                         seed=[config.seed, layer],
@@ -123,7 +125,21 @@ def plan(layers: Sequence[LayerRouting], shape: ClusterShape,
     if current is not None and config.migration_budget is not None:
         table = within_budget(table, current, layers, shape, config.migration_budget,
                               expert_bytes, score)
-    return Placement(table, shape.num_experts, name="moesim")
+    notes = () if not fallback else (
+        f"planner budget of {config.max_evaluations:,} objective evaluations reached: the last "
+        f"{fallback} of {len(layers)} layers use EPLB's plan",)
+    return Placement(table, shape.num_experts, name="moesim", notes=notes)
+
+
+class _Counted:
+    """An objective that counts its calls (the planner's deterministic budget)."""
+
+    def __init__(self, score: Score):
+        self.score, self.calls = score, 0
+
+    def __call__(self, layer: int, slot_expert: np.ndarray) -> float:
+        self.calls += 1
+        return self.score(layer, slot_expert)
 
 
 class Option(NamedTuple):

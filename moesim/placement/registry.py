@@ -41,7 +41,7 @@ class PlacementRequest:
     num_experts: int
     slots_per_device: int
     seed: int = 0
-    time_limit: float = 30.0
+    max_evaluations: int = 100_000   # the moesim planner's budget (objective calls)
     plan_choices: Sequence[routing.LayerChoices] | None = None
     progress: Callable[[int, int], None] | None = None
     scenario: Scenario | None = None     # for ``file``: the plan path is relative to it
@@ -97,7 +97,7 @@ def _moesim(r: PlacementRequest) -> Placement:
     shape = ClusterShape(r.num_experts, r.ctx.device_node, r.slots_per_device)
     score = None if r.plan_choices is None else layer_scorer(r.ctx, r.plan_choices,
                                                              r.num_experts)
-    config = planner.PlannerConfig(seed=r.seed, time_limit=r.time_limit)
+    config = planner.PlannerConfig(seed=r.seed, max_evaluations=r.max_evaluations)
     return planner.plan(r.layers, shape, config, score=score, progress=r.progress)
 
 

@@ -21,10 +21,10 @@ from moesim.kernels import overlapped_compute_slowdown
 from moesim.layout import Layout
 from moesim.memory import check_memory, mtp_blocks, tokens_per_microbatch
 from moesim.placement.placement import Placement
-from moesim.results import Result
 from moesim.pricing.collectives import dp_sync_time, p2p_time
 from moesim.pricing.context import PricingContext, scenario_topology
 from moesim.pricing.step import heads_time, micro_batches, optimizer_time
+from moesim.results import Result
 from moesim.sim.costs import CostModel
 from moesim.sim.faults import device_faults, fault_summary, faulty_topology
 from moesim.sim.full import run_ops_full
@@ -130,6 +130,7 @@ def simulate_step(s: Scenario, placement: Placement, *, engine: str | None = Non
     stage_end, dp_exposed, optimizer = _finish_stages(ctx, spans)
     timeline = Timeline(s, ctx.topology, layout, placement, costs, runs, spans, stage_end)
     result = build_result(timeline, mbs, events, dp_exposed, optimizer, memory, engine)
+    result.notes.extend(placement.notes)
     if healthy is not None:
         _no_faster_than_healthy(result, healthy.result)
         _count_lost_work(s, result, healthy.result)
