@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     try:
+        if args.command == "plan":    # plan's handler lives in moesim.placement.cli
+            args.scenario = resolve_scenario(args.scenario)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("moesim: interrupted", file=sys.stderr)

@@ -408,3 +408,29 @@ def test_benchmark_tiny_prints_every_planner(capsys):
     for name in ("contiguous", "round_robin", "eplb", "eplb_global", "moesim"):
         assert f"  {name} " in out
     assert out.count("moesim vs best EPLB") == 2
+
+
+def test_plan_cli_takes_several_planners_and_writes_the_cheapest(tmp_path, capsys):
+    import json
+
+    from moesim.cli import main
+    from moesim.placement.export import load_plan
+    from moesim.spec.scenario import load_scenario
+
+    out = tmp_path / "plan.json"
+    code = main(["plan", "tiny-cpu", "--planner", "contiguous", "eplb", "round_robin", "--json",
+                 "-o", str(out)])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    times = {row["planner"]: row["layer_time"] for row in doc["planners"]}
+    assert set(times) == {"contiguous", "eplb", "round_robin"}
+    best = min(times, key=times.get)
+    assert doc["best"] == best
+    s = load_scenario(REPO / "scenarios" / "tiny-cpu.yaml")
+    assert load_plan(out, s).name == best
+
+
+def test_plan_refuses_an_unwritable_output_before_planning(capsys):
+    from moesim.cli import main
+    assert main(["plan", "tiny-cpu", "-o", "/proc/plan.json"]) == 2
+    assert "cannot be written" in capsys.readouterr().err

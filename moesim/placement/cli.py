@@ -19,6 +19,7 @@ else the scenario's own routing (planned and priced on the simulator's sample).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from moesim.placement.placement import Placement
 from moesim.placement.policies import expected_load, resolve_placement, scenario_choices
 from moesim.placement.registry import CLI_PLANNERS, PlacementRequest, placer
 from moesim.pricing.context import PricingContext
+from moesim.results import check_output_dir
 from moesim.spec.hardware import dtype_bytes
 
 __all__ = ["PLANNERS", "register", "make_placement", "PlanningInputs", "planning_inputs",
@@ -100,8 +102,10 @@ def make_placement(name: str, layers: list[planner.LayerRouting], ctx: PricingCo
 def register(sub, commands: dict) -> None:
     """Add ``moesim plan`` to the CLI."""
     p = sub.add_parser("plan", help="plan expert placements and compare planners")
-    p.add_argument("scenario")
+    p.add_argument("scenario", help="scenario file, or a shipped scenario's name")
     p.add_argument("-o", "--output", required=True, help="plan file (.json or .yaml)")
+    p.add_argument("--json", action="store_true",
+                   help="print the comparison as one JSON document instead of a table")
     p.add_argument("--trace", help="routing trace (.npz/.csv) or engine load dump "
                                    "(SGLang logical_count / vLLM logical_expert_load)")
     p.add_argument("--split", type=float, default=0.5,
@@ -118,7 +122,8 @@ def register(sub, commands: dict) -> None:
                         "layers past it get EPLB's plan, and the output says so)")
     p.add_argument("--exact", action="store_true",
                    help="price all-to-alls by flow simulation instead of the closed form")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario field (repeatable), e.g. --set parallelism.ep=16")
     p.add_argument("--failed-devices", metavar="D,D,...",
                    help="re-plan around these failed devices (EP-local indices 0..ep-1; "
                         "cluster rank r is index r %% ep) instead of planning afresh")
@@ -152,10 +157,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     names = args.planner or ["moesim", "eplb", "contiguous", "round_robin"]
     slots = (s.model.num_experts + s.placement.redundant_experts) // s.parallelism.ep
     seed = s.seed if args.seed is None else args.seed
-    print(f"scenario   {s.name}: {s.model.num_moe_layers} MoE layers x {s.model.num_experts} "
-          f"experts, ep={ctx.ep} over {np.unique(ctx.device_node).size} nodes, {slots} slots "
-          f"per device, {ctx.algorithm} all-to-all")
-    print(f"routing    {inputs.description}")
+    out = Path(args.output)
+    check_output_dir(out.parent if str(out.parent) else ".", what="plan file's folder")
+    say = (lambda *_: None) if args.json else print
+    say(f"scenario   {s.name}: {s.model.num_moe_layers} MoE layers x {s.model.num_experts} "
+        f"experts, ep={ctx.ep} over {np.unique(ctx.device_node).size} nodes, {slots} slots "
+        f"per device, {ctx.algorithm} all-to-all")
+    say(f"routing    {inputs.description}")
     rows, written = [], None
     for name in dict.fromkeys(names):
         start = time.perf_counter()
@@ -167,10 +175,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         cost = objective.plan_cost(ctx, inputs.eval_choices, placement, exact=args.exact)
         rows.append((name, cost, elapsed))
         for note in placement.notes:
-            print(f"note       {name}: {note}")
+            say(f"note       {name}: {note}")
         if written is None or cost.layer_time < written[1].layer_time:   # keep the best
             written = (placement, cost, elapsed)
-    print(_table(rows))
+    say(_table(rows))
     assert written is not None   # at least one planner ran
     placement, cost, elapsed = written
     export.write_plan(args.output, placement, fmt=args.format,
@@ -178,7 +186,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                       metadata={"planner": placement.name, "scenario": s.name,
                                 "routing": inputs.description, "planning_seconds": elapsed,
                                 "predicted": cost.as_dict(), "notes": list(placement.notes)})
-    print(f"wrote      {args.output} ({placement.name}, {args.format} format)")
+    say(f"wrote      {args.output} ({placement.name}, {args.format} format)")
+    if args.json:
+        print(json.dumps({
+            "scenario": s.name, "routing": inputs.description, "written": str(args.output),
+            "best": placement.name, "format": args.format, "notes": list(placement.notes),
+            "planners": [{"planner": name, **row.as_dict(), "planning_seconds": secs}
+                         for name, row, secs in rows]}, indent=1))
     return 0
 
 

@@ -31,6 +31,7 @@ from moesim.errors import InfeasiblePlacement, TraceError
 from moesim.placement.placement import Placement
 from moesim.results import write_text_atomic
 from moesim.routing_trace import RoutingTrace
+from moesim.spec.limits import load_json_text, load_yaml_text, read_text_bounded
 
 __all__ = ["FORMATS", "to_moesim", "to_sglang", "to_trtllm", "write_plan", "read_plan",
            "load_plan", "import_load"]
@@ -168,13 +169,9 @@ def _table_field(fmt: str) -> str:
 def _read_document(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InfeasiblePlacement(f"{path}: no such plan file")
-    try:
-        text = path.read_text(encoding="utf-8")
-        doc = (yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml")
-               else json.loads(text))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise InfeasiblePlacement(f"{path}: not a readable plan file "
-                                  f"({' '.join(str(exc).split())})") from None
+    text = read_text_bounded(path)          # size cap, regular files only (moesim.spec.limits)
+    doc = (load_yaml_text(text, source=str(path)) if path.suffix.lower() in (".yaml", ".yml")
+           else load_json_text(text, source=str(path)))   # depth and alias limits
     if not isinstance(doc, dict):
         raise InfeasiblePlacement(f"{path}: a plan file must be a mapping with slot_expert, "
                                   "physical_to_logical_map or initial_global_assignments")
@@ -294,7 +291,7 @@ def _load_field(path: Path) -> tuple[str, Any]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = load_json_text(read_text_bounded(path), source=str(path))
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 doc = {name: archive[name] for name in archive.files}
