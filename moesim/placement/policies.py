@@ -46,6 +46,16 @@ def scenario_request(s: Scenario, ctx: PricingContext) -> PlacementRequest:
                             plan_choices=choices, scenario=s)
 
 
+# Policies that place experts without looking at the routing when there are no replicas to give.
+BLIND = ("contiguous", "round_robin", "random")
+
+
 def resolve_placement(s: Scenario, ctx: PricingContext) -> Placement:
     """The placement of ``s.placement.policy`` for the EP group of ``ctx``."""
-    return placer(s.placement.policy, source=s.source)(scenario_request(s, ctx))
+    policy = placer(s.placement.policy, source=s.source)
+    if s.placement.policy in BLIND and not s.placement.redundant_experts:   # no routing needed
+        m = s.model
+        blank = [LayerRouting(np.zeros(m.num_experts))] * m.num_moe_layers
+        return policy(PlacementRequest(ctx, blank, m.num_experts, m.num_experts // ctx.ep,
+                                       seed=s.seed, scenario=s))
+    return policy(scenario_request(s, ctx))
