@@ -150,6 +150,8 @@ def _no_faster_than_healthy(result: Result, healthy: Result) -> None:
     if result.step_time >= healthy.step_time:
         return
     scale = result.step_time / healthy.step_time
+    result.breakdown["imbalance_wait"] = (result.breakdown.get("imbalance_wait", 0.0)
+                                          + healthy.step_time - result.step_time)
     result.notes.append("the damaged EP group finishes before the healthy ones; the step waits "
                         "for them (its lost tokens are counted as dropped)")
     result.step_time = healthy.step_time
