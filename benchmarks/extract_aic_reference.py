@@ -4,12 +4,12 @@ Writes ``benchmarks/data/measured_kernels_aic012.json``, the reference that
 ``benchmarks/kernels_vs_measured.py`` compares moesim against. Runs only where aiconfigurator 0.12.0
 is installed (its own venv; moesim never imports it)::
 
-    python3 -m venv /work/aicvenv && /work/aicvenv/bin/pip install aiconfigurator==0.12.0
-    /work/aicvenv/bin/python benchmarks/extract_aic_reference.py [-o PATH]
+    python3 -m venv .aic-venv && .aic-venv/bin/pip install aiconfigurator==0.12.0
+    .aic-venv/bin/python benchmarks/extract_aic_reference.py [-o PATH]
 
 aiconfigurator (NVIDIA, Apache-2.0) sums per-kernel timings measured on real GPUs for TensorRT-LLM,
 SGLang and vLLM (parquet tables in its ``aiconfigurator-core`` wheel). For each workload W1-W5 of
-``/work/shared/reference/measured_kernels.md``, each system (h100_sxm, h200_sxm) and each backend,
+the reference note ``measured_kernels.md`` (this project's shared reference folder), each system (h100_sxm, h200_sxm) and each backend,
 this calls ``aiconfigurator.cli.api.cli_estimate`` in a static mode (the equivalent of
 ``aiconfigurator cli estimate --estimate-mode static_gen|static_ctx``) with two interventions:
 
@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("extract_aic_reference.py needs aiconfigurator==0.12.0, which moesim does not depend "
               "on. Install it in its own venv and run this script with that venv's python:\n"
-              "  python3 -m venv /work/aicvenv && /work/aicvenv/bin/pip install "
-              "aiconfigurator==0.12.0\n  /work/aicvenv/bin/python "
+              "  python3 -m venv .aic-venv && .aic-venv/bin/pip install "
+              "aiconfigurator==0.12.0\n  .aic-venv/bin/python "
               "benchmarks/extract_aic_reference.py", file=sys.stderr)
         return 2
     if found != AIC_VERSION:
