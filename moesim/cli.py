@@ -73,11 +73,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from moesim.layout import Layout
     from moesim.memory import check_memory, stage_memory
     from moesim.pricing.context import scenario_topology
+    from moesim.sim.faults import faulty_topology
     from moesim.spec.fields import to_plain
     from moesim.spec.scenario import load_scenario
 
     s = load_scenario(resolve_scenario(args.scenario), args.set)
-    topo = scenario_topology(s)
+    topo = faulty_topology(s, scenario_topology(s))   # link faults name real links
     layout = Layout.for_scenario(s)
     plain = to_plain(s)
     plain["hardware"] = {"name": s.hardware.name, "path": s.hardware.path}

@@ -148,3 +148,12 @@ def test_two_batch_overlap_with_an_odd_micro_batch_runs():
     # Half of one token per device: the routing sample's weight carries the fraction.
     r = _tiny(["communication.overlap=two_batch", "workload.seq_len=1"])
     assert r.step_time > 0 and r.dropped_tokens == 0
+
+
+def test_validate_refuses_the_link_faults_run_would_refuse(capsys):
+    from moesim.cli import main
+    fault = "faults=[{kind: link, link: [x, y]}]"
+    for command in (["validate", "tiny-cpu"], ["run", "tiny-cpu", "--no-trace"]):
+        assert main([*command, "--set", fault]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "tiny-cpu.yaml: faults:" in err and "no such link" in err

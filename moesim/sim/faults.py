@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.errors import TopologyError
 from moesim.layout import Layout
 from moesim.spec.scenario import Scenario
 from moesim.topology import Topology
@@ -66,7 +67,10 @@ def faulty_topology(s: Scenario, topology: Topology) -> Topology:
               if f.kind == "link" and f.slowdown == 0]
     slow = [f for f in s.faults if f.kind == "link" and f.slowdown >= 1]
     if failed:
-        topology = topology.without(links=failed)
+        try:
+            topology = topology.without(links=failed)
+        except TopologyError as exc:
+            raise TopologyError(f"{s.source or s.name}: faults: {exc}") from None
     if slow:
         capacity = topology.capacity.copy()
         index = {ends: i for i, ends in enumerate(topology.link_ends)}

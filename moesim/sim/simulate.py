@@ -105,6 +105,7 @@ def simulate_step(s: Scenario, placement: Placement, *, engine: str | None = Non
                             source=s.source, field="simulation.mode")
     par = s.parallelism
     _check_size(s, engine)
+    damaged = faulty_topology(s, scenario_topology(s))   # bad link faults fail before any work
     healthy = simulate_step(replace(s, faults=()), placement, engine=engine) if s.faults else None
     strike = min((f.at for f in s.faults), default=0.0)
     if healthy is not None and strike >= healthy.result.step_time:   # after the step: no effect
@@ -112,7 +113,7 @@ def simulate_step(s: Scenario, placement: Placement, *, engine: str | None = Non
         healthy.result.notes.append(f"faults strike at {strike:g} s, after the step ends "
                                     f"({healthy.result.step_time:g} s): no effect")
         return healthy
-    ctx = PricingContext.from_scenario(s, faulty_topology(s, scenario_topology(s)))
+    ctx = PricingContext.from_scenario(s, damaged)
     layout = ctx.layout
     memory = check_memory(s, layout)
     mbs = micro_batches(s)
