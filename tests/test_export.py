@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from moesim.cli import main
-from moesim.errors import MoESimError, InfeasiblePlacement, TraceError
+from moesim.errors import InfeasiblePlacement, MoESimError, TraceError
 from moesim.placement import export
 from moesim.placement.placement import Placement
 from moesim.spec.scenario import load_scenario
