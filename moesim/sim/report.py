@@ -114,7 +114,7 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
     links, a2a = _link_rows(sim, uses, step)
     experts, dropped = _expert_rows(sim, mbs)
     tables = sim.costs.ctx.timer.tables  # MeasuredTables with per-kernel counters, or None
-    source = tables.summary() if tables is not None else "roofline (datasheet profile)"
+    source = tables.summary() if tables is not None else "kernel model (datasheet profile)"
     notes = []
     if par.ep < par.dp * par.tp:
         notes.append(f"{par.dp * par.tp // par.ep} EP groups per stage simulated as one "
