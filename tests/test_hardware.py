@@ -162,8 +162,13 @@ def test_h200_computes_like_h100_and_stores_more():
 
 @pytest.mark.parametrize("name, sm_count", [("h200-sxm", 132), ("b200", 148),
                                             ("gb200-nvl72", 148)])
-def test_new_profiles_carry_sm_count_as_a_sourced_comment(name, sm_count):
-    """sm_count is not a DeviceSpec field yet: a comment line that names its source."""
-    text = (PROFILE_DIR / f"{name}.yaml").read_text()
-    line = next(ln for ln in text.splitlines() if "# sm_count:" in ln)
-    assert re.search(rf"# sm_count: {sm_count} \(.+", line)
+def test_new_profiles_carry_the_kernel_model_fields(name, sm_count):
+    """The kernel model's SM count and launch floor load for the new GPUs (H200: all of
+    h100-sxm's kernel constants, same GH100 silicon, not refitted)."""
+    device = load_hardware(name).device
+    assert device.sm_count == sm_count and device.kernel_overhead == pytest.approx(4e-6)
+    if name == "h200-sxm":
+        h100 = load_hardware("h100-sxm").device
+        for field in ("gemm_tile_m", "gemm_tile_n", "gemm_scheduler", "fp8_matmul_efficiency",
+                      "grouped_gemm_efficiency", "attention_efficiency", "comm_sm_fraction"):
+            assert getattr(device, field) == getattr(h100, field), field
