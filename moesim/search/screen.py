@@ -33,9 +33,13 @@ from moesim.routing import LayerChoices
 from moesim.routing_draw import sample_routing
 from moesim.spec.scenario import Scenario
 from moesim.topology import Topology
+from moesim.traffic import LayerTraffic
 
 __all__ = ["Screened", "screen_layout", "block_times"]
 
+# Tokens per source device the screen samples for a layer's routing (each stands for more real
+# tokens; the simulator samples routing.max_tokens_per_source).
+SCREEN_TOKENS = 64
 # What the block prices depend on: the representative EP group is ranks 0..ep-1 whatever pp
 # and dp are, so layouts differing only there (or in vp, ZeRO) share them.
 _BLOCK_KEY = (("parallelism", "tp"), ("parallelism", "ep"), ("parallelism", "sequence_parallel"),
@@ -68,8 +72,11 @@ class BlockTimes:
 
 
 def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
-                placement: Placement) -> BlockTimes:
-    """One block's forward seconds on the busiest device, overlap applied (see module doc)."""
+                placement: Placement, priced: tuple | None = None) -> BlockTimes:
+    """One block's forward seconds on the busiest device, overlap applied (see module doc).
+
+    ``priced``: the layer's ``(flows, dispatch, combine)`` already priced for this context's
+    traffic (they do not depend on recomputation)."""
     s, t = ctx.scenario, ctx.timer
     par = s.parallelism
     tokens = ctx.tokens_per_source
@@ -82,8 +89,8 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
         rec = selective_recompute_time(ctx, dense_tokens, tokens, None)
         halves = 2 if ctx.half_batch else 1
         return BlockTimes(halves * (attention + ffn), halves * tp, halves * rec)
-    flows = layer_traffic(ctx, choices, placement, 0)
-    dispatch, combine = layer_alltoall_times(ctx, flows, exact=False)
+    flows, dispatch, combine = priced if priced is not None else moe_traffic(ctx, choices,
+                                                                             placement)
     shared = t.shared_experts(dense_tokens)
     compute = (attention + t.gate(tokens) + shared + float(expert_times(ctx, flows).max())
                + permute_time(ctx, flows))
@@ -96,6 +103,14 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
         hidden = min(shared, dispatch)
         return BlockTimes(compute, comm - hidden, rec)
     return BlockTimes(compute, comm, rec)
+
+
+def moe_traffic(ctx: PricingContext, choices: LayerChoices, placement: Placement
+                ) -> tuple[LayerTraffic, float, float]:
+    """One MoE layer's flows and closed-form (dispatch, combine) seconds."""
+    flows = layer_traffic(ctx, choices, placement, 0)
+    dispatch, combine = layer_alltoall_times(ctx, flows, exact=False)
+    return flows, dispatch, combine
 
 
 def _placement(s: Scenario) -> Placement:
@@ -123,17 +138,22 @@ def _choices(ctx: PricingContext, placement: Placement):  # noqa: ANN202
 def _blocks(s: Scenario, topology: Topology, cache: dict | None
             ) -> tuple[BlockTimes | None, BlockTimes]:
     """(MoE block, dense block) times, shared by layouts with the same :data:`_BLOCK_KEY`."""
-    key = tuple(getattr(getattr(s, a), b) for a, b in _BLOCK_KEY)
-    key += (s.memory.recompute == "selective",)   # none and full price blocks alike
-    if cache is not None and key in cache:
+    cache = {} if cache is None else cache
+    traffic_key = tuple(getattr(getattr(s, a), b) for a, b in _BLOCK_KEY)
+    key = (*traffic_key, s.memory.recompute == "selective")   # none and full price alike
+    if key in cache:
         return cache[key]
+    s = replace(s, routing=replace(s.routing, max_tokens_per_source=min(
+        SCREEN_TOKENS, s.routing.max_tokens_per_source)))
     ctx = PricingContext.from_scenario(s, topology)
-    placement = _placement(s)
-    choices = _choices(ctx, placement)
-    moe = block_times(ctx, True, choices, placement) if choices is not None else None
-    found = moe, block_times(ctx, False, None, placement)
-    if cache is not None:
-        cache[key] = found
+    if ("traffic", traffic_key) not in cache:
+        placement = _placement(s)
+        choices = _choices(ctx, placement)
+        priced = None if choices is None else moe_traffic(ctx, choices, placement)
+        cache["traffic", traffic_key] = placement, choices, priced
+    placement, choices, priced = cache["traffic", traffic_key]
+    moe = None if choices is None else block_times(ctx, True, choices, placement, priced)
+    found = cache[key] = moe, block_times(ctx, False, None, placement)
     return found
 
 
