@@ -13,7 +13,7 @@ values (``parallelism.pp: [8, 16]``); keys without one are options::
       prefill_batch: 1                # prompts per DP replica in the prefill giving the TTFT
 
 Knobs left open get default ranges: TP powers of two up to a node, PP the divisors of the device
-count up to the layers, VP 1/2/4, EP the powers of two dividing the experts and dp * tp, micro-batch
+count up to the layers, VP 1/2/4/8, EP the powers of two dividing the experts and dp * tp, micro-batch
 1/2/4 (decode: powers of two up to the KV-cache bound), ZeRO 1/2 and the scenario's, recompute
 none/selective/full, overlap none/two_batch, all-to-all direct and the scenario's. Every knob's
 range always includes the scenario's own value, so its layout can be ranked.
@@ -176,7 +176,7 @@ def default_ranges(spec: SearchSpec) -> dict[str, tuple]:
         "parallelism.pp": [p for p in _divisors(n) if p <= min(m.num_layers, 64)] if train
         else [p for p in (1, 2, 4, 8) if n % p == 0 and p <= m.num_layers],
         "parallelism.ep": [e for e in _divisors(slots) if n % e == 0],
-        "parallelism.vp": [1, 2, 4] if train else [1],
+        "parallelism.vp": [1, 2, 4, 8] if train else [1],
         "workload.micro_batch": [1, 2] if wl.mode != "decode" else
         [b for b in _powers(4096)],
         "parallelism.zero_stage": [1, 2] if train else [par.zero_stage],
