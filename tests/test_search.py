@@ -243,3 +243,21 @@ def test_cli_writes_outputs_and_runnable_top_scenarios(tmp_path, capsys):
     assert main(["search", str(path), "-o", str(out), "-q", "--resume"]) == 0
     assert json.loads((out / "search.json").read_text())["simulated"] == 0
     assert main(["search", str(TINY), "-o", str(tmp_path / "x"), "--max-tpot", "50ms"]) == 2
+
+
+def test_plot_of_a_search_folder(tmp_path):
+    from moesim.report.cli import plot_results
+
+    path = _scenario_file(tmp_path, TINY, {**PINNED, "top": 1})
+    run_search(load_search(path), tmp_path / "out")
+    written = plot_results(tmp_path / "out", tmp_path / "plots")
+    assert {p.name for p in written} == {"step-time-vs-memory.png", "step-time-vs-memory.svg"}
+    serving = REPO / "scenarios" / "mixtral-8x7b-infer-1node.yaml"
+    spath = _scenario_file(tmp_path, serving, {"parallelism.tp": [1], "parallelism.pp": [1],
+                                               "parallelism.ep": [8], "top": 1,
+                                               "workload.micro_batch": [16, 64]})
+    run_search(load_search(spath), tmp_path / "sout", max_tpot=0.05)
+    written = plot_results(tmp_path / "sout", tmp_path / "splots")
+    assert {p.name for p in written} == {"pareto.png", "pareto.svg"}
+    rows = _rows(tmp_path / "sout")
+    assert any(r["pareto"] == "True" for r in rows)
