@@ -113,6 +113,25 @@ def moe_traffic(ctx: PricingContext, choices: LayerChoices, placement: Placement
     return flows, dispatch, combine
 
 
+def _lookup_keys(ctx: PricingContext) -> dict[str, int]:
+    return {"group_paths": ctx.ep, "padded_paths": ctx.ep, "reverse_link": 0, "link_curves": 0}
+
+
+def _shared(ctx: PricingContext, cache: dict) -> PricingContext:
+    """``ctx`` given the topology lookups of earlier contexts of the same search: the EP group's
+    paths (ranks 0..ep-1 in every layout) and the per-link tables (one topology)."""
+    for name, key in _lookup_keys(ctx).items():
+        if ("lookup", name, key) in cache:
+            ctx.__dict__[name] = cache["lookup", name, key]   # a cached_property's slot
+    return ctx
+
+
+def _remember(ctx: PricingContext, cache: dict) -> None:
+    for name, key in _lookup_keys(ctx).items():
+        if name in ctx.__dict__:
+            cache["lookup", name, key] = ctx.__dict__[name]
+
+
 def _placement(s: Scenario) -> Placement:
     """One layer's contiguous placement (redundant slots replicate experts in id order)."""
     e, ep = s.model.num_experts, s.parallelism.ep
@@ -145,11 +164,12 @@ def _blocks(s: Scenario, topology: Topology, cache: dict | None
         return cache[key]
     s = replace(s, routing=replace(s.routing, max_tokens_per_source=min(
         SCREEN_TOKENS, s.routing.max_tokens_per_source)))
-    ctx = PricingContext.from_scenario(s, topology)
+    ctx = _shared(PricingContext.from_scenario(s, topology), cache)
     if ("traffic", traffic_key) not in cache:
         placement = _placement(s)
         choices = _choices(ctx, placement)
         priced = None if choices is None else moe_traffic(ctx, choices, placement)
+        _remember(ctx, cache)
         cache["traffic", traffic_key] = placement, choices, priced
     placement, choices, priced = cache["traffic", traffic_key]
     moe = None if choices is None else block_times(ctx, True, choices, placement, priced)
@@ -164,6 +184,7 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
     no pricing. ``cache`` (a dict kept across calls for one topology) shares block prices
     between layouts that differ only in pp, dp, vp or ZeRO.
     """
+    cache = {} if cache is None else cache
     layout = Layout.for_scenario(s)
     memory = check_memory(s, layout)
     fullest = max(memory, key=lambda m: m.total / m.capacity)
@@ -204,7 +225,10 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
     if train:
         for stage in range(par.pp):
             window = bwd_stage[stage] / vp if s.communication.dp_overlap else 0.0
-            exposed = max(0.0, dp_sync_time(ctx, stage) - window)
+            key = ("dp", par.tp, par.pp, par.ep, par.dp, stage)
+            if key not in cache:
+                cache[key] = dp_sync_time(ctx, stage)
+            exposed = max(0.0, cache[key] - window)
             tail = max(tail, exposed + optimizer_time(ctx, stage))
     step = float(pipeline + tail)
     tokens = wl.global_batch * (1 if wl.mode == "decode" else wl.seq_len)
