@@ -69,6 +69,7 @@ class SearchOutcome:
     wall_seconds: float
     serving: bool
     files: list[Path] = field(default_factory=list)
+    screen_seconds: float = 0.0         # enumeration and screen, before the simulations
 
 
 def request_shape(spec: SearchSpec) -> RequestShape:
@@ -208,6 +209,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path, *, top: int | None = None,
     cands, dropped, capped = enumerate_layouts(spec)
     considered = len(cands) + sum(dropped.values())
     kept = _screen(spec, cands, dropped, progress)
+    screen_seconds = time.monotonic() - wall
     if not kept:
         reasons = ", ".join(f"{n} {why}" for why, n in dropped.most_common())
         raise MoESimError(f"{spec.source}: no valid layout on {spec.devices} devices ({reasons})")
@@ -256,6 +258,7 @@ def run_search(spec: SearchSpec, out_dir: str | Path, *, top: int | None = None,
                      and r is rows[own.values]), None)
     outcome = SearchOutcome(table, considered, dropped, capped, len(jobs_list), reused, own_rank,
                             own.label(), time.monotonic() - wall, serving)
+    outcome.screen_seconds = screen_seconds
     outcome.files = _write(spec, out, outcome, by_values, rows, top, shape)
     return outcome
 
@@ -333,7 +336,8 @@ def _write(spec: SearchSpec, out: Path, o: SearchOutcome, by_values: dict,
     manifest = {"source": spec.source, "devices": spec.devices, "considered": o.considered,
                 "dropped": dict(o.dropped), "valid": len(o.rows), "capped": o.capped,
                 "simulated": o.simulated, "reused": o.reused, "own_layout": o.own_label,
-                "own_rank": o.own_rank, "wall_seconds": o.wall_seconds, "serving": o.serving,
+                "own_rank": o.own_rank, "wall_seconds": o.wall_seconds,
+                "screen_seconds": o.screen_seconds, "serving": o.serving,
                 **({"request": vars(shape)} if shape is not None else {})}
     files.append(out / MANIFEST)
     write_text_atomic(files[-1], json.dumps(manifest, indent=2) + "\n")
@@ -356,7 +360,8 @@ def summary(o: SearchOutcome, spec: SearchSpec, shape: RequestShape | None, n: i
     lines = [f"{spec.source}: {o.considered:,} layouts on {spec.devices} devices considered"
              + (" (capped at search.max_layouts)" if o.capped else "")
              + f", {len(o.rows):,} valid, {o.simulated + o.reused} simulated fully"
-             + f" in {o.wall_seconds:.1f} s"]
+             + f" in {o.wall_seconds:.1f} s ({o.screen_seconds:.1f} s enumerating and "
+             "screening)"]
     for why, count in o.dropped.most_common():
         lines.append(f"  dropped {count:>7,}  {why}")
     if shape is not None:

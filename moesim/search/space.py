@@ -13,10 +13,11 @@ values (``parallelism.pp: [8, 16]``); keys without one are options::
       prefill_batch: 1                # prompts per DP replica in the prefill giving the TTFT
 
 Knobs left open get default ranges: TP powers of two up to a node, PP the divisors of the device
-count up to the layers, VP 1/2/4/8, EP the powers of two dividing the experts and dp * tp, micro-batch
-1/2/4 (decode: powers of two up to the KV-cache bound), ZeRO 1/2 and the scenario's, recompute
-none/selective/full, overlap none/two_batch, all-to-all direct and the scenario's. Every knob's
-range always includes the scenario's own value, so its layout can be ranked.
+count up to the layers (training; serving 1/2/4/8), VP 1/2/4/8, EP the divisors of the expert
+slots that divide the devices, micro-batch 1/2 (decode: the batch per replica, powers of two up
+to 4096), ZeRO 1/2, recompute none/selective/full, overlap none/two_batch; the all-to-all
+algorithm, placement policy and redundant experts stay the scenario's unless the section lists
+values. Every knob's range includes the scenario's own value, so its layout can be ranked.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def default_ranges(spec: SearchSpec) -> dict[str, tuple]:
         "parallelism.zero_stage": [1, 2] if train else [par.zero_stage],
         "memory.recompute": ["none", "selective", "full"] if train else [s.memory.recompute],
         "communication.overlap": ["none", "two_batch"],
-        "communication.alltoall": ["direct"],
+        "communication.alltoall": [],
         "placement.policy": [],
         "placement.redundant_experts": [],
     }
