@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extend(sub) -> None:
     """Subcommands that live in their own modules register here."""
     for module in ("moesim.placement.cli", "moesim.sweep.cli", "moesim.report.cli",
-                   "moesim.calibration_cli", "moesim.collective"):
+                   "moesim.calibration_cli", "moesim.collective", "moesim.search.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as exc:

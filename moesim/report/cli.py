@@ -6,6 +6,9 @@ RESULTS is one of:
   vs each swept axis, and the step-time breakdown of every point;
 - a run folder (``results.json``, optionally ``trace.json``, from ``moesim run``): breakdown,
   per-link utilisation, Gantt of the step, expert load and expert placement;
+- a search folder (``search.json`` + ``search.csv`` from ``moesim search``): the Pareto frontier
+  of tokens/s per GPU against tokens/s per user (serving), or step time against memory per
+  device by layout family (training);
 - a CSV with columns ``name,measured_s,predicted_s`` (the accuracy benchmark): predicted vs
   measured.
 """
@@ -20,7 +23,7 @@ from typing import Any
 
 from moesim.errors import MoESimError
 
-__all__ = ["register", "plot_results", "plot_sweep", "plot_run", "plot_accuracy"]
+__all__ = ["register", "plot_results", "plot_search", "plot_sweep", "plot_run", "plot_accuracy"]
 
 
 def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
@@ -79,6 +82,8 @@ def plot_results(path: str | Path, out_dir: str | Path, *, x: str | None = None,
     path = Path(path)
     if path.is_file() and path.name in ("results.jsonl", "results.json"):
         path = path.parent
+    if path.is_dir() and (path / "search.json").exists():
+        return plot_search(path, out_dir)
     if path.is_dir() and (path / "results.jsonl").exists():
         return plot_sweep(path, out_dir, x=x)
     if path.is_dir() and (path / "results.json").exists():
@@ -87,6 +92,24 @@ def plot_results(path: str | Path, out_dir: str | Path, *, x: str | None = None,
         return plot_accuracy(path, out_dir)
     raise MoESimError(f"{path}: not a sweep folder (results.jsonl), a run folder (results.json) "
                       "or an accuracy CSV (name,measured_s,predicted_s)")
+
+
+def plot_search(folder: Path, out_dir: str | Path) -> list[Path]:
+    """A ``moesim search`` folder: the Pareto frontier (serving) or step time against memory per
+    device by layout family (training)."""
+    from moesim.report import plots
+
+    manifest = _read_json(folder / "search.json")
+    with open(folder / "search.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    name = Path(str(manifest.get("source", folder.name))).stem
+    if manifest.get("serving"):
+        fig = plots.pareto_figure(rows, title=f"{name}: serving layouts on "
+                                  f"{manifest.get('devices')} devices")
+        return plots.save_figure(fig, out_dir, "pareto")
+    fig = plots.search_memory_figure(rows, title=f"{name}: training layouts on "
+                                     f"{manifest.get('devices')} devices")
+    return plots.save_figure(fig, out_dir, "step-time-vs-memory")
 
 
 def plot_sweep(folder: Path, out_dir: str | Path, *, x: str | None = None) -> list[Path]:

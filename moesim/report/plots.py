@@ -421,3 +421,90 @@ def accuracy_figure(rows: list[dict], *, title: str) -> Figure:
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3, which="both")
     return fig
+
+
+def search_memory_figure(rows: list[dict], *, title: str) -> Figure:
+    """Training search: step time against memory per device, one colour per layout family
+    (TP/PP/EP); simulated layouts drawn filled, screened ones hollow.
+
+    ``rows``: search.csv rows (strings or numbers) with ``layout``, ``simulated``,
+    ``memory_bytes``, ``memory_capacity_bytes`` and ``step_time_s`` or ``screened_step_time_s``.
+    """
+    fig = _figure(7.5, 4.8)
+    ax = fig.add_subplot()
+    families = list(dict.fromkeys(_family(r) for r in rows))   # rows come best first
+    shown = families[:8]
+    for i, fam in enumerate(shown):
+        mine = [r for r in rows if _family(r) == fam]
+        for simulated in (False, True):
+            pts = [r for r in mine if _flag(r.get("simulated")) == simulated]
+            if not pts:
+                continue
+            ax.scatter([float(r["memory_bytes"]) / 2**30 for r in pts],
+                       [_step(r) for r in pts], s=36 if simulated else 14,
+                       facecolors=f"C{i}" if simulated else "none", edgecolors=f"C{i}",
+                       label=f"{fam}{' (simulated)' if simulated else ''}")
+    rest = [r for r in rows if _family(r) not in shown]
+    if rest:
+        ax.scatter([float(r["memory_bytes"]) / 2**30 for r in rest], [_step(r) for r in rest],
+                   s=8, color="0.7", label="other layouts")
+    if rows:
+        ax.axvline(float(rows[0]["memory_capacity_bytes"]) / 2**30, color="red", linestyle=":",
+                   label="device memory")
+    ax.set_yscale("log")
+    ax.set_xlabel("memory per device (GiB, fullest stage)")
+    ax.set_ylabel("step time (s; simulated where filled, else screened)")
+    ax.set_title(_wrap(fig, title))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def pareto_figure(rows: list[dict], *, title: str) -> Figure:
+    """Serving search: tokens/s per GPU against tokens/s per user, the Pareto frontier joined.
+
+    ``rows``: search.csv rows with ``tokens_per_s_per_gpu``/``tokens_per_s_per_user`` (or their
+    ``screened_`` versions), ``meets_limits`` and ``pareto``.
+    """
+    fig = _figure(7.5, 4.8)
+    ax = fig.add_subplot()
+
+    def xy(r: dict) -> tuple[float, float]:
+        sim = _flag(r.get("simulated"))
+        pre = "" if sim else "screened_"
+        return float(r[f"{pre}tokens_per_s_per_user"]), float(r[f"{pre}tokens_per_s_per_gpu"])
+
+    ok = [r for r in rows if _flag(r.get("meets_limits"))]
+    bad = [r for r in rows if not _flag(r.get("meets_limits"))]
+    if bad:
+        ax.scatter(*zip(*[xy(r) for r in bad], strict=True), s=8, color="0.75",
+                   label="breaks a latency limit")
+    if ok:
+        ax.scatter(*zip(*[xy(r) for r in ok], strict=True), s=12, color="C0",
+                   label="within the limits")
+    front = sorted((xy(r), r) for r in ok if _flag(r.get("pareto")))
+    if front:
+        ax.plot([p[0][0] for p in front], [p[0][1] for p in front], "-o", color="C3",
+                label="Pareto frontier")
+        for (x, y), r in front:
+            ax.annotate(f"{r['layout']} b{r.get('batch_per_replica', '')}", (x, y), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("tokens/s per user (1 / TPOT)")
+    ax.set_ylabel("tokens/s per GPU")
+    ax.set_title(_wrap(fig, title))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _flag(value: Any) -> bool:
+    return value is True or str(value).lower() == "true"
+
+
+def _family(row: dict) -> str:
+    return " ".join(p for p in str(row["layout"]).split() if p[:2] in ("TP", "PP", "EP"))
+
+
+def _step(row: dict) -> float:
+    value = row.get("step_time_s")
+    return float(value) if value not in (None, "") else float(row["screened_step_time_s"])

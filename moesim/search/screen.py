@@ -1,0 +1,239 @@
+"""The closed-form screen: one layout's step time from the pricing layer, without the simulator.
+
+Per micro-batch and pipeline stage, forward and backward times are sums of the pricing layer's
+block pieces (:func:`moesim.pricing.block.block_cost`'s kernels, the closed-form all-to-all of
+:func:`moesim.pricing.alltoall.layer_alltoall_times`), with one representative MoE layer drawn for
+the routing. Overlap is modelled simply: ``two_batch`` runs two half micro-batches so that one
+half's all-to-alls hide behind the other's compute (``c + m + max(c, m)`` per block for per-half
+compute ``c`` and communication ``m``); ``shared_expert`` hides the dispatch behind the shared
+experts. The pipeline is 1F1B with the bubble formula: ``(micro_batches + (pp - 1) / vp) x
+(F + B)`` of the slowest stage, plus pipeline sends; forward-only for serving. Then the exposed
+data-parallel gradient sync (hidden behind the last backward chunk when ``dp_overlap``) and the
+optimizer step. It ignores the overlapped-compute slowdown and planner placements (priced as
+contiguous), so it ranks layouts; the simulator gives the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from moesim.layout import Layout
+from moesim.memory import check_memory, mtp_blocks
+from moesim.placement.baselines import contiguous
+from moesim.placement.placement import Placement
+from moesim.pricing.alltoall import layer_alltoall_times
+from moesim.pricing.block import selective_recompute_time
+from moesim.pricing.collectives import dp_sync_time, p2p_time, tp_all_reduce_time
+from moesim.pricing.context import PricingContext
+from moesim.pricing.moe_layer import expert_times, layer_traffic, permute_time
+from moesim.pricing.step import heads_time, micro_batches, model_flops_per_token, optimizer_time
+from moesim.routing import LayerChoices
+from moesim.routing_draw import sample_routing
+from moesim.spec.scenario import Scenario
+from moesim.topology import Topology
+from moesim.traffic import LayerTraffic
+
+__all__ = ["Screened", "screen_layout", "block_times"]
+
+# Tokens per source device the screen samples for a layer's routing (each stands for more real
+# tokens; the simulator samples routing.max_tokens_per_source).
+SCREEN_TOKENS = 64
+# What the block prices depend on: the representative EP group is ranks 0..ep-1 whatever pp
+# and dp are, so layouts differing only there (or in vp, ZeRO) share them.
+_BLOCK_KEY = (("parallelism", "tp"), ("parallelism", "ep"), ("parallelism", "sequence_parallel"),
+              ("workload", "micro_batch"), ("communication", "overlap"),
+              ("communication", "alltoall"),
+              ("placement", "redundant_experts"), ("workload", "mode"), ("workload", "seq_len"),
+              ("workload", "context_len"))
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A layout's closed-form estimate (seconds, tokens/s, bytes)."""
+
+    step_time: float
+    tokens_per_s_per_device: float
+    mfu: float
+    memory_bytes: float             # fullest stage's busiest device
+    memory_capacity: float
+    forward: float                  # slowest stage's forward per micro-batch
+    backward: float
+
+
+@dataclass(frozen=True)
+class BlockTimes:
+    """Forward compute and communication of one block for one micro-batch (seconds)."""
+
+    compute: float
+    comm: float
+    recompute: float               # selective recomputation before its backward
+
+
+def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
+                placement: Placement, priced: tuple | None = None) -> BlockTimes:
+    """One block's forward seconds on the busiest device, overlap applied (see module doc).
+
+    ``priced``: the layer's ``(flows, dispatch, combine)`` already priced for this context's
+    traffic (they do not depend on recomputation)."""
+    s, t = ctx.scenario, ctx.timer
+    par = s.parallelism
+    tokens = ctx.tokens_per_source
+    dense_tokens = tokens * par.tp if par.sequence_parallel else tokens
+    context, kv = ctx.context_length()
+    attention = t.attention(dense_tokens, context, kv)
+    tp = tp_all_reduce_time(ctx, dense_tokens)
+    if not moe:
+        ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
+        rec = selective_recompute_time(ctx, dense_tokens, tokens, None)
+        halves = 2 if ctx.half_batch else 1
+        return BlockTimes(halves * (attention + ffn), halves * tp, halves * rec)
+    flows, dispatch, combine = priced if priced is not None else moe_traffic(ctx, choices,
+                                                                             placement)
+    shared = t.shared_experts(dense_tokens)
+    compute = (attention + t.gate(tokens) + shared + float(expert_times(ctx, flows).max())
+               + permute_time(ctx, flows))
+    comm = tp + dispatch + combine
+    rec = selective_recompute_time(ctx, dense_tokens, tokens, flows)
+    overlap = s.communication.overlap
+    if overlap == "two_batch":      # two halves: compute of one hides the other's comm
+        return BlockTimes(compute + max(compute, comm), comm, 2 * rec)
+    if overlap == "shared_expert":
+        hidden = min(shared, dispatch)
+        return BlockTimes(compute, comm - hidden, rec)
+    return BlockTimes(compute, comm, rec)
+
+
+def moe_traffic(ctx: PricingContext, choices: LayerChoices, placement: Placement
+                ) -> tuple[LayerTraffic, float, float]:
+    """One MoE layer's flows and closed-form (dispatch, combine) seconds."""
+    flows = layer_traffic(ctx, choices, placement, 0)
+    dispatch, combine = layer_alltoall_times(ctx, flows, exact=False)
+    return flows, dispatch, combine
+
+
+def _lookup_keys(ctx: PricingContext) -> dict[str, int]:
+    return {"group_paths": ctx.ep, "padded_paths": ctx.ep, "reverse_link": 0, "link_curves": 0}
+
+
+def _shared(ctx: PricingContext, cache: dict) -> PricingContext:
+    """``ctx`` given the topology lookups of earlier contexts of the same search: the EP group's
+    paths (ranks 0..ep-1 in every layout) and the per-link tables (one topology)."""
+    for name, key in _lookup_keys(ctx).items():
+        if ("lookup", name, key) in cache:
+            ctx.__dict__[name] = cache["lookup", name, key]   # a cached_property's slot
+    return ctx
+
+
+def _remember(ctx: PricingContext, cache: dict) -> None:
+    for name, key in _lookup_keys(ctx).items():
+        if name in ctx.__dict__:
+            cache["lookup", name, key] = ctx.__dict__[name]
+
+
+def _placement(s: Scenario) -> Placement:
+    """One layer's contiguous placement (redundant slots replicate experts in id order)."""
+    e, ep = s.model.num_experts, s.parallelism.ep
+    table = contiguous(1, e, ep, e + s.placement.redundant_experts)
+    return Placement.from_physical(table, ep, e, "contiguous")
+
+
+def _choices(ctx: PricingContext, placement: Placement):  # noqa: ANN202
+    s = ctx.scenario
+    if s.model.num_moe_layers == 0:
+        return None
+    whole = max(1, round(ctx.tokens_per_source))
+    expert_node = placement.expert_node(ctx.device_node)[:1] if s.routing.node_limit else None
+    choices = next(iter(sample_routing(
+        s.routing, num_experts=s.model.num_experts, num_layers=1, num_sources=s.parallelism.ep,
+        tokens_per_source=whole,
+        top_k=s.model.top_k, seed=s.seed, gating=s.model.gating, expert_node=expert_node)))
+    if whole != ctx.tokens_per_source:
+        choices = replace(choices, weight=choices.weight * ctx.tokens_per_source / whole)
+    return choices
+
+
+def _blocks(s: Scenario, topology: Topology, cache: dict | None
+            ) -> tuple[BlockTimes | None, BlockTimes]:
+    """(MoE block, dense block) times, shared by layouts with the same :data:`_BLOCK_KEY`."""
+    cache = {} if cache is None else cache
+    traffic_key = tuple(getattr(getattr(s, a), b) for a, b in _BLOCK_KEY)
+    key = (*traffic_key, s.memory.recompute == "selective")   # none and full price alike
+    if key in cache:
+        return cache[key]
+    s = replace(s, routing=replace(s.routing, max_tokens_per_source=min(
+        SCREEN_TOKENS, s.routing.max_tokens_per_source)))
+    ctx = _shared(PricingContext.from_scenario(s, topology), cache)
+    if ("traffic", traffic_key) not in cache:
+        placement = _placement(s)
+        choices = _choices(ctx, placement)
+        priced = None if choices is None else moe_traffic(ctx, choices, placement)
+        _remember(ctx, cache)
+        cache["traffic", traffic_key] = placement, choices, priced
+    placement, choices, priced = cache["traffic", traffic_key]
+    moe = None if choices is None else block_times(ctx, True, choices, placement, priced)
+    found = cache[key] = moe, block_times(ctx, False, None, placement)
+    return found
+
+
+def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) -> Screened:
+    """Closed-form step estimate of ``s`` on ``topology``; raises OutOfMemory if it does not fit.
+
+    Memory is checked first (:func:`moesim.memory.check_memory`), so an infeasible layout costs
+    no pricing. ``cache`` (a dict kept across calls for one topology) shares block prices
+    between layouts that differ only in pp, dp, vp or ZeRO.
+    """
+    cache = {} if cache is None else cache
+    layout = Layout.for_scenario(s)
+    memory = check_memory(s, layout)
+    fullest = max(memory, key=lambda m: m.total / m.capacity)
+    moe, dense = _blocks(s, topology, cache)
+    ctx = PricingContext.from_scenario(s, topology)
+    par, wl = s.parallelism, s.workload
+    train = wl.mode == "training"
+    full = s.memory.recompute == "full"
+    mtp = mtp_blocks(s)
+    heads = heads_time(ctx)
+    embedding = ctx.timer.embedding(ctx.microbatch_tokens)
+    fwd_stage, bwd_stage = [], []
+    for stage in range(par.pp):
+        f = b = 0.0
+        layers = layout.stage_layers(stage)
+        n_moe = sum(layout.moe_index(x) is not None for x in layers)
+        if stage == par.pp - 1:
+            n_moe += mtp
+        for count, bt in ((n_moe, moe), (len(layers) + (mtp if stage == par.pp - 1 else 0)
+                                         - n_moe, dense)):
+            if count == 0 or bt is None:
+                continue
+            f += count * (bt.compute + bt.comm)
+            b += count * (2 * bt.compute + bt.comm + (bt.compute if full else bt.recompute))
+        if stage == par.pp - 1:
+            f, b = f + heads, b + 2 * heads
+        if stage == 0:
+            f, b = f + embedding, b + 2 * embedding
+        fwd_stage.append(f)
+        bwd_stage.append(b if train else 0.0)
+    mbs = micro_batches(s)
+    per_mb = np.array(fwd_stage) + np.array(bwd_stage)
+    worst = int(np.argmax(per_mb))
+    vp = par.vp if train else 1
+    p2p = p2p_time(ctx)
+    pipeline = (mbs + (par.pp - 1) / vp) * per_mb[worst] + (par.pp - 1) * p2p * (2 if train else 1)
+    tail = 0.0
+    if train:
+        for stage in range(par.pp):
+            window = bwd_stage[stage] / vp if s.communication.dp_overlap else 0.0
+            key = ("dp", par.tp, par.pp, par.ep, par.dp, stage)
+            if key not in cache:
+                cache[key] = dp_sync_time(ctx, stage)
+            exposed = max(0.0, cache[key] - window)
+            tail = max(tail, exposed + optimizer_time(ctx, stage))
+    step = float(pipeline + tail)
+    tokens = wl.global_batch * (1 if wl.mode == "decode" else wl.seq_len)
+    tps_dev = tokens / step / s.num_devices
+    peak = s.hardware.device.flops(s.precision.compute if s.precision.compute != "fp8" else "bf16")
+    mfu = model_flops_per_token(s) * tps_dev / peak
+    return Screened(step, tps_dev, mfu, fullest.total, fullest.capacity,
+                    fwd_stage[worst], bwd_stage[worst])
