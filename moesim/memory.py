@@ -138,7 +138,7 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
                      for x in layers]
         if s.memory.recompute == "full":
             stored = len(layers) * s.model.hidden_size * dtype_bytes(prec.activations)
-            acts = tokens * (stored * in_flight + max(per_layer))
+            acts = tokens * (stored * in_flight + max(per_layer, default=0.0))
         else:
             factor = 0.5 if s.memory.recompute == "selective" else 1.0
             acts = tokens * sum(per_layer) * factor * in_flight
