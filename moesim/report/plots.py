@@ -477,11 +477,11 @@ def pareto_figure(rows: list[dict], *, title: str) -> Figure:
     ok = [r for r in rows if _flag(r.get("meets_limits"))]
     bad = [r for r in rows if not _flag(r.get("meets_limits"))]
     if bad:
-        ax.scatter(*zip(*[xy(r) for r in bad], strict=True), s=8, color="0.75",
-                   label="breaks a latency limit")
+        xs, ys = zip(*[xy(r) for r in bad], strict=True)
+        ax.scatter(xs, ys, s=8, color="0.75", label="breaks a latency limit")
     if ok:
-        ax.scatter(*zip(*[xy(r) for r in ok], strict=True), s=12, color="C0",
-                   label="within the limits")
+        xs, ys = zip(*[xy(r) for r in ok], strict=True)
+        ax.scatter(xs, ys, s=12, color="C0", label="within the limits")
     front = sorted((xy(r), r) for r in ok if _flag(r.get("pareto")))
     if front:
         ax.plot([p[0][0] for p in front], [p[0][1] for p in front], "-o", color="C3",

@@ -89,8 +89,10 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
         rec = selective_recompute_time(ctx, dense_tokens, tokens, None)
         halves = 2 if ctx.half_batch else 1
         return BlockTimes(halves * (attention + ffn), halves * tp, halves * rec)
-    flows, dispatch, combine = priced if priced is not None else moe_traffic(ctx, choices,
-                                                                             placement)
+    if priced is None:
+        assert choices is not None   # an MoE block is priced from its routing
+        priced = moe_traffic(ctx, choices, placement)
+    flows, dispatch, combine = priced
     shared = t.shared_experts(dense_tokens)
     compute = (attention + t.gate(tokens) + shared + float(expert_times(ctx, flows).max())
                + permute_time(ctx, flows))
