@@ -32,6 +32,11 @@ LONG = {
     "calibrated profile above",
     "moesim plan scenarios/deepseek-v3-decode-ep.yaml": "plans 58 layers of 256 experts on "
     "EP144: about 15 s",
+    "moesim search scenarios/deepseek-v3-train-2048.yaml": "about a minute of simulations "
+    "(tests/test_search.py searches tiny cases)",
+    "moesim search scenarios/mixtral-8x7b-infer-1node.yaml": "a serving search of 1,664 layouts "
+    "(tests/test_search.py covers the serving search on tiny cases)",
+    "moesim plot results/serve": "needs the search above",
 }
 
 
