@@ -434,3 +434,59 @@ def test_plan_refuses_an_unwritable_output_before_planning(capsys):
     from moesim.cli import main
     assert main(["plan", "tiny-cpu", "-o", "/proc/plan.json"]) == 2
     assert "cannot be written" in capsys.readouterr().err
+
+
+# --- replica selection: own GPU, own node, least loaded (the rule engines use) -------------------
+
+# 2 nodes x 2 GPUs, 2 slots each: expert 0 on GPUs 0 and 1 (node 0 only), expert 1 on GPUs 0 and 3.
+_REPLICA_TABLE = np.array([[[0, 1], [0, 2], [3, 4], [5, 1]]])
+_REPLICA_NODE = np.array([0, 0, 1, 1])
+_REPLICA_COUNTS = np.array([[1., 2., 0., 0., 0., 0.],     # source GPU 0
+                            [1., 1., 1., 0., 0., 0.],     # source GPU 1
+                            [2., 1., 0., 1., 1., 0.],     # source GPU 2
+                            [4., 1., 0., 0., 0., 2.]])    # source GPU 3
+
+
+def test_replica_selection_least_loaded_by_hand():
+    """Kept at home: GPU0 1+2 (experts 0, 1), GPU1 1+1 (experts 0, 2), GPU2 1+1, GPU3 1+2.
+    One candidate: GPU1's expert-1 token goes to GPU0 (own node), GPU2's to GPU3 (own node).
+    Loads before the free choice: GPU0 4, GPU1 2, GPU2 2, GPU3 4. Node 1's 2+4 = 6 expert-0
+    tokens have no replica on their node; candidates GPU0 (4) and GPU1 (2): filled to level
+    (6 + 4 + 2) / 2 = 6, GPU0 takes 2 (1/3), GPU1 takes 4 (2/3). The even split gives 3 and 3."""
+    placement = Placement(_REPLICA_TABLE, 6)
+    split = placement.replica_split(0, _REPLICA_NODE, counts=_REPLICA_COUNTS)
+    assert np.allclose(split.by_node[1, 0], [1 / 3, 2 / 3, 0, 0])
+    assert np.allclose(split.by_node[0, 1], [1, 0, 0, 0])      # own node first
+    tokens, per_device_expert = split.route(_REPLICA_COUNTS)
+    assert np.allclose(per_device_expert.sum(axis=1), [6, 6, 2, 4])
+    # GPU2 keeps 2 (experts 3, 4) and sends its expert-1 token to GPU3.
+    assert np.allclose(tokens[2], [2 / 3, 4 / 3, 2, 1]) and np.allclose(tokens[3], [4 / 3, 8 / 3, 0, 3])
+    even = Placement(_REPLICA_TABLE, 6, replica_rule="even")
+    _, per_even = even.replica_split(0, _REPLICA_NODE, counts=_REPLICA_COUNTS).route(_REPLICA_COUNTS)
+    assert np.allclose(per_even.sum(axis=1), [7, 5, 2, 4])
+    # Without the token counts there is nothing to balance against: the even split.
+    assert np.allclose(placement.replica_split(0, _REPLICA_NODE).by_node[1, 0], [.5, .5, 0, 0])
+
+
+def test_water_fill_only_reaches_the_lowest_when_the_volume_is_small():
+    from moesim.placement.placement import _water_fill
+    assert np.allclose(_water_fill(np.array([4.0, 2.0]), 1.0), [0, 1])
+    assert np.allclose(_water_fill(np.array([4.0, 2.0, 3.0]), 3.0), [0, 2 / 3, 1 / 3])
+
+
+def test_pricing_and_simulator_traffic_use_the_least_loaded_rule():
+    """The same counts through moesim.traffic (what pricing and the simulator call): each GPU
+    computes 6, 6, 2, 4 token-expert pairs; the even split would give 7, 5, 2, 4."""
+    from moesim import routing, traffic
+    src, exp = np.nonzero(_REPLICA_COUNTS)
+    reps = _REPLICA_COUNTS[src, exp].astype(int)
+    choices = routing.LayerChoices(np.repeat(exp, reps)[:, None].astype(np.int32),
+                                   np.repeat(src, reps).astype(np.int32), 1.0)
+    for rule, want in (("least_loaded", [6, 6, 2, 4]), ("even", [7, 5, 2, 4])):
+        flows = traffic.layer_traffic(choices, Placement(_REPLICA_TABLE, 6, replica_rule=rule), 0,
+                                      device_node=_REPLICA_NODE, tokens_per_source=5.0, hidden=8,
+                                      dispatch_bytes_per_elem=1.0, combine_bytes_per_elem=2.0,
+                                      capacity_factor=None, top_k=1)
+        assert np.allclose(flows.slot_tokens.sum(axis=1), want)
+    with pytest.raises(InfeasiblePlacement, match="replica_rule"):
+        Placement(_REPLICA_TABLE, 6, replica_rule="random")
