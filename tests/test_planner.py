@@ -490,3 +490,88 @@ def test_pricing_and_simulator_traffic_use_the_least_loaded_rule():
         assert np.allclose(flows.slot_tokens.sum(axis=1), want)
     with pytest.raises(InfeasiblePlacement, match="replica_rule"):
         Placement(_REPLICA_TABLE, 6, replica_rule="random")
+
+
+# --- held-out evaluation ------------------------------------------------------------------------
+
+_EP4 = ["parallelism.pp=1", "parallelism.dp=4", "parallelism.ep=4"]
+
+
+def test_trace_layouts_are_read_from_the_file_the_flag_or_the_shape(tmp_path):
+    from moesim.errors import TraceError
+    from moesim.placement import heldout
+    ids = synthetic_trace(8, 4, 64, 2, seed=3).expert_ids                   # [layers, tokens, k]
+    np.savez(tmp_path / "lt.npz", expert_ids=ids)
+    np.savez(tmp_path / "tl.npz", expert_ids=ids.transpose(1, 0, 2))
+    np.savez(tmp_path / "said.npz", expert_ids=ids[:, :4].transpose(1, 0, 2),
+             layout=np.array("tokens,layers,k"))                             # 4 tokens: ambiguous
+    kw = dict(num_experts=8, num_layers=4, top_k=2)
+    for name in ("lt.npz", "tl.npz"):
+        assert np.array_equal(heldout.load_any_layout(tmp_path / name, **kw).expert_ids, ids)
+    assert np.array_equal(heldout.load_any_layout(tmp_path / "said.npz", **kw).expert_ids,
+                          ids[:, :4])
+    with pytest.raises(TraceError, match="says layout 'tokens,layers,k'"):
+        heldout.load_any_layout(tmp_path / "said.npz", layout="layers,tokens,k", **kw)
+    with pytest.raises(TraceError, match="neither axis"):
+        heldout.load_any_layout(tmp_path / "lt.npz", num_experts=8, num_layers=5, top_k=2)
+
+
+def test_every_held_out_token_is_scored_once():
+    from moesim import routing
+    from moesim.placement import heldout
+    s = load_scenario(REPO / "scenarios" / "tiny-cpu.yaml", _EP4)
+    ctx = PricingContext.from_scenario(s)
+    trace = synthetic_trace(8, s.model.num_moe_layers, 1000, 2, seed=4)
+    choices = heldout.every_token(ctx, trace)
+    for layer, c in enumerate(choices):
+        counts = routing.counts_from_choices(c, ctx.ep, 8)
+        # The 1000 tokens stand for the batch's ep * tokens_per_source real tokens.
+        assert counts.sum() == pytest.approx(ctx.ep * ctx.tokens_per_source * 2)
+        per_expert = np.bincount(trace.expert_ids[layer].ravel(), minlength=8)
+        assert np.allclose(counts.sum(axis=0) / c.weight, per_expert)
+    sampled = heldout.every_token(ctx, trace, sample=100, seed=1)
+    assert sampled[0].num_tokens == 100 and sampled[0].weight == pytest.approx(
+        ctx.ep * ctx.tokens_per_source / 100)
+
+
+def test_sends_per_token_by_hand():
+    """GPU d holds experts 2d, 2d+1; nodes {GPU0, GPU1}, {GPU2, GPU3}. Token 0 (GPU0: 0, 1)
+    stays on node 0; token 1 (GPU1: 4, 6) reaches node 1 once (one copy per node); token 2 (GPU2:
+    0, 5) reaches node 0; token 3 (GPU3: 6, 7) stays. Mean 2 / 4 = 0.5."""
+    from moesim import routing
+    from moesim.placement import heldout
+    s = load_scenario(REPO / "scenarios" / "tiny-cpu.yaml", _EP4)
+    ctx = PricingContext.from_scenario(s)
+    choices = routing.LayerChoices(np.array([[0, 1], [4, 6], [0, 5], [6, 7]], dtype=np.int32),
+                                   np.arange(4, dtype=np.int32), 1.0)
+    placement = Placement(np.arange(8).reshape(1, 4, 2), 8)
+    assert heldout.sends_per_token(ctx, choices, placement, 0) == pytest.approx(0.5)
+
+
+def test_plan_eval_trace_writes_every_plan_into_a_folder(tmp_path, capsys):
+    import json
+
+    from moesim.cli import main
+    from moesim.placement import heldout
+    from moesim.placement.export import load_plan
+    s = load_scenario(REPO / "scenarios" / "tiny-cpu.yaml", _EP4)
+    trace = synthetic_trace(8, s.model.num_moe_layers, 600, 2, drift=0.3, seed=5)
+    np.savez(tmp_path / "plan.npz", expert_ids=trace.expert_ids[:, :300])
+    np.savez(tmp_path / "held.npz", expert_ids=trace.expert_ids[:, 300:].transpose(1, 0, 2))
+    out = tmp_path / "plans"
+    args = ["plan", str(REPO / "scenarios" / "tiny-cpu.yaml"), *sum((["--set", x] for x in _EP4),
+                                                                     []),
+            "--trace", str(tmp_path / "plan.npz"), "--eval-trace", str(tmp_path / "held.npz"),
+            "--planner", "contiguous", "eplb", "--json", "-o", str(out)]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "300 of 300 tokens" in doc["scored_on"]
+    summary = json.loads((out / "evaluation.json").read_text())
+    ctx = PricingContext.from_scenario(s)
+    held = heldout.every_token(ctx, RoutingTrace("t", 8, expert_ids=trace.expert_ids[:, 300:]))
+    for row in summary["planners"]:
+        plan = load_plan(out / row["file"], s)
+        again = heldout.score(ctx, held, plan)
+        assert row["layer_time"] == pytest.approx(again.cost.layer_time)
+        assert row["sends_per_token"] == pytest.approx(again.sends_per_token)
+    assert {r["planner"] for r in summary["planners"]} == {"contiguous", "eplb"}
