@@ -575,3 +575,51 @@ def test_plan_eval_trace_writes_every_plan_into_a_folder(tmp_path, capsys):
         assert row["layer_time"] == pytest.approx(again.cost.layer_time)
         assert row["sends_per_token"] == pytest.approx(again.sends_per_token)
     assert {r["planner"] for r in summary["planners"]} == {"contiguous", "eplb"}
+
+
+# --- planning against drift ---------------------------------------------------------------------
+
+def _ep4_choices(tokens: int = 480):
+    from moesim.placement import heldout
+    s = load_scenario(REPO / "scenarios" / "tiny-cpu.yaml", _EP4)
+    ctx = PricingContext.from_scenario(s)
+    trace = synthetic_trace(8, s.model.num_moe_layers, tokens, 2, seed=6)
+    return ctx, heldout.every_token(ctx, trace)
+
+
+def test_time_windows_cut_whole_rounds_and_keep_the_batch():
+    ctx, choices = _ep4_choices()
+    c = choices[0]                                   # 480 tokens = 120 rounds of 4 sources
+    parts = objective.time_windows(c, 3, ctx.ep)
+    assert [p.num_tokens for p in parts] == [160, 160, 160]
+    assert all(p.weight == pytest.approx(3 * c.weight) for p in parts)
+    assert np.array_equal(np.concatenate([p.experts for p in parts]), c.experts)
+    assert all(np.array_equal(p.source, np.arange(160) % 4) for p in parts)
+    assert objective.time_windows(c, 1, ctx.ep) == [c]
+
+
+def test_drift_relabels_a_fraction_of_tokens_by_one_permutation():
+    _, choices = _ep4_choices()
+    c = choices[0]
+    assert np.array_equal(objective.drifted(c, 0.0, np.random.default_rng(1), 8).experts,
+                          c.experts)
+    rng = np.random.default_rng(1)
+    perm = np.random.default_rng(1).permutation(8)
+    moved = objective.drifted(c, 1.0, rng, 8)
+    assert np.array_equal(moved.experts, perm[c.experts])
+    # Every expert's load moves to its image: the load profile is kept.
+    before = np.bincount(c.experts.ravel(), minlength=8)
+    assert np.array_equal(np.bincount(moved.experts.ravel(), minlength=8)[perm], before)
+
+
+def test_robust_score_is_mean_and_worst_of_the_windows():
+    ctx, choices = _ep4_choices()
+    table = np.arange(8).reshape(4, 2)
+    one = objective.robust_scorer(ctx, choices, 8, windows=1)
+    assert one(1, table) == pytest.approx(objective.layer_scorer(ctx, choices, 8)(1, table))
+    worst = objective.robust_scorer(ctx, choices, 8, windows=3, drift=0.0, worst_weight=1.0)
+    mean = objective.robust_scorer(ctx, choices, 8, windows=3, drift=0.0, worst_weight=0.0)
+    times = [objective.layer_cost(ctx, part, Placement(table[None], 8), 0).layer_time
+             for part in objective.time_windows(choices[1], 3, ctx.ep)]
+    assert worst(1, table) == pytest.approx(max(times))
+    assert mean(1, table) == pytest.approx(np.mean(times))
