@@ -131,10 +131,16 @@ def robust_scorer(ctx: PricingContext, choices: Sequence[routing.LayerChoices],
         cut.append([parts[0]] + [drifted(part, drift, np.random.default_rng([seed, layer, w]),
                                          num_experts) for w, part in enumerate(parts[1:], 1)])
 
+    seen: dict[tuple[int, bytes], float] = {}     # the planner re-prices some plans
+
     def score(layer: int, slot_expert: np.ndarray) -> float:
-        placement = Placement(np.asarray(slot_expert)[None], num_experts)
-        times = [layer_cost(ctx, c, placement, 0).layer_time for c in cut[layer]]
-        return float((1.0 - worst_weight) * np.mean(times) + worst_weight * max(times))
+        table = np.ascontiguousarray(slot_expert, dtype=np.int64)
+        key = (layer, table.shape[1].to_bytes(4, "little") + table.tobytes())
+        if key not in seen:
+            placement = Placement(table[None], num_experts)
+            times = [layer_cost(ctx, c, placement, 0).layer_time for c in cut[layer]]
+            seen[key] = float((1.0 - worst_weight) * np.mean(times) + worst_weight * max(times))
+        return seen[key]
     return score
 
 

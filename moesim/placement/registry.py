@@ -28,7 +28,7 @@ from moesim.spec.scenario import Scenario
 __all__ = ["PlacementRequest", "Placer", "PLACERS", "CLI_PLANNERS", "placer", "place"]
 
 # Time windows of the planning tokens moesim's planner scores each candidate on (1 = one window).
-ROBUST_WINDOWS = 3
+ROBUST_WINDOWS = 2
 
 
 @dataclass(frozen=True, eq=False)
