@@ -1,10 +1,11 @@
 """Expert placement planners compared: contiguous, round-robin, EPLB (two variants) and moesim.
 
 For each setting: a routing trace (synthetic with skew, co-activation and drift, or the recorded
-stdlib MoE trace), split in time; every planner plans on the first half and is priced on the
-second (held out) by moesim's objective: cross-node bytes, max/mean device load and the predicted
-MoE layer time (dispatch + combine by flow simulation, plus the slowest device's expert GEMM),
-with the planning time. Then the planning time of 256 experts x 58 layers on 64 GPUs.
+stdlib MoE trace), split in time; every planner plans on the first half and is scored on every
+token of the second (held out, :mod:`moesim.placement.heldout`): cross-node sends per token (vs
+EPLB's hierarchical policy), max/mean device load, and the predicted MoE layer time (dispatch +
+combine by flow simulation, plus the slowest device's expert GEMM), with the planning time.
+Replicas are chosen as engines do (own GPU, own node, least loaded). Then the planning time of 256 experts x 58 layers on 64 GPUs.
 
     python benchmarks/planner.py           # full table (a few minutes on 2 cores)
     python benchmarks/planner.py --tiny    # seconds: small settings, closed-form pricing
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from moesim import routing_trace  # noqa: E402
-from moesim.placement import objective, planner  # noqa: E402
+from moesim.placement import heldout, objective, planner  # noqa: E402
 from moesim.placement.cli import make_placement  # noqa: E402
 from moesim.placement.placement import Placement  # noqa: E402
 from moesim.placement.traces import synthetic_groups, synthetic_trace  # noqa: E402
@@ -127,7 +128,7 @@ def run_setting(setting: Setting, *, exact: bool, seed: int = 0) -> list[tuple]:
     train, test = trace.window(0.0, 0.5), trace.window(0.5, 1.0)
     layers = planner.routing_from_trace(train)
     plan_choices = objective.trace_choices(ctx, train, seed=seed)
-    eval_choices = objective.trace_choices(ctx, test, seed=seed)
+    eval_choices = heldout.every_token(ctx, test)
     slots = (m.num_experts + s.placement.redundant_experts) // s.parallelism.ep
     rows = []
     for name in PLANNERS:
@@ -135,16 +136,15 @@ def run_setting(setting: Setting, *, exact: bool, seed: int = 0) -> list[tuple]:
         placement = make_placement(name, layers, ctx, m.num_experts, slots, seed=seed,
                                    plan_choices=plan_choices)
         elapsed = time.perf_counter() - start
-        rows.append((name, objective.plan_cost(ctx, eval_choices, placement, exact=exact),
-                     elapsed))
+        rows.append((name, heldout.score(ctx, eval_choices, placement, exact=exact), elapsed))
         if name == "moesim" and setting.trace == "synthetic":
             groups = synthetic_groups(m.num_experts, m.num_moe_layers,
                                       coactivation_groups=GROUPS,
                                       coactivation_strength=setting.strength, seed=seed)
             truth = true_groups(groups, placement, layers, ctx, slots)
             if truth is not None:
-                rows.append(("true groups", objective.plan_cost(ctx, eval_choices, truth,
-                                                                exact=exact), 0.0))
+                rows.append(("true groups", heldout.score(ctx, eval_choices, truth,
+                                                          exact=exact), 0.0))
     return rows
 
 
@@ -198,23 +198,30 @@ def planning_time(seed: int = 0) -> list[tuple[float, float]]:
 
 
 def table(name: str, rows: list[tuple]) -> str:
-    best_eplb = min(c.layer_time for n, c, _ in rows if n.startswith("eplb"))
-    eplb_balance = min(c.max_over_mean for n, c, _ in rows if n.startswith("eplb"))
+    eplbs = [r.cost for n, r, _ in rows if n.startswith("eplb")]
+    best_eplb = min(c.layer_time for c in eplbs)
+    eplb_balance = min(c.max_over_mean for c in eplbs)
+    hier = next(r for n, r, _ in rows if n == "eplb")
     lines = [f"\n{name}",
-             f"  {'planner':<12} {'cross-node MB':>13} {'max/mean':>9} {'layer us':>9} "
-             f"{'vs EPLB':>8} {'plan s':>7}"]
-    for planner_name, cost, elapsed in rows:
-        lines.append(f"  {planner_name:<12} {cost.cross_node_bytes / 1e6:>13.2f} "
-                     f"{cost.max_over_mean:>9.3f} {cost.layer_time * 1e6:>9.1f} "
+             f"  {'planner':<12} {'sends/tok':>9} {'vs hier':>7} {'cross MB':>9} {'max/mean':>9} "
+             f"{'layer us':>9} {'a2a us':>8} {'GEMM us':>8} {'vs EPLB':>8} {'plan s':>7}"]
+    for planner_name, r, elapsed in rows:
+        cost = r.cost
+        lines.append(f"  {planner_name:<12} {r.sends_per_token:>9.3f} "
+                     f"{r.sends_per_token / max(hier.sends_per_token, 1e-12):>6.2f}x "
+                     f"{cost.cross_node_bytes / 1e6:>9.2f} {cost.max_over_mean:>9.3f} "
+                     f"{cost.layer_time * 1e6:>9.1f} {cost.alltoall * 1e6:>8.1f} "
+                     f"{cost.compute * 1e6:>8.1f} "
                      f"{100 * (cost.layer_time / best_eplb - 1):>+7.1f}% {elapsed:>7.2f}")
-    moesim = next(c for n, c, _ in rows if n == "moesim")
-    truth = next((c for n, c, _ in rows if n == "true groups"), None)
-    change = 100 * (moesim.layer_time / best_eplb - 1)
-    lines.append(f"  moesim vs best EPLB: layer time {change:+.1f}%, balance "
-                 f"{moesim.max_over_mean:.3f} vs {eplb_balance:.3f}")
+    moesim = next(r for n, r, _ in rows if n == "moesim")
+    truth = next((r for n, r, _ in rows if n == "true groups"), None)
+    change = 100 * (moesim.cost.layer_time / best_eplb - 1)
+    lines.append(f"  moesim vs best EPLB: layer time {change:+.1f}%, sends/token "
+                 f"{moesim.sends_per_token / max(hier.sends_per_token, 1e-12):.2f}x EPLB "
+                 f"hierarchical, balance {moesim.cost.max_over_mean:.3f} vs {eplb_balance:.3f}")
     if truth is not None:
-        lines.append(f"  cross-node bytes: moesim {moesim.cross_node_bytes / 1e6:.1f} MB, the "
-                     f"generator's own groups {truth.cross_node_bytes / 1e6:.1f} MB")
+        lines.append(f"  sends/token: moesim {moesim.sends_per_token:.3f}, the generator's own "
+                     f"groups {truth.sends_per_token:.3f}")
     return "\n".join(lines)
 
 
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", help="run only the settings whose name contains this")
     args = parser.parse_args(argv)
-    print("Held-out pricing: plan on the first half of each trace, price on the second half.")
+    print("Held-out: plan on the first half of each trace, score on every token of the second.")
     print("layer us = dispatch + combine + slowest device's expert GEMM, mean over MoE layers"
           + (" (closed-form all-to-all)" if args.tiny else " (flow-simulated all-to-all)"))
     for setting in settings(args.tiny):

@@ -122,7 +122,7 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
         dropped = dropped + np.where(dead[None, :], counts, 0.0)
         counts = np.where(dead[None, :], 0.0, counts)
     # Step 2: send each expert's tokens to the replicas each source prefers.
-    split = placement.replica_split(layer, device_node, failed)
+    split = placement.replica_split(layer, device_node, failed, counts=counts)
     tokens, per_device_expert = split.route(counts)               # [src, dst], [dst, experts]
     slots = placement.slot_expert[layer]                          # [dst, slots]
     same = (slots[:, :, None] == slots[:, None, :]).sum(axis=2)   # copies of the slot's expert

@@ -210,3 +210,15 @@ def test_cli_plan_rejects_an_unknown_planner_and_bad_trace(tmp_path, capsys):
     assert main(["plan", str(TINY), "--trace", str(tmp_path / "t.npz"),
                  "-o", str(tmp_path / "p.json")]) == 2
     assert "t.npz: not a readable .npz archive" in capsys.readouterr().err
+
+
+def test_moesim_plan_file_keeps_the_replica_rule(tmp_path):
+    from moesim.placement.export import read_plan, write_plan
+    from moesim.placement.placement import Placement
+    table = np.arange(8).reshape(1, 4, 2)
+    for rule in ("even", "least_loaded"):
+        write_plan(tmp_path / "p.json", Placement(table, 8, replica_rule=rule))
+        assert read_plan(tmp_path / "p.json").replica_rule == rule
+    (tmp_path / "bad.json").write_text('{"slot_expert": [[[0, 1]]], "replica_rule": "random"}')
+    with pytest.raises(InfeasiblePlacement, match="bad.json: replica_rule: 'random'"):
+        read_plan(tmp_path / "bad.json")

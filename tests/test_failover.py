@@ -209,7 +209,10 @@ def test_cli_bad_failed_devices_is_a_one_line_error(tmp_path, capsys, value, fra
     assert not (tmp_path / "p.json").exists()
 
 
-def test_cli_current_without_failed_devices_is_an_error(tmp_path, capsys):
+def test_cli_current_without_failed_devices_is_read_before_planning(tmp_path, capsys):
+    # Without --failed-devices, --current is the rebalance advisor's running plan (issue 18);
+    # a missing file is reported before any planner runs.
     code = main(["plan", str(TINY), "--current", "x.json", "-o", str(tmp_path / "p.json")])
     assert code == 2
-    assert "--current: is only used with --failed-devices" in capsys.readouterr().err
+    assert "x.json: no such plan file" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()

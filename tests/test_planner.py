@@ -434,3 +434,192 @@ def test_plan_refuses_an_unwritable_output_before_planning(capsys):
     from moesim.cli import main
     assert main(["plan", "tiny-cpu", "-o", "/proc/plan.json"]) == 2
     assert "cannot be written" in capsys.readouterr().err
+
+
+# --- replica selection: own GPU, own node, least loaded (the rule engines use) -------------------
+
+# 2 nodes x 2 GPUs, 2 slots each: expert 0 on GPUs 0 and 1 (node 0 only), expert 1 on GPUs 0 and 3.
+_REPLICA_TABLE = np.array([[[0, 1], [0, 2], [3, 4], [5, 1]]])
+_REPLICA_NODE = np.array([0, 0, 1, 1])
+_REPLICA_COUNTS = np.array([[1., 2., 0., 0., 0., 0.],     # source GPU 0
+                            [1., 1., 1., 0., 0., 0.],     # source GPU 1
+                            [2., 1., 0., 1., 1., 0.],     # source GPU 2
+                            [4., 1., 0., 0., 0., 2.]])    # source GPU 3
+
+
+def test_replica_selection_least_loaded_by_hand():
+    """Kept at home: GPU0 1+2 (experts 0, 1), GPU1 1+1 (experts 0, 2), GPU2 1+1, GPU3 1+2.
+    One candidate: GPU1's expert-1 token goes to GPU0 (own node), GPU2's to GPU3 (own node).
+    Loads before the free choice: GPU0 4, GPU1 2, GPU2 2, GPU3 4. Node 1's 2+4 = 6 expert-0
+    tokens have no replica on their node; candidates GPU0 (4) and GPU1 (2): filled to level
+    (6 + 4 + 2) / 2 = 6, GPU0 takes 2 (1/3), GPU1 takes 4 (2/3). The even split gives 3 and 3."""
+    placement = Placement(_REPLICA_TABLE, 6)
+    split = placement.replica_split(0, _REPLICA_NODE, counts=_REPLICA_COUNTS)
+    assert np.allclose(split.by_node[1, 0], [1 / 3, 2 / 3, 0, 0])
+    assert np.allclose(split.by_node[0, 1], [1, 0, 0, 0])      # own node first
+    tokens, per_device_expert = split.route(_REPLICA_COUNTS)
+    assert np.allclose(per_device_expert.sum(axis=1), [6, 6, 2, 4])
+    # GPU2 keeps 2 (experts 3, 4) and sends its expert-1 token to GPU3.
+    assert np.allclose(tokens[2], [2 / 3, 4 / 3, 2, 1]) and np.allclose(tokens[3], [4 / 3, 8 / 3, 0, 3])
+    even = Placement(_REPLICA_TABLE, 6, replica_rule="even")
+    _, per_even = even.replica_split(0, _REPLICA_NODE, counts=_REPLICA_COUNTS).route(_REPLICA_COUNTS)
+    assert np.allclose(per_even.sum(axis=1), [7, 5, 2, 4])
+    # Without the token counts there is nothing to balance against: the even split.
+    assert np.allclose(placement.replica_split(0, _REPLICA_NODE).by_node[1, 0], [.5, .5, 0, 0])
+
+
+def test_water_fill_only_reaches_the_lowest_when_the_volume_is_small():
+    from moesim.placement.placement import _water_fill
+    assert np.allclose(_water_fill(np.array([4.0, 2.0]), 1.0), [0, 1])
+    assert np.allclose(_water_fill(np.array([4.0, 2.0, 3.0]), 3.0), [0, 2 / 3, 1 / 3])
+
+
+def test_pricing_and_simulator_traffic_use_the_least_loaded_rule():
+    """The same counts through moesim.traffic (what pricing and the simulator call): each GPU
+    computes 6, 6, 2, 4 token-expert pairs; the even split would give 7, 5, 2, 4."""
+    from moesim import routing, traffic
+    src, exp = np.nonzero(_REPLICA_COUNTS)
+    reps = _REPLICA_COUNTS[src, exp].astype(int)
+    choices = routing.LayerChoices(np.repeat(exp, reps)[:, None].astype(np.int32),
+                                   np.repeat(src, reps).astype(np.int32), 1.0)
+    for rule, want in (("least_loaded", [6, 6, 2, 4]), ("even", [7, 5, 2, 4])):
+        flows = traffic.layer_traffic(choices, Placement(_REPLICA_TABLE, 6, replica_rule=rule), 0,
+                                      device_node=_REPLICA_NODE, tokens_per_source=5.0, hidden=8,
+                                      dispatch_bytes_per_elem=1.0, combine_bytes_per_elem=2.0,
+                                      capacity_factor=None, top_k=1)
+        assert np.allclose(flows.slot_tokens.sum(axis=1), want)
+    with pytest.raises(InfeasiblePlacement, match="replica_rule"):
+        Placement(_REPLICA_TABLE, 6, replica_rule="random")
+
+
+# --- held-out evaluation ------------------------------------------------------------------------
+
+_EP4 = ["parallelism.pp=1", "parallelism.dp=4", "parallelism.ep=4"]
+
+
+def test_trace_layouts_are_read_from_the_file_the_flag_or_the_shape(tmp_path):
+    from moesim.errors import TraceError
+    from moesim.placement import heldout
+    ids = synthetic_trace(8, 4, 64, 2, seed=3).expert_ids                   # [layers, tokens, k]
+    np.savez(tmp_path / "lt.npz", expert_ids=ids)
+    np.savez(tmp_path / "tl.npz", expert_ids=ids.transpose(1, 0, 2))
+    np.savez(tmp_path / "said.npz", expert_ids=ids[:, :4].transpose(1, 0, 2),
+             layout=np.array("tokens,layers,k"))                             # 4 tokens: ambiguous
+    kw = dict(num_experts=8, num_layers=4, top_k=2)
+    for name in ("lt.npz", "tl.npz"):
+        assert np.array_equal(heldout.load_any_layout(tmp_path / name, **kw).expert_ids, ids)
+    assert np.array_equal(heldout.load_any_layout(tmp_path / "said.npz", **kw).expert_ids,
+                          ids[:, :4])
+    with pytest.raises(TraceError, match="says layout 'tokens,layers,k'"):
+        heldout.load_any_layout(tmp_path / "said.npz", layout="layers,tokens,k", **kw)
+    with pytest.raises(TraceError, match="neither axis"):
+        heldout.load_any_layout(tmp_path / "lt.npz", num_experts=8, num_layers=5, top_k=2)
+
+
+def test_every_held_out_token_is_scored_once():
+    from moesim import routing
+    from moesim.placement import heldout
+    s = load_scenario(REPO / "scenarios" / "tiny-cpu.yaml", _EP4)
+    ctx = PricingContext.from_scenario(s)
+    trace = synthetic_trace(8, s.model.num_moe_layers, 1000, 2, seed=4)
+    choices = heldout.every_token(ctx, trace)
+    for layer, c in enumerate(choices):
+        counts = routing.counts_from_choices(c, ctx.ep, 8)
+        # The 1000 tokens stand for the batch's ep * tokens_per_source real tokens.
+        assert counts.sum() == pytest.approx(ctx.ep * ctx.tokens_per_source * 2)
+        per_expert = np.bincount(trace.expert_ids[layer].ravel(), minlength=8)
+        assert np.allclose(counts.sum(axis=0) / c.weight, per_expert)
+    sampled = heldout.every_token(ctx, trace, sample=100, seed=1)
+    assert sampled[0].num_tokens == 100 and sampled[0].weight == pytest.approx(
+        ctx.ep * ctx.tokens_per_source / 100)
+
+
+def test_sends_per_token_by_hand():
+    """GPU d holds experts 2d, 2d+1; nodes {GPU0, GPU1}, {GPU2, GPU3}. Token 0 (GPU0: 0, 1)
+    stays on node 0; token 1 (GPU1: 4, 6) reaches node 1 once (one copy per node); token 2 (GPU2:
+    0, 5) reaches node 0; token 3 (GPU3: 6, 7) stays. Mean 2 / 4 = 0.5."""
+    from moesim import routing
+    from moesim.placement import heldout
+    s = load_scenario(REPO / "scenarios" / "tiny-cpu.yaml", _EP4)
+    ctx = PricingContext.from_scenario(s)
+    choices = routing.LayerChoices(np.array([[0, 1], [4, 6], [0, 5], [6, 7]], dtype=np.int32),
+                                   np.arange(4, dtype=np.int32), 1.0)
+    placement = Placement(np.arange(8).reshape(1, 4, 2), 8)
+    assert heldout.sends_per_token(ctx, choices, placement, 0) == pytest.approx(0.5)
+
+
+def test_plan_eval_trace_writes_every_plan_into_a_folder(tmp_path, capsys):
+    import json
+
+    from moesim.cli import main
+    from moesim.placement import heldout
+    from moesim.placement.export import load_plan
+    s = load_scenario(REPO / "scenarios" / "tiny-cpu.yaml", _EP4)
+    trace = synthetic_trace(8, s.model.num_moe_layers, 600, 2, drift=0.3, seed=5)
+    np.savez(tmp_path / "plan.npz", expert_ids=trace.expert_ids[:, :300])
+    np.savez(tmp_path / "held.npz", expert_ids=trace.expert_ids[:, 300:].transpose(1, 0, 2))
+    out = tmp_path / "plans"
+    args = ["plan", str(REPO / "scenarios" / "tiny-cpu.yaml"), *sum((["--set", x] for x in _EP4),
+                                                                     []),
+            "--trace", str(tmp_path / "plan.npz"), "--eval-trace", str(tmp_path / "held.npz"),
+            "--planner", "contiguous", "eplb", "--json", "-o", str(out)]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "300 of 300 tokens" in doc["scored_on"]
+    summary = json.loads((out / "evaluation.json").read_text())
+    ctx = PricingContext.from_scenario(s)
+    held = heldout.every_token(ctx, RoutingTrace("t", 8, expert_ids=trace.expert_ids[:, 300:]))
+    for row in summary["planners"]:
+        plan = load_plan(out / row["file"], s)
+        again = heldout.score(ctx, held, plan)
+        assert row["layer_time"] == pytest.approx(again.cost.layer_time)
+        assert row["sends_per_token"] == pytest.approx(again.sends_per_token)
+    assert {r["planner"] for r in summary["planners"]} == {"contiguous", "eplb"}
+
+
+# --- planning against drift ---------------------------------------------------------------------
+
+def _ep4_choices(tokens: int = 480):
+    from moesim.placement import heldout
+    s = load_scenario(REPO / "scenarios" / "tiny-cpu.yaml", _EP4)
+    ctx = PricingContext.from_scenario(s)
+    trace = synthetic_trace(8, s.model.num_moe_layers, tokens, 2, seed=6)
+    return ctx, heldout.every_token(ctx, trace)
+
+
+def test_time_windows_cut_whole_rounds_and_keep_the_batch():
+    ctx, choices = _ep4_choices()
+    c = choices[0]                                   # 480 tokens = 120 rounds of 4 sources
+    parts = objective.time_windows(c, 3, ctx.ep)
+    assert [p.num_tokens for p in parts] == [160, 160, 160]
+    assert all(p.weight == pytest.approx(3 * c.weight) for p in parts)
+    assert np.array_equal(np.concatenate([p.experts for p in parts]), c.experts)
+    assert all(np.array_equal(p.source, np.arange(160) % 4) for p in parts)
+    assert objective.time_windows(c, 1, ctx.ep) == [c]
+
+
+def test_drift_relabels_a_fraction_of_tokens_by_one_permutation():
+    _, choices = _ep4_choices()
+    c = choices[0]
+    assert np.array_equal(objective.drifted(c, 0.0, np.random.default_rng(1), 8).experts,
+                          c.experts)
+    rng = np.random.default_rng(1)
+    perm = np.random.default_rng(1).permutation(8)
+    moved = objective.drifted(c, 1.0, rng, 8)
+    assert np.array_equal(moved.experts, perm[c.experts])
+    # Every expert's load moves to its image: the load profile is kept.
+    before = np.bincount(c.experts.ravel(), minlength=8)
+    assert np.array_equal(np.bincount(moved.experts.ravel(), minlength=8)[perm], before)
+
+
+def test_robust_score_is_mean_and_worst_of_the_windows():
+    ctx, choices = _ep4_choices()
+    table = np.arange(8).reshape(4, 2)
+    one = objective.robust_scorer(ctx, choices, 8, windows=1)
+    assert one(1, table) == pytest.approx(objective.layer_scorer(ctx, choices, 8)(1, table))
+    worst = objective.robust_scorer(ctx, choices, 8, windows=3, drift=0.0, worst_weight=1.0)
+    mean = objective.robust_scorer(ctx, choices, 8, windows=3, drift=0.0, worst_weight=0.0)
+    times = [objective.layer_cost(ctx, part, Placement(table[None], 8), 0).layer_time
+             for part in objective.time_windows(choices[1], 3, ctx.ep)]
+    assert worst(1, table) == pytest.approx(max(times))
+    assert mean(1, table) == pytest.approx(np.mean(times))

@@ -14,6 +14,14 @@ slots and bytes of expert weights moved per layer and writes the new plan to ``-
 Routing: ``--trace FILE`` (a per-token trace is split in time: plan on the first ``--split``
 of its tokens, price on the rest; a counts trace or an engine's load dump is used for both),
 else the scenario's own routing (planned and priced on the simulator's sample).
+
+Held-out evaluation: ``--eval-trace HELDOUT.npz`` plans on the whole ``--trace`` (unless
+``--split`` is given) and scores every plan on every token of the held-out trace
+(:mod:`moesim.placement.heldout`; ``--eval-sample N`` scores N of them): cross-node sends per
+token, bytes, max/mean load, predicted layer time. Traces may be ``[layers, tokens, k]`` or
+``[tokens, layers, k]`` (``--trace-layout``, a ``layout`` array in the file, or the shape).
+With ``-o DIR`` (an existing folder, a name ending in ``/`` or without a suffix) every
+planner's plan is written as ``DIR/<planner>.<ext>`` with ``DIR/evaluation.json``.
 """
 
 from __future__ import annotations
@@ -23,19 +31,19 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from moesim import routing, routing_trace
+from moesim import routing
 from moesim.errors import ScenarioError
-from moesim.placement import export, failover, objective, planner
-from moesim.placement.placement import Placement
+from moesim.placement import advisor, export, failover, heldout, objective, planner
+from moesim.placement.placement import REPLICA_RULES, Placement
 from moesim.placement.policies import expected_load, resolve_placement, scenario_choices
 from moesim.placement.registry import CLI_PLANNERS, PlacementRequest, placer
 from moesim.pricing.context import PricingContext
-from moesim.results import check_output_dir
+from moesim.results import check_output_dir, write_text_atomic
 from moesim.spec.hardware import dtype_bytes
 
 __all__ = ["PLANNERS", "register", "make_placement", "PlanningInputs", "planning_inputs",
@@ -55,7 +63,7 @@ class PlanningInputs:
 
 
 def planning_inputs(scenario, ctx: PricingContext, trace_path: str | None = None,
-                    split: float = 0.5) -> PlanningInputs:
+                    split: float = 0.5, layout: str = "auto") -> PlanningInputs:
     """Planning and pricing routing from a trace file or from the scenario's routing."""
     m = scenario.model
     if trace_path is None:
@@ -66,7 +74,8 @@ def planning_inputs(scenario, ctx: PricingContext, trace_path: str | None = None
     if path.suffix.lower() in (".json", ".pt") or _is_load_npz(path):
         trace = export.import_load(path, num_experts=m.num_experts, num_layers=m.num_moe_layers)
     else:
-        trace = routing_trace.load_trace(path, num_experts=m.num_experts, num_layers=m.num_moe_layers)
+        trace = heldout.load_any_layout(path, num_experts=m.num_experts,
+                                        num_layers=m.num_moe_layers, top_k=None, layout=layout)
     if trace.per_token and split < 1.0:
         train, test = trace.window(0.0, split), trace.window(split, 1.0)
         what = f"{path}: plan on tokens [0, {split:g}), price on [{split:g}, 1)"
@@ -103,13 +112,26 @@ def register(sub, commands: dict) -> None:
     """Add ``moesim plan`` to the CLI."""
     p = sub.add_parser("plan", help="plan expert placements and compare planners")
     p.add_argument("scenario", help="scenario file, or a shipped scenario's name")
-    p.add_argument("-o", "--output", required=True, help="plan file (.json or .yaml)")
+    p.add_argument("-o", "--output", required=True,
+                   help="plan file (.json or .yaml): the best plan; or a folder (existing, "
+                        "ending in /, or no suffix): every planner's plan and evaluation.json")
     p.add_argument("--json", action="store_true",
                    help="print the comparison as one JSON document instead of a table")
     p.add_argument("--trace", help="routing trace (.npz/.csv) or engine load dump "
                                    "(SGLang logical_count / vLLM logical_expert_load)")
-    p.add_argument("--split", type=float, default=0.5,
-                   help="plan on this leading fraction of a per-token trace (default 0.5)")
+    p.add_argument("--split", type=float,
+                   help="plan on this leading fraction of a per-token trace (default 0.5, or "
+                        "1 with --eval-trace)")
+    p.add_argument("--eval-trace", help="held-out per-token trace (.npz/.csv): score every "
+                                        "plan on all its tokens")
+    p.add_argument("--eval-sample", type=int, metavar="N",
+                   help="with --eval-trace: score N tokens drawn with the seed (default: all)")
+    p.add_argument("--trace-layout", choices=heldout.LAYOUTS, default="auto",
+                   help="expert_ids layout of --trace/--eval-trace .npz files (default: what "
+                        "the file's layout array says, else by shape against the model)")
+    p.add_argument("--replica-rule", choices=REPLICA_RULES, default="least_loaded",
+                   help="how tokens pick among an expert's replicas when pricing: own GPU, own "
+                        "node, then least_loaded (as engines do, default) or even")
     p.add_argument("--replicas", type=int, help="redundant expert slots per EP group")
     p.add_argument("--planner", action="extend", nargs="+", choices=PLANNERS,
                    help="planners to run (one or more, or repeat the option); the plan with the "
@@ -127,8 +149,14 @@ def register(sub, commands: dict) -> None:
     p.add_argument("--failed-devices", metavar="D,D,...",
                    help="re-plan around these failed devices (EP-local indices 0..ep-1; "
                         "cluster rank r is index r %% ep) instead of planning afresh")
-    p.add_argument("--current", help="with --failed-devices: the plan running now (default: "
-                                     "the scenario's placement policy's plan)")
+    p.add_argument("--current", help="the plan running now (any supported plan format): "
+                                     "prints the rebalance advice (gain, bytes and time to "
+                                     "move, steps to pay off); with --failed-devices the plan "
+                                     "to repair (default: the scenario's policy's plan)")
+    p.add_argument("--stall", choices=advisor.STALLS, default="layerwise",
+                   help="with --current: how the engine moves weights (blocking: serving "
+                        "stops for the whole copy; layerwise: one layer at a time, overlapped "
+                        "with steps; default layerwise)")
     p.add_argument("--same-node", action="store_true",
                    help="with --failed-devices: re-home lost experts on the failed devices' "
                         "nodes first (keeps the plan's node grouping, at some cost in balance)")
@@ -142,58 +170,118 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.replicas is not None:
         overrides.append(f"placement.redundant_experts={args.replicas}")
     s = load_scenario(args.scenario, overrides)
-    if not 0.0 < args.split <= 1.0:
-        raise ScenarioError(f"--split={args.split} must be in (0, 1]", field="--split")
+    split = args.split if args.split is not None else (1.0 if args.eval_trace else 0.5)
+    if not 0.0 < split <= 1.0:
+        raise ScenarioError(f"--split={split} must be in (0, 1]", field="--split")
+    if args.eval_sample is not None and args.eval_sample < 1:
+        raise ScenarioError(f"--eval-sample={args.eval_sample} must be >= 1 tokens",
+                            field="--eval-sample")
     if args.failed_devices is not None:
         if args.planner:
             raise ScenarioError("--failed-devices re-plans the current placement; no planner "
                                 "runs", field="--planner")
         return _cmd_failover(args, s)
-    for flag, value in (("--current", args.current), ("--same-node", args.same_node)):
-        if value:
-            raise ScenarioError("is only used with --failed-devices", field=flag)
+    if args.same_node:
+        raise ScenarioError("is only used with --failed-devices", field="--same-node")
     ctx = PricingContext.from_scenario(s)
-    inputs = planning_inputs(s, ctx, args.trace, args.split)
-    names = args.planner or ["moesim", "eplb", "contiguous", "round_robin"]
-    slots = (s.model.num_experts + s.placement.redundant_experts) // s.parallelism.ep
+    m = s.model
     seed = s.seed if args.seed is None else args.seed
     out = Path(args.output)
-    check_output_dir(out.parent if str(out.parent) else ".", what="plan file's folder")
+    to_dir = out.is_dir() or args.output.endswith(("/", "\\")) or not out.suffix
+    check_output_dir(out if to_dir else (out.parent if str(out.parent) else "."),
+                     what="plan folder" if to_dir else "plan file's folder")
+    current = export.load_plan(args.current, s) if args.current is not None else None
+    inputs = planning_inputs(s, ctx, args.trace, split, args.trace_layout)
+    eval_choices, eval_what = inputs.eval_choices, inputs.description
+    if args.eval_trace is not None:
+        held = heldout.load_any_layout(args.eval_trace, num_experts=m.num_experts,
+                                       num_layers=m.num_moe_layers, top_k=m.top_k,
+                                       layout=args.trace_layout)
+        eval_choices = heldout.every_token(ctx, held, sample=args.eval_sample, seed=seed)
+        scored = eval_choices[0].num_tokens
+        eval_what = (f"{args.eval_trace}: {scored} of {held.expert_ids.shape[1]} tokens per "
+                     f"layer (held out)")
+    names = args.planner or ["moesim", "eplb", "contiguous", "round_robin"]
+    slots = (m.num_experts + s.placement.redundant_experts) // s.parallelism.ep
     say = (lambda *_: None) if args.json else print
-    say(f"scenario   {s.name}: {s.model.num_moe_layers} MoE layers x {s.model.num_experts} "
+    say(f"scenario   {s.name}: {m.num_moe_layers} MoE layers x {m.num_experts} "
         f"experts, ep={ctx.ep} over {np.unique(ctx.device_node).size} nodes, {slots} slots "
-        f"per device, {ctx.algorithm} all-to-all")
+        f"per device, {ctx.algorithm} all-to-all, replicas chosen {args.replica_rule}")
     say(f"routing    {inputs.description}")
-    rows, written = [], None
+    if args.eval_trace is not None:
+        say(f"scored on  {eval_what}")
+    rows, plans, written = [], {}, None
     for name in dict.fromkeys(names):
         start = time.perf_counter()
-        placement = make_placement(name, inputs.layers, ctx, s.model.num_experts, slots,
+        placement = make_placement(name, inputs.layers, ctx, m.num_experts, slots,
                                    seed=seed, max_evaluations=args.max_evaluations,
                                    plan_choices=inputs.plan_choices,
                                    progress=_Progress(name, sys.stderr))
         elapsed = time.perf_counter() - start
-        cost = objective.plan_cost(ctx, inputs.eval_choices, placement, exact=args.exact)
-        rows.append((name, cost, elapsed))
+        placement = replace(placement, replica_rule=args.replica_rule)
+        result = heldout.score(ctx, eval_choices, placement, exact=args.exact)
+        rows.append((name, result, elapsed))
+        plans[name] = placement
         for note in placement.notes:
             say(f"note       {name}: {note}")
-        if written is None or cost.layer_time < written[1].layer_time:   # keep the best
-            written = (placement, cost, elapsed)
+        if written is None or result.cost.layer_time < written[1].cost.layer_time:
+            written = (placement, result, elapsed)
     say(_table(rows))
     assert written is not None   # at least one planner ran
-    placement, cost, elapsed = written
-    export.write_plan(args.output, placement, fmt=args.format,
-                      moe_layer_ids=list(s.model.moe_layer_ids),
-                      metadata={"planner": placement.name, "scenario": s.name,
-                                "routing": inputs.description, "planning_seconds": elapsed,
-                                "predicted": cost.as_dict(), "notes": list(placement.notes)})
-    say(f"wrote      {args.output} ({placement.name}, {args.format} format)")
+    best, result, elapsed = written
+    ids = list(m.moe_layer_ids)
+
+    def meta(placement: Placement, result: heldout.HeldOutScore, secs: float) -> dict:
+        return {"planner": placement.name, "scenario": s.name, "routing": inputs.description,
+                "scored_on": eval_what, "replica_rule": placement.replica_rule,
+                "planning_seconds": secs, "predicted": result.as_dict(),
+                "notes": list(placement.notes)}
+
+    if to_dir:
+        for name, row, secs in rows:
+            path = out / f"{name}.json"
+            export.write_plan(path, plans[name], fmt=args.format, moe_layer_ids=ids,
+                              metadata=meta(plans[name], row, secs))
+        summary = {"scenario": s.name, "routing": inputs.description, "scored_on": eval_what,
+                   "best": best.name, "format": args.format,
+                   "planners": [{"planner": name, **row.as_dict(), "planning_seconds": secs,
+                                 "file": f"{name}.json"} for name, row, secs in rows]}
+        write_text_atomic(out / "evaluation.json", json.dumps(summary, indent=1) + "\n")
+        where = f"{out}/ ({len(rows)} plans and evaluation.json; best {best.name})"
+    else:
+        export.write_plan(args.output, best, fmt=args.format, moe_layer_ids=ids,
+                          metadata=meta(best, result, elapsed))
+        where = f"{args.output} ({best.name}, {args.format} format)"
+    say(f"wrote      {where}")
+    advice = None
+    if current is not None:
+        current = replace(current, replica_rule=args.replica_rule)
+        expert_bytes = float(m.expert_params * dtype_bytes(s.precision.weights))
+        advice = advisor.advise(ctx, current, best, eval_choices, expert_bytes,
+                                stall=args.stall, exact=args.exact)
+        say(_advice_text(args.current, best.name, advice))
     if args.json:
-        print(json.dumps({
-            "scenario": s.name, "routing": inputs.description, "written": str(args.output),
-            "best": placement.name, "format": args.format, "notes": list(placement.notes),
-            "planners": [{"planner": name, **row.as_dict(), "planning_seconds": secs}
-                         for name, row, secs in rows]}, indent=1))
+        doc = {"scenario": s.name, "routing": inputs.description, "scored_on": eval_what,
+               "written": str(args.output), "best": best.name, "format": args.format,
+               "notes": list(best.notes),
+               "planners": [{"planner": name, **row.as_dict(), "planning_seconds": secs}
+                            for name, row, secs in rows]}
+        if advice is not None:
+            doc["advice"] = advice.as_dict()
+        print(json.dumps(doc, indent=1))
     return 0
+
+
+def _advice_text(current: str, name: str, a: advisor.Advice) -> str:
+    payoff = "never (no gain)" if a.payoff_passes == float("inf") else f"{a.payoff_passes:.0f}"
+    return "\n".join([
+        f"advice     from {current} to the {name} plan:",
+        f"  MoE time per pass   {a.current_time * 1e6:.1f} us -> {a.new_time * 1e6:.1f} us "
+        f"(gain {a.gain * 1e6:+.1f} us per micro-batch forward)",
+        f"  weights to move     {a.moved_slots} slots, {a.moved_bytes / 1e9:.3f} GB over the "
+        f"network, {a.move_time * 1e3:.2f} ms over the scenario's links",
+        f"  stall ({a.stall_model:<9})  {a.stall * 1e3:.2f} ms; pays off after {payoff} passes",
+    ])
 
 
 def _cmd_failover(args: argparse.Namespace, s) -> int:
@@ -209,7 +297,7 @@ def _cmd_failover(args: argparse.Namespace, s) -> int:
     if args.trace is None:
         load, routing_what = expected_load(s, ctx.tokens_per_source), "the scenario's routing"
     else:
-        inputs = planning_inputs(s, ctx, args.trace, args.split)
+        inputs = planning_inputs(s, ctx, args.trace, args.split or 0.5, args.trace_layout)
         load = np.stack([info.load for info in inputs.layers])
         routing_what = inputs.description
     m = s.model
@@ -282,15 +370,18 @@ def _failover_table(before: Placement, plan: failover.FailoverPlan, load: np.nda
     return "\n".join(lines)
 
 
-def _table(rows: list[tuple[str, objective.PlanCost, float]]) -> str:
-    header = (f"{'planner':<12} {'cross-node MB':>13} {'max/mean':>9} {'layer us':>9} "
-              f"{'a2a us':>8} {'compute us':>10} {'plan s':>7}")
+def _table(rows: list[tuple[str, heldout.HeldOutScore, float]]) -> str:
+    header = (f"{'planner':<12} {'sends/token':>11} {'cross-node MB':>13} {'max/mean':>9} "
+              f"{'layer us':>9} {'a2a us':>8} {'compute us':>10} {'plan s':>7}")
     lines = [header]
-    for name, cost, elapsed in rows:
-        lines.append(f"{name:<12} {cost.cross_node_bytes / 1e6:>13.2f} "
+    for name, result, elapsed in rows:
+        cost = result.cost
+        lines.append(f"{name:<12} {result.sends_per_token:>11.3f} "
+                     f"{cost.cross_node_bytes / 1e6:>13.2f} "
                      f"{cost.max_over_mean:>9.3f} {cost.layer_time * 1e6:>9.1f} "
                      f"{cost.alltoall * 1e6:>8.1f} {cost.compute * 1e6:>10.1f} {elapsed:>7.2f}")
-    lines.append("(per MoE layer, mean over layers; cross-node MB = dispatch + combine)")
+    lines.append("(per MoE layer, mean over layers; sends/token = other nodes a token's dispatch "
+                 "reaches; cross-node MB = dispatch + combine)")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ engine's recorded expert load (SGLang ``logical_count``, vLLM ``logical_expert_l
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import yaml
 
 from moesim.errors import InfeasiblePlacement, TraceError
-from moesim.placement.placement import Placement
+from moesim.placement.placement import REPLICA_RULES, Placement
 from moesim.results import write_text_atomic
 from moesim.routing_trace import RoutingTrace
 from moesim.spec.limits import load_json_text, load_yaml_text, read_text_bounded
@@ -48,6 +49,7 @@ def to_moesim(placement: Placement, *, moe_layer_ids: list[int] | None = None,
                            "slots_per_device": placement.slots_per_device}
     if moe_layer_ids is not None:
         doc["moe_layer_ids"] = [int(i) for i in moe_layer_ids]
+    doc["replica_rule"] = placement.replica_rule
     doc["slot_expert"] = placement.slot_expert.tolist()
     if metadata:
         doc["metadata"] = metadata
@@ -128,10 +130,14 @@ def read_plan(path: str | Path, *, ep: int | None = None, num_experts: int | Non
         layer = int(np.argwhere((table < 0) | (table >= experts))[0][0])
         raise _error(path, f"{_table_field(fmt)}[{layer}]",
                      f"expert id {bad} out of range; allowed 0..{experts - 1}")
+    rule = doc.get("replica_rule", "least_loaded") if fmt == "moesim" else "least_loaded"
+    if rule not in REPLICA_RULES:
+        raise _error(path, "replica_rule", f"{rule!r}; allowed: {', '.join(REPLICA_RULES)}")
     try:
-        return Placement.from_physical(table, ep, experts, name=doc.get("name") or path.stem)
+        placement = Placement.from_physical(table, ep, experts, name=doc.get("name") or path.stem)
     except InfeasiblePlacement as exc:
         raise _error(path, _table_field(fmt), str(exc)) from None
+    return replace(placement, replica_rule=rule)
 
 
 def load_plan(path: str | Path, scenario) -> Placement:

@@ -19,7 +19,8 @@ from moesim.placement.placement import Placement
 from moesim.pricing.context import PricingContext
 from moesim.pricing.moe_layer import LayerPrice, price_layer
 
-__all__ = ["LayerCost", "PlanCost", "layer_cost", "plan_cost", "layer_scorer", "trace_choices"]
+__all__ = ["LayerCost", "PlanCost", "layer_cost", "plan_cost", "layer_scorer", "robust_scorer",
+           "time_windows", "drifted", "trace_choices"]
 
 LayerCost = LayerPrice
 
@@ -83,6 +84,63 @@ def layer_scorer(ctx: PricingContext, choices: Sequence[routing.LayerChoices], n
     def score(layer: int, slot_expert: np.ndarray) -> float:
         placement = Placement(np.asarray(slot_expert)[None], num_experts)
         return layer_cost(ctx, choices[layer], placement, 0).layer_time
+    return score
+
+
+def time_windows(choices: routing.LayerChoices, windows: int, ep: int
+                 ) -> list[routing.LayerChoices]:
+    """``choices`` cut into ``windows`` consecutive windows of whole rounds (``ep`` tokens, one
+    per source; tokens are dealt in time order), each re-weighted to stand for the full batch.
+    Fewer windows when there are fewer rounds than ``windows``."""
+    rounds = choices.num_tokens // ep
+    windows = max(1, min(windows, rounds))
+    size = rounds // windows * ep
+    if windows == 1:
+        return [choices]
+    weight = choices.weight * choices.num_tokens / size
+    return [routing.LayerChoices(choices.experts[w * size:(w + 1) * size],
+                                 choices.source[w * size:(w + 1) * size], weight)
+            for w in range(windows)]
+
+
+def drifted(choices: routing.LayerChoices, fraction: float, rng: np.random.Generator,
+            num_experts: int) -> routing.LayerChoices:
+    """``choices`` after drift: a random ``fraction`` of the tokens choose other experts, every
+    expert ``e`` becoming ``perm[e]`` for one random permutation (so the popularity profile and
+    the co-activation of the moved tokens stay, but which experts are popular changes)."""
+    perm = rng.permutation(num_experts).astype(np.int32)
+    moved = rng.random(choices.num_tokens) < fraction
+    experts = np.where(moved[:, None], perm[choices.experts], choices.experts)
+    return routing.LayerChoices(experts, choices.source, choices.weight)
+
+
+def robust_scorer(ctx: PricingContext, choices: Sequence[routing.LayerChoices],
+                  num_experts: int, *, windows: int = 3, drift: float = 0.2,
+                  worst_weight: float = 0.5, seed: int = 0
+                  ) -> Callable[[int, np.ndarray], float]:
+    """Like :func:`layer_scorer`, for planning against drift: the layer's time on each of
+    ``windows`` consecutive time windows of the planning tokens (:func:`time_windows`), all but
+    the first :func:`drifted` by ``drift`` (seeded per layer and window), scored
+    ``(1 - worst_weight) * mean + worst_weight * max`` (expected and worst case). Each window
+    holds ``1 / windows`` of the tokens, so a score costs about one full-window pricing."""
+    if not 0.0 <= worst_weight <= 1.0:
+        raise ValueError(f"worst_weight={worst_weight} must be in [0, 1]")
+    cut = []
+    for layer, c in enumerate(choices):
+        parts = time_windows(c, windows, ctx.ep)
+        cut.append([parts[0]] + [drifted(part, drift, np.random.default_rng([seed, layer, w]),
+                                         num_experts) for w, part in enumerate(parts[1:], 1)])
+
+    seen: dict[tuple[int, bytes], float] = {}     # the planner re-prices some plans
+
+    def score(layer: int, slot_expert: np.ndarray) -> float:
+        table = np.ascontiguousarray(slot_expert, dtype=np.int64)
+        key = (layer, table.shape[1].to_bytes(4, "little") + table.tobytes())
+        if key not in seen:
+            placement = Placement(table[None], num_experts)
+            times = [layer_cost(ctx, c, placement, 0).layer_time for c in cut[layer]]
+            seen[key] = float((1.0 - worst_weight) * np.mean(times) + worst_weight * max(times))
+        return seen[key]
     return score
 
 

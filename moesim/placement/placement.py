@@ -1,9 +1,18 @@
 """A placement: for every MoE layer, the logical expert held by each physical slot of an EP group.
 
 Every device of an EP group has the same number of slots. A logical expert may hold several slots
-(replicas); each source device sends an expert's tokens to the replicas that :meth:`replica_share`
-picks: the replica on the same device, else those on the same node, else all replicas evenly (as
-DeepSeek's EPLB and SGLang do). All EP groups of the cluster use the same placement.
+(replicas); each source device sends an expert's tokens to the replicas that
+:meth:`Placement.replica_split` picks, by the placement's ``replica_rule``:
+
+``"least_loaded"`` (default, as serving engines dispatch): the replica on the source's own device,
+else one on its own node, else any; among several candidates the least loaded device takes the
+tokens (a fluid model: the tokens fill the candidates' loads up to a common level, largest groups
+first). ``"even"``: the same candidates, each taking an equal share per slot (moesim's rule
+before; EPLB's own load estimate).
+
+This is the one replica-selection rule of moesim: planner pricing, the simulator (through
+:func:`moesim.traffic.layer_traffic`) and the loads reported for exported plans all use it. All
+EP groups of the cluster use the same placement.
 """
 
 from __future__ import annotations
@@ -14,7 +23,9 @@ import numpy as np
 
 from moesim.errors import InfeasiblePlacement
 
-__all__ = ["Placement", "ReplicaSplit"]
+__all__ = ["Placement", "ReplicaSplit", "REPLICA_RULES"]
+
+REPLICA_RULES = ("least_loaded", "even")
 
 
 @dataclass(frozen=True, eq=False)
@@ -25,8 +36,12 @@ class Placement:
     num_experts: int
     name: str = ""
     notes: tuple[str, ...] = ()     # what the planner wants said (e.g. a budget it hit)
+    replica_rule: str = "least_loaded"   # one of REPLICA_RULES (see the module docstring)
 
     def __post_init__(self) -> None:
+        if self.replica_rule not in REPLICA_RULES:
+            raise InfeasiblePlacement(f"replica_rule={self.replica_rule!r}; allowed: "
+                                      f"{', '.join(REPLICA_RULES)}")
         arr = np.asarray(self.slot_expert)
         if arr.ndim != 3:
             raise InfeasiblePlacement(f"slot_expert must be [layers, devices, slots], got shape "
@@ -71,21 +86,26 @@ class Placement:
         """int[experts]: slots holding each expert."""
         return np.bincount(self.slot_expert[layer].ravel(), minlength=self.num_experts)
 
-    def replica_share(self, layer: int, device_node: np.ndarray) -> np.ndarray:
+    def replica_share(self, layer: int, device_node: np.ndarray,
+                      counts: np.ndarray | None = None) -> np.ndarray:
         """float[src, experts, dst]: fraction of src's tokens for an expert sent to each device.
 
         ``device_node: int[ep]`` node of each device of the group. Replicas on the same device win,
-        then replicas on the same node, then all replicas evenly; a device with two replicas of
-        an expert takes twice the share.
+        then replicas on the same node, then all replicas; see :meth:`replica_split` for how the
+        candidates share.
         """
-        return self.replica_split(layer, device_node).dense()
+        return self.replica_split(layer, device_node, counts=counts).dense()
 
     def replica_split(self, layer: int, device_node: np.ndarray,
-                      failed: np.ndarray | None = None) -> ReplicaSplit:
+                      failed: np.ndarray | None = None,
+                      counts: np.ndarray | None = None) -> ReplicaSplit:
         """:meth:`replica_share` in compact form (per node, plus the experts each device holds).
 
         ``failed: bool[ep]`` devices whose slots serve nothing; an expert with no live slot gets
         no destination (its tokens must be dropped by the caller, see :meth:`live_experts`).
+        ``counts: float[src, experts]`` the tokens routed: with ``replica_rule="least_loaded"``
+        several candidate replicas take them least loaded device first (:func:`_fill_least_loaded`);
+        without counts, or with ``"even"``, each candidate slot takes an equal share.
         """
         ep, experts = self.ep, self.num_experts
         holds = np.zeros((experts, ep))  # holds[e, d] = slots of expert e on device d
@@ -100,7 +120,10 @@ class Placement:
         by_node = np.where(on_node.any(axis=2, keepdims=True), on_node, holds[None, :, :])
         total = by_node.sum(axis=2, keepdims=True)
         by_node = np.divide(by_node, total, out=np.zeros_like(by_node), where=total > 0)
-        return ReplicaSplit(node_of, by_node, holds.T > 0)
+        own = holds.T > 0
+        if self.replica_rule == "least_loaded" and counts is not None:
+            by_node = _fill_least_loaded(by_node, own, node_of, np.asarray(counts, dtype=float))
+        return ReplicaSplit(node_of, by_node, own)
 
     def expert_node(self, device_node: np.ndarray) -> np.ndarray:
         """int[layers, experts]: node position (0..N-1) of the lowest-numbered device holding
@@ -118,6 +141,48 @@ class Placement:
         if failed is not None:
             slots = slots[~np.asarray(failed, dtype=bool)]
         return np.isin(np.arange(self.num_experts), slots)
+
+
+def _fill_least_loaded(by_node: np.ndarray, own: np.ndarray, node_of: np.ndarray,
+                       counts: np.ndarray) -> np.ndarray:
+    """Shares ``[N, experts, dst]`` when the least loaded candidate replica takes each token.
+
+    Fixed first: tokens kept on their own device and groups (node, expert) with one candidate
+    device. Then every group with several candidates, largest volume first (ties: node, then
+    expert), pours its tokens into its candidates' current device loads up to a common level
+    (water-filling, the fluid limit of sending each token to the least loaded replica).
+    """
+    away = np.where(own, 0.0, counts)                                    # [src, E]
+    volume = np.stack([away[node_of == n].sum(axis=0)
+                       for n in range(by_node.shape[0])])                # [N, E]
+    candidates = by_node > 0                                             # [N, E, dst]
+    many = candidates.sum(axis=2) > 1                                    # [N, E]
+    load = np.where(own, counts, 0.0).sum(axis=1)                        # kept at home, [dst]
+    load = load + np.einsum("ne,ned->d", np.where(many, 0.0, volume), by_node)
+    if not many.any():
+        return by_node
+    out = by_node.copy()
+    groups = np.argwhere(many & (volume > 0))
+    order = np.lexsort((groups[:, 1], groups[:, 0], -volume[groups[:, 0], groups[:, 1]]))
+    for n, e in groups[order]:
+        devices = np.flatnonzero(candidates[n, e])
+        share = _water_fill(load[devices], float(volume[n, e]))
+        out[n, e] = 0.0
+        out[n, e, devices] = share
+        load[devices] += share * volume[n, e]
+    return out
+
+
+def _water_fill(levels: np.ndarray, volume: float) -> np.ndarray:
+    """Shares of ``volume`` that raise the lowest of ``levels`` to a common level."""
+    order = np.sort(levels)
+    # The level L with sum(max(0, L - level)) = volume: try the k lowest devices.
+    for k in range(len(order), 0, -1):
+        top = (volume + order[:k].sum()) / k
+        if top >= order[k - 1]:
+            break
+    fill = np.maximum(top - levels, 0.0)
+    return fill / fill.sum()
 
 
 @dataclass(frozen=True, eq=False)

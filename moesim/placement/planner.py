@@ -74,6 +74,10 @@ class PlannerConfig:
                                              # (skipped under MIN_POLISH per layer)
     batch_pairs: float | None = None         # pairs a device routes per batch: count noise
     migration_budget: float | None = None    # bytes of expert weights that may move
+    balance_windows: int = 1                 # time windows a candidate's balance is checked
+                                             # on (1 = the whole planning window only)
+    drift_fraction: float = 0.0              # share of load that may move to other experts
+    drift_samples: int = 3                   # drifted loads a candidate's balance is checked on
 
 
 def plan(layers: Sequence[LayerRouting], shape: ClusterShape,
@@ -164,11 +168,44 @@ def _layer_options(layer: int, info: LayerRouting, shape: ClusterShape,
     if regroup:
         tables.append(regroup_devices(eplb_table, info, shape, max_tokens=config.max_tokens,
                                       seed=seed))
-    out = [Option(t, balance(info.load, t, shape, config.batch_pairs)) for t in tables]
-    out.append(Option(eplb_table, reference))
+    loads = _window_loads(info, shape.num_experts, config.balance_windows)
+    loads += _drifted_loads(info.load, config.drift_fraction, config.drift_samples, seed)
+    if len(loads) > 1:    # robust to drift: mean balance over the loads it may see
+        tables.append(eplb_table)
+        out = [Option(t, float(np.mean([balance(w, t, shape, config.batch_pairs)
+                                        for w in loads]))) for t in tables]
+    else:
+        out = [Option(t, balance(info.load, t, shape, config.batch_pairs)) for t in tables]
+        out.append(Option(eplb_table, reference))
     if score is not None:
         out = [o._replace(cost=score(layer, o.table)) for o in out]
     return out
+
+
+def _window_loads(info: LayerRouting, num_experts: int, windows: int) -> list[np.ndarray]:
+    """The layer's expert loads over the whole planning window, then over each of ``windows``
+    consecutive time windows of its tokens (scaled to the whole; none without tokens)."""
+    out = [np.asarray(info.load, dtype=float)]
+    if info.tokens is None or windows < 2 or len(info.tokens) < windows:
+        return out
+    total = out[0].sum()
+    for chunk in np.array_split(np.asarray(info.tokens), windows):
+        counts = np.bincount(chunk.ravel(), minlength=num_experts).astype(float)
+        out.append(counts * total / max(counts.sum(), 1e-12))
+    return out
+
+
+def _drifted_loads(load: np.ndarray, fraction: float, samples: int, seed: list[int]
+                   ) -> list[np.ndarray]:
+    """Loads the layer may see after drift: ``(1 - fraction) * load + fraction * load[perm]``
+    for ``samples`` seeded random permutations (popular experts change, the popularity profile
+    stays)."""
+    if fraction <= 0 or samples < 1:
+        return []
+    rng = np.random.default_rng([*seed, 0xD21F7])
+    load = np.asarray(load, dtype=float)
+    return [(1.0 - fraction) * load + fraction * load[rng.permutation(load.size)]
+            for _ in range(samples)]
 
 
 def _choose(options: Sequence[Sequence[Option]], priced: bool) -> list[int]:

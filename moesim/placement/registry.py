@@ -19,13 +19,16 @@ from moesim.errors import ScenarioError
 from moesim.placement import baselines, planner
 from moesim.placement.eplb import eplb_rebalance
 from moesim.placement.export import load_plan
-from moesim.placement.objective import layer_scorer
+from moesim.placement.objective import robust_scorer
 from moesim.placement.placement import Placement
 from moesim.placement.problem import ClusterShape, LayerRouting
 from moesim.pricing.context import PricingContext
 from moesim.spec.scenario import Scenario
 
 __all__ = ["PlacementRequest", "Placer", "PLACERS", "CLI_PLANNERS", "placer", "place"]
+
+# Time windows of the planning tokens moesim's planner scores each candidate on (1 = one window).
+ROBUST_WINDOWS = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,10 +96,11 @@ def _eplb_global(r: PlacementRequest) -> Placement:
 
 
 def _moesim(r: PlacementRequest) -> Placement:
-    """moesim's planner, pricing candidates on the request's tokens when it has them."""
+    """moesim's planner, pricing candidates on the request's tokens when it has them, over
+    ``ROBUST_WINDOWS`` time windows of them (expected and worst case, for drift)."""
     shape = ClusterShape(r.num_experts, r.ctx.device_node, r.slots_per_device)
-    score = None if r.plan_choices is None else layer_scorer(r.ctx, r.plan_choices,
-                                                             r.num_experts)
+    score = None if r.plan_choices is None else robust_scorer(
+        r.ctx, r.plan_choices, r.num_experts, windows=ROBUST_WINDOWS, seed=r.seed)
     config = planner.PlannerConfig(seed=r.seed, max_evaluations=r.max_evaluations)
     return planner.plan(r.layers, shape, config, score=score, progress=r.progress)
 
