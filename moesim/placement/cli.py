@@ -199,6 +199,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                        layout=args.trace_layout)
         eval_choices = heldout.every_token(ctx, held, sample=args.eval_sample, seed=seed)
         scored = eval_choices[0].num_tokens
+        assert held.expert_ids is not None   # a held-out trace has per-token choices
         eval_what = (f"{args.eval_trace}: {scored} of {held.expert_ids.shape[1]} tokens per "
                      f"layer (held out)")
     names = args.planner or ["moesim", "eplb", "contiguous", "round_robin"]
