@@ -55,10 +55,6 @@ __all__ = ["CollectiveResult", "OPS", "BUSBW_FACTOR", "cluster_topology", "unifo
            "published_checks", "DEEPEP_NORMAL", "DEEPEP_LL", "H100_LL", "register"]
 
 OPS = ("alltoall", "allreduce", "allgather", "reducescatter")
-_PROFILE_CLASS = {"scale_up": "scale_up", "scale_out": "scale_out", "fabric": "scale_out",
-                  "ici": "ici"}
-
-
 def BUSBW_FACTOR(op: str, n: int) -> float:  # noqa: N802 - a named constant table
     """nccl-tests' busbw / algbw: ``2(n-1)/n`` for all-reduce, ``(n-1)/n`` for the others."""
     return (2.0 if op == "allreduce" else 1.0) * (n - 1) / n if n > 1 else 0.0
@@ -120,11 +116,6 @@ def cluster_topology(source: str, *, nodes: int | None = None, devices_per_node:
     return build_topology(cluster, hardware), hardware, None
 
 
-def _profile_links(topo: Topology, hardware: HardwareProfile) -> list:
-    """The profile LinkSpec of every topology link (None where the profile has no such class)."""
-    return [hardware.links.get(_PROFILE_CLASS.get(c, c)) for c in topo.link_class]
-
-
 def _nic_path(topo: Topology, src: int, dst: int, cache: dict) -> np.ndarray:
     """Links from ``src`` to ``dst`` avoiding scale-up links (through the NICs), fewest hops."""
     if (src, dst) not in cache:
@@ -159,7 +150,7 @@ def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: n
         ptr, links = network.paths_to_csr(paths)
     else:
         ptr, links = topo.paths_csr(pairs)
-    specs = _profile_links(topo, hardware)
+    specs = topo.profile_links(hardware)
     half = np.array([s.half_efficiency_size if s else 0.0 for s in specs])
     cost = np.array([s.collective_overhead if s else 0.0 for s in specs])
     flow_of_hop = np.repeat(np.arange(len(pairs)), np.diff(ptr))

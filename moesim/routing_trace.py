@@ -16,7 +16,7 @@ import numpy as np
 from moesim.errors import ScenarioError, TraceError
 from moesim.routing import LayerChoices, sample_layer, sampled_per_source
 
-__all__ = ["RoutingTrace", "load_trace", "choices_from_trace"]
+__all__ = ["RoutingTrace", "load_trace", "validated_trace", "choices_from_trace"]
 
 _NPZ_KEYS = ("expert_ids", "counts", "coactivation", "num_experts")
 _CSV_HEADERS = ("layer,token,expert", "layer,expert,count")
@@ -97,7 +97,7 @@ def load_trace(path: str | Path, num_experts: int | None = None, num_layers: int
         fields = _read_csv(path, num_experts)
     else:
         raise TraceError(f"{path}: unknown trace format {suffix!r}; valid: .npz, .csv")
-    return _validated_trace(str(path), fields, num_experts, num_layers, top_k)
+    return validated_trace(str(path), fields, num_experts, num_layers, top_k)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -178,7 +178,7 @@ def _tokens_from_rows(path: Path, layer: np.ndarray, token: np.ndarray, expert: 
     return expert[order].reshape(layers, tokens, k)
 
 
-def _validated_trace(path: str, fields: dict[str, np.ndarray], num_experts: int | None,
+def validated_trace(path: str, fields: dict[str, np.ndarray], num_experts: int | None,
                      num_layers: int | None, top_k: int | None) -> RoutingTrace:
     has_ids, has_counts = "expert_ids" in fields, "counts" in fields
     if has_ids == has_counts:

@@ -52,6 +52,10 @@ _PROFILE_CLASS = {"scale_up": "scale_up", "scale_out": "scale_out", "ici": "ici"
 Router = Callable[[int, int], Sequence[int]]
 
 
+# Profile link class that prices each topology link class (switch fabric links are NIC-class).
+PROFILE_LINK_CLASS = {"fabric": "scale_out"}
+
+
 @dataclass(frozen=True, eq=False)
 class Topology:
     """Devices, switches and directed links of a cluster (arrays are per rank / per link index).
@@ -114,6 +118,11 @@ class Topology:
         np.cumsum([len(p) for p in paths], out=ptr[1:])
         links = np.concatenate(paths) if paths else np.zeros(0, dtype=np.int64)
         return ptr, links.astype(np.int64, copy=False)
+
+    def profile_links(self, hardware: HardwareProfile) -> list:
+        """The profile's LinkSpec of every link (``fabric`` switch links count as
+        ``scale_out``; None where the profile has no such class)."""
+        return [hardware.links.get(PROFILE_LINK_CLASS.get(c, c)) for c in self.link_class]
 
     def without(self, *, links: Iterable[tuple[str, str]] = (),
                 devices: Iterable[int] = ()) -> Topology:

@@ -73,7 +73,7 @@ def load_any_layout(path: str | Path, *, num_experts: int, num_layers: int, top_
     if layout == LAYOUTS[2]:
         fields["expert_ids"] = np.ascontiguousarray(ids.transpose(1, 0, 2))
     fields = {k: v for k, v in fields.items() if k in ("expert_ids", "num_experts")}
-    return routing_trace._validated_trace(str(path), fields, num_experts, num_layers, top_k)
+    return routing_trace.validated_trace(str(path), fields, num_experts, num_layers, top_k)
 
 
 def every_token(ctx: PricingContext, trace: routing_trace.RoutingTrace, *,

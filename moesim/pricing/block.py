@@ -19,7 +19,7 @@ from moesim.pricing.context import PricingContext
 from moesim.pricing.moe_layer import expert_times, layer_traffic, permute_time
 from moesim.traffic import LayerTraffic
 
-__all__ = ["BlockCost", "block_cost"]
+__all__ = ["BlockCost", "block_cost", "attention_part", "selective_recompute_time"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,13 +48,8 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
     """Forward costs of block ``layer``; ``choices``: its routing (None for a dense block)."""
     s, t = ctx.scenario, ctx.timer
     tokens = ctx.tokens_per_source   # per device: the MoE layer's share (split by TP under SP)
-    # Tensor-parallel parts (attention, dense FFN, shared experts) see the whole sequence and
-    # split their weights/heads over TP; KernelTimer divides their work by tp.
     par = s.parallelism
-    dense_tokens = tokens * par.tp if par.sequence_parallel else tokens
-    context, kv = ctx.context_length()
-    attention = t.attention(dense_tokens, context, kv)
-    tp_comm = tp_all_reduce_time(ctx, dense_tokens)
+    dense_tokens, attention, tp_comm = attention_part(ctx)
     moe_index = ctx.layout.moe_index(layer)
     if moe_index is None or choices is None:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
@@ -65,6 +60,20 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
     return BlockCost(layer, attention, tp_comm, t.gate(tokens), t.shared_experts(dense_tokens),
                      expert_times(ctx, flows), permute_time(ctx, flows), dispatch, combine, flows,
                      selective_recompute_time(ctx, dense_tokens, tokens, flows))
+
+
+def attention_part(ctx: PricingContext) -> tuple[float, float, float]:
+    """(tokens the tensor-parallel parts see, attention seconds, its TP all-reduces' seconds).
+
+    Tensor-parallel parts (attention, dense FFN, shared experts) see the whole sequence under
+    sequence parallelism and split their weights/heads over TP (KernelTimer divides by tp).
+    """
+    tokens = ctx.tokens_per_source
+    dense_tokens = tokens * ctx.scenario.parallelism.tp if (
+        ctx.scenario.parallelism.sequence_parallel) else tokens
+    context, kv = ctx.context_length()
+    return (dense_tokens, ctx.timer.attention(dense_tokens, context, kv),
+            tp_all_reduce_time(ctx, dense_tokens))
 
 
 def selective_recompute_time(ctx: PricingContext, dense_tokens: float, tokens: float,

@@ -158,12 +158,9 @@ class PricingContext:
         """Per topology link: the message size at which its class reaches half its large-message
         efficiency (bytes; 0 = no size dependence) and its per-collective fixed cost (seconds),
         from the profile's link classes (``fabric`` switch links as ``scale_out``)."""
-        links = self.scenario.hardware.links
-        classes = {"fabric": "scale_out"}
         half = np.zeros(self.topology.num_links)
         overhead = np.zeros(self.topology.num_links)
-        for i, name in enumerate(self.topology.link_class):
-            spec = links.get(classes.get(name, name))
+        for i, spec in enumerate(self.topology.profile_links(self.scenario.hardware)):
             if spec is not None:
                 half[i], overhead[i] = spec.half_efficiency_size, spec.collective_overhead
         return half, overhead

@@ -24,8 +24,8 @@ from moesim.memory import check_memory, mtp_blocks
 from moesim.placement.baselines import contiguous
 from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import layer_alltoall_times
-from moesim.pricing.block import selective_recompute_time
-from moesim.pricing.collectives import dp_sync_time, p2p_time, tp_all_reduce_time
+from moesim.pricing.block import attention_part, selective_recompute_time
+from moesim.pricing.collectives import dp_sync_time, p2p_time
 from moesim.pricing.context import PricingContext
 from moesim.pricing.moe_layer import expert_times, layer_traffic, permute_time
 from moesim.pricing.step import heads_time, micro_batches, model_flops_per_token, optimizer_time
@@ -78,12 +78,8 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
     ``priced``: the layer's ``(flows, dispatch, combine)`` already priced for this context's
     traffic (they do not depend on recomputation)."""
     s, t = ctx.scenario, ctx.timer
-    par = s.parallelism
     tokens = ctx.tokens_per_source
-    dense_tokens = tokens * par.tp if par.sequence_parallel else tokens
-    context, kv = ctx.context_length()
-    attention = t.attention(dense_tokens, context, kv)
-    tp = tp_all_reduce_time(ctx, dense_tokens)
+    dense_tokens, attention, tp = attention_part(ctx)
     if not moe:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
         rec = selective_recompute_time(ctx, dense_tokens, tokens, None)

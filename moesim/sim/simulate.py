@@ -156,8 +156,7 @@ def _no_faster_than_healthy(result: Result, healthy: Result) -> None:
     result.notes.append("the damaged EP group finishes before the healthy ones; the step waits "
                         "for them (its lost tokens are counted as dropped)")
     result.step_time = healthy.step_time
-    for name in ("tokens_per_s", "tokens_per_s_per_device", "mfu", "tflops_per_device"):
-        setattr(result, name, getattr(result, name) * scale)
+    _scale_throughput(result, scale)
 
 
 def _count_lost_work(s: Scenario, result: Result, healthy: Result) -> None:
@@ -167,9 +166,13 @@ def _count_lost_work(s: Scenario, result: Result, healthy: Result) -> None:
     lost = max(0.0, result.dropped_tokens - healthy.dropped_tokens)
     if routed <= 0 or lost <= 0:
         return
-    kept = max(0.0, 1.0 - lost / routed)
+    _scale_throughput(result, max(0.0, 1.0 - lost / routed))
+
+
+def _scale_throughput(result: Result, factor: float) -> None:
+    """Scale every throughput figure of ``result`` (tokens/s, MFU, TFLOPS) by ``factor``."""
     for name in ("tokens_per_s", "tokens_per_s_per_device", "mfu", "tflops_per_device"):
-        setattr(result, name, getattr(result, name) * kept)
+        setattr(result, name, getattr(result, name) * factor)
 
 
 def _note_shared_links(sim: Simulation) -> None:

@@ -171,14 +171,11 @@ def chunk_ops(costs: list[BlockCost], ep: int, *, backward: bool, recompute: boo
             ops = schedule.block(cost, ep, backward)
             if backward and not recompute and cost.recompute > 0:   # selective: first re-run
                 redo = OpSpec("recompute", COMPUTE, "compute", np.full(ep, cost.recompute))
-                ops = [redo, *(OpSpec(op.name, op.stream, op.category, op.seconds,
-                                      op.after or ("recompute",), op.barrier, op.collective)
-                               for op in ops)]
+                ops = [redo, *(replace(op, after=op.after or ("recompute",)) for op in ops)]
             if backward and recompute:
                 forward = _recomputed(schedule.block(cost, ep, False))
-                ops = [*forward, *([OpSpec(op.name, op.stream, op.category, op.seconds,
-                                           op.after or (forward[-1].name,), op.barrier,
-                                           op.collective) for op in ops])]
+                ops = [*forward, *(replace(op, after=op.after or (forward[-1].name,))
+                                   for op in ops)]
             if comm_slowdown != 1.0:
                 moving = cost.dispatch.duration > 0 or cost.combine.duration > 0
                 ops = [replace(op, seconds=op.seconds * comm_slowdown)
