@@ -20,7 +20,9 @@ this calls ``aiconfigurator.cli.api.cli_estimate`` in a static mode (the equival
   rows at its token count (``moe_served_by``): aiconfigurator silently serves a missing
   distribution from another one (TensorRT-LLM wide-EP: ``power_law_1.01_eplb``). Backends whose
   tables hold no even-routing rows for the workload are recorded with the reason, not with
-  skewed numbers.
+  skewed numbers; where such an estimate still ran, its routing-independent components
+  (attention, router+norm, shared/dense, LM head) are kept as a ``partial`` entry, the routed
+  experts and the all-to-all left empty.
 - **Overlap split.** Where aiconfigurator models two op groups on parallel streams (``OverlapOp``,
   latency = max of the two sums; TensorRT-LLM's shared-expert/routed-expert overlap), the groups
   are flattened into their ops so each op's time is visible; ``step_ms`` is still the unsplit
@@ -50,6 +52,9 @@ SYSTEMS = ("h100_sxm", "h200_sxm")
 BACKENDS = ("sglang", "trtllm", "vllm")
 DISTRIBUTIONS = ("balanced", "uniform")   # even routing: fused-MoE tables, then wide-EP tables
 
+# Components whose measured time depends on how tokens are routed: an entry without an
+# even-routing estimate keeps only the others ("partial").
+ROUTING_DEPENDENT = ("routed_experts", "all_to_all")
 # aiconfigurator op name (without its generation_/context_ prefix) -> moesim component.
 COMPONENT_OPS = {
     "attention": ("add_norm_1", "qkv_gemm", "qkv_a_proj_gemm", "downscale_gemm",
@@ -246,6 +251,7 @@ def extract_one(est: Estimator, w: dict[str, Any], model_path: str, system: str,
                 backend: str) -> dict[str, Any]:
     """The reference entry of one (workload, system, backend), or its reason for having none."""
     errors = []
+    fallback: tuple[str, Any, dict[str, float], dict[str, str], list[Any]] | None = None
     for distribution in DISTRIBUTIONS:
         try:
             result, times, sources, ops = est.run(w, model_path, system, backend, distribution,
@@ -254,6 +260,8 @@ def extract_one(est: Estimator, w: dict[str, Any], model_path: str, system: str,
             reason = str(exc).splitlines()[0].split(" at /")[0]   # no local paths
             errors.append(f"{distribution}: {type(exc).__name__}: {reason}")
             continue
+        if fallback is None:
+            fallback = (distribution, result, times, sources, ops)
         moe = [op for op in times if op.endswith("_moe")]
         if not moe or any(sources.get(op) != "silicon" for op in moe):
             errors.append(f"{distribution}: routed-expert op not from a measured row "
@@ -291,7 +299,31 @@ def extract_one(est: Estimator, w: dict[str, Any], model_path: str, system: str,
             "moe_served_by": check["served_by"],
             "shapes": shapes,
         }
-    return {"error": "no even-routing estimate: " + "; ".join(errors)}
+    error = "no even-routing estimate: " + "; ".join(errors)
+    if fallback is None:
+        return {"error": error}
+    # The estimate ran but its routed experts are not an even-routing row: keep the components
+    # that do not depend on the routing (attention, router+norm, shared/dense, LM head), drop
+    # the routed experts and the all-to-all.
+    distribution, result, times, sources, ops = fallback
+    comp, unmapped = components(times)
+    dependent = set(ROUTING_DEPENDENT)
+    ops_of = {op for c in dependent for op in COMPONENT_OPS[c]}
+    kept = {k: v for k, v in times.items()
+            if v and (k.split("_", 1)[1] if k.startswith(("generation_", "context_")) else k)
+            not in ops_of}
+    return {
+        "partial": error,
+        "backend_version": result.backend_version,
+        "workload_distribution": distribution,
+        "components_ms": {k: (None if k in dependent else round(v, 4))
+                          for k, v in comp.items()},
+        "unmapped_ms": {k: round(v, 4) for k, v in unmapped.items()},
+        "ops_ms": {k: round(v, 4) for k, v in kept.items()},
+        "op_sources": {k: sources[k] for k in kept if k in sources},
+        "tokens_per_gpu": w["batch_size"] * (w["isl"] if w["mode"] == "static_ctx" else 1),
+        "shapes": {op._name: op_shape(op) for op in ops if kept.get(op._name)},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.setdefault(system, {})[backend] = entry
                     print(f"{wid} {system} {backend}: "
                           f"{entry.get('error') or entry['components_ms']} "
+                          f"{'(partial) ' if 'partial' in entry else ''}"
                           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             workloads[wid] = {"description": w["description"], "call": call,
                               "cli": cli_line(w, "SYSTEM", "BACKEND"), "results": results}

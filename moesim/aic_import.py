@@ -18,6 +18,8 @@ gemm_perf                  kernels.gemm (n, k, dtype)             m
 moe_perf (even routing,    kernels.moe (hidden, ffn,              num_tokens * topk / ep: routed
 moe_tp_size 1)             experts_per_device, top_k, experts,    copies one device computes
                            dtype)
+wideep_generation_moe /    kernels.moe_deepep_decode /            the same
+wideep_context_moe         moe_deepep_prefill (same keys)
 context_attention_perf     kernels.attention_context (heads,      isl (sequence length)
 (full attention)           kv_heads, head_dim, batch, kv_dtype)
 generation_attention_perf  kernels.attention_generation (same)    isl + step (KV length)
@@ -324,6 +326,16 @@ TABLES: dict[str, _Table] = {
     "moe": _Table("moe", "moe_perf.parquet", "kernels", _moe,
                   ("moe_dtype", "num_tokens", "hidden_size", "inter_size", "topk", "num_experts",
                    "moe_tp_size", "moe_ep_size", "distribution", "latency")),
+    # Wide-EP expert GEMMs between DeepEP's kernels (SGLang: DeepGEMM masked layout in decode,
+    # contiguous in prefill); same columns and token axis as moe_perf.
+    "moe_deepep_decode": _Table("moe", "wideep_generation_moe_perf.parquet", "kernels", _moe,
+                                ("moe_dtype", "num_tokens", "hidden_size", "inter_size", "topk",
+                                 "num_experts", "moe_tp_size", "moe_ep_size", "distribution",
+                                 "latency")),
+    "moe_deepep_prefill": _Table("moe", "wideep_context_moe_perf.parquet", "kernels", _moe,
+                                 ("moe_dtype", "num_tokens", "hidden_size", "inter_size", "topk",
+                                  "num_experts", "moe_tp_size", "moe_ep_size", "distribution",
+                                  "latency")),
     "attention_context": _Table("attention", "context_attention_perf.parquet", "kernels",
                                 _attention(False), _ATT),
     "attention_generation": _Table("attention", "generation_attention_perf.parquet", "kernels",

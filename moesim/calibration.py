@@ -30,7 +30,9 @@ add kinds keyed by the full kernel shape, each a curve over one token axis:
 - ``gemm``: one GEMM ``[m, k] x [k, n]`` keyed by (n, k, dtype), axis m (tokens);
 - ``moe``: one device's fused MoE layer (grouped GEMMs, activation, routing glue) keyed by
   (hidden, ffn, experts on the device, top-k, dtype, total experts), axis the routed token copies
-  the device computes (see :meth:`MeasuredTables.moe`);
+  the device computes (see :meth:`MeasuredTables.moe`); ``moe_deepep_decode`` /
+  ``moe_deepep_prefill`` the same keys for the expert GEMMs wide-EP deployments run between
+  DeepEP's low-latency (decode) or normal (prefill) dispatch and combine;
 - ``attention_context`` / ``attention_generation``: the attention core (no projections) keyed by
   (heads, kv heads, head dim, KV dtype, batch), axis the sequence length / the KV length;
 - ``mla_context`` / ``mla_generation``: the same for DeepSeek-style MLA, keyed by (heads, KV
@@ -55,10 +57,16 @@ import numpy as np
 
 from moesim.errors import CalibrationError
 
-__all__ = ["Curve", "MeasuredTables", "KERNELS", "SHAPED", "SOURCES", "DTYPE_TABLES"]
+__all__ = ["Curve", "MeasuredTables", "KERNELS", "SHAPED", "SOURCES", "DTYPE_TABLES",
+           "MOE_KINDS"]
 
 KERNELS = ("expert_ffn", "gate", "attention", "gemm", "moe", "attention_context",
-           "attention_generation", "mla_context", "mla_generation")
+           "attention_generation", "mla_context", "mla_generation", "moe_deepep_decode",
+           "moe_deepep_prefill")
+# Fused-MoE table kinds: the frameworks' standard fused MoE, and the grouped GEMMs that run
+# between DeepEP's low-latency (decode: masked layout) or normal (prefill: contiguous layout)
+# dispatch and combine.
+MOE_KINDS = ("moe", "moe_deepep_decode", "moe_deepep_prefill")
 # Kinds keyed by the full shape (aiconfigurator import): counted only where the profile has them.
 SHAPED = KERNELS[3:]
 # A compute dtype and the table dtypes that serve it, in order of preference: moesim's "fp8" GEMM
@@ -224,7 +232,8 @@ class MeasuredTables:
         return self._shaped_lookup("gemm", curve, m)
 
     def moe(self, tokens_per_slot: np.ndarray, hidden: int, ffn: int, experts_per_device: int,
-            top_k: int, dtype: str, *, experts: int | None = None) -> float | None:
+            top_k: int, dtype: str, *, experts: int | None = None,
+            kind: str = "moe") -> float | None:
         """Seconds of one device's fused MoE layer, or None (no table for the shape).
 
         The measured table (aiconfigurator's ``moe_perf``) times rank 0 of an expert-parallel
@@ -235,9 +244,10 @@ class MeasuredTables:
         (its slots are its ``experts_per_device``): how the copies spread over its experts is
         not modelled (the table is even routing). ``experts`` (the model's total) picks among
         tables that differ only in the group size; without it the smallest group is taken.
+        ``kind``: which of :data:`MOE_KINDS` to read (the DeepEP kinds have the same keys).
         """
         tokens = np.asarray(tokens_per_slot, dtype=float).ravel()
-        tables = self.shaped_tables["moe"]
+        tables = self.shaped_tables[kind]
         curve = None
         for d in DTYPE_TABLES.get(dtype, (dtype,)):
             found = sorted((key[4], c) for key, c in tables.items()
@@ -249,9 +259,17 @@ class MeasuredTables:
                 break
         copies = float(tokens.sum())
         if curve is not None and copies <= 0:
-            self._count("moe", curve, np.zeros(0))
+            self._count(kind, curve, np.zeros(0))
             return 0.0
-        return self._shaped_lookup("moe", curve, copies)
+        return self._shaped_lookup(kind, curve, copies)
+
+    def has_moe(self, hidden: int, ffn: int, top_k: int, experts: int, dtype: str,
+                kinds: tuple[str, ...] = MOE_KINDS) -> bool:
+        """Whether a fused-MoE table (of ``kinds``) of this expert shape exists, any group
+        size."""
+        dtypes = DTYPE_TABLES.get(dtype, (dtype,))
+        return any(key[:2] == (int(hidden), int(ffn)) and key[3:5] == (int(top_k), int(experts))
+                   and key[5] in dtypes for kind in kinds for key in self.shaped_tables[kind])
 
     def attention_context(self, batch: float, seq_len: float, heads: int, kv_heads: int,
                           head_dim: int, kv_dtype: str = "bf16") -> float | None:
@@ -378,6 +396,10 @@ def _str(entry: Mapping[str, Any], key: str, source: str, where: str) -> str:
 SHAPE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "gemm": (("n", "k"), ("dtype",)),
     "moe": (("hidden", "ffn", "experts_per_device", "top_k", "experts"), ("dtype",)),
+    "moe_deepep_decode": (("hidden", "ffn", "experts_per_device", "top_k", "experts"),
+                          ("dtype",)),
+    "moe_deepep_prefill": (("hidden", "ffn", "experts_per_device", "top_k", "experts"),
+                           ("dtype",)),
     "attention_context": (("heads", "kv_heads", "head_dim", "batch"), ("kv_dtype",)),
     "attention_generation": (("heads", "kv_heads", "head_dim", "batch"), ("kv_dtype",)),
     "mla_context": (("heads", "batch"), ("kv_dtype",)),

@@ -33,6 +33,7 @@ them instead, interpolated in log space, and records which source served each ke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -85,6 +86,11 @@ def glue_bytes_ffn(model: ModelSpec, act_bytes: float, copies: float, ffn_size: 
     return act_bytes * (2 * h + 3 * h + copies * activation)
 
 
+# Bytes per weight of the router and the LM head: FP8 recipes keep them in BF16 (DeepSeek-V3
+# technical report, sec. 3.3.1: the embedding, the output head and the MoE gating modules stay
+# in their original precision), and BF16 models hold them in BF16 anyway.
+HIGH_PRECISION_BYTES = 2.0
+
 # Small kernels per sub-layer: attention glue = fused residual add + norm, and rotary embedding
 # with the KV-cache write; FFN glue = fused residual add + norm. MLA adds the norm of its latents.
 ATTENTION_GLUE_KERNELS = 2
@@ -111,6 +117,9 @@ class KernelTimer:
     tables: MeasuredTables | None = None
     inference: bool = False         # serving: prefill attention at its own efficiency
     kv_dtype: str | None = None     # KV-cache dtype (None: the activation dtype)
+    # Measured fused-MoE table kind tried first (calibration.MOE_KINDS): the DeepEP kinds for a
+    # scenario whose all-to-all runs DeepEP's kernels; the framework's fused MoE ("moe") after.
+    moe_kernel: str = "moe"
 
     @property
     def _wb(self) -> float:
@@ -255,8 +264,8 @@ class KernelTimer:
 
     # ---- MoE layer --------------------------------------------------------------------------
     def gate(self, tokens: float) -> float:
-        """Router: a [tokens, hidden] x [hidden, experts] GEMM (BF16) plus a softmax/top-k
-        kernel, after the MoE sub-layer's add+norm (counted here too)."""
+        """Router: a [tokens, hidden] x [hidden, experts] GEMM (BF16 weights and inputs) plus a
+        softmax/top-k kernel, after the MoE sub-layer's add+norm (counted here too)."""
         if tokens <= 0:
             return 0.0
         h, e = self.model.hidden_size, self.model.num_experts
@@ -269,9 +278,31 @@ class KernelTimer:
             if measured is not None:
                 return measured
         router = gemm_time(tokens, e, h, self.device, "bf16", a_bytes=self._ab,
-                           b_bytes=self._wb, c_bytes=4)
-        top_k = self.elementwise(3 * tokens * e * 4)
-        return router + top_k + self.ffn_glue(tokens)
+                           b_bytes=HIGH_PRECISION_BYTES, c_bytes=4)
+        return router + self.top_k(tokens) + self.ffn_glue(tokens)
+
+    def top_k(self, tokens: float) -> float:
+        """The router's softmax/top-k kernel over FP32 logits (read the logits, write the
+        weights and the expert ids): part of :meth:`gate`.
+
+        0 when a measured fused-MoE table serves the routed experts (:attr:`moe_fused`): the
+        frameworks' fused MoE calls route inside the measured op (SGLang's ``select_experts``,
+        vLLM's ``FusedMoE`` and TensorRT-LLM's MoE module all take the router logits).
+        """
+        if tokens <= 0 or self.moe_fused:
+            return 0.0
+        return self.elementwise(3 * tokens * self.model.num_experts * 4)
+
+    @cached_property
+    def moe_fused(self) -> bool:
+        """Whether a measured fused-MoE table of this model's expert shape serves the routed
+        experts. Such a table times the framework's whole MoE call: routing (top-k), token
+        permute, both grouped GEMMs, the activation and the weighted unpermute, so
+        :meth:`top_k` and :meth:`permute` charge nothing beside it."""
+        m = self.model
+        return self.tables is not None and self.tables.has_moe(
+            m.hidden_size, m.expert_ffn_size, m.effective_top_k, m.num_experts,
+            self.compute_dtype, tuple(dict.fromkeys((self.moe_kernel, "moe"))))
 
     def experts(self, tokens_per_slot: np.ndarray, ffn_size: int | None = None) -> float:
         """Grouped GEMMs over a device's expert slots: ``tokens_per_slot: [slots]`` tokens each.
@@ -304,8 +335,9 @@ class KernelTimer:
 
     def permute(self, token_copies: float) -> float:
         """Permute routed token copies into expert order and back (two memory-bound kernels:
-        each reads and writes every copy's hidden vector)."""
-        if token_copies <= 0:
+        each reads and writes every copy's hidden vector); inside the measured op (0 here) when
+        a fused-MoE table serves the experts (:attr:`moe_fused`)."""
+        if token_copies <= 0 or self.moe_fused:
             return 0.0
         return self.elementwise(4 * token_copies * self.model.hidden_size * self._ab, kernels=2)
 
@@ -350,12 +382,13 @@ class KernelTimer:
 
     # ---- model ends -------------------------------------------------------------------------
     def lm_head(self, tokens: float) -> float:
-        """Output projection to the vocabulary (BF16) plus softmax cross-entropy."""
+        """Output projection to the vocabulary (BF16 weights, also under FP8 recipes) plus softmax
+        cross-entropy."""
         if tokens <= 0:
             return 0.0
         h, v = self.model.hidden_size, self.model.vocab_size
         head = gemm_time(tokens, v / self.tp, h, self.device, "bf16", a_bytes=self._ab,
-                         b_bytes=self._wb, c_bytes=4)
+                         b_bytes=HIGH_PRECISION_BYTES, c_bytes=4)
         return head + self.elementwise(tokens * v * 4 / self.tp)
 
     def embedding(self, tokens: float) -> float:
@@ -443,7 +476,7 @@ class KernelTimer:
         gemm = self.tables.gemm(tokens, e, h, "bf16")
         if gemm is None:
             return None
-        return gemm + self.elementwise(3 * tokens * e * 4) + self.ffn_glue(tokens)
+        return gemm + self.top_k(tokens) + self.ffn_glue(tokens)
 
     def _measured_moe(self, tokens_per_slot: np.ndarray, ffn_size: int) -> float | None:
         """A device's routed experts from the fused-MoE table (grouped GEMMs, activation and
@@ -452,8 +485,13 @@ class KernelTimer:
             return None
         m = self.model
         tokens = np.asarray(tokens_per_slot, dtype=float).ravel()
-        return self.tables.moe(tokens, m.hidden_size, ffn_size, tokens.size, m.effective_top_k,
-                               self.compute_dtype, experts=m.num_experts)
+        for kind in dict.fromkeys((self.moe_kernel, "moe")):
+            measured = self.tables.moe(tokens, m.hidden_size, ffn_size, tokens.size,
+                                       m.effective_top_k, self.compute_dtype,
+                                       experts=m.num_experts, kind=kind)
+            if measured is not None:
+                return measured
+        return None
 
     def _measured_ffn(self, tokens: float, ffn_size: int, mats: int,
                       block_glue: bool) -> float | None:

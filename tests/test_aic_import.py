@@ -73,6 +73,15 @@ def aic_data(tmp_path_factory) -> Path:
     # An older release measured another shape (ep 8) and, slower, the same one.
     old = [_moe_row(32, 0.300, moe_ep_size=8), _moe_row(32, 0.900)]
     _write(sys / "moe/sglang/0.5.10", "moe_perf.parquet", old, "SGLang", "0.5.10", "moe")
+    # Wide-EP expert GEMMs between DeepEP's kernels: decode (masked) and prefill (contiguous).
+    _write(sys / "moe/sglang/0.5.10", "wideep_generation_moe_perf.parquet",
+           [_moe_row(32, 0.070, distribution="uniform"), _moe_row(128, 0.140,
+                                                                 distribution="uniform")],
+           "SGLang", "0.5.10", "moe_generation")
+    _write(sys / "moe/sglang/0.5.10", "wideep_context_moe_perf.parquet",
+           [_moe_row(32, 0.060, distribution="uniform"),
+            _moe_row(32, 0.010, distribution="power_law_1.01")],   # skewed: not imported
+           "SGLang", "0.5.10", "moe_context")
     gen = [_attention_row(1, 127, 8, 0.020), _attention_row(1, 511, 8, 0.040),
            _attention_row(1, 127, 8, 0.001, window_size=128)]   # sliding window: not imported
     _write(sys / "attention/sglang/0.5.14", "generation_attention_perf.parquet", gen, "SGLang",
@@ -165,6 +174,53 @@ def test_kernel_timer_takes_the_moe_table_and_interpolates_log_log(profile_path)
     assert tables.served["moe", "roofline"] == 1
 
 
+def test_deepep_scenarios_read_the_wide_ep_moe_tables(profile_path):
+    """A scenario whose all-to-all runs DeepEP's kernels takes the wide-EP expert tables (decode:
+    generation rows, prefill: context rows), the fused-MoE table where they have no row; the
+    others take the fused-MoE table."""
+    profile = load_hardware(str(profile_path))
+    model = load_model("tiny-cpu")
+    kernels = yaml.safe_load(profile_path.read_text())["calibration"]["kernels"]
+    decode = _table(kernels["moe_deepep_decode"], ep=4)
+    assert _floats(decode["tokens"]) == [16, 64]          # 32 and 128 tokens * top-2 / ep 4
+    assert _floats(decode["seconds"]) == pytest.approx([7e-5, 1.4e-4])
+    assert len(kernels["moe_deepep_prefill"]) == 1         # the power-law row is not imported
+    copies = np.array([10.0, 6.0])                         # 16 copies: a grid point of each
+    timers = {kind: KernelTimer(model, profile.device, tables=MeasuredTables.from_profile(profile),
+                                moe_kernel=kind)
+              for kind in ("moe", "moe_deepep_decode", "moe_deepep_prefill")}
+    assert timers["moe"].experts(copies) == pytest.approx(1.0e-4)
+    assert timers["moe_deepep_decode"].experts(copies) == pytest.approx(7.0e-5)
+    assert timers["moe_deepep_prefill"].experts(copies) == pytest.approx(6.0e-5)
+    # Another expert count per device: no wide-EP table, and no fused-MoE one either.
+    assert timers["moe_deepep_decode"].tables is not None
+    assert timers["moe_deepep_decode"].tables.moe(np.array([4.0] * 4), 256, 512, 4, 2, "bf16",
+                                                  experts=8, kind="moe_deepep_decode") is None
+
+
+def test_a_fused_moe_table_routes_and_permutes_inside(profile_path):
+    """The measured fused-MoE op takes the router logits and permutes the tokens itself: beside
+    it moesim charges no top-k kernel and no permute; the datasheet profile charges both."""
+    timer, _ = _timer(profile_path)
+    datasheet = KernelTimer(load_model("tiny-cpu"), load_hardware("h100-sxm").device)
+    assert timer.moe_fused and not datasheet.moe_fused
+    assert timer.top_k(64) == 0.0 and timer.permute(128) == 0.0
+    d = datasheet.device
+    # top-k: FP32 logits of 8 experts read, weights and ids written (3 x 4 bytes), one floor.
+    assert datasheet.top_k(64) == pytest.approx(
+        3 * 64 * 8 * 4 / (d.memory_bandwidth * d.memory_efficiency) + d.kernel_overhead)
+    # The gate is the router GEMM and the norm: with the table, exactly the top-k less.
+    assert timer.gate(64) == pytest.approx(
+        _table_gemm(timer, 64, 8, 256) + timer.ffn_glue(64))
+
+
+def _table_gemm(timer: KernelTimer, m: float, n: int, k: int) -> float:
+    assert timer.tables is not None
+    measured = timer.tables.gemm(m, n, k, "bf16")
+    assert measured is not None
+    return measured
+
+
 def test_decode_attention_is_the_core_table_plus_projection_gemms(profile_path):
     timer, tables = _timer(profile_path)
     model = load_model("tiny-cpu")
@@ -211,7 +267,8 @@ def test_an_older_version_reads_only_its_own_and_older_tables(aic_data, tmp_path
     assert _import(aic_data, out, "--version", "0.5.10") == 0
     cal = yaml.safe_load(out.read_text())["calibration"]
     assert cal["source"].endswith("h100_sxm/sglang/0.5.10")
-    assert set(cal["kernels"]) == {"moe"}                       # nothing else existed by 0.5.10
+    # nothing else existed by 0.5.10 (the wide-EP tables are 0.5.10's)
+    assert set(cal["kernels"]) == {"moe", "moe_deepep_decode", "moe_deepep_prefill"}
     same = _table(cal["kernels"]["moe"], experts_per_device=2)
     assert _floats(same["seconds"]) == [9e-4]                   # 0.5.10's own measurement
 

@@ -110,7 +110,11 @@ def test_reference_file_components_are_its_ops_summed():
                     summed[owner[op.split("_", 1)[1]]] += ms
                 assert entry["unmapped_ms"] == {}
                 # A routed-expert time read off one table row must be an even-routing row.
-                for row in entry["moe_served_by"]:
+                for row in entry.get("moe_served_by", []):
                     assert row["distribution"] in ("balanced", "uniform")
                 for comp, ms in entry["components_ms"].items():
+                    if ms is None:   # partial entry: routing-dependent, not measured evenly
+                        assert "partial" in entry and comp in ("routed_experts", "all_to_all")
+                        assert summed[comp] == 0.0   # and none of its ops was kept
+                        continue
                     assert ms == pytest.approx(summed[comp], abs=1e-3)

@@ -185,3 +185,24 @@ def test_block_cost_is_what_the_engine_reads(make_scenario):
     direct = block_cost(ctx, 0, costs.choices[0], costs.placement)
     assert direct.attention == costs.block(0).attention
     assert np.array_equal(direct.experts, costs.block(0).experts)
+
+
+def test_fp8_recipes_keep_the_lm_head_and_router_weights_in_bf16():
+    """An FP8-weight model reads its LM head and router weights in BF16 (DeepSeek-V3 keeps the
+    output head and the gating modules in their original precision): at one token both are
+    weight streaming, so their time is the BF16 weight bytes over bandwidth, as a BF16 model's."""
+    from moesim.compute import KernelTimer
+    from moesim.spec.hardware import load_hardware
+    from moesim.spec.models import load_model
+    device = load_hardware("h100-sxm").device
+    model = load_model("deepseek-v3")
+    fp8 = KernelTimer(model, device, "fp8", "fp8", "bf16")
+    bf16 = KernelTimer(model, device, "bf16", "bf16", "bf16")
+    assert fp8.lm_head(1) == pytest.approx(bf16.lm_head(1))
+    assert fp8.gate(1) == pytest.approx(bf16.gate(1))
+    bw = device.memory_bandwidth * device.memory_efficiency
+    h, v = model.hidden_size, model.vocab_size
+    # GEMM: read the token (2 h bytes) and the [h, v] BF16 head, write v FP32 logits; then the
+    # softmax reads v FP32 logits: two kernel floors.
+    head = (2 * h + 2 * h * v + 4 * v) / bw + 4 * v / bw + 2 * device.kernel_overhead
+    assert fp8.lm_head(1) == pytest.approx(head, rel=1e-6)

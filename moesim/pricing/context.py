@@ -41,9 +41,13 @@ def kernel_timer(s: Scenario) -> KernelTimer:
     """Kernel times of the scenario's model on its device, from measured tables when the
     profile has them."""
     tables = MeasuredTables.from_profile(s.hardware) if s.hardware.calibration else None
+    algorithm = s.communication.alltoall
+    moe_kernel = ("moe" if not algorithm.startswith("deepep") else
+                  "moe_deepep_decode" if s.workload.mode == "decode" else "moe_deepep_prefill")
     return KernelTimer(s.model, s.hardware.device, s.precision.compute, s.precision.weights,
                        s.precision.activations, s.parallelism.tp, tables,
-                       inference=s.workload.mode != "training", kv_dtype=s.precision.kv_cache)
+                       inference=s.workload.mode != "training", kv_dtype=s.precision.kv_cache,
+                       moe_kernel=moe_kernel)
 
 
 @dataclass(frozen=True, eq=False)
