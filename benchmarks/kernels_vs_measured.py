@@ -64,6 +64,7 @@ BACKENDS = ("sglang", "trtllm", "vllm")
 # H200 one without refitting, and a profile imported from the same measured tables (a check that
 # the import reads them right).
 H100_BAND, H200_BAND, IMPORTED_BAND = (0.8, 1.25), (0.75, 1.33), (0.95, 1.05)
+COMPUTE = tuple(c for c in COMPONENTS if c != "all_to_all")   # what an imported profile checks
 
 # Even routing: every expert the same load, each token's experts paired at random (as a real
 # router pairs them, and as DeepEP's and aiconfigurator's harnesses draw them).
@@ -212,9 +213,11 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def closest(ratios: dict[str, dict[str, dict[str, float]]], band: tuple[float, float]) -> None:
+def closest(ratios: dict[str, dict[str, dict[str, float]]], band: tuple[float, float],
+            components: tuple[str, ...] = COMPONENTS) -> None:
     """Per workload and component, the backend whose measured time is closest to moesim's
-    (``ratios[wid][component][backend]``), marked against ``band``; then the misses."""
+    (``ratios[wid][component][backend]``), marked against ``band`` for ``components`` (the
+    others shown unmarked); then the misses."""
     lo, hi = band
     print(f"closest backend per component (moesim/measured; band {lo}-{hi}, * outside):")
     print(f"{'workload':<22} " + " ".join(f"{h:<19}" for h in HEADERS))
@@ -227,6 +230,9 @@ def closest(ratios: dict[str, dict[str, dict[str, float]]], band: tuple[float, f
                 cells.append("-")
                 continue
             backend, r = min(by_backend.items(), key=lambda kv: abs(math.log(kv[1])))
+            if comp not in components:
+                cells.append(f"({r:.2f} {backend})")
+                continue
             ok = lo <= r <= hi
             inside += ok
             if not ok:
@@ -239,9 +245,10 @@ def closest(ratios: dict[str, dict[str, dict[str, float]]], band: tuple[float, f
 
 def table(data: dict[str, Any], system: str, label: str, make: Any,
           workloads: list[str], band: tuple[float, float] | None = None,
-          backends: tuple[str, ...] = BACKENDS) -> list[float]:
+          backends: tuple[str, ...] = BACKENDS,
+          banded: tuple[str, ...] = COMPONENTS) -> list[float]:
     """Print one system's comparison; return the total ratios of the rows printed. ``band``:
-    also print the closest backend per component against it."""
+    also print the closest backend per component against it (``banded`` components)."""
     print(f"\n{label} vs aiconfigurator {system}, even routing. Cells: moesim/measured "
           "(moesim ms/measured ms), per step")
     head = f"{'workload':<22} {'backend':<7} " + " ".join(f"{h:<19}" for h in HEADERS)
@@ -296,7 +303,7 @@ def table(data: dict[str, Any], system: str, label: str, make: Any,
     for text, rows in notes.items():
         print(f"  note: {text} [{', '.join(rows)}]")
     if band and best:
-        closest(best, band)
+        closest(best, band, banded)
     return ratios
 
 
@@ -337,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             profile = str(Path(args.profile).resolve()) if args.profile.endswith(
                 (".yaml", ".yml")) else args.profile
             table(data, args.measured_system, f"moesim on {args.profile}",
-                  lambda w: build(w, profile), workloads, IMPORTED_BAND, backends)
+                  lambda w: build(w, profile), workloads, IMPORTED_BAND, backends,
+                  COMPUTE)
             return 0
         table(data, "h100_sxm", "moesim on h100-sxm (datasheet)", build, workloads, H100_BAND,
               backends)

@@ -406,6 +406,8 @@ class KernelTimer:
     # Each helper answers from the profile's shaped tables or returns None (a shape, batch or
     # dtype the tables do not hold): the caller then takes its own model. Table times replace
     # the kernels they measured; the memory-bound glue around them stays modelled as above.
+    # The frameworks' FP8 GEMM calls quantize their input inside the timed call, so a measured
+    # FP8 GEMM carries no separate cast kernel.
 
     def _gemms(self, tokens: float, shapes: list[tuple[float, float]]) -> float | None:
         """Seconds of GEMMs ``[tokens, k] x [k, n]`` for ``shapes: [(n, k)]``, None if any
@@ -465,8 +467,7 @@ class KernelTimer:
             return None
         kernels = ATTENTION_GLUE_KERNELS + (MLA_EXTRA_GLUE_KERNELS if a.kind == "mla" else 0)
         glue = self.elementwise(tokens * glue_bytes_attention(m, self._ab) / tp, kernels=kernels)
-        cast = self._cast(tokens * (h + m.query_width) / tp, kernels=2)
-        return core + projections + glue + cast
+        return core + projections + glue   # measured FP8 GEMMs include their input cast
 
     def _measured_gate(self, tokens: float) -> float | None:
         """Router GEMM from the BF16 GEMM table; softmax/top-k and the FFN glue as modelled."""
@@ -505,8 +506,7 @@ class KernelTimer:
             return None
         activation = tokens * (3 if mats == 3 else 2) * f * self._ab
         glue = self.ffn_glue(tokens) / self.tp if block_glue else 0.0
-        cast = self._cast(tokens * (h + ffn_size) / self.tp, kernels=2)
-        return gemms + self.elementwise(activation) + cast + glue
+        return gemms + self.elementwise(activation) + glue   # GEMM rows include the FP8 cast
 
 
 def kv_bytes_per_token(model: ModelSpec, dtype: str) -> float:
