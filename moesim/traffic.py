@@ -176,9 +176,12 @@ def _allgather_flows(ep: int, source_bytes: float, failed: np.ndarray | None
                      ) -> tuple[np.ndarray, np.ndarray]:
     """All-gather dispatch: ``source_bytes`` from every live device to every other live device.
 
-    Returns ``(pairs int[F, 2], bytes float[F])``, sources in order, ``F = live * (live - 1)``.
+    Returns ``(pairs int[F, 2], bytes float[F])``, sources in order, ``F = live * (live - 1)``
+    (none when there is nothing to send, as :func:`merge_flows` drops empty flows).
     """
     live = np.arange(ep) if failed is None else np.flatnonzero(~np.asarray(failed, dtype=bool))
+    if source_bytes <= 0:
+        live = live[:0]
     src, dst = (a.ravel() for a in np.meshgrid(live, live, indexing="ij"))
     keep = src != dst
     pairs = np.stack([src[keep], dst[keep]], axis=1).astype(np.int64)
