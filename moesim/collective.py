@@ -12,6 +12,9 @@ NCCL-style algorithms (``direct``, ``hierarchical`` all-to-all, ring collectives
 as messages that pay the link's message-size curve (:func:`moesim.network.wire_bytes`); DeepEP's
 GPU-initiated kernels (``deepep_normal``, ``deepep_ll``) stream at the large-message rate and pay
 the fixed cost only (see :mod:`moesim.traffic`).
+The ``allgather`` MoE layer (vLLM's ``allgather_reducescatter``, SGLang's DP attention) is an
+NCCL all-gather of every rank's tokens then a reduce-scatter of the partial outputs: one message
+per (source, destination) pair each way, with the message-size curve.
 
 Reported figures follow their tools' definitions:
 
@@ -19,6 +22,9 @@ Reported figures follow their tools' definitions:
   (all-to-all, all-reduce) or the whole gathered/scattered buffer (all-gather, reduce-scatter:
   ``n x`` per-rank count); ``busbw = algbw x 2(n-1)/n`` for all-reduce and ``(n-1)/n`` for
   all-gather, reduce-scatter and all-to-all;
+- the ``allgather`` MoE layer: ``S`` = the whole gathered buffer (ranks x tokens per rank x
+  bytes per token), as nccl-tests' all-gather and reduce-scatter, so ``busbw`` is the bytes each
+  rank receives (dispatch) or sends (combine) per second; the DeepEP-style figures do not apply;
 - DeepEP (``tests/test_internode.py``, ``test_intranode.py``, ``test_low_latency.py``): normal
   kernels' "RDMA" GB/s = (token, destination node) copies *including the sender's own node* x
   bytes per copy / t, "NVL" GB/s = (token, destination rank) copies including the sender x bytes /
@@ -290,6 +296,7 @@ def token_alltoall(topo: Topology, hardware: HardwareProfile, choices: routing.L
                             top_k=choices.top_k, algorithm=algorithm)
     via_nic = traffic.via_nic and not ll_nvlink and "scale_out" in topo.link_class
     figures = _deepep_counts(choices, placement, node)
+    gather = algorithm == "allgather"
     out = []
     for op, nbytes, pairs, copy in (
             ("dispatch", traffic.dispatch_bytes, traffic.pairs, traffic.dispatch_copy_bytes),
@@ -297,11 +304,12 @@ def token_alltoall(topo: Topology, hardware: HardwareProfile, choices: routing.L
         seconds, transfer, overhead = _run(topo, hardware, pairs, nbytes, via_nic=via_nic,
                                            per_message_cost=traffic.per_message_cost, rtol=rtol)
         named = {"bytes": float(nbytes.sum()), "copy_bytes": copy, "via_nic": float(via_nic)}
-        if seconds > 0:
+        if seconds > 0 and not gather:
             named.update({"rdma_gbps": figures["node_copies"] * copy / seconds,
                           "nvl_gbps": figures["rank_copies"] * copy / seconds,
                           "ll_gbps": figures["pairs"] * copy / seconds})
-        per_rank = figures["pairs"] * copy
+        # nccl-tests' S: all-gather / reduce-scatter the whole buffer, else bytes per rank.
+        per_rank = ep * tokens_per_source * copy if gather else figures["pairs"] * copy
         out.append(CollectiveResult(op, algorithm, ep, per_rank, seconds, transfer, overhead,
                                     len(pairs), named))
     return out[0], out[1]
@@ -424,7 +432,9 @@ def _print(results: list[CollectiveResult]) -> None:
           f"{'fixed us':>8} {'algbw':>8} {'busbw':>8}  DeepEP-style GB/s")
     for r in results:
         extra = ""
-        if r.figures.get("copy_bytes"):
+        if r.algorithm == "allgather":
+            extra = "(all-gather)" if r.op == "dispatch" else "(reduce-scatter)"
+        elif r.figures.get("copy_bytes"):
             f = r.figures
             extra = (f"RDMA {f.get('rdma_gbps', 0) / 1e9:6.1f}  NVL {f.get('nvl_gbps', 0) / 1e9:6.1f}"
                      f"  LL {f.get('ll_gbps', 0) / 1e9:6.1f}")
@@ -446,6 +456,10 @@ def _cmd_collective(args: argparse.Namespace) -> int:
         raise ScenarioError(f"--ranks={ranks} must be in 1..{topo.num_devices} (the topology's "
                             "devices)")
     algorithms = list(ALGORITHMS) if args.algorithm == "all" else [args.algorithm]
+    if args.op == "alltoall" and not (args.tokens or args.layer) and args.algorithm not in (
+            "all", "direct", "hierarchical"):
+        raise ScenarioError(f"--algorithm {args.algorithm} prices a routed MoE layer: add "
+                            "--tokens N or --layer (byte sizes run direct or hierarchical)")
     results: list[CollectiveResult] = []
     if args.op != "alltoall":
         for size in args.size or ["1 GiB"]:

@@ -18,11 +18,25 @@ which experts), build the byte flows of the two all-to-alls:
   RDMA straight to the rank holding the expert, through the NIC even inside the node
   (``via_nic``); an FP8 message is ``hidden + hidden / 128 * 4 + 16`` bytes (payload, scales,
   metadata: 7,408 bytes at hidden 7,168, as DeepEP's ``tests/test_low_latency.py`` counts it);
-  combine sends ``hidden * 2`` BF16 bytes per pair back. A copy to the sender itself is local.
+  combine sends ``hidden * 2`` BF16 bytes per pair back. A copy to the sender itself is local;
+- ``allgather``: no all-to-all at all. Data-parallel attention with expert parallelism and no
+  DeepEP (vLLM's default ``--all2all-backend allgather_reducescatter``, SGLang's DP-attention
+  ``dp_gather`` / ``dp_scatter``) ALL-GATHERS every token's hidden state of the EP group to every
+  rank; each rank runs its local experts on the tokens routed to them (the others contribute
+  zero), and a REDUCE-SCATTER returns each rank its own tokens' sums. Every live device sends its
+  ``T = tokens_per_source`` real tokens once each (not once per routed copy; tokens later dropped
+  by the capacity factor travel too, since the gather precedes routing) to every other live
+  device: ``T * hidden * dispatch bytes`` per pair, ``(live - 1) * T * hidden * bytes`` sent and
+  received per device, whatever top-k and the routing are. The combine is the same pairs reversed
+  with combine bytes (a ring or a direct reduce-scatter moves the same bytes per rank). A copy is
+  ``hidden * bytes per element``: NCCL gathers the activations as they are (BF16 in both stacks);
+  a scenario with an FP8 dispatch is priced at 1 byte per element without per-block scales
+  (moesim does not model the quantised-gather variants' scale tensors). The routed ``tokens`` and
+  the slots' ``slot_tokens`` stay what routing gives: the expert compute is unchanged.
 
 Combine is the same flows reversed, scaled from the dispatch bytes per copy to the combine bytes
-per copy (the dtype ratio for ``direct``/``hierarchical``; FP8 + scales -> BF16 for DeepEP).
-Token counts are real tokens (sampled x weight).
+per copy (the dtype ratio for ``direct``/``hierarchical``/``allgather``; FP8 + scales -> BF16 for
+DeepEP). Token counts are real tokens (sampled x weight).
 """
 
 from __future__ import annotations
@@ -38,7 +52,7 @@ from moesim.placement.placement import Placement, ReplicaSplit
 __all__ = ["LayerTraffic", "layer_traffic", "merge_flows", "ALGORITHMS", "copy_bytes",
            "SCALE_BLOCK", "SCALE_BYTES", "LL_META_BYTES"]
 
-ALGORITHMS = ("direct", "hierarchical", "deepep_normal", "deepep_ll")
+ALGORITHMS = ("direct", "hierarchical", "deepep_normal", "deepep_ll", "allgather")
 # FP8 payloads carry one FP32 scale per 128 elements (DeepSeek-V3 report sec. 3.3; DeepEP's
 # per_token_cast_to_fp8), and a DeepEP low-latency message 16 bytes of metadata on top
 # (deepseek-ai/DeepEP tests/test_low_latency.py: num_fp8_bytes = hidden + hidden / 128 * 4 + 16).
@@ -73,9 +87,11 @@ class LayerTraffic:
     # True: intra-node flows go through the NIC (deepep_ll's pure-RDMA kernels), not NVLink.
     via_nic: bool = False
     # True: every flow is one NCCL send/recv message, so the link's message-size curve applies
-    # (direct, hierarchical). False: GPU-initiated streaming (DeepEP) that runs at the
+    # (direct, hierarchical, allgather). False: GPU-initiated streaming (DeepEP) that runs at the
     # large-message rate and pays the per-collective cost only.
     per_message_cost: bool = True
+    # bool[ep] devices of the group that failed (send and receive nothing); None: all live.
+    failed: np.ndarray | None = None
 
     @property
     def combine_pairs(self) -> np.ndarray:
@@ -105,7 +121,8 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
     ``device_node: int[ep]`` node of each device of the group. Tokens beyond an expert's per-source
     capacity are dropped before dispatch (GShard/Megatron-Core), and their count returned.
     ``failed: bool[ep]`` devices that send nothing and whose slots serve nothing: tokens for
-    experts left with no live replica are dropped too.
+    experts left with no live replica are dropped too. ``algorithm="allgather"`` sends every live
+    device's ``tokens_per_source`` tokens to every other live device whatever the routing.
     """
     ep, experts = placement.ep, placement.num_experts
     lost = 0.0
@@ -139,6 +156,8 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
     elif algorithm == "hierarchical":
         pairs, nbytes = _hierarchical_flows(choices, counts, raw, split, tokens, device_node,
                                             token_bytes)
+    elif algorithm == "allgather":
+        pairs, nbytes = _allgather_flows(ep, tokens_per_source * token_bytes, failed)
     else:   # deepep_normal: the hierarchical route with one copy per destination rank
         per_rank = _rank_fanout(choices, split, counts, raw)
         pairs, nbytes = _hierarchical_flows(choices, counts, raw, split, per_rank, device_node,
@@ -149,16 +168,35 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
     deepep = algorithm.startswith("deepep")
     return LayerTraffic(pairs, nbytes, nbytes * scale, tokens, slot_tokens, counts,
                         float(dropped.sum()) + lost, cross, sources, algorithm, token_bytes,
-                        combine_copy, algorithm == "deepep_ll", not deepep)
+                        combine_copy, algorithm == "deepep_ll", not deepep,
+                        None if failed is None else np.asarray(failed, dtype=bool).copy())
+
+
+def _allgather_flows(ep: int, source_bytes: float, failed: np.ndarray | None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """All-gather dispatch: ``source_bytes`` from every live device to every other live device.
+
+    Returns ``(pairs int[F, 2], bytes float[F])``, sources in order, ``F = live * (live - 1)``
+    (none when there is nothing to send, as :func:`merge_flows` drops empty flows).
+    """
+    live = np.arange(ep) if failed is None else np.flatnonzero(~np.asarray(failed, dtype=bool))
+    if source_bytes <= 0:
+        live = live[:0]
+    src, dst = (a.ravel() for a in np.meshgrid(live, live, indexing="ij"))
+    keep = src != dst
+    pairs = np.stack([src[keep], dst[keep]], axis=1).astype(np.int64)
+    return pairs, np.full(len(pairs), float(source_bytes))
 
 
 def copy_bytes(algorithm: str, hidden: int, dispatch_bytes_per_elem: float,
                combine_bytes_per_elem: float) -> tuple[float, float]:
     """Bytes of one dispatch copy and one combine copy of a token under ``algorithm``.
 
-    ``direct``/``hierarchical``: ``hidden * bytes per element`` each way. DeepEP: a dispatch in a
-    1-byte format (FP8) adds one 4-byte scale per 128 elements; ``deepep_ll`` adds 16 bytes of
-    metadata per dispatch message; combine is ``hidden * combine bytes`` without scales.
+    ``direct``/``hierarchical``/``allgather``: ``hidden * bytes per element`` each way (the
+    all-gather moves the activations as NCCL gets them, BF16 in vLLM and SGLang; an FP8 dispatch
+    is counted at 1 byte per element without scales). DeepEP: a dispatch in a 1-byte format (FP8)
+    adds one 4-byte scale per 128 elements; ``deepep_ll`` adds 16 bytes of metadata per dispatch
+    message; combine is ``hidden * combine bytes`` without scales.
 
     Example
     -------

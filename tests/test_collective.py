@@ -129,6 +129,43 @@ def test_low_latency_goes_through_the_nic_inside_a_node():
     assert normal.seconds == pytest.approx(132 / 50e9)            # 128 + 4 scale bytes, NVLink
 
 
+def _gathered(experts, nodes=1):
+    # 4 devices per node, one expert on each; 2 tokens per source routed to ``experts``;
+    # hidden 128, FP8 dispatch (128 bytes a token), BF16 combine (256 bytes).
+    hw = _hardware()
+    topo = _topology(hw, nodes=nodes)
+    ranks = 4 * nodes
+    experts = np.asarray(experts, dtype=np.int32).reshape(ranks * 2, -1)
+    choices = routing.LayerChoices(experts, np.repeat(np.arange(ranks, dtype=np.int32), 2), 1.0)
+    placement = Placement(np.arange(ranks).reshape(1, ranks, 1), ranks)
+    return token_alltoall(topo, hw, choices, placement, hidden=128, algorithm="allgather",
+                          tokens_per_source=2)
+
+
+def test_allgather_layer_busbw_is_the_link_rate_whatever_the_routing():
+    # One NVSwitch node, 4 ranks: every rank sends its 2 tokens (256 bytes) to each of the 3
+    # others through its 50 GB/s NVLink egress: 768 B / 50 GB/s; the reduce-scatter sends 3 x
+    # 512 BF16 bytes. nccl-tests' all-gather S is the whole buffer, 4 x 256 B, so busbw =
+    # S / t x 3/4 = the link's 50 GB/s. All tokens to expert 0 or spread top-2: same times.
+    for experts in ([0] * 8, [[r % 4, (r + 1) % 4] for r in range(8)]):
+        dispatch, combine = _gathered(experts)
+        assert dispatch.seconds == pytest.approx(768 / 50e9)
+        assert combine.seconds == pytest.approx(1536 / 50e9)
+        assert dispatch.nbytes == 1024 and combine.nbytes == 2048
+        assert dispatch.busbw == pytest.approx(50e9) and combine.busbw == pytest.approx(50e9)
+        assert dispatch.flows == combine.flows == 12
+        assert "nvl_gbps" not in dispatch.figures          # DeepEP's figures do not apply
+
+
+def test_allgather_layer_across_two_nodes_is_bound_by_the_nic():
+    # Two nodes of 4: each rank sends its 256 bytes to 4 ranks of the other node through its
+    # 10 GB/s NIC (1,024 B: 102.4 ns) and to 3 of its own over NVLink (768 B at 50 GB/s, 15.4
+    # ns): the NIC decides.
+    dispatch, combine = _gathered([0] * 16, nodes=2)
+    assert dispatch.seconds == pytest.approx(1024 / 10e9)
+    assert combine.seconds == pytest.approx(2048 / 10e9)
+
+
 def test_deepep_choices_respect_node_groups():
     # 4 nodes, 2 groups per token: every token's 8 experts lie on at most 2 nodes.
     c = deepep_choices(ranks=8, tokens=64, num_experts=32, top_k=8, nodes=4, groups=2)
@@ -145,7 +182,16 @@ def test_cli_prints_a_table(capsys):
     assert main(["collective", "h800-sxm", "--nodes", "2", "--tokens", "8", "--hidden", "256",
                  "--experts", "32", "--algorithm", "all"]) == 0
     out = capsys.readouterr().out
-    assert out.count("dispatch") == 4 and "deepep_ll" in out
+    assert out.count("dispatch") == 5 and "deepep_ll" in out
+    assert "allgather" in out and "(reduce-scatter)" in out
+    assert main(["collective", "h100-sxm", "--tokens", "64", "--hidden", "4096", "--experts",
+                 "8", "--top-k", "2", "--groups", "1", "--algorithm", "allgather"]) == 0
+    row = [r for r in capsys.readouterr().out.splitlines() if r.startswith("dispatch")]
+    assert len(row) == 1 and "allgather" in row[0]
+    # S = 8 ranks x 64 tokens x 4,096 bytes (FP8) = 2.10 MB.
+    assert "2.10MB" in row[0]
+    assert main(["collective", "h100-sxm", "--algorithm", "allgather"]) == 2
+    assert "--tokens" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_ranks(capsys):

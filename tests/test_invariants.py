@@ -106,6 +106,50 @@ def test_hierarchical_network_copies_are_bounded(hierarchical):
         check(ctx, replace(tr, dispatch_bytes=bent))
 
 
+@pytest.fixture(scope="module")
+def allgather():
+    return first_block("mixtral-8x7b-infer-1node.yaml", ["communication.alltoall=allgather"])
+
+
+def test_allgather_traffic_passes_and_a_short_source_breaks_it(allgather):
+    ctx, block = allgather
+    tr = block.traffic
+    check(ctx, tr)
+    check_collective(block.dispatch, ctx.topology.capacity, "t")
+    # Drop one flow: its source sends, and its destination receives, one token set too few.
+    with pytest.raises(InternalError, match="all-gather dispatch bytes each device sends"):
+        check(ctx, replace(tr, pairs=tr.pairs[1:], dispatch_bytes=tr.dispatch_bytes[1:]))
+
+
+def test_allgather_flows_swapped_between_destinations_break_the_pair_check(allgather):
+    # Re-address 0->2 to 3 and 1->3 to 2: every device still sends and receives its total
+    # (the per-device sums hold), but 0 now sends to 3 twice and to 2 never.
+    ctx, block = allgather
+    tr = block.traffic
+    pairs = tr.pairs.copy()
+    a = int(np.flatnonzero((pairs[:, 0] == 0) & (pairs[:, 1] == 2))[0])
+    b = int(np.flatnonzero((pairs[:, 0] == 1) & (pairs[:, 1] == 3))[0])
+    pairs[a, 1], pairs[b, 1] = 3, 2
+    with pytest.raises(InternalError, match=r"\(source, destination\) pair"):
+        check(ctx, replace(tr, pairs=pairs))
+
+
+def test_allgather_with_a_failed_device_holds_and_a_flow_to_it_breaks_it(make_scenario):
+    # Four devices, device 1 failed: the simulation (which checks its invariants) runs, the
+    # three live devices gather among themselves (6 flows, none touching device 1); a flow
+    # re-addressed to the failed device is caught.
+    sim = simulate(make_scenario({"communication": {"alltoall": "allgather"},
+                                  "faults": [{"kind": "device", "device": 1}]}))
+    ctx = sim.costs.ctx
+    tr = sim.costs.block(sim.scenario.model.moe_layer_ids[0]).traffic
+    assert len(tr.pairs) == 6 and not np.any(tr.pairs == 1)
+    check(ctx, tr)
+    pairs = tr.pairs.copy()
+    pairs[0, 1] = 1
+    with pytest.raises(InternalError, match="each device receives"):
+        check(ctx, replace(tr, pairs=pairs))
+
+
 def test_a_link_over_its_capacity_breaks_the_collective_check(direct):
     ctx, block = direct
     coll = block.dispatch

@@ -29,6 +29,7 @@ from moesim.sim.costs import CostModel
 from moesim.sim.simulate import ENGINES
 from moesim.sim.streams import SCHEDULES
 from moesim.spec.scenario import CommunicationSpec, PlacementSpec, SimulationSpec, load_scenario
+from moesim.traffic import ALGORITHMS
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "moesim"
@@ -120,8 +121,10 @@ def test_planner_exact_price_equals_what_the_simulator_charges(name):
         assert block.dispatch.duration > 0 or name == "switch-base-128-tpu.yaml"
 
 
-def test_closed_form_is_a_lower_bound_of_the_flow_price():
-    s = load_scenario(REPO / "scenarios" / "mixtral-8x7b-train-4node.yaml")
+@pytest.mark.parametrize("algorithm", ["direct", "allgather"])
+def test_closed_form_is_a_lower_bound_of_the_flow_price(algorithm):
+    s = load_scenario(REPO / "scenarios" / "mixtral-8x7b-train-4node.yaml",
+                      [f"communication.alltoall={algorithm}"])
     ctx = PricingContext.from_scenario(s)
     placement = scenario_placement(s)
     costs = CostModel(ctx, placement)
@@ -129,6 +132,7 @@ def test_closed_form_is_a_lower_bound_of_the_flow_price():
         fast = objective.layer_cost(ctx, costs.choices[moe], placement, moe)
         exact = objective.layer_cost(ctx, costs.choices[moe], placement, moe, exact=True)
         assert 0 < fast.dispatch <= exact.dispatch * (1 + 1e-9)
+        assert 0 < fast.combine <= exact.combine * (1 + 1e-9)
         assert fast.compute == exact.compute
 
 
@@ -143,6 +147,7 @@ def test_the_yaml_allows_exactly_the_registered_names():
     assert set(CLI_PLANNERS) == set(PLACERS) - {"file"}
     assert _literal(SimulationSpec, "mode") == set(ENGINES)
     assert _literal(CommunicationSpec, "overlap") == set(SCHEDULES)
+    assert _literal(CommunicationSpec, "alltoall") == set(ALGORITHMS)
 
 
 def test_an_unknown_policy_lists_the_valid_ones():

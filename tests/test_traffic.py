@@ -1,4 +1,5 @@
-"""Dispatch traffic by hand: direct copies per expert, hierarchical copies per node."""
+"""Dispatch traffic by hand: direct copies per expert, hierarchical copies per node, all-gather
+copies per (source, other device)."""
 
 from __future__ import annotations
 
@@ -122,12 +123,82 @@ def test_two_node_bytes_deepep_low_latency():
     assert tr.algorithm == "deepep_ll"
 
 
+def test_two_node_bytes_allgather():
+    # Every device all-gathers its T = 4 real tokens (FP8: 4 x 256 x 1 = 1,024 bytes) to each of
+    # the 3 others, whatever they route (sources 1-3 route nothing here and still send theirs):
+    # 12 flows. Cross-node: devices 0, 1 <-> 2, 3, 8 flows = 8,192 bytes. The reduce-scatter
+    # returns the same pairs reversed in BF16 without scales: 4 x 256 x 2 = 2,048 bytes each.
+    tr, dispatch, combine = _two_node_example("allgather")
+    others = [(s, d) for s in range(4) for d in range(4) if s != d]
+    assert dispatch == dict.fromkeys(others, 1024)
+    assert combine == dict.fromkeys(others, 2048)
+    assert tr.cross_node_dispatch_bytes == 8 * 1024
+    assert (tr.dispatch_copy_bytes, tr.combine_copy_bytes) == (256, 512)   # no FP8 scales
+    assert tr.per_message_cost and not tr.via_nic
+    # The routed copies and what the expert slots compute are the routing's, as for direct.
+    direct, _, _ = _two_node_example("direct")
+    np.testing.assert_array_equal(tr.tokens, direct.tokens)
+    np.testing.assert_array_equal(tr.slot_tokens, direct.slot_tokens)
+    # Device 2 computes t1 for experts 4, 5 and t2 for expert 4 (slots 4, 5); device 3 t2, t4.
+    np.testing.assert_array_equal(tr.slot_tokens[2:], [[2, 1], [2, 0]])
+
+
+def test_allgather_bytes_ignore_top_k_and_routing():
+    # Same 2 x 2 devices, 8 experts, T = 4 tokens per source, hidden 256, FP8 dispatch; the
+    # all-gather moves 1,024 bytes per (source, other device) pair for top-2 routing to device 2
+    # only, top-1 routing to device 3 only, or top-2 routing spread over all sources.
+    placement = Placement(np.arange(8).reshape(1, 4, 2), 8)
+    spread = np.random.default_rng(3)
+    cases = {
+        "top-2 to device 2": _choices([[4, 5]] * 16, source=np.repeat(np.arange(4), 4)),
+        "top-1 to device 3": _choices([[6]] * 16, source=np.repeat(np.arange(4), 4)),
+        "top-2 random": _choices([spread.choice(8, 2, replace=False) for _ in range(16)],
+                                 source=np.repeat(np.arange(4), 4)),
+    }
+    flows, slots = {}, {}
+    for name, choices in cases.items():
+        tr = layer_traffic(choices, placement, 0, device_node=np.array([0, 0, 1, 1]),
+                           tokens_per_source=4, hidden=256, dispatch_bytes_per_elem=1,
+                           combine_bytes_per_elem=2, capacity_factor=None, top_k=choices.top_k,
+                           algorithm="allgather")
+        flows[name] = {tuple(p): b for p, b in zip(tr.pairs.tolist(), tr.dispatch_bytes,
+                                                   strict=True)}
+        slots[name] = tr.slot_tokens
+    expect = {(s, d): 1024 for s in range(4) for d in range(4) if s != d}
+    assert all(f == expect for f in flows.values())
+    # The expert work does follow the routing: 16 tokens x 2 copies on device 2's two slots,
+    # 16 x 1 on device 3's first slot.
+    np.testing.assert_array_equal(slots["top-2 to device 2"][2], [16, 16])
+    assert slots["top-2 to device 2"].sum() == 32
+    np.testing.assert_array_equal(slots["top-1 to device 3"][3], [16, 0])
+    assert slots["top-1 to device 3"].sum() == 16
+    assert slots["top-2 random"].sum() == 32
+
+
+def test_allgather_failed_device_sends_and_receives_nothing():
+    # Device 1 fails: the three live devices gather among themselves, 1,024 bytes per pair,
+    # 6 flows; cross-node: 0 <-> 2, 0 <-> 3 = 4 flows.
+    placement = Placement(np.arange(8).reshape(1, 4, 2), 8)
+    choices = _choices([[4, 5]] * 16, source=np.repeat(np.arange(4), 4))
+    tr = layer_traffic(choices, placement, 0, device_node=np.array([0, 0, 1, 1]),
+                       tokens_per_source=4, hidden=256, dispatch_bytes_per_elem=1,
+                       combine_bytes_per_elem=2, capacity_factor=None, top_k=2,
+                       algorithm="allgather", failed=np.array([False, True, False, False]))
+    flows = {tuple(p): b for p, b in zip(tr.pairs.tolist(), tr.dispatch_bytes, strict=True)}
+    assert flows == {(s, d): 1024 for s in (0, 2, 3) for d in (0, 2, 3) if s != d}
+    assert tr.cross_node_dispatch_bytes == 4 * 1024
+    assert tr.live_sources == 3
+    assert tr.dropped == 4 * 2       # device 1's own 4 tokens x top-2 copies are lost
+
+
 def test_deepseek_low_latency_message_is_7408_bytes():
     # DeepEP tests/test_low_latency.py: hidden + hidden / 128 * 4 + 16 at hidden 7,168.
     assert copy_bytes("deepep_ll", 7168, 1, 2) == (7408.0, 14336.0)
     assert copy_bytes("deepep_normal", 7168, 1, 2) == (7392.0, 14336.0)
     assert copy_bytes("deepep_normal", 7168, 2, 2) == (14336.0, 14336.0)   # BF16: no scales
     assert copy_bytes("direct", 7168, 1, 2) == (7168.0, 14336.0)
+    assert copy_bytes("allgather", 7168, 1, 2) == (7168.0, 14336.0)   # NCCL gather: no scales
+    assert copy_bytes("allgather", 7168, 2, 2) == (14336.0, 14336.0)
 
 
 def test_deepep_normal_rank_copies_match_a_token_loop():

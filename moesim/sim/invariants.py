@@ -6,7 +6,9 @@ Cheap and always on, each derived independently of the code that produced the nu
 - bytes per source and per destination: what each device sends over the dispatch equals its
   routed token copies x bytes per token, and what it receives equals the copies its slots compute
   from other devices x bytes (hierarchical all-to-all: the NVLink part exactly, per device,
-  and each network copy between one and top-k token copies);
+  and each network copy between one and top-k token copies; all-gather: every live device sends
+  and receives exactly (live - 1) x its real tokens x bytes per token, whatever the routing, and
+  a failed one nothing);
 - links: no link of the simulated group carries more than its capacity allows in the time it
   was busy; the run also records how loaded every link is when *all* EP groups of the step move
   the same traffic at once (:func:`all_groups_link_load`), which the simulation prices one group
@@ -66,6 +68,19 @@ def check_traffic(tr: LayerTraffic, tokens_per_source: float, top_k: int, token_
            f"{where} token copies each device receives vs its slots compute")
     own = np.diag(tr.tokens)
     src, dst = tr.pairs[:, 0], tr.pairs[:, 1]
+    if algorithm == "allgather":     # every live device's tokens once to every other live one
+        live = np.ones(ep, dtype=bool) if tr.failed is None else ~tr.failed
+        expect = np.where(live, (live.sum() - 1) * tokens_per_source * token_bytes, 0.0)
+        _close(np.bincount(src, tr.dispatch_bytes, minlength=ep), expect,
+               f"{where} all-gather dispatch bytes each device sends")
+        _close(np.bincount(dst, tr.dispatch_bytes, minlength=ep), expect,
+               f"{where} all-gather dispatch bytes each device receives")
+        matrix = np.zeros((ep, ep))
+        np.add.at(matrix, (src, dst), tr.dispatch_bytes)
+        pair = live[:, None] & live[None, :] & ~np.eye(ep, dtype=bool)
+        _close(matrix, np.where(pair, tokens_per_source * token_bytes, 0.0),
+               f"{where} all-gather dispatch bytes of each (source, destination) pair")
+        return
     if algorithm in ("direct", "deepep_ll"):     # one copy per token-expert pair, direct
         sent = np.bincount(src, tr.dispatch_bytes, minlength=ep)
         received = np.bincount(dst, tr.dispatch_bytes, minlength=ep)

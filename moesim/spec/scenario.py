@@ -97,7 +97,7 @@ class PlacementSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class CommunicationSpec:
-    alltoall: Literal["direct", "hierarchical", "deepep_normal", "deepep_ll"] = "direct"
+    alltoall: Literal["direct", "hierarchical", "deepep_normal", "deepep_ll", "allgather"] = "direct"
     overlap: Literal["none", "shared_expert", "two_batch"] = "none"
     dp_overlap: bool = spec_field(True, doc="gradient reduce overlaps the last backward pass")
     dp_algorithm: Literal["ring", "tree", "hierarchical"] = "ring"
