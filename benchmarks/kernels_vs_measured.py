@@ -70,6 +70,10 @@ COMPUTE = tuple(c for c in COMPONENTS if c != "all_to_all")   # what an imported
 # router pairs them, and as DeepEP's and aiconfigurator's harnesses draw them).
 EVEN = ["routing.distribution=balanced_random"]
 DECODE_1NODE = "scenarios/mixtral-8x7b-infer-1node.yaml"   # DP 8 + EP 8, 64 seqs/GPU, ctx 2,048
+# Attention-DP + EP without DeepEP (W1, W2, W4) gathers every token to every rank and
+# reduce-scatters the outputs (SGLang's DP-attention path, vLLM's allgather_reducescatter): the
+# measured dispatch/combine ops are that, not a top-k all-to-all.
+GATHER = ["communication.alltoall=allgather"]
 DSV3 = "scenarios/deepseek-v3-decode-ep.yaml"
 # aiconfigurator builds DeepSeek-V3 with all 61 layers as MoE layers with a shared expert (its
 # first 3 dense layers are not modelled; observation in the data file), so the kernel comparison
@@ -86,13 +90,13 @@ DSV3_PREFILL = ["workload={mode: prefill, global_batch: 32, seq_len: 4096, micro
                 "communication.alltoall=deepep_normal"]
 # id: (label, scenario, overrides, measured workload). W3/W5 also run with the direct all-to-all.
 WORKLOADS: dict[str, tuple[str, str, list[str], str]] = {
-    "W1": ("Qwen3-30B-A3B decode", DECODE_1NODE, ["model=qwen3-30b-a3b", *EVEN], "W1"),
-    "W2": ("Mixtral-8x7B decode", DECODE_1NODE, EVEN, "W2"),
+    "W1": ("Qwen3-30B-A3B decode", DECODE_1NODE, ["model=qwen3-30b-a3b", *EVEN, *GATHER], "W1"),
+    "W2": ("Mixtral-8x7B decode", DECODE_1NODE, [*EVEN, *GATHER], "W2"),
     "W3": ("DeepSeek-V3 decode", DSV3, [*DSV3_AT_32, *EVEN], "W3"),
     "W3d": ("  same, direct a2a", DSV3, [*DSV3_AT_32, *EVEN, "communication.alltoall=direct"],
             "W3"),
-    "W4": ("Qwen3-30B-A3B prefill", DECODE_1NODE, ["model=qwen3-30b-a3b", *EVEN, *QWEN_PREFILL],
-           "W4"),
+    "W4": ("Qwen3-30B-A3B prefill", DECODE_1NODE, ["model=qwen3-30b-a3b", *EVEN, *GATHER,
+                                                    *QWEN_PREFILL], "W4"),
     "W5": ("DeepSeek-V3 prefill", DSV3, [*DSV3_AT_32, *EVEN, *DSV3_PREFILL], "W5"),
     "W5d": ("  same, direct a2a", DSV3, [*DSV3_AT_32, *EVEN, *DSV3_PREFILL,
                                          "communication.alltoall=direct"], "W5"),

@@ -149,7 +149,11 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
         kv *= kv_bytes_per_token(s.model, prec.kv_cache) / par.tp
         acts = tokens * max(activation_bytes_per_token_layer(s, True),
                             activation_bytes_per_token_layer(s, False))
-    buf = s.memory.alltoall_buffer_factor * tokens * s.model.effective_top_k
+    # Receive buffers: one copy per routed (token, expert) pair, or, for the all-gather dispatch,
+    # every token of the EP group (each rank gathers them all, then reduce-scatters the outputs).
+    copies = (par.ep if s.communication.alltoall == "allgather"
+              else s.model.effective_top_k)
+    buf = s.memory.alltoall_buffer_factor * tokens * copies
     buf *= s.model.hidden_size * (dtype_bytes(prec.dispatch) + dtype_bytes(prec.combine))
     dev = s.hardware.device
     return MemoryBreakdown(stage, dense_w, expert_w, grads, opt, acts, kv, buf,

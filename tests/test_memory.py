@@ -71,3 +71,18 @@ def test_memory_never_negative_and_error_names_the_stage(make_scenario):
     warn = make_scenario({"memory": {"on_overflow": "warn"}}, {"device": {"memory": "10 MB"}})
     rows = check_memory(warn, _layout(warn))
     assert all(v >= 0 for row in rows for v in row.as_dict().values())
+
+
+def test_all_gather_dispatch_buffers_every_token_of_the_group(make_scenario):
+    """The all-to-all receive buffer holds one copy per routed pair (top-k per token); the
+    all-gather dispatch holds every token of the EP group (ep per token)."""
+    wl = {"mode": "decode", "global_batch": 32, "seq_len": 1, "micro_batch": 8, "context_len": 10}
+    a2a = make_scenario({"workload": wl})
+    gather = make_scenario({"workload": wl, "communication": {"alltoall": "allgather"}})
+    m_a2a, m_gather = stage_memory(a2a, _layout(a2a), 0), stage_memory(gather, _layout(gather), 0)
+    p, h = a2a.parallelism, a2a.model.hidden_size
+    tokens = 8   # one decode token per sequence, 8 sequences per rank
+    per_copy = h * 2 * 2   # BF16 dispatch + BF16 combine
+    factor = a2a.memory.alltoall_buffer_factor
+    assert m_a2a.comm_buffers == factor * tokens * a2a.model.effective_top_k * per_copy
+    assert m_gather.comm_buffers == factor * tokens * p.ep * per_copy
