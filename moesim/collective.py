@@ -48,6 +48,7 @@ import numpy as np
 
 from moesim import network, routing
 from moesim.errors import ScenarioError
+from moesim.kernels import comm_kernel_bandwidth
 from moesim.placement.placement import Placement
 from moesim.spec.cluster import ClusterSpec
 from moesim.spec.fields import read_yaml
@@ -143,9 +144,11 @@ def _nic_path(topo: Topology, src: int, dst: int, cache: dict) -> np.ndarray:
 
 def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: np.ndarray, *,
          message_bytes: float | np.ndarray = 0.0, per_message_cost: bool = True,
-         via_nic: bool = False, extra_latency: float = 0.0, rtol: float = 1e-2
-         ) -> tuple[float, float, float]:
-    """(seconds, transfer, overhead) of flows ``pairs: int[F, 2]`` (global ranks), ``nbytes``."""
+         via_nic: bool = False, extra_latency: float = 0.0, sm_rate: float = 0.0,
+         rtol: float = 1e-2) -> tuple[float, float, float]:
+    """(seconds, transfer, overhead) of flows ``pairs: int[F, 2]`` (global ranks), ``nbytes``.
+
+    ``sm_rate``: intra-node flows move at most this fast (an SM-driven kernel; 0: no limit)."""
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     nbytes = np.asarray(nbytes, dtype=float)
     if via_nic:
@@ -161,6 +164,12 @@ def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: n
     cost = np.array([s.collective_overhead if s else 0.0 for s in specs])
     flow_of_hop = np.repeat(np.arange(len(pairs)), np.diff(ptr))
     sizes = nbytes
+    if sm_rate > 0:
+        rate = np.full(len(pairs), np.inf)
+        if links.size:
+            np.minimum.at(rate, flow_of_hop, topo.capacity[links])
+        same = topo.device_node[pairs[:, 0]] == topo.device_node[pairs[:, 1]]
+        sizes = network.sm_limited_bytes(nbytes, same, rate, sm_rate)
     if per_message_cost and links.size:
         h = np.zeros(len(pairs))
         np.maximum.at(h, flow_of_hop, half[links])
@@ -297,12 +306,15 @@ def token_alltoall(topo: Topology, hardware: HardwareProfile, choices: routing.L
     via_nic = traffic.via_nic and not ll_nvlink and "scale_out" in topo.link_class
     figures = _deepep_counts(choices, placement, node)
     gather = algorithm == "allgather"
+    # DeepEP's normal kernels copy over NVLink with their share of the SMs.
+    sm_rate = comm_kernel_bandwidth(hardware.device) if algorithm == "deepep_normal" else 0.0
     out = []
     for op, nbytes, pairs, copy in (
             ("dispatch", traffic.dispatch_bytes, traffic.pairs, traffic.dispatch_copy_bytes),
             ("combine", traffic.combine_bytes, traffic.combine_pairs, traffic.combine_copy_bytes)):
         seconds, transfer, overhead = _run(topo, hardware, pairs, nbytes, via_nic=via_nic,
-                                           per_message_cost=traffic.per_message_cost, rtol=rtol)
+                                           per_message_cost=traffic.per_message_cost,
+                                           sm_rate=sm_rate, rtol=rtol)
         named = {"bytes": float(nbytes.sum()), "copy_bytes": copy, "via_nic": float(via_nic)}
         if seconds > 0 and not gather:
             named.update({"rdma_gbps": figures["node_copies"] * copy / seconds,

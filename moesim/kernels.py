@@ -163,3 +163,18 @@ def overlapped_compute_slowdown(device: DeviceSpec) -> float:
     1.3333333333333333
     """
     return 1.0 / (1.0 - device.comm_sm_fraction)
+
+
+def comm_kernel_bandwidth(device: DeviceSpec) -> float:
+    """Bytes/s an SM-driven communication kernel (DeepEP's normal kernels) moves over NVLink per
+    direction: its ``comm_sm_fraction`` of the SMs times ``comm_sm_bandwidth`` each; 0 when the
+    profile gives no per-SM rate (no limit).
+
+    >>> d = DeviceSpec(name="x", peak_flops={"bf16": 1.0}, memory=1.0, memory_bandwidth=1.0,
+    ...                sm_count=100, comm_sm_fraction=0.2, comm_sm_bandwidth=5e9)
+    >>> comm_kernel_bandwidth(d)
+    100000000000.0
+    """
+    if not device.comm_sm_bandwidth or not device.sm_count or not device.comm_sm_fraction:
+        return 0.0
+    return device.comm_sm_fraction * device.sm_count * device.comm_sm_bandwidth

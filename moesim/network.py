@@ -355,6 +355,26 @@ def link_time(nbytes: float | np.ndarray, link: LinkSpec) -> float | np.ndarray:
     return float(out) if out.ndim == 0 else out
 
 
+def sm_limited_bytes(nbytes: np.ndarray, limited: np.ndarray, link_rate: np.ndarray,
+                     kernel_rate: float) -> np.ndarray:
+    """Wire-equivalent bytes of flows an SM-driven kernel moves at ``kernel_rate`` bytes/s when
+    their links would carry ``link_rate[f]``: flow ``f`` with ``limited[f]`` costs
+    ``nbytes[f] * link_rate[f] / kernel_rate`` (never fewer than its bytes); the others and a
+    ``kernel_rate`` of 0 (no limit) keep their bytes.
+
+    Example
+    -------
+    >>> sm_limited_bytes(np.array([100.0, 100.0]), np.array([True, False]),
+    ...                  np.array([200.0, 200.0]), 100.0).tolist()
+    [200.0, 100.0]
+    """
+    size = np.asarray(nbytes, dtype=float)
+    if kernel_rate <= 0:
+        return size
+    factor = np.maximum(np.asarray(link_rate, dtype=float) / kernel_rate, 1.0)
+    return np.where(limited, size * factor, size)
+
+
 def wire_bytes(nbytes: np.ndarray, half_size: float | np.ndarray,
                message_bytes: float | np.ndarray = 0.0) -> np.ndarray:
     """Wire-equivalent bytes of flows: what moves at the large-message rate in the same time.

@@ -129,6 +129,29 @@ def test_low_latency_goes_through_the_nic_inside_a_node():
     assert normal.seconds == pytest.approx(132 / 50e9)            # 128 + 4 scale bytes, NVLink
 
 
+def test_deepep_normal_copies_over_nvlink_at_its_sms_rate():
+    """DeepEP's normal kernels move NVLink bytes with comm_sm_fraction of the SMs at
+    comm_sm_bandwidth each: 10 SMs x 0.25 x 4 GB/s = 10 GB/s, below the 50 GB/s link, sets the
+    time of an intra-node token; a faster per-SM rate leaves the link in charge (the pricing
+    layer's side: tests/test_pricing.py)."""
+    slow = dataclasses.replace(_hardware(per_node=2).device, sm_count=10, comm_sm_fraction=0.25,
+                               comm_sm_bandwidth=4e9)
+    for per_sm, rate in ((4e9, 10e9), (40e9, 50e9)):
+        hw = dataclasses.replace(_hardware(per_node=2),
+                                 device=dataclasses.replace(slow, comm_sm_bandwidth=per_sm))
+        topo = _topology(hw, nodes=1, kind="fat_tree")
+        choices = routing.LayerChoices(np.array([[1]], dtype=np.int32), np.array([0], np.int32),
+                                       1.0)
+        placement = Placement(np.array([[[0], [1]]]), 2)
+        normal, back = token_alltoall(topo, hw, choices, placement, hidden=128,
+                                      algorithm="deepep_normal", tokens_per_source=1)
+        assert normal.seconds == pytest.approx(132 / rate)           # 128 + 4 scale bytes
+        assert back.seconds == pytest.approx(256 / rate)              # BF16 combine
+        ll, _ = token_alltoall(topo, hw, choices, placement, hidden=128,
+                               algorithm="deepep_ll", tokens_per_source=1, ll_nvlink=True)
+        assert ll.seconds == pytest.approx(148 / 50e9)                # low latency: not limited
+
+
 def _gathered(experts, nodes=1):
     # 4 devices per node, one expert on each; 2 tokens per source routed to ``experts``;
     # hidden 128, FP8 dispatch (128 bytes a token), BF16 combine (256 bytes).

@@ -221,3 +221,19 @@ def test_context_halves_tokens_under_two_batch_overlap():
     assert b.tokens_per_source == a.tokens_per_source / 2
     assert b.microbatch_tokens == a.microbatch_tokens == 256
     assert np.array_equal(a.group, [0, 1])
+
+
+def test_deepep_normal_nvlink_flows_move_at_the_sms_rate(make_scenario):
+    """One NVSwitch node of 4, DeepEP normal kernels: every flow is intra-node, so each device's
+    NVLink egress drains at the kernel's SM rate (4 SMs x 2.5 GB/s = 10 GB/s) when that is below
+    the 100 GB/s link, at the link rate otherwise; plus the path latency (1 us)."""
+    for per_sm, rate in (("2.5 GB/s", 10e9), ("250 GB/s", 100e9)):
+        s = make_scenario({"communication": {"alltoall": "deepep_normal"},
+                           "cluster": {"topology": "nvswitch", "nodes": 1}},
+                          {"node": {"devices_per_node": 4},
+                           "device": {"sm_count": 8, "comm_sm_fraction": 0.5,
+                                      "comm_sm_bandwidth": per_sm}})
+        block = CostModel(PricingContext.from_scenario(s), scenario_placement(s)).block(0)
+        flows = block.traffic
+        egress = np.bincount(flows.pairs[:, 0], weights=flows.dispatch_bytes, minlength=4)
+        assert block.dispatch.duration == pytest.approx(egress.max() / rate + 1e-6, rel=1e-6)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from moesim import network
+from moesim.kernels import comm_kernel_bandwidth
 from moesim.pricing.context import PricingContext
 from moesim.topology import Topology
 from moesim.traffic import LayerTraffic
@@ -127,8 +128,9 @@ def layer_alltoalls(ctx: PricingContext, traffic: LayerTraffic) -> tuple[Collect
     pairs, back = ctx.group[traffic.pairs], ctx.group[traffic.combine_pairs]
     paths = ctx.paths_csr(traffic.pairs)
     back_paths = ctx.paths_csr(traffic.combine_pairs)
-    dispatch = _on_the_wire(ctx, traffic, traffic.dispatch_bytes, paths)
-    combine = _on_the_wire(ctx, traffic, traffic.combine_bytes, back_paths)
+    dispatch = _on_the_wire(ctx, traffic, traffic.dispatch_bytes, paths, traffic.pairs)
+    combine = _on_the_wire(ctx, traffic, traffic.combine_bytes, back_paths,
+                           traffic.combine_pairs)
     overhead = _fixed_cost(ctx, paths)
     if dispatch.sum() > 0 and np.allclose(combine, dispatch * (combine.sum() / dispatch.sum()),
                                           rtol=1e-12, atol=0.0):
@@ -147,8 +149,10 @@ def layer_alltoalls(ctx: PricingContext, traffic: LayerTraffic) -> tuple[Collect
 
 
 def _on_the_wire(ctx: PricingContext, traffic: LayerTraffic, nbytes: np.ndarray,
-                 paths: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Wire-equivalent bytes of each flow (its own bytes where no size curve applies)."""
+                 paths: tuple[np.ndarray, np.ndarray], pairs: np.ndarray) -> np.ndarray:
+    """Wire-equivalent bytes of each flow (its own bytes where no size curve applies): the
+    NCCL message-size curve, or the SM-limited NVLink rate of DeepEP's normal kernels."""
+    nbytes = _sm_limited(ctx, traffic, nbytes, paths, pairs)
     half, _ = ctx.link_curves
     if not traffic.per_message_cost or not half.any():
         return nbytes
@@ -158,6 +162,33 @@ def _on_the_wire(ctx: PricingContext, traffic: LayerTraffic, nbytes: np.ndarray,
     if links.size:
         np.maximum.at(flow_half, np.repeat(np.arange(len(nbytes)), hops), half[links])
     return network.wire_bytes(nbytes, flow_half)
+
+
+def _sm_limited(ctx: PricingContext, traffic: LayerTraffic, nbytes: np.ndarray,
+                paths: tuple[np.ndarray, np.ndarray], pairs: np.ndarray) -> np.ndarray:
+    """DeepEP's normal kernels copy over NVLink with their share of the SMs: intra-node flows
+    move at :func:`moesim.kernels.comm_kernel_bandwidth` where that is below the link rate."""
+    if traffic.algorithm != "deepep_normal" or len(pairs) == 0:
+        return nbytes
+    rate = comm_kernel_bandwidth(ctx.scenario.hardware.device)
+    if rate <= 0:
+        return nbytes
+    return network.sm_limited_bytes(nbytes, _intra_node(ctx.device_node, pairs),
+                                    _path_rate(paths, ctx.topology.capacity, len(pairs)), rate)
+
+
+def _intra_node(node: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    return node[pairs[:, 0]] == node[pairs[:, 1]]
+
+
+def _path_rate(paths: tuple[np.ndarray, np.ndarray], capacity: np.ndarray, flows: int
+               ) -> np.ndarray:
+    """float[flows]: the slowest link capacity on each flow's path (inf for an empty path)."""
+    ptr, links = paths
+    rate = np.full(flows, np.inf)
+    if links.size:
+        np.minimum.at(rate, np.repeat(np.arange(flows), np.diff(ptr)), capacity[links])
+    return rate
 
 
 def _fixed_cost(ctx: PricingContext, paths: tuple[np.ndarray, np.ndarray]) -> float:
@@ -188,8 +219,8 @@ def layer_alltoall_times(ctx: PricingContext, traffic: LayerTraffic, *, exact: b
     paths = ctx.paths_csr(traffic.pairs)
     back = ctx.paths_csr(traffic.combine_pairs)
     overhead = _fixed_cost(ctx, paths)
-    wire = _on_the_wire(ctx, traffic, traffic.dispatch_bytes, paths)
-    wire_back = _on_the_wire(ctx, traffic, traffic.combine_bytes, back)
+    wire = _on_the_wire(ctx, traffic, traffic.dispatch_bytes, paths, traffic.pairs)
+    wire_back = _on_the_wire(ctx, traffic, traffic.combine_bytes, back, traffic.combine_pairs)
     return (alltoall_closed_form(ctx, traffic.pairs, wire) + overhead,
             alltoall_closed_form(ctx, traffic.combine_pairs, wire_back) + overhead)
 

@@ -74,6 +74,10 @@ class DeviceSpec:
     # Fraction of the SMs an expert-parallel communication kernel holds while it overlaps
     # compute (DeepEP-style kernels run on SMs); compute sharing the device slows down.
     comm_sm_fraction: float = spec_field(0.0, min=0, max=0.9)
+    # Bytes/s one SM of such a kernel pushes to peers over NVLink (DeepEP's normal kernels copy
+    # tokens with SM load/stores, not copy engines): with comm_sm_fraction of the SMs the kernel
+    # moves at most their sum per direction (0 = not limited).
+    comm_sm_bandwidth: float = spec_field(0.0, unit="bandwidth", min=0)
     source: str = ""
 
     def __post_init__(self) -> None:
