@@ -147,8 +147,13 @@ def _link_rows(sim, uses, step) -> tuple[dict, dict]:
     topo = sim.topology
     link_bytes = np.zeros(topo.num_links)
     total = cross = 0.0
+    # Link accounting: the representative EP group of the first stage that runs an MoE layer
+    # (a pipeline's first stages may hold only dense blocks and the embedding).
+    moving = [key[0] for key in uses for op in sim.runs[key].ops
+              if op.collective is not None and op.collective.total_bytes > 0]
+    first = min(moving, default=0)
     for key, n in uses.items():
-        if key[0] != 0:     # link accounting: the representative EP group (stage 0)
+        if key[0] != first:
             continue
         for op in sim.runs[key].ops:
             coll = op.collective
@@ -175,7 +180,7 @@ def _link_rows(sim, uses, step) -> tuple[dict, dict]:
     a2a = {"bytes_per_step": total, "cross_node_bytes_per_step": cross,
            "cross_node_fraction": cross / total if total else 0.0}
     return {"busiest": busiest, "by_class": by_class, "all": used_links,
-            "scope": "EP group 0 of stage 0"}, a2a
+            "scope": f"EP group 0 of stage {first}"}, a2a
 
 
 def _expert_rows(sim, mbs) -> tuple[dict, float]:
