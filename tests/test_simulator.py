@@ -135,3 +135,17 @@ def test_invariant_checker_catches_a_corrupted_simulation(make_scenario):
     sim.spans.append(type(sim.spans[0])(0, "F", 0, 0, 0.0, sim.spans[0].end))
     with pytest.raises(InternalError, match="two chunks at once"):
         check_invariants(sim)
+
+
+def test_all_to_all_bytes_come_from_a_stage_that_runs_moe_layers(make_scenario):
+    """PP 2 over 4 blocks whose first two are dense: stage 0 sends nothing, so the step's
+    all-to-all bytes are stage 1's. Balanced top-1 over 4 experts on 4 devices, direct: each
+    device sends 3/4 of its 256 tokens of 256 BF16 values each way (dispatch + combine), in
+    forward and backward (x2), for its 2 MoE layers."""
+    s = make_scenario({"model": {"first_dense_layers": 2, "dense_ffn_size": 512},
+                       "cluster": {"nodes": 4},
+                       "parallelism": {"pp": 2, "dp": 4, "ep": 4}})
+    r = simulate(s).result
+    per_device = 256 * 3 / 4 * 256 * 2                      # tokens x remote share x bytes
+    assert r.alltoall["bytes_per_step"] == pytest.approx(4 * per_device * 2 * 2 * 2)
+    assert r.links["scope"] == "EP group 0 of stage 1"
