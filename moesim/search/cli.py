@@ -30,8 +30,8 @@ def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> N
                    "e.g. 50ms")
     p.add_argument("--max-ttft", metavar="TIME", help="serving: time to first token limit, "
                    "e.g. 2s")
-    p.add_argument("-j", "--jobs", type=int, default=1, help="local worker processes for the "
-                   "full simulations (default 1)")
+    p.add_argument("-j", "--jobs", type=int, help="local worker processes for the full "
+                   "simulations (default: one per CPU this process may use)")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="where the full simulations run (as in `moesim sweep`)")
     p.add_argument("--address", help="Ray cluster address (--executor ray)")
@@ -39,6 +39,16 @@ def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> N
                    "(killed) search left in the output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     commands["search"] = _cmd_search
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:   # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 def _time(text: str | None, flag: str) -> float | None:
@@ -70,7 +80,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if not spec.serving and (max_tpot or max_ttft):
         raise ScenarioError("--max-tpot/--max-ttft apply to serving (prefill/decode) scenarios",
                             source=spec.source, field="workload.mode")
-    outcome = run_search(spec, args.output, top=args.top, jobs=args.jobs,
+    jobs = args.jobs if args.jobs is not None else _usable_cpus()
+    outcome = run_search(spec, args.output, top=args.top, jobs=jobs,
                          executor=args.executor, address=args.address,
                          objective=args.objective, max_tpot=max_tpot, max_ttft=max_ttft,
                          resume=args.resume, progress=None if args.quiet else sys.stderr)
