@@ -237,3 +237,32 @@ def test_deepep_normal_nvlink_flows_move_at_the_sms_rate(make_scenario):
         flows = block.traffic
         egress = np.bincount(flows.pairs[:, 0], weights=flows.dispatch_bytes, minlength=4)
         assert block.dispatch.duration == pytest.approx(egress.max() / rate + 1e-6, rel=1e-6)
+
+
+def test_the_scenario_chooses_the_replica_rule(make_scenario):
+    """placement.replica_rule reaches the placement the simulator prices: the scenario's "even"
+    prices exactly as the same placement with its rule replaced by hand, and differently from
+    the engines' default rule when a hot expert has replicas. The YAML choices are the rules
+    the placement knows."""
+    from dataclasses import replace
+
+    from moesim.placement.placement import REPLICA_RULES
+    hint = typing.get_type_hints(PlacementSpec)["replica_rule"]
+    literal = next(a for a in typing.get_args(hint) if a is not type(None))
+    assert set(typing.get_args(literal)) == set(REPLICA_RULES)
+    tokens, placements, ctxs = {}, {}, {}
+    for rule in (None, "even"):
+        s = make_scenario({"placement": {"policy": "eplb", "redundant_experts": 4,
+                                         **({"replica_rule": rule} if rule else {})},
+                           "cluster": {"topology": "nvswitch", "nodes": 1},
+                           "routing": {"distribution": "zipf", "zipf_s": 1.2}},
+                          {"node": {"devices_per_node": 4}})
+        placements[rule] = scenario_placement(s)
+        assert placements[rule].replica_rule == (rule or "least_loaded")
+        ctxs[rule] = PricingContext.from_scenario(s)
+        tokens[rule] = CostModel(ctxs[rule], placements[rule]).block(0).traffic.slot_tokens
+    # The default scenario's placement with its rule replaced by hand prices as "even" does.
+    by_hand = replace(placements[None], replica_rule="even")
+    assert np.array_equal(CostModel(ctxs[None], by_hand).block(0).traffic.slot_tokens,
+                          tokens["even"])
+    assert not np.allclose(tokens["even"], tokens[None])

@@ -7,6 +7,8 @@ Plans on the scenario's own routing sample for one EP group, drawn with node-lim
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from moesim import routing, routing_draw
@@ -51,11 +53,16 @@ BLIND = ("contiguous", "round_robin", "random")
 
 
 def resolve_placement(s: Scenario, ctx: PricingContext) -> Placement:
-    """The placement of ``s.placement.policy`` for the EP group of ``ctx``."""
+    """The placement of ``s.placement.policy`` for the EP group of ``ctx``, with the scenario's
+    replica rule (``placement.replica_rule``)."""
     policy = placer(s.placement.policy, source=s.source)
     if s.placement.policy in BLIND and not s.placement.redundant_experts:   # no routing needed
         m = s.model
         blank = [LayerRouting(np.zeros(m.num_experts))] * m.num_moe_layers
-        return policy(PlacementRequest(ctx, blank, m.num_experts, m.num_experts // ctx.ep,
-                                       seed=s.seed, scenario=s))
-    return policy(scenario_request(s, ctx))
+        placement = policy(PlacementRequest(ctx, blank, m.num_experts, m.num_experts // ctx.ep,
+                                            seed=s.seed, scenario=s))
+    else:
+        placement = policy(scenario_request(s, ctx))
+    if s.placement.replica_rule in (None, placement.replica_rule):
+        return placement
+    return replace(placement, replica_rule=s.placement.replica_rule)

@@ -93,6 +93,12 @@ class PlacementSpec:
                     "file"] = "contiguous"
     file: str = spec_field("", path=True, doc="plan file (policy: file)")
     redundant_experts: int = spec_field(0, min=0, max=1 << 20, doc="extra expert slots per EP group")
+    # Which replica of a replicated expert a token goes to (moesim.placement.placement
+    # REPLICA_RULES): least_loaded = the engines' rule (a replica on the sender's own GPU, else
+    # its own node, else the least loaded); even = an equal share to each replica on the
+    # sender's node (all replicas if none there); null = the plan file's own rule (policy:
+    # file), else least_loaded.
+    replica_rule: Literal["least_loaded", "even"] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
