@@ -126,3 +126,48 @@ def test_plan_current_prints_the_advice(tmp_path, capsys):
     a = doc["advice"]
     assert a["stall_model"] == "blocking" and a["stall"] == pytest.approx(a["move_time"])
     assert a["gain"] == pytest.approx(a["current_time"] - a["new_time"])
+
+
+def test_a_fading_gain_pays_off_later_or_never():
+    """Gains measured on consecutive windows of 10 passes: 4, 2, 1 us halve every 10 passes, so
+    tau = 10 / ln 2 = 14.43 passes and g0 = 4 x 2**0.5 = 5.657 us (the centre of the first window
+    is 5 passes in). All the gain it will ever bring is g0 x tau = 81.6 us: a 40 us stall pays
+    off after -tau ln(1 - 40 / 81.6) = 9.7 -> 10 passes (a steady 4 us gain: 10 as well), a
+    90 us stall never does (a steady gain: after 23)."""
+    d = advisor.fit_decay([4e-6, 2e-6, 1e-6], passes_per_window=10.0)
+    assert d.tau == pytest.approx(10 / math.log(2))
+    assert d.g0 == pytest.approx(4e-6 * 2 ** 0.5)
+    total = d.g0 * d.tau
+    assert d.payoff(40e-6) == math.ceil(-d.tau * math.log(1 - 40e-6 / total)) == 10
+    assert d.payoff(90e-6) == math.inf
+    assert advisor.Decay(4e-6, math.inf).payoff(90e-6) == 23
+    # A gain gone by the second window: only the first counts, no fading fit from one point.
+    gone = advisor.fit_decay([3e-6, -1e-6, 2e-6], passes_per_window=5.0)
+    assert gone.g0 == pytest.approx(3e-6) and gone.tau == math.inf
+    # A gain that grows does not fade; no gain at all never pays.
+    assert advisor.fit_decay([1e-6, 2e-6], 5.0).tau == math.inf
+    assert advisor.fit_decay([-1e-6, 2e-6], 5.0).payoff(1e-6) == math.inf
+
+
+def test_plan_current_on_a_trace_measures_how_the_gain_fades(tmp_path, capsys):
+    """With a per-token trace the advisor prices both plans on 4 consecutive windows of the
+    pricing part, and its payoff is the fitted decay's (recomputed here from what it prints)."""
+    trace = Path(__file__).resolve().parent.parent / "scenarios" / "traces" / \
+        "stdlib-moe-32e-top4.npz"
+    sets = sum((["--set", x] for x in ["model.num_experts=32", "model.top_k=4"]), [])
+    base = ["plan", str(TINY), *sets, "--trace", str(trace)]
+    assert main([*base, "--planner", "contiguous", "-o", str(tmp_path / "current.json")]) == 0
+    capsys.readouterr()
+    assert main([*base, "--planner", "eplb", "--current", str(tmp_path / "current.json"),
+                 "-o", str(tmp_path / "new.json"), "--json"]) == 0
+    a = json.loads(capsys.readouterr().out)["advice"]
+    gains = a["window_gains"]
+    assert len(gains) == 4 and a["passes_per_window"] > 0
+    d = advisor.fit_decay(gains, a["passes_per_window"])
+    assert a["gain_decay_passes"] == pytest.approx(d.tau)
+    assert a["payoff_passes"] == (d.payoff(a["stall"]) if math.isfinite(d.tau) else
+                                  (math.ceil(a["stall"] / a["gain"]) if a["gain"] > 0
+                                   else math.inf))
+    assert main([*base, "--planner", "eplb", "--current", str(tmp_path / "current.json"),
+                 "-o", str(tmp_path / "new.json")]) == 0
+    assert "drift" in capsys.readouterr().out

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moesim import routing
+from moesim import routing, routing_trace
 from moesim.errors import ScenarioError
 from moesim.placement import advisor, export, failover, heldout, objective, planner
 from moesim.placement.placement import REPLICA_RULES, Placement
@@ -60,6 +60,7 @@ class PlanningInputs:
     plan_choices: list[routing.LayerChoices]    # the planning window as the group's tokens
     eval_choices: list[routing.LayerChoices]    # the pricing window
     description: str
+    eval_trace: routing_trace.RoutingTrace | None = None   # the pricing window, per token
 
 
 def planning_inputs(scenario, ctx: PricingContext, trace_path: str | None = None,
@@ -84,7 +85,8 @@ def planning_inputs(scenario, ctx: PricingContext, trace_path: str | None = None
         what = f"{path}: planned and priced on the whole trace"
     return PlanningInputs(planner.routing_from_trace(train),
                           objective.trace_choices(ctx, train, seed=scenario.seed),
-                          objective.trace_choices(ctx, test, seed=scenario.seed), what)
+                          objective.trace_choices(ctx, test, seed=scenario.seed), what,
+                          test if test.per_token else None)
 
 
 def _is_load_npz(path: Path) -> bool:
@@ -193,6 +195,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     current = export.load_plan(args.current, s) if args.current is not None else None
     inputs = planning_inputs(s, ctx, args.trace, split, args.trace_layout)
     eval_choices, eval_what = inputs.eval_choices, inputs.description
+    drift_trace, drift_choices = inputs.eval_trace, (
+        lambda w: objective.trace_choices(ctx, w, seed=s.seed))
     if args.eval_trace is not None:
         held = heldout.load_any_layout(args.eval_trace, num_experts=m.num_experts,
                                        num_layers=m.num_moe_layers, top_k=m.top_k,
@@ -202,6 +206,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         assert held.expert_ids is not None   # a held-out trace has per-token choices
         eval_what = (f"{args.eval_trace}: {scored} of {held.expert_ids.shape[1]} tokens per "
                      f"layer (held out)")
+        drift_trace, drift_choices = held, (lambda w: heldout.every_token(ctx, w))
     names = args.planner or ["moesim", "eplb", "contiguous", "round_robin"]
     slots = (m.num_experts + s.placement.redundant_experts) // s.parallelism.ep
     say = (lambda *_: None) if args.json else print
@@ -258,8 +263,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if current is not None:
         current = replace(current, replica_rule=args.replica_rule)
         expert_bytes = float(m.expert_params * dtype_bytes(s.precision.weights))
+        windows, passes = _drift_windows(ctx, drift_trace, drift_choices)
         advice = advisor.advise(ctx, current, best, eval_choices, expert_bytes,
-                                stall=args.stall, exact=args.exact)
+                                stall=args.stall, exact=args.exact, windows=windows,
+                                passes_per_window=passes)
         say(_advice_text(args.current, best.name, advice))
     if args.json:
         doc = {"scenario": s.name, "routing": inputs.description, "scored_on": eval_what,
@@ -273,16 +280,44 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# Consecutive time windows of the pricing trace the advisor measures the gain's fading on.
+DRIFT_WINDOWS = 4
+
+
+def _drift_windows(ctx: PricingContext, trace: routing_trace.RoutingTrace | None,
+                   choices: Callable[[routing_trace.RoutingTrace], list[routing.LayerChoices]]
+                   ) -> tuple[list[list[routing.LayerChoices]] | None, float]:
+    """The pricing trace cut into :data:`DRIFT_WINDOWS` consecutive windows (each as the
+    group's tokens) and the passes one window lasts (its tokens over the group's tokens per
+    pass); ``(None, 0)`` without a per-token trace long enough."""
+    if trace is None or trace.expert_ids is None or trace.expert_ids.shape[1] < DRIFT_WINDOWS:
+        return None, 0.0
+    windows = [trace.window(i / DRIFT_WINDOWS, (i + 1) / DRIFT_WINDOWS)
+               for i in range(DRIFT_WINDOWS)]
+    per_pass = ctx.ep * ctx.tokens_per_source
+    passes = trace.expert_ids.shape[1] / DRIFT_WINDOWS / per_pass
+    return [choices(w) for w in windows], passes
+
+
 def _advice_text(current: str, name: str, a: advisor.Advice) -> str:
-    payoff = "never (no gain)" if a.payoff_passes == float("inf") else f"{a.payoff_passes:.0f}"
-    return "\n".join([
+    payoff = ("never" if a.payoff_passes == float("inf") else f"after {a.payoff_passes:.0f}")
+    lines = [
         f"advice     from {current} to the {name} plan:",
         f"  MoE time per pass   {a.current_time * 1e6:.1f} us -> {a.new_time * 1e6:.1f} us "
         f"(gain {a.gain * 1e6:+.1f} us per micro-batch forward)",
         f"  weights to move     {a.moved_slots} slots, {a.moved_bytes / 1e9:.3f} GB over the "
-        f"network, {a.move_time * 1e3:.2f} ms over the scenario's links",
-        f"  stall ({a.stall_model:<9})  {a.stall * 1e3:.2f} ms; pays off after {payoff} passes",
-    ])
+        f"network, {a.move_time * 1e3:.2f} ms over the scenario's links"]
+    d = a.decay
+    if d is not None:
+        fade = ("does not fade" if d.tau == float("inf") else
+                f"fades as exp(-t / {d.tau:,.0f} passes) from {d.g0 * 1e6:+.1f} us")
+        lines.append(f"  drift               gain per window of {d.passes_per_window:,.1f} "
+                     f"passes: {', '.join(f'{g * 1e6:+.1f}' for g in d.gains)} us; {fade}")
+        payoff += " passes at the trace's drift rate"
+    else:
+        payoff += " passes" + (" (no gain)" if payoff == "never" else "")
+    lines.append(f"  stall ({a.stall_model:<9})  {a.stall * 1e3:.2f} ms; pays off {payoff}")
+    return "\n".join(lines)
 
 
 def _cmd_failover(args: argparse.Namespace, s) -> int:
