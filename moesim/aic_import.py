@@ -449,11 +449,6 @@ def import_tables(root: Path, system: str, backend: str, version: str | None, *,
                                             ctx).items():
                 if key not in merged:
                     merged[key] = {**entry, "version": v}
-        if kind == "gemm":
-            # moesim's "fp8" GEMM takes per-tensor FP8 tables first (DTYPE_TABLES): a block-scaled
-            # table whose per-tensor twin exists would never be read.
-            merged = {k: e for k, e in merged.items()
-                      if not (k[2] == "fp8_block" and (k[0], k[1], "fp8") in merged)}
         if not merged:
             continue
         used = sorted({e["version"] for e in merged.values()}, key=version_key)

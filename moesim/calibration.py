@@ -70,8 +70,9 @@ MOE_KINDS = ("moe", "moe_deepep_decode", "moe_deepep_prefill")
 # Kinds keyed by the full shape (aiconfigurator import): counted only where the profile has them.
 SHAPED = KERNELS[3:]
 # A compute dtype and the table dtypes that serve it, in order of preference: moesim's "fp8" GEMM
-# is served by per-tensor FP8 tables, else by block-scaled FP8 (DeepSeek-V3 style) ones.
-DTYPE_TABLES = {"fp8": ("fp8", "fp8_block")}
+# is served by per-tensor FP8 tables, else by block-scaled FP8 (DeepSeek-V3 style) ones; a
+# block-scaled recipe ("fp8_block", precision.fp8_scaling: block) the other way round.
+DTYPE_TABLES = {"fp8": ("fp8", "fp8_block"), "fp8_block": ("fp8_block", "fp8")}
 SOURCES = ("table", "extrapolated", "roofline")
 
 

@@ -120,6 +120,14 @@ class KernelTimer:
     # Measured fused-MoE table kind tried first (calibration.MOE_KINDS): the DeepEP kinds for a
     # scenario whose all-to-all runs DeepEP's kernels; the framework's fused MoE ("moe") after.
     moe_kernel: str = "moe"
+    fp8_block: bool = False         # FP8 GEMMs block-scaled (DeepSeek-V3): their tables first
+
+    @property
+    def _table_dtype(self) -> str:
+        """The dtype measured GEMM/MoE tables are looked up by."""
+        if self.fp8_block and dtype_bytes(self.compute_dtype) == 1:
+            return "fp8_block"
+        return self.compute_dtype
 
     @property
     def _wb(self) -> float:
@@ -302,7 +310,7 @@ class KernelTimer:
         m = self.model
         return self.tables is not None and self.tables.has_moe(
             m.hidden_size, m.expert_ffn_size, m.effective_top_k, m.num_experts,
-            self.compute_dtype, tuple(dict.fromkeys((self.moe_kernel, "moe"))))
+            self._table_dtype, tuple(dict.fromkeys((self.moe_kernel, "moe"))))
 
     def experts(self, tokens_per_slot: np.ndarray, ffn_size: int | None = None) -> float:
         """Grouped GEMMs over a device's expert slots: ``tokens_per_slot: [slots]`` tokens each.
@@ -418,7 +426,7 @@ class KernelTimer:
         for n, k in shapes:
             if n != int(n) or k != int(k):
                 return None
-            measured = self.tables.gemm(tokens, int(n), int(k), self.compute_dtype)
+            measured = self.tables.gemm(tokens, int(n), int(k), self._table_dtype)
             if measured is None:
                 return None
             total += measured
@@ -488,7 +496,7 @@ class KernelTimer:
         tokens = np.asarray(tokens_per_slot, dtype=float).ravel()
         for kind in dict.fromkeys((self.moe_kernel, "moe")):
             measured = self.tables.moe(tokens, m.hidden_size, ffn_size, tokens.size,
-                                       m.effective_top_k, self.compute_dtype,
+                                       m.effective_top_k, self._table_dtype,
                                        experts=m.num_experts, kind=kind)
             if measured is not None:
                 return measured

@@ -64,6 +64,10 @@ def aic_data(tmp_path_factory) -> Path:
     gemm = [{"gemm_dtype": "bfloat16", "m": m, "n": n, "k": k, "latency": ms}
             for (n, k), lat in GEMM_MS.items() for m, ms in zip(GEMM_M, lat)]
     gemm.append({"gemm_dtype": "int4_wo", "m": 1, "n": 512, "k": 256, "latency": 0.001})
+    # The same shape in per-tensor and in block-scaled FP8 (DeepSeek-V3's recipe).
+    gemm += [{"gemm_dtype": "fp8", "m": m, "n": 512, "k": 256, "latency": 0.007} for m in GEMM_M]
+    gemm += [{"gemm_dtype": "fp8_block", "m": m, "n": 512, "k": 256, "latency": 0.009}
+             for m in GEMM_M]
     _write(sys / "gemm/sglang/0.5.14", "gemm_perf.parquet", gemm, "SGLang", "0.5.14", "gemm")
     # Even routing, 8 experts over ep 4 (2 per device): 32 and 128 tokens -> 16 and 64 copies.
     moe = [_moe_row(32, 0.100), _moe_row(128, 0.200),
@@ -125,7 +129,7 @@ def test_import_converts_milliseconds_and_token_axes(profile_path):
     qkv = _table(kernels["gemm"], n=512, k=256, dtype="bf16")
     assert _floats(qkv["tokens"]) == GEMM_M
     assert _floats(qkv["seconds"]) == pytest.approx([ms * 1e-3 for ms in GEMM_MS[(512, 256)]])
-    assert not [e for e in kernels["gemm"] if e["dtype"] not in ("bf16",)]   # int4 dropped
+    assert {e["dtype"] for e in kernels["gemm"]} == {"bf16", "fp8", "fp8_block"}  # int4 dropped
     # MoE: copies per device = num_tokens * top_k / ep = 32 * 2 / 4 = 16 and 128 * 2 / 4 = 64.
     moe = _table(kernels["moe"], experts_per_device=2)
     assert (moe["hidden"], moe["ffn"], moe["top_k"], moe["experts"], moe["ep"]) == (
@@ -304,3 +308,17 @@ def test_release_labels_sort_like_releases():
     labels = ["1.3.0rc20", "0.5.6.post2", "0.5.10", "1.3.0", "0.5.9", "1.3.0rc3", "0.5.6"]
     assert sorted(labels, key=version_key) == [
         "0.5.6", "0.5.6.post2", "0.5.9", "0.5.10", "1.3.0rc3", "1.3.0rc20", "1.3.0"]
+
+
+def test_a_block_scaled_recipe_reads_block_scaled_fp8_tables_first(profile_path, make_scenario):
+    """Both FP8 tables of one shape are imported; precision.fp8_scaling picks which serves
+    first (block: DeepSeek-V3's 1x128 / 128x128 scales), the other one where it has no row."""
+    _, tables = _timer(profile_path)
+    assert tables.gemm(64, 512, 256, "fp8") == pytest.approx(7e-6)
+    assert tables.gemm(64, 512, 256, "fp8_block") == pytest.approx(9e-6)
+    from moesim.pricing.context import kernel_timer
+    for scaling, table in (("tensor", "fp8"), ("block", "fp8_block")):
+        s = make_scenario({"precision": {"compute": "fp8", "fp8_scaling": scaling}})
+        assert kernel_timer(s)._table_dtype == table
+    bf16 = make_scenario({"precision": {"fp8_scaling": "block"}})
+    assert kernel_timer(bf16)._table_dtype == "bf16"          # no FP8 GEMM: nothing to scale

@@ -70,6 +70,10 @@ class Precision:
     dispatch: Dtype = "bf16"
     combine: Dtype = "bf16"
     kv_cache: Dtype = "bf16"
+    # How FP8 GEMMs scale: one scale per tensor (Transformer Engine's delayed scaling), or per
+    # 1x128 activation tile and 128x128 weight block (DeepSeek-V3, DeepGEMM). Measured tables
+    # (aiconfigurator import) of the recipe's own kind serve first.
+    fp8_scaling: Literal["tensor", "block"] = "tensor"
 
 
 @dataclass(frozen=True, kw_only=True)
