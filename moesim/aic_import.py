@@ -25,6 +25,9 @@ context_attention_perf     kernels.attention_context (heads,      isl (sequence 
 generation_attention_perf  kernels.attention_generation (same)    isl + step (KV length)
 context/generation_mla     kernels.mla_context / mla_generation   isl / isl + step
                            (heads, batch, kv_dtype)
+mla_context/generation_    kernels.mla_module_context /           isl / isl + step
+module (TRT-LLM, vLLM)     mla_module_generation (heads, batch,
+                           kv_dtype, dtype: the projections')
 nccl_perf                  collectives.<op> (ranks, dtype)        bytes (message_size x element)
 custom_allreduce_perf      collectives.all_reduce (implementation) bytes
 wideep_deepep_*, moe_a2a   collectives.moe_dispatch / moe_combine tokens per rank
@@ -240,6 +243,23 @@ def _mla(generation: bool) -> Callable[..., dict[tuple[Any, ...], dict]]:
     return convert
 
 
+def _mla_module(generation: bool) -> Callable[..., dict[tuple[Any, ...], dict]]:
+    """The whole MLA attention sub-layer (projections, latent norms, rotary, core, output
+    projection; not the block's add+norm), keyed also by the projections' GEMM dtype."""
+    def convert(cols: dict[str, list[Any]], ctx: Mapping[str, Any]) -> dict[tuple[Any, ...], dict]:
+        out: dict[tuple[Any, ...], dict] = {}
+        for r in _rows(cols):
+            kv, gemm = KV_DTYPES.get(r["kv_cache_dtype"]), GEMM_DTYPES.get(r["gemm_type"])
+            if kv is None or gemm is None or r["mla_dtype"] not in ("bfloat16", "float16"):
+                continue
+            heads, batch = int(r["num_heads"]), int(r["batch_size"])
+            fields = {"heads": heads, "batch": batch, "kv_dtype": kv, "dtype": gemm}
+            x = int(r["isl"]) + (int(r["step"]) if generation else 0)
+            _points(out, (heads, batch, kv, gemm), fields, x, r["latency"] * _MS)
+        return out
+    return convert
+
+
 def _link(ranks: int, ctx: Mapping[str, Any]) -> str:
     return "intra_node" if ranks <= ctx["devices_per_node"] else "inter_node"
 
@@ -343,6 +363,12 @@ TABLES: dict[str, _Table] = {
     "mla_context": _Table("mla", "context_mla_perf.parquet", "kernels", _mla(False), _MLA),
     "mla_generation": _Table("mla", "generation_mla_perf.parquet", "kernels", _mla(True),
                              (*_MLA, "step")),
+    # TensorRT-LLM's and vLLM's whole MLA sub-layer (SGLang's wide-EP MLA tables leave the
+    # q/kv down-projection out: another scope, not imported).
+    "mla_module_context": _Table("mla", "mla_context_module_perf.parquet", "kernels",
+                                 _mla_module(False), (*_MLA, "gemm_type")),
+    "mla_module_generation": _Table("mla", "mla_generation_module_perf.parquet", "kernels",
+                                    _mla_module(True), (*_MLA, "gemm_type", "step")),
     "nccl": _Table("comm", "nccl_perf.parquet", "collectives", _nccl,
                    ("op_name", "nccl_dtype", "num_gpus", "message_size", "latency"),
                    own_backend="nccl"),

@@ -36,7 +36,9 @@ add kinds keyed by the full kernel shape, each a curve over one token axis:
 - ``attention_context`` / ``attention_generation``: the attention core (no projections) keyed by
   (heads, kv heads, head dim, KV dtype, batch), axis the sequence length / the KV length;
 - ``mla_context`` / ``mla_generation``: the same for DeepSeek-style MLA, keyed by (heads, KV
-  dtype, batch).
+  dtype, batch); ``mla_module_context`` / ``mla_module_generation``: the whole MLA sub-layer
+  (projections, latent norms, rotary, core, output projection), keyed also by the projections'
+  dtype.
 
 A shaped lookup takes the exact key or answers None; only the token axis is interpolated. It is
 counted only where the profile has tables of that kind, so a profile without them reports as
@@ -62,7 +64,7 @@ __all__ = ["Curve", "MeasuredTables", "KERNELS", "SHAPED", "SOURCES", "DTYPE_TAB
 
 KERNELS = ("expert_ffn", "gate", "attention", "gemm", "moe", "attention_context",
            "attention_generation", "mla_context", "mla_generation", "moe_deepep_decode",
-           "moe_deepep_prefill")
+           "moe_deepep_prefill", "mla_module_context", "mla_module_generation")
 # Fused-MoE table kinds: the frameworks' standard fused MoE, and the grouped GEMMs that run
 # between DeepEP's low-latency (decode: masked layout) or normal (prefill: contiguous layout)
 # dispatch and combine.
@@ -301,6 +303,21 @@ class MeasuredTables:
                                   kv_dtype)
         return self._shaped_lookup("mla_generation", curve, kv_len)
 
+    def mla_module(self, batch: float, length: float, heads: int, kv_dtype: str, dtype: str,
+                   *, generation: bool) -> float | None:
+        """Seconds of the whole MLA sub-layer (projections in ``dtype``, latent norms, rotary,
+        core, output projection): decode (``generation``) of ``batch`` sequences at KV length
+        ``length``, or a prefill of ``batch`` sequences of ``length`` tokens; None without a
+        table."""
+        kind = "mla_module_generation" if generation else "mla_module_context"
+        for d in DTYPE_TABLES.get(dtype, (dtype,)):
+            def key(b: int, kv: str, gemm: str = d) -> tuple[Any, ...]:
+                return (int(heads), b, kv, gemm)
+            curve = self._batch_curve(kind, batch, key, kv_dtype)
+            if curve is not None:
+                return self._shaped_lookup(kind, curve, length)
+        return None
+
     def has(self, kind: str) -> bool:
         """Whether the profile holds any table of ``kind``."""
         return bool(self.shaped_tables.get(kind))
@@ -405,6 +422,8 @@ SHAPE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "attention_generation": (("heads", "kv_heads", "head_dim", "batch"), ("kv_dtype",)),
     "mla_context": (("heads", "batch"), ("kv_dtype",)),
     "mla_generation": (("heads", "batch"), ("kv_dtype",)),
+    "mla_module_context": (("heads", "batch"), ("kv_dtype", "dtype")),
+    "mla_module_generation": (("heads", "batch"), ("kv_dtype", "dtype")),
 }
 
 

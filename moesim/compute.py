@@ -454,6 +454,12 @@ class KernelTimer:
             v = a.v_head_dim or d
             if (a.kv_lora_rank, a.qk_rope_head_dim, d, v) != (512, 64, 128, 128):
                 return None
+            # The whole sub-layer measured as one module, where the profile has it: then only
+            # the block's add+norm (and residual add) is modelled beside it.
+            module = t.mla_module(batch, length, int(heads), kv, self._table_dtype,
+                                  generation=decode)
+            if module is not None:
+                return module + self.elementwise(tokens * 5 * h * self._ab / tp, kernels=1)
             mla_core = t.mla_generation if decode else t.mla_context
             core = mla_core(batch, length, int(heads), kv)
             qk = d + a.qk_rope_head_dim

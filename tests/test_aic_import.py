@@ -86,6 +86,13 @@ def aic_data(tmp_path_factory) -> Path:
            [_moe_row(32, 0.060, distribution="uniform"),
             _moe_row(32, 0.010, distribution="power_law_1.01")],   # skewed: not imported
            "SGLang", "0.5.10", "moe_context")
+    # TensorRT-LLM-style whole MLA sub-layer (DeepSeek-V3's latent shape), decode: 8 sequences
+    # at KV lengths 1,024 and 2,048 (isl 1 + step), FP8 KV cache, block-scaled FP8 projections.
+    mla = [{"batch_size": 8, "isl": 1, "num_heads": 128, "mla_dtype": "bfloat16",
+            "kv_cache_dtype": "fp8", "gemm_type": "fp8_block", "step": step, "latency": ms}
+           for step, ms in ((1023, 0.120), (2047, 0.130))]
+    _write(sys / "mla/sglang/0.5.14", "mla_generation_module_perf.parquet", mla, "SGLang",
+           "0.5.14", "mla_generation_module")
     gen = [_attention_row(1, 127, 8, 0.020), _attention_row(1, 511, 8, 0.040),
            _attention_row(1, 127, 8, 0.001, window_size=128)]   # sliding window: not imported
     _write(sys / "attention/sglang/0.5.14", "generation_attention_perf.parquet", gen, "SGLang",
@@ -322,3 +329,23 @@ def test_a_block_scaled_recipe_reads_block_scaled_fp8_tables_first(profile_path,
         assert kernel_timer(s)._table_dtype == table
     bf16 = make_scenario({"precision": {"fp8_scaling": "block"}})
     assert kernel_timer(bf16)._table_dtype == "bf16"          # no FP8 GEMM: nothing to scale
+
+
+def test_a_measured_mla_module_is_the_whole_attention_sub_layer(profile_path):
+    """DeepSeek-V3 decode, 8 sequences at 2,048 cached tokens each: the module row (0.130 ms:
+    projections, latent norms, rotary, core, output projection) plus the block's add+norm and
+    residual (read 2 and 3 hidden vectors per token, BF16) as one memory-bound kernel; no
+    module row for 16 sequences, so the timer's own model answers there."""
+    profile = load_hardware(str(profile_path))
+    model = load_model("deepseek-v3")
+    timer = KernelTimer(model, profile.device, "fp8", "fp8", "bf16",
+                        tables=MeasuredTables.from_profile(profile), inference=True,
+                        kv_dtype="fp8", fp8_block=True)
+    d = profile.device
+    glue = 8 * 5 * model.hidden_size * 2 / (d.memory_bandwidth * d.memory_efficiency)
+    assert timer.attention(8, 2048, 8 * 2048) == pytest.approx(
+        1.3e-4 + glue + d.kernel_overhead)
+    plain = KernelTimer(model, profile.device, "fp8", "fp8", "bf16", inference=True,
+                        kv_dtype="fp8", fp8_block=True)
+    assert timer.attention(16, 2048, 16 * 2048) == pytest.approx(
+        plain.attention(16, 2048, 16 * 2048))
