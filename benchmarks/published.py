@@ -200,10 +200,13 @@ def tutel_alltoall_times(s: Scenario) -> dict[str, float]:
     nodes = n // per_node
     nvl, nic = hw.link("scale_up"), hw.link("scale_out")
     dev = hw.device
-    direct = network.all_to_all_alpha_beta(nbytes, n, nic.effective_bandwidth, nic.latency)
-    intra = network.all_to_all_alpha_beta(nbytes, per_node, nvl.effective_bandwidth,
-                                          nvl.latency)
-    inter = network.all_to_all_alpha_beta(nbytes, nodes, nic.effective_bandwidth, nic.latency)
+    # Each message also pays its link's per-message cost (the size curve's h bytes at B_eff, as
+    # network.link_time charges one message): n - 1 messages per rank.
+    def a2a(ranks: int, link) -> float:
+        return (network.all_to_all_alpha_beta(nbytes, ranks, link.effective_bandwidth,
+                                              link.latency)
+                + (ranks - 1) * link.half_efficiency_size / link.effective_bandwidth)
+    direct, intra, inter = a2a(n, nic), a2a(per_node, nvl), a2a(nodes, nic)
     transforms = 2 * 2 * nbytes / (dev.memory_bandwidth * dev.memory_efficiency)
     return {"direct": direct, "direct latency": (n - 1) * nic.latency, "2dh": intra + inter
             + transforms, "2dh nvlink": intra, "2dh nic": inter, "2dh transforms": transforms,

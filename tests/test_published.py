@@ -96,16 +96,20 @@ def test_multi_node_alltoall_is_nic_bound_with_the_n_over_n_minus_1_bus_factor()
 
 
 def test_tutel_closed_form_by_hand():
-    # 16384 tokens x 2 x 1.0 x 2048 x 4 B = 268,435,456 B per GPU. Direct: 2047 x 4 us + 2047/2048
-    # x B / (25 GB/s x 0.97). 2DH: 7 x 2 us + 7/8 B / (300 x 0.767 GB/s), then 255 x 4 us +
-    # 255/256 B / 24.25 GB/s, then two read+write passes over B at 2039 x 0.87 GB/s.
+    # 16384 tokens x 2 x 1.0 x 2048 x 4 B = 268,435,456 B per GPU. Every message also pays its
+    # link's per-message cost h / B_eff (IB: h = 73 KB; NVLink: h = 40 KB). Direct: 2047 x
+    # (4 us + 73 KB / 24.25 GB/s) + 2047/2048 x B / (25 GB/s x 0.97). 2DH: 7 x (2 us + h_nvl /
+    # (300 x 0.767 GB/s)) + 7/8 B / (300 x 0.767 GB/s), then 255 x (4 us + 73 KB / 24.25 GB/s)
+    # + 255/256 B / 24.25 GB/s, then two read+write passes over B at 2039 x 0.87 GB/s.
     s = published.load_case(_case("P6"))
     t = published.tutel_alltoall_times(s)
     b = 16384 * 2 * 2048 * 4
+    h_ib, h_nvl = 73e3, 40e3                   # a100-sxm-80gb.yaml: IB and NVLink h
     assert t["bytes"] == b
-    assert t["direct"] == pytest.approx(2047 * 4e-6 + 2047 / 2048 * b / 24.25e9)
-    two_dh = (7 * 2e-6 + 7 / 8 * b / (300e9 * 0.767) + 255 * 4e-6 + 255 / 256 * b / 24.25e9
-              + 4 * b / (2039e9 * 0.87))
+    assert t["direct"] == pytest.approx(2047 * (4e-6 + h_ib / 24.25e9) + 2047 / 2048 * b / 24.25e9)
+    nvl = 300e9 * 0.767
+    two_dh = (7 * (2e-6 + h_nvl / nvl) + 7 / 8 * b / nvl + 255 * (4e-6 + h_ib / 24.25e9)
+              + 255 / 256 * b / 24.25e9 + 4 * b / (2039e9 * 0.87))
     assert t["2dh"] == pytest.approx(two_dh)
 
 
