@@ -33,7 +33,7 @@ def check(ctx, traffic) -> None:
 
 @pytest.fixture(scope="module")
 def direct():
-    return first_block("mixtral-8x7b-infer-1node.yaml")
+    return first_block("mixtral-8x7b-infer-1node.yaml", ["communication.alltoall=direct"])
 
 
 @pytest.fixture(scope="module")
