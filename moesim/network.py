@@ -371,7 +371,8 @@ def sm_limited_bytes(nbytes: np.ndarray, limited: np.ndarray, link_rate: np.ndar
     size = np.asarray(nbytes, dtype=float)
     if kernel_rate <= 0:
         return size
-    factor = np.maximum(np.asarray(link_rate, dtype=float) / kernel_rate, 1.0)
+    rate = np.asarray(link_rate, dtype=float)
+    factor = np.where(np.isfinite(rate), np.maximum(rate / kernel_rate, 1.0), 1.0)
     return np.where(limited, size * factor, size)
 
 
