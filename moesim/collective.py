@@ -50,6 +50,7 @@ from moesim import network, routing
 from moesim.errors import ScenarioError
 from moesim.kernels import comm_kernel_bandwidth
 from moesim.placement.placement import Placement
+from moesim.pricing.alltoall import deepep_kernel_overhead
 from moesim.spec.cluster import ClusterSpec
 from moesim.spec.fields import read_yaml
 from moesim.spec.hardware import HardwareProfile, load_hardware
@@ -145,7 +146,7 @@ def _nic_path(topo: Topology, src: int, dst: int, cache: dict) -> np.ndarray:
 def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: np.ndarray, *,
          message_bytes: float | np.ndarray = 0.0, per_message_cost: bool = True,
          via_nic: bool = False, extra_latency: float = 0.0, sm_rate: float = 0.0,
-         rtol: float = 1e-2) -> tuple[float, float, float]:
+         min_overhead: float = 0.0, rtol: float = 1e-2) -> tuple[float, float, float]:
     """(seconds, transfer, overhead) of flows ``pairs: int[F, 2]`` (global ranks), ``nbytes``.
 
     ``sm_rate``: intra-node flows move at most this fast (an SM-driven kernel; 0: no limit)."""
@@ -177,7 +178,7 @@ def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: n
     result = network.simulate_flows(sizes, np.zeros(len(pairs)), ptr, links, topo.capacity,
                                     topo.latency, rtol=rtol)
     moving = links[(nbytes[flow_of_hop] > 0)] if links.size else links
-    overhead = float(cost[moving].max()) if moving.size else 0.0
+    overhead = max(float(cost[moving].max()), min_overhead) if moving.size else 0.0
     transfer = float(result.makespan) + (extra_latency if moving.size else 0.0)
     return overhead + transfer, transfer, overhead
 
@@ -308,13 +309,15 @@ def token_alltoall(topo: Topology, hardware: HardwareProfile, choices: routing.L
     gather = algorithm == "allgather"
     # DeepEP's normal kernels copy over NVLink with their share of the SMs.
     sm_rate = comm_kernel_bandwidth(hardware.device) if algorithm == "deepep_normal" else 0.0
+    # A DeepEP kernel pays its own fixed cost even when all its messages stay in the node.
+    kernel_cost = deepep_kernel_overhead(hardware) if algorithm.startswith("deepep") else 0.0
     out = []
     for op, nbytes, pairs, copy in (
             ("dispatch", traffic.dispatch_bytes, traffic.pairs, traffic.dispatch_copy_bytes),
             ("combine", traffic.combine_bytes, traffic.combine_pairs, traffic.combine_copy_bytes)):
         seconds, transfer, overhead = _run(topo, hardware, pairs, nbytes, via_nic=via_nic,
                                            per_message_cost=traffic.per_message_cost,
-                                           sm_rate=sm_rate, rtol=rtol)
+                                           sm_rate=sm_rate, min_overhead=kernel_cost, rtol=rtol)
         named = {"bytes": float(nbytes.sum()), "copy_bytes": copy, "via_nic": float(via_nic)}
         if seconds > 0 and not gather:
             named.update({"rdma_gbps": figures["node_copies"] * copy / seconds,

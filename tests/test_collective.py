@@ -152,6 +152,23 @@ def test_deepep_normal_copies_over_nvlink_at_its_sms_rate():
         assert ll.seconds == pytest.approx(148 / 50e9)                # low latency: not limited
 
 
+def test_a_deepep_kernel_pays_its_own_fixed_cost_inside_a_node():
+    """NVLink's per-collective cost 1 us, the scale-out class's (fitted on DeepEP's kernels)
+    10 us. One token inside one node: the NCCL-style direct all-to-all pays NVLink's 1 us; the
+    DeepEP kernels pay 10 us though no byte touches the NIC."""
+    hw = _hardware(nvl=dataclasses.replace(NVL, collective_overhead=1e-6),
+                   nic=dataclasses.replace(NIC, collective_overhead=10e-6), per_node=2)
+    topo = _topology(hw, nodes=1, kind="fat_tree")
+    choices = routing.LayerChoices(np.array([[1]], dtype=np.int32), np.array([0], np.int32), 1.0)
+    placement = Placement(np.array([[[0], [1]]]), 2)
+    for algorithm, overhead, nbytes in (("direct", 1e-6, 128), ("deepep_normal", 10e-6, 132),
+                                        ("deepep_ll", 10e-6, 148)):
+        d, _ = token_alltoall(topo, hw, choices, placement, hidden=128, algorithm=algorithm,
+                              tokens_per_source=1, ll_nvlink=True)
+        assert d.overhead == pytest.approx(overhead)
+        assert d.seconds == pytest.approx(overhead + nbytes / 50e9, rel=1e-3)
+
+
 def _gathered(experts, nodes=1):
     # 4 devices per node, one expert on each; 2 tokens per source routed to ``experts``;
     # hidden 128, FP8 dispatch (128 bytes a token), BF16 combine (256 bytes).

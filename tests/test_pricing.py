@@ -237,6 +237,16 @@ def test_deepep_normal_nvlink_flows_move_at_the_sms_rate(make_scenario):
         flows = block.traffic
         egress = np.bincount(flows.pairs[:, 0], weights=flows.dispatch_bytes, minlength=4)
         assert block.dispatch.duration == pytest.approx(egress.max() / rate + 1e-6, rel=1e-6)
+    # The DeepEP kernel's own fixed cost (the scale-out class's figure) is paid inside the node.
+    s = make_scenario({"communication": {"alltoall": "deepep_normal"},
+                       "cluster": {"topology": "nvswitch", "nodes": 1}},
+                      {"node": {"devices_per_node": 4},
+                       "links": {"scale_out": {"collective_overhead": "10 us"}}})
+    block = CostModel(PricingContext.from_scenario(s), scenario_placement(s)).block(0)
+    egress = np.bincount(block.traffic.pairs[:, 0], weights=block.traffic.dispatch_bytes,
+                         minlength=4)
+    assert block.dispatch.duration == pytest.approx(egress.max() / 100e9 + 1e-6 + 10e-6,
+                                                    rel=1e-6)
 
 
 def test_the_scenario_chooses_the_replica_rule(make_scenario):

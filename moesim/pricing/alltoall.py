@@ -18,6 +18,7 @@ import numpy as np
 from moesim import network
 from moesim.kernels import comm_kernel_bandwidth
 from moesim.pricing.context import PricingContext
+from moesim.spec.hardware import HardwareProfile
 from moesim.topology import Topology
 from moesim.traffic import LayerTraffic
 
@@ -131,7 +132,7 @@ def layer_alltoalls(ctx: PricingContext, traffic: LayerTraffic) -> tuple[Collect
     dispatch = _on_the_wire(ctx, traffic, traffic.dispatch_bytes, paths, traffic.pairs)
     combine = _on_the_wire(ctx, traffic, traffic.combine_bytes, back_paths,
                            traffic.combine_pairs)
-    overhead = _fixed_cost(ctx, paths)
+    overhead = _fixed_cost(ctx, paths, traffic)
     if dispatch.sum() > 0 and np.allclose(combine, dispatch * (combine.sum() / dispatch.sum()),
                                           rtol=1e-12, atol=0.0):
         both = mirrored_alltoalls(ctx.topology, ctx.reverse_link, pairs, dispatch,
@@ -191,11 +192,25 @@ def _path_rate(paths: tuple[np.ndarray, np.ndarray], capacity: np.ndarray, flows
     return rate
 
 
-def _fixed_cost(ctx: PricingContext, paths: tuple[np.ndarray, np.ndarray]) -> float:
-    """The collective's fixed cost: the largest of its links' classes' per-collective costs."""
+def _fixed_cost(ctx: PricingContext, paths: tuple[np.ndarray, np.ndarray],
+                traffic: LayerTraffic | None = None) -> float:
+    """The collective's fixed cost: the largest of its links' classes' per-collective costs.
+    A DeepEP kernel pays its own (launch, GPU-side signalling; the scale-out class's figure,
+    fitted on DeepEP's kernels) even when every message stays inside the node."""
     _, overhead = ctx.link_curves
     links = paths[1]
-    return float(overhead[links].max()) if links.size else 0.0
+    cost = float(overhead[links].max()) if links.size else 0.0
+    if links.size and traffic is not None and traffic.algorithm.startswith("deepep"):
+        cost = max(cost, deepep_kernel_overhead(ctx.scenario.hardware))
+    return cost
+
+
+def deepep_kernel_overhead(hardware: HardwareProfile) -> float:
+    """The fixed cost of one DeepEP kernel (dispatch or combine): the scale-out link class's
+    ``collective_overhead``, which the profiles fit on DeepEP's low-latency kernels; 0 for a
+    profile without a scale-out class."""
+    link = hardware.links.get("scale_out")
+    return link.collective_overhead if link is not None else 0.0
 
 
 def _priced(coll: Collective, real_bytes: np.ndarray, pairs: np.ndarray, overhead: float,
@@ -218,7 +233,7 @@ def layer_alltoall_times(ctx: PricingContext, traffic: LayerTraffic, *, exact: b
         return 0.0, 0.0
     paths = ctx.paths_csr(traffic.pairs)
     back = ctx.paths_csr(traffic.combine_pairs)
-    overhead = _fixed_cost(ctx, paths)
+    overhead = _fixed_cost(ctx, paths, traffic)
     wire = _on_the_wire(ctx, traffic, traffic.dispatch_bytes, paths, traffic.pairs)
     wire_back = _on_the_wire(ctx, traffic, traffic.combine_bytes, back, traffic.combine_pairs)
     return (alltoall_closed_form(ctx, traffic.pairs, wire) + overhead,
