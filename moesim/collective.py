@@ -532,8 +532,11 @@ def register(sub, commands: dict) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layer", action="store_true",
                    help="the scenario's first MoE layer as the simulator routes it")
-    p.add_argument("--ll-nvlink", action="store_true",
-                   help="deepep_ll: intra-node messages over NVLink instead of the NIC")
+    p.add_argument("--ll-nvlink", action="store_true", default=True,
+                   help="deepep_ll: intra-node messages over NVLink (the default, as DeepEP's "
+                        "allow_nvlink_for_low_latency_mode and the simulator)")
+    p.add_argument("--ll-nic", dest="ll_nvlink", action="store_false",
+                   help="deepep_ll: intra-node messages through the NIC (pure RDMA)")
     p.add_argument("--published", action="store_true",
                    help="compare with DeepEP's README tables (H800) and H100 LL measurements")
     commands["collective"] = _cmd_collective
