@@ -234,12 +234,17 @@ def moe_check(system: str, backend: str, shape: dict[str, Any], query_tokens: in
     }
 
 
+def _base(op: str) -> str:
+    """An op's name without its generation_/context_ phase prefix."""
+    return op.split("_", 1)[1] if op.startswith(("generation_", "context_")) else op
+
+
 def components(times: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
     """(ms per moesim component, ms of ops no component claims) from ms per op."""
     comp = {name: 0.0 for name in COMPONENT_OPS}
     unmapped: dict[str, float] = {}
     for op, ms in times.items():
-        base = op.split("_", 1)[1] if op.startswith(("generation_", "context_")) else op
+        base = _base(op)
         if base in OP_COMPONENT:
             comp[OP_COMPONENT[base]] += ms
         elif ms:
@@ -310,8 +315,7 @@ def extract_one(est: Estimator, w: dict[str, Any], model_path: str, system: str,
     dependent = set(ROUTING_DEPENDENT)
     ops_of = {op for c in dependent for op in COMPONENT_OPS[c]}
     kept = {k: v for k, v in times.items()
-            if v and (k.split("_", 1)[1] if k.startswith(("generation_", "context_")) else k)
-            not in ops_of}
+            if v and _base(k) not in ops_of}
     return {
         "partial": error,
         "backend_version": result.backend_version,

@@ -228,34 +228,26 @@ def _attention(generation: bool) -> Callable[..., dict[tuple[Any, ...], dict]]:
     return convert
 
 
-def _mla(generation: bool) -> Callable[..., dict[tuple[Any, ...], dict]]:
+def _mla(generation: bool, module: bool = False) -> Callable[..., dict[tuple[Any, ...], dict]]:
+    """MLA core tables; ``module``: the whole MLA sub-layer (projections, latent norms, rotary,
+    core, output projection; not the block's add+norm), keyed also by the projections' GEMM
+    dtype."""
     def convert(cols: dict[str, list[Any]], ctx: Mapping[str, Any]) -> dict[tuple[Any, ...], dict]:
         out: dict[tuple[Any, ...], dict] = {}
         for r in _rows(cols):
             kv = KV_DTYPES.get(r["kv_cache_dtype"])
-            if kv is None or r["mla_dtype"] not in ("bfloat16", "float16"):
+            gemm = GEMM_DTYPES.get(r["gemm_type"]) if module else None
+            if kv is None or (module and gemm is None) or r["mla_dtype"] not in ("bfloat16",
+                                                                                  "float16"):
                 continue
             heads, batch = int(r["num_heads"]), int(r["batch_size"])
             fields = {"heads": heads, "batch": batch, "kv_dtype": kv}
+            key: tuple[Any, ...] = (heads, batch, kv)
+            if module:
+                fields["dtype"] = gemm
+                key = (*key, gemm)
             x = int(r["isl"]) + (int(r["step"]) if generation else 0)
-            _points(out, (heads, batch, kv), fields, x, r["latency"] * _MS)
-        return out
-    return convert
-
-
-def _mla_module(generation: bool) -> Callable[..., dict[tuple[Any, ...], dict]]:
-    """The whole MLA attention sub-layer (projections, latent norms, rotary, core, output
-    projection; not the block's add+norm), keyed also by the projections' GEMM dtype."""
-    def convert(cols: dict[str, list[Any]], ctx: Mapping[str, Any]) -> dict[tuple[Any, ...], dict]:
-        out: dict[tuple[Any, ...], dict] = {}
-        for r in _rows(cols):
-            kv, gemm = KV_DTYPES.get(r["kv_cache_dtype"]), GEMM_DTYPES.get(r["gemm_type"])
-            if kv is None or gemm is None or r["mla_dtype"] not in ("bfloat16", "float16"):
-                continue
-            heads, batch = int(r["num_heads"]), int(r["batch_size"])
-            fields = {"heads": heads, "batch": batch, "kv_dtype": kv, "dtype": gemm}
-            x = int(r["isl"]) + (int(r["step"]) if generation else 0)
-            _points(out, (heads, batch, kv, gemm), fields, x, r["latency"] * _MS)
+            _points(out, key, fields, x, r["latency"] * _MS)
         return out
     return convert
 
@@ -366,9 +358,9 @@ TABLES: dict[str, _Table] = {
     # TensorRT-LLM's and vLLM's whole MLA sub-layer (SGLang's wide-EP MLA tables leave the
     # q/kv down-projection out: another scope, not imported).
     "mla_module_context": _Table("mla", "mla_context_module_perf.parquet", "kernels",
-                                 _mla_module(False), (*_MLA, "gemm_type")),
+                                 _mla(False, module=True), (*_MLA, "gemm_type")),
     "mla_module_generation": _Table("mla", "mla_generation_module_perf.parquet", "kernels",
-                                    _mla_module(True), (*_MLA, "gemm_type", "step")),
+                                    _mla(True, module=True), (*_MLA, "gemm_type", "step")),
     "nccl": _Table("comm", "nccl_perf.parquet", "collectives", _nccl,
                    ("op_name", "nccl_dtype", "num_gpus", "message_size", "latency"),
                    own_backend="nccl"),

@@ -166,11 +166,8 @@ def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: n
     flow_of_hop = np.repeat(np.arange(len(pairs)), np.diff(ptr))
     sizes = nbytes
     if sm_rate > 0:
-        rate = np.full(len(pairs), np.inf)
-        if links.size:
-            np.minimum.at(rate, flow_of_hop, topo.capacity[links])
         same = topo.device_node[pairs[:, 0]] == topo.device_node[pairs[:, 1]]
-        sizes = network.sm_limited_bytes(nbytes, same, rate, sm_rate)
+        sizes = network.sm_limited_bytes(nbytes, same, ptr, links, topo.capacity, sm_rate)
     if per_message_cost and links.size:
         h = np.zeros(len(pairs))
         np.maximum.at(h, flow_of_hop, half[links])

@@ -355,23 +355,27 @@ def link_time(nbytes: float | np.ndarray, link: LinkSpec) -> float | np.ndarray:
     return float(out) if out.ndim == 0 else out
 
 
-def sm_limited_bytes(nbytes: np.ndarray, limited: np.ndarray, link_rate: np.ndarray,
-                     kernel_rate: float) -> np.ndarray:
-    """Wire-equivalent bytes of flows an SM-driven kernel moves at ``kernel_rate`` bytes/s when
-    their links would carry ``link_rate[f]``: flow ``f`` with ``limited[f]`` costs
-    ``nbytes[f] * link_rate[f] / kernel_rate`` (never fewer than its bytes); the others and a
-    ``kernel_rate`` of 0 (no limit) keep their bytes.
+def sm_limited_bytes(nbytes: np.ndarray, limited: np.ndarray, ptr: np.ndarray,
+                     links: np.ndarray, capacity: np.ndarray, kernel_rate: float) -> np.ndarray:
+    """Wire-equivalent bytes of flows an SM-driven kernel moves at ``kernel_rate`` bytes/s.
+
+    Flow ``f`` (path ``links[ptr[f]:ptr[f + 1]]``) with ``limited[f]`` would move at its slowest
+    link's ``capacity``; at the kernel's rate it costs ``nbytes[f] * capacity / kernel_rate``
+    (never fewer than its bytes). The other flows, flows without links and a ``kernel_rate`` of
+    0 (no limit) keep their bytes.
 
     Example
     -------
-    >>> sm_limited_bytes(np.array([100.0, 100.0]), np.array([True, False]),
-    ...                  np.array([200.0, 200.0]), 100.0).tolist()
+    >>> sm_limited_bytes(np.array([100.0, 100.0]), np.array([True, False]), np.array([0, 1, 2]),
+    ...                  np.array([0, 0]), np.array([200.0]), 100.0).tolist()
     [200.0, 100.0]
     """
     size = np.asarray(nbytes, dtype=float)
-    if kernel_rate <= 0:
+    if kernel_rate <= 0 or size.size == 0:
         return size
-    rate = np.asarray(link_rate, dtype=float)
+    rate = np.full(size.size, np.inf)
+    if links.size:
+        np.minimum.at(rate, np.repeat(np.arange(size.size), np.diff(ptr)), capacity[links])
     factor = np.where(np.isfinite(rate), np.maximum(rate / kernel_rate, 1.0), 1.0)
     return np.where(limited, size * factor, size)
 

@@ -174,18 +174,11 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
 
 def _allgather_flows(ep: int, source_bytes: float, failed: np.ndarray | None
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """All-gather dispatch: ``source_bytes`` from every live device to every other live device.
-
-    Returns ``(pairs int[F, 2], bytes float[F])``, sources in order, ``F = live * (live - 1)``
-    (none when there is nothing to send, as :func:`merge_flows` drops empty flows).
-    """
-    live = np.arange(ep) if failed is None else np.flatnonzero(~np.asarray(failed, dtype=bool))
-    if source_bytes <= 0:
-        live = live[:0]
-    src, dst = (a.ravel() for a in np.meshgrid(live, live, indexing="ij"))
-    keep = src != dst
-    pairs = np.stack([src[keep], dst[keep]], axis=1).astype(np.int64)
-    return pairs, np.full(len(pairs), float(source_bytes))
+    """All-gather dispatch: ``source_bytes`` from every live device to every other live device
+    (:func:`merge_flows` drops the self and empty flows)."""
+    live = np.ones(ep, dtype=bool) if failed is None else ~np.asarray(failed, dtype=bool)
+    src, dst = np.nonzero(live[:, None] & live[None, :])
+    return merge_flows(src, dst, np.full(src.size, float(source_bytes)), ep)
 
 
 def copy_bytes(algorithm: str, hidden: int, dispatch_bytes_per_elem: float,

@@ -171,6 +171,11 @@ def weight_copies(old: np.ndarray, new: np.ndarray, device_node: np.ndarray,
     return pairs, np.array(list(flows.values()), dtype=float), changed
 
 
+def _moe_time(cost: objective.PlanCost) -> float:
+    """MoE time per pass of a priced plan: its layers' times summed."""
+    return float(sum(c.layer_time for c in cost.layers))
+
+
 def gain_decay(ctx: PricingContext, current: Placement, new: Placement,
                windows: Sequence[Sequence[routing.LayerChoices]], passes_per_window: float, *,
                exact: bool = False) -> Decay:
@@ -178,8 +183,7 @@ def gain_decay(ctx: PricingContext, current: Placement, new: Placement,
     (consecutive time windows of the routing, each ``passes_per_window`` passes long), the
     gains fitted by :func:`fit_decay`."""
     def total(placement: Placement, choices: Sequence[routing.LayerChoices]) -> float:
-        cost = objective.plan_cost(ctx, list(choices), placement, exact=exact)
-        return float(sum(c.layer_time for c in cost.layers))
+        return _moe_time(objective.plan_cost(ctx, list(choices), placement, exact=exact))
     gains = [total(current, w) - total(new, w) for w in windows]
     return fit_decay(gains, passes_per_window)
 
@@ -215,8 +219,7 @@ def advise(ctx: PricingContext, current: Placement, new: Placement,
     else:
         idle = float(sum(layer.compute for layer in after.layers))   # links idle per pass
         stalled = float(sum(max(0.0, t - idle) for t in times))
-    total = lambda cost: float(sum(c.layer_time for c in cost.layers))  # noqa: E731
     decay = (gain_decay(ctx, current, new, windows, passes_per_window, exact=exact)
              if windows else None)
-    return Advice(total(before), total(after), slots, moved, tuple(times), stall, stalled,
+    return Advice(_moe_time(before), _moe_time(after), slots, moved, tuple(times), stall, stalled,
                   decay)

@@ -174,22 +174,9 @@ def _sm_limited(ctx: PricingContext, traffic: LayerTraffic, nbytes: np.ndarray,
     rate = comm_kernel_bandwidth(ctx.scenario.hardware.device)
     if rate <= 0:
         return nbytes
-    return network.sm_limited_bytes(nbytes, _intra_node(ctx.device_node, pairs),
-                                    _path_rate(paths, ctx.topology.capacity, len(pairs)), rate)
-
-
-def _intra_node(node: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    return node[pairs[:, 0]] == node[pairs[:, 1]]
-
-
-def _path_rate(paths: tuple[np.ndarray, np.ndarray], capacity: np.ndarray, flows: int
-               ) -> np.ndarray:
-    """float[flows]: the slowest link capacity on each flow's path (inf for an empty path)."""
-    ptr, links = paths
-    rate = np.full(flows, np.inf)
-    if links.size:
-        np.minimum.at(rate, np.repeat(np.arange(flows), np.diff(ptr)), capacity[links])
-    return rate
+    node, (ptr, links) = ctx.device_node, paths
+    return network.sm_limited_bytes(nbytes, node[pairs[:, 0]] == node[pairs[:, 1]], ptr, links,
+                                    ctx.topology.capacity, rate)
 
 
 def _fixed_cost(ctx: PricingContext, paths: tuple[np.ndarray, np.ndarray],
