@@ -53,7 +53,7 @@ from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import deepep_kernel_overhead
 from moesim.spec.cluster import ClusterSpec
 from moesim.spec.fields import read_yaml
-from moesim.spec.hardware import HardwareProfile, load_hardware
+from moesim.spec.hardware import HardwareProfile, LinkSpec, load_hardware
 from moesim.topology import Topology, build_topology
 from moesim.traffic import ALGORITHMS, layer_traffic
 from moesim.units import parse_quantity
@@ -146,10 +146,14 @@ def _nic_path(topo: Topology, src: int, dst: int, cache: dict) -> np.ndarray:
 def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: np.ndarray, *,
          message_bytes: float | np.ndarray = 0.0, per_message_cost: bool = True,
          via_nic: bool = False, extra_latency: float = 0.0, sm_rate: float = 0.0,
-         min_overhead: float = 0.0, rtol: float = 1e-2) -> tuple[float, float, float]:
+         min_overhead: float = 0.0, ring_steps: int = 0, rtol: float = 1e-2
+         ) -> tuple[float, float, float]:
     """(seconds, transfer, overhead) of flows ``pairs: int[F, 2]`` (global ranks), ``nbytes``.
 
-    ``sm_rate``: intra-node flows move at most this fast (an SM-driven kernel; 0: no limit)."""
+    ``sm_rate``: intra-node flows move at most this fast (an SM-driven kernel; 0: no limit).
+    ``ring_steps``: the flows are a ring collective of that many steps; when all their links
+    are of one class with ``ring_protocols`` it is timed in the fastest protocol (as the
+    simulator does, :func:`moesim.network.ring_protocol_time`)."""
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     nbytes = np.asarray(nbytes, dtype=float)
     if via_nic:
@@ -164,6 +168,13 @@ def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: n
     half = np.array([s.half_efficiency_size if s else 0.0 for s in specs])
     cost = np.array([s.collective_overhead if s else 0.0 for s in specs])
     flow_of_hop = np.repeat(np.arange(len(pairs)), np.diff(ptr))
+    ring = _ring_spec(specs, links[nbytes[flow_of_hop] > 0]) if ring_steps else None
+    if ring is not None:
+        result = network.simulate_flows(nbytes, np.zeros(len(pairs)), ptr, links,
+                                        topo.capacity, np.zeros_like(topo.latency), rtol=rtol)
+        protocol, seconds = network.ring_protocol_choice(ring_steps, result.makespan, ring)
+        fixed = protocol.fixed + ring_steps * protocol.per_step if protocol else 0.0
+        return seconds, seconds - fixed, fixed
     sizes = nbytes
     if sm_rate > 0:
         same = topo.device_node[pairs[:, 0]] == topo.device_node[pairs[:, 1]]
@@ -178,6 +189,13 @@ def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: n
     overhead = max(float(cost[moving].max()), min_overhead) if moving.size else 0.0
     transfer = float(result.makespan) + (extra_latency if moving.size else 0.0)
     return overhead + transfer, transfer, overhead
+
+
+def _ring_spec(specs: list, links: np.ndarray) -> LinkSpec | None:
+    """The one link class of ``links`` if it has ``ring_protocols``, else None."""
+    classes = {id(specs[i]): specs[i] for i in np.unique(links).tolist()}
+    spec = next(iter(classes.values())) if len(classes) == 1 else None
+    return spec if spec is not None and spec.ring_protocols else None
 
 
 # ----------------------------------------------------------------------------- NCCL-style
@@ -254,7 +272,8 @@ def ring_collective(topo: Topology, hardware: HardwareProfile, op: str, nbytes: 
     sizes = np.full(len(pairs), steps * chunk)
     hop = max(float(topo.latency[topo.path_links(s, d)].sum()) for s, d in ring)
     seconds, transfer, overhead = _run(topo, hardware, pairs, sizes, message_bytes=chunk,
-                                       extra_latency=(steps - 1) * hop, rtol=rtol)
+                                       extra_latency=(steps - 1) * hop, ring_steps=steps,
+                                       rtol=rtol)
     return CollectiveResult(op, "ring", n, nbytes, seconds, transfer, overhead, len(pairs))
 
 
@@ -314,7 +333,9 @@ def token_alltoall(topo: Topology, hardware: HardwareProfile, choices: routing.L
             ("combine", traffic.combine_bytes, traffic.combine_pairs, traffic.combine_copy_bytes)):
         seconds, transfer, overhead = _run(topo, hardware, pairs, nbytes, via_nic=via_nic,
                                            per_message_cost=traffic.per_message_cost,
-                                           sm_rate=sm_rate, min_overhead=kernel_cost, rtol=rtol)
+                                           sm_rate=sm_rate, min_overhead=kernel_cost,
+                                           ring_steps=int(np.unique(pairs[:, 0]).size) - 1
+                                           if gather else 0, rtol=rtol)
         named = {"bytes": float(nbytes.sum()), "copy_bytes": copy, "via_nic": float(via_nic)}
         if seconds > 0 and not gather:
             named.update({"rdma_gbps": figures["node_copies"] * copy / seconds,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim.errors import InternalError
-from moesim.spec.hardware import LinkSpec
+from moesim.spec.hardware import LinkSpec, RingProtocol
 
 __all__ = [
     "FlowResult",
@@ -53,6 +53,11 @@ __all__ = [
     "effective_bandwidth",
     "link_time",
     "wire_bytes",
+    "RING_OPS",
+    "ring_shape",
+    "ring_protocol_time",
+    "ring_protocol_choice",
+    "ring_collective_time",
     "FlowGroup",
     "ConcurrentResult",
     "simulate_concurrent",
@@ -312,6 +317,80 @@ def p2p(nbytes: float, bw: float, lat: float) -> float:
     """Point-to-point send: ``lat + nbytes/bw``; 0 for an empty message, as in the flow model."""
     _check_collective(nbytes, 1, bw, lat)
     return lat + nbytes / bw if nbytes > 0 else 0.0
+
+
+# --- Ring collectives with measured protocol regimes ---
+# NCCL runs a ring collective in one of several protocols (LL, LL128, Simple) and picks the
+# fastest for the size: the low-latency ones pay little per step but reach a fraction of the link
+# (LL128 ~ 120/128 of the payload per line, synchronised per line), Simple pipelines big chunks at
+# nearly line rate behind a larger fixed cost. A link class that lists ``ring_protocols`` prices
+# its ring collectives as the fastest regime (:func:`ring_protocol_time`); one without keeps the
+# alpha-beta forms above.
+
+RING_OPS = ("allreduce", "allgather", "reducescatter")
+
+
+def ring_shape(op: str, n: int) -> tuple[int, float]:
+    """(steps, share) of a ring ``op`` over ``n`` ranks: sequential ring steps, and the fraction
+    of the ``S``-byte buffer each rank sends (``(n-1)/n``; twice both for an all-reduce).
+
+    >>> ring_shape("allgather", 8), ring_shape("allreduce", 4)
+    ((7, 0.875), (6, 1.5))
+    """
+    if op not in RING_OPS:
+        raise InternalError(f"ring collectives are {', '.join(RING_OPS)}; not {op!r}")
+    if n < 1:
+        raise InternalError(f"a ring needs >= 1 rank, got {n}")
+    steps = (2 if op == "allreduce" else 1) * (n - 1)
+    return steps, steps / n
+
+
+def ring_protocol_time(steps: int, transfer: float, link: LinkSpec) -> float:
+    """Seconds of a ring collective of ``steps`` steps whose bytes take ``transfer`` seconds at
+    the class's large-message rate (``link.effective_bandwidth``), in the fastest of the class's
+    ``ring_protocols``: ``fixed + steps * per_step + transfer * efficiency / p.efficiency``.
+    0 when nothing moves (``transfer == 0``).
+
+    >>> from moesim.spec.hardware import RingProtocol
+    >>> link = LinkSpec(kind="nvlink", bandwidth=100e9, efficiency=0.8, ring_protocols=(
+    ...     RingProtocol(name="LL", fixed=5e-6, per_step=1e-6, efficiency=0.4),
+    ...     RingProtocol(name="Simple", fixed=20e-6, efficiency=0.8)))
+    >>> round(ring_protocol_time(3, 1e-6, link) * 1e6, 3)    # LL: 5 + 3 + 1 x 2
+    10.0
+    >>> round(ring_protocol_time(3, 1e-3, link) * 1e6, 3)    # Simple: 20 + 1000
+    1020.0
+    """
+    return ring_protocol_choice(steps, transfer, link)[1]
+
+
+def ring_protocol_choice(steps: int, transfer: float, link: LinkSpec
+                         ) -> tuple[RingProtocol | None, float]:
+    """(fastest protocol, its seconds) for :func:`ring_protocol_time`; (None, 0) when nothing
+    moves."""
+    if not link.ring_protocols:
+        raise InternalError(f"link class {link.kind!r} has no ring_protocols")
+    if not (math.isfinite(transfer) and transfer >= 0 and steps >= 0):
+        raise InternalError(f"ring_protocol_time: bad steps {steps} or transfer {transfer}")
+    if transfer == 0:
+        return None, 0.0
+    times = [p.fixed + steps * p.per_step + transfer * link.efficiency / p.efficiency
+             for p in link.ring_protocols]
+    best = int(np.argmin(times))
+    return link.ring_protocols[best], times[best]
+
+
+def ring_collective_time(op: str, nbytes: float, n: int, link: LinkSpec) -> float:
+    """Ring ``op`` (all-reduce, all-gather, reduce-scatter) of an ``nbytes`` buffer over ``n``
+    ranks on one link class: its ``ring_protocols`` when it has them, else the alpha-beta form
+    (``steps * latency + share * nbytes / effective_bandwidth``). 0 for one rank."""
+    steps, share = ring_shape(op, n)
+    _check_collective(nbytes, n, link.effective_bandwidth, link.latency)
+    if n == 1 or nbytes == 0:
+        return 0.0
+    transfer = share * nbytes / link.effective_bandwidth
+    if link.ring_protocols:
+        return ring_protocol_time(steps, transfer, link)
+    return steps * link.latency + transfer
 
 
 # --- Message-size dependent link cost ---

@@ -22,7 +22,7 @@ from moesim.collective import (
 )
 from moesim.placement.placement import Placement
 from moesim.spec.cluster import ClusterSpec
-from moesim.spec.hardware import DeviceSpec, HardwareProfile, LinkSpec, NodeSpec
+from moesim.spec.hardware import DeviceSpec, HardwareProfile, LinkSpec, NodeSpec, RingProtocol
 from moesim.topology import build_topology
 
 NVL = LinkSpec(kind="nvlink", bandwidth=100e9, efficiency=0.5)
@@ -92,6 +92,44 @@ def test_ring_allreduce_busbw_is_the_link_rate():
     gather = ring_collective(_topology(hw), hw, "allgather", 1e9)
     assert gather.seconds == pytest.approx(0.015)      # (n-1)/n x S = 0.75 GB at 50 GB/s
     assert gather.busbw == pytest.approx(50e9)
+
+
+# Two ring regimes on the test NVLink (B_eff = 50 GB/s): a low-latency one at half of B_eff
+# (5 us + 1 us per step) and a bandwidth one at B_eff (40 us, nothing per step).
+PROTOCOLS = (RingProtocol(name="LL", fixed=5e-6, per_step=1e-6, efficiency=0.25),
+             RingProtocol(name="Simple", fixed=40e-6, efficiency=0.5))
+NVL_RINGS = dataclasses.replace(NVL, ring_protocols=PROTOCOLS)
+
+
+def test_ring_protocols_tiny_buffer_is_latency_huge_is_bandwidth():
+    # All-gather on 4 ranks: 3 steps, each rank sends 3/4 S. S = 4 KB: 3 KB at 50 GB/s is
+    # 61.44 ns, at LL's 25 GB/s 122.88 ns: LL = 5 + 3 x 1 us + 0.123 us (Simple: 40.06 us).
+    # S = 1 GB: 15 ms at 50 GB/s: Simple = 40 us + 15 ms (LL: 8 us + 30 ms).
+    hw = _hardware(nvl=NVL_RINGS)
+    topo = _topology(hw)
+    tiny = ring_collective(topo, hw, "allgather", 4096)
+    assert tiny.seconds == pytest.approx(8e-6 + 3072 / 25e9, rel=1e-9)
+    assert tiny.overhead == pytest.approx(8e-6, rel=1e-9)
+    huge = ring_collective(topo, hw, "allgather", 1e9)
+    assert huge.seconds == pytest.approx(40e-6 + 0.015, rel=1e-6)
+    assert huge.busbw == pytest.approx(50e9 * 0.015 / (0.015 + 40e-6), rel=1e-6)
+    # All-reduce: twice the steps and the bytes. S = 4 KB: 5 + 6 x 1 us + 6 KB at 25 GB/s.
+    reduce = ring_collective(topo, hw, "allreduce", 4096)
+    assert reduce.seconds == pytest.approx(11e-6 + 6144 / 25e9, rel=1e-9)
+
+
+def test_allgather_layer_in_ring_protocols():
+    # _gathered's layer on a node whose NVLink has the two regimes: the dispatch's 768 bytes
+    # per rank take 15.36 ns at 50 GB/s; LL: 5 + 3 x 1 us + 2 x 15.36 ns.
+    hw = _hardware(nvl=NVL_RINGS)
+    topo = _topology(hw)
+    choices = routing.LayerChoices(np.zeros((8, 1), dtype=np.int32),
+                                   np.repeat(np.arange(4, dtype=np.int32), 2), 1.0)
+    placement = Placement(np.arange(4).reshape(1, 4, 1), 4)
+    dispatch, combine = token_alltoall(topo, hw, choices, placement, hidden=128,
+                                       algorithm="allgather", tokens_per_source=2)
+    assert dispatch.seconds == pytest.approx(8e-6 + 768 / 25e9, rel=1e-9)
+    assert combine.seconds == pytest.approx(8e-6 + 1536 / 25e9, rel=1e-9)
 
 
 def test_multi_node_ring_uses_every_nic_once():

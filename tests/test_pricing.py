@@ -121,10 +121,35 @@ def test_planner_exact_price_equals_what_the_simulator_charges(name):
         assert block.dispatch.duration > 0 or name == "switch-base-128-tpu.yaml"
 
 
-@pytest.mark.parametrize("algorithm", ["direct", "allgather"])
-def test_closed_form_is_a_lower_bound_of_the_flow_price(algorithm):
-    s = load_scenario(REPO / "scenarios" / "mixtral-8x7b-train-4node.yaml",
-                      [f"communication.alltoall={algorithm}"])
+def test_allgather_layer_on_one_node_is_the_ring_in_its_fastest_protocol():
+    # Shipped Mixtral decode: 8 H100 on NVSwitch, 64 tokens per GPU, BF16 hidden 4096. The
+    # all-gather has each GPU send its 64 x 4096 x 2 = 524,288 bytes to 7 others: 7 x 524,288
+    # bytes at B_eff = 450 GB/s x 0.822; the ring takes 7 steps, in the faster of the profile's
+    # two protocols (fixed + 7 x per-step + transfer x 0.822 / protocol efficiency). The
+    # reduce-scatter moves the same BF16 bytes back.
+    s = load_scenario(REPO / "scenarios" / "mixtral-8x7b-infer-1node.yaml")
+    assert s.communication.alltoall == "allgather" and s.precision.dispatch == "bf16"
+    link = s.hardware.link("scale_up")
+    transfer = 7 * 64 * 4096 * 2 / (450e9 * 0.822)
+    expected = min(p.fixed + 7 * p.per_step + transfer * 0.822 / p.efficiency
+                   for p in link.ring_protocols)
+    assert len(link.ring_protocols) == 2
+    ctx = PricingContext.from_scenario(s)
+    placement = scenario_placement(s)
+    costs = CostModel(ctx, placement)
+    layer = s.model.moe_layer_ids[0]
+    block = costs.block(layer)
+    assert block.dispatch.duration == pytest.approx(expected, rel=1e-6)
+    assert block.combine.duration == pytest.approx(expected, rel=1e-6)
+    fast = objective.layer_cost(ctx, costs.choices[0], placement, 0)
+    assert fast.dispatch == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("algorithm,scenario", [
+    ("direct", "mixtral-8x7b-train-4node.yaml"), ("allgather", "mixtral-8x7b-train-4node.yaml"),
+    ("allgather", "mixtral-8x7b-infer-1node.yaml")])
+def test_closed_form_is_a_lower_bound_of_the_flow_price(algorithm, scenario):
+    s = load_scenario(REPO / "scenarios" / scenario, [f"communication.alltoall={algorithm}"])
     ctx = PricingContext.from_scenario(s)
     placement = scenario_placement(s)
     costs = CostModel(ctx, placement)

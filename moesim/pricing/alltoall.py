@@ -18,12 +18,12 @@ import numpy as np
 from moesim import network
 from moesim.kernels import comm_kernel_bandwidth
 from moesim.pricing.context import PricingContext
-from moesim.spec.hardware import HardwareProfile
+from moesim.spec.hardware import HardwareProfile, LinkSpec
 from moesim.topology import Topology
 from moesim.traffic import LayerTraffic
 
 __all__ = ["Collective", "EMPTY", "alltoall", "mirrored_alltoalls", "alltoall_closed_form",
-           "layer_alltoalls", "layer_alltoall_times"]
+           "layer_alltoalls", "layer_alltoall_times", "ring_class"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,24 +129,60 @@ def layer_alltoalls(ctx: PricingContext, traffic: LayerTraffic) -> tuple[Collect
     pairs, back = ctx.group[traffic.pairs], ctx.group[traffic.combine_pairs]
     paths = ctx.paths_csr(traffic.pairs)
     back_paths = ctx.paths_csr(traffic.combine_pairs)
-    dispatch = _on_the_wire(ctx, traffic, traffic.dispatch_bytes, paths, traffic.pairs)
-    combine = _on_the_wire(ctx, traffic, traffic.combine_bytes, back_paths,
-                           traffic.combine_pairs)
-    overhead = _fixed_cost(ctx, paths, traffic)
+    ring = ring_class(ctx, traffic, paths)
+    if ring is None:
+        dispatch = _on_the_wire(ctx, traffic, traffic.dispatch_bytes, paths, traffic.pairs)
+        combine = _on_the_wire(ctx, traffic, traffic.combine_bytes, back_paths,
+                               traffic.combine_pairs)
+        overhead = _fixed_cost(ctx, paths, traffic)
+    else:   # the ring's protocols carry the fixed and per-step costs; no per-message curve
+        dispatch, combine, overhead = traffic.dispatch_bytes, traffic.combine_bytes, 0.0
+    collectives: tuple[Collective, Collective] | None = None
     if dispatch.sum() > 0 and np.allclose(combine, dispatch * (combine.sum() / dispatch.sum()),
                                           rtol=1e-12, atol=0.0):
-        both = mirrored_alltoalls(ctx.topology, ctx.reverse_link, pairs, dispatch,
-                                  combine.sum() / dispatch.sum(), ctx.rtol,
-                                  paths=(*paths, *back_paths))
-        if both is not None:
-            return tuple(_priced(c, traffic_bytes, pairs_, overhead, ctx)   # type: ignore
-                         for c, traffic_bytes, pairs_ in zip(
-                             both, (traffic.dispatch_bytes, traffic.combine_bytes),
-                             (pairs, back)))
-    return (_priced(alltoall(ctx.topology, pairs, dispatch, ctx.rtol, paths=paths),
-                    traffic.dispatch_bytes, pairs, overhead, ctx),
-            _priced(alltoall(ctx.topology, back, combine, ctx.rtol, paths=back_paths),
-                    traffic.combine_bytes, back, overhead, ctx))
+        collectives = mirrored_alltoalls(ctx.topology, ctx.reverse_link, pairs, dispatch,
+                                         combine.sum() / dispatch.sum(), ctx.rtol,
+                                         paths=(*paths, *back_paths))
+    if collectives is None:
+        collectives = (alltoall(ctx.topology, pairs, dispatch, ctx.rtol, paths=paths),
+                       alltoall(ctx.topology, back, combine, ctx.rtol, paths=back_paths))
+    if ring is not None:
+        collectives = tuple(_as_ring(ctx, traffic, c, ring, latency_of=rows)  # type: ignore
+                            for c, rows in zip(collectives, (traffic.pairs,
+                                                             traffic.combine_pairs)))
+    return tuple(_priced(c, traffic_bytes, pairs_, overhead, ctx)   # type: ignore
+                 for c, traffic_bytes, pairs_ in zip(
+                     collectives, (traffic.dispatch_bytes, traffic.combine_bytes), (pairs, back)))
+
+
+def ring_class(ctx: PricingContext, traffic: LayerTraffic,
+               paths: tuple[np.ndarray, np.ndarray]) -> LinkSpec | None:
+    """The link class whose measured ring protocols price this layer, or None.
+
+    The ``allgather`` layer is an all-gather then a reduce-scatter, which NCCL runs as ring
+    collectives: when every link its flows cross is of one class with ``ring_protocols``, each
+    is priced as that ring (:func:`moesim.network.ring_protocol_time`) from its flows' transfer
+    time; otherwise (mixed classes, no protocol table) like the other algorithms."""
+    if traffic.algorithm != "allgather" or paths[1].size == 0:
+        return None
+    specs = {id(ctx.link_specs[i]): ctx.link_specs[i] for i in np.unique(paths[1]).tolist()}
+    spec = next(iter(specs.values())) if len(specs) == 1 else None
+    return spec if spec is not None and spec.ring_protocols else None
+
+
+def _ring_steps(traffic: LayerTraffic) -> int:
+    """Steps of the ring over the group's live members (each sends to every other)."""
+    return int(np.unique(traffic.pairs[:, 0]).size) - 1
+
+
+def _as_ring(ctx: PricingContext, traffic: LayerTraffic, coll: Collective, link: LinkSpec, *,
+             latency_of: np.ndarray) -> Collective:
+    """The collective timed as a ring over its live members: its flows' transfer time (the
+    flow-level makespan less the path latency) in the class's fastest protocol."""
+    _, path_latency = ctx.padded_paths
+    latency = float(path_latency[latency_of[:, 0] * ctx.ep + latency_of[:, 1]].max())
+    transfer = max(coll.duration - latency, 0.0)
+    return replace(coll, duration=network.ring_protocol_time(_ring_steps(traffic), transfer, link))
 
 
 def _on_the_wire(ctx: PricingContext, traffic: LayerTraffic, nbytes: np.ndarray,
@@ -220,6 +256,13 @@ def layer_alltoall_times(ctx: PricingContext, traffic: LayerTraffic, *, exact: b
         return 0.0, 0.0
     paths = ctx.paths_csr(traffic.pairs)
     back = ctx.paths_csr(traffic.combine_pairs)
+    ring = ring_class(ctx, traffic, paths)
+    if ring is not None:
+        steps = _ring_steps(traffic)
+        return tuple(network.ring_protocol_time(steps, alltoall_closed_form(  # type: ignore
+            ctx, pairs_, nbytes, latency=False), ring) for pairs_, nbytes in (
+                (traffic.pairs, traffic.dispatch_bytes),
+                (traffic.combine_pairs, traffic.combine_bytes)))
     overhead = _fixed_cost(ctx, paths, traffic)
     wire = _on_the_wire(ctx, traffic, traffic.dispatch_bytes, paths, traffic.pairs)
     wire_back = _on_the_wire(ctx, traffic, traffic.combine_bytes, back, traffic.combine_pairs)
@@ -227,8 +270,10 @@ def layer_alltoall_times(ctx: PricingContext, traffic: LayerTraffic, *, exact: b
             alltoall_closed_form(ctx, traffic.combine_pairs, wire_back) + overhead)
 
 
-def alltoall_closed_form(ctx: PricingContext, pairs: np.ndarray, nbytes: np.ndarray) -> float:
-    """Busiest link's bytes over its capacity plus the longest moving path's latency.
+def alltoall_closed_form(ctx: PricingContext, pairs: np.ndarray, nbytes: np.ndarray, *,
+                         latency: bool = True) -> float:
+    """Busiest link's bytes over its capacity plus the longest moving path's latency (without
+    it when ``latency`` is False).
 
     ``pairs: int[F, 2]`` group-local (src, dst), ``nbytes: float[F]``. A lower bound of the
     flow-level time (:func:`moesim.network.alltoall_bound`).
@@ -244,5 +289,5 @@ def alltoall_closed_form(ctx: PricingContext, pairs: np.ndarray, nbytes: np.ndar
                                                                   links.shape)[used],
                              minlength=topo.num_links)
     moving = (nbytes > 0) & used[:, 0]
-    latency = float(path_latency[row][moving].max()) if moving.any() else 0.0
-    return network.alltoall_bound(link_bytes, topo.capacity) + latency
+    slowest = float(path_latency[row][moving].max()) if moving.any() and latency else 0.0
+    return network.alltoall_bound(link_bytes, topo.capacity) + slowest

@@ -13,7 +13,7 @@ from moesim import network
 from moesim.errors import ScenarioError
 from moesim.memory import stage_params
 from moesim.pricing.context import PricingContext
-from moesim.spec.hardware import dtype_bytes
+from moesim.spec.hardware import LinkSpec, dtype_bytes
 from moesim.topology import Topology
 
 __all__ = ["DP_ALGORITHMS", "link_between", "tp_all_reduce_time", "p2p_time", "dp_sync_time",
@@ -37,7 +37,7 @@ def tp_all_reduce_time(ctx: PricingContext, tokens: float) -> float:
         return 0.0
     link = s.hardware.links.get("scale_up") or s.hardware.link("ici")
     nbytes = tokens * ctx.hidden * ctx.activation_bytes
-    return 2 * network.ring_all_reduce(nbytes, tp, link.effective_bandwidth, link.latency)
+    return 2 * network.ring_collective_time("allreduce", nbytes, tp, link)
 
 
 def p2p_time(ctx: PricingContext) -> float:
@@ -59,8 +59,35 @@ def gradient_bytes_per_param(ctx: PricingContext) -> float:
 
 
 def _ring(ctx: PricingContext, nbytes: float, members: np.ndarray) -> float:
+    return _ring_op(ctx, "allreduce", nbytes, members)
+
+
+def _ring_op(ctx: PricingContext, op: str, nbytes: float, members: np.ndarray) -> float:
+    """Ring ``op`` over ``members`` on their bottleneck link: in the measured protocols of the
+    link class when every hop of the ring is of one class that has them (scaled to the
+    topology's capacity, which bandwidth overrides may change), else alpha-beta."""
+    n = int(members.size)
+    if n < 2 or nbytes == 0:
+        return 0.0
     bw, lat = _bottleneck(ctx.topology, members)
-    return network.ring_all_reduce(nbytes, members.size, bw, lat)
+    steps, share = network.ring_shape(op, n)
+    spec = _ring_class(ctx, members)
+    if spec is None:
+        return steps * lat + share * nbytes / bw
+    return network.ring_protocol_time(steps, share * nbytes / bw, spec)
+
+
+def _ring_class(ctx: PricingContext, members: np.ndarray) -> LinkSpec | None:
+    """The one link class every hop between consecutive members (and back to the first) uses,
+    if it has ``ring_protocols``; else None."""
+    hops = [ctx.topology.path_links(int(a), int(b))
+            for a, b in zip(members.tolist(), np.roll(members, -1).tolist()) if a != b]
+    if not hops:
+        return None
+    links = np.unique(np.concatenate(hops)).tolist()
+    specs = {id(ctx.link_specs[i]): ctx.link_specs[i] for i in links}
+    spec = next(iter(specs.values())) if len(specs) == 1 else None
+    return spec if spec is not None and spec.ring_protocols else None
 
 
 def _tree(ctx: PricingContext, nbytes: float, members: np.ndarray) -> float:
@@ -77,10 +104,10 @@ def _hierarchical(ctx: PricingContext, nbytes: float, members: np.ndarray) -> fl
         return _ring(ctx, nbytes, members)
     first = members[node == nodes[0]]
     across = np.array([members[node == n][0] for n in nodes])
-    intra_bw, intra_lat = _bottleneck(ctx.topology, first)
-    inter_bw, inter_lat = _bottleneck(ctx.topology, across)
-    return network.hierarchical_all_reduce(nbytes, int(nodes.size), int(per[0]), intra_bw,
-                                           intra_lat, inter_bw, inter_lat)
+    per_node = int(per[0])
+    return (_ring_op(ctx, "reducescatter", nbytes, first)
+            + _ring_op(ctx, "allreduce", nbytes / per_node, across)
+            + _ring_op(ctx, "allgather", nbytes, first))
 
 
 DP_ALGORITHMS: dict[str, Callable[[PricingContext, float, np.ndarray], float]] = {

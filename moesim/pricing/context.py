@@ -19,7 +19,7 @@ from moesim.compute import KernelTimer
 from moesim.errors import TopologyError
 from moesim.layout import Layout
 from moesim.memory import tokens_per_microbatch
-from moesim.spec.hardware import dtype_bytes, load_hardware
+from moesim.spec.hardware import LinkSpec, dtype_bytes, load_hardware
 from moesim.spec.scenario import Scenario
 from moesim.topology import Topology, build_topology
 
@@ -158,13 +158,19 @@ class PricingContext:
                         dtype=np.int64)
 
     @cached_property
+    def link_specs(self) -> list[LinkSpec | None]:
+        """Per topology link: its profile link class (``fabric`` switch links as ``scale_out``;
+        None for a class the profile does not describe)."""
+        return self.topology.profile_links(self.scenario.hardware)
+
+    @cached_property
     def link_curves(self) -> tuple[np.ndarray, np.ndarray]:
         """Per topology link: the message size at which its class reaches half its large-message
         efficiency (bytes; 0 = no size dependence) and its per-collective fixed cost (seconds),
         from the profile's link classes (``fabric`` switch links as ``scale_out``)."""
         half = np.zeros(self.topology.num_links)
         overhead = np.zeros(self.topology.num_links)
-        for i, spec in enumerate(self.topology.profile_links(self.scenario.hardware)):
+        for i, spec in enumerate(self.link_specs):
             if spec is not None:
                 half[i], overhead[i] = spec.half_efficiency_size, spec.collective_overhead
         return half, overhead

@@ -15,7 +15,7 @@ from moesim.errors import ScenarioError
 from moesim.spec.fields import build, read_yaml, spec_field
 from moesim.spec.limits import check_path_text
 
-__all__ = ["DeviceSpec", "LinkSpec", "NodeSpec", "HardwareProfile", "load_hardware",
+__all__ = ["DeviceSpec", "RingProtocol", "LinkSpec", "NodeSpec", "HardwareProfile", "load_hardware",
            "DTYPES", "dtype_bytes"]
 
 # Bytes per element of the number formats moesim knows.
@@ -100,6 +100,19 @@ class DeviceSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RingProtocol:
+    """One regime of a ring collective (NCCL's LL/LL128/Simple protocols and their algorithms):
+    a ring all-gather, reduce-scatter or all-reduce over ``n`` ranks takes
+    ``fixed + steps * per_step + volume / (efficiency * bandwidth)`` in this regime (``steps``:
+    ``n - 1``, twice that for an all-reduce); the library runs the fastest regime for the size."""
+
+    name: str = spec_field(doc="label, e.g. LL128 or Simple")
+    fixed: float = spec_field(unit="time", min=0, doc="seconds per collective")
+    per_step: float = spec_field(0.0, unit="time", min=0, doc="seconds per ring step")
+    efficiency: float = spec_field(gt=0, max=1.0, doc="fraction of the link's line rate")
+
+
+@dataclass(frozen=True, kw_only=True)
 class LinkSpec:
     """A class of link, per device and per direction (e.g. one GPU's NVLink or its NIC)."""
 
@@ -118,6 +131,10 @@ class LinkSpec:
     # handshake and completion signalling, paid once per collective, not per message.
     collective_overhead: float = spec_field(0.0, unit="time", min=0,
                                             doc="fixed seconds per collective")
+    # Ring collectives (all-gather, reduce-scatter, all-reduce) on this class, fitted on a
+    # measured size sweep: the fastest regime per size replaces latency, size curve and fixed
+    # cost for them (empty: they use those). See :class:`RingProtocol`.
+    ring_protocols: tuple[RingProtocol, ...] = ()
     source: str = ""
 
     @property
