@@ -56,8 +56,8 @@ from typing import Any
 from moesim.errors import CalibrationError
 
 __all__ = ["BACKENDS", "data_root", "version_key", "list_systems", "list_backends",
-           "list_versions", "check_request", "import_tables", "build_profile_text",
-           "write_atomically"]
+           "list_versions", "check_request", "import_tables", "memory_op_model",
+           "build_profile_text", "write_atomically"]
 
 BACKENDS = ("trtllm", "sglang", "vllm")
 _INSTALL = "pip install 'moesim[aic]' (aiconfigurator==0.12.0, pyarrow)"
@@ -491,6 +491,31 @@ def import_tables(root: Path, system: str, backend: str, version: str | None, *,
         version = max((e["version"] for entries in kernels.values() for e in entries),
                       key=version_key)
     return kernels, collectives, summary, version
+
+
+def memory_op_model(root: Path, system: str) -> dict[str, Any] | None:
+    """aiconfigurator's formula for the memory-bound ops it does not measure (norms, residual
+    adds, activations, embedding: ``bytes / (mem_bw * mem_bw_empirical_scaling_factor) +
+    mem_empirical_constant_latency``), from ``systems/<system>.yaml`` beside the data folder, as
+    ``{bandwidth: bytes/s, fixed: seconds, source}``; None when that file or a field is absent.
+    An imported profile prices those ops the way its source does (``calibration.memory_op``)."""
+    from moesim.spec.fields import read_yaml
+
+    path = root.parent / f"{system}.yaml"
+    if not path.is_file():
+        return None
+    gpu = (read_yaml(path) or {}).get("gpu") or {}
+    try:
+        bandwidth = float(gpu["mem_bw"]) * float(gpu["mem_bw_empirical_scaling_factor"])
+        fixed = float(gpu["mem_empirical_constant_latency"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (bandwidth > 0 and fixed >= 0):
+        return None
+    return {"bandwidth": bandwidth, "fixed": fixed,
+            "source": f"{path.name} gpu: mem_bw x mem_bw_empirical_scaling_factor, "
+                      "mem_empirical_constant_latency (aiconfigurator's formula for "
+                      "memory-bound ops it has no table for)"}
 
 
 # ---- the profile -----------------------------------------------------------------------------

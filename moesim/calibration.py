@@ -50,6 +50,7 @@ writes: pure-Python YAML reads one long string several times faster than a list)
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -127,7 +128,8 @@ class MeasuredTables:
     def __init__(self, expert_ffn: Mapping[tuple[int, int, int], Curve],
                  gate: Mapping[tuple[int, int], Curve], attention: Mapping[int, Curve],
                  source: str = "", *,
-                 shaped: Mapping[str, Mapping[tuple[Any, ...], Curve]] | None = None) -> None:
+                 shaped: Mapping[str, Mapping[tuple[Any, ...], Curve]] | None = None,
+                 memory_op: tuple[float, float] | None = None) -> None:
         self.expert_ffn_tables = dict(expert_ffn)   # (hidden, ffn, experts in group) -> Curve
         self.gate_tables = dict(gate)               # (hidden, experts) -> Curve
         self.attention_tables = dict(attention)     # hidden -> Curve
@@ -135,6 +137,9 @@ class MeasuredTables:
         self.shaped_tables: dict[str, dict[tuple[Any, ...], Curve]] = {
             kind: dict((shaped or {}).get(kind, {})) for kind in SHAPED}
         self.source = source
+        # (bytes/s, seconds per kernel) of the source's own formula for memory-bound glue
+        # (norms, element-wise, embedding) it has no table for; None: moesim's device model.
+        self.memory_op = memory_op
         self.served: Counter[tuple[str, str]] = Counter()  # (kernel, source) -> calls
 
     @classmethod
@@ -184,7 +189,8 @@ class MeasuredTables:
                     raise CalibrationError(f"{source}: {where}: a second table for "
                                            f"{dict(zip(ints + strs, key))}; keys must be unique")
                 tables[key] = _curve(entry, source, where)
-        return cls(ffn, gate, attention, source, shaped=shaped)
+        return cls(ffn, gate, attention, source, shaped=shaped,
+                   memory_op=_memory_op(calibration.get("memory_op"), source))
 
     # ---- the questions KernelTimer asks ----
 
@@ -393,6 +399,28 @@ def _entries(kernels: Mapping[str, Any], name: str, source: str) -> Sequence[Map
         raise CalibrationError(f"{source}: calibration.kernels.{name}: expected a list of "
                                f"tables (mappings), got {entries!r:.80}")
     return entries
+
+
+def _memory_op(raw: Any, source: str) -> tuple[float, float] | None:
+    """``calibration.memory_op: {bandwidth: bytes/s, fixed: seconds}`` (written by the
+    aiconfigurator import), or None when absent."""
+    if raw is None:
+        return None
+    where = "calibration.memory_op"
+    if not isinstance(raw, Mapping):
+        raise CalibrationError(f"{source}: {where}: expected a mapping with bandwidth and fixed")
+    values: list[float] = []
+    for key, allowed in (("bandwidth", "> 0 (bytes/s)"), ("fixed", ">= 0 (seconds)")):
+        value = raw.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise CalibrationError(f"{source}: {where}.{key}: {value!r} must be a number "
+                                   f"{allowed}")
+        number = float(value)
+        if not math.isfinite(number) or number < 0 or (key == "bandwidth" and number == 0):
+            raise CalibrationError(f"{source}: {where}.{key}: {value!r} must be finite and "
+                                   f"{allowed}")
+        values.append(number)
+    return values[0], values[1]
 
 
 def _int(entry: Mapping[str, Any], key: str, source: str, where: str) -> int:

@@ -283,6 +283,9 @@ def import_aiconfigurator(args: argparse.Namespace) -> Path:
         "kernels": kernels,
         "collectives": collectives,
     }
+    memory_op = aic.memory_op_model(root, args.system)
+    if memory_op is not None:
+        calibration["memory_op"] = memory_op
     header = [f"Measured kernel tables from NVIDIA aiconfigurator (Apache-2.0): {source}.",
               f"Device, links and their sources: moesim's datasheet profile {base} "
               f"({base_path.name}), unchanged.",

@@ -66,24 +66,26 @@ def roofline(flops: float, nbytes: float, device: DeviceSpec, dtype: str,
 def glue_bytes_attention(model: ModelSpec, act_bytes: float) -> float:
     """HBM bytes per token of the attention sub-layer's memory-bound kernels (forward).
 
-    Pre-norm (read h, write h), rotary embedding of queries and keys (read and write both) and
-    the residual add (read two h, write one).
+    The fused residual add + pre-norm (vLLM/SGLang ``fused_add_rms_norm``, TensorRT-LLM's
+    fused add+norm: read the input and the residual, write the new residual and the normed
+    input: 4h) and the rotary embedding of queries and keys (read and write both).
     """
     h = model.hidden_size
     q, k = model.query_width, model.key_width
-    return act_bytes * (2 * h + 2 * (q + k) + 3 * h)
+    return act_bytes * (4 * h + 2 * (q + k))
 
 
 def glue_bytes_ffn(model: ModelSpec, act_bytes: float, copies: float, ffn_size: int,
                    matrices: int) -> float:
     """HBM bytes per token of an FFN sub-layer's memory-bound kernels (forward).
 
-    Pre-norm and residual add once per token; the activation (gated: read two f, write f; plain:
-    read f, write f) once per routed copy (``copies`` = top-k for experts, 1 for a dense FFN).
+    The fused residual add + pre-norm once per token (read input and residual, write both: 4h);
+    the activation (gated: read two f, write f; plain: read f, write f) once per routed copy
+    (``copies`` = top-k for experts, 1 for a dense FFN).
     """
     h = model.hidden_size
     activation = (3 if matrices == 3 else 2) * ffn_size
-    return act_bytes * (2 * h + 3 * h + copies * activation)
+    return act_bytes * (4 * h + copies * activation)
 
 
 # Bytes per weight of the router and the LM head: FP8 recipes keep them in BF16 (DeepSeek-V3
@@ -350,8 +352,9 @@ class KernelTimer:
         return self.elementwise(4 * token_copies * self.model.hidden_size * self._ab, kernels=2)
 
     def ffn_glue(self, tokens: float) -> float:
-        """Add+norm around a block's FFN sub-layer (once per token, not per copy)."""
-        return self.elementwise(tokens * 5 * self.model.hidden_size * self._ab,
+        """The fused residual add + norm before a block's FFN sub-layer, once per token (read the
+        input and the residual, write both: 4h, as :func:`glue_bytes_ffn`)."""
+        return self.elementwise(tokens * 4 * self.model.hidden_size * self._ab,
                                 kernels=FFN_GLUE_KERNELS)
 
     def shared_experts(self, tokens: float) -> float:
@@ -405,9 +408,14 @@ class KernelTimer:
 
     def elementwise(self, nbytes: float, kernels: int = 1) -> float:
         """Memory-bound glue (permute/unpermute tokens, norms, residual adds): ``nbytes`` over
-        achievable HBM bandwidth plus one ``kernel_overhead`` per kernel (none for no bytes)."""
+        achievable HBM bandwidth plus one ``kernel_overhead`` per kernel (none for no bytes).
+        A profile imported from measured tables whose source models these ops by a formula
+        (``calibration.memory_op``) uses that formula's bandwidth and fixed cost instead."""
         if nbytes <= 0:
             return 0.0
+        if self.tables is not None and self.tables.memory_op is not None:
+            bandwidth, fixed = self.tables.memory_op
+            return nbytes / bandwidth + kernels * fixed
         return memory_time(nbytes, self.device, kernels=kernels)
 
     # ---- measured shaped tables (moesim calibrate --import aiconfigurator) --------------------
@@ -455,11 +463,11 @@ class KernelTimer:
             if (a.kv_lora_rank, a.qk_rope_head_dim, d, v) != (512, 64, 128, 128):
                 return None
             # The whole sub-layer measured as one module, where the profile has it: then only
-            # the block's add+norm (and residual add) is modelled beside it.
+            # the block's fused residual add + norm (4h per token) is modelled beside it.
             module = t.mla_module(batch, length, int(heads), kv, self._table_dtype,
                                   generation=decode)
             if module is not None:
-                return module + self.elementwise(tokens * 5 * h * self._ab / tp, kernels=1)
+                return module + self.elementwise(tokens * 4 * h * self._ab / tp, kernels=1)
             mla_core = t.mla_generation if decode else t.mla_context
             core = mla_core(batch, length, int(heads), kv)
             qk = d + a.qk_rope_head_dim

@@ -18,6 +18,7 @@ import yaml
 from moesim import cli
 from moesim.aic_import import version_key
 from moesim.calibration import MeasuredTables
+from moesim.errors import CalibrationError
 from moesim.compute import ATTENTION_GLUE_KERNELS, KernelTimer, glue_bytes_attention
 from moesim.spec.hardware import load_hardware
 from moesim.spec.models import load_model
@@ -104,6 +105,10 @@ def aic_data(tmp_path_factory) -> Path:
             for n, ms in ((1024, 0.020), (1 << 20, 0.040))]
     _write(sys / "comm/nccl/2.29.2", "nccl_perf.parquet",
            [r | {} for r in nccl], "TRTLLM", "2.29.2", "all_reduce")
+    # The system file beside systems/data: its formula for the memory ops it has no table for.
+    (root.parent / "h100_sxm.yaml").write_text(
+        "gpu:\n  mem_bw: 3350000000000\n  mem_bw_empirical_scaling_factor: 0.8\n"
+        "  mem_empirical_constant_latency: 0.000003\n")
     return root
 
 
@@ -333,19 +338,44 @@ def test_a_block_scaled_recipe_reads_block_scaled_fp8_tables_first(profile_path,
 
 def test_a_measured_mla_module_is_the_whole_attention_sub_layer(profile_path):
     """DeepSeek-V3 decode, 8 sequences at 2,048 cached tokens each: the module row (0.130 ms:
-    projections, latent norms, rotary, core, output projection) plus the block's add+norm and
-    residual (read 2 and 3 hidden vectors per token, BF16) as one memory-bound kernel; no
-    module row for 16 sequences, so the timer's own model answers there."""
+    projections, latent norms, rotary, core, output projection) plus the block's fused residual
+    add + norm (read input and residual, write both: 4 hidden vectors per token, BF16) as one
+    memory-bound kernel at the source's memory-op formula (2.68 TB/s + 3 us); no module row
+    for 16 sequences, so the timer's own model answers there."""
     profile = load_hardware(str(profile_path))
     model = load_model("deepseek-v3")
     timer = KernelTimer(model, profile.device, "fp8", "fp8", "bf16",
                         tables=MeasuredTables.from_profile(profile), inference=True,
                         kv_dtype="fp8", fp8_block=True)
-    d = profile.device
-    glue = 8 * 5 * model.hidden_size * 2 / (d.memory_bandwidth * d.memory_efficiency)
-    assert timer.attention(8, 2048, 8 * 2048) == pytest.approx(
-        1.3e-4 + glue + d.kernel_overhead)
-    plain = KernelTimer(model, profile.device, "fp8", "fp8", "bf16", inference=True,
-                        kv_dtype="fp8", fp8_block=True)
+    glue = 8 * 4 * model.hidden_size * 2 / 2.68e12 + 3e-6
+    assert timer.attention(8, 2048, 8 * 2048) == pytest.approx(1.3e-4 + glue)
+    no_tables = MeasuredTables({}, {}, {}, memory_op=(2.68e12, 3e-6))   # the same glue formula
+    plain = KernelTimer(model, profile.device, "fp8", "fp8", "bf16", tables=no_tables,
+                        inference=True, kv_dtype="fp8", fp8_block=True)
     assert timer.attention(16, 2048, 16 * 2048) == pytest.approx(
         plain.attention(16, 2048, 16 * 2048))
+
+
+def test_memory_ops_follow_the_sources_own_formula(profile_path, tmp_path):
+    """aiconfigurator prices the memory-bound ops it does not measure (norms, residual adds,
+    embedding) as bytes / (3.35 TB/s x 0.8) + 3 us: the imported profile carries that formula,
+    so 1 MB in two kernels takes 1e6 / 2.68e12 + 2 x 3 us; without it, the device model."""
+    profile = load_hardware(str(profile_path))
+    assert profile.calibration["memory_op"]["bandwidth"] == pytest.approx(2.68e12)
+    assert profile.calibration["memory_op"]["fixed"] == pytest.approx(3e-6)
+    model = load_model("tiny-cpu")
+    timer = KernelTimer(model, profile.device, tables=MeasuredTables.from_profile(profile))
+    assert timer.elementwise(1e6, kernels=2) == pytest.approx(1e6 / 2.68e12 + 6e-6, rel=1e-12)
+    data = yaml.safe_load(profile_path.read_text())
+    del data["calibration"]["memory_op"]
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump(data))
+    plain = load_hardware(str(bare))
+    d = plain.device
+    timer = KernelTimer(model, d, tables=MeasuredTables.from_profile(plain))
+    assert timer.elementwise(1e6, kernels=2) == pytest.approx(
+        1e6 / (d.memory_bandwidth * d.memory_efficiency) + 2 * d.kernel_overhead, rel=1e-12)
+    data["calibration"]["memory_op"] = {"bandwidth": -1.0, "fixed": 3e-6}
+    bare.write_text(yaml.safe_dump(data))
+    with pytest.raises(CalibrationError, match=r"memory_op\.bandwidth.*> 0"):
+        MeasuredTables.from_profile(load_hardware(str(bare)))
