@@ -183,6 +183,10 @@ def kernel_components(entry: dict[str, Any], component_ops: dict[str, list[str]]
     scales every decode-layer op by 0.9 ("PDL overlap discount", a factor of the estimator, not
     a measurement: 61 x 0.9 = 54.9). Kernels are compared with kernels, so such ops are rescaled
     to ``layers``; entries at the layer count are unchanged.
+
+    Its SGLang wide-EP DeepSeek graph also lists the fused q_a + kv_a down-projection twice, as
+    ``qkv_a_proj_gemm`` and ``downscale_gemm`` (the same [tokens, 7168] x [7168, 2112] GEMM,
+    "transcribed verbatim" from an older model): one layer runs it once, so it counts once.
     """
     measured: dict[str, float | None] = dict(entry["components_ms"])
     comps = {op: comp for comp, ops in component_ops.items() for op in ops}
@@ -192,7 +196,24 @@ def kernel_components(entry: dict[str, Any], component_ops: dict[str, list[str]]
         current = measured.get(comp) if comp else None
         if scale > 1 and abs(scale - layers) > 1e-9 and current is not None:
             measured[comp] = current + ms * (layers / scale - 1)   # type: ignore[index]
+    twice = duplicated_projection(entry)
+    if twice is not None and measured.get("attention") is not None:
+        measured["attention"] -= entry["ops_ms"][twice]   # type: ignore[operator]
     return measured
+
+
+def duplicated_projection(entry: dict[str, Any]) -> str | None:
+    """The op name of a second copy of the fused q_a + kv_a projection (``*_qkv_a_proj_gemm``
+    beside a ``*_downscale_gemm`` of the same shape and dtype), or None."""
+    shapes = entry.get("shapes", {})
+    keys = ("n", "k", "quant_mode")
+    for op in entry["ops_ms"]:
+        if op.endswith("_qkv_a_proj_gemm"):
+            twin = op.replace("_qkv_a_proj_gemm", "_downscale_gemm")
+            a, b = shapes.get(op) or {}, shapes.get(twin) or {}
+            if twin in entry["ops_ms"] and all(a.get(k) == b.get(k) for k in keys):
+                return op
+    return None
 
 
 def notes_for(entry: dict[str, Any], component_ops: dict[str, list[str]]) -> list[str]:
@@ -218,6 +239,9 @@ def notes_for(entry: dict[str, Any], component_ops: dict[str, list[str]]) -> lis
     if entry.get("overlap_split"):
         notes.append("overlapped op groups split into their ops (aiconfigurator's own step, "
                      "overlapped, is shorter)")
+    if (twice := duplicated_projection(entry)) is not None:
+        notes.append(f"attention: {twice.split('_', 1)[1]} repeats downscale_gemm (the same "
+                     "q_a + kv_a projection): counted once")
     scales = {round(v.get("scale_factor", 1.0), 3) for v in entry.get("shapes", {}).values()}
     if len(scales - {1.0}) == 1 and (scale := max(scales)) != round(scale):
         notes.append(f"layer ops carry aiconfigurator's scale factor {scale:g} (a discount of "

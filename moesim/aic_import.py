@@ -28,6 +28,10 @@ context/generation_mla     kernels.mla_context / mla_generation   isl / isl + st
 mla_context/generation_    kernels.mla_module_context /           isl / isl + step
 module (TRT-LLM, vLLM)     mla_module_generation (heads, batch,
                            kv_dtype, dtype: the projections')
+wideep_context/generation_ kernels.mla_wideep_context /           isl / isl + step
+mla (SGLang)               mla_wideep_generation (same keys; the
+                           module without the q_a + kv_a down-
+                           projection; flashinfer rows first)
 nccl_perf                  collectives.<op> (ranks, dtype)        bytes (message_size x element)
 custom_allreduce_perf      collectives.all_reduce (implementation) bytes
 wideep_deepep_*, moe_a2a   collectives.moe_dispatch / moe_combine tokens per rank
@@ -252,6 +256,35 @@ def _mla(generation: bool, module: bool = False) -> Callable[..., dict[tuple[Any
     return convert
 
 
+# aiconfigurator's default SGLang attention backend (its ``attention_backend``): where a table
+# measured several kernel sources for one shape, that one's row is kept, as its estimate reads it.
+_DEFAULT_ATTENTION_SOURCE = "flashinfer"
+
+
+def _mla_wideep(generation: bool) -> Callable[..., dict[tuple[Any, ...], dict]]:
+    """SGLang's wide-EP MLA module (its DP-attention sub-layer in a DeepEP deployment, timed at
+    the model runner: latent norms, q_b / kv_b up-projections, rotary, core, output projection;
+    the fused q_a + kv_a down-projection runs outside it), keyed like the MLA module tables by
+    heads, batch, KV dtype and the projections' GEMM dtype (``mla_dtype`` in releases without a
+    ``gemm_type`` column); any FMHA dtype."""
+    def convert(cols: dict[str, list[Any]], ctx: Mapping[str, Any]) -> dict[tuple[Any, ...], dict]:
+        out: dict[tuple[Any, ...], dict] = {}
+        for r in _rows(cols):
+            # Older releases have no gemm_type column: their projections ran in mla_dtype.
+            kv = KV_DTYPES.get(r["kv_cache_dtype"])
+            gemm = GEMM_DTYPES.get(r.get("gemm_type") or r["mla_dtype"])
+            if kv is None or gemm is None:
+                continue
+            heads, batch = int(r["num_heads"]), int(r["batch_size"])
+            x = int(r["isl"]) + (int(r["step"]) if generation else 0)
+            rank = 0 if r.get("kernel_source") == _DEFAULT_ATTENTION_SOURCE else 1
+            _points(out, (heads, batch, kv, gemm),
+                    {"heads": heads, "batch": batch, "kv_dtype": kv, "dtype": gemm}, x,
+                    r["latency"] * _MS, rank)
+        return out
+    return convert
+
+
 def _link(ranks: int, ctx: Mapping[str, Any]) -> str:
     return "intra_node" if ranks <= ctx["devices_per_node"] else "inter_node"
 
@@ -355,12 +388,16 @@ TABLES: dict[str, _Table] = {
     "mla_context": _Table("mla", "context_mla_perf.parquet", "kernels", _mla(False), _MLA),
     "mla_generation": _Table("mla", "generation_mla_perf.parquet", "kernels", _mla(True),
                              (*_MLA, "step")),
-    # TensorRT-LLM's and vLLM's whole MLA sub-layer (SGLang's wide-EP MLA tables leave the
-    # q/kv down-projection out: another scope, not imported).
+    # TensorRT-LLM's and vLLM's whole MLA sub-layer.
     "mla_module_context": _Table("mla", "mla_context_module_perf.parquet", "kernels",
                                  _mla(False, module=True), (*_MLA, "gemm_type")),
     "mla_module_generation": _Table("mla", "mla_generation_module_perf.parquet", "kernels",
                                     _mla(True, module=True), (*_MLA, "gemm_type", "step")),
+    # SGLang's wide-EP MLA module (without the q_a + kv_a down-projection).
+    "mla_wideep_context": _Table("mla", "wideep_context_mla_perf.parquet", "kernels",
+                                 _mla_wideep(False), _MLA),
+    "mla_wideep_generation": _Table("mla", "wideep_generation_mla_perf.parquet", "kernels",
+                                    _mla_wideep(True), (*_MLA, "step")),
     "nccl": _Table("comm", "nccl_perf.parquet", "collectives", _nccl,
                    ("op_name", "nccl_dtype", "num_gpus", "message_size", "latency"),
                    own_backend="nccl"),
@@ -382,7 +419,7 @@ TABLES: dict[str, _Table] = {
 }
 # Optional columns read when a file has them.
 _OPTIONAL = ("window_size", "beam_width", "backend", "dispatch_notify_us", "combine_notify_us",
-             "notify_us")
+             "notify_us", "kernel_source", "gemm_type")
 
 
 def _read(path: Path, columns: tuple[str, ...]) -> dict[str, list[Any]]:

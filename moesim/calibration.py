@@ -38,9 +38,11 @@ add kinds keyed by the full kernel shape, each a curve over one token axis:
 - ``mla_context`` / ``mla_generation``: the same for DeepSeek-style MLA, keyed by (heads, KV
   dtype, batch); ``mla_module_context`` / ``mla_module_generation``: the whole MLA sub-layer
   (projections, latent norms, rotary, core, output projection), keyed also by the projections'
-  dtype.
+  dtype; ``mla_wideep_context`` / ``mla_wideep_generation``: SGLang's wide-EP MLA module, the
+  same keys, without the fused q_a + kv_a down-projection (it runs outside the module).
 
-A shaped lookup takes the exact key or answers None; only the token axis is interpolated. It is
+A shaped lookup takes the exact key or answers None; the token axis is interpolated (and a GEMM's
+width between two measured widths, see :meth:`MeasuredTables.gemm`). It is
 counted only where the profile has tables of that kind, so a profile without them reports as
 before. ``calibration.kernels.gemm`` of a ``moesim calibrate`` profile is the suite's peak sweep (a
 mapping, not a list of shaped tables) and is not a lookup table. A curve's ``tokens`` and
@@ -65,7 +67,8 @@ __all__ = ["Curve", "MeasuredTables", "KERNELS", "SHAPED", "SOURCES", "DTYPE_TAB
 
 KERNELS = ("expert_ffn", "gate", "attention", "gemm", "moe", "attention_context",
            "attention_generation", "mla_context", "mla_generation", "moe_deepep_decode",
-           "moe_deepep_prefill", "mla_module_context", "mla_module_generation")
+           "moe_deepep_prefill", "mla_module_context", "mla_module_generation",
+           "mla_wideep_context", "mla_wideep_generation")
 # Fused-MoE table kinds: the frameworks' standard fused MoE, and the grouped GEMMs that run
 # between DeepEP's low-latency (decode: masked layout) or normal (prefill: contiguous layout)
 # dispatch and combine.
@@ -236,9 +239,26 @@ class MeasuredTables:
     # ---- shaped tables (aiconfigurator import) ----
 
     def gemm(self, m: float, n: int, k: int, dtype: str) -> float | None:
-        """Seconds of one GEMM ``[m, k] x [k, n]`` in ``dtype``, or None (no table for n, k)."""
+        """Seconds of one GEMM ``[m, k] x [k, n]`` in ``dtype``, or None (no table for k).
+
+        An ``n`` between two measured widths of the same ``k`` and dtype is interpolated
+        linearly in ``n`` between their times at ``m`` (the work and the weight bytes are linear
+        in ``n``), as aiconfigurator's own GEMM query does; no extrapolation beyond the widths.
+        """
         curve = self._shaped("gemm", lambda d: (int(n), int(k), d), dtype)
-        return self._shaped_lookup("gemm", curve, m)
+        if curve is not None or not self.has("gemm"):
+            return self._shaped_lookup("gemm", curve, m)
+        tables = self.shaped_tables["gemm"]
+        for d in DTYPE_TABLES.get(dtype, (dtype,)):
+            widths = sorted(key[0] for key in tables if key[1] == int(k) and key[2] == d)
+            below = [w for w in widths if w < n]
+            above = [w for w in widths if w > n]
+            if below and above:
+                lo, hi = tables[(below[-1], int(k), d)], tables[(above[0], int(k), d)]
+                self._count("gemm", lo, np.array([m]))
+                f = (n - below[-1]) / (above[0] - below[-1])
+                return float((1 - f) * lo(float(m)) + f * hi(float(m)))
+        return self._shaped_lookup("gemm", None, m)
 
     def moe(self, tokens_per_slot: np.ndarray, hidden: int, ffn: int, experts_per_device: int,
             top_k: int, dtype: str, *, experts: int | None = None,
@@ -310,12 +330,14 @@ class MeasuredTables:
         return self._shaped_lookup("mla_generation", curve, kv_len)
 
     def mla_module(self, batch: float, length: float, heads: int, kv_dtype: str, dtype: str,
-                   *, generation: bool) -> float | None:
+                   *, generation: bool, wide_ep: bool = False) -> float | None:
         """Seconds of the whole MLA sub-layer (projections in ``dtype``, latent norms, rotary,
         core, output projection): decode (``generation``) of ``batch`` sequences at KV length
         ``length``, or a prefill of ``batch`` sequences of ``length`` tokens; None without a
-        table."""
-        kind = "mla_module_generation" if generation else "mla_module_context"
+        table. ``wide_ep``: SGLang's wide-EP module instead, which leaves the fused q_a + kv_a
+        down-projection out."""
+        kind = ("mla_wideep" if wide_ep else "mla_module") + (
+            "_generation" if generation else "_context")
         for d in DTYPE_TABLES.get(dtype, (dtype,)):
             def key(b: int, kv: str, gemm: str = d) -> tuple[Any, ...]:
                 return (int(heads), b, kv, gemm)
@@ -452,6 +474,8 @@ SHAPE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "mla_generation": (("heads", "batch"), ("kv_dtype",)),
     "mla_module_context": (("heads", "batch"), ("kv_dtype", "dtype")),
     "mla_module_generation": (("heads", "batch"), ("kv_dtype", "dtype")),
+    "mla_wideep_context": (("heads", "batch"), ("kv_dtype", "dtype")),
+    "mla_wideep_generation": (("heads", "batch"), ("kv_dtype", "dtype")),
 }
 
 

@@ -463,11 +463,21 @@ class KernelTimer:
             if (a.kv_lora_rank, a.qk_rope_head_dim, d, v) != (512, 64, 128, 128):
                 return None
             # The whole sub-layer measured as one module, where the profile has it: then only
-            # the block's fused residual add + norm (4h per token) is modelled beside it.
+            # the block's fused residual add + norm (4h per token) is modelled beside it. A
+            # DeepEP (wide-EP) deployment reads SGLang's wide-EP module first, whose fused
+            # q_a + kv_a down-projection runs outside it (a GEMM from the tables).
+            glue = self.elementwise(tokens * 4 * h * self._ab / tp, kernels=1)
+            if self.moe_kernel != "moe":
+                wide = t.mla_module(batch, length, int(heads), kv, self._table_dtype,
+                                    generation=decode, wide_ep=True)
+                down = self._gemms(tokens, [(
+                    (a.q_lora_rank or 0) + a.kv_lora_rank + a.qk_rope_head_dim, h)])
+                if wide is not None and down is not None:
+                    return wide + down + glue
             module = t.mla_module(batch, length, int(heads), kv, self._table_dtype,
                                   generation=decode)
             if module is not None:
-                return module + self.elementwise(tokens * 4 * h * self._ab / tp, kernels=1)
+                return module + glue
             mla_core = t.mla_generation if decode else t.mla_context
             core = mla_core(batch, length, int(heads), kv)
             qk = d + a.qk_rope_head_dim

@@ -18,8 +18,8 @@ import yaml
 from moesim import cli
 from moesim.aic_import import version_key
 from moesim.calibration import MeasuredTables
-from moesim.errors import CalibrationError
 from moesim.compute import ATTENTION_GLUE_KERNELS, KernelTimer, glue_bytes_attention
+from moesim.errors import CalibrationError
 from moesim.spec.hardware import load_hardware
 from moesim.spec.models import load_model
 
@@ -69,6 +69,9 @@ def aic_data(tmp_path_factory) -> Path:
     gemm += [{"gemm_dtype": "fp8", "m": m, "n": 512, "k": 256, "latency": 0.007} for m in GEMM_M]
     gemm += [{"gemm_dtype": "fp8_block", "m": m, "n": 512, "k": 256, "latency": 0.009}
              for m in GEMM_M]
+    # DeepSeek-V3's fused q_a + kv_a projection is 2112 wide: the grid has 2048 and 2560.
+    gemm += [{"gemm_dtype": "fp8_block", "m": m, "n": n, "k": 7168, "latency": ms}
+             for m in GEMM_M for n, ms in ((2048, 0.010), (2560, 0.014))]
     _write(sys / "gemm/sglang/0.5.14", "gemm_perf.parquet", gemm, "SGLang", "0.5.14", "gemm")
     # Even routing, 8 experts over ep 4 (2 per device): 32 and 128 tokens -> 16 and 64 copies.
     moe = [_moe_row(32, 0.100), _moe_row(128, 0.200),
@@ -94,6 +97,14 @@ def aic_data(tmp_path_factory) -> Path:
            for step, ms in ((1023, 0.120), (2047, 0.130))]
     _write(sys / "mla/sglang/0.5.14", "mla_generation_module_perf.parquet", mla, "SGLang",
            "0.5.14", "mla_generation_module")
+    # SGLang's wide-EP MLA module (no q_a + kv_a down-projection), decode, in two kernel
+    # sources: the import keeps flashinfer's row (aiconfigurator's default), not fa3's faster one.
+    wide = [{"batch_size": 8, "isl": isl, "num_heads": 128, "mla_dtype": "fp8_block",
+             "kv_cache_dtype": "fp8", "gemm_type": "fp8_block", "step": 0, "latency": ms,
+             "kernel_source": source}
+            for isl in (1024, 4096) for source, ms in (("flashinfer", 0.100), ("fa3", 0.080))]
+    _write(sys / "mla/sglang/0.5.14", "wideep_generation_mla_perf.parquet", wide, "SGLang",
+           "0.5.14", "mla_generation")
     gen = [_attention_row(1, 127, 8, 0.020), _attention_row(1, 511, 8, 0.040),
            _attention_row(1, 127, 8, 0.001, window_size=128)]   # sliding window: not imported
     _write(sys / "attention/sglang/0.5.14", "generation_attention_perf.parquet", gen, "SGLang",
@@ -379,3 +390,32 @@ def test_memory_ops_follow_the_sources_own_formula(profile_path, tmp_path):
     bare.write_text(yaml.safe_dump(data))
     with pytest.raises(CalibrationError, match=r"memory_op\.bandwidth.*> 0"):
         MeasuredTables.from_profile(load_hardware(str(bare)))
+
+
+def test_a_gemm_width_between_two_measured_ones_is_interpolated_in_n(profile_path):
+    """n = 384 lies halfway between the 256- and 512-wide rows (k 256): at m = 64 the time is
+    (0.012 + 0.020) / 2 ms; past the widest row (n = 600) there is no table."""
+    tables = MeasuredTables.from_profile(load_hardware(str(profile_path)))
+    assert tables.gemm(64, 384, 256, "bf16") == pytest.approx(0.016e-3, rel=1e-9)
+    assert tables.gemm(64, 512, 256, "bf16") == pytest.approx(0.020e-3, rel=1e-9)
+    assert tables.gemm(64, 600, 256, "bf16") is None
+    assert tables.gemm(64, 384, 300, "bf16") is None
+
+
+def test_wide_ep_decode_reads_sglangs_wide_ep_mla_module(profile_path):
+    """DeepSeek-V3 decode with DeepEP, 8 sequences at 2,048 cached tokens: SGLang's wide-EP
+    module row (flashinfer's 0.100 ms) plus the fused q_a + kv_a down-projection [8, 7168] x
+    [7168, 2112], interpolated in n between the 2048- and 2560-wide rows (0.010 + 64 / 512 x
+    0.004 = 0.0105 ms), plus the block's fused add+norm at the source's memory-op formula.
+    Without DeepEP the whole-module table serves (0.130 ms at 2,048)."""
+    profile = load_hardware(str(profile_path))
+    model = load_model("deepseek-v3")
+    tables = MeasuredTables.from_profile(profile)
+    glue = 8 * 4 * model.hidden_size * 2 / 2.68e12 + 3e-6
+    wide = KernelTimer(model, profile.device, "fp8", "fp8", "bf16", tables=tables,
+                       inference=True, kv_dtype="fp8", fp8_block=True,
+                       moe_kernel="moe_deepep_decode")
+    assert wide.attention(8, 2048, 8 * 2048) == pytest.approx(1.0e-4 + 1.05e-5 + glue)
+    plain = KernelTimer(model, profile.device, "fp8", "fp8", "bf16", tables=tables,
+                        inference=True, kv_dtype="fp8", fp8_block=True)
+    assert plain.attention(8, 2048, 8 * 2048) == pytest.approx(1.3e-4 + glue)
