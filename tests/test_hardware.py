@@ -105,6 +105,10 @@ _DELETE = object()
      "unknown link class 'nvlink'"),
     ("device", _DELETE, "device", "required field is missing"),
     ("device.memory", "80 GB/s", "device.memory", "not a bytes unit"),
+    ("links.scale_up.ring_protocols", [{"name": "LL", "fixed": "6 us", "efficiency": 0}],
+     "links.scale_up.ring_protocols[0].efficiency", "must be > 0"),
+    ("links.scale_up.ring_protocols", [{"name": "LL", "fixed": 6, "efficiency": 0.4}],
+     "links.scale_up.ring_protocols[0].fixed", "us"),
 ])
 def test_bad_profile_names_the_file_and_the_field(tmp_path, dotted, value, field, words):
     path = _write(tmp_path, _set(_base(), dotted, value))
