@@ -53,7 +53,7 @@ from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import deepep_kernel_overhead
 from moesim.spec.cluster import ClusterSpec
 from moesim.spec.fields import read_yaml
-from moesim.spec.hardware import HardwareProfile, LinkSpec, load_hardware
+from moesim.spec.hardware import HardwareProfile, load_hardware
 from moesim.topology import Topology, build_topology
 from moesim.traffic import ALGORITHMS, layer_traffic
 from moesim.units import parse_quantity
@@ -168,7 +168,8 @@ def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: n
     half = np.array([s.half_efficiency_size if s else 0.0 for s in specs])
     cost = np.array([s.collective_overhead if s else 0.0 for s in specs])
     flow_of_hop = np.repeat(np.arange(len(pairs)), np.diff(ptr))
-    ring = _ring_spec(specs, links[nbytes[flow_of_hop] > 0]) if ring_steps else None
+    moving_links = np.unique(links[nbytes[flow_of_hop] > 0]).tolist()
+    ring = network.ring_class(specs[i] for i in moving_links) if ring_steps else None
     if ring is not None:
         result = network.simulate_flows(nbytes, np.zeros(len(pairs)), ptr, links,
                                         topo.capacity, np.zeros_like(topo.latency), rtol=rtol)
@@ -189,13 +190,6 @@ def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: n
     overhead = max(float(cost[moving].max()), min_overhead) if moving.size else 0.0
     transfer = float(result.makespan) + (extra_latency if moving.size else 0.0)
     return overhead + transfer, transfer, overhead
-
-
-def _ring_spec(specs: list, links: np.ndarray) -> LinkSpec | None:
-    """The one link class of ``links`` if it has ``ring_protocols``, else None."""
-    classes = {id(specs[i]): specs[i] for i in np.unique(links).tolist()}
-    spec = next(iter(classes.values())) if len(classes) == 1 else None
-    return spec if spec is not None and spec.ring_protocols else None
 
 
 # ----------------------------------------------------------------------------- NCCL-style

@@ -28,7 +28,7 @@ collectives' flows together on one network (contention) and reports each one's f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +57,7 @@ __all__ = [
     "ring_shape",
     "ring_protocol_time",
     "ring_protocol_choice",
+    "ring_class",
     "ring_collective_time",
     "FlowGroup",
     "ConcurrentResult",
@@ -377,6 +378,17 @@ def ring_protocol_choice(steps: int, transfer: float, link: LinkSpec
              for p in link.ring_protocols]
     best = int(np.argmin(times))
     return link.ring_protocols[best], times[best]
+
+
+def ring_class(specs: Iterable[LinkSpec | None]) -> LinkSpec | None:
+    """The link class of a ring collective's links (``specs``: one per link it crosses) when
+    they all belong to one class that has ``ring_protocols``, else None (mixed classes keep the
+    alpha-beta forms)."""
+    distinct = {id(spec): spec for spec in specs}
+    if len(distinct) != 1:
+        return None
+    (spec,) = distinct.values()
+    return spec if spec is not None and spec.ring_protocols else None
 
 
 def ring_collective_time(op: str, nbytes: float, n: int, link: LinkSpec) -> float:

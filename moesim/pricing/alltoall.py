@@ -23,7 +23,7 @@ from moesim.topology import Topology
 from moesim.traffic import LayerTraffic
 
 __all__ = ["Collective", "EMPTY", "alltoall", "mirrored_alltoalls", "alltoall_closed_form",
-           "layer_alltoalls", "layer_alltoall_times", "ring_class"]
+           "layer_alltoalls", "layer_alltoall_times", "layer_ring_class"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,7 +129,7 @@ def layer_alltoalls(ctx: PricingContext, traffic: LayerTraffic) -> tuple[Collect
     pairs, back = ctx.group[traffic.pairs], ctx.group[traffic.combine_pairs]
     paths = ctx.paths_csr(traffic.pairs)
     back_paths = ctx.paths_csr(traffic.combine_pairs)
-    ring = ring_class(ctx, traffic, paths)
+    ring = layer_ring_class(ctx, traffic, paths)
     if ring is None:
         dispatch = _on_the_wire(ctx, traffic, traffic.dispatch_bytes, paths, traffic.pairs)
         combine = _on_the_wire(ctx, traffic, traffic.combine_bytes, back_paths,
@@ -155,8 +155,8 @@ def layer_alltoalls(ctx: PricingContext, traffic: LayerTraffic) -> tuple[Collect
                      collectives, (traffic.dispatch_bytes, traffic.combine_bytes), (pairs, back)))
 
 
-def ring_class(ctx: PricingContext, traffic: LayerTraffic,
-               paths: tuple[np.ndarray, np.ndarray]) -> LinkSpec | None:
+def layer_ring_class(ctx: PricingContext, traffic: LayerTraffic,
+                     paths: tuple[np.ndarray, np.ndarray]) -> LinkSpec | None:
     """The link class whose measured ring protocols price this layer, or None.
 
     The ``allgather`` layer is an all-gather then a reduce-scatter, which NCCL runs as ring
@@ -165,9 +165,7 @@ def ring_class(ctx: PricingContext, traffic: LayerTraffic,
     time; otherwise (mixed classes, no protocol table) like the other algorithms."""
     if traffic.algorithm != "allgather" or paths[1].size == 0:
         return None
-    specs = {id(ctx.link_specs[i]): ctx.link_specs[i] for i in np.unique(paths[1]).tolist()}
-    spec = next(iter(specs.values())) if len(specs) == 1 else None
-    return spec if spec is not None and spec.ring_protocols else None
+    return network.ring_class(ctx.link_specs[i] for i in np.unique(paths[1]).tolist())
 
 
 def _ring_steps(traffic: LayerTraffic) -> int:
@@ -256,7 +254,7 @@ def layer_alltoall_times(ctx: PricingContext, traffic: LayerTraffic, *, exact: b
         return 0.0, 0.0
     paths = ctx.paths_csr(traffic.pairs)
     back = ctx.paths_csr(traffic.combine_pairs)
-    ring = ring_class(ctx, traffic, paths)
+    ring = layer_ring_class(ctx, traffic, paths)
     if ring is not None:
         steps = _ring_steps(traffic)
         return tuple(network.ring_protocol_time(steps, alltoall_closed_form(  # type: ignore

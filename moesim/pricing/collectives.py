@@ -84,10 +84,8 @@ def _ring_class(ctx: PricingContext, members: np.ndarray) -> LinkSpec | None:
             for a, b in zip(members.tolist(), np.roll(members, -1).tolist()) if a != b]
     if not hops:
         return None
-    links = np.unique(np.concatenate(hops)).tolist()
-    specs = {id(ctx.link_specs[i]): ctx.link_specs[i] for i in links}
-    spec = next(iter(specs.values())) if len(specs) == 1 else None
-    return spec if spec is not None and spec.ring_protocols else None
+    return network.ring_class(ctx.link_specs[i]
+                              for i in np.unique(np.concatenate(hops)).tolist())
 
 
 def _tree(ctx: PricingContext, nbytes: float, members: np.ndarray) -> float:
