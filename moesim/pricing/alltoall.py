@@ -122,7 +122,9 @@ def layer_alltoalls(ctx: PricingContext, traffic: LayerTraffic) -> tuple[Collect
     GPU-initiated DeepEP kernels stream at the large-message rate. Every collective pays its
     links' fixed per-collective cost once (the largest over the classes it crosses). DeepEP's
     low-latency kernels send intra-node messages over NVLink, as DeepEP does by default
-    (``allow_nvlink_for_low_latency_mode``).
+    (``allow_nvlink_for_low_latency_mode``). The ``allgather`` layer on one link class with
+    measured ring regimes is an NCCL ring all-gather and reduce-scatter instead
+    (:func:`layer_ring_class`): the flows' transfer time in the fastest regime.
     """
     if len(traffic.pairs) == 0:
         return EMPTY, EMPTY
