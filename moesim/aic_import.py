@@ -232,17 +232,31 @@ def _attention(generation: bool) -> Callable[..., dict[tuple[Any, ...], dict]]:
     return convert
 
 
-def _mla(generation: bool, module: bool = False) -> Callable[..., dict[tuple[Any, ...], dict]]:
+# aiconfigurator's default SGLang attention backend (its ``attention_backend``): where a wide-EP
+# MLA table measured several kernel sources for one shape, that one's row is kept, as its
+# estimate reads it.
+_DEFAULT_ATTENTION_SOURCE = "flashinfer"
+
+
+def _mla(generation: bool, module: bool = False,
+         wide_ep: bool = False) -> Callable[..., dict[tuple[Any, ...], dict]]:
     """MLA core tables; ``module``: the whole MLA sub-layer (projections, latent norms, rotary,
     core, output projection; not the block's add+norm), keyed also by the projections' GEMM
-    dtype."""
+    dtype; ``wide_ep``: SGLang's wide-EP module (its DP-attention sub-layer in a DeepEP
+    deployment, timed at the model runner: everything but the fused q_a + kv_a
+    down-projection, which runs outside it), the same keys, any FMHA dtype, the projections'
+    dtype from ``mla_dtype`` in releases without a ``gemm_type`` column, and
+    :data:`_DEFAULT_ATTENTION_SOURCE`'s rows first."""
+    module = module or wide_ep
+
     def convert(cols: dict[str, list[Any]], ctx: Mapping[str, Any]) -> dict[tuple[Any, ...], dict]:
         out: dict[tuple[Any, ...], dict] = {}
         for r in _rows(cols):
             kv = KV_DTYPES.get(r["kv_cache_dtype"])
-            gemm = GEMM_DTYPES.get(r["gemm_type"]) if module else None
-            if kv is None or (module and gemm is None) or r["mla_dtype"] not in ("bfloat16",
-                                                                                  "float16"):
+            gemm = (GEMM_DTYPES.get(r.get("gemm_type") or r["mla_dtype"]) if wide_ep
+                    else GEMM_DTYPES.get(r["gemm_type"]) if module else None)
+            fmha_ok = wide_ep or r["mla_dtype"] in ("bfloat16", "float16")
+            if kv is None or (module and gemm is None) or not fmha_ok:
                 continue
             heads, batch = int(r["num_heads"]), int(r["batch_size"])
             fields = {"heads": heads, "batch": batch, "kv_dtype": kv}
@@ -251,36 +265,8 @@ def _mla(generation: bool, module: bool = False) -> Callable[..., dict[tuple[Any
                 fields["dtype"] = gemm
                 key = (*key, gemm)
             x = int(r["isl"]) + (int(r["step"]) if generation else 0)
-            _points(out, key, fields, x, r["latency"] * _MS)
-        return out
-    return convert
-
-
-# aiconfigurator's default SGLang attention backend (its ``attention_backend``): where a table
-# measured several kernel sources for one shape, that one's row is kept, as its estimate reads it.
-_DEFAULT_ATTENTION_SOURCE = "flashinfer"
-
-
-def _mla_wideep(generation: bool) -> Callable[..., dict[tuple[Any, ...], dict]]:
-    """SGLang's wide-EP MLA module (its DP-attention sub-layer in a DeepEP deployment, timed at
-    the model runner: latent norms, q_b / kv_b up-projections, rotary, core, output projection;
-    the fused q_a + kv_a down-projection runs outside it), keyed like the MLA module tables by
-    heads, batch, KV dtype and the projections' GEMM dtype (``mla_dtype`` in releases without a
-    ``gemm_type`` column); any FMHA dtype."""
-    def convert(cols: dict[str, list[Any]], ctx: Mapping[str, Any]) -> dict[tuple[Any, ...], dict]:
-        out: dict[tuple[Any, ...], dict] = {}
-        for r in _rows(cols):
-            # Older releases have no gemm_type column: their projections ran in mla_dtype.
-            kv = KV_DTYPES.get(r["kv_cache_dtype"])
-            gemm = GEMM_DTYPES.get(r.get("gemm_type") or r["mla_dtype"])
-            if kv is None or gemm is None:
-                continue
-            heads, batch = int(r["num_heads"]), int(r["batch_size"])
-            x = int(r["isl"]) + (int(r["step"]) if generation else 0)
-            rank = 0 if r.get("kernel_source") == _DEFAULT_ATTENTION_SOURCE else 1
-            _points(out, (heads, batch, kv, gemm),
-                    {"heads": heads, "batch": batch, "kv_dtype": kv, "dtype": gemm}, x,
-                    r["latency"] * _MS, rank)
+            rank = int(wide_ep and r.get("kernel_source") != _DEFAULT_ATTENTION_SOURCE)
+            _points(out, key, fields, x, r["latency"] * _MS, rank)
         return out
     return convert
 
@@ -395,9 +381,9 @@ TABLES: dict[str, _Table] = {
                                     _mla(True, module=True), (*_MLA, "gemm_type", "step")),
     # SGLang's wide-EP MLA module (without the q_a + kv_a down-projection).
     "mla_wideep_context": _Table("mla", "wideep_context_mla_perf.parquet", "kernels",
-                                 _mla_wideep(False), _MLA),
+                                 _mla(False, wide_ep=True), _MLA),
     "mla_wideep_generation": _Table("mla", "wideep_generation_mla_perf.parquet", "kernels",
-                                    _mla_wideep(True), (*_MLA, "step")),
+                                    _mla(True, wide_ep=True), (*_MLA, "step")),
     "nccl": _Table("comm", "nccl_perf.parquet", "collectives", _nccl,
                    ("op_name", "nccl_dtype", "num_gpus", "message_size", "latency"),
                    own_backend="nccl"),

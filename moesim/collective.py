@@ -51,6 +51,7 @@ from moesim.errors import ScenarioError
 from moesim.kernels import comm_kernel_bandwidth
 from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import deepep_kernel_overhead
+from moesim.pricing.alltoall import ring_steps as layer_ring_steps
 from moesim.spec.cluster import ClusterSpec
 from moesim.spec.fields import read_yaml
 from moesim.spec.hardware import HardwareProfile, load_hardware
@@ -328,8 +329,8 @@ def token_alltoall(topo: Topology, hardware: HardwareProfile, choices: routing.L
         seconds, transfer, overhead = _run(topo, hardware, pairs, nbytes, via_nic=via_nic,
                                            per_message_cost=traffic.per_message_cost,
                                            sm_rate=sm_rate, min_overhead=kernel_cost,
-                                           ring_steps=int(np.unique(pairs[:, 0]).size) - 1
-                                           if gather else 0, rtol=rtol)
+                                           ring_steps=layer_ring_steps(traffic) if gather else 0,
+                                           rtol=rtol)
         named = {"bytes": float(nbytes.sum()), "copy_bytes": copy, "via_nic": float(via_nic)}
         if seconds > 0 and not gather:
             named.update({"rdma_gbps": figures["node_copies"] * copy / seconds,

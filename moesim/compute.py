@@ -42,8 +42,8 @@ from moesim.kernels import gemm_time, grouped_gemm_time, memory_time, padded
 from moesim.spec.hardware import DeviceSpec, dtype_bytes
 from moesim.spec.model import ModelSpec
 
-__all__ = ["roofline", "KernelTimer", "kv_bytes_per_token", "glue_bytes_attention",
-           "glue_bytes_ffn"]
+__all__ = ["roofline", "KernelTimer", "kv_bytes_per_token", "add_norm_bytes",
+           "glue_bytes_attention", "glue_bytes_ffn"]
 
 
 def roofline(flops: float, nbytes: float, device: DeviceSpec, dtype: str,
@@ -63,29 +63,33 @@ def roofline(flops: float, nbytes: float, device: DeviceSpec, dtype: str,
     return max(compute, memory)
 
 
+def add_norm_bytes(model: ModelSpec, act_bytes: float) -> float:
+    """HBM bytes per token of the fused residual add + norm before a sub-layer (vLLM/SGLang
+    ``fused_add_rms_norm``, TensorRT-LLM's fused add+norm): read the input and the residual,
+    write the new residual and the normed input, ``4 h`` elements."""
+    return act_bytes * 4 * model.hidden_size
+
+
 def glue_bytes_attention(model: ModelSpec, act_bytes: float) -> float:
     """HBM bytes per token of the attention sub-layer's memory-bound kernels (forward).
 
-    The fused residual add + pre-norm (vLLM/SGLang ``fused_add_rms_norm``, TensorRT-LLM's
-    fused add+norm: read the input and the residual, write the new residual and the normed
-    input: 4h) and the rotary embedding of queries and keys (read and write both).
+    The fused residual add + pre-norm (:func:`add_norm_bytes`) and the rotary embedding of
+    queries and keys (read and write both).
     """
-    h = model.hidden_size
     q, k = model.query_width, model.key_width
-    return act_bytes * (4 * h + 2 * (q + k))
+    return add_norm_bytes(model, act_bytes) + act_bytes * 2 * (q + k)
 
 
 def glue_bytes_ffn(model: ModelSpec, act_bytes: float, copies: float, ffn_size: int,
                    matrices: int) -> float:
     """HBM bytes per token of an FFN sub-layer's memory-bound kernels (forward).
 
-    The fused residual add + pre-norm once per token (read input and residual, write both: 4h);
-    the activation (gated: read two f, write f; plain: read f, write f) once per routed copy
-    (``copies`` = top-k for experts, 1 for a dense FFN).
+    The fused residual add + pre-norm once per token (:func:`add_norm_bytes`); the activation
+    (gated: read two f, write f; plain: read f, write f) once per routed copy (``copies`` =
+    top-k for experts, 1 for a dense FFN).
     """
-    h = model.hidden_size
     activation = (3 if matrices == 3 else 2) * ffn_size
-    return act_bytes * (4 * h + copies * activation)
+    return add_norm_bytes(model, act_bytes) + act_bytes * copies * activation
 
 
 # Bytes per weight of the router and the LM head: FP8 recipes keep them in BF16 (DeepSeek-V3
@@ -352,9 +356,9 @@ class KernelTimer:
         return self.elementwise(4 * token_copies * self.model.hidden_size * self._ab, kernels=2)
 
     def ffn_glue(self, tokens: float) -> float:
-        """The fused residual add + norm before a block's FFN sub-layer, once per token (read the
-        input and the residual, write both: 4h, as :func:`glue_bytes_ffn`)."""
-        return self.elementwise(tokens * 4 * self.model.hidden_size * self._ab,
+        """The fused residual add + norm before a block's FFN sub-layer, once per token
+        (:func:`add_norm_bytes`)."""
+        return self.elementwise(tokens * add_norm_bytes(self.model, self._ab),
                                 kernels=FFN_GLUE_KERNELS)
 
     def shared_experts(self, tokens: float) -> float:
@@ -415,7 +419,9 @@ class KernelTimer:
             return 0.0
         if self.tables is not None and self.tables.memory_op is not None:
             bandwidth, fixed = self.tables.memory_op
-            return nbytes / bandwidth + kernels * fixed
+            return memory_time(nbytes, self.device, kernels=kernels,
+                               efficiency=bandwidth / self.device.memory_bandwidth,
+                               overhead=fixed)
         return memory_time(nbytes, self.device, kernels=kernels)
 
     # ---- measured shaped tables (moesim calibrate --import aiconfigurator) --------------------
@@ -466,7 +472,7 @@ class KernelTimer:
             # the block's fused residual add + norm (4h per token) is modelled beside it. A
             # DeepEP (wide-EP) deployment reads SGLang's wide-EP module first, whose fused
             # q_a + kv_a down-projection runs outside it (a GEMM from the tables).
-            glue = self.elementwise(tokens * 4 * h * self._ab / tp, kernels=1)
+            glue = self.elementwise(tokens * add_norm_bytes(m, self._ab) / tp, kernels=1)
             if self.moe_kernel != "moe":
                 wide = t.mla_module(batch, length, int(heads), kv, self._table_dtype,
                                     generation=decode, wide_ep=True)

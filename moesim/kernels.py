@@ -82,10 +82,11 @@ def _tiled_compute(tiles: float, k: float, device: DeviceSpec, dtype: str,
 
 
 def memory_time(nbytes: float, device: DeviceSpec, kernels: int = 1,
-                efficiency: float | None = None) -> float:
+                efficiency: float | None = None, overhead: float | None = None) -> float:
     """Memory-bound kernels: ``nbytes`` over achievable HBM bandwidth plus ``kernels`` floors.
 
-    ``efficiency`` replaces the device's ``memory_efficiency``.
+    ``efficiency`` replaces the device's ``memory_efficiency``, ``overhead`` its
+    ``kernel_overhead`` (a measured profile's own figures).
 
     >>> d = DeviceSpec(name="x", peak_flops={"bf16": 1.0}, memory=1.0, memory_bandwidth=10.0,
     ...                kernel_overhead=0.5)
@@ -95,7 +96,8 @@ def memory_time(nbytes: float, device: DeviceSpec, kernels: int = 1,
     if nbytes <= 0 and kernels <= 0:
         return 0.0
     eff = device.memory_efficiency if efficiency is None else efficiency
-    return max(nbytes, 0.0) / (device.memory_bandwidth * eff) + kernels * device.kernel_overhead
+    floor = device.kernel_overhead if overhead is None else overhead
+    return max(nbytes, 0.0) / (device.memory_bandwidth * eff) + kernels * floor
 
 
 def gemm_time(m: float, n: float, k: float, device: DeviceSpec, dtype: str, *,

@@ -58,7 +58,7 @@ __all__ = [
     "ring_protocol_time",
     "ring_protocol_choice",
     "ring_class",
-    "ring_collective_time",
+    "ring_time",
     "FlowGroup",
     "ConcurrentResult",
     "simulate_concurrent",
@@ -268,6 +268,10 @@ def ring_all_gather(nbytes: float, n: int, bw: float, lat: float) -> float:
     return ring_reduce_scatter(nbytes, n, bw, lat)
 
 
+_ALPHA_BETA = {"allreduce": ring_all_reduce, "allgather": ring_all_gather,
+               "reducescatter": ring_reduce_scatter}
+
+
 def tree_all_reduce(nbytes: float, n: int, bw: float, lat: float) -> float:
     """NCCL double-binary-tree all-reduce: ``2*ceil(log2 n)*lat + 2*nbytes/bw``.
 
@@ -289,19 +293,23 @@ def hierarchical_all_reduce(
     intra_lat: float,
     inter_bw: float,
     inter_lat: float,
+    *,
+    intra_regimes: LinkSpec | None = None,
 ) -> float:
     """Two-level all-reduce over ``nodes * per_node`` ranks.
 
     Ring reduce-scatter inside each node, then ``per_node`` parallel inter-node ring all-reduces
     (one per local rank, i.e. per rail) on ``nbytes / per_node`` each, then an intra-node ring
-    all-gather. ``inter_bw`` is one rank's (rail's) share of the node's network bandwidth.
+    all-gather. ``inter_bw`` is one rank's (rail's) share of the node's network bandwidth;
+    ``intra_regimes``: the intra-node link class whose measured ring regimes time the two
+    intra-node phases (:func:`ring_time`).
     """
     _check_collective(nbytes, nodes, inter_bw, inter_lat)
     _check_collective(nbytes, per_node, intra_bw, intra_lat)
     return (
-        ring_reduce_scatter(nbytes, per_node, intra_bw, intra_lat)
+        ring_time("reducescatter", nbytes, per_node, intra_bw, intra_lat, intra_regimes)
         + ring_all_reduce(nbytes / per_node, nodes, inter_bw, inter_lat)
-        + ring_all_gather(nbytes, per_node, intra_bw, intra_lat)
+        + ring_time("allgather", nbytes, per_node, intra_bw, intra_lat, intra_regimes)
     )
 
 
@@ -391,18 +399,19 @@ def ring_class(specs: Iterable[LinkSpec | None]) -> LinkSpec | None:
     return spec if spec is not None and spec.ring_protocols else None
 
 
-def ring_collective_time(op: str, nbytes: float, n: int, link: LinkSpec) -> float:
+def ring_time(op: str, nbytes: float, n: int, bw: float, lat: float,
+              regimes: LinkSpec | None = None) -> float:
     """Ring ``op`` (all-reduce, all-gather, reduce-scatter) of an ``nbytes`` buffer over ``n``
-    ranks on one link class: its ``ring_protocols`` when it has them, else the alpha-beta form
-    (``steps * latency + share * nbytes / effective_bandwidth``). 0 for one rank."""
-    steps, share = ring_shape(op, n)
-    _check_collective(nbytes, n, link.effective_bandwidth, link.latency)
+    ranks whose bottleneck link moves ``bw`` bytes/s at ``lat`` seconds per step: in the fastest
+    of ``regimes.ring_protocols`` (the link class's measured regimes, scaled to ``bw``) when
+    given, else the alpha-beta forms above. 0 for one rank or nothing to move."""
+    _check_collective(nbytes, n, bw, lat)
     if n == 1 or nbytes == 0:
         return 0.0
-    transfer = share * nbytes / link.effective_bandwidth
-    if link.ring_protocols:
-        return ring_protocol_time(steps, transfer, link)
-    return steps * link.latency + transfer
+    if regimes is None:
+        return _ALPHA_BETA[op](nbytes, n, bw, lat)
+    steps, share = ring_shape(op, n)
+    return ring_protocol_time(steps, share * nbytes / bw, regimes)
 
 
 # --- Message-size dependent link cost ---

@@ -23,7 +23,7 @@ from moesim.topology import Topology
 from moesim.traffic import LayerTraffic
 
 __all__ = ["Collective", "EMPTY", "alltoall", "mirrored_alltoalls", "alltoall_closed_form",
-           "layer_alltoalls", "layer_alltoall_times", "layer_ring_class"]
+           "layer_alltoalls", "layer_alltoall_times", "layer_ring_class", "ring_steps"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,8 +170,9 @@ def layer_ring_class(ctx: PricingContext, traffic: LayerTraffic,
     return network.ring_class(ctx.link_specs[i] for i in np.unique(paths[1]).tolist())
 
 
-def _ring_steps(traffic: LayerTraffic) -> int:
-    """Steps of the ring over the group's live members (each sends to every other)."""
+def ring_steps(traffic: LayerTraffic) -> int:
+    """Steps of the ``allgather`` layer's rings over the group's live members (the devices that
+    send: each sends to every other)."""
     return int(np.unique(traffic.pairs[:, 0]).size) - 1
 
 
@@ -182,7 +183,7 @@ def _as_ring(ctx: PricingContext, traffic: LayerTraffic, coll: Collective, link:
     _, path_latency = ctx.padded_paths
     latency = float(path_latency[latency_of[:, 0] * ctx.ep + latency_of[:, 1]].max())
     transfer = max(coll.duration - latency, 0.0)
-    return replace(coll, duration=network.ring_protocol_time(_ring_steps(traffic), transfer, link))
+    return replace(coll, duration=network.ring_protocol_time(ring_steps(traffic), transfer, link))
 
 
 def _on_the_wire(ctx: PricingContext, traffic: LayerTraffic, nbytes: np.ndarray,
@@ -258,7 +259,7 @@ def layer_alltoall_times(ctx: PricingContext, traffic: LayerTraffic, *, exact: b
     back = ctx.paths_csr(traffic.combine_pairs)
     ring = layer_ring_class(ctx, traffic, paths)
     if ring is not None:
-        steps = _ring_steps(traffic)
+        steps = ring_steps(traffic)
         return tuple(network.ring_protocol_time(steps, alltoall_closed_form(  # type: ignore
             ctx, pairs_, nbytes, latency=False), ring) for pairs_, nbytes in (
                 (traffic.pairs, traffic.dispatch_bytes),

@@ -37,7 +37,8 @@ def tp_all_reduce_time(ctx: PricingContext, tokens: float) -> float:
         return 0.0
     link = s.hardware.links.get("scale_up") or s.hardware.link("ici")
     nbytes = tokens * ctx.hidden * ctx.activation_bytes
-    return 2 * network.ring_collective_time("allreduce", nbytes, tp, link)
+    return 2 * network.ring_time("allreduce", nbytes, tp, link.effective_bandwidth,
+                                 link.latency, link if link.ring_protocols else None)
 
 
 def p2p_time(ctx: PricingContext) -> float:
@@ -59,22 +60,12 @@ def gradient_bytes_per_param(ctx: PricingContext) -> float:
 
 
 def _ring(ctx: PricingContext, nbytes: float, members: np.ndarray) -> float:
-    return _ring_op(ctx, "allreduce", nbytes, members)
-
-
-def _ring_op(ctx: PricingContext, op: str, nbytes: float, members: np.ndarray) -> float:
-    """Ring ``op`` over ``members`` on their bottleneck link: in the measured protocols of the
-    link class when every hop of the ring is of one class that has them (scaled to the
-    topology's capacity, which bandwidth overrides may change), else alpha-beta."""
-    n = int(members.size)
-    if n < 2 or nbytes == 0:
-        return 0.0
+    """Ring all-reduce over ``members`` on their bottleneck link, in the measured regimes of
+    its link class when every hop is of one class that has them (scaled to the topology's
+    capacity, which bandwidth overrides may change)."""
     bw, lat = _bottleneck(ctx.topology, members)
-    steps, share = network.ring_shape(op, n)
-    spec = _ring_class(ctx, members)
-    if spec is None:
-        return steps * lat + share * nbytes / bw
-    return network.ring_protocol_time(steps, share * nbytes / bw, spec)
+    return network.ring_time("allreduce", nbytes, int(members.size), bw, lat,
+                             _ring_class(ctx, members))
 
 
 def _ring_class(ctx: PricingContext, members: np.ndarray) -> LinkSpec | None:
@@ -102,10 +93,11 @@ def _hierarchical(ctx: PricingContext, nbytes: float, members: np.ndarray) -> fl
         return _ring(ctx, nbytes, members)
     first = members[node == nodes[0]]
     across = np.array([members[node == n][0] for n in nodes])
-    per_node = int(per[0])
-    return (_ring_op(ctx, "reducescatter", nbytes, first)
-            + _ring_op(ctx, "allreduce", nbytes / per_node, across)
-            + _ring_op(ctx, "allgather", nbytes, first))
+    intra_bw, intra_lat = _bottleneck(ctx.topology, first)
+    inter_bw, inter_lat = _bottleneck(ctx.topology, across)
+    return network.hierarchical_all_reduce(nbytes, int(nodes.size), int(per[0]), intra_bw,
+                                           intra_lat, inter_bw, inter_lat,
+                                           intra_regimes=_ring_class(ctx, first))
 
 
 DP_ALGORITHMS: dict[str, Callable[[PricingContext, float, np.ndarray], float]] = {
