@@ -238,12 +238,17 @@ class MeasuredTables:
 
     # ---- shaped tables (aiconfigurator import) ----
 
-    def gemm(self, m: float, n: int, k: int, dtype: str) -> float | None:
+    def gemm(self, m: float, n: int, k: int, dtype: str,
+             model: Callable[[float, float], float] | None = None) -> float | None:
         """Seconds of one GEMM ``[m, k] x [k, n]`` in ``dtype``, or None (no table for k).
 
         An ``n`` between two measured widths of the same ``k`` and dtype is interpolated
         linearly in ``n`` between their times at ``m`` (the work and the weight bytes are linear
-        in ``n``), as aiconfigurator's own GEMM query does; no extrapolation beyond the widths.
+        in ``n``), as aiconfigurator's own GEMM query does. Beyond the widest measured width,
+        with ``model`` (the kernel model's seconds at ``(m, n)``), the widest width's measured
+        time is scaled by the model's ratio ``model(m, n) / model(m, widest)``: the efficiency
+        measured at the edge of the grid is held (counted ``extrapolated``); without ``model``,
+        None.
         """
         curve = self._shaped("gemm", lambda d: (int(n), int(k), d), dtype)
         if curve is not None or not self.has("gemm"):
@@ -258,6 +263,10 @@ class MeasuredTables:
                 self._count("gemm", lo, np.array([m]))
                 f = (n - below[-1]) / (above[0] - below[-1])
                 return float((1 - f) * lo(float(m)) + f * hi(float(m)))
+            if below and model is not None:
+                edge = tables[(below[-1], int(k), d)]
+                self.served["gemm", "extrapolated"] += 1
+                return float(edge(float(m))) * model(m, n) / model(m, below[-1])
         return self._shaped_lookup("gemm", None, m)
 
     def moe(self, tokens_per_slot: np.ndarray, hidden: int, ffn: int, experts_per_device: int,
@@ -400,8 +409,8 @@ class MeasuredTables:
         """One line for results: ``calibrated tables (expert_ffn 100%, attention 0% → roofline)``.
 
         A percentage is the share of calls a measured table served (inside its grid or extended
-        beyond it; the part beyond is named). Kernels without tables (LM head, embedding, glue)
-        always take the roofline.
+        beyond it; the part beyond is named). Kernels without tables (embedding, glue) always
+        take the roofline.
         """
         parts = []
         for kernel, share in self.shares().items():

@@ -397,14 +397,29 @@ class KernelTimer:
 
     # ---- model ends -------------------------------------------------------------------------
     def lm_head(self, tokens: float) -> float:
-        """Output projection to the vocabulary (BF16 weights, also under FP8 recipes) plus softmax
-        cross-entropy."""
+        """Output projection to the vocabulary (BF16 weights, also under FP8 recipes) plus the
+        softmax over the FP32 logits (cross-entropy in training, sampling in inference)."""
+        if tokens <= 0:
+            return 0.0
+        v = self.model.vocab_size
+        return self.lm_head_gemm(tokens) + self.elementwise(tokens * v * 4 / self.tp)
+
+    def lm_head_gemm(self, tokens: float) -> float:
+        """The output projection's GEMM alone: a measured BF16 GEMM table where the profile has
+        the width (beyond its widest row, scaled by the kernel model), else the kernel model."""
         if tokens <= 0:
             return 0.0
         h, v = self.model.hidden_size, self.model.vocab_size
-        head = gemm_time(tokens, v / self.tp, h, self.device, "bf16", a_bytes=self._ab,
-                         b_bytes=HIGH_PRECISION_BYTES, c_bytes=4)
-        return head + self.elementwise(tokens * v * 4 / self.tp)
+
+        def model(m: float, n: float) -> float:
+            return gemm_time(m, n, h, self.device, "bf16", a_bytes=self._ab,
+                             b_bytes=HIGH_PRECISION_BYTES, c_bytes=4)
+
+        width = v / self.tp
+        head = None
+        if self.tables is not None and width == int(width):
+            head = self.tables.gemm(tokens, int(width), h, "bf16", model=model)
+        return model(tokens, width) if head is None else head
 
     def embedding(self, tokens: float) -> float:
         """Embedding lookup: a gather of ``tokens`` rows (memory-bound)."""

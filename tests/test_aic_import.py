@@ -285,8 +285,10 @@ def test_moesim_run_reports_the_imported_tables_as_its_source(profile_path, tmp_
     path.write_text(yaml.safe_dump(scenario))
     assert cli.main(["run", str(path), "-o", str(tmp_path / "out"), "--no-trace"]) == 0
     result = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert result["compute_source"] == ("calibrated tables (gemm 100%, moe 100%, "
-                                        "attention_generation 100%)")
+    # GEMM calls: QKV, output projection and router in each of 4 layers (12, on the grid) and
+    # the LM head [8, 256] x [256, 1000], wider than the widest row (512): 1 of 13 beyond it.
+    assert result["compute_source"] == ("calibrated tables (gemm 100% (8% beyond grid), "
+                                        "moe 100%, attention_generation 100%)")
 
 
 def test_an_older_version_reads_only_its_own_and_older_tables(aic_data, tmp_path):
@@ -400,6 +402,23 @@ def test_a_gemm_width_between_two_measured_ones_is_interpolated_in_n(profile_pat
     assert tables.gemm(64, 512, 256, "bf16") == pytest.approx(0.020e-3, rel=1e-9)
     assert tables.gemm(64, 600, 256, "bf16") is None
     assert tables.gemm(64, 384, 300, "bf16") is None
+
+
+def test_a_gemm_past_the_widest_row_holds_the_edge_efficiency(profile_path):
+    """n = 1024 past the widest row (512, k 256): the 512-wide row's 0.020 ms at m = 64 scaled
+    by the kernel model's ratio. A made-up model of 1 us + 1 ns per column gives
+    (1 + 1.024) / (1 + 0.512) = 1.3386..., so 0.020 ms x 1.3386 = 0.026772 ms; the call is
+    counted as extrapolated. Inside the grid the model is not asked."""
+    tables = MeasuredTables.from_profile(load_hardware(str(profile_path)))
+
+    def model(m: float, n: float) -> float:
+        return 1e-6 + 1e-9 * n
+
+    assert tables.gemm(64, 1024, 256, "bf16", model=model) == pytest.approx(
+        0.020e-3 * 2.024 / 1.512, rel=1e-12)
+    assert tables.served["gemm", "extrapolated"] == 1
+    assert tables.gemm(64, 384, 256, "bf16", model=model) == pytest.approx(0.016e-3, rel=1e-9)
+    assert tables.gemm(64, 1024, 300, "bf16", model=model) is None    # no row of this k
 
 
 def test_wide_ep_decode_reads_sglangs_wide_ep_mla_module(profile_path):
