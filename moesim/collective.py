@@ -57,7 +57,7 @@ from moesim.spec.fields import read_yaml
 from moesim.spec.hardware import HardwareProfile, load_hardware
 from moesim.topology import Topology, build_topology
 from moesim.traffic import ALGORITHMS, layer_traffic
-from moesim.units import parse_quantity
+from moesim.units import UnitError, parse_quantity
 
 __all__ = ["CollectiveResult", "OPS", "BUSBW_FACTOR", "cluster_topology", "uniform_alltoall",
            "ring_collective", "token_alltoall", "deepep_choices", "scenario_layer_alltoall",
@@ -473,10 +473,35 @@ def _print(results: list[CollectiveResult]) -> None:
               f"  {extra}")
 
 
+def _checked_args(args: argparse.Namespace) -> list[float]:
+    """Refuse out-of-range options with one message naming the option and what is allowed;
+    return the ``--size`` values in bytes (default 1 GiB)."""
+    for flag, value, least in (("--nodes", args.nodes, 1), ("--ranks", args.ranks, 1),
+                               ("--tokens", args.tokens, 1), ("--hidden", args.hidden, 1),
+                               ("--experts", args.experts, 1), ("--top-k", args.top_k, 1),
+                               ("--groups", args.groups, 1), ("--seed", args.seed, 0)):
+        if value is not None and value < least:
+            raise ScenarioError(f"{flag}={value} must be >= {least}")
+    if args.top_k > args.experts:
+        raise ScenarioError(f"--top-k={args.top_k} must be <= --experts={args.experts}")
+    sizes = []
+    for text in args.size or ["1 GiB"]:
+        try:
+            size = parse_quantity(text, "bytes")
+        except UnitError as exc:
+            raise ScenarioError(f"--size {text!r}: {exc} (allowed: a byte size > 0, e.g. "
+                                "'64 MiB')") from None
+        if not size > 0:
+            raise ScenarioError(f"--size {text!r} must be > 0 bytes, e.g. '64 MiB'")
+        sizes.append(size)
+    return sizes
+
+
 def _cmd_collective(args: argparse.Namespace) -> int:
     if args.published:
         _print_checks(published_checks(ll_nvlink=args.ll_nvlink))
         return 0
+    sizes = _checked_args(args)
     topo, hardware, scenario = cluster_topology(args.source, nodes=args.nodes,
                                                 topology=args.topology)
     ranks = args.ranks or topo.num_devices
@@ -490,9 +515,8 @@ def _cmd_collective(args: argparse.Namespace) -> int:
                             "--tokens N or --layer (byte sizes run direct or hierarchical)")
     results: list[CollectiveResult] = []
     if args.op != "alltoall":
-        for size in args.size or ["1 GiB"]:
-            results.append(ring_collective(topo, hardware, args.op,
-                                           parse_quantity(size, "bytes"), ranks=ranks))
+        for size in sizes:
+            results.append(ring_collective(topo, hardware, args.op, size, ranks=ranks))
     elif args.tokens or args.layer:
         for algorithm in algorithms:
             if args.layer:
@@ -514,9 +538,9 @@ def _cmd_collective(args: argparse.Namespace) -> int:
             results += list(pair)
     else:
         for algorithm in [a for a in algorithms if a in ("direct", "hierarchical")]:
-            for size in args.size or ["1 GiB"]:
-                results.append(uniform_alltoall(topo, hardware, parse_quantity(size, "bytes"),
-                                                algorithm=algorithm, ranks=ranks))
+            for size in sizes:
+                results.append(uniform_alltoall(topo, hardware, size, algorithm=algorithm,
+                                                ranks=ranks))
     print(f"{args.source}: {ranks} ranks on {int(np.unique(topo.device_node[:ranks]).size)} "
           f"node(s), {hardware.name}")
     _print(results)

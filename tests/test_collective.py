@@ -275,3 +275,25 @@ def test_cli_prints_a_table(capsys):
 def test_cli_rejects_bad_ranks(capsys):
     assert main(["collective", "h100-sxm", "--ranks", "9"]) == 2
     assert "--ranks=9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--size", "-5 MiB"], "--size '-5 MiB' must be > 0"),
+    (["--size", "0"], "--size '0' must be > 0"),
+    (["--size", "1e400"], "not a finite number"),
+    (["--size", "lots"], "cannot read 'lots'"),
+    (["--tokens", "-3", "--algorithm", "deepep_ll"], "--tokens=-3 must be >= 1"),
+    (["--tokens", "8", "--hidden", "-5"], "--hidden=-5 must be >= 1"),
+    (["--tokens", "8", "--top-k", "999"], "--top-k=999 must be <= --experts=256"),
+    (["--tokens", "8", "--experts", "-8"], "--experts=-8 must be >= 1"),
+    (["--tokens", "8", "--groups", "-2"], "--groups=-2 must be >= 1"),
+    (["--tokens", "8", "--seed", "-1"], "--seed=-1 must be >= 0"),
+    (["--nodes", "0"], "--nodes=0 must be >= 1"),
+    (["--ranks", "0"], "--ranks=0 must be >= 1"),
+])
+def test_cli_bad_options_are_bad_input_naming_the_option(capsys, args, named):
+    # Out-of-range options once reached numpy (negative dimensions) or the flow model (negative
+    # bytes) and were reported as internal errors (exit 3); they are the user's input (exit 2).
+    assert main(["collective", "h100-sxm", *args]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "internal error" not in err

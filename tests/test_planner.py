@@ -623,3 +623,15 @@ def test_robust_score_is_mean_and_worst_of_the_windows():
              for part in objective.time_windows(choices[1], 3, ctx.ep)]
     assert worst(1, table) == pytest.approx(max(times))
     assert mean(1, table) == pytest.approx(np.mean(times))
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--seed", "-1"], "--seed=-1 must be >= 0"),
+    (["--max-evaluations", "-1"], "--max-evaluations=-1 must be >= 0"),
+])
+def test_plan_cli_refuses_negative_seed_and_budget(tmp_path, capsys, args, named):
+    from moesim.cli import main
+    assert main(["plan", "tiny-cpu", "-o", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "internal error" not in err
+    assert not (tmp_path / "out").exists()

@@ -178,6 +178,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.eval_sample is not None and args.eval_sample < 1:
         raise ScenarioError(f"--eval-sample={args.eval_sample} must be >= 1 tokens",
                             field="--eval-sample")
+    if args.seed is not None and args.seed < 0:
+        raise ScenarioError(f"--seed={args.seed} must be >= 0", field="--seed")
+    if args.max_evaluations < 0:
+        raise ScenarioError(f"--max-evaluations={args.max_evaluations} must be >= 0 (0: EPLB's "
+                            "plan for every layer)", field="--max-evaluations")
     if args.failed_devices is not None:
         if args.planner:
             raise ScenarioError("--failed-devices re-plans the current placement; no planner "
