@@ -261,6 +261,9 @@ def import_aiconfigurator(args: argparse.Namespace) -> Path:
     if not isinstance(base_data, dict) or "calibration" in base_data:
         raise ScenarioError("--base-profile must be a datasheet profile (a mapping without a "
                             "`calibration` section)", source=str(base_path))
+    output = writable_output(Path(args.output or
+                                  f"{base_data.get('name', base_path.stem)}-aic-{args.backend}"
+                                  ".yaml"))
     per_node = (base_data.get("node") or {}).get("devices_per_node", 8)
     kernels, collectives, summary, version = aic.import_tables(
         root, args.system, args.backend, args.version, devices_per_node=int(per_node))
@@ -290,13 +293,31 @@ def import_aiconfigurator(args: argparse.Namespace) -> Path:
               f"Device, links and their sources: moesim's datasheet profile {base} "
               f"({base_path.name}), unchanged.",
               f"Written by: {command}"]
-    output = Path(args.output or f"{name}.yaml").resolve()
     text = aic.build_profile_text(base_path.read_text(encoding="utf-8"), base, name,
                                   calibration, header)
     aic.write_atomically(output, text)
     for line in summary:
         print(line)
     return output
+
+
+def writable_output(path: Path) -> Path:
+    """``path`` resolved, once its folder is known to take a new file (made if missing), so a
+    calibration or an import never runs only to fail writing its profile.
+
+    Raises
+    ------
+    MoESimError
+        ``path`` is a folder, or its folder cannot be made or written.
+    """
+    from moesim.results import check_output_dir
+
+    path = path.resolve()
+    if path.is_dir():
+        raise MoESimError(f"-o {path}: is a folder; give the profile's file name, e.g. "
+                          f"{path / 'profile.yaml'}")
+    check_output_dir(path.parent, what="-o folder")
+    return path
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -309,7 +330,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"wrote           {output}")
         print(f"use it with     --set cluster.hardware={output}   (or cluster: {{hardware: ...}})")
         return 0
-    output = Path(args.output or f"measured-{socket.gethostname()}.yaml").resolve()
+    output = writable_output(Path(args.output or f"measured-{socket.gethostname()}.yaml"))
     calibrate(output, args)
     for line in describe(output):
         print(line)

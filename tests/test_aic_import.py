@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +439,33 @@ def test_wide_ep_decode_reads_sglangs_wide_ep_mla_module(profile_path):
     plain = KernelTimer(model, profile.device, "fp8", "fp8", "bf16", tables=tables,
                         inference=True, kv_dtype="fp8", fp8_block=True)
     assert plain.attention(8, 2048, 8 * 2048) == pytest.approx(1.3e-4 + glue)
+
+
+def test_an_unwritable_output_is_refused_before_any_table_is_read(aic_data, tmp_path, capsys,
+                                                                  monkeypatch):
+    # The output is checked first: the import (and the torch suite) never run only to fail
+    # writing the profile, and a folder given as -o is named as such.
+    from moesim import aic_import
+
+    def never(*args, **kwargs):
+        raise AssertionError("tables read before the output was checked")
+
+    monkeypatch.setattr(aic_import, "import_tables", never)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):      # root ignores the mode: use a path under a file
+            target = tmp_path / "a-file" / "p.yaml"
+            (tmp_path / "a-file").write_text("x")
+        else:
+            target = locked / "p.yaml"
+        assert _import(aic_data, target) == 2
+        assert "-o folder" in capsys.readouterr().err
+        assert _import(aic_data, tmp_path) == 2
+        assert "is a folder" in capsys.readouterr().err
+        assert cli.main(["calibrate", "--tiny", "-o", str(target)]) == 2
+        assert "-o folder" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+    assert not target.exists()
