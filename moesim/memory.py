@@ -21,7 +21,7 @@ from moesim.layout import Layout
 from moesim.spec.hardware import dtype_bytes
 from moesim.spec.scenario import Scenario
 
-__all__ = ["MemoryBreakdown", "stage_memory", "check_memory"]
+__all__ = ["MemoryBreakdown", "stage_memory", "check_memory", "zero3_regathers"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,16 @@ def stage_params(s: Scenario, layout: Layout, stage: int) -> tuple[float, float]
     return dense / par.tp, float(experts)
 
 
+def zero3_regathers(s: Scenario) -> bool:
+    """Whether a ZeRO-3 block's parameters are gathered again for its backward
+    (``communication.zero3_reshard``; ``auto``: not under pipeline parallelism, as
+    torchtitan-style FSDP2 stacks set ``reshard_after_forward``)."""
+    mode = s.communication.zero3_reshard
+    if mode == "auto":
+        return s.parallelism.pp == 1
+    return mode == "after_forward"
+
+
 def mtp_blocks(s: Scenario) -> int:
     """Multi-token-prediction modules the last stage trains (DeepSeek-V3: 1); serving runs
     none (they only draft tokens for speculative decoding, not modelled)."""
@@ -120,6 +130,13 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
     shard_expert = expert_dp if zero >= 3 else 1
     dense_w = dense * wb / shard_dense
     expert_w = experts * wb / shard_expert
+    if zero >= 3:
+        # Gathered copies while blocks run: the stage's parameters stay gathered from forward
+        # to backward, else the running block's and the prefetched next one's.
+        held = 1.0 if not zero3_regathers(s) else min(1.0, 2.0 / max(len(
+            layout.stage_layers(stage)), 1))
+        dense_w += held * dense * wb * (1 - 1 / shard_dense)
+        expert_w += held * experts * wb * (1 - 1 / shard_expert)
     grads = opt = acts = kv = 0.0
     in_flight: float
     tokens = tokens_per_microbatch(s)

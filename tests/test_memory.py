@@ -37,9 +37,19 @@ def test_zero3_shards_weights_and_redundant_slots_cost_memory(make_scenario):
                        "placement": {"redundant_experts": 2}})
     m = stage_memory(s, _layout(s), 0)
     slots = (EXPERTS + 2) // 2                           # 3 slots per device
-    assert m.dense_weights == DENSE * 2 / 4
-    assert m.expert_weights == LAYERS * slots * EXPERT * 2 / 2   # expert-DP = 4 / 2
+    # The shard, plus gathered copies of 2 of the 4 blocks (running and prefetched; without
+    # pipeline parallelism a block's parameters are freed after its forward): the other 3/4
+    # of half the parameters.
+    assert m.dense_weights == DENSE * 2 / 4 + 0.5 * DENSE * 2 * (1 - 1 / 4)
+    assert m.expert_weights == (LAYERS * slots * EXPERT * 2 / 2           # expert-DP = 4 / 2
+                                + 0.5 * LAYERS * slots * EXPERT * 2 * (1 - 1 / 2))
     assert m.gradients == DENSE * 4 / 4 + LAYERS * slots * EXPERT * 4 / 2
+    # Kept from forward to backward, every block is gathered at once: the whole weights.
+    kept = make_scenario({"parallelism": {"zero_stage": 3, "dp": 4, "ep": 2},
+                          "placement": {"redundant_experts": 2},
+                          "communication": {"zero3_reshard": "after_backward"}})
+    k = stage_memory(kept, _layout(kept), 0)
+    assert k.dense_weights == DENSE * 2 and k.expert_weights == LAYERS * slots * EXPERT * 2
 
 
 def test_decode_kv_cache_by_hand(make_scenario):

@@ -5,7 +5,7 @@ collectives of :mod:`moesim.network` on the bottleneck link between the ranks in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from moesim.spec.hardware import LinkSpec, dtype_bytes
 from moesim.topology import Topology
 
 __all__ = ["DP_ALGORITHMS", "link_between", "tp_all_reduce_time", "p2p_time", "dp_sync_time",
-           "gradient_bytes_per_param"]
+           "gradient_bytes_per_param", "sharded_block_times", "prefetched_makespan"]
 
 
 def link_between(topology: Topology, a: int, b: int) -> tuple[float, float]:
@@ -59,13 +59,13 @@ def gradient_bytes_per_param(ctx: PricingContext) -> float:
     return dtype_bytes(ctx.scenario.precision.gradients)
 
 
-def _ring(ctx: PricingContext, nbytes: float, members: np.ndarray) -> float:
-    """Ring all-reduce over ``members`` on their bottleneck link, in the measured regimes of
-    its link class when every hop is of one class that has them (scaled to the topology's
-    capacity, which bandwidth overrides may change)."""
+def _ring(ctx: PricingContext, nbytes: float, members: np.ndarray,
+          op: str = "allreduce") -> float:
+    """Ring ``op`` (all-reduce by default) of an ``nbytes`` buffer over ``members`` on their
+    bottleneck link, in the measured regimes of its link class when every hop is of one class
+    that has them (scaled to the topology's capacity, which bandwidth overrides may change)."""
     bw, lat = _bottleneck(ctx.topology, members)
-    return network.ring_time("allreduce", nbytes, int(members.size), bw, lat,
-                             _ring_class(ctx, members))
+    return network.ring_time(op, nbytes, int(members.size), bw, lat, _ring_class(ctx, members))
 
 
 def _ring_class(ctx: PricingContext, members: np.ndarray) -> LinkSpec | None:
@@ -112,9 +112,13 @@ def _bottleneck(topology: Topology, members: np.ndarray) -> tuple[float, float]:
 
 def dp_sync_time(ctx: PricingContext, stage: int) -> float:
     """Gradient reduction of one stage: dense parameters over dp, expert parameters over the
-    expert-data-parallel group, with ``communication.dp_algorithm``."""
+    expert-data-parallel group, with ``communication.dp_algorithm``. None at the end of a
+    ZeRO-3 step: each block's gradients were reduce-scattered in its backward
+    (:func:`sharded_block_times`)."""
     s, layout = ctx.scenario, ctx.layout
     par = s.parallelism
+    if par.zero_stage >= 3:
+        return 0.0
     name = s.communication.dp_algorithm
     if name not in DP_ALGORITHMS:
         raise ScenarioError(f"unknown dp_algorithm {name!r} (allowed: "
@@ -132,3 +136,74 @@ def dp_sync_time(ctx: PricingContext, stage: int) -> float:
         members = ranks[::stride][:group_size]
         total += algorithm(ctx, params * per_param, members)
     return total
+
+
+# --- ZeRO-3 / FSDP: parameters gathered per block, gradients reduce-scattered per block ---
+
+
+def sharded_block_times(ctx: PricingContext, stage: int, layer: int | str
+                        ) -> tuple[float, float]:
+    """(all-gather, reduce-scatter) seconds of block ``layer`` on a device of ``stage`` under
+    ZeRO-3 / FSDP: its dense parameters (this TP rank's attention, dense FFN or shared experts
+    and router) sharded over the dp group, its expert slots over the expert-data-parallel
+    group, as :func:`dp_sync_time` groups them; ``"embedding"`` / ``"lm_head"``: the input
+    embedding / the output head (none for a head tied to the embedding of a single stage). The
+    all-gather moves the parameters in the weight dtype before a pass over the block, the
+    reduce-scatter the gradients in the gradient dtype after its backward; both are NCCL rings
+    (the measured regimes of the link class where it has them)."""
+    s, layout, m = ctx.scenario, ctx.layout, ctx.scenario.model
+    par = s.parallelism
+    experts = 0.0
+    if layer == "embedding":
+        dense = float(m.vocab_size * m.hidden_size)
+    elif layer == "lm_head":
+        tied = m.tie_embeddings and par.pp == 1
+        dense = 0.0 if tied else float(m.vocab_size * m.hidden_size)
+    else:
+        moe = layout.moe_index(int(layer)) is not None
+        dense = m.attention_params + (m.shared_expert_params + m.num_experts * m.hidden_size
+                                      if moe else m.dense_ffn_params)
+        slots = (m.num_experts + s.placement.redundant_experts) // par.ep
+        experts = slots * m.expert_params if moe else 0.0
+    ranks = layout.stage_ranks(stage)
+    weight, grad = dtype_bytes(s.precision.weights), gradient_bytes_per_param(ctx)
+    gather = scatter = 0.0
+    for params, group_size, stride in ((dense / par.tp, par.dp, par.tp),
+                                       (experts, layout.expert_dp, par.ep)):
+        if group_size <= 1 or params == 0:
+            continue
+        members = ranks[::stride][:group_size]
+        gather += _ring(ctx, params * weight, members, "allgather")
+        scatter += _ring(ctx, params * grad, members, "reducescatter")
+    return gather, scatter
+
+
+def prefetched_makespan(gathers: Sequence[float], compute: Sequence[float],
+                        scatters: Sequence[float] | None = None) -> float:
+    """Seconds of a chunk of blocks whose parameters stream in ahead of their compute.
+
+    Block ``i`` computes for ``compute[i]`` once its parameters are gathered (``gathers[i]``)
+    and the previous block is done. One communication stream runs, in issue order: block 0's
+    gather at the start, block ``i + 1``'s gather when block ``i`` starts (FSDP's one-block
+    prefetch), block ``i``'s gradient reduce-scatter (``scatters[i]``) when it ends. Returns
+    when the last compute and the last reduce-scatter are done.
+
+    >>> prefetched_makespan([2.0, 2.0, 2.0], [1.0, 1.0, 1.0])   # communication-bound: 2+2+2+1
+    7.0
+    >>> prefetched_makespan([1.0, 1.0], [3.0, 3.0], [1.0, 1.0])   # hidden but the ends: 1+3+3+1
+    8.0
+    """
+    n = len(compute)
+    if n == 0:
+        return 0.0
+    scatters = [0.0] * n if scatters is None else scatters
+    gathered = [0.0] * n
+    stream = gathered[0] = gathers[0]
+    done = 0.0
+    for i in range(n):
+        start = max(done, gathered[i])
+        if i + 1 < n:
+            stream = gathered[i + 1] = max(stream, start) + gathers[i + 1]
+        done = start + compute[i]
+        stream = max(stream, done) + scatters[i]
+    return max(done, stream)

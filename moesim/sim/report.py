@@ -12,7 +12,7 @@ from moesim.sim.streams import ChunkRun
 
 __all__ = ["build_result", "compute_busy", "exposure", "rep_device"]
 
-PRIORITY = ("compute", "alltoall", "tp_comm")
+PRIORITY = ("compute", "alltoall", "tp_comm", "shard_comm")
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -49,7 +49,8 @@ def _subtract(intervals, covered):
 
 def exposure(run: ChunkRun, device: int) -> dict[str, float]:
     """Seconds of the chunk that ``device`` spends per category, compute first, then exposed
-    all-to-all, then exposed TP communication, then idle (waiting at barriers)."""
+    all-to-all, then exposed TP communication, then ZeRO-3 parameter and gradient traffic,
+    then idle (waiting at barriers)."""
     covered: list[tuple[float, float]] = []
     out = {}
     for category in PRIORITY:
@@ -105,7 +106,7 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
     breakdown = {
         "compute": parts["compute"],
         "exposed_alltoall": parts["alltoall"],
-        "exposed_other_comm": parts["tp_comm"] + dp_exposed[critical],
+        "exposed_other_comm": parts["tp_comm"] + parts["shard_comm"] + dp_exposed[critical],
         "imbalance_wait": parts["idle"],      # waiting at all-to-alls for the layer's straggler
         "pipeline_bubble": 0.0,           # warm-up/cool-down, waiting for other stages
     }

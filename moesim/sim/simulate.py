@@ -19,9 +19,14 @@ import numpy as np
 from moesim.errors import ScenarioError
 from moesim.kernels import overlapped_compute_slowdown
 from moesim.layout import Layout
-from moesim.memory import check_memory, mtp_blocks, tokens_per_microbatch
+from moesim.memory import check_memory, mtp_blocks, tokens_per_microbatch, zero3_regathers
 from moesim.placement.placement import Placement
-from moesim.pricing.collectives import dp_sync_time, p2p_time
+from moesim.pricing.collectives import (
+    dp_sync_time,
+    p2p_time,
+    prefetched_makespan,
+    sharded_block_times,
+)
 from moesim.pricing.context import PricingContext, scenario_topology
 from moesim.pricing.step import heads_time, micro_batches, optimizer_time
 from moesim.results import Result
@@ -195,6 +200,7 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: Engine
     slowdown = overlapped_compute_slowdown(s.hardware.device)
     runs = {}
     mtp = mtp_blocks(s)
+    sharded = s.workload.mode == "training" and par.zero_stage >= 3
     for stage, chunks in enumerate(layout.chunk_layers()):
         for c, layers in enumerate(chunks):
             blocks = [costs.block(layer) for layer in layers]
@@ -208,8 +214,40 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: Engine
                                 overlap=s.communication.overlap, comm_slowdown=slowdown)
                 ops = _with_ends(ops, costs, stage, c, backward)
                 ops = _slowed(ops, costs, stage)
-                runs[(stage, kind, c)] = engine(ops, costs, stage)
+                run = engine(ops, costs, stage)
+                if sharded:
+                    wait = _sharded_params_wait(run, costs.ctx, stage, backward)
+                    if wait > 0:
+                        run = engine(_chain(ops, Op("sharded_params", "comm", "shard_comm",
+                                                    np.full(par.ep, wait), (), -1),
+                                            at_end=False), costs, stage)
+                runs[(stage, kind, c)] = run
     return runs
+
+
+def _sharded_params_wait(run: ChunkRun, ctx: PricingContext, stage: int,
+                         backward: bool) -> float:
+    """Seconds a ZeRO-3 chunk waits for block parameters and gradient reduce-scatters beyond
+    its own run: :func:`moesim.pricing.collectives.prefetched_makespan` over the chunk's blocks
+    in execution order (each block's span on its slowest device; the embedding and the LM head
+    as blocks of their own), less the run's makespan. Backward gathers the parameters again only
+    where :func:`moesim.memory.zero3_regathers` says so; forward reduces none."""
+    order: list[int | str] = []
+    ends: dict[int | str, float] = {}
+    for i, op in enumerate(run.ops):
+        key: int | str = op.layer if op.layer >= 0 else op.name   # embedding, lm_head
+        if key not in ends:
+            order.append(key)
+        ends[key] = max(ends.get(key, 0.0), float(run.end[i].max()))
+    if not order:
+        return 0.0
+    marks = [ends[key] for key in order]
+    marks[-1] = run.makespan
+    spans = np.diff([0.0, *marks]).clip(min=0.0)
+    times = [sharded_block_times(ctx, stage, key) for key in order]
+    gathers = [g if (not backward or zero3_regathers(ctx.scenario)) else 0.0 for g, _ in times]
+    scatters = [r for _, r in times] if backward else None
+    return max(0.0, prefetched_makespan(gathers, spans.tolist(), scatters) - run.makespan)
 
 
 def _with_ends(ops: list[Op], costs: CostModel, stage: int, chunk: int,

@@ -111,6 +111,10 @@ class CommunicationSpec:
     overlap: Literal["none", "shared_expert", "two_batch"] = "none"
     dp_overlap: bool = spec_field(True, doc="gradient reduce overlaps the last backward pass")
     dp_algorithm: Literal["ring", "tree", "hierarchical"] = "ring"
+    # ZeRO-3 / FSDP: when a block's gathered parameters are freed. after_forward: re-gathered
+    # for its backward (FSDP2's default); after_backward: kept from forward to backward; auto:
+    # after_backward under pipeline parallelism, else after_forward (torchtitan-style stacks).
+    zero3_reshard: Literal["auto", "after_forward", "after_backward"] = "auto"
 
 
 # What selective recomputation can re-run in the backward (Megatron-Core's recompute_modules):
