@@ -38,7 +38,13 @@ from functools import cached_property
 import numpy as np
 
 from moesim.calibration import MeasuredTables
-from moesim.kernels import gemm_time, grouped_gemm_time, memory_time, padded
+from moesim.kernels import (
+    attention_head_dim_factor,
+    gemm_time,
+    grouped_gemm_time,
+    memory_time,
+    padded,
+)
 from moesim.spec.hardware import DeviceSpec, dtype_bytes
 from moesim.spec.model import ModelSpec
 
@@ -233,11 +239,18 @@ class KernelTimer:
             compute = tokens * per_pair * attended / self.tp / (dev.flops("bf16") * eff)
             return max(compute, memory) + dev.kernel_overhead
         fused = dev.attention_efficiency
+        forward_share = 1.0
         if self.inference and dev.prefill_attention_efficiency:
             fused = dev.prefill_attention_efficiency
+        elif not self.inference:
+            # Training: forward and backward take 3 forwards' time at the mixed efficiency; the
+            # forward alone runs at the prefill efficiency, which gives its share of the time
+            # (without one: its FLOP share, 1 of the 1 + 2.5 forwards' worth of the two passes).
+            prefill = dev.prefill_attention_efficiency
+            forward_share = min(1.0, fused / (3 * prefill)) if fused and prefill else 1 / 3.5
         if fused:
             flops = tokens * m.attention_core_flops_per_token(context) / self.tp
-            eff = fused
+            eff = fused * attention_head_dim_factor(qk, v, dev, forward_share=forward_share)
         else:
             # Attention as matmuls: QK^T contracts over the head dim, AV outputs head-dim
             # columns; both are padded to the matmul tile (a 64-wide head half-fills a 128 MXU).

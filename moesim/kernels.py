@@ -34,6 +34,7 @@ import numpy as np
 from moesim.spec.hardware import DeviceSpec
 
 __all__ = ["padded", "gemm_tiles", "waves", "matmul_efficiency", "gemm_time", "grouped_gemm_time",
+           "attention_head_dim_factor",
            "memory_time", "overlapped_compute_slowdown"]
 
 
@@ -153,6 +154,43 @@ def grouped_gemm_time(tokens: np.ndarray, n: float, k: float, device: DeviceSpec
     nbytes = t.size * k * n * b_bytes + rows * (k * a_bytes + n * c_bytes)
     memory = memory_time(nbytes, device, kernels=0, efficiency=mem_eff)
     return max(compute, memory) + device.kernel_overhead
+
+
+REFERENCE_HEAD_DIM = 128   # the head dim the profiles' fused-attention efficiencies were measured at
+
+
+def attention_head_dim_factor(qk: float, v: float, device: DeviceSpec, *,
+                              forward_share: float = 1.0) -> float:
+    """Factor on a fused attention kernel's efficiency for query/key head dim ``qk`` and value
+    head dim ``v``, against the 128/128 heads its efficiency was measured at.
+
+    Per score element a flash-attention pass does ``F`` matmul FLOPs on the tensor cores (the
+    forward ``2 qk + 2 v``: QK^T and PV; the backward ``6 qk + 4 v``: S again, dP, dV, dK, dQ)
+    and one exponential on the special-function units, which do not overlap fully, so a pass
+    reaches ``F / (F + r)`` of its matmul rate, ``r`` = matmul peak / special-function rate
+    (H100: 989 / 3.9 = 254; FlashAttention-3, Shah et al. 2024, sec. 3: at head dim 128 the
+    exponentials take half the matmuls' cycles). The factor is that fraction over its value at
+    128/128, per pass, mixed by time: ``forward_share`` of the reference time is the forward
+    (1 for an inference forward). 1 without a ``special_function_rate``.
+
+    >>> d = DeviceSpec(name="x", peak_flops={"bf16": 254.0}, memory=1.0, memory_bandwidth=1.0,
+    ...                special_function_rate=1.0)
+    >>> round(attention_head_dim_factor(64, 64, d), 4)     # (256/510) / (512/766)
+    0.751
+    """
+    if not device.special_function_rate:
+        return 1.0
+    r = device.flops("bf16") / device.special_function_rate
+    ref = REFERENCE_HEAD_DIM
+
+    def ratio(flops: float, reference: float) -> float:
+        return (flops / (flops + r)) / (reference / (reference + r))
+
+    forward = ratio(2 * qk + 2 * v, 4 * ref)
+    if forward_share >= 1.0:
+        return forward
+    backward = ratio(6 * qk + 4 * v, 10 * ref)
+    return 1.0 / (forward_share / forward + (1.0 - forward_share) / backward)
 
 
 def overlapped_compute_slowdown(device: DeviceSpec) -> float:

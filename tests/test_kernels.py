@@ -12,6 +12,7 @@ import pytest
 from moesim.compute import KernelTimer, roofline
 from moesim.errors import ScenarioError
 from moesim.kernels import (
+    attention_head_dim_factor,
     gemm_time,
     grouped_gemm_time,
     memory_time,
@@ -204,6 +205,30 @@ def test_inference_prefill_attention_runs_the_forward_alone():
         flops / 0.4e12)
     assert KernelTimer(m, d, inference=True)._attention_core(tokens, context, 0) == (
         pytest.approx(flops / 0.8e12))
+
+
+def test_narrow_heads_pay_the_softmax_exponentials():
+    # Matmul peak 254x the exp rate (H100: 989 / 3.9). Per score element a 64-wide head's
+    # forward does 2*64 + 2*64 = 256 matmul FLOPs and one exp: 256 / (256 + 254) of the matmul
+    # rate, against 512 / (512 + 254) at the 128-wide heads the efficiencies were measured at;
+    # its backward 6*64 + 4*64 = 640 against 1280.
+    m = load_model("tiny-cpu")
+    d = toy(peak_flops={"bf16": 1e12}, sm_count=0, attention_efficiency=0.4,
+            prefill_attention_efficiency=0.8, special_function_rate=1e12 / 254)
+    fwd = (256 / 510) / (512 / 766)
+    bwd = (640 / 894) / (1280 / 1534)
+    tokens, context = 1000, 500
+    flops = tokens * 2 * 4 * 128 * context
+    assert KernelTimer(m, d, inference=True)._attention_core(tokens, context, 0) == (
+        pytest.approx(flops / (0.8e12 * fwd)))
+    # Training: the forward is 0.4 / (3 x 0.8) = 1/6 of the two passes' time at 128.
+    train = 1 / ((1 / 6) / fwd + (5 / 6) / bwd)
+    assert KernelTimer(m, d)._attention_core(tokens, context, 0) == pytest.approx(
+        flops / (0.4e12 * train))
+    assert attention_head_dim_factor(128, 128, d, forward_share=1 / 6) == pytest.approx(1.0)
+    # DeepSeek-V3's MLA (192-wide queries and keys, 128-wide values) runs a little faster.
+    assert attention_head_dim_factor(192, 128, d) == pytest.approx((640 / 894) / (512 / 766))
+    assert attention_head_dim_factor(64, 64, toy()) == 1.0    # no rate given: not modelled
 
 
 def test_decode_attention_streams_the_kv_cache_at_its_own_efficiency():

@@ -71,6 +71,10 @@ class DeviceSpec:
     prefill_attention_efficiency: float | None = spec_field(None, gt=0, max=1.0)
     decode_attention_efficiency: float | None = spec_field(None, gt=0, max=1.0)
     mla_decode_efficiency: float | None = spec_field(None, gt=0, max=1.0)
+    # Special-function (exp) results per second: a fused attention kernel's softmax runs on
+    # them beside the matmuls, so heads narrower than the 128 the attention efficiencies were
+    # measured at run further below peak (0 = not modelled: one efficiency for every head dim).
+    special_function_rate: float = spec_field(0.0, unit="flops", min=0)
     # Fraction of the SMs an expert-parallel communication kernel holds while it overlaps
     # compute (DeepEP-style kernels run on SMs); compute sharing the device slows down.
     comm_sm_fraction: float = spec_field(0.0, min=0, max=0.9)
