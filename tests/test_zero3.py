@@ -81,3 +81,16 @@ def test_a_communication_bound_zero3_step_is_the_gathers_and_scatters(make_scena
     assert times[0] == times[-1] == sharded_block_times(ctx, 0, "lm_head")
     assert times[0][0] == pytest.approx(ring_all_gather(
         1000 * H * 2, 4, *_bottleneck(ctx.topology, [0, 1, 2, 3])), rel=1e-12)
+
+
+def test_the_search_screen_prices_zero3_as_the_simulator(make_scenario):
+    # Two paths: the closed-form screen (block sums) and the simulator (the run's block spans)
+    # put the same gathers and reduce-scatters on the same prefetching stream. With slow NICs
+    # the step is all ZeRO-3 traffic, so the two agree closely.
+    from moesim.search.screen import screen_layout
+
+    slow = {"links": {"scale_out": {"bandwidth": "10 MB/s"}}}
+    s = make_scenario(ZERO3, slow)
+    ctx = PricingContext.from_scenario(s)
+    screened = screen_layout(s, ctx.topology).step_time
+    assert screened == pytest.approx(simulate(s).result.step_time, rel=0.03)

@@ -9,7 +9,8 @@ compute ``c`` and communication ``m``); ``shared_expert`` hides the dispatch beh
 experts. The pipeline is 1F1B with the bubble formula: ``(micro_batches + (pp - 1) / vp) x
 (F + B)`` of the slowest stage, plus pipeline sends; forward-only for serving. Then the exposed
 data-parallel gradient sync (hidden behind the last backward chunk when ``dp_overlap``) and the
-optimizer step. It ignores the overlapped-compute slowdown and planner placements (priced as
+optimizer step; under ZeRO-3, each chunk's wait for block parameters and gradient
+reduce-scatters instead, as the simulator prices it. It ignores the overlapped-compute slowdown and planner placements (priced as
 contiguous), so it ranks layouts; the simulator gives the numbers.
 """
 
@@ -20,12 +21,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from moesim.layout import Layout
-from moesim.memory import check_memory, mtp_blocks
+from moesim.memory import check_memory, mtp_blocks, zero3_regathers
 from moesim.placement.baselines import contiguous
 from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import layer_alltoall_times
 from moesim.pricing.block import attention_part, selective_recompute_time
-from moesim.pricing.collectives import dp_sync_time, p2p_time
+from moesim.pricing.collectives import (
+    dp_sync_time,
+    p2p_time,
+    prefetched_makespan,
+    sharded_block_times,
+)
 from moesim.pricing.context import PricingContext
 from moesim.pricing.moe_layer import expert_times, layer_traffic, permute_time
 from moesim.pricing.step import heads_time, micro_batches, model_flops_per_token, optimizer_time
@@ -175,6 +181,47 @@ def _blocks(s: Scenario, topology: Topology, cache: dict | None
     return found
 
 
+def _sharded_waits(ctx: PricingContext, layout: Layout, stage: int, moe: BlockTimes | None,
+                   dense: BlockTimes, full: bool, heads: float, embedding: float,
+                   cache: dict) -> tuple[float, float]:
+    """ZeRO-3: seconds a micro-batch's forward and backward chunks of ``stage`` wait for block
+    parameters and gradient reduce-scatters beyond their compute (the simulator's
+    :func:`~moesim.pricing.collectives.prefetched_makespan` over the blocks' screened times)."""
+    par = ctx.scenario.parallelism
+    regather = zero3_regathers(ctx.scenario)
+    waits = [0.0, 0.0]
+    for c, chunk in enumerate(layout.chunk_layers()[stage]):
+        keys: list[int | str] = list(chunk)
+        first, last = stage == 0 and c == 0, stage == par.pp - 1 and c == par.vp - 1
+        keys = (["embedding"] if first else []) + keys + (["lm_head"] if last else [])
+        spans, gathers, scatters = [], [], []
+        for key in keys:
+            kind = key if isinstance(key, str) else (
+                "moe" if layout.moe_index(key) is not None else "dense")
+            ck = ("zero3", par.tp, par.pp, par.ep, par.dp, stage, kind)
+            if ck not in cache:
+                cache[ck] = sharded_block_times(ctx, stage, key)
+            g, r = cache[ck]
+            bt = moe if kind == "moe" and moe is not None else dense
+            if kind == "embedding":
+                fwd = embedding
+            elif kind == "lm_head":
+                fwd = heads
+            else:
+                fwd = bt.compute + bt.comm
+            bwd = 2 * fwd if isinstance(key, str) else (
+                2 * bt.compute + bt.comm + (bt.compute if full else bt.recompute))
+            spans.append((fwd, bwd))
+            gathers.append(g)
+            scatters.append(r)
+        forward = [sp[0] for sp in spans]
+        waits[0] += prefetched_makespan(gathers, forward) - sum(forward)
+        backward = [sp[1] for sp in spans][::-1]
+        again = gathers[::-1] if regather else [0.0] * len(gathers)
+        waits[1] += prefetched_makespan(again, backward, scatters[::-1]) - sum(backward)
+    return waits[0], waits[1]
+
+
 def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) -> Screened:
     """Closed-form step estimate of ``s`` on ``topology``; raises OutOfMemory if it does not fit.
 
@@ -195,6 +242,7 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
     heads = heads_time(ctx)
     embedding = ctx.timer.embedding(ctx.microbatch_tokens)
     fwd_stage, bwd_stage = [], []
+    sharded = train and par.zero_stage >= 3
     for stage in range(par.pp):
         f = b = 0.0
         layers = layout.stage_layers(stage)
@@ -211,6 +259,9 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
             f, b = f + heads, b + 2 * heads
         if stage == 0:
             f, b = f + embedding, b + 2 * embedding
+        if sharded:
+            waits = _sharded_waits(ctx, layout, stage, moe, dense, full, heads, embedding, cache)
+            f, b = f + waits[0], b + waits[1]
         fwd_stage.append(f)
         bwd_stage.append(b if train else 0.0)
     mbs = micro_batches(s)

@@ -180,7 +180,7 @@ def default_ranges(spec: SearchSpec) -> dict[str, tuple]:
         "parallelism.vp": [1, 2, 4, 8] if train else [1],
         "workload.micro_batch": [1, 2] if wl.mode != "decode" else
         [b for b in _powers(4096)],
-        "parallelism.zero_stage": [1, 2] if train else [par.zero_stage],
+        "parallelism.zero_stage": [1, 2, 3] if train else [par.zero_stage],
         "memory.recompute": ["none", "selective", "full"] if train else [s.memory.recompute],
         "communication.overlap": ["none", "two_batch"],
         "communication.alltoall": [],
