@@ -112,9 +112,9 @@ def _bottleneck(topology: Topology, members: np.ndarray) -> tuple[float, float]:
 
 def dp_sync_time(ctx: PricingContext, stage: int) -> float:
     """Gradient reduction of one stage: dense parameters over dp, expert parameters over the
-    expert-data-parallel group, with ``communication.dp_algorithm``. None at the end of a
-    ZeRO-3 step: each block's gradients were reduce-scattered in its backward
-    (:func:`sharded_block_times`)."""
+    expert-data-parallel group, with ``communication.dp_algorithm``. Nothing is left to
+    reduce at the end of a ZeRO-3 step: each block's gradients were reduce-scattered in its
+    backward (:func:`sharded_block_times`), so 0."""
     s, layout = ctx.scenario, ctx.layout
     par = s.parallelism
     if par.zero_stage >= 3:
