@@ -142,6 +142,18 @@ class KernelTimer:
         return self.compute_dtype
 
     @property
+    def _high_dtype(self) -> str:
+        """The dtype of the kernels kept in high precision (attention core, router, LM head):
+        BF16 under BF16 and FP8 recipes, the compute dtype where that is wider (an FP32 or TF32
+        model runs them at its own rate, not at BF16's)."""
+        return self.compute_dtype if dtype_bytes(self.compute_dtype) > 2 else "bf16"
+
+    @property
+    def _high_bytes(self) -> float:
+        """Bytes per router / LM head weight: :data:`HIGH_PRECISION_BYTES`, or wider ones."""
+        return max(HIGH_PRECISION_BYTES, dtype_bytes(self._high_dtype))
+
+    @property
     def _wb(self) -> float:
         return dtype_bytes(self.weight_dtype)
 
@@ -236,7 +248,8 @@ class KernelTimer:
             else:
                 per_pair = 2.0 * a.num_heads * (qk + v)
                 eff = dev.attention_efficiency or dev.matmul_efficiency
-            compute = tokens * per_pair * attended / self.tp / (dev.flops("bf16") * eff)
+            compute = tokens * per_pair * attended / self.tp / (dev.flops(self._high_dtype)
+                                                                 * eff)
             return max(compute, memory) + dev.kernel_overhead
         fused = dev.attention_efficiency
         forward_share = 1.0
@@ -258,7 +271,7 @@ class KernelTimer:
             flops = 2.0 * tokens * a.num_heads * (qk_pad + v_pad) * attended / self.tp
             eff = dev.matmul_efficiency
         core_io = tokens * (2 * m.query_width + 2 * m.key_width) * self._ab / self.tp
-        compute = flops / (dev.flops("bf16") * eff)
+        compute = flops / (dev.flops(self._high_dtype) * eff)
         return max(compute, memory_time(core_io, dev, kernels=0)) + dev.kernel_overhead
 
     def attention(self, tokens: float, context: float, kv_tokens: float = 0.0) -> float:
@@ -304,8 +317,8 @@ class KernelTimer:
             measured = self.tables.gate(h, e, tokens)
             if measured is not None:
                 return measured
-        router = gemm_time(tokens, e, h, self.device, "bf16", a_bytes=self._ab,
-                           b_bytes=HIGH_PRECISION_BYTES, c_bytes=4)
+        router = gemm_time(tokens, e, h, self.device, self._high_dtype, a_bytes=self._ab,
+                           b_bytes=self._high_bytes, c_bytes=4)
         return router + self.top_k(tokens) + self.ffn_glue(tokens)
 
     def top_k(self, tokens: float) -> float:
@@ -425,8 +438,8 @@ class KernelTimer:
         h, v = self.model.hidden_size, self.model.vocab_size
 
         def model(m: float, n: float) -> float:
-            return gemm_time(m, n, h, self.device, "bf16", a_bytes=self._ab,
-                             b_bytes=HIGH_PRECISION_BYTES, c_bytes=4)
+            return gemm_time(m, n, h, self.device, self._high_dtype, a_bytes=self._ab,
+                             b_bytes=self._high_bytes, c_bytes=4)
 
         width = v / self.tp
         head = None

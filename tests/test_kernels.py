@@ -231,6 +231,23 @@ def test_narrow_heads_pay_the_softmax_exponentials():
     assert attention_head_dim_factor(64, 64, toy()) == 1.0    # no rate given: not modelled
 
 
+def test_an_fp32_model_runs_attention_router_and_head_at_the_fp32_rate():
+    # BF16 is kept for the attention core, router and LM head under BF16 and FP8 recipes; an
+    # FP32 model has no faster dtype to fall back on: at 1/10 of the BF16 peak the attention
+    # core takes 10x as long, and the MFU of such a step stays below 1 (it once read 1.2-2.1
+    # for Tutel's FP32 layer, P6's scenario, with attention timed at the BF16 peak).
+    m = load_model("tiny-cpu")
+    d = toy(peak_flops={"bf16": 1e12, "fp32": 1e11}, sm_count=0, attention_efficiency=0.5)
+    tokens, context = 1000, 500
+    flops = tokens * 2 * 4 * 128 * context
+    assert KernelTimer(m, d)._attention_core(tokens, context, 0) == pytest.approx(
+        flops / 0.5e12)
+    fp32 = KernelTimer(m, d, "fp32", "fp32", "fp32")
+    assert fp32._attention_core(tokens, context, 0) == pytest.approx(flops / 0.5e11)
+    # The router GEMM [1000, 256] x [256, 4]: FP32 weights and compute.
+    assert fp32.gate(tokens) > KernelTimer(m, d).gate(tokens)
+
+
 def test_decode_attention_streams_the_kv_cache_at_its_own_efficiency():
     # tiny-cpu GQA: 2 KV heads x 64 x 2 (K and V) x 2 B = 512 B per cached token per layer.
     m = load_model("tiny-cpu")
