@@ -253,3 +253,21 @@ def test_plot_of_a_bad_results_json_is_exit_2_and_writes_nothing(content, fragme
 def test_hostile_overrides_are_one_line_exit_2(override, capsys):
     assert main(["validate", str(TINY), "--set", override]) == 2
     assert one_line(capsys.readouterr().err).startswith(f"moesim: error: {TINY}: ")
+
+
+def test_a_scenario_too_big_for_memory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    # P6's layer on 2,048 GPUs: each MoE layer's replica split holds a float per (node of the EP
+    # group, expert, device): 256 x 4,096 x 2,048 x 8 B = 16 GiB per array, about four at once,
+    # 64 GiB. It used to run until the kernel killed it; now one line, exit 2, nothing written.
+    from moesim.sim.simulate import estimate_memory
+    from moesim.spec.scenario import load_scenario
+
+    p6 = REPO / "scenarios" / "published" / "p6-tutel-2dh-alltoall-2048xa100.yaml"
+    assert estimate_memory(load_scenario(p6)) == 4 * 8 * 256 * 4096 * 2048
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    assert main(["run", str(p6), "-o", str(tmp_path / "out")]) == 2
+    assert time.monotonic() - start < 10
+    err = one_line(capsys.readouterr().err)
+    assert "about 64 GiB" in err and "simulation.max_memory=16 GiB" in err
+    assert not (tmp_path / "out").exists()

@@ -164,3 +164,23 @@ def test_results_json_describes_its_run_and_rebuilds_it(tmp_path, monkeypatch, c
     assert again.to_dict()["breakdown"] == data["breakdown"]
     summary = (folder / "summary.txt").read_text()
     assert summary.splitlines()[1] == "overrides       seed=3, workload.seq_len=128"
+
+
+def test_a_resolved_scenario_with_quantities_reads_back(tmp_path, monkeypatch):
+    # Quantity fields (a bandwidth override, simulation.max_memory) are written with their SI
+    # unit: a bare number in a unit field is refused on reading, so results.json once recorded
+    # a scenario it could not rebuild.
+    import moesim
+    from moesim.spec.scenario import scenario_from_mapping
+    from tests.conftest import REPO
+    monkeypatch.chdir(tmp_path)
+    scenario = str(REPO / "scenarios" / "tiny-cpu.yaml")
+    assert main(["run", scenario, "--no-trace", "-o", "out",
+                 "--set", "cluster.scale_up_bandwidth=200 GB/s"]) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    resolved = data["resolved_scenario"]
+    assert resolved["cluster"]["scale_up_bandwidth"] == "200000000000.0 B/s"
+    assert resolved["simulation"]["max_memory"] == f"{16.0 * 2**30!r} B"
+    resolved.pop("source"), resolved.pop("hardware")
+    again = moesim.simulate(scenario_from_mapping(resolved, source="results.json")).result
+    assert again.to_dict()["step_time"] == data["step_time"]

@@ -205,10 +205,24 @@ def _check_bounds(value: float, meta: Any, source: str | None, path: str) -> Non
         raise ScenarioError(f"{value!r} must be <= {hi}", source=source, field=path)
 
 
+# The SI unit a quantity field is written back with, so a resolved scenario reads back as it was
+# (a bare number in a unit field is refused as ambiguous).
+SI_UNITS = {"bytes": "B", "bandwidth": "B/s", "flops": "FLOP/s", "time": "s"}
+
+
 def to_plain(obj: Any) -> Any:
-    """A dataclass tree as plain dicts/lists (for printing the resolved scenario and results)."""
+    """A dataclass tree as plain dicts/lists (for printing the resolved scenario and results);
+    a quantity field's number is written with its SI unit (``"17179869184.0 B"``)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            unit = SI_UNITS.get(f.metadata.get("unit") or "")
+            if unit and isinstance(value, int | float) and not isinstance(value, bool):
+                out[f.name] = f"{float(value)!r} {unit}"
+            else:
+                out[f.name] = to_plain(value)
+        return out
     if isinstance(obj, tuple | list):
         return [to_plain(v) for v in obj]
     if isinstance(obj, dict):

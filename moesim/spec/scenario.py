@@ -141,6 +141,8 @@ class SimulationSpec:
     # rate recomputation (0 = exact; 1e-2 keeps the all-to-all time within ~2%, 20x faster).
     network_rtol: float = spec_field(1e-2, min=0, max=0.1)
     max_seconds: float = spec_field(600.0, gt=0, doc="refuse scenarios estimated to take longer")
+    max_memory: float = spec_field(16 * 2**30, unit="bytes", gt=0,
+                                   doc="refuse scenarios estimated to need more memory")
 
 
 @dataclass(frozen=True, kw_only=True)
