@@ -259,7 +259,7 @@ def test_a_scenario_too_big_for_memory_is_refused_before_any_work(tmp_path, monk
     # P6's layer on 2,048 GPUs: each MoE layer's replica split holds a float per (node of the EP
     # group, expert, device): 256 x 4,096 x 2,048 x 8 B = 16 GiB per array, about four at once,
     # 64 GiB. It used to run until the kernel killed it; now one line, exit 2, nothing written.
-    from moesim.sim.simulate import estimate_memory
+    from moesim.pricing.context import estimate_memory
     from moesim.spec.scenario import load_scenario
 
     p6 = REPO / "scenarios" / "published" / "p6-tutel-2dh-alltoall-2048xa100.yaml"
@@ -271,3 +271,8 @@ def test_a_scenario_too_big_for_memory_is_refused_before_any_work(tmp_path, monk
     err = one_line(capsys.readouterr().err)
     assert "about 64 GiB" in err and "simulation.max_memory=16 GiB" in err
     assert not (tmp_path / "out").exists()
+    # The planner prices through the same context: refused as fast.
+    start = time.monotonic()
+    assert main(["plan", str(p6), "-o", str(tmp_path / "plan")]) == 2
+    assert time.monotonic() - start < 10
+    assert "about 64 GiB" in one_line(capsys.readouterr().err)

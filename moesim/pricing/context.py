@@ -16,14 +16,15 @@ import numpy as np
 
 from moesim.calibration import MeasuredTables
 from moesim.compute import KernelTimer
-from moesim.errors import TopologyError
+from moesim.errors import ScenarioError, TopologyError
 from moesim.layout import Layout
 from moesim.memory import tokens_per_microbatch
 from moesim.spec.hardware import LinkSpec, dtype_bytes, load_hardware
 from moesim.spec.scenario import Scenario
 from moesim.topology import Topology, build_topology
 
-__all__ = ["PricingContext", "scenario_topology", "kernel_timer"]
+__all__ = ["PricingContext", "scenario_topology", "kernel_timer", "estimate_memory",
+           "check_memory_budget"]
 
 
 def scenario_topology(s: Scenario) -> Topology:
@@ -69,7 +70,9 @@ class PricingContext:
 
     @classmethod
     def from_scenario(cls, s: Scenario, topology: Topology | None = None) -> PricingContext:
-        """The context of ``s`` on ``topology`` (default: the scenario's healthy topology)."""
+        """The context of ``s`` on ``topology`` (default: the scenario's healthy topology);
+        refuses a scenario over its memory budget (:func:`check_memory_budget`)."""
+        check_memory_budget(s)
         layout = Layout.for_scenario(s)
         return cls(s, scenario_topology(s) if topology is None else topology, layout,
                    kernel_timer(s), layout.ep_group(0, 0), float(tokens_per_microbatch(s)),
@@ -182,3 +185,28 @@ class PricingContext:
             ctx = wl.context_len + 1
             return ctx, self.tokens_per_source * ctx
         return wl.seq_len / 2, 0.0
+
+
+def estimate_memory(s: Scenario) -> float:
+    """Bytes the largest arrays of pricing ``s`` take, before doing it: each MoE layer's replica
+    split holds a float per (node of the EP group, expert, device of the group), in about four
+    arrays at once (:meth:`moesim.placement.placement.Placement.replica_split`), so it grows as
+    ep^3; at 2,048 devices with 4,096 experts that is ~64 GiB."""
+    ep = s.parallelism.ep
+    nodes = -(-ep // s.devices_per_node)
+    experts = s.model.num_experts + s.placement.redundant_experts
+    return 4 * 8.0 * nodes * experts * ep
+
+
+def check_memory_budget(s: Scenario) -> None:
+    """Refuse ``s`` when :func:`estimate_memory` exceeds ``simulation.max_memory``: one line
+    naming the field, before any work (the simulator, the planner and the search all price
+    through :class:`PricingContext`)."""
+    need = estimate_memory(s)
+    if need > s.simulation.max_memory:
+        raise ScenarioError(
+            f"pricing this scenario would need about {need / 2**30:,.0f} GiB of memory (the "
+            f"replica split of each MoE layer grows as ep^3; ep={s.parallelism.ep}), more than "
+            f"simulation.max_memory={s.simulation.max_memory / 2**30:g} GiB; lower ep, price "
+            "the all-to-all alone with `moesim collective`, or raise the limit",
+            source=s.source, field="simulation")

@@ -27,7 +27,7 @@ from moesim.pricing.collectives import (
     prefetched_makespan,
     sharded_block_times,
 )
-from moesim.pricing.context import PricingContext, scenario_topology
+from moesim.pricing.context import PricingContext, check_memory_budget, scenario_topology
 from moesim.pricing.step import heads_time, micro_batches, optimizer_time
 from moesim.results import Result
 from moesim.sim.costs import CostModel
@@ -41,7 +41,7 @@ from moesim.sim.simulation import Simulation, Timeline
 from moesim.sim.streams import ChunkRun, Op, chunk_ops, run_ops
 from moesim.spec.scenario import Scenario
 
-__all__ = ["ENGINES", "simulate_step", "estimate_cost", "estimate_memory"]
+__all__ = ["ENGINES", "simulate_step", "estimate_cost"]
 
 Engine = Callable[[list[Op], CostModel, int], ChunkRun]
 
@@ -75,26 +75,8 @@ def estimate_cost(s: Scenario, engine: str) -> tuple[float, str]:
     return sum(parts.values()), worst
 
 
-def estimate_memory(s: Scenario) -> float:
-    """Bytes the largest arrays of a simulation take, before doing it: each MoE layer's replica
-    split holds a float per (node of the EP group, expert, device of the group), in about four
-    arrays at once (:meth:`moesim.placement.placement.Placement.replica_split`), so it grows as
-    ep^3; at 2,048 devices with 4,096 experts that is ~50 GB."""
-    ep = s.parallelism.ep
-    nodes = -(-ep // s.devices_per_node)
-    experts = s.model.num_experts + s.placement.redundant_experts
-    return 4 * 8.0 * nodes * experts * ep
-
-
 def _check_size(s: Scenario, engine: str) -> None:
-    need = estimate_memory(s)
-    if need > s.simulation.max_memory:
-        raise ScenarioError(
-            f"this scenario would need about {need / 2**30:,.0f} GiB of memory to simulate (the "
-            f"replica split of each MoE layer grows as ep^3; ep={s.parallelism.ep}), more than "
-            f"simulation.max_memory={s.simulation.max_memory / 2**30:g} GiB; lower ep, price "
-            "the all-to-all alone with `moesim collective`, or raise the limit",
-            source=s.source, field="simulation")
+    check_memory_budget(s)
     seconds, worst = estimate_cost(s, engine)
     if seconds > s.simulation.max_seconds:
         hint = {"full-engine processes": "use simulation.mode: aggregated (equivalence classes)",
