@@ -245,7 +245,8 @@ def _sharded_params_wait(run: ChunkRun, ctx: PricingContext, stage: int,
     marks = [ends[key] for key in order]
     marks[-1] = run.makespan
     spans = np.diff([0.0, *marks]).clip(min=0.0)
-    times = [sharded_block_times(ctx, stage, key) for key in order]
+    times = [sharded_block_times(ctx, stage, key) if key in ("embedding", "lm_head")
+             or isinstance(key, int) else (0.0, 0.0) for key in order]
     gathers = [g if (not backward or zero3_regathers(ctx.scenario)) else 0.0 for g, _ in times]
     scatters = [r for _, r in times] if backward else None
     return max(0.0, prefetched_makespan(gathers, spans.tolist(), scatters) - run.makespan)
