@@ -444,7 +444,7 @@ class KernelTimer:
         width = v / self.tp
         head = None
         if self.tables is not None and width == int(width):
-            head = self.tables.gemm(tokens, int(width), h, "bf16", model=model)
+            head = self.tables.gemm(tokens, int(width), h, self._high_dtype, model=model)
         return model(tokens, width) if head is None else head
 
     def embedding(self, tokens: float) -> float:
@@ -553,7 +553,7 @@ class KernelTimer:
         if self.tables is None:
             return None
         h, e = self.model.hidden_size, self.model.num_experts
-        gemm = self.tables.gemm(tokens, e, h, "bf16")
+        gemm = self.tables.gemm(tokens, e, h, self._high_dtype)
         if gemm is None:
             return None
         return gemm + self.top_k(tokens) + self.ffn_glue(tokens)

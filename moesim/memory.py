@@ -21,7 +21,8 @@ from moesim.layout import Layout
 from moesim.spec.hardware import dtype_bytes
 from moesim.spec.scenario import Scenario
 
-__all__ = ["MemoryBreakdown", "stage_memory", "check_memory", "zero3_regathers"]
+__all__ = ["MemoryBreakdown", "stage_memory", "check_memory", "block_params", "stage_params",
+           "zero3_regathers"]
 
 
 @dataclass(frozen=True)
@@ -52,30 +53,47 @@ class MemoryBreakdown:
         return {**asdict(self), "total": self.total}
 
 
-def stage_params(s: Scenario, layout: Layout, stage: int) -> tuple[float, float]:
-    """(dense params, expert params) held by one device of ``stage``."""
+def block_params(s: Scenario, layout: Layout, block: int | str) -> tuple[float, float]:
+    """(dense params, expert params on one device) of MoE-model block ``block``: a layer id
+    (attention with its share of any cross-attention, then the dense FFN, or the shared experts,
+    router and this device's expert slots), ``"embedding"``, or ``"lm_head"`` (none when tied to
+    the embedding on a single stage). Dense parameters before tensor parallelism splits them."""
     m, par = s.model, s.parallelism
-    layers = layout.stage_layers(stage)
-    moe = [layer for layer in layers if layout.moe_index(layer) is not None]
-    dense_blocks = len(layers) - len(moe)
-    dense: float = len(layers) * m.attention_params
-    dense += dense_blocks * m.dense_ffn_params
-    dense += len(moe) * (m.shared_expert_params + m.num_experts * m.hidden_size)
+    if block == "embedding":
+        return float(m.vocab_size * m.hidden_size), 0.0
+    if block == "lm_head":
+        tied = m.tie_embeddings and par.pp == 1
+        return (0.0 if tied else float(m.vocab_size * m.hidden_size)), 0.0
+    dense: float = m.attention_params
     if m.cross_attention_layers:
-        dense += m.cross_attention_layers * m.attention_params * len(layers) / m.num_layers
-    embed = m.vocab_size * m.hidden_size
+        dense += m.cross_attention_layers * m.attention_params / m.num_layers
+    if layout.moe_index(int(block)) is None:
+        return dense + m.dense_ffn_params, 0.0
+    slots = (m.num_experts + s.placement.redundant_experts) // par.ep
+    return (dense + m.shared_expert_params + m.num_experts * m.hidden_size,
+            float(slots * m.expert_params))
+
+
+def stage_params(s: Scenario, layout: Layout, stage: int) -> tuple[float, float]:
+    """(dense params, expert params) held by one device of ``stage``: its blocks'
+    (:func:`block_params`), the embedding on the first stage, the LM head and any MTP modules on
+    the last."""
+    m, par = s.model, s.parallelism
+    blocks: list[int | str] = list(layout.stage_layers(stage))
     if stage == 0:
-        dense += embed
-    if stage == par.pp - 1 and not (m.tie_embeddings and par.pp == 1):
-        dense += embed
+        blocks.append("embedding")
+    if stage == par.pp - 1:
+        blocks.append("lm_head")
+    dense, experts = (float(sum(part)) for part in zip(
+        *(block_params(s, layout, b) for b in blocks), strict=True))
     mtp = mtp_blocks(s) if stage == par.pp - 1 else 0
     h = m.hidden_size
     # A multi-token-prediction module: two norms, a [2h -> h] projection, one MoE block.
     dense += mtp * (m.attention_params + m.shared_expert_params + m.num_experts * h
                     + 2 * h * h + 2 * h)
     slots = (m.num_experts + s.placement.redundant_experts) // par.ep
-    experts = (len(moe) + mtp) * slots * m.expert_params
-    return dense / par.tp, float(experts)
+    experts += mtp * slots * m.expert_params
+    return dense / par.tp, experts
 
 
 def zero3_regathers(s: Scenario) -> bool:

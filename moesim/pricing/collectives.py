@@ -11,13 +11,14 @@ import numpy as np
 
 from moesim import network
 from moesim.errors import ScenarioError
-from moesim.memory import stage_params
+from moesim.memory import block_params, stage_params, zero3_regathers
 from moesim.pricing.context import PricingContext
 from moesim.spec.hardware import LinkSpec, dtype_bytes
 from moesim.topology import Topology
 
 __all__ = ["DP_ALGORITHMS", "link_between", "tp_all_reduce_time", "p2p_time", "dp_sync_time",
-           "gradient_bytes_per_param", "sharded_block_times", "prefetched_makespan"]
+           "gradient_bytes_per_param", "sharded_block_times", "sharded_chunk_wait",
+           "prefetched_makespan"]
 
 
 def link_between(topology: Topology, a: int, b: int) -> tuple[float, float]:
@@ -125,57 +126,56 @@ def dp_sync_time(ctx: PricingContext, stage: int) -> float:
                             f"{', '.join(DP_ALGORITHMS)})", source=s.source,
                             field="communication.dp_algorithm")
     algorithm = DP_ALGORITHMS[name]
-    dense, experts = stage_params(s, layout, stage)
     per_param = gradient_bytes_per_param(ctx)
+    return sum(algorithm(ctx, params * per_param, members)
+               for params, members in _shard_groups(ctx, stage, *stage_params(s, layout, stage)))
+
+
+def _shard_groups(ctx: PricingContext, stage: int, dense: float, experts: float
+                  ) -> list[tuple[float, np.ndarray]]:
+    """``(params, members)`` that data parallelism reduces (or ZeRO-3 shards) on ``stage``: this
+    TP rank's ``dense`` parameters over the dp group, the device's ``experts`` parameters over
+    the expert-data-parallel group; groups of one or without parameters left out."""
+    par, layout = ctx.scenario.parallelism, ctx.layout
     ranks = layout.stage_ranks(stage)
-    total = 0.0
-    for params, group_size, stride in ((dense, par.dp, par.tp),
-                                       (experts, layout.expert_dp, par.ep)):
-        if group_size <= 1 or params == 0:
-            continue
-        members = ranks[::stride][:group_size]
-        total += algorithm(ctx, params * per_param, members)
-    return total
+    return [(params, ranks[::stride][:size])
+            for params, size, stride in ((dense, par.dp, par.tp),
+                                         (experts, layout.expert_dp, par.ep))
+            if size > 1 and params]
 
 
 # --- ZeRO-3 / FSDP: parameters gathered per block, gradients reduce-scattered per block ---
 
 
-def sharded_block_times(ctx: PricingContext, stage: int, layer: int | str
+def sharded_block_times(ctx: PricingContext, stage: int, block: int | str
                         ) -> tuple[float, float]:
-    """(all-gather, reduce-scatter) seconds of block ``layer`` on a device of ``stage`` under
-    ZeRO-3 / FSDP: its dense parameters (this TP rank's attention, dense FFN or shared experts
-    and router) sharded over the dp group, its expert slots over the expert-data-parallel
-    group, as :func:`dp_sync_time` groups them; ``"embedding"`` / ``"lm_head"``: the input
-    embedding / the output head (none for a head tied to the embedding of a single stage). The
+    """(all-gather, reduce-scatter) seconds of ``block`` (a layer id, ``"embedding"`` or
+    ``"lm_head"``: :func:`moesim.memory.block_params`) on a device of ``stage`` under ZeRO-3 /
+    FSDP, its parameters sharded over the groups :func:`dp_sync_time` reduces over. The
     all-gather moves the parameters in the weight dtype before a pass over the block, the
     reduce-scatter the gradients in the gradient dtype after its backward; both are NCCL rings
     (the measured regimes of the link class where it has them)."""
-    s, layout, m = ctx.scenario, ctx.layout, ctx.scenario.model
-    par = s.parallelism
-    experts = 0.0
-    if layer == "embedding":
-        dense = float(m.vocab_size * m.hidden_size)
-    elif layer == "lm_head":
-        tied = m.tie_embeddings and par.pp == 1
-        dense = 0.0 if tied else float(m.vocab_size * m.hidden_size)
-    else:
-        moe = layout.moe_index(int(layer)) is not None
-        dense = m.attention_params + (m.shared_expert_params + m.num_experts * m.hidden_size
-                                      if moe else m.dense_ffn_params)
-        slots = (m.num_experts + s.placement.redundant_experts) // par.ep
-        experts = slots * m.expert_params if moe else 0.0
-    ranks = layout.stage_ranks(stage)
+    s = ctx.scenario
+    dense, experts = block_params(s, ctx.layout, block)
     weight, grad = dtype_bytes(s.precision.weights), gradient_bytes_per_param(ctx)
     gather = scatter = 0.0
-    for params, group_size, stride in ((dense / par.tp, par.dp, par.tp),
-                                       (experts, layout.expert_dp, par.ep)):
-        if group_size <= 1 or params == 0:
-            continue
-        members = ranks[::stride][:group_size]
+    for params, members in _shard_groups(ctx, stage, dense / s.parallelism.tp, experts):
         gather += _ring(ctx, params * weight, members, "allgather")
         scatter += _ring(ctx, params * grad, members, "reducescatter")
     return gather, scatter
+
+
+def sharded_chunk_wait(ctx: PricingContext, times: Sequence[tuple[float, float]],
+                       spans: Sequence[float], *, backward: bool) -> float:
+    """Seconds a ZeRO-3 chunk waits beyond its blocks' own spans: :func:`prefetched_makespan`
+    of the blocks in execution order (``times``: each block's :func:`sharded_block_times`,
+    ``spans``: its seconds) less their sum. A forward gathers every block; a backward gathers
+    them again only where :func:`moesim.memory.zero3_regathers` says so, and reduce-scatters
+    each block's gradients. The simulator and the search's screen both price ZeRO-3 here."""
+    regather = not backward or zero3_regathers(ctx.scenario)
+    gathers = [g if regather else 0.0 for g, _ in times]
+    scatters = [r for _, r in times] if backward else None
+    return max(0.0, prefetched_makespan(gathers, spans, scatters) - float(sum(spans)))
 
 
 def prefetched_makespan(gathers: Sequence[float], compute: Sequence[float],

@@ -10,8 +10,9 @@ experts. The pipeline is 1F1B with the bubble formula: ``(micro_batches + (pp - 
 (F + B)`` of the slowest stage, plus pipeline sends; forward-only for serving. Then the exposed
 data-parallel gradient sync (hidden behind the last backward chunk when ``dp_overlap``) and the
 optimizer step; under ZeRO-3, each chunk's wait for block parameters and gradient
-reduce-scatters instead, as the simulator prices it. It ignores the overlapped-compute slowdown and planner placements (priced as
-contiguous), so it ranks layouts; the simulator gives the numbers.
+reduce-scatters instead, as the simulator prices it. It ignores the overlapped-compute slowdown
+and planner placements (priced as contiguous), so it ranks layouts; the simulator gives the
+numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from moesim.layout import Layout
-from moesim.memory import check_memory, mtp_blocks, zero3_regathers
+from moesim.memory import check_memory, mtp_blocks
 from moesim.placement.baselines import contiguous
 from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import layer_alltoall_times
@@ -29,8 +30,8 @@ from moesim.pricing.block import attention_part, selective_recompute_time
 from moesim.pricing.collectives import (
     dp_sync_time,
     p2p_time,
-    prefetched_makespan,
     sharded_block_times,
+    sharded_chunk_wait,
 )
 from moesim.pricing.context import PricingContext
 from moesim.pricing.moe_layer import expert_times, layer_traffic, permute_time
@@ -185,40 +186,33 @@ def _sharded_waits(ctx: PricingContext, layout: Layout, stage: int, moe: BlockTi
                    dense: BlockTimes, full: bool, heads: float, embedding: float,
                    cache: dict) -> tuple[float, float]:
     """ZeRO-3: seconds a micro-batch's forward and backward chunks of ``stage`` wait for block
-    parameters and gradient reduce-scatters beyond their compute (the simulator's
-    :func:`~moesim.pricing.collectives.prefetched_makespan` over the blocks' screened times)."""
+    parameters and gradient reduce-scatters beyond their compute, priced as the simulator
+    prices them (:func:`~moesim.pricing.collectives.sharded_chunk_wait`) on the blocks'
+    screened times."""
     par = ctx.scenario.parallelism
-    regather = zero3_regathers(ctx.scenario)
     waits = [0.0, 0.0]
     for c, chunk in enumerate(layout.chunk_layers()[stage]):
-        keys: list[int | str] = list(chunk)
         first, last = stage == 0 and c == 0, stage == par.pp - 1 and c == par.vp - 1
-        keys = (["embedding"] if first else []) + keys + (["lm_head"] if last else [])
-        spans, gathers, scatters = [], [], []
+        keys: list[int | str] = (["embedding"] if first else []) + list(chunk) + (
+            ["lm_head"] if last else [])
+        times, forward, backward = [], [], []
         for key in keys:
             kind = key if isinstance(key, str) else (
                 "moe" if layout.moe_index(key) is not None else "dense")
             ck = ("zero3", par.tp, par.pp, par.ep, par.dp, stage, kind)
             if ck not in cache:
                 cache[ck] = sharded_block_times(ctx, stage, key)
-            g, r = cache[ck]
+            times.append(cache[ck])
+            if isinstance(key, str):
+                fwd = embedding if key == "embedding" else heads
+                forward.append(fwd)
+                backward.append(2 * fwd)
+                continue
             bt = moe if kind == "moe" and moe is not None else dense
-            if kind == "embedding":
-                fwd = embedding
-            elif kind == "lm_head":
-                fwd = heads
-            else:
-                fwd = bt.compute + bt.comm
-            bwd = 2 * fwd if isinstance(key, str) else (
-                2 * bt.compute + bt.comm + (bt.compute if full else bt.recompute))
-            spans.append((fwd, bwd))
-            gathers.append(g)
-            scatters.append(r)
-        forward = [sp[0] for sp in spans]
-        waits[0] += prefetched_makespan(gathers, forward) - sum(forward)
-        backward = [sp[1] for sp in spans][::-1]
-        again = gathers[::-1] if regather else [0.0] * len(gathers)
-        waits[1] += prefetched_makespan(again, backward, scatters[::-1]) - sum(backward)
+            forward.append(bt.compute + bt.comm)
+            backward.append(2 * bt.compute + bt.comm + (bt.compute if full else bt.recompute))
+        waits[0] += sharded_chunk_wait(ctx, times, forward, backward=False)
+        waits[1] += sharded_chunk_wait(ctx, times[::-1], backward[::-1], backward=True)
     return waits[0], waits[1]
 
 

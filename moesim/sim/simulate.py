@@ -19,15 +19,15 @@ import numpy as np
 from moesim.errors import ScenarioError
 from moesim.kernels import overlapped_compute_slowdown
 from moesim.layout import Layout
-from moesim.memory import check_memory, mtp_blocks, tokens_per_microbatch, zero3_regathers
+from moesim.memory import check_memory, mtp_blocks, tokens_per_microbatch
 from moesim.placement.placement import Placement
 from moesim.pricing.collectives import (
     dp_sync_time,
     p2p_time,
-    prefetched_makespan,
     sharded_block_times,
+    sharded_chunk_wait,
 )
-from moesim.pricing.context import PricingContext, check_memory_budget, scenario_topology
+from moesim.pricing.context import PricingContext, scenario_topology
 from moesim.pricing.step import heads_time, micro_batches, optimizer_time
 from moesim.results import Result
 from moesim.sim.costs import CostModel
@@ -76,7 +76,6 @@ def estimate_cost(s: Scenario, engine: str) -> tuple[float, str]:
 
 
 def _check_size(s: Scenario, engine: str) -> None:
-    check_memory_budget(s)
     seconds, worst = estimate_cost(s, engine)
     if seconds > s.simulation.max_seconds:
         hint = {"full-engine processes": "use simulation.mode: aggregated (equivalence classes)",
@@ -229,10 +228,9 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: Engine
 def _sharded_params_wait(run: ChunkRun, ctx: PricingContext, stage: int,
                          backward: bool) -> float:
     """Seconds a ZeRO-3 chunk waits for block parameters and gradient reduce-scatters beyond
-    its own run: :func:`moesim.pricing.collectives.prefetched_makespan` over the chunk's blocks
-    in execution order (each block's span on its slowest device; the embedding and the LM head
-    as blocks of their own), less the run's makespan. Backward gathers the parameters again only
-    where :func:`moesim.memory.zero3_regathers` says so; forward reduces none."""
+    its own run (:func:`moesim.pricing.collectives.sharded_chunk_wait`): the chunk's blocks in
+    execution order, each spanning until its last op ends on the slowest device; the embedding
+    and the LM head are blocks of their own, other ops outside blocks gather nothing."""
     order: list[int | str] = []
     ends: dict[int | str, float] = {}
     for i, op in enumerate(run.ops):
@@ -244,12 +242,10 @@ def _sharded_params_wait(run: ChunkRun, ctx: PricingContext, stage: int,
         return 0.0
     marks = [ends[key] for key in order]
     marks[-1] = run.makespan
-    spans = np.diff([0.0, *marks]).clip(min=0.0)
-    times = [sharded_block_times(ctx, stage, key) if key in ("embedding", "lm_head")
-             or isinstance(key, int) else (0.0, 0.0) for key in order]
-    gathers = [g if (not backward or zero3_regathers(ctx.scenario)) else 0.0 for g, _ in times]
-    scatters = [r for _, r in times] if backward else None
-    return max(0.0, prefetched_makespan(gathers, spans.tolist(), scatters) - run.makespan)
+    spans = np.diff([0.0, *marks]).clip(min=0.0).tolist()
+    times = [sharded_block_times(ctx, stage, key) if isinstance(key, int)
+             or key in ("embedding", "lm_head") else (0.0, 0.0) for key in order]
+    return sharded_chunk_wait(ctx, times, spans, backward=backward)
 
 
 def _with_ends(ops: list[Op], costs: CostModel, stage: int, chunk: int,
