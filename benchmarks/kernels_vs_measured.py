@@ -122,6 +122,8 @@ def moesim_components(scenario: Scenario) -> dict[str, float]:
     device's routed-expert grouped GEMM plus token permute, the dense FFN or shared experts, the
     dispatch and combine all-to-alls; plus the LM head and embedding. A step runs all
     micro-batches (both halves under two-batch overlap), serially: no overlap is credited.
+    ``shared_output_add``: the part of ``shared_dense`` that adds the shared experts' output into
+    the routed output (a measured graph without that op is compared without it).
     """
     from moesim.assembly import scenario_placement
     from moesim.pricing.context import PricingContext
@@ -132,7 +134,7 @@ def moesim_components(scenario: Scenario) -> dict[str, float]:
     ctx = PricingContext.from_scenario(s)
     half = ctx.half_batch
     costs = CostModel(ctx, scenario_placement(s))
-    total = dict.fromkeys(COMPONENTS, 0.0)
+    total = dict.fromkeys((*COMPONENTS, "shared_output_add"), 0.0)
     # The measured fused-MoE ops route inside (SGLang's select_experts, vLLM's FusedMoE and
     # TensorRT-LLM's MoE module take the router logits): moesim's top-k kernel, part of its gate,
     # is compared inside the routed experts.
@@ -144,6 +146,8 @@ def moesim_components(scenario: Scenario) -> dict[str, float]:
         total["router_norm"] += b.gate - moved
         total["routed_experts"] += float(b.experts.max(initial=0.0)) + b.permute + moved
         total["shared_dense"] += b.ffn
+        if b.is_moe:   # inside b.ffn; kept apart for graphs that do not count the add
+            total["shared_output_add"] += ctx.timer.shared_output_add(ctx.tokens_per_source)
         total["all_to_all"] += b.dispatch.duration + b.combine.duration
     timer = ctx.timer
     # aiconfigurator's graph ends at the logits GEMM: moesim's softmax over the logits
@@ -227,6 +231,11 @@ def notes_for(entry: dict[str, Any], component_ops: dict[str, list[str]]) -> lis
         base = op.split("_", 1)[1]
         if source != "silicon" and entry["ops_ms"].get(op, 0) > 0:
             notes.append(f"{comps.get(base, 'unmapped')}: {base} is {source}, not a table row")
+    if not any(op.endswith("moe_reduce_add") for op in entry["ops_ms"]) and any(
+            op.endswith("shared_gate_up_gemm") or op.endswith("gate_ffn1_gemm")
+            for op in entry["ops_ms"]):
+        notes.append("shared_dense: aiconfigurator's graph has no op adding the shared experts' "
+                     "output (moe_reduce_add); moesim's add is left out of this row")
     for comp, main_op in (("router_norm", "router_gemm"), ("lm_head_embedding", "logits_gemm")):
         if not any(op.endswith(main_op) for op in entry["ops_ms"]):
             notes.append(f"{comp}: aiconfigurator has no {main_op} op (moesim's time shown alone)")
@@ -316,7 +325,7 @@ def table(data: dict[str, Any], system: str, label: str, make: Any,
     best: dict[str, dict[str, dict[str, float]]] = {}
     for wid in workloads:
         scenario = make(wid)
-        comps = moesim_components(scenario)
+        base = moesim_components(scenario)
         for backend in backends:
             entry = measured_row(data, wid, system, backend)
             row = f"{wid} {backend}"
@@ -328,12 +337,15 @@ def table(data: dict[str, Any], system: str, label: str, make: Any,
                                          scenario.model.num_layers)
             if not any(op.endswith("logits_gemm") for op in entry["ops_ms"]):
                 measured["lm_head_embedding"] = 0.0   # only an embedding: no lm head to compare
+            comps = dict(base)
+            if not any(op.endswith("moe_reduce_add") for op in entry["ops_ms"]):
+                comps["shared_dense"] -= comps["shared_output_add"]   # compare the same ops
             cells = [cell(comps[c], measured[c]) for c in COMPONENTS]
             five = COMPONENTS[:5]
             if any(v is None for v in measured.values()):   # partial: no totals
                 total, total5 = "-", "-"
             else:
-                ours, theirs = sum(comps.values()), sum(measured.values())
+                ours, theirs = sum(comps[c] for c in COMPONENTS), sum(measured.values())
                 ours5, theirs5 = sum(comps[c] for c in five), sum(measured[c] for c in five)
                 ratios.append(ours * 1e3 / theirs)
                 total, total5 = cell(ours, theirs), cell(ours5, theirs5)

@@ -28,6 +28,8 @@ context/generation_mla     kernels.mla_context / mla_generation   isl / isl + st
 mla_context/generation_    kernels.mla_module_context /           isl / isl + step
 module (TRT-LLM, vLLM)     mla_module_generation (heads, batch,
                            kv_dtype, dtype: the projections')
+mla_bmm_perf (decode)      kernels.mla_bmm (heads, op: pre|post,  num_tokens
+                           dtype): absorbed MLA's per-head BMMs
 wideep_context/generation_ kernels.mla_wideep_context /           isl / isl + step
 mla (SGLang)               mla_wideep_generation (same keys; the
                            module without the q_a + kv_a down-
@@ -271,6 +273,24 @@ def _mla(generation: bool, module: bool = False,
     return convert
 
 
+_BMM_OPS = {"mla_gen_pre": "pre", "mla_gen_post": "post"}
+
+
+def _mla_bmm(cols: dict[str, list[Any]], ctx: Mapping[str, Any]) -> dict[tuple[Any, ...], dict]:
+    """Absorbed MLA decode's two per-head BMMs: ``pre`` multiplies each head's query into the
+    latent space (``[tokens, 128] x [128, 512]`` per head), ``post`` its latent output back
+    (``[tokens, 512] x [512, 128]``); one curve per (heads, op, dtype) over tokens."""
+    out: dict[tuple[Any, ...], dict] = {}
+    for r in _rows(cols):
+        op, dtype = _BMM_OPS.get(r["op_name"]), GEMM_DTYPES.get(r["bmm_dtype"])
+        if op is None or dtype is None:
+            continue
+        heads = int(r["num_heads"])
+        _points(out, (heads, op, dtype), {"heads": heads, "op": op, "dtype": dtype},
+                int(r["num_tokens"]), r["latency"] * _MS)
+    return out
+
+
 def _link(ranks: int, ctx: Mapping[str, Any]) -> str:
     return "intra_node" if ranks <= ctx["devices_per_node"] else "inter_node"
 
@@ -384,6 +404,8 @@ TABLES: dict[str, _Table] = {
                                  _mla(False, wide_ep=True), _MLA),
     "mla_wideep_generation": _Table("mla", "wideep_generation_mla_perf.parquet", "kernels",
                                     _mla(True, wide_ep=True), (*_MLA, "step")),
+    "mla_bmm": _Table("mla_bmm", "mla_bmm_perf.parquet", "kernels", _mla_bmm,
+                      ("op_name", "bmm_dtype", "num_tokens", "num_heads", "latency")),
     "nccl": _Table("comm", "nccl_perf.parquet", "collectives", _nccl,
                    ("op_name", "nccl_dtype", "num_gpus", "message_size", "latency"),
                    own_backend="nccl"),

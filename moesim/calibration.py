@@ -39,7 +39,9 @@ add kinds keyed by the full kernel shape, each a curve over one token axis:
   dtype, batch); ``mla_module_context`` / ``mla_module_generation``: the whole MLA sub-layer
   (projections, latent norms, rotary, core, output projection), keyed also by the projections'
   dtype; ``mla_wideep_context`` / ``mla_wideep_generation``: SGLang's wide-EP MLA module, the
-  same keys, without the fused q_a + kv_a down-projection (it runs outside the module).
+  same keys, without the fused q_a + kv_a down-projection (it runs outside the module);
+- ``mla_bmm``: absorbed MLA decode's per-head BMMs keyed by (heads, op ``pre``/``post``, dtype),
+  axis tokens.
 
 A shaped lookup takes the exact key or answers None; the token axis is interpolated (and a GEMM's
 width between two measured widths, see :meth:`MeasuredTables.gemm`). It is
@@ -68,7 +70,7 @@ __all__ = ["Curve", "MeasuredTables", "KERNELS", "SHAPED", "SOURCES", "DTYPE_TAB
 KERNELS = ("expert_ffn", "gate", "attention", "gemm", "moe", "attention_context",
            "attention_generation", "mla_context", "mla_generation", "moe_deepep_decode",
            "moe_deepep_prefill", "mla_module_context", "mla_module_generation",
-           "mla_wideep_context", "mla_wideep_generation")
+           "mla_wideep_context", "mla_wideep_generation", "mla_bmm")
 # Fused-MoE table kinds: the frameworks' standard fused MoE, and the grouped GEMMs that run
 # between DeepEP's low-latency (decode: masked layout) or normal (prefill: contiguous layout)
 # dispatch and combine.
@@ -355,6 +357,13 @@ class MeasuredTables:
                 return self._shaped_lookup(kind, curve, length)
         return None
 
+    def mla_bmm(self, tokens: float, heads: int, dtype: str, *, post: bool) -> float | None:
+        """Seconds of absorbed MLA decode's ``pre`` (queries into the latent space) or ``post``
+        (latent outputs back to heads) BMM over ``heads`` heads, or None (no table)."""
+        op = "post" if post else "pre"
+        curve = self._shaped("mla_bmm", lambda d: (int(heads), op, d), dtype)
+        return self._shaped_lookup("mla_bmm", curve, tokens)
+
     def has(self, kind: str) -> bool:
         """Whether the profile holds any table of ``kind``."""
         return bool(self.shaped_tables.get(kind))
@@ -485,6 +494,7 @@ SHAPE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "mla_module_generation": (("heads", "batch"), ("kv_dtype", "dtype")),
     "mla_wideep_context": (("heads", "batch"), ("kv_dtype", "dtype")),
     "mla_wideep_generation": (("heads", "batch"), ("kv_dtype", "dtype")),
+    "mla_bmm": (("heads",), ("op", "dtype")),
 }
 
 

@@ -394,6 +394,14 @@ class KernelTimer:
         f = (m.shared_expert_ffn_size or m.expert_ffn_size) * m.num_shared_experts
         return self.dense_ffn(tokens, f, self.model.ffn_matrices, block_glue=False)
 
+    def shared_output_add(self, tokens: float) -> float:
+        """Summing the shared experts' output into the routed experts' combined output on this
+        device's ``tokens``: one element-wise kernel (read two hidden vectors, write one) that
+        frameworks run after the combine (0 without shared experts)."""
+        if self.model.num_shared_experts == 0 or tokens <= 0:
+            return 0.0
+        return self.elementwise(tokens * 3 * self.model.hidden_size * self._ab)
+
     def dense_ffn(self, tokens: float, ffn_size: int, matrices: int | None = None, *,
                   block_glue: bool = True) -> float:
         """A dense FFN (dense blocks, shared experts), split over tensor-parallel ranks.
@@ -527,11 +535,17 @@ class KernelTimer:
                 return module + glue
             mla_core = t.mla_generation if decode else t.mla_context
             core = mla_core(batch, length, int(heads), kv)
-            qk = d + a.qk_rope_head_dim
-            q = ([(a.q_lora_rank, h), (heads * qk, a.q_lora_rank)] if a.q_lora_rank
-                 else [(heads * qk, h)])
-            shapes = [*q, (a.kv_lora_rank + a.qk_rope_head_dim, h),
-                      (heads * (d + v), a.kv_lora_rank), (h, heads * v)]
+            qk, latent = d + a.qk_rope_head_dim, a.kv_lora_rank + a.qk_rope_head_dim
+            # The query and KV down-projections read the same input: one fused GEMM, as
+            # DeepSeek-V3's serving implementations run it. Decode runs absorbed: two per-head
+            # BMMs into and out of the latent space replace the KV up-projection.
+            shapes = ([(a.q_lora_rank + latent, h), (heads * qk, a.q_lora_rank)]
+                      if a.q_lora_rank else [(heads * qk + latent, h)])
+            if not decode:
+                shapes.append((heads * (d + v), a.kv_lora_rank))
+            shapes.append((h, heads * v))
+            if core is not None and decode:
+                core += self._mla_bmms(tokens, int(heads))
         else:
             kv_heads = max(1.0, m.kv_heads / tp)
             if kv_heads != int(kv_heads):
@@ -547,6 +561,18 @@ class KernelTimer:
         kernels = ATTENTION_GLUE_KERNELS + (MLA_EXTRA_GLUE_KERNELS if a.kind == "mla" else 0)
         glue = self.elementwise(tokens * glue_bytes_attention(m, self._ab) / tp, kernels=kernels)
         return core + projections + glue   # measured FP8 GEMMs include their input cast
+
+    def _mla_bmms(self, tokens: float, heads: int) -> float:
+        """Absorbed MLA decode's two per-head BMMs on ``tokens`` tokens: measured tables where
+        the profile has them, else the kernel model's batched GEMMs."""
+        a, v = self.model.attention, self.model.attention.v_head_dim or self.model.head_dim
+        total = 0.0
+        for post, (n, k) in ((False, (a.kv_lora_rank, self.model.head_dim)),
+                             (True, (v, a.kv_lora_rank))):
+            measured = (self.tables.mla_bmm(tokens, heads, self._table_dtype, post=post)
+                        if self.tables is not None else None)
+            total += self._gemm(tokens, n, k, batch=heads) if measured is None else measured
+        return total
 
     def _measured_gate(self, tokens: float) -> float | None:
         """Router GEMM from the BF16 GEMM table; softmax/top-k and the FFN glue as modelled."""

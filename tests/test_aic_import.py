@@ -73,6 +73,9 @@ def aic_data(tmp_path_factory) -> Path:
     # DeepSeek-V3's fused q_a + kv_a projection is 2112 wide: the grid has 2048 and 2560.
     gemm += [{"gemm_dtype": "fp8_block", "m": m, "n": n, "k": 7168, "latency": ms}
              for m in GEMM_M for n, ms in ((2048, 0.010), (2560, 0.014))]
+    # DeepSeek-V3's query up-projection and output projection (one time at every m).
+    gemm += [{"gemm_dtype": "fp8_block", "m": m, "n": n, "k": k, "latency": ms}
+             for m in GEMM_M for n, k, ms in ((24576, 1536, 0.020), (7168, 16384, 0.030))]
     _write(sys / "gemm/sglang/0.5.14", "gemm_perf.parquet", gemm, "SGLang", "0.5.14", "gemm")
     # Even routing, 8 experts over ep 4 (2 per device): 32 and 128 tokens -> 16 and 64 copies.
     moe = [_moe_row(32, 0.100), _moe_row(128, 0.200),
@@ -106,6 +109,19 @@ def aic_data(tmp_path_factory) -> Path:
             for isl in (1024, 4096) for source, ms in (("flashinfer", 0.100), ("fa3", 0.080))]
     _write(sys / "mla/sglang/0.5.14", "wideep_generation_mla_perf.parquet", wide, "SGLang",
            "0.5.14", "mla_generation")
+    # The MLA core alone (32 sequences, 2,048 KV) and absorbed decode's two per-head BMMs.
+    core = [{"batch_size": 32, "isl": 1, "num_heads": 128, "mla_dtype": "bfloat16",
+             "kv_cache_dtype": "fp8", "step": 2047, "latency": 0.050}]
+    _write(sys / "mla/sglang/0.5.14", "generation_mla_perf.parquet", core, "SGLang", "0.5.14",
+           "mla_generation")
+    bmm = [{"op_name": op, "bmm_dtype": dtype, "num_tokens": n, "num_heads": 128, "latency": ms}
+           for op, dtype, n, ms in (("mla_gen_pre", "fp8", 1, 0.004), ("mla_gen_pre", "fp8", 64,
+                                                                        0.008),
+                                    ("mla_gen_post", "fp8", 1, 0.003),
+                                    ("mla_gen_post", "fp8", 64, 0.006),
+                                    ("mla_gen_pre", "int4_wo", 1, 0.001))]   # not imported
+    _write(sys / "mla_bmm/sglang/0.5.14", "mla_bmm_perf.parquet", bmm, "SGLang", "0.5.14",
+           "mla_bmm")
     gen = [_attention_row(1, 127, 8, 0.020), _attention_row(1, 511, 8, 0.040),
            _attention_row(1, 127, 8, 0.001, window_size=128)]   # sliding window: not imported
     _write(sys / "attention/sglang/0.5.14", "generation_attention_perf.parquet", gen, "SGLang",
@@ -469,3 +485,26 @@ def test_an_unwritable_output_is_refused_before_any_table_is_read(aic_data, tmp_
     finally:
         locked.chmod(0o700)
     assert not target.exists()
+
+
+def test_absorbed_mla_decode_reads_the_core_and_per_head_bmm_tables(profile_path):
+    """DeepSeek-V3 decode, 32 sequences at 2,048 cached tokens, no module row: the MLA core row
+    (0.050 ms), the fused q_a + kv_a down-projection (2112 wide: between the 2048 and 2560 rows,
+    0.010 + 64/512 x 0.004 ms), the query up-projection (0.020) and output projection (0.030),
+    and absorbed decode's two per-head BMMs at 32 tokens, log-log between 1 and 64 tokens:
+    pre 0.004 x 2 ** (5/6), post 0.003 x 2 ** (5/6) ms; no KV up-projection GEMM; plus the
+    modelled glue."""
+    from moesim.compute import MLA_EXTRA_GLUE_KERNELS
+    profile = load_hardware(str(profile_path))
+    model = load_model("deepseek-v3")
+    tables = MeasuredTables.from_profile(profile)
+    timer = KernelTimer(model, profile.device, "fp8", "fp8", "bf16", tables=tables,
+                        inference=True, kv_dtype="fp8", fp8_block=True)
+    bmms = (0.004 + 0.003) * 2 ** (5 / 6)
+    gemms = 0.010 + 64 / 512 * 0.004 + 0.020 + 0.030
+    glue = timer.elementwise(32 * glue_bytes_attention(model, 2),
+                             kernels=ATTENTION_GLUE_KERNELS + MLA_EXTRA_GLUE_KERNELS)
+    assert timer.attention(32, 2048, 32 * 2048) == pytest.approx(
+        (0.050 + gemms + bmms) * 1e-3 + glue)
+    assert tables.shares()["mla_bmm"]["table"] == 1.0
+    assert tables.mla_bmm(32, 128, "bf16", post=False) is None   # only FP8 rows were imported

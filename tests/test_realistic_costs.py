@@ -206,3 +206,32 @@ def test_fp8_recipes_keep_the_lm_head_and_router_weights_in_bf16():
     # softmax reads v FP32 logits: two kernel floors.
     head = (2 * h + 2 * h * v + 4 * v) / bw + 4 * v / bw + 2 * device.kernel_overhead
     assert fp8.lm_head(1) == pytest.approx(head, rel=1e-6)
+
+
+def test_shared_experts_output_is_added_to_the_routed_output_once_per_token():
+    """With shared experts the MoE layer ends in ``routed + shared``: one element-wise kernel
+    reading two hidden vectors and writing one per token (BF16), at HBM bandwidth plus one kernel
+    floor; a model without shared experts has no such kernel."""
+    from moesim.compute import KernelTimer
+    from moesim.spec.hardware import load_hardware
+    from moesim.spec.models import load_model
+    device = load_hardware("h100-sxm").device
+    bw = device.memory_bandwidth * device.memory_efficiency
+    dsv3 = KernelTimer(load_model("deepseek-v3"), device, "bf16", "bf16", "bf16")
+    assert dsv3.shared_output_add(64) == pytest.approx(
+        64 * 3 * 7168 * 2 / bw + device.kernel_overhead, rel=1e-9)
+    assert dsv3.shared_output_add(0) == 0.0
+    mixtral = KernelTimer(load_model("mixtral-8x7b"), device, "bf16", "bf16", "bf16")
+    assert mixtral.shared_output_add(64) == 0.0
+
+
+def test_an_moe_block_with_shared_experts_charges_them_and_their_add(make_scenario):
+    s = make_scenario({**ONE_LAYER, "model": {"num_layers": 1, "num_shared_experts": 1}})
+    ctx = PricingContext.from_scenario(s)
+    costs = CostModel(ctx, scenario_placement(s))
+    block = costs.block(0)
+    assert block.is_moe
+    t = ctx.timer
+    assert block.ffn == pytest.approx(t.shared_experts(ctx.tokens_per_source)
+                                      + t.shared_output_add(ctx.tokens_per_source))
+    assert t.shared_output_add(ctx.tokens_per_source) > 0

@@ -30,7 +30,7 @@ class BlockCost:
     attention: float
     tp_comm: float
     gate: float
-    ffn: float                       # dense FFN or shared experts (same on every device)
+    ffn: float                       # dense FFN, or shared experts + adding their output
     experts: np.ndarray              # float[ep] routed-expert grouped GEMM per device
     permute: float                   # token permute/unpermute (memory-bound)
     dispatch: Collective = EMPTY
@@ -57,7 +57,8 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
                          recompute=selective_recompute_time(ctx, dense_tokens, tokens, None))
     flows = layer_traffic(ctx, choices, placement, moe_index, failed)
     dispatch, combine = layer_alltoalls(ctx, flows)
-    return BlockCost(layer, attention, tp_comm, t.gate(tokens), t.shared_experts(dense_tokens),
+    shared = t.shared_experts(dense_tokens) + t.shared_output_add(tokens)
+    return BlockCost(layer, attention, tp_comm, t.gate(tokens), shared,
                      expert_times(ctx, flows), permute_time(ctx, flows), dispatch, combine, flows,
                      selective_recompute_time(ctx, dense_tokens, tokens, flows))
 
