@@ -539,8 +539,9 @@ class KernelTimer:
             # The query and KV down-projections read the same input: one fused GEMM, as
             # DeepSeek-V3's serving implementations run it. Decode runs absorbed: two per-head
             # BMMs into and out of the latent space replace the KV up-projection.
-            shapes = ([(a.q_lora_rank + latent, h), (heads * qk, a.q_lora_rank)]
-                      if a.q_lora_rank else [(heads * qk + latent, h)])
+            shapes: list[tuple[float, float]] = (
+                [(a.q_lora_rank + latent, h), (heads * qk, a.q_lora_rank)] if a.q_lora_rank
+                else [(heads * qk + latent, h)])
             if not decode:
                 shapes.append((heads * (d + v), a.kv_lora_rank))
             shapes.append((h, heads * v))
