@@ -100,7 +100,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                         "topology": s.cluster.topology, "nodes": topo.num_nodes,
                         "links": topo.num_links},
             "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp, "ep": par.ep, "vp": par.vp,
-                       "zero_stage": par.zero_stage, "expert_dp": layout.expert_dp},
+                       "zero_stage": par.zero_stage, "expert_dp": layout.expert_dp,
+                       "schedule": par.schedule},
             "memory_bytes": [{"stage": m.stage, **{k: getattr(m, k) for k in parts},
                               "fits": m.fits} for m in stages],
             "warnings": [] if worst is None else [
@@ -118,7 +119,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f"  cluster   {s.num_devices} x {s.hardware.device.name} ({s.cluster.topology}, "
           f"{topo.num_nodes} nodes, {topo.num_links} links)")
     print(f"  layout    tp={par.tp} pp={par.pp} dp={par.dp} ep={par.ep} vp={par.vp} "
-          f"zero={par.zero_stage}; expert-DP {layout.expert_dp}")
+          f"zero={par.zero_stage}; expert-DP {layout.expert_dp}"
+          + ("; DualPipe: two stages per device" if layout.dual else ""))
     print("  memory per device (GiB), busiest device of each pipeline stage:")
     header = ("stage", "dense_w", "expert_w", "grads", "optim", "activ", "kv", "buffers",
               "reserved", "total", "capacity")

@@ -68,8 +68,37 @@ class Layout:
         """
         pp, vp = self.par.pp, self.par.vp
         bounds = np.concatenate([[0], np.cumsum(np.maximum(self._sizes(), 0))])
+        if self.dual:    # DualPipe: device s runs stage s of direction 0, pp-1-s of direction 1
+            return [[range(int(bounds[v]), int(bounds[v + 1])) for v in (s, pp - 1 - s)]
+                    for s in range(pp)]
         return [[range(int(bounds[c * pp + s]), int(bounds[c * pp + s + 1])) for c in range(vp)]
                 for s in range(pp)]
+
+    @property
+    def dual(self) -> bool:
+        """DualPipe: every device holds two stages, one per direction."""
+        return self.par.schedule == "dualpipe"
+
+    def chunks(self) -> int:
+        """Model chunks each device runs: vp, or DualPipe's two directions."""
+        return 2 if self.dual else self.par.vp
+
+    def holds_ends(self, stage: int) -> tuple[bool, bool]:
+        """(embedding, LM head + loss) on device ``stage``: the first and the last stage, both
+        on either end device under DualPipe."""
+        last = self.par.pp - 1
+        if self.dual:
+            return stage in (0, last), stage in (0, last)
+        return stage == 0, stage == last
+
+    def chunk_ends(self, stage: int, chunk: int) -> tuple[bool, bool]:
+        """(first, last) virtual stage: chunk ``chunk`` of device ``stage`` starts with the
+        embedding, or ends with the LM head and loss."""
+        pp, vp = self.par.pp, self.par.vp
+        if self.dual:   # chunk d is direction d; direction 1 enters at device pp-1
+            entry = 0 if chunk == 0 else pp - 1
+            return stage == entry, stage == pp - 1 - entry
+        return stage == 0 and chunk == 0, stage == pp - 1 and chunk == vp - 1
 
     def _sizes(self) -> np.ndarray:
         """Blocks per virtual stage: ``num_layers`` plus the ends' extra layers split as evenly

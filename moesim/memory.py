@@ -80,13 +80,14 @@ def stage_params(s: Scenario, layout: Layout, stage: int) -> tuple[float, float]
     the last."""
     m, par = s.model, s.parallelism
     blocks: list[int | str] = list(layout.stage_layers(stage))
-    if stage == 0:
+    embedding, head = layout.holds_ends(stage)
+    if embedding:
         blocks.append("embedding")
-    if stage == par.pp - 1:
+    if head:
         blocks.append("lm_head")
     dense, experts = (float(sum(part)) for part in zip(
         *(block_params(s, layout, b) for b in blocks), strict=True))
-    mtp = mtp_blocks(s) if stage == par.pp - 1 else 0
+    mtp = mtp_blocks(s) if head else 0
     h = m.hidden_size
     # A multi-token-prediction module: two norms, a [2h -> h] projection, one MoE block.
     dense += mtp * (m.attention_params + m.shared_expert_params + m.num_experts * h
@@ -169,6 +170,8 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
         in_flight = par.pp - stage
         if par.vp > 1:
             in_flight += (par.pp - 1 - stage) / par.vp + 1
+        if layout.dual:   # DualPipe: pp + 1 chunks' activations per device, of two stages each
+            in_flight = (par.pp + 1) / 2
         per_layer = [activation_bytes_per_token_layer(s, layout.moe_index(x) is not None)
                      for x in layers]
         if s.memory.recompute == "full":

@@ -18,6 +18,8 @@ slots that divide the devices, micro-batch 1/2 (decode: the batch per replica, p
 to 4096), ZeRO 1/2, recompute none/selective/full, overlap none/two_batch; the all-to-all
 algorithm, placement policy and redundant experts stay the scenario's unless the section lists
 values. Every knob's range includes the scenario's own value, so its layout can be ranked.
+Layouts run the 1F1B schedule (interleaved with VP > 1): a scenario with ``schedule: dualpipe``
+is searched as its 1F1B layouts.
 """
 
 from __future__ import annotations
@@ -266,6 +268,8 @@ def candidate_overrides(spec: SearchSpec, cand: Candidate) -> tuple[str, ...]:
     out = [f"{k}={json.dumps(val)}" for k, val in cand.values]
     batch = _global_batch(spec, v["parallelism.dp"], v["workload.micro_batch"])
     out.append(f"workload.global_batch={batch}")
+    if spec.scenario.parallelism.schedule != "1f1b":   # layouts are searched under 1F1B
+        out.append('parallelism.schedule="1f1b"')
     return tuple(out)
 
 
@@ -280,7 +284,7 @@ def candidate_scenario(spec: SearchSpec, cand: Candidate, *, validate: bool = Fa
     s, v = spec.scenario, dict(cand.values)
     par = replace(s.parallelism, tp=v["parallelism.tp"], pp=v["parallelism.pp"],
                   dp=v["parallelism.dp"], ep=v["parallelism.ep"], vp=v["parallelism.vp"],
-                  zero_stage=v["parallelism.zero_stage"])
+                  zero_stage=v["parallelism.zero_stage"], schedule="1f1b")
     wl = replace(s.workload, micro_batch=v["workload.micro_batch"],
                  global_batch=_global_batch(spec, v["parallelism.dp"],
                                             v["workload.micro_batch"]))

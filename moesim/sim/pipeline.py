@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import simpy
 
+from moesim.sim.schedule import StagePlan
+
 __all__ = ["ChunkSpan", "run_pipeline"]
 
 
@@ -34,6 +36,7 @@ class _Pipeline:
     vp: int
     duration: Callable[[int, str, int, float], float]  # (stage, kind, chunk, now) -> seconds
     p2p: float
+    dual: bool = False       # DualPipe: chunk d is direction d (direction 1 runs stages backwards)
     spans: list[ChunkSpan] = field(default_factory=list)
     arrived: dict[tuple, simpy.Event] = field(default_factory=dict)
     events: int = 0
@@ -44,7 +47,14 @@ class _Pipeline:
         return self.arrived[key]
 
     def _input(self, stage: int, kind: str, mb: int, chunk: int) -> tuple | None:
-        """Key of the chunk whose output this chunk needs, or None."""
+        """Key of the chunk whose output this chunk needs, or None. A weight-gradient chunk
+        ("W") needs only its own stage's input-gradient chunk, which ran before it."""
+        if kind == "W":
+            return None
+        if self.dual:    # direction 0 flows up the stages, direction 1 down
+            up = (kind == "F") == (chunk == 0)
+            prev = stage - 1 if up else stage + 1
+            return ("F" if kind == "F" else "B", mb, chunk, prev) if 0 <= prev < self.pp else None
         if kind == "F":
             if stage > 0:
                 return ("F", mb, chunk, stage - 1)
@@ -57,27 +67,36 @@ class _Pipeline:
         yield self.env.timeout(delay)
         self._event(key).succeed()
 
-    def stage(self, stage: int, order: list[tuple[str, int, int]]):
-        for kind, mb, chunk in order:
-            needed = self._input(stage, kind, mb, chunk)
-            if needed is not None:
-                yield self._event(needed)
+    def stage(self, stage: int, order: list[tuple[str, int, int]],
+              plan: StagePlan | None = None):
+        release = plan.release if plan is not None else list(range(len(order)))
+        for i, (kind, mb, chunk) in enumerate(order):
+            inputs = [i, *(plan.waits[i] if plan is not None else ())]
+            for j in inputs:
+                needed = self._input(stage, *order[j])
+                if needed is not None:
+                    yield self._event(needed)
             start = self.env.now
             yield self.env.timeout(self.duration(stage, kind, chunk, start))
             self.events += 1
             self.spans.append(ChunkSpan(stage, kind, mb, chunk, start, self.env.now))
-            key = (kind, mb, chunk, stage)
-            self.env.process(self._send(key, self.p2p))
+            for j in (j for j, at in enumerate(release) if at == i):
+                sent, smb, schunk = order[j]
+                if sent != "W":   # an input-gradient chunk ("b") sends on like a whole backward
+                    key = ("B" if sent == "b" else sent, smb, schunk, stage)
+                    self.env.process(self._send(key, self.p2p))
 
 
 def run_pipeline(orders: list[list[tuple[str, int, int]]], vp: int,
-                 duration: Callable[[int, str, int, float], float], p2p: float
-                 ) -> tuple[list[ChunkSpan], int]:
-    """Run every stage's schedule; return the chunk spans (sorted by start) and the event count."""
+                 duration: Callable[[int, str, int, float], float], p2p: float, *,
+                 plans: list[StagePlan] | None = None) -> tuple[list[ChunkSpan], int]:
+    """Run every stage's schedule; return the chunk spans (sorted by start) and the event count.
+    ``plans``: DualPipe's stage plans (two directions: chunk 0 up the stages, chunk 1 down; their
+    receive and send points), which give the orders."""
     env = simpy.Environment()
-    pipe = _Pipeline(env, len(orders), vp, duration, p2p)
+    pipe = _Pipeline(env, len(orders), vp, duration, p2p, plans is not None)
     for stage, order in enumerate(orders):
-        env.process(pipe.stage(stage, order))
+        env.process(pipe.stage(stage, order, plans[stage] if plans is not None else None))
     env.run()
     done = sum(len(o) for o in orders)
     if len(pipe.spans) != done:

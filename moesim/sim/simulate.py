@@ -36,7 +36,7 @@ from moesim.sim.full import run_ops_full
 from moesim.sim.invariants import all_groups_link_load, check_invariants
 from moesim.sim.pipeline import ChunkSpan, run_pipeline
 from moesim.sim.report import build_result
-from moesim.sim.schedule import forward_only, one_f_one_b
+from moesim.sim.schedule import dualpipe_plan, forward_only, one_f_one_b
 from moesim.sim.simulation import Simulation, Timeline
 from moesim.sim.streams import ChunkRun, Op, chunk_ops, run_ops
 from moesim.spec.scenario import Scenario
@@ -125,14 +125,19 @@ def simulate_step(s: Scenario, placement: Placement, *, engine: str | None = Non
     _validate_schedule(s, mbs)
     costs = CostModel(ctx, placement, device_faults(s, layout))
     runs = _chunk_runs(s, layout, costs, ENGINES[engine])
-    make_order = one_f_one_b if s.workload.mode == "training" else forward_only
-    orders = [make_order(st, par.pp, par.vp, mbs) for st in range(par.pp)]
+    plans = None
+    if layout.dual:
+        plans = [dualpipe_plan(st, par.pp, mbs) for st in range(par.pp)]
+        orders = [plan.order for plan in plans]
+    else:
+        make_order = one_f_one_b if s.workload.mode == "training" else forward_only
+        orders = [make_order(st, par.pp, par.vp, mbs) for st in range(par.pp)]
 
     def duration(stage: int, kind: str, chunk: int, now: float) -> float:
         chosen = healthy.runs if healthy is not None and now < strike else runs
         return chosen[(stage, kind, chunk)].makespan
 
-    spans, events = run_pipeline(orders, par.vp, duration, p2p_time(ctx))
+    spans, events = run_pipeline(orders, par.vp, duration, p2p_time(ctx), plans=plans)
     stage_end, dp_exposed, optimizer = _finish_stages(ctx, spans)
     timeline = Timeline(s, ctx.topology, layout, placement, costs, runs, spans, stage_end)
     result = build_result(timeline, mbs, events, dp_exposed, optimizer, memory, engine)
@@ -204,7 +209,7 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: Engine
     for stage, chunks in enumerate(layout.chunk_layers()):
         for c, layers in enumerate(chunks):
             blocks = [costs.block(layer) for layer in layers]
-            if mtp and stage == par.pp - 1 and c == par.vp - 1:   # MTP: one more MoE block each
+            if mtp and layout.chunk_ends(stage, c)[1]:   # MTP: one more MoE block each
                 blocks += [costs.block(s.model.moe_layer_ids[-1])] * mtp
             kinds = [("F", blocks, False)]
             if s.workload.mode == "training":
@@ -222,7 +227,25 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: Engine
                                                     np.full(par.ep, wait), (), -1),
                                             at_end=False), costs, stage)
                 runs[(stage, kind, c)] = run
+                if backward and layout.dual:
+                    split, weights = _zero_bubble_split(ops)
+                    runs[(stage, "b", c)] = engine(split, costs, stage)
+                    runs[(stage, "W", c)] = engine(weights, costs, stage)
     return runs
+
+
+def _zero_bubble_split(ops: list[Op]) -> tuple[list[Op], list[Op]]:
+    """A backward chunk's ops as zero-bubble schedules split them: the input-gradient pass
+    (every op, compute at half its time: the gradients of the inputs) and the weight-gradient
+    pass (the other half of each compute op, back to back, no communication). First order: a
+    backward's matmuls are half input and half weight gradients, and its collectives carry
+    input gradients only."""
+    half = [replace(op, duration=op.duration * 0.5) if op.stream == "compute" else op
+            for op in ops]
+    compute = [op for op in half if op.stream == "compute"]
+    weights = [replace(op, deps=(i - 1,) if i else (), barrier=False, collective=None)
+               for i, op in enumerate(compute)]
+    return half, weights
 
 
 def _sharded_params_wait(run: ChunkRun, ctx: PricingContext, stage: int,
@@ -252,11 +275,10 @@ def _with_ends(ops: list[Op], costs: CostModel, stage: int, chunk: int,
                backward: bool) -> list[Op]:
     """Add the embedding (first virtual stage) and the LM head + loss (last virtual stage)."""
     ctx = costs.ctx
-    par = ctx.scenario.parallelism
     scale = 2.0 if backward else 1.0
-    ep = par.ep
+    ep = ctx.scenario.parallelism.ep
     tokens = ctx.microbatch_tokens
-    first, last = stage == 0 and chunk == 0, stage == par.pp - 1 and chunk == par.vp - 1
+    first, last = ctx.layout.chunk_ends(stage, chunk)
     if last:
         head = Op("lm_head", "compute", "compute",
                   np.full(ep, scale * heads_time(ctx)), (), -1)
@@ -301,7 +323,7 @@ def _finish_stages(ctx: PricingContext, spans: list[ChunkSpan]
             sync = dp_sync_time(ctx, stage)
             window = 0.0
             if s.communication.dp_overlap:  # gradients reduce during the last backward chunk
-                last_b = max((sp for sp in spans if sp.stage == stage and sp.kind == "B"),
+                last_b = max((sp for sp in spans if sp.stage == stage and sp.kind != "F"),
                              key=lambda sp: sp.end)
                 window = last_b.end - last_b.start
             dp = max(0.0, sync - window)

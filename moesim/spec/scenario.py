@@ -42,6 +42,9 @@ class Parallelism:
     # more per multi-token-prediction module) count as one layer each when layers are split.
     account_for_embedding: bool = False
     account_for_loss: bool = False
+    # Pipeline schedule (training): Megatron's 1F1B (interleaved with vp > 1), or DeepSeek-V3's
+    # bidirectional DualPipe (each device holds two stages, one per direction: 2x parameters).
+    schedule: Literal["1f1b", "dualpipe"] = "1f1b"
 
     @property
     def world(self) -> int:
@@ -311,6 +314,8 @@ def _check_relations(s: Scenario, source: str) -> None:
     if m.num_layers < par.pp * par.vp:
         raise ScenarioError(f"pp * vp = {par.pp * par.vp} exceeds the model's {m.num_layers} "
                             "layers", source=source, field="parallelism.pp")
+    if par.schedule == "dualpipe":
+        _check_dualpipe(s, source)
     if par.tp > s.devices_per_node:
         raise ScenarioError(f"tp={par.tp} must fit in one node of {s.devices_per_node} devices",
                             source=source, field="parallelism.tp")
@@ -347,3 +352,28 @@ def _check_relations(s: Scenario, source: str) -> None:
             raise ScenarioError("a link fault names its two ends, e.g. [n0.gpu0, leaf0]",
                                 source=source, field=f"faults[{i}].link")
     assert set(DTYPES) >= {s.precision.compute}
+
+
+def _check_dualpipe(s: Scenario, source: str | None) -> None:
+    """DualPipe's requirements (deepseek-ai/DualPipe: an even number of stages, an even number
+    of micro-batches, at least twice the stages) and what moesim models of it."""
+    par, wl = s.parallelism, s.workload
+    field = "parallelism.schedule"
+    if wl.mode != "training":
+        raise ScenarioError("schedule 'dualpipe' is a training schedule (inference runs "
+                            "forward chunks only); use 1f1b", source=source, field=field)
+    if par.pp < 2 or par.pp % 2:
+        raise ScenarioError(f"schedule 'dualpipe' needs an even pp >= 2, got pp={par.pp}",
+                            source=source, field=field)
+    if par.vp != 1:
+        raise ScenarioError(f"schedule 'dualpipe' holds two chunks per device by itself; "
+                            f"vp must be 1, got vp={par.vp}", source=source, field=field)
+    if par.zero_stage >= 3:
+        raise ScenarioError("schedule 'dualpipe' with zero_stage 3 is not modelled (ZeRO-3's "
+                            "per-block gathers are priced for 1F1B only); use zero_stage <= 2",
+                            source=source, field=field)
+    mbs = wl.global_batch // par.dp // wl.micro_batch
+    if mbs % 2 or mbs < 2 * par.pp:
+        raise ScenarioError(f"schedule 'dualpipe' needs an even number of micro-batches per "
+                            f"step, at least 2 * pp = {2 * par.pp}; global_batch / dp / "
+                            f"micro_batch = {mbs}", source=source, field=field)
