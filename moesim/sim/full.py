@@ -4,7 +4,8 @@ The aggregated engine (:func:`moesim.sim.streams.run_ops`) runs one EP group wit
 every other group of the stage to be identical. The full engine checks that: it runs each device
 of every EP group of the stage as two SimPy processes (compute stream, communication stream) that
 wait on the events of the ops they depend on, meets at a barrier for every collective, and times
-each group's all-to-all on that group's own links of the topology. On the small scenarios where it
+each group's all-to-all on that group's own links of the topology (the representative group's
+price, shifted by what the group's own links change in a flow-level all-to-all). On the small scenarios where it
 is affordable, both engines must agree (tests/test_engines.py).
 """
 
@@ -35,14 +36,22 @@ class _Group:
         self.duration: dict[int, float] = {}
 
     def _collective_time(self, i: int) -> float:
+        """This group's time for the collective priced on the representative group: its price
+        (algorithm, message-size curve, fixed cost) plus the difference the group's own links
+        make to a flow-level all-to-all of the same bytes (none where the groups' links are
+        alike)."""
         op = self.ops[i]
         coll = op.collective
         if coll is None or len(coll.pairs) == 0:
             return float(op.duration[0])
         group0 = self.costs.group
+        if np.array_equal(self.ranks, group0):
+            return float(op.duration[0])
         local = np.searchsorted(group0, coll.pairs)       # back to group-local indices
         ctx = self.costs.ctx
-        return alltoall(ctx.topology, self.ranks[local], coll.nbytes, ctx.rtol).duration
+        own = alltoall(ctx.topology, self.ranks[local], coll.nbytes, ctx.rtol).duration
+        reference = alltoall(ctx.topology, coll.pairs, coll.nbytes, ctx.rtol).duration
+        return max(0.0, float(op.duration[0]) + own - reference)
 
     def stream(self, device: int, stream: str):
         for i, op in enumerate(self.ops):
