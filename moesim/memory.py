@@ -120,9 +120,15 @@ def tokens_per_microbatch(s: Scenario) -> float:
     return wl.micro_batch * per_seq / (s.parallelism.tp if s.parallelism.sequence_parallel else 1)
 
 
+def saved_activation_dtype(s: Scenario) -> str:
+    """The dtype training caches activations in for the backward."""
+    return s.precision.saved_activations or s.precision.activations
+
+
 def activation_bytes_per_token_layer(s: Scenario, moe_layer: bool) -> float:
-    """Stored activation bytes per token per block (training), before recomputation."""
-    m, ab = s.model, dtype_bytes(s.precision.activations)
+    """Stored activation bytes per token per block (training), before recomputation, in the
+    dtype they are saved in (:func:`saved_activation_dtype`)."""
+    m, ab = s.model, dtype_bytes(saved_activation_dtype(s))
     h = m.hidden_size
     # Korthikanti et al.: attention 11h + 2 norms 4h (in 16-bit units: 2 bytes); dropout masks 1 byte.
     attn = (11 * h + 4 * h) * ab / 2
@@ -175,7 +181,7 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
         per_layer = [activation_bytes_per_token_layer(s, layout.moe_index(x) is not None)
                      for x in layers]
         if s.memory.recompute == "full":
-            stored = len(layers) * s.model.hidden_size * dtype_bytes(prec.activations)
+            stored = len(layers) * s.model.hidden_size * dtype_bytes(saved_activation_dtype(s))
             acts = tokens * (stored * in_flight + max(per_layer, default=0.0))
         else:
             factor = 0.5 if s.memory.recompute == "selective" else 1.0

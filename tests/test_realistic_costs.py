@@ -235,3 +235,32 @@ def test_an_moe_block_with_shared_experts_charges_them_and_their_add(make_scenar
     assert block.ffn == pytest.approx(t.shared_experts(ctx.tokens_per_source)
                                       + t.shared_output_add(ctx.tokens_per_source))
     assert t.shared_output_add(ctx.tokens_per_source) > 0
+
+
+def test_activations_saved_narrower_cost_memory_less_and_a_cast_per_block(make_scenario):
+    """BF16 activations saved for the backward in FP8 (DeepSeek-V3's recipe): memory holds half
+    the activation bytes (the FP32 router probabilities, 4 bytes per expert, stay), and each
+    training block casts what it saves (read 2 bytes, write 1 per element) as one memory-bound
+    kernel on its tokens, counted in its attention op."""
+    from moesim.memory import activation_bytes_per_token_layer
+    from moesim.pricing.block import saved_activation_cast
+    plain = make_scenario(ONE_LAYER)
+    narrow = make_scenario({**ONE_LAYER, "precision": {"saved_activations": "fp8"}})
+    router = plain.model.num_experts * 4
+    assert activation_bytes_per_token_layer(narrow, True) == pytest.approx(
+        (activation_bytes_per_token_layer(plain, True) - router) / 2 + router)
+    ctx = PricingContext.from_scenario(narrow)
+    elements = activation_bytes_per_token_layer(narrow, True) / 1.0
+    expected = ctx.timer.elementwise(ctx.tokens_per_source * elements * (2 + 1))
+    assert saved_activation_cast(ctx, True) == pytest.approx(expected)
+    assert saved_activation_cast(PricingContext.from_scenario(plain), True) == 0.0
+    narrow_block = CostModel(ctx, scenario_placement(narrow)).block(0)
+    plain_ctx = PricingContext.from_scenario(plain)
+    plain_block = CostModel(plain_ctx, scenario_placement(plain)).block(0)
+    assert narrow_block.attention == pytest.approx(plain_block.attention + expected)
+
+
+def test_saved_activations_wider_than_the_activations_is_refused(make_scenario):
+    with pytest.raises(ScenarioError) as err:
+        make_scenario({**ONE_LAYER, "precision": {"saved_activations": "fp32"}})
+    assert "precision.saved_activations" in str(err.value)

@@ -12,14 +12,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim import routing
+from moesim.memory import activation_bytes_per_token_layer, saved_activation_dtype
 from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import EMPTY, Collective, layer_alltoalls
 from moesim.pricing.collectives import tp_all_reduce_time
 from moesim.pricing.context import PricingContext
 from moesim.pricing.moe_layer import expert_times, layer_traffic, permute_time
+from moesim.spec.hardware import dtype_bytes
 from moesim.traffic import LayerTraffic
 
-__all__ = ["BlockCost", "block_cost", "attention_part", "selective_recompute_time"]
+__all__ = ["BlockCost", "block_cost", "attention_part", "saved_activation_cast",
+           "selective_recompute_time"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,6 +54,7 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
     par = s.parallelism
     dense_tokens, attention, tp_comm = attention_part(ctx)
     moe_index = ctx.layout.moe_index(layer)
+    attention += saved_activation_cast(ctx, moe_index is not None and choices is not None)
     if moe_index is None or choices is None:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
         return BlockCost(layer, attention, tp_comm, 0.0, ffn, np.zeros(par.ep), 0.0,
@@ -75,6 +79,26 @@ def attention_part(ctx: PricingContext) -> tuple[float, float, float]:
     context, kv = ctx.context_length()
     return (dense_tokens, ctx.timer.attention(dense_tokens, context, kv),
             tp_all_reduce_time(ctx, dense_tokens))
+
+
+def saved_activation_cast(ctx: PricingContext, moe: bool) -> float:
+    """Forward seconds a training block spends casting the activations it saves for the backward
+    into ``precision.saved_activations`` when that is narrower than the activations (read them,
+    write the narrow copy; the engine's backward, twice the forward, covers casting them back):
+    the block's saved elements per token (:func:`moesim.memory.activation_bytes_per_token_layer`,
+    halved under selective recomputation as memory counts them) on this device's tokens. 0 when
+    nothing is narrowed or outside training."""
+    s = ctx.scenario
+    saved = saved_activation_dtype(s)
+    if s.workload.mode != "training" or dtype_bytes(saved) >= ctx.activation_bytes:
+        return 0.0
+    elements = activation_bytes_per_token_layer(s, moe) / dtype_bytes(saved)
+    if s.memory.recompute == "selective":
+        elements *= 0.5
+    elif s.memory.recompute == "full":
+        elements = ctx.hidden
+    tokens = ctx.tokens_per_source
+    return ctx.timer.elementwise(tokens * elements * (ctx.activation_bytes + dtype_bytes(saved)))
 
 
 def selective_recompute_time(ctx: PricingContext, dense_tokens: float, tokens: float,

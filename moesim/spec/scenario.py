@@ -66,7 +66,11 @@ class Workload:
 class Precision:
     compute: Dtype = "bf16"
     weights: Dtype = "bf16"
-    activations: Dtype = "bf16"
+    activations: Dtype = "bf16"   # what activations flow between kernels in
+    # What training caches for the backward, when narrower than ``activations`` (DeepSeek-V3
+    # caches FP8, report sec. 3.3.2): memory counts it, and each block pays a cast into it in the
+    # forward and back out of it in the backward. None: ``activations``.
+    saved_activations: Dtype | None = None
     gradients: Dtype = "fp32"
     master_weights: bool = True
     optimizer_state_bytes: float = spec_field(8.0, min=0, max=64, doc="bytes per parameter (Adam: 2 x fp32)")
@@ -316,6 +320,12 @@ def _check_relations(s: Scenario, source: str) -> None:
                             "layers", source=source, field="parallelism.pp")
     if par.schedule == "dualpipe":
         _check_dualpipe(s, source)
+    prec = s.precision
+    saved = prec.saved_activations
+    if saved is not None and DTYPES[saved] > DTYPES[prec.activations]:
+        raise ScenarioError(f"saved_activations={saved} is wider than activations="
+                            f"{prec.activations}; training caches activations in their own dtype "
+                            "or a narrower one", source=source, field="precision.saved_activations")
     if par.tp > s.devices_per_node:
         raise ScenarioError(f"tp={par.tp} must fit in one node of {s.devices_per_node} devices",
                             source=source, field="parallelism.tp")

@@ -1,0 +1,90 @@
+"""DeepSeek-V3 training: moesim's forward + backward of one pipeline chunk against DeepSeek's own
+published kernel profile of that chunk.
+
+DeepSeek published a PyTorch-profiler trace of its training framework (deepseek-ai/profile-data,
+``train.json``): one DualPipe pair of a forward and a backward chunk of 4 MoE layers each on an
+H800, EP64, TP1, 4K-token sequences, with exactly balanced routing and no pipeline communication.
+The figures below were read from that trace (kernel events, microseconds summed by name); the
+trace itself is not copied here. moesim prices the same chunk from the shipped scenario
+(``scenarios/deepseek-v3-train-2048.yaml``, routing forced balanced): the forward and the backward
+chunk of a middle pipeline device (4 MoE layers), each on its own (moesim runs a DualPipe pair
+back to back, each chunk overlapping its two micro-batch halves).
+
+    python benchmarks/deepseek_profile.py           # the shipped scenario (seconds)
+    python benchmarks/deepseek_profile.py --smoke   # a shrunk model, for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from moesim.assembly import simulate  # noqa: E402
+from moesim.spec.scenario import load_scenario  # noqa: E402
+
+SCENARIO = REPO / "scenarios" / "deepseek-v3-train-2048.yaml"
+SOURCE = ("deepseek-ai/profile-data train.json (H800, EP64, TP1, 4K tokens, balanced routing; "
+          "a DualPipe forward + backward chunk pair of 4 MoE layers)")
+# Read from the trace's kernel events (ms): first to last kernel, and kernel time by kind.
+MEASURED_MS = {
+    "pair span (first to last kernel)": 129.0,
+    "compute-stream kernels": 118.2,
+    "GEMMs (FP8 grouped/dense, incl. 11.4 on a second stream)": 75.6,
+    "FlashAttention (forward 4.9, backward 15.1, pre/post 1.9)": 22.0,
+    "other compute kernels (casts, transposes, norms, SwiGLU, RoPE, permutes)": 32.0,
+    "DeepEP dispatch/combine kernels (communication stream)": 114.5,
+}
+
+# A shrunk run for tests: 19 layers over 4 stages of 64 GPUs.
+SMOKE = ["model.num_layers=19", "parallelism.account_for_embedding=false",
+         "parallelism.account_for_loss=false", "cluster.nodes=64", "parallelism.pp=4",
+         "workload.global_batch=1024"]
+
+
+def chunk_times(overrides: list[str]) -> tuple[int, float, float, Counter]:
+    """(MoE layers, forward s, backward s, compute s by op) of one middle device's chunk."""
+    s = load_scenario(SCENARIO, ["routing.distribution=balanced", *overrides])
+    sim = simulate(s)
+    stage = s.parallelism.pp // 2 - 1
+    layers = list(sim.layout.chunk_layers()[stage][0])
+    moe = sum(1 for layer in layers if sim.layout.moe_index(layer) is not None)
+    parts: Counter = Counter()
+    spans = []
+    for kind in ("F", "B"):
+        run = sim.runs[(stage, kind, 0)]
+        spans.append(run.makespan)
+        for i, op in enumerate(run.ops):
+            if op.stream == "compute":
+                parts[op.name.split(".")[0]] += float((run.end[i] - run.start[i]).max())
+    return moe, spans[0], spans[1], parts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="shrunk model (seconds)")
+    args = parser.parse_args(argv)
+    overrides = SMOKE if args.smoke else []
+    moe, forward, backward, parts = chunk_times(overrides)
+    print(f"measured: {SOURCE}")
+    for name, ms in MEASURED_MS.items():
+        print(f"  {name:<75} {ms:7.1f} ms")
+    total = forward + backward
+    print(f"moesim: {SCENARIO.name}, balanced routing, a middle device's chunk of {moe} MoE "
+          f"layers: forward {forward * 1e3:.1f} ms + backward {backward * 1e3:.1f} ms = "
+          f"{total * 1e3:.1f} ms")
+    print("  compute by op (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in parts.items()))
+    if moe == 4:
+        ratio = total * 1e3 / MEASURED_MS["pair span (first to last kernel)"]
+        print(f"moesim / measured (forward + backward of 4 MoE layers): {ratio:.2f}")
+    else:
+        print(f"(shrunk run: {moe} MoE layers per chunk, no ratio)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
