@@ -15,6 +15,7 @@ from moesim.cli import main
 from moesim.errors import ScenarioError
 from moesim.layout import Layout
 from moesim.memory import stage_memory
+from moesim.pricing.context import PricingContext
 from moesim.search.runner import run_search
 from moesim.search.serving import (
     RequestShape,
@@ -32,7 +33,7 @@ TINY = REPO / "scenarios" / "tiny-cpu.yaml"
 # Pin every knob but the parallel degrees: the brute force below then walks the same space.
 PINNED = {"workload.micro_batch": [1], "parallelism.zero_stage": [1],
           "memory.recompute": ["none"], "communication.overlap": ["none"],
-          "communication.alltoall": ["direct"]}
+          "communication.alltoall": ["direct"], "parallelism.schedule": ["1f1b"]}
 
 
 def _scenario_file(tmp_path: Path, src: Path, search: dict, **changes) -> Path:
@@ -261,3 +262,24 @@ def test_plot_of_a_search_folder(tmp_path):
     assert {p.name for p in written} == {"pareto.png", "pareto.svg"}
     rows = _rows(tmp_path / "sout")
     assert any(r["pareto"] == "True" for r in rows)
+
+
+def test_dualpipe_layouts_follow_its_rules_and_the_screen_follows_the_simulator(tmp_path):
+    """With both schedules open, a DualPipe layout is valid exactly where DualPipe runs (even pp,
+    vp 1, an even number of micro-batches at least 2 pp); its screen (half of a device's two
+    stages per micro-batch plus the bubble (pp/2 - 1)(F + B/2)) stays near the simulation."""
+    from moesim.search.screen import screen_layout
+    from moesim.search.space import candidate_scenario, enumerate_layouts
+    search = {**PINNED, "parallelism.schedule": ["1f1b", "dualpipe"]}
+    spec = load_search(_scenario_file(tmp_path, TINY, search))
+    cands, dropped, _ = enumerate_layouts(spec)
+    dual = [c for c in cands if c.get("parallelism.schedule") == "dualpipe"]
+    assert dual and len(cands) - len(dual) == len(_brute_force_count())
+    for c in dual:
+        pp, vp = c.get("parallelism.pp"), c.get("parallelism.vp")
+        mbs = spec.scenario.workload.global_batch // c.get("parallelism.dp")
+        assert pp % 2 == 0 and vp == 1 and mbs % 2 == 0 and mbs >= 2 * pp
+        s = candidate_scenario(spec, c, validate=True)
+        ctx = PricingContext.from_scenario(s)
+        assert screen_layout(s, ctx.topology).step_time == pytest.approx(
+            simulate(s).result.step_time, rel=0.1)

@@ -7,7 +7,9 @@ the routing. Overlap is modelled simply: ``two_batch`` runs two half micro-batch
 half's all-to-alls hide behind the other's compute (``c + m + max(c, m)`` per block for per-half
 compute ``c`` and communication ``m``); ``shared_expert`` hides the dispatch behind the shared
 experts. The pipeline is 1F1B with the bubble formula: ``(micro_batches + (pp - 1) / vp) x
-(F + B)`` of the slowest stage, plus pipeline sends; forward-only for serving. Then the exposed
+(F + B)`` of the slowest stage, plus pipeline sends; DualPipe's ``micro_batches x (F + B)`` of
+the slowest device (half its two stages' work per micro-batch) plus ``(pp/2 - 1)(F + B/2)``;
+forward-only for serving. Then the exposed
 data-parallel gradient sync (hidden behind the last backward chunk when ``dp_overlap``) and the
 optimizer step; under ZeRO-3, each chunk's wait for block parameters and gradient
 reduce-scatters instead, as the simulator prices it. It ignores the overlapped-compute slowdown
@@ -241,22 +243,21 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
     for stage in range(par.pp):
         f = b = 0.0
         layers = layout.stage_layers(stage)
-        n_moe = sum(layout.moe_index(x) is not None for x in layers)
-        if stage == par.pp - 1:
-            n_moe += mtp
-        for count, bt in ((n_moe, moe), (len(layers) + (mtp if stage == par.pp - 1 else 0)
-                                         - n_moe, dense)):
+        has_embedding, has_head = layout.holds_ends(stage)
+        extra = mtp if has_head else 0
+        n_moe = sum(layout.moe_index(x) is not None for x in layers) + extra
+        for count, bt in ((n_moe, moe), (len(layers) + extra - n_moe, dense)):
             if count == 0 or bt is None:
                 continue
             f += count * (bt.compute + bt.comm)
             b += count * (2 * bt.compute + bt.comm + (bt.compute if full else bt.recompute))
-        if stage == par.pp - 1:
-            f, b = f + heads, b + 2 * heads
-        if stage == 0:
-            f, b = f + embedding, b + 2 * embedding
+        ends = (heads if has_head else 0.0) + (embedding if has_embedding else 0.0)
+        f, b = f + ends, b + 2 * ends
         if sharded:
             waits = _sharded_waits(ctx, layout, stage, moe, dense, full, heads, embedding, cache)
             f, b = f + waits[0], b + waits[1]
+        if layout.dual:   # each micro-batch passes one of the device's two chunks: per
+            f, b = f / 2, b / 2   # micro-batch, half of both
         fwd_stage.append(f)
         bwd_stage.append(b if train else 0.0)
     mbs = micro_batches(s)
@@ -264,7 +265,14 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
     worst = int(np.argmax(per_mb))
     vp = par.vp if train else 1
     p2p = p2p_time(ctx)
-    pipeline = (mbs + (par.pp - 1) / vp) * per_mb[worst] + (par.pp - 1) * p2p * (2 if train else 1)
+    if layout.dual:
+        # DualPipe's bubble, (PP/2 - 1)(F&B + B - 3W) per chunk with F&B = F + B back to back
+        # and W half the backward: (PP/2 - 1)(F + B / 2).
+        bubble = (par.pp / 2 - 1) * (fwd_stage[worst] + bwd_stage[worst] / 2)
+        pipeline = mbs * per_mb[worst] + bubble + (par.pp - 1) * p2p * 2
+    else:
+        pipeline = ((mbs + (par.pp - 1) / vp) * per_mb[worst]
+                    + (par.pp - 1) * p2p * (2 if train else 1))
     tail = 0.0
     if train:
         for stage in range(par.pp):

@@ -14,12 +14,11 @@ values (``parallelism.pp: [8, 16]``); keys without one are options::
 
 Knobs left open get default ranges: TP powers of two up to a node, PP the divisors of the device
 count up to the layers (training; serving 1/2/4/8), VP 1/2/4/8, EP the divisors of the expert
-slots that divide the devices, micro-batch 1/2 (decode: the batch per replica, powers of two up
-to 4096), ZeRO 1/2, recompute none/selective/full, overlap none/two_batch; the all-to-all
+slots that divide the devices, pipeline schedule 1F1B/DualPipe, micro-batch 1/2 (decode: the
+batch per replica, powers of two up to 4096), ZeRO 1/2/3, recompute none/selective/full, overlap none/two_batch; the all-to-all
 algorithm, placement policy and redundant experts stay the scenario's unless the section lists
 values. Every knob's range includes the scenario's own value, so its layout can be ranked.
-Layouts run the 1F1B schedule (interleaved with VP > 1): a scenario with ``schedule: dualpipe``
-is searched as its 1F1B layouts.
+Training layouts run 1F1B (interleaved with VP > 1) or DualPipe (even PP, VP 1, ZeRO <= 2).
 """
 
 from __future__ import annotations
@@ -40,12 +39,13 @@ __all__ = ["KNOBS", "OPTIONS", "SearchSpec", "Candidate", "load_search", "enumer
 
 # Knobs in enumeration order (the last varies fastest). dp is derived: devices / (tp * pp).
 KNOBS = ("parallelism.tp", "parallelism.pp", "parallelism.ep", "parallelism.vp",
-         "workload.micro_batch", "parallelism.zero_stage", "memory.recompute",
+         "parallelism.schedule", "workload.micro_batch", "parallelism.zero_stage", "memory.recompute",
          "communication.overlap", "communication.alltoall", "placement.policy",
          "placement.redundant_experts")
 OPTIONS = {"top": 8, "max_layouts": 20000, "input_len": 0, "output_len": 256,
            "prefill_batch": 1}
-_TRAIN_ONLY = ("parallelism.vp", "parallelism.zero_stage", "memory.recompute")
+_TRAIN_ONLY = ("parallelism.vp", "parallelism.schedule", "parallelism.zero_stage",
+               "memory.recompute")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ class Candidate:
                 f"DP{v['parallelism.dp']}")
         if v.get("parallelism.vp", 1) > 1:
             text += f" VP{v['parallelism.vp']}"
+        if v.get("parallelism.schedule", "1f1b") == "dualpipe":
+            text += " DualPipe"
         return text
 
 
@@ -180,6 +182,7 @@ def default_ranges(spec: SearchSpec) -> dict[str, tuple]:
         else [p for p in (1, 2, 4, 8) if n % p == 0 and p <= m.num_layers],
         "parallelism.ep": [e for e in _divisors(slots) if n % e == 0],
         "parallelism.vp": [1, 2, 4, 8] if train else [1],
+        "parallelism.schedule": ["1f1b", "dualpipe"] if train else [par.schedule],
         "workload.micro_batch": [1, 2] if wl.mode != "decode" else
         [b for b in _powers(4096)],
         "parallelism.zero_stage": [1, 2, 3] if train else [par.zero_stage],
@@ -209,7 +212,8 @@ def _order(value: Any) -> tuple:
 def _own_values(s: Scenario) -> dict[str, Any]:
     par = s.parallelism
     return {"parallelism.tp": par.tp, "parallelism.pp": par.pp, "parallelism.ep": par.ep,
-            "parallelism.vp": par.vp, "workload.micro_batch": s.workload.micro_batch,
+            "parallelism.vp": par.vp, "parallelism.schedule": par.schedule,
+            "workload.micro_batch": s.workload.micro_batch,
             "parallelism.zero_stage": par.zero_stage, "memory.recompute": s.memory.recompute,
             "communication.overlap": s.communication.overlap,
             "communication.alltoall": s.communication.alltoall,
@@ -249,6 +253,11 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
     mbs = batch // dp // mb
     if vp > 1 and mbs % pp:
         return "interleaving needs micro-batches a multiple of pp"
+    if v.get("parallelism.schedule") == "dualpipe":
+        if pp < 2 or pp % 2 or vp > 1:
+            return "dualpipe needs an even pp and vp 1"
+        if mbs % 2 or mbs < 2 * pp or v["parallelism.zero_stage"] >= 3:
+            return "dualpipe needs an even number >= 2 pp of micro-batches, ZeRO <= 2"
     return None
 
 
@@ -268,8 +277,6 @@ def candidate_overrides(spec: SearchSpec, cand: Candidate) -> tuple[str, ...]:
     out = [f"{k}={json.dumps(val)}" for k, val in cand.values]
     batch = _global_batch(spec, v["parallelism.dp"], v["workload.micro_batch"])
     out.append(f"workload.global_batch={batch}")
-    if spec.scenario.parallelism.schedule != "1f1b":   # layouts are searched under 1F1B
-        out.append('parallelism.schedule="1f1b"')
     return tuple(out)
 
 
@@ -284,7 +291,8 @@ def candidate_scenario(spec: SearchSpec, cand: Candidate, *, validate: bool = Fa
     s, v = spec.scenario, dict(cand.values)
     par = replace(s.parallelism, tp=v["parallelism.tp"], pp=v["parallelism.pp"],
                   dp=v["parallelism.dp"], ep=v["parallelism.ep"], vp=v["parallelism.vp"],
-                  zero_stage=v["parallelism.zero_stage"], schedule="1f1b")
+                  zero_stage=v["parallelism.zero_stage"],
+                  schedule=v["parallelism.schedule"])
     wl = replace(s.workload, micro_batch=v["workload.micro_batch"],
                  global_batch=_global_batch(spec, v["parallelism.dp"],
                                             v["workload.micro_batch"]))
