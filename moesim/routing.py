@@ -171,13 +171,18 @@ def sample_layer(popularity: np.ndarray, *, num_sources: int, tokens_per_source:
 
 def balanced_layer(num_experts: int, *, num_sources: int, tokens_per_source: int, top_k: int,
                    max_tokens_per_source: int = 256,
-                   rng: np.random.Generator | None = None) -> LayerChoices:
+                   rng: np.random.Generator | None = None,
+                   expert_node: np.ndarray | None = None,
+                   max_nodes: int | None = None) -> LayerChoices:
     """Perfectly balanced routing: sampled token t takes experts ``(t*k + j) % E`` for j < k.
 
     Deterministic; every expert receives the same load whenever T*k is a multiple of E. That
     pairs neighbouring experts (NeMo Automodel's fake balanced gate). With ``rng`` the experts
     are dealt from a deck reshuffled every E // k tokens instead: the same exact balance, but a
-    token's experts are paired at random, as a real router's are (``balanced_random``).
+    token's experts are paired at random, as a real router's are (``balanced_random``); with
+    ``max_nodes`` (node-limited routing, ``expert_node[e]`` each expert's node) too, each token
+    takes ``max_nodes`` nodes dealt from a deck of the nodes and ``k / max_nodes`` experts from a
+    deck of each (:func:`_node_limited_decks`), where those divide evenly.
 
     >>> balanced_layer(4, num_sources=1, tokens_per_source=2, top_k=2).experts.tolist()
     [[0, 1], [2, 3]]
@@ -186,7 +191,11 @@ def balanced_layer(num_experts: int, *, num_sources: int, tokens_per_source: int
     n = sampled_per_source(tokens_per_source, max_tokens_per_source, num_sources)
     t = num_sources * n
     experts = (np.arange(t)[:, None] * k + np.arange(k)[None, :]) % num_experts
-    if rng is not None:     # relabel each deck of E // k tokens with its own permutation
+    limited = (None if rng is None or expert_node is None or not max_nodes
+               else _node_limited_decks(t, k, np.asarray(expert_node), max_nodes, rng))
+    if limited is not None:
+        experts = limited
+    elif rng is not None:     # relabel each deck of E // k tokens with its own permutation
         per_deck = max(1, num_experts // k)
         decks = -(-t // per_deck)
         perm = np.argsort(rng.random((decks, num_experts)), axis=1)
@@ -194,6 +203,35 @@ def balanced_layer(num_experts: int, *, num_sources: int, tokens_per_source: int
         experts = perm[deck[:, None], experts]
     source = np.repeat(np.arange(num_sources, dtype=np.int32), n)
     return LayerChoices(experts.astype(np.int32), source, tokens_per_source / n)
+
+
+def _node_limited_decks(tokens: int, k: int, expert_node: np.ndarray, max_nodes: int,
+                        rng: np.random.Generator) -> np.ndarray | None:
+    """``int[tokens, k]``: each token's ``max_nodes`` nodes dealt from decks of the nodes (each
+    deck one permutation, ``N / max_nodes`` tokens per deck) and ``k / max_nodes`` experts per
+    chosen node from decks of that node's experts: every node and every expert equally loaded
+    over whole decks, each token on exactly ``max_nodes`` nodes. None when the shapes do not
+    divide (nodes by ``max_nodes``, ``k`` by ``max_nodes``, each node's experts by the share)
+    or no limit applies (``max_nodes`` >= the nodes)."""
+    nodes = np.unique(expert_node)
+    count = nodes.size
+    if max_nodes >= count or count % max_nodes or k % max_nodes:
+        return None
+    members = [np.flatnonzero(expert_node == node) for node in nodes]
+    share = k // max_nodes
+    if len({m.size for m in members}) != 1 or members[0].size % share:
+        return None
+    decks = -(-tokens * max_nodes // count)
+    picks = np.argsort(rng.random((decks, count)), axis=1).ravel()[:tokens * max_nodes]
+    picks = picks.reshape(tokens, max_nodes)
+    out = np.empty((tokens, max_nodes, share), dtype=np.int64)
+    for j, experts in enumerate(members):
+        rows, cols = np.nonzero(picks == j)
+        need = rows.size * share
+        deals = -(-need // experts.size)
+        dealt = experts[np.argsort(rng.random((deals, experts.size)), axis=1)].ravel()[:need]
+        out[rows, cols] = dealt.reshape(rows.size, share)
+    return out.reshape(tokens, k)
 
 
 def _check_popularity(popularity: np.ndarray) -> np.ndarray:

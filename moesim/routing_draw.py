@@ -110,7 +110,8 @@ def _sample_layers(spec: RoutingSpec, num_experts: int, num_layers: int, num_sou
                                  tokens_per_source=tokens_per_source,
                                  top_k=k,
                                  max_tokens_per_source=spec.max_tokens_per_source,
-                                 rng=rng if spec.distribution == "balanced_random" else None)
+                                 rng=rng if spec.distribution == "balanced_random" else None,
+                                 expert_node=nodes, max_nodes=max_nodes)
         else:
             popularity = expert_popularity(
                 num_experts, spec.distribution, rng, zipf_s=spec.zipf_s,

@@ -393,3 +393,24 @@ def test_trace_file_errors(tmp_path):
     with pytest.raises(TraceError, match="layer 3 out of range"):
         choices_from_trace(load_trace(path), 3, num_sources=1, tokens_per_source=1,
                            rng=np.random.default_rng(0))
+
+
+def test_balanced_random_routing_honours_the_node_limit():
+    """256 experts on 8 nodes of 32, top-8, at most 4 nodes per token: every token reaches exactly
+    4 nodes with 2 distinct experts on each, and every expert gets the same load (4,096 tokens x 8
+    / 256 = 128); without a limit the random pairing reaches ~5 nodes per token."""
+    from moesim.routing import balanced_layer
+    node = np.repeat(np.arange(8), 32)
+    rng = np.random.default_rng(0)
+    limited = balanced_layer(256, num_sources=64, tokens_per_source=64, top_k=8, rng=rng,
+                             expert_node=node, max_nodes=4).experts
+    assert np.all(np.bincount(limited.ravel(), minlength=256) == 128)
+    per_token = [np.unique(node[row], return_counts=True) for row in limited]
+    assert all(len(nodes) == 4 and set(counts) == {2} for nodes, counts in per_token)
+    free = balanced_layer(256, num_sources=64, tokens_per_source=64, top_k=8,
+                          rng=np.random.default_rng(0)).experts
+    assert np.mean([len(set(node[row])) for row in free]) > 4.5
+    # A limit that does not divide the nodes falls back to the free pairing.
+    odd = balanced_layer(256, num_sources=64, tokens_per_source=64, top_k=8,
+                         rng=np.random.default_rng(0), expert_node=node, max_nodes=3).experts
+    assert np.array_equal(odd, free)
