@@ -35,25 +35,27 @@ def test_every_device_runs_each_micro_batch_of_each_direction_once(pp, m):
     for stage in range(pp):
         order = dualpipe(stage, pp, m)
         kinds = Counter(kind for kind, _, _ in order)
-        assert kinds["F"] == m and kinds["B"] + kinds["b"] == m and kinds["W"] == kinds["b"]
+        assert kinds["F"] + kinds["f"] == m and kinds["B"] + kinds["b"] + kinds["x"] == m
+        assert kinds["W"] == kinds["b"] and kinds["f"] == kinds["x"]
         expected = {(mb, int(mb >= half)) for mb in range(m)}
-        assert {(mb, c) for kind, mb, c in order if kind == "F"} == expected
-        assert {(mb, c) for kind, mb, c in order if kind in "Bb"} == expected
+        assert {(mb, c) for kind, mb, c in order if kind in "Ff"} == expected
+        assert {(mb, c) for kind, mb, c in order if kind in "Bbx"} == expected
         at = {(kind, mb, c): i for i, (kind, mb, c) in enumerate(order)}
         for mb, c in expected:
-            back = at.get(("B", mb, c), at.get(("b", mb, c)))
-            assert at[("F", mb, c)] < back
+            back = next(at[(k, mb, c)] for k in "Bbx" if (k, mb, c) in at)
+            fwd = next(at[(k, mb, c)] for k in "Ff" if (k, mb, c) in at)
+            assert fwd < back
             if ("b", mb, c) in at:
                 assert at[("b", mb, c)] < at[("W", mb, c)]
 
 
 @pytest.mark.parametrize(("pp", "m"), SIZES)
 def test_bubble_is_the_published_formula(pp, m):
-    """deepseek-ai/DualPipe's table: bubble (PP/2 - 1)(F&B + B - 3W) per device, here with the
-    forward-backward pair run back to back (F&B = F + B), B = 2F and W = F (the weight half of a
-    backward); against 1F1B's (PP - 1)(F + B). Work per device: m (F + B) under both."""
+    """deepseek-ai/DualPipe's table: bubble (PP/2 - 1)(F&B + B - 3W) per device, here with a
+    forward-backward pair taking F&B = F + B (no overlap gained), B = 2F and W = F (the weight
+    half of a backward); against 1F1B's (PP - 1)(F + B). Work per device: m (F + B) under both."""
     f, b, w = 1.0, 2.0, 1.0
-    spans = _run(pp, m, {"F": f, "B": b, "b": b - w, "W": w})
+    spans = _run(pp, m, {"F": f, "B": b, "b": b - w, "W": w, "f": f + b, "x": 0.0})
     step = max(sp.end for sp in spans)
     assert step == pytest.approx(m * (f + b) + (pp / 2 - 1) * (f + b + b - 3 * w))
     orders = [one_f_one_b(stage, pp, 1, m) for stage in range(pp)]
@@ -62,17 +64,19 @@ def test_bubble_is_the_published_formula(pp, m):
 
 
 def test_two_stages_by_hand():
-    """pp = 2, 4 micro-batches, F = 1, B = 2 (b = W = 1), no transfer time. Device 0 runs
-    F0 F2 F1 B2 F3 B0 B3 b1 W1 (micro-batches 2, 3 enter at device 1): F0 [0,1]; F2 waits for
-    device 1's F2 [0,1], so [1,2]; F1 [2,3]; B2 (its last stage: no input) [3,5]; F3 [5,6];
-    B0 needs device 1's B0 [3,5]: [6,8]; B3 [8,10]; b1 needs device 1's B1 [8,10]: [10,11];
-    W1 [11,12]. 12 = 4 x (F + B): no bubble at two stages."""
-    spans = _run(2, 4, {"F": 1.0, "B": 2.0, "b": 1.0, "W": 1.0})
+    """pp = 2, 4 micro-batches, F = 1, B = 2 (b = W = 1), an overlapped forward-backward pair
+    2.5 (not 3), no transfer time. Both devices are middle ones, whose first main-step pair the
+    reference leaves unoverlapped. Device 0 runs F0 F2 F1 B2 (f3 x0) B3 b1 W1 (micro-batches 2,
+    3 enter at device 1, which runs F2 F0 F3 B0 (f1 x2) B1 b3 W3 the same way): F0 [0,1]; F2
+    needs device 1's F2 [0,1]: [1,2]; F1 [2,3]; B2 (its direction's last stage) [3,5]; the pair
+    f3 + x0 needs device 1's F3, sent with its B0 at 5: [5,7.5]; B3 [7.5,9.5]; b1 needs device
+    1's B1 [7.5,9.5]: [9.5,10.5]; W1 [10.5,11.5]. 11.5 = 3 F + 2 B + the pair + b + W."""
+    spans = _run(2, 4, {"F": 1.0, "B": 2.0, "b": 1.0, "W": 1.0, "f": 2.5, "x": 0.0})
     zero = [(sp.kind, sp.micro_batch, sp.start, sp.end) for sp in spans if sp.stage == 0]
     assert zero == [("F", 0, 0, 1), ("F", 2, 1, 2), ("F", 1, 2, 3), ("B", 2, 3, 5),
-                    ("F", 3, 5, 6), ("B", 0, 6, 8), ("B", 3, 8, 10), ("b", 1, 10, 11),
-                    ("W", 1, 11, 12)]
-    assert max(sp.end for sp in spans) == 12
+                    ("f", 3, 5, 7.5), ("x", 0, 7.5, 7.5), ("B", 3, 7.5, 9.5),
+                    ("b", 1, 9.5, 10.5), ("W", 1, 10.5, 11.5)]
+    assert max(sp.end for sp in spans) == 11.5
 
 
 PIPE = {"parallelism": {"tp": 1, "pp": 2, "dp": 2, "ep": 2},
@@ -103,10 +107,15 @@ def test_a_simulated_step_runs_both_directions(make_scenario):
     assert max(sp.end for sp in dual.spans) < max(sp.end for sp in one.spans)
     for stage in range(2):
         kinds = Counter(sp.kind for sp in dual.spans if sp.stage == stage)
-        assert kinds["F"] == 4 and kinds["B"] + kinds["b"] == 4 and kinds["W"] == kinds["b"]
+        assert kinds["F"] + kinds["f"] == 4 and kinds["B"] + kinds["b"] + kinds["x"] == 4
         runs = dual.runs
-        for c in range(2):   # the split backward's two halves add up to the whole one's compute
+        for c in range(2):   # a zero-bubble input pass is shorter than the whole backward; an
+            # overlapped pair no longer than its two chunks back to back, no shorter than either
             assert runs[(stage, "b", c)].makespan <= runs[(stage, "B", c)].makespan
+            pair = runs[(stage, "f", c)].makespan
+            alone = runs[(stage, "F", c)].makespan, runs[(stage, "B", 1 - c)].makespan
+            assert max(alone) <= pair <= sum(alone) * (1 + 1e-12)
+            assert runs[(stage, "x", 1 - c)].makespan == 0.0
 
 
 @pytest.mark.parametrize(("change", "words"), [

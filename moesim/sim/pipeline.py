@@ -18,6 +18,8 @@ from moesim.sim.schedule import StagePlan
 
 __all__ = ["ChunkSpan", "run_pipeline"]
 
+FORWARD = ("F", "f")     # entry kinds that run a forward chunk (see moesim.sim.schedule)
+
 
 @dataclass(frozen=True)
 class ChunkSpan:
@@ -52,9 +54,9 @@ class _Pipeline:
         if kind == "W":
             return None
         if self.dual:    # direction 0 flows up the stages, direction 1 down
-            up = (kind == "F") == (chunk == 0)
-            prev = stage - 1 if up else stage + 1
-            return ("F" if kind == "F" else "B", mb, chunk, prev) if 0 <= prev < self.pp else None
+            forward = kind in FORWARD
+            prev = stage - 1 if forward == (chunk == 0) else stage + 1
+            return ("F" if forward else "B", mb, chunk, prev) if 0 <= prev < self.pp else None
         if kind == "F":
             if stage > 0:
                 return ("F", mb, chunk, stage - 1)
@@ -82,8 +84,8 @@ class _Pipeline:
             self.spans.append(ChunkSpan(stage, kind, mb, chunk, start, self.env.now))
             for j in (j for j, at in enumerate(release) if at == i):
                 sent, smb, schunk = order[j]
-                if sent != "W":   # an input-gradient chunk ("b") sends on like a whole backward
-                    key = ("B" if sent == "b" else sent, smb, schunk, stage)
+                if sent != "W":   # input-gradient and paired chunks send as F or B do
+                    key = ("F" if sent in FORWARD else "B", smb, schunk, stage)
                     self.env.process(self._send(key, self.p2p))
 
 

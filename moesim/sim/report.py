@@ -65,7 +65,7 @@ def exposure(run: ChunkRun, device: int) -> dict[str, float]:
 
 def compute_busy(run: ChunkRun) -> np.ndarray:
     """float[ep]: seconds each device of the group spends on compute ops in ``run``."""
-    busy = np.zeros(run.start.shape[1]) if run.ops else np.zeros(0)
+    busy = np.zeros(run.start.shape[1])
     for i, op in enumerate(run.ops):
         if op.category == "compute":
             busy += run.end[i] - run.start[i]

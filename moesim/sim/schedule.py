@@ -8,7 +8,8 @@ first stage, half at the last, and each device holds one stage of each direction
 
 An entry is ``(kind, micro_batch, chunk)``: "F" a forward chunk, "B" a whole backward chunk; under
 zero-bubble splitting "b" a backward for the inputs only (its output gradient goes on at once) and
-"W" the weight gradients of the oldest "b" still waiting for them.
+"W" the weight gradients of the oldest "b" still waiting for them; in DualPipe's overlapped pairs
+"f" a forward run together with the next entry's backward, "x" that backward (no time of its own).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def dualpipe(stage: int, pp: int, micro_batches: int) -> list[Entry]:
     points).
 
     >>> [e[0] for e in dualpipe(0, 2, 4)]
-    ['F', 'F', 'F', 'B', 'F', 'B', 'B', 'b', 'W']
+    ['F', 'F', 'F', 'B', 'f', 'x', 'B', 'b', 'W']
     """
     return dualpipe_plan(stage, pp, micro_batches).order
 
@@ -86,9 +87,8 @@ def dualpipe_plan(stage: int, pp: int, micro_batches: int) -> StagePlan:
     Chunk ``d`` is direction ``d``: direction 0 runs stages 0..pp-1 on devices 0..pp-1 with
     micro-batches ``0..m/2-1``, direction 1 the same stages on devices pp-1..0 with micro-batches
     ``m/2..m-1``; a device in the first half calls direction 0 its phase 0, one in the second half
-    direction 1. The reference overlaps the two chunks of a forward-backward pair; here they run
-    one after the other (moesim's per-chunk overlap already hides their communication), and as
-    in the reference the pair waits for both inputs and sends both outputs at its end.
+    direction 1. As in the reference a forward-backward pair runs overlapped (one "f" entry, the
+    backward an "x" entry after it), waits for both inputs and sends both outputs at its end.
     """
     half_ranks, half = pp // 2, micro_batches // 2
     rank = min(stage, pp - 1 - stage)
@@ -127,10 +127,13 @@ def dualpipe_plan(stage: int, pp: int, micro_batches: int) -> StagePlan:
         return add("W", *pending.pop(0))
 
     def pair(phase0: int, phase1: int) -> None:
-        """A forward of ``phase0`` and a backward of ``phase1``: both inputs first, both sends
-        at the end."""
+        """A forward of ``phase0`` overlapped with a backward of ``phase1``: one "f" entry runs
+        both (the pair's time), then a zero-length "x" entry stands for the backward; both
+        inputs first, both sends at the end."""
         i = forward(phase0)
         j = backward(phase1)
+        plan.order[i] = ("f", *plan.order[i][1:])
+        plan.order[j] = ("x", *plan.order[j][1:])
         plan.waits[i].append(j)
         plan.release[i] = j
 

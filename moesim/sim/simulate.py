@@ -38,7 +38,7 @@ from moesim.sim.pipeline import ChunkSpan, run_pipeline
 from moesim.sim.report import build_result
 from moesim.sim.schedule import dualpipe_plan, forward_only, one_f_one_b
 from moesim.sim.simulation import Simulation, Timeline
-from moesim.sim.streams import ChunkRun, Op, chunk_ops, run_ops
+from moesim.sim.streams import ChunkRun, Op, chunk_ops, merge_pair, run_ops
 from moesim.spec.scenario import Scenario
 
 __all__ = ["ENGINES", "simulate_step", "estimate_cost"]
@@ -207,6 +207,7 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: Engine
     mtp = mtp_blocks(s)
     sharded = s.workload.mode == "training" and par.zero_stage >= 3
     for stage, chunks in enumerate(layout.chunk_layers()):
+        ops_of: dict[tuple[str, int], list[Op]] = {}
         for c, layers in enumerate(chunks):
             blocks = [costs.block(layer) for layer in layers]
             if mtp and layout.chunk_ends(stage, c)[1]:   # MTP: one more MoE block each
@@ -231,6 +232,14 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: Engine
                     split, weights = _zero_bubble_split(ops)
                     runs[(stage, "b", c)] = engine(split, costs, stage)
                     runs[(stage, "W", c)] = engine(weights, costs, stage)
+                if layout.dual:
+                    ops_of[(kind, c)] = ops
+        if layout.dual:   # DualPipe's pairs: forward of chunk c with backward of the other
+            for c in range(2):
+                merged = merge_pair(ops_of[("F", c)], ops_of[("B", 1 - c)], par.ep)
+                runs[(stage, "f", c)] = engine(merged, costs, stage)
+                runs[(stage, "x", 1 - c)] = ChunkRun([], np.zeros((0, par.ep)),
+                                                     np.zeros((0, par.ep)))
     return runs
 
 

@@ -27,7 +27,8 @@ import numpy as np
 from moesim.pricing.alltoall import Collective
 from moesim.pricing.block import BlockCost
 
-__all__ = ["Op", "OpSpec", "ChunkRun", "Schedule", "SCHEDULES", "chunk_ops", "run_ops"]
+__all__ = ["Op", "OpSpec", "ChunkRun", "Schedule", "SCHEDULES", "chunk_ops", "run_ops",
+           "merge_pair"]
 
 COMPUTE, COMM = "compute", "comm"
 
@@ -207,6 +208,48 @@ def _tagged(name: str, tag: str) -> str:
     """"attention.recompute" of half ".a" is "attention.a.recompute"."""
     base, dot, rest = name.partition(".")
     return base + tag + dot + rest
+
+
+def merge_pair(first: list[Op], second: list[Op], ep: int) -> list[Op]:
+    """Two chunks' ops as one list that overlaps them (DualPipe's forward-backward pair): each
+    keeps its own order and dependencies, and the next op issued is whichever head can start
+    first on the earliest-start schedule (:func:`run_ops`; ties: ``first``), so one chunk's
+    communication runs under the other's compute.
+
+    >>> c = Op("c", COMPUTE, "compute", np.ones(1), (), 0)
+    >>> m = Op("m", COMM, "alltoall", np.ones(1), (0,), 0)
+    >>> d = Op("d", COMPUTE, "compute", np.ones(1), (1,), 0)
+    >>> run_ops(merge_pair([c, m, d], [c, m, d], 1), 1).makespan   # 6 back to back
+    4.0
+    """
+    lists = (first, second)
+    where: list[list[int]] = [[], []]     # merged index of each list's ops so far
+    out: list[Op] = []
+    end: list[np.ndarray] = []
+    free = {COMPUTE: np.zeros(ep), COMM: np.zeros(ep)}
+    heads = [0, 0]
+
+    def start_of(k: int) -> np.ndarray:
+        op = lists[k][heads[k]]
+        ready = free[op.stream].copy()
+        for d in op.deps:
+            np.maximum(ready, end[where[k][d]], out=ready)
+        if op.barrier:
+            ready[:] = ready.max()
+        return ready
+
+    while heads[0] < len(first) or heads[1] < len(second):
+        live = [k for k in (0, 1) if heads[k] < len(lists[k])]
+        starts = {k: start_of(k) for k in live}
+        k = min(live, key=lambda j: (float(starts[j].max()), j))
+        op = lists[k][heads[k]]
+        ready = starts[k]
+        where[k].append(len(out))
+        out.append(replace(op, deps=tuple(where[k][d] for d in op.deps)))
+        end.append(ready + op.duration)
+        free[op.stream] = end[-1]
+        heads[k] += 1
+    return out
 
 
 def run_ops(ops: list[Op], ep: int) -> ChunkRun:
