@@ -182,7 +182,7 @@ def balanced_layer(num_experts: int, *, num_sources: int, tokens_per_source: int
     token's experts are paired at random, as a real router's are (``balanced_random``); with
     ``max_nodes`` (node-limited routing, ``expert_node[e]`` each expert's node) too, each token
     takes ``max_nodes`` nodes dealt from a deck of the nodes and ``k / max_nodes`` experts from a
-    deck of each (:func:`_node_limited_decks`), where those divide evenly.
+    deck of each (:func:`_node_limited_decks`; near-balanced streams where those do not divide).
 
     >>> balanced_layer(4, num_sources=1, tokens_per_source=2, top_k=2).experts.tolist()
     [[0, 1], [2, 3]]
@@ -210,17 +210,18 @@ def _node_limited_decks(tokens: int, k: int, expert_node: np.ndarray, max_nodes:
     """``int[tokens, k]``: each token's ``max_nodes`` nodes dealt from decks of the nodes (each
     deck one permutation, ``N / max_nodes`` tokens per deck) and ``k / max_nodes`` experts per
     chosen node from decks of that node's experts: every node and every expert equally loaded
-    over whole decks, each token on exactly ``max_nodes`` nodes. None when the shapes do not
-    divide (nodes by ``max_nodes``, ``k`` by ``max_nodes``, each node's experts by the share)
-    or no limit applies (``max_nodes`` >= the nodes)."""
+    over whole decks, each token on exactly ``max_nodes`` nodes. Where the shapes do not divide
+    (nodes by ``max_nodes``, ``k`` by ``max_nodes``, each node's experts by the share):
+    :func:`_node_limited_streams`. None when no limit applies (``max_nodes`` >= the nodes)."""
     nodes = np.unique(expert_node)
     count = nodes.size
-    if max_nodes >= count or count % max_nodes or k % max_nodes:
+    if max_nodes >= count:
         return None
     members = [np.flatnonzero(expert_node == node) for node in nodes]
     share = k // max_nodes
-    if len({m.size for m in members}) != 1 or members[0].size % share:
-        return None
+    if (count % max_nodes or k % max_nodes or len({m.size for m in members}) != 1
+            or members[0].size % share):
+        return _node_limited_streams(tokens, k, members, max_nodes, rng)
     decks = -(-tokens * max_nodes // count)
     picks = np.argsort(rng.random((decks, count)), axis=1).ravel()[:tokens * max_nodes]
     picks = picks.reshape(tokens, max_nodes)
@@ -232,6 +233,60 @@ def _node_limited_decks(tokens: int, k: int, expert_node: np.ndarray, max_nodes:
         dealt = experts[np.argsort(rng.random((deals, experts.size)), axis=1)].ravel()[:need]
         out[rows, cols] = dealt.reshape(rows.size, share)
     return out.reshape(tokens, k)
+
+
+def _node_limited_streams(tokens: int, k: int, members: list[np.ndarray], max_nodes: int,
+                          rng: np.random.Generator) -> np.ndarray | None:
+    """:func:`_node_limited_decks` where the shapes do not divide: each token takes the next
+    ``max_nodes`` distinct nodes of a stream of node permutations and ``k`` experts spread over
+    them as evenly as they hold (one more on the first ``k % max_nodes``, never more than a node
+    has), each node's experts from its own stream of permutations. The limit holds exactly;
+    loads are balanced up to the streams' remainders. None if ``max_nodes`` nodes cannot hold
+    ``k`` distinct experts."""
+    sizes = np.array([m.size for m in members])
+    if np.sort(sizes)[:max_nodes].sum() < k:
+        return None
+    count = len(members)
+    node_stream = np.argsort(rng.random((-(-tokens * max_nodes // count) + 2, count)),
+                             axis=1).ravel()
+    pointers = [0] * count
+    streams = [np.zeros(0, dtype=np.int64) for _ in range(count)]
+    out = np.empty((tokens, k), dtype=np.int64)
+    at = 0
+    for t in range(tokens):
+        chosen: list[int] = []
+        while len(chosen) < max_nodes:
+            if at >= node_stream.size:
+                node_stream = np.concatenate([node_stream, rng.permutation(count)])
+            node = int(node_stream[at])
+            at += 1
+            if node not in chosen:
+                chosen.append(node)
+        need = [k // max_nodes + (j < k % max_nodes) for j in range(max_nodes)]
+        for j in range(max_nodes):            # move what a small node cannot hold
+            over = need[j] - int(sizes[chosen[j]])
+            if over > 0:
+                need[j] -= over
+                for i in range(max_nodes):
+                    room = int(sizes[chosen[i]]) - need[i]
+                    moved = min(room, over)
+                    need[i] += moved
+                    over -= moved
+        col = 0
+        for node, n in zip(chosen, need, strict=True):
+            taken: list[int] = []
+            while len(taken) < n:
+                if pointers[node] >= streams[node].size:
+                    streams[node] = np.concatenate([streams[node][pointers[node]:],
+                                                    rng.permutation(members[node])])
+                    pointers[node] = 0
+                expert = int(streams[node][pointers[node]])
+                pointers[node] += 1
+                if expert not in taken:
+                    taken.append(expert)
+            out[t, col:col + n] = taken
+            col += n
+    return out
 
 
 def _check_popularity(popularity: np.ndarray) -> np.ndarray:
