@@ -194,9 +194,11 @@ class KernelTimer:
     def _projection_shapes(self, absorbed: bool) -> list[tuple[float, float, int]]:
         """(n, k, batch) of the attention sub-layer's projection GEMMs on one TP rank.
 
-        GQA/MHA: fused QKV and the output projection. MLA: the fused query/KV down-projection,
-        the query up-projection, the KV up-projection (absorbed decode: two per-head BMMs that
-        multiply queries into, and outputs out of, the latent space), the output projection.
+        GQA/MHA: fused QKV and the output projection. MLA: the fused query/KV down-projection
+        (replicated on every TP rank, as Megatron-Core, SGLang and vLLM run it), the query
+        up-projection, the KV up-projection (absorbed decode: two per-head BMMs that multiply
+        queries into, and outputs out of, the latent space, ``batch`` = this rank's heads), the
+        output projection.
         """
         m, h, a, tp = self.model, self.model.hidden_size, self.model.attention, self.tp
         heads = a.num_heads
@@ -205,12 +207,10 @@ class KernelTimer:
             return [(qkv / tp, h, 1), (h, heads * m.head_dim / tp, 1)]
         nope, rope = m.head_dim, a.qk_rope_head_dim
         v = a.v_head_dim or m.head_dim
-        shapes: list[tuple[float, float, int]] = [((a.q_lora_rank + a.kv_lora_rank + rope) / tp,
-                                                    h, 1)]
-        if a.q_lora_rank:
-            shapes.append((heads * (nope + rope) / tp, a.q_lora_rank, 1))
-        else:
-            shapes[0] = ((heads * (nope + rope) + a.kv_lora_rank + rope) / tp, h, 1)
+        latent = a.kv_lora_rank + rope
+        shapes: list[tuple[float, float, int]] = (
+            [(a.q_lora_rank + latent, h, 1), (heads * (nope + rope) / tp, a.q_lora_rank, 1)]
+            if a.q_lora_rank else [(heads * (nope + rope) / tp + latent, h, 1)])
         local_heads = max(1, round(heads / tp))
         if absorbed:
             shapes += [(a.kv_lora_rank, nope, local_heads), (v, a.kv_lora_rank, local_heads)]
@@ -535,18 +535,12 @@ class KernelTimer:
                 return module + glue
             mla_core = t.mla_generation if decode else t.mla_context
             core = mla_core(batch, length, int(heads), kv)
-            qk, latent = d + a.qk_rope_head_dim, a.kv_lora_rank + a.qk_rope_head_dim
-            # The query and KV down-projections read the same input: one fused GEMM, as
-            # DeepSeek-V3's serving implementations run it. Decode runs absorbed: two per-head
-            # BMMs into and out of the latent space replace the KV up-projection.
-            shapes: list[tuple[float, float]] = (
-                [(a.q_lora_rank + latent, h), (heads * qk, a.q_lora_rank)] if a.q_lora_rank
-                else [(heads * qk + latent, h)])
-            if not decode:
-                shapes.append((heads * (d + v), a.kv_lora_rank))
-            shapes.append((h, heads * v))
+            # The model's projections (decode absorbed: its two per-head BMMs from their own
+            # tables, the GEMMs from the GEMM tables).
+            projected = self._projection_shapes(absorbed=decode)
+            shapes = [(n, k) for n, k, b in projected if b == 1]
             if core is not None and decode:
-                core += self._mla_bmms(tokens, int(heads))
+                core += self._mla_bmms(tokens, [(n, k, b) for n, k, b in projected if b > 1])
         else:
             kv_heads = max(1.0, m.kv_heads / tp)
             if kv_heads != int(kv_heads):
@@ -563,14 +557,13 @@ class KernelTimer:
         glue = self.elementwise(tokens * glue_bytes_attention(m, self._ab) / tp, kernels=kernels)
         return core + projections + glue   # measured FP8 GEMMs include their input cast
 
-    def _mla_bmms(self, tokens: float, heads: int) -> float:
-        """Absorbed MLA decode's two per-head BMMs on ``tokens`` tokens: measured tables where
-        the profile has them, else the kernel model's batched GEMMs."""
-        a, v = self.model.attention, self.model.attention.v_head_dim or self.model.head_dim
+    def _mla_bmms(self, tokens: float, bmms: list[tuple[float, float, int]]) -> float:
+        """Absorbed MLA decode's two per-head BMMs ``[(n, k, heads)]`` (into the latent space,
+        then out of it) on ``tokens`` tokens: measured tables where the profile has them, else
+        the kernel model's batched GEMMs."""
         total = 0.0
-        for post, (n, k) in ((False, (a.kv_lora_rank, self.model.head_dim)),
-                             (True, (v, a.kv_lora_rank))):
-            measured = (self.tables.mla_bmm(tokens, heads, self._table_dtype, post=post)
+        for post, (n, k, heads) in enumerate(bmms):
+            measured = (self.tables.mla_bmm(tokens, heads, self._table_dtype, post=bool(post))
                         if self.tables is not None else None)
             total += self._gemm(tokens, n, k, batch=heads) if measured is None else measured
         return total

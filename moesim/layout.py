@@ -79,10 +79,6 @@ class Layout:
         """DualPipe: every device holds two stages, one per direction."""
         return self.par.schedule == "dualpipe"
 
-    def chunks(self) -> int:
-        """Model chunks each device runs: vp, or DualPipe's two directions."""
-        return 2 if self.dual else self.par.vp
-
     def holds_ends(self, stage: int) -> tuple[bool, bool]:
         """(embedding, LM head + loss) on device ``stage``: the first and the last stage, both
         on either end device under DualPipe."""

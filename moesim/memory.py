@@ -22,7 +22,7 @@ from moesim.spec.hardware import dtype_bytes
 from moesim.spec.scenario import Scenario
 
 __all__ = ["MemoryBreakdown", "stage_memory", "check_memory", "block_params", "stage_params",
-           "zero3_regathers"]
+           "zero3_regathers", "saved_activation_dtype", "saved_bytes_per_token_layer"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,15 @@ def activation_bytes_per_token_layer(s: Scenario, moe_layer: bool) -> float:
     return attn + ffn
 
 
+def saved_bytes_per_token_layer(s: Scenario, moe_layer: bool) -> float:
+    """Bytes per token a training block keeps for its backward under ``memory.recompute``: all
+    its activations (none), half (selective), or only its input (full)."""
+    mode = s.memory.recompute
+    if mode == "full":
+        return s.model.hidden_size * dtype_bytes(saved_activation_dtype(s))
+    return activation_bytes_per_token_layer(s, moe_layer) * (0.5 if mode == "selective" else 1.0)
+
+
 def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
     """Peak memory of the busiest device of one pipeline stage."""
     par, prec, wl = s.parallelism, s.precision, s.workload
@@ -178,14 +187,11 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
             in_flight += (par.pp - 1 - stage) / par.vp + 1
         if layout.dual:   # DualPipe: pp + 1 chunks' activations per device, of two stages each
             in_flight = (par.pp + 1) / 2
-        per_layer = [activation_bytes_per_token_layer(s, layout.moe_index(x) is not None)
-                     for x in layers]
-        if s.memory.recompute == "full":
-            stored = len(layers) * s.model.hidden_size * dtype_bytes(saved_activation_dtype(s))
-            acts = tokens * (stored * in_flight + max(per_layer, default=0.0))
-        else:
-            factor = 0.5 if s.memory.recompute == "selective" else 1.0
-            acts = tokens * sum(per_layer) * factor * in_flight
+        moe = [layout.moe_index(x) is not None for x in layers]
+        acts = tokens * sum(saved_bytes_per_token_layer(s, m) for m in moe) * in_flight
+        if s.memory.recompute == "full":   # plus the block being recomputed, whole
+            acts += tokens * max((activation_bytes_per_token_layer(s, m) for m in moe),
+                                 default=0.0)
         acts /= par.tp if not par.sequence_parallel else 1
     else:
         context = wl.seq_len + (wl.context_len if wl.mode == "decode" else 0)

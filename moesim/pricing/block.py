@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim import routing
-from moesim.memory import activation_bytes_per_token_layer, saved_activation_dtype
+from moesim.memory import saved_activation_dtype, saved_bytes_per_token_layer
 from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import EMPTY, Collective, layer_alltoalls
 from moesim.pricing.collectives import tp_all_reduce_time
@@ -21,7 +21,7 @@ from moesim.pricing.moe_layer import expert_times, layer_traffic, permute_time
 from moesim.spec.hardware import dtype_bytes
 from moesim.traffic import LayerTraffic
 
-__all__ = ["BlockCost", "block_cost", "attention_part", "saved_activation_cast",
+__all__ = ["BlockCost", "block_cost", "attention_part", "shared_part", "saved_activation_cast",
            "selective_recompute_time"]
 
 
@@ -52,23 +52,24 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
     s, t = ctx.scenario, ctx.timer
     tokens = ctx.tokens_per_source   # per device: the MoE layer's share (split by TP under SP)
     par = s.parallelism
-    dense_tokens, attention, tp_comm = attention_part(ctx)
     moe_index = ctx.layout.moe_index(layer)
-    attention += saved_activation_cast(ctx, moe_index is not None and choices is not None)
+    dense_tokens, attention, tp_comm = attention_part(ctx, moe_index is not None
+                                                      and choices is not None)
     if moe_index is None or choices is None:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
         return BlockCost(layer, attention, tp_comm, 0.0, ffn, np.zeros(par.ep), 0.0,
                          recompute=selective_recompute_time(ctx, dense_tokens, tokens, None))
     flows = layer_traffic(ctx, choices, placement, moe_index, failed)
     dispatch, combine = layer_alltoalls(ctx, flows)
-    shared = t.shared_experts(dense_tokens) + t.shared_output_add(tokens)
-    return BlockCost(layer, attention, tp_comm, t.gate(tokens), shared,
+    return BlockCost(layer, attention, tp_comm, t.gate(tokens), shared_part(ctx, dense_tokens),
                      expert_times(ctx, flows), permute_time(ctx, flows), dispatch, combine, flows,
                      selective_recompute_time(ctx, dense_tokens, tokens, flows))
 
 
-def attention_part(ctx: PricingContext) -> tuple[float, float, float]:
-    """(tokens the tensor-parallel parts see, attention seconds, its TP all-reduces' seconds).
+def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]:
+    """(tokens the tensor-parallel parts see, attention seconds, its TP all-reduces' seconds) of
+    an MoE (``moe``) or dense block; the attention op also carries the block's cast of what it
+    saves for the backward (:func:`saved_activation_cast`).
 
     Tensor-parallel parts (attention, dense FFN, shared experts) see the whole sequence under
     sequence parallelism and split their weights/heads over TP (KernelTimer divides by tp).
@@ -77,28 +78,30 @@ def attention_part(ctx: PricingContext) -> tuple[float, float, float]:
     dense_tokens = tokens * ctx.scenario.parallelism.tp if (
         ctx.scenario.parallelism.sequence_parallel) else tokens
     context, kv = ctx.context_length()
-    return (dense_tokens, ctx.timer.attention(dense_tokens, context, kv),
-            tp_all_reduce_time(ctx, dense_tokens))
+    attention = ctx.timer.attention(dense_tokens, context, kv) + saved_activation_cast(ctx, moe)
+    return dense_tokens, attention, tp_all_reduce_time(ctx, dense_tokens)
+
+
+def shared_part(ctx: PricingContext, dense_tokens: float) -> float:
+    """An MoE block's shared experts on the tokens the tensor-parallel parts see, plus adding
+    their output into the routed experts' on this device's tokens."""
+    t = ctx.timer
+    return t.shared_experts(dense_tokens) + t.shared_output_add(ctx.tokens_per_source)
 
 
 def saved_activation_cast(ctx: PricingContext, moe: bool) -> float:
-    """Forward seconds a training block spends casting the activations it saves for the backward
-    into ``precision.saved_activations`` when that is narrower than the activations (read them,
-    write the narrow copy; the engine's backward, twice the forward, covers casting them back):
-    the block's saved elements per token (:func:`moesim.memory.activation_bytes_per_token_layer`,
-    halved under selective recomputation as memory counts them) on this device's tokens. 0 when
+    """Forward seconds a training block spends casting what it saves for the backward
+    (:func:`moesim.memory.saved_bytes_per_token_layer`) into ``precision.saved_activations``
+    when that is narrower than the activations (read them, write the narrow copy; the engine's
+    backward, twice the forward, covers casting them back), on this device's tokens. 0 when
     nothing is narrowed or outside training."""
     s = ctx.scenario
-    saved = saved_activation_dtype(s)
-    if s.workload.mode != "training" or dtype_bytes(saved) >= ctx.activation_bytes:
+    narrow = dtype_bytes(saved_activation_dtype(s))
+    if s.workload.mode != "training" or narrow >= ctx.activation_bytes:
         return 0.0
-    elements = activation_bytes_per_token_layer(s, moe) / dtype_bytes(saved)
-    if s.memory.recompute == "selective":
-        elements *= 0.5
-    elif s.memory.recompute == "full":
-        elements = ctx.hidden
-    tokens = ctx.tokens_per_source
-    return ctx.timer.elementwise(tokens * elements * (ctx.activation_bytes + dtype_bytes(saved)))
+    elements = saved_bytes_per_token_layer(s, moe) / narrow
+    return ctx.timer.elementwise(ctx.tokens_per_source * elements
+                                 * (ctx.activation_bytes + narrow))
 
 
 def selective_recompute_time(ctx: PricingContext, dense_tokens: float, tokens: float,

@@ -28,7 +28,7 @@ from moesim.memory import check_memory, mtp_blocks
 from moesim.placement.baselines import contiguous
 from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import layer_alltoall_times
-from moesim.pricing.block import attention_part, saved_activation_cast, selective_recompute_time
+from moesim.pricing.block import attention_part, selective_recompute_time, shared_part
 from moesim.pricing.collectives import (
     dp_sync_time,
     p2p_time,
@@ -88,8 +88,7 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
     traffic (they do not depend on recomputation)."""
     s, t = ctx.scenario, ctx.timer
     tokens = ctx.tokens_per_source
-    dense_tokens, attention, tp = attention_part(ctx)
-    attention += saved_activation_cast(ctx, moe)
+    dense_tokens, attention, tp = attention_part(ctx, moe)
     if not moe:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
         rec = selective_recompute_time(ctx, dense_tokens, tokens, None)
@@ -99,7 +98,7 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
         assert choices is not None   # an MoE block is priced from its routing
         priced = moe_traffic(ctx, choices, placement)
     flows, dispatch, combine = priced
-    shared = t.shared_experts(dense_tokens) + t.shared_output_add(tokens)
+    shared = shared_part(ctx, dense_tokens)
     compute = (attention + t.gate(tokens) + shared + float(expert_times(ctx, flows).max())
                + permute_time(ctx, flows))
     comm = tp + dispatch + combine
@@ -195,7 +194,7 @@ def _sharded_waits(ctx: PricingContext, layout: Layout, stage: int, moe: BlockTi
     par = ctx.scenario.parallelism
     waits = [0.0, 0.0]
     for c, chunk in enumerate(layout.chunk_layers()[stage]):
-        first, last = stage == 0 and c == 0, stage == par.pp - 1 and c == par.vp - 1
+        first, last = layout.chunk_ends(stage, c)
         keys: list[int | str] = (["embedding"] if first else []) + list(chunk) + (
             ["lm_head"] if last else [])
         times, forward, backward = [], [], []

@@ -15,9 +15,9 @@ values (``parallelism.pp: [8, 16]``); keys without one are options::
 Knobs left open get default ranges: TP powers of two up to a node, PP the divisors of the device
 count up to the layers (training; serving 1/2/4/8), VP 1/2/4/8, EP the divisors of the expert
 slots that divide the devices, pipeline schedule 1F1B/DualPipe, micro-batch 1/2 (decode: the
-batch per replica, powers of two up to 4096), ZeRO 1/2/3, recompute none/selective/full, overlap none/two_batch; the all-to-all
-algorithm, placement policy and redundant experts stay the scenario's unless the section lists
-values. Every knob's range includes the scenario's own value, so its layout can be ranked.
+batch per replica, powers of two up to 4096), ZeRO 1/2/3, recompute none/selective/full,
+overlap none/two_batch; the all-to-all algorithm, placement policy and redundant experts stay
+the scenario's unless the section lists values. Every knob's range includes the scenario's own value, so its layout can be ranked.
 Training layouts run 1F1B (interleaved with VP > 1) or DualPipe (even PP, VP 1, ZeRO <= 2).
 """
 
@@ -32,16 +32,21 @@ from typing import Any
 
 from moesim.errors import ScenarioError
 from moesim.spec.fields import read_yaml
-from moesim.spec.scenario import Scenario, apply_overrides, scenario_from_mapping
+from moesim.spec.scenario import (
+    Scenario,
+    apply_overrides,
+    dualpipe_problem,
+    scenario_from_mapping,
+)
 
 __all__ = ["KNOBS", "OPTIONS", "SearchSpec", "Candidate", "load_search", "enumerate_layouts",
            "candidate_scenario"]
 
 # Knobs in enumeration order (the last varies fastest). dp is derived: devices / (tp * pp).
 KNOBS = ("parallelism.tp", "parallelism.pp", "parallelism.ep", "parallelism.vp",
-         "parallelism.schedule", "workload.micro_batch", "parallelism.zero_stage", "memory.recompute",
-         "communication.overlap", "communication.alltoall", "placement.policy",
-         "placement.redundant_experts")
+         "parallelism.schedule", "workload.micro_batch", "parallelism.zero_stage",
+         "memory.recompute", "communication.overlap", "communication.alltoall",
+         "placement.policy", "placement.redundant_experts")
 OPTIONS = {"top": 8, "max_layouts": 20000, "input_len": 0, "output_len": 256,
            "prefill_batch": 1}
 _TRAIN_ONLY = ("parallelism.vp", "parallelism.schedule", "parallelism.zero_stage",
@@ -254,10 +259,7 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
     if vp > 1 and mbs % pp:
         return "interleaving needs micro-batches a multiple of pp"
     if v.get("parallelism.schedule") == "dualpipe":
-        if pp < 2 or pp % 2 or vp > 1:
-            return "dualpipe needs an even pp and vp 1"
-        if mbs % 2 or mbs < 2 * pp or v["parallelism.zero_stage"] >= 3:
-            return "dualpipe needs an even number >= 2 pp of micro-batches, ZeRO <= 2"
+        return dualpipe_problem(pp, vp, v["parallelism.zero_stage"], mbs)
     return None
 
 

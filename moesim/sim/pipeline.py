@@ -71,7 +71,9 @@ class _Pipeline:
 
     def stage(self, stage: int, order: list[tuple[str, int, int]],
               plan: StagePlan | None = None):
-        release = plan.release if plan is not None else list(range(len(order)))
+        sends: dict[int, list[int]] = {}   # entry index -> the entries whose output it sends
+        for j, at in enumerate(plan.release if plan is not None else range(len(order))):
+            sends.setdefault(at, []).append(j)
         for i, (kind, mb, chunk) in enumerate(order):
             inputs = [i, *(plan.waits[i] if plan is not None else ())]
             for j in inputs:
@@ -82,7 +84,7 @@ class _Pipeline:
             yield self.env.timeout(self.duration(stage, kind, chunk, start))
             self.events += 1
             self.spans.append(ChunkSpan(stage, kind, mb, chunk, start, self.env.now))
-            for j in (j for j, at in enumerate(release) if at == i):
+            for j in sends.get(i, ()):
                 sent, smb, schunk = order[j]
                 if sent != "W":   # input-gradient and paired chunks send as F or B do
                     key = ("F" if sent in FORWARD else "B", smb, schunk, stage)

@@ -232,8 +232,7 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: Engine
                     split, weights = _zero_bubble_split(ops)
                     runs[(stage, "b", c)] = engine(split, costs, stage)
                     runs[(stage, "W", c)] = engine(weights, costs, stage)
-                if layout.dual:
-                    ops_of[(kind, c)] = ops
+                ops_of[(kind, c)] = ops
         if layout.dual:   # DualPipe's pairs: forward of chunk c with backward of the other
             for c in range(2):
                 merged = merge_pair(ops_of[("F", c)], ops_of[("B", 1 - c)], par.ep)

@@ -210,6 +210,18 @@ def _tagged(name: str, tag: str) -> str:
     return base + tag + dot + rest
 
 
+def _earliest_start(op: Op, dep_ends: list[np.ndarray],
+                    free: dict[str, np.ndarray]) -> np.ndarray:
+    """float[ep]: when ``op`` can start on each device: its stream free and its dependencies
+    done; a collective (barrier) on every device at once."""
+    ready = free[op.stream].copy()
+    for done in dep_ends:
+        np.maximum(ready, done, out=ready)
+    if op.barrier:
+        ready[:] = ready.max()
+    return ready
+
+
 def merge_pair(first: list[Op], second: list[Op], ep: int) -> list[Op]:
     """Two chunks' ops as one list that overlaps them (DualPipe's forward-backward pair): each
     keeps its own order and dependencies, and the next op issued is whichever head can start
@@ -231,12 +243,7 @@ def merge_pair(first: list[Op], second: list[Op], ep: int) -> list[Op]:
 
     def start_of(k: int) -> np.ndarray:
         op = lists[k][heads[k]]
-        ready = free[op.stream].copy()
-        for d in op.deps:
-            np.maximum(ready, end[where[k][d]], out=ready)
-        if op.barrier:
-            ready[:] = ready.max()
-        return ready
+        return _earliest_start(op, [end[where[k][d]] for d in op.deps], free)
 
     while heads[0] < len(first) or heads[1] < len(second):
         live = [k for k in (0, 1) if heads[k] < len(lists[k])]
@@ -259,11 +266,7 @@ def run_ops(ops: list[Op], ep: int) -> ChunkRun:
     end = np.zeros((n, ep))
     free = {COMPUTE: np.zeros(ep), COMM: np.zeros(ep)}
     for i, op in enumerate(ops):
-        ready = free[op.stream].copy()
-        for d in op.deps:
-            np.maximum(ready, end[d], out=ready)
-        if op.barrier:
-            ready[:] = ready.max()
+        ready = _earliest_start(op, [end[d] for d in op.deps], free)
         start[i] = ready
         end[i] = ready + op.duration
         free[op.stream] = end[i]

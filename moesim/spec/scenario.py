@@ -364,26 +364,32 @@ def _check_relations(s: Scenario, source: str) -> None:
     assert set(DTYPES) >= {s.precision.compute}
 
 
+def dualpipe_problem(pp: int, vp: int, zero_stage: int, micro_batches: int) -> str | None:
+    """The rule that stops a training layout from running DualPipe, or None: deepseek-ai/
+    DualPipe needs an even number of stages and an even number of micro-batches, at least twice
+    the stages; moesim needs vp 1 (the schedule holds two chunks per device itself) and no
+    ZeRO-3 (its per-block gathers are priced for 1F1B only)."""
+    if pp < 2 or pp % 2:
+        return "dualpipe needs an even pp >= 2"
+    if vp != 1:
+        return "dualpipe holds two chunks per device itself: vp must be 1"
+    if zero_stage >= 3:
+        return "dualpipe with zero_stage 3 is not modelled: use zero_stage <= 2"
+    if micro_batches % 2 or micro_batches < 2 * pp:
+        return "dualpipe needs an even number of micro-batches per step, at least 2 * pp"
+    return None
+
+
 def _check_dualpipe(s: Scenario, source: str | None) -> None:
-    """DualPipe's requirements (deepseek-ai/DualPipe: an even number of stages, an even number
-    of micro-batches, at least twice the stages) and what moesim models of it."""
+    """:func:`dualpipe_problem` of the scenario's layout, and training only."""
     par, wl = s.parallelism, s.workload
     field = "parallelism.schedule"
     if wl.mode != "training":
         raise ScenarioError("schedule 'dualpipe' is a training schedule (inference runs "
                             "forward chunks only); use 1f1b", source=source, field=field)
-    if par.pp < 2 or par.pp % 2:
-        raise ScenarioError(f"schedule 'dualpipe' needs an even pp >= 2, got pp={par.pp}",
-                            source=source, field=field)
-    if par.vp != 1:
-        raise ScenarioError(f"schedule 'dualpipe' holds two chunks per device by itself; "
-                            f"vp must be 1, got vp={par.vp}", source=source, field=field)
-    if par.zero_stage >= 3:
-        raise ScenarioError("schedule 'dualpipe' with zero_stage 3 is not modelled (ZeRO-3's "
-                            "per-block gathers are priced for 1F1B only); use zero_stage <= 2",
-                            source=source, field=field)
     mbs = wl.global_batch // par.dp // wl.micro_batch
-    if mbs % 2 or mbs < 2 * par.pp:
-        raise ScenarioError(f"schedule 'dualpipe' needs an even number of micro-batches per "
-                            f"step, at least 2 * pp = {2 * par.pp}; global_batch / dp / "
-                            f"micro_batch = {mbs}", source=source, field=field)
+    problem = dualpipe_problem(par.pp, par.vp, par.zero_stage, mbs)
+    if problem is not None:
+        raise ScenarioError(f"{problem} (pp={par.pp}, vp={par.vp}, zero_stage="
+                            f"{par.zero_stage}, micro-batches per step {mbs})", source=source,
+                            field=field)
