@@ -101,6 +101,26 @@ def test_pipeline_split_counts_the_ends_as_layers(make_scenario):
         layout(4, mtp=1, account_for_embedding=True, account_for_loss=True)
 
 
+def test_ends_counted_as_layers_allow_more_virtual_stages_than_blocks(make_scenario):
+    # Megatron's Qwen3-235B recipe: 94 blocks + embedding + loss = 96 units on pp 32 x vp 3.
+    # Small: 6 blocks + 2 ends = 8 units on pp 4 x vp 2: one unit per virtual stage, so the
+    # first virtual stage holds only the embedding and the last only the loss.
+    def scenario(**flags):
+        return make_scenario({"model": {"num_layers": 6},
+                              "parallelism": {"pp": 4, "vp": 2, "dp": 1, "ep": 1, **flags},
+                              "workload": {"global_batch": 8}})
+
+    with pytest.raises(ScenarioError, match="exceeds the model's 6 layers"):
+        scenario()
+    with pytest.raises(ScenarioError, match=r"6 layers \(\+ 1 for the ends\)"):
+        scenario(account_for_embedding=True)
+    lay = Layout.for_scenario(scenario(account_for_embedding=True, account_for_loss=True))
+    chunks = [len(c) for chunk in zip(*lay.chunk_layers(), strict=True) for c in chunk]
+    assert chunks == [0, 1, 1, 1, 1, 1, 1, 0]      # virtual stages 0..7 (chunk-major)
+    sim = simulate(scenario(account_for_embedding=True, account_for_loss=True))
+    assert sim.result.step_time > 0
+
+
 def test_a_stage_with_only_the_loss_runs(make_scenario):
     sim = simulate(make_scenario({"model": {"num_layers": 8, "mtp_modules": 1},
                                   "parallelism": {"pp": 4, "dp": 1, "ep": 1,

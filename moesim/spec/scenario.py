@@ -315,9 +315,15 @@ def _check_relations(s: Scenario, source: str) -> None:
         raise ScenarioError(f"num_experts + redundant_experts = {slots} must be a multiple of "
                             f"ep={par.ep} (equal expert slots per device)", source=source,
                             field="placement.redundant_experts")
-    if m.num_layers < par.pp * par.vp:
+    # Megatron's --account-for-embedding/loss-in-pipeline-split count the embedding and the
+    # loss (with each MTP module) as layers: a virtual stage may then hold only one of them.
+    mtp = m.mtp_modules if wl.mode == "training" else 0
+    units = (m.num_layers + (1 if par.account_for_embedding else 0)
+             + ((1 + mtp) if par.account_for_loss else 0))
+    if units < par.pp * par.vp:
+        counted = "" if units == m.num_layers else f" (+ {units - m.num_layers} for the ends)"
         raise ScenarioError(f"pp * vp = {par.pp * par.vp} exceeds the model's {m.num_layers} "
-                            "layers", source=source, field="parallelism.pp")
+                            f"layers{counted}", source=source, field="parallelism.pp")
     if par.schedule == "dualpipe":
         _check_dualpipe(s, source)
     prec = s.precision
