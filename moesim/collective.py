@@ -147,11 +147,13 @@ def _nic_path(topo: Topology, src: int, dst: int, cache: dict) -> np.ndarray:
 def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: np.ndarray, *,
          message_bytes: float | np.ndarray = 0.0, per_message_cost: bool = True,
          via_nic: bool = False, extra_latency: float = 0.0, sm_rate: float = 0.0,
+         sm_link_efficiency: float = 1.0,
          min_overhead: float = 0.0, ring_steps: int = 0, rtol: float = 1e-2
          ) -> tuple[float, float, float]:
     """(seconds, transfer, overhead) of flows ``pairs: int[F, 2]`` (global ranks), ``nbytes``.
 
-    ``sm_rate``: intra-node flows move at most this fast (an SM-driven kernel; 0: no limit).
+    ``sm_rate``: intra-node flows move at most this fast (an SM-driven kernel; 0: no limit),
+    and at most ``sm_link_efficiency`` of their link's rate.
     ``ring_steps``: the flows are a ring collective of that many steps; when all their links
     are of one class with ``ring_protocols`` it is timed in the fastest protocol (as the
     simulator does, :func:`moesim.network.ring_protocol_time`)."""
@@ -178,9 +180,10 @@ def _run(topo: Topology, hardware: HardwareProfile, pairs: np.ndarray, nbytes: n
         fixed = protocol.fixed + ring_steps * protocol.per_step if protocol else 0.0
         return seconds, seconds - fixed, fixed
     sizes = nbytes
-    if sm_rate > 0:
+    if sm_rate > 0 or sm_link_efficiency < 1.0:
         same = topo.device_node[pairs[:, 0]] == topo.device_node[pairs[:, 1]]
-        sizes = network.sm_limited_bytes(nbytes, same, ptr, links, topo.capacity, sm_rate)
+        sizes = network.sm_limited_bytes(nbytes, same, ptr, links, topo.capacity, sm_rate,
+                                         sm_link_efficiency)
     if per_message_cost and links.size:
         h = np.zeros(len(pairs))
         np.maximum.at(h, flow_of_hop, half[links])
@@ -319,7 +322,9 @@ def token_alltoall(topo: Topology, hardware: HardwareProfile, choices: routing.L
     figures = _deepep_counts(choices, placement, node)
     gather = algorithm == "allgather"
     # DeepEP's normal kernels copy over NVLink with their share of the SMs.
-    sm_rate = comm_kernel_bandwidth(hardware.device) if algorithm == "deepep_normal" else 0.0
+    normal = algorithm == "deepep_normal"
+    sm_rate = comm_kernel_bandwidth(hardware.device) if normal else 0.0
+    sm_link_efficiency = hardware.device.comm_link_efficiency if normal else 1.0
     # A DeepEP kernel pays its own fixed cost even when all its messages stay in the node.
     kernel_cost = deepep_kernel_overhead(hardware) if algorithm.startswith("deepep") else 0.0
     out = []
@@ -329,6 +334,7 @@ def token_alltoall(topo: Topology, hardware: HardwareProfile, choices: routing.L
         seconds, transfer, overhead = _run(topo, hardware, pairs, nbytes, via_nic=via_nic,
                                            per_message_cost=traffic.per_message_cost,
                                            sm_rate=sm_rate, min_overhead=kernel_cost,
+                                           sm_link_efficiency=sm_link_efficiency,
                                            ring_steps=layer_ring_steps(traffic) if gather else 0,
                                            rtol=rtol)
         named = {"bytes": float(nbytes.sum()), "copy_bytes": copy, "via_nic": float(via_nic)}

@@ -456,27 +456,33 @@ def link_time(nbytes: float | np.ndarray, link: LinkSpec) -> float | np.ndarray:
 
 
 def sm_limited_bytes(nbytes: np.ndarray, limited: np.ndarray, ptr: np.ndarray,
-                     links: np.ndarray, capacity: np.ndarray, kernel_rate: float) -> np.ndarray:
-    """Wire-equivalent bytes of flows an SM-driven kernel moves at ``kernel_rate`` bytes/s.
+                     links: np.ndarray, capacity: np.ndarray, kernel_rate: float,
+                     link_efficiency: float = 1.0) -> np.ndarray:
+    """Wire-equivalent bytes of flows an SM-driven kernel moves at
+    ``min(kernel_rate, link_efficiency x link rate)`` bytes/s.
 
     Flow ``f`` (path ``links[ptr[f]:ptr[f + 1]]``) with ``limited[f]`` would move at its slowest
-    link's ``capacity``; at the kernel's rate it costs ``nbytes[f] * capacity / kernel_rate``
-    (never fewer than its bytes). The other flows, flows without links and a ``kernel_rate`` of
-    0 (no limit) keep their bytes.
+    link's ``capacity`` ``c``; at the kernel's rate ``r`` it costs ``nbytes[f] * c / r`` (never
+    fewer than its bytes). The other flows and flows without links keep their bytes; a
+    ``kernel_rate`` of 0 sets no SM limit.
 
     Example
     -------
     >>> sm_limited_bytes(np.array([100.0, 100.0]), np.array([True, False]), np.array([0, 1, 2]),
     ...                  np.array([0, 0]), np.array([200.0]), 100.0).tolist()
     [200.0, 100.0]
+    >>> sm_limited_bytes(np.array([100.0]), np.array([True]), np.array([0, 1]), np.array([0]),
+    ...                  np.array([200.0]), 0.0, link_efficiency=0.8).tolist()   # 160 of 200
+    [125.0]
     """
     size = np.asarray(nbytes, dtype=float)
-    if kernel_rate <= 0 or size.size == 0:
+    if (kernel_rate <= 0 and link_efficiency >= 1.0) or size.size == 0:
         return size
     rate = np.full(size.size, np.inf)
     if links.size:
         np.minimum.at(rate, np.repeat(np.arange(size.size), np.diff(ptr)), capacity[links])
-    factor = np.where(np.isfinite(rate), np.maximum(rate / kernel_rate, 1.0), 1.0)
+    kernel = np.minimum(kernel_rate if kernel_rate > 0 else np.inf, link_efficiency * rate)
+    factor = np.where(np.isfinite(rate), np.maximum(rate / kernel, 1.0), 1.0)
     return np.where(limited, size * factor, size)
 
 

@@ -190,6 +190,28 @@ def test_deepep_normal_copies_over_nvlink_at_its_sms_rate():
         assert ll.seconds == pytest.approx(148 / 50e9)                # low latency: not limited
 
 
+def test_deepep_normal_reaches_its_link_efficiency_of_nvlink():
+    """comm_link_efficiency caps the kernel at that share of the link (its queues between
+    ranks): 0.5 of the 50 GB/s link = 25 GB/s when the SMs could do 40 GB/s; with the SMs at
+    10 GB/s they set the rate. The low-latency kernels keep the link's rate."""
+    device = dataclasses.replace(_hardware(per_node=2).device, sm_count=10,
+                                 comm_sm_fraction=0.25, comm_link_efficiency=0.5)
+    for per_sm, rate in ((16e9, 25e9), (4e9, 10e9)):
+        hw = dataclasses.replace(_hardware(per_node=2), device=dataclasses.replace(
+            device, comm_sm_bandwidth=per_sm))
+        topo = _topology(hw, nodes=1, kind="fat_tree")
+        choices = routing.LayerChoices(np.array([[1]], dtype=np.int32), np.array([0], np.int32),
+                                       1.0)
+        placement = Placement(np.array([[[0], [1]]]), 2)
+        normal, back = token_alltoall(topo, hw, choices, placement, hidden=128,
+                                      algorithm="deepep_normal", tokens_per_source=1)
+        assert normal.seconds == pytest.approx(132 / rate)           # 128 + 4 scale bytes
+        assert back.seconds == pytest.approx(256 / rate)
+        ll, _ = token_alltoall(topo, hw, choices, placement, hidden=128,
+                               algorithm="deepep_ll", tokens_per_source=1, ll_nvlink=True)
+        assert ll.seconds == pytest.approx(148 / 50e9)
+
+
 def test_a_deepep_kernel_pays_its_own_fixed_cost_inside_a_node():
     """NVLink's per-collective cost 1 us, the scale-out class's (fitted on DeepEP's kernels)
     10 us. One token inside one node: the NCCL-style direct all-to-all pays NVLink's 1 us; the

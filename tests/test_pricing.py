@@ -251,13 +251,16 @@ def test_context_halves_tokens_under_two_batch_overlap():
 def test_deepep_normal_nvlink_flows_move_at_the_sms_rate(make_scenario):
     """One NVSwitch node of 4, DeepEP normal kernels: every flow is intra-node, so each device's
     NVLink egress drains at the kernel's SM rate (4 SMs x 2.5 GB/s = 10 GB/s) when that is below
-    the 100 GB/s link, at the link rate otherwise; plus the path latency (1 us)."""
-    for per_sm, rate in (("2.5 GB/s", 10e9), ("250 GB/s", 100e9)):
+    the 100 GB/s link, at the link rate otherwise, at comm_link_efficiency of it when that is
+    lower (0.5: 50 GB/s); plus the path latency (1 us)."""
+    for per_sm, efficiency, rate in (("2.5 GB/s", 1.0, 10e9), ("250 GB/s", 1.0, 100e9),
+                                     ("250 GB/s", 0.5, 50e9), ("2.5 GB/s", 0.5, 10e9)):
         s = make_scenario({"communication": {"alltoall": "deepep_normal"},
                            "cluster": {"topology": "nvswitch", "nodes": 1}},
                           {"node": {"devices_per_node": 4},
                            "device": {"sm_count": 8, "comm_sm_fraction": 0.5,
-                                      "comm_sm_bandwidth": per_sm}})
+                                      "comm_sm_bandwidth": per_sm,
+                                      "comm_link_efficiency": efficiency}})
         block = CostModel(PricingContext.from_scenario(s), scenario_placement(s)).block(0)
         flows = block.traffic
         egress = np.bincount(flows.pairs[:, 0], weights=flows.dispatch_bytes, minlength=4)

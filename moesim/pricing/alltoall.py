@@ -205,15 +205,15 @@ def _on_the_wire(ctx: PricingContext, traffic: LayerTraffic, nbytes: np.ndarray,
 def _sm_limited(ctx: PricingContext, traffic: LayerTraffic, nbytes: np.ndarray,
                 paths: tuple[np.ndarray, np.ndarray], pairs: np.ndarray) -> np.ndarray:
     """DeepEP's normal kernels copy over NVLink with their share of the SMs: intra-node flows
-    move at :func:`moesim.kernels.comm_kernel_bandwidth` where that is below the link rate."""
+    move at :func:`moesim.kernels.comm_kernel_bandwidth` or the profile's
+    ``comm_link_efficiency`` of the link rate, whichever is lower."""
     if traffic.algorithm != "deepep_normal" or len(pairs) == 0:
         return nbytes
-    rate = comm_kernel_bandwidth(ctx.scenario.hardware.device)
-    if rate <= 0:
-        return nbytes
+    device = ctx.scenario.hardware.device
     node, (ptr, links) = ctx.device_node, paths
     return network.sm_limited_bytes(nbytes, node[pairs[:, 0]] == node[pairs[:, 1]], ptr, links,
-                                    ctx.topology.capacity, rate)
+                                    ctx.topology.capacity, comm_kernel_bandwidth(device),
+                                    device.comm_link_efficiency)
 
 
 def _fixed_cost(ctx: PricingContext, paths: tuple[np.ndarray, np.ndarray],

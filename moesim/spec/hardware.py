@@ -82,6 +82,10 @@ class DeviceSpec:
     # tokens with SM load/stores, not copy engines): with comm_sm_fraction of the SMs the kernel
     # moves at most their sum per direction (0 = not limited).
     comm_sm_bandwidth: float = spec_field(0.0, unit="bandwidth", min=0)
+    # Share of a link's achievable rate (bandwidth x efficiency, what NCCL reaches) such a
+    # kernel reaches over NVLink when its SMs are not the limit: its chunked queues between
+    # ranks cost some of the link (1 = none).
+    comm_link_efficiency: float = spec_field(1.0, gt=0, max=1.0)
     source: str = ""
 
     def __post_init__(self) -> None:
