@@ -19,8 +19,9 @@ all-to-all through the flow-level solver (``moesim.pricing.alltoall.alltoall``);
 dispatch buffer with the closed-form all-to-all (``moesim.network.all_to_all_alpha_beta``),
 because the flow-level solver would need 4.2M flows at 2,048 GPUs.
 
-Two supplementary rows (S1, S2: P2's and P3's model and GPUs in NeMo Automodel) are printed as
-cross-checks and left out of the statistics. docs/accuracy.md discusses every row.
+Supplementary rows are printed as cross-checks and left out of the statistics: S1, S2 (P2's and
+P3's model and GPUs in NeMo Automodel) and S3-S6 (one model, Qwen3-235B-A22B, on one 256-H100
+cluster in four Megatron-Core layouts). docs/accuracy.md discusses every row.
 
 Printed: case, metric, published, predicted, error % (predicted vs published), and the biggest
 predicted components (shares of the simulated step, or the collective's parts); then the median
@@ -223,6 +224,8 @@ def _tutel_speedup(s: Scenario) -> Prediction:
 # ----------------------------------------------------------------------------- the cases
 
 _SMALL_TRAINING = ("routing.max_tokens_per_source=32",)
+_MODEL_ZOO = ("yanring/Megatron-MoE-ModelZoo best_practice/Qwen3/readme.md "
+              "(Megatron-Core, Qwen3-235B-A22B, 256 H100)")
 
 CASES: tuple[Case, ...] = (
     Case("P1", "p1-mixtral-8x7b-mcore-64xh100.yaml", "TFLOPS/GPU (Megatron)", 468.0,
@@ -258,6 +261,23 @@ CASES: tuple[Case, ...] = (
     Case("S2", "s2-gpt-oss-120b-automodel-64xh100.yaml", "tokens/s/GPU", 7626.0,
          "NVIDIA-NeMo/Automodel docs/performance-summary.md (DGX-H100, BF16)",
          _tokens_per_gpu, ("model.num_layers=2", "workload.global_batch=128", *_SMALL_TRAINING),
+         supplementary=True),
+    # Cross-checks: one model, one cluster, four layouts in Megatron-Core (NVIDIA's MoE model
+    # zoo); tokens/s per GPU = 2048 x 4096 / step seconds / 256.
+    Case("S3", "s3-qwen3-235b-mcore-deepep-ep32-256xh100.yaml", "tokens/s/GPU", 1663.0,
+         _MODEL_ZOO, _tokens_per_gpu,
+         ("model.num_layers=32", "workload.global_batch=128", *_SMALL_TRAINING),
+         supplementary=True),
+    Case("S4", "s4-qwen3-235b-mcore-fsdp-ep8-256xh100.yaml", "tokens/s/GPU", 1862.0,
+         _MODEL_ZOO, _tokens_per_gpu,
+         ("model.num_layers=2", "workload.global_batch=512", *_SMALL_TRAINING),
+         supplementary=True),
+    Case("S5", "s5-qwen3-235b-mcore-a2a-pp32-256xh100.yaml", "tokens/s/GPU", 1354.0,
+         _MODEL_ZOO, _tokens_per_gpu, ("workload.global_batch=128", *_SMALL_TRAINING),
+         supplementary=True),
+    Case("S6", "s6-qwen3-235b-mcore-tp4-ep8-256xh100.yaml", "tokens/s/GPU", 1130.0,
+         _MODEL_ZOO, _tokens_per_gpu,
+         ("model.num_layers=32", "workload.global_batch=64", *_SMALL_TRAINING),
          supplementary=True),
 )
 

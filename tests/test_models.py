@@ -11,8 +11,9 @@ from moesim.errors import ScenarioError
 from moesim.spec.model import AttentionSpec, ModelSpec
 from moesim.spec.models import find_model, list_models, load_model
 
-SHIPPED = {"mixtral-8x7b", "mixtral-8x22b", "deepseek-v3", "qwen3-30b-a3b", "qwen2-57b-a14b",
-           "switch-base-128", "gpt4-rumoured-16x111b", "gpt-oss-120b", "glam-64e", "tiny-cpu"}
+SHIPPED = {"mixtral-8x7b", "mixtral-8x22b", "deepseek-v3", "qwen3-30b-a3b", "qwen3-235b-a22b",
+           "qwen2-57b-a14b", "switch-base-128", "gpt4-rumoured-16x111b", "gpt-oss-120b",
+           "glam-64e", "tiny-cpu"}
 
 # Published (total, active) figures, as printed by their source.
 # A count agrees with a figure when it is within 1% of it, or within half a unit of the figure's
@@ -30,6 +31,7 @@ PUBLISHED = {
     "deepseek-v3": ("671B", "37B", "round", True,
                     "arXiv:2412.19437 abstract; HF README: 671B main model + 14B MTP"),
     "qwen3-30b-a3b": ("30.5B", "3.3B", "trunc", False, "HF Qwen/Qwen3-30B-A3B model card"),
+    "qwen3-235b-a22b": ("235B", "22B", "round", False, "HF Qwen/Qwen3-235B-A22B model card"),
     "qwen2-57b-a14b": ("57B", "14B", "round", False, "arXiv:2407.10671 Table 1"),
     # Active: a top-1 Switch model is FLOP-matched to its dense T5-Base (HF t5-base: 222.9M).
     "switch-base-128": ("7.4B", "0.223B", "round", False,
