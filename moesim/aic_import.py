@@ -53,7 +53,6 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +62,7 @@ from moesim.errors import CalibrationError
 
 __all__ = ["BACKENDS", "data_root", "version_key", "list_systems", "list_backends",
            "list_versions", "check_request", "import_tables", "memory_op_model",
-           "build_profile_text", "write_atomically"]
+           "build_profile_text"]
 
 BACKENDS = ("trtllm", "sglang", "vllm")
 _INSTALL = "pip install 'moesim[aic]' (aiconfigurator==0.12.0, pyarrow)"
@@ -581,19 +580,3 @@ def build_profile_text(base_text: str, base_name: str, name: str, calibration: M
     return "\n".join(lines) + "\n" + text.rstrip("\n") + "\n\n" + dumped
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a profile is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

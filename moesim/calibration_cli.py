@@ -243,6 +243,7 @@ def import_aiconfigurator(args: argparse.Namespace) -> Path:
     """
     from moesim import aic_import as aic
     from moesim.errors import ScenarioError
+    from moesim.results import write_text_atomic
     from moesim.spec.fields import read_yaml
     from moesim.spec.hardware import find_profile
 
@@ -295,7 +296,7 @@ def import_aiconfigurator(args: argparse.Namespace) -> Path:
               f"Written by: {command}"]
     text = aic.build_profile_text(base_path.read_text(encoding="utf-8"), base, name,
                                   calibration, header)
-    aic.write_atomically(output, text)
+    write_text_atomic(output, text)
     for line in summary:
         print(line)
     return output

@@ -35,6 +35,19 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left
 
 
+def test_outputs_get_the_permissions_of_any_new_file(tmp_path):
+    """The temporary file is private (mkstemp's 0600); the output must not be: under umask 027
+    a new file is 0640, so group members can read results the owner shares."""
+    old = os.umask(0o027)
+    try:
+        results.write_text_atomic(tmp_path / "a.txt", "x")
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "a.txt").stat().st_mode & 0o777
+    assert mode == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o640
+
+
 def test_output_dir_keeps_the_users_other_files(tmp_path):
     from tests.conftest import REPO
     out = tmp_path / "out"
