@@ -411,6 +411,13 @@ H100_LL = ((2, 8, 23.6e-6, 36.2e-6), (2, 64, 58.1e-6, 102.2e-6), (2, 128, 102.1e
            (4, 8, 32.0e-6, 41.8e-6), (4, 64, 82.9e-6, 151.7e-6), (4, 128, 143.0e-6, 263.3e-6),
            (8, 8, 35.2e-6, 42.8e-6), (8, 64, 94.0e-6, 160.3e-6), (8, 128, 166.8e-6, 304.7e-6))
 
+# DeepEP normal kernels measured on one H100 SXM node (EP 8) under SGLang 0.5.12 with 24 SMs,
+# aiconfigurator 0.12.0 table systems/data/h100_sxm/comm/sglang/0.5.12/
+# wideep_deepep_normal_perf.parquet (Apache-2.0): (tokens per rank, dispatch s, combine s),
+# hidden 7,168, top-8 of 256 experts, FP8 dispatch, BF16 combine.
+H100_NORMAL = ((1024, 154.2e-6, 296.0e-6), (4096, 498.4e-6, 960.6e-6),
+               (8192, 971.8e-6, 1839.0e-6))
+
 
 def _layer(profile: str, nodes: int, tokens: int, algorithm: str, ll_nvlink: bool,
            groups: int = 4) -> tuple[CollectiveResult, CollectiveResult]:
@@ -426,7 +433,7 @@ def _layer(profile: str, nodes: int, tokens: int, algorithm: str, ll_nvlink: boo
 def published_checks(*, ll_nvlink: bool, h800: str = "h800-sxm", h100: str = "h100-sxm"
                      ) -> list[tuple[str, str, float, float]]:
     """(case, unit, published, predicted) for DeepEP's README tables on ``h800`` and the H100
-    low-latency measurements on ``h100`` (8 GPUs per node in both)."""
+    normal and low-latency measurements on ``h100`` (8 GPUs per node in both)."""
     rows = []
     for ep, d_pub, c_pub in DEEPEP_NORMAL:
         d, c = _layer(h800, ep // 8, 4096, "deepep_normal", ll_nvlink)
@@ -439,6 +446,10 @@ def published_checks(*, ll_nvlink: bool, h800: str = "h800-sxm", h100: str = "h1
         d, c = _layer(h800, ep // 8, 128, "deepep_ll", ll_nvlink)
         rows += [(f"DeepEP LL EP{ep} dispatch", "us", d_pub, d.seconds),
                  (f"DeepEP LL EP{ep} combine", "us", c_pub, c.seconds)]
+    for tokens, d_pub, c_pub in H100_NORMAL:
+        d, c = _layer(h100, 1, tokens, "deepep_normal", ll_nvlink)
+        rows += [(f"H100 normal 1x8 {tokens} tok dispatch", "us", d_pub, d.seconds),
+                 (f"H100 normal 1x8 {tokens} tok combine", "us", c_pub, c.seconds)]
     for nodes, tokens, d_pub, c_pub in H100_LL:
         d, c = _layer(h100, nodes, tokens, "deepep_ll", ll_nvlink)
         rows += [(f"H100 LL {nodes}x8 {tokens} tok dispatch", "us", d_pub, d.seconds),
@@ -581,6 +592,6 @@ def register(sub, commands: dict) -> None:
     p.add_argument("--ll-nic", dest="ll_nvlink", action="store_false",
                    help="deepep_ll: intra-node messages through the NIC (pure RDMA)")
     p.add_argument("--published", action="store_true",
-                   help="compare with DeepEP's README tables (H800) and H100 LL measurements")
+                   help="compare with DeepEP's README tables (H800) and H100 measurements")
     commands["collective"] = _cmd_collective
 
