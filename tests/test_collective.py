@@ -167,49 +167,29 @@ def test_low_latency_goes_through_the_nic_inside_a_node():
     assert normal.seconds == pytest.approx(132 / 50e9)            # 128 + 4 scale bytes, NVLink
 
 
-def test_deepep_normal_copies_over_nvlink_at_its_sms_rate():
-    """DeepEP's normal kernels move NVLink bytes with comm_sm_fraction of the SMs at
-    comm_sm_bandwidth each: 10 SMs x 0.25 x 4 GB/s = 10 GB/s, below the 50 GB/s link, sets the
-    time of an intra-node token; a faster per-SM rate leaves the link in charge (the pricing
-    layer's side: tests/test_pricing.py)."""
-    slow = dataclasses.replace(_hardware(per_node=2).device, sm_count=10, comm_sm_fraction=0.25,
-                               comm_sm_bandwidth=4e9)
-    for per_sm, rate in ((4e9, 10e9), (40e9, 50e9)):
-        hw = dataclasses.replace(_hardware(per_node=2),
-                                 device=dataclasses.replace(slow, comm_sm_bandwidth=per_sm))
-        topo = _topology(hw, nodes=1, kind="fat_tree")
-        choices = routing.LayerChoices(np.array([[1]], dtype=np.int32), np.array([0], np.int32),
-                                       1.0)
-        placement = Placement(np.array([[[0], [1]]]), 2)
-        normal, back = token_alltoall(topo, hw, choices, placement, hidden=128,
-                                      algorithm="deepep_normal", tokens_per_source=1)
-        assert normal.seconds == pytest.approx(132 / rate)           # 128 + 4 scale bytes
-        assert back.seconds == pytest.approx(256 / rate)              # BF16 combine
-        ll, _ = token_alltoall(topo, hw, choices, placement, hidden=128,
-                               algorithm="deepep_ll", tokens_per_source=1, ll_nvlink=True)
-        assert ll.seconds == pytest.approx(148 / 50e9)                # low latency: not limited
-
-
-def test_deepep_normal_reaches_its_link_efficiency_of_nvlink():
-    """comm_link_efficiency caps the kernel at that share of the link (its queues between
-    ranks): 0.5 of the 50 GB/s link = 25 GB/s when the SMs could do 40 GB/s; with the SMs at
-    10 GB/s they set the rate. The low-latency kernels keep the link's rate."""
-    device = dataclasses.replace(_hardware(per_node=2).device, sm_count=10,
-                                 comm_sm_fraction=0.25, comm_link_efficiency=0.5)
-    for per_sm, rate in ((16e9, 25e9), (4e9, 10e9)):
-        hw = dataclasses.replace(_hardware(per_node=2), device=dataclasses.replace(
-            device, comm_sm_bandwidth=per_sm))
-        topo = _topology(hw, nodes=1, kind="fat_tree")
-        choices = routing.LayerChoices(np.array([[1]], dtype=np.int32), np.array([0], np.int32),
-                                       1.0)
-        placement = Placement(np.array([[[0], [1]]]), 2)
-        normal, back = token_alltoall(topo, hw, choices, placement, hidden=128,
-                                      algorithm="deepep_normal", tokens_per_source=1)
-        assert normal.seconds == pytest.approx(132 / rate)           # 128 + 4 scale bytes
-        assert back.seconds == pytest.approx(256 / rate)
-        ll, _ = token_alltoall(topo, hw, choices, placement, hidden=128,
-                               algorithm="deepep_ll", tokens_per_source=1, ll_nvlink=True)
-        assert ll.seconds == pytest.approx(148 / 50e9)
+@pytest.mark.parametrize("per_sm, link_share, rate", [
+    (4e9, 1.0, 10e9),      # 10 SMs x 0.25 x 4 GB/s = 10 GB/s, below the 50 GB/s link
+    (40e9, 1.0, 50e9),     # 100 GB/s of SMs: the link sets the rate
+    (16e9, 0.5, 25e9),     # 40 GB/s of SMs, but the kernel reaches half the link: 25 GB/s
+    (4e9, 0.5, 10e9),      # SMs below half the link: the SMs again
+])
+def test_deepep_normal_copies_over_nvlink_at_its_sms_or_link_share_rate(per_sm, link_share, rate):
+    """DeepEP's normal kernels move NVLink bytes at the lower of comm_sm_fraction x sm_count x
+    comm_sm_bandwidth and comm_link_efficiency of the link (one intra-node token); the
+    low-latency kernels keep the link's rate (the pricing layer's side: tests/test_pricing.py)."""
+    device = dataclasses.replace(_hardware(per_node=2).device, sm_count=10, comm_sm_fraction=0.25,
+                                 comm_sm_bandwidth=per_sm, comm_link_efficiency=link_share)
+    hw = dataclasses.replace(_hardware(per_node=2), device=device)
+    topo = _topology(hw, nodes=1, kind="fat_tree")
+    choices = routing.LayerChoices(np.array([[1]], dtype=np.int32), np.array([0], np.int32), 1.0)
+    placement = Placement(np.array([[[0], [1]]]), 2)
+    normal, back = token_alltoall(topo, hw, choices, placement, hidden=128,
+                                  algorithm="deepep_normal", tokens_per_source=1)
+    assert normal.seconds == pytest.approx(132 / rate)           # 128 + 4 scale bytes
+    assert back.seconds == pytest.approx(256 / rate)              # BF16 combine
+    ll, _ = token_alltoall(topo, hw, choices, placement, hidden=128,
+                           algorithm="deepep_ll", tokens_per_source=1, ll_nvlink=True)
+    assert ll.seconds == pytest.approx(148 / 50e9)                # low latency: not limited
 
 
 def test_a_deepep_kernel_pays_its_own_fixed_cost_inside_a_node():
