@@ -20,7 +20,8 @@ from typing import Any
 from moesim.errors import MoESimError
 from moesim.units import format_quantity
 
-__all__ = ["Result", "summary", "write_json_atomic", "write_text_atomic", "json_text",
+__all__ = ["Result", "summary", "write_json_atomic", "write_text_atomic", "write_bytes_atomic",
+           "json_text",
            "check_output_dir", "discard_output_dir", "write_files_together", "provenance",
            "run_label", "default_run_dir"]
 
@@ -100,24 +101,36 @@ def _round(obj: Any) -> Any:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + rename: readers see the old or the new file.
+    """Write ``text`` (UTF-8) to ``path`` via a temp file + rename: readers see the old or the
+    new file (:func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + rename: readers see the old or the new file.
     The file gets the permissions of any new file (``mkstemp`` makes its temporary private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        _as_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _as_new_file(path: str) -> None:
+    """Give ``path`` the permissions of a file created under the current umask (``mkstemp``
+    makes its temporaries private, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def json_text(data: Any, *, compact: bool = False) -> str:
@@ -234,6 +247,7 @@ def write_files_together(folder: str | Path, files: dict[str, str],
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
+            _as_new_file(tmp)
         _replace_all(folder, temps)
     except BaseException as exc:
         for tmp in temps.values():

@@ -7,9 +7,11 @@ import json
 import os
 
 import pytest
+from matplotlib.figure import Figure
 
 from moesim import results
 from moesim.cli import main
+from moesim.report.plots import save_figure
 
 
 def test_same_scenario_gives_byte_identical_results(tmp_path):
@@ -36,16 +38,20 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
 
 
 def test_outputs_get_the_permissions_of_any_new_file(tmp_path):
-    """The temporary file is private (mkstemp's 0600); the output must not be: under umask 027
-    a new file is 0640, so group members can read results the owner shares."""
+    """The temporary file is private (mkstemp's 0600); the outputs must not be: under umask 027
+    a new file is 0640, so group members can read results the owner shares. Figures are
+    rendered in memory and written the same way (whole, or not at all)."""
     old = os.umask(0o027)
     try:
         results.write_text_atomic(tmp_path / "a.txt", "x")
+        results.write_files_together(tmp_path, {"c.json": "{}", "d.txt": "y"})
+        save_figure(Figure(figsize=(1, 1)), tmp_path, "e")
         (tmp_path / "b.txt").write_text("x")
     finally:
         os.umask(old)
-    mode = (tmp_path / "a.txt").stat().st_mode & 0o777
-    assert mode == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o640
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(("a.txt", "b.txt", "c.json", "d.txt", "e.png", "e.svg"), 0o640)
+    assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_output_dir_keeps_the_users_other_files(tmp_path):

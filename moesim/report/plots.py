@@ -13,6 +13,7 @@ measured times of the accuracy benchmark.
 
 from __future__ import annotations
 
+import io
 import re
 import textwrap
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+
+from moesim.results import write_bytes_atomic  # noqa: E402
 
 __all__ = ["BREAKDOWN_PARTS", "throughput_figure", "breakdown_figure", "link_heatmap_figure",
            "gantt_figure", "expert_load_figure", "placement_figure", "accuracy_figure",
@@ -68,12 +71,14 @@ def _wrap(fig: Figure, text: str) -> str:
 
 
 def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
-    """Write ``stem.png`` and ``stem.svg`` under ``out_dir``; return their paths."""
+    """Write ``stem.png`` and ``stem.svg`` under ``out_dir``, each rendered in memory and then
+    written atomically (never a half-written image); return their paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.png", out / f"{stem}.svg"]
     for path in paths:
-        fig.savefig(path)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=path.suffix[1:])
+        write_bytes_atomic(path, buffer.getvalue())
     return paths
 
 
