@@ -98,6 +98,9 @@ def write_profile(path: str | os.PathLike[str], profile: Mapping[str, Any],
             _serialize(profile, stream)
             stream.flush()
             os.fsync(stream.fileno())
+        umask = os.umask(0)      # mkstemp makes the file private; a profile is an ordinary file
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

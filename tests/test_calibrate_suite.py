@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 import random
 import subprocess
 import sys
@@ -275,6 +276,10 @@ def test_write_profile_replaces_the_file_with_header_comments(tmp_path):
     assert text.splitlines()[:2] == ["# line one", "# line two"]
     assert yaml.safe_load(text) == {"name": "new", "t": {"seconds": [1e-05, 0.25],
                                                          "tokens": [1, 2]}}
+    # An ordinary file, not mkstemp's private 0600: what a new file gets under the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_fallback_yaml_emitter_round_trips_through_pyyaml():
