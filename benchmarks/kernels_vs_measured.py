@@ -223,6 +223,12 @@ def duplicated_projection(entry: dict[str, Any]) -> str | None:
     return None
 
 
+def counts_shared_add(entry: dict[str, Any]) -> bool:
+    """Whether the measured graph has an op adding the shared experts' output into the routed
+    output (aiconfigurator's ``moe_reduce_add``)."""
+    return any(op.endswith("moe_reduce_add") for op in entry["ops_ms"])
+
+
 def notes_for(entry: dict[str, Any], component_ops: dict[str, list[str]]) -> list[str]:
     """Caveats of one measured entry: non-table sources per component, MoE extrapolation."""
     notes = []
@@ -231,7 +237,7 @@ def notes_for(entry: dict[str, Any], component_ops: dict[str, list[str]]) -> lis
         base = op.split("_", 1)[1]
         if source != "silicon" and entry["ops_ms"].get(op, 0) > 0:
             notes.append(f"{comps.get(base, 'unmapped')}: {base} is {source}, not a table row")
-    if not any(op.endswith("moe_reduce_add") for op in entry["ops_ms"]) and any(
+    if not counts_shared_add(entry) and any(
             op.endswith("shared_gate_up_gemm") or op.endswith("gate_ffn1_gemm")
             for op in entry["ops_ms"]):
         notes.append("shared_dense: aiconfigurator's graph has no op adding the shared experts' "
@@ -338,7 +344,7 @@ def table(data: dict[str, Any], system: str, label: str, make: Any,
             if not any(op.endswith("logits_gemm") for op in entry["ops_ms"]):
                 measured["lm_head_embedding"] = 0.0   # only an embedding: no lm head to compare
             comps = dict(base)
-            if not any(op.endswith("moe_reduce_add") for op in entry["ops_ms"]):
+            if not counts_shared_add(entry):
                 comps["shared_dense"] -= comps["shared_output_add"]   # compare the same ops
             cells = [cell(comps[c], measured[c]) for c in COMPONENTS]
             five = COMPONENTS[:5]

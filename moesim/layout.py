@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim.errors import ScenarioError
-from moesim.spec.scenario import Parallelism, Scenario
+from moesim.spec.scenario import Parallelism, Scenario, pipeline_end_layers
 
 __all__ = ["Layout"]
 
@@ -30,10 +30,7 @@ class Layout:
     def for_scenario(cls, s: Scenario) -> Layout:
         """The scenario's layout, with the ends counted as layers where it asks."""
         par, m = s.parallelism, s.model
-        mtp = m.mtp_modules if s.workload.mode == "training" else 0
-        layout = cls(par, m.num_layers, m.moe_layer_ids,
-                     1 if par.account_for_embedding else 0,
-                     (1 + mtp) if par.account_for_loss else 0)
+        layout = cls(par, m.num_layers, m.moe_layer_ids, *pipeline_end_layers(s))
         sizes = layout._sizes()
         if sizes.min() < 0 or sizes.max() == 0:
             raise ScenarioError(f"{m.num_layers} layers cannot be split over pp * vp = "

@@ -19,7 +19,7 @@ from moesim.compute import kv_bytes_per_token
 from moesim.errors import OutOfMemory
 from moesim.layout import Layout
 from moesim.spec.hardware import dtype_bytes
-from moesim.spec.scenario import Scenario
+from moesim.spec.scenario import Scenario, mtp_blocks
 
 __all__ = ["MemoryBreakdown", "stage_memory", "check_memory", "block_params", "stage_params",
            "zero3_regathers", "saved_activation_dtype", "saved_bytes_per_token_layer"]
@@ -107,12 +107,6 @@ def zero3_regathers(s: Scenario) -> bool:
     return mode == "after_forward"
 
 
-def mtp_blocks(s: Scenario) -> int:
-    """Multi-token-prediction modules the last stage trains (DeepSeek-V3: 1); serving runs
-    none (they only draft tokens for speculative decoding, not modelled)."""
-    return s.model.mtp_modules if s.workload.mode == "training" else 0
-
-
 def tokens_per_microbatch(s: Scenario) -> float:
     """Tokens one device handles per micro-batch (per pipeline stage)."""
     wl = s.workload
@@ -182,11 +176,12 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
         per_param = prec.optimizer_state_bytes + (4.0 if prec.master_weights else 0.0)
         odense, oexp = (par.dp, expert_dp) if zero >= 1 else (1, 1)
         opt = dense * per_param / odense + experts * per_param / oexp
-        in_flight = par.pp - stage
-        if par.vp > 1:
-            in_flight += (par.pp - 1 - stage) / par.vp + 1
         if layout.dual:   # DualPipe: pp + 1 chunks' activations per device, of two stages each
             in_flight = (par.pp + 1) / 2
+        else:
+            in_flight = par.pp - stage
+            if par.vp > 1:
+                in_flight += (par.pp - 1 - stage) / par.vp + 1
         moe = [layout.moe_index(x) is not None for x in layers]
         acts = tokens * sum(saved_bytes_per_token_layer(s, m) for m in moe) * in_flight
         if s.memory.recompute == "full":   # plus the block being recomputed, whole

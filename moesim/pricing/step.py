@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 from moesim.kernels import memory_time
-from moesim.memory import mtp_blocks, stage_params
+from moesim.memory import stage_params
 from moesim.pricing.context import PricingContext
 from moesim.spec.hardware import dtype_bytes
-from moesim.spec.scenario import Scenario
+from moesim.spec.scenario import Scenario, micro_batches, mtp_blocks
 
 __all__ = ["micro_batches", "optimizer_time", "optimizer_bytes_per_param",
            "model_flops_per_token", "heads_time", "logit_tokens"]
-
-
-def micro_batches(s: Scenario) -> int:
-    """Micro-batches each pipeline runs per step."""
-    wl, par = s.workload, s.parallelism
-    return wl.global_batch // par.dp // wl.micro_batch
 
 
 def optimizer_bytes_per_param(s: Scenario) -> float:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from moesim.layout import Layout
-from moesim.memory import check_memory, mtp_blocks
+from moesim.memory import check_memory
 from moesim.placement.baselines import contiguous
 from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import layer_alltoall_times
@@ -40,7 +40,7 @@ from moesim.pricing.moe_layer import expert_times, layer_traffic, permute_time
 from moesim.pricing.step import heads_time, micro_batches, model_flops_per_token, optimizer_time
 from moesim.routing import LayerChoices
 from moesim.routing_draw import sample_routing
-from moesim.spec.scenario import Scenario
+from moesim.spec.scenario import Scenario, mtp_blocks
 from moesim.topology import Topology
 from moesim.traffic import LayerTraffic
 

@@ -17,8 +17,9 @@ count up to the layers (training; serving 1/2/4/8), VP 1/2/4/8, EP the divisors 
 slots that divide the devices, pipeline schedule 1F1B/DualPipe, micro-batch 1/2 (decode: the
 batch per replica, powers of two up to 4096), ZeRO 1/2/3, recompute none/selective/full,
 overlap none/two_batch; the all-to-all algorithm, placement policy and redundant experts stay
-the scenario's unless the section lists values. Every knob's range includes the scenario's own value, so its layout can be ranked.
-Training layouts run 1F1B (interleaved with VP > 1) or DualPipe (even PP, VP 1, ZeRO <= 2).
+the scenario's unless the section lists values. Every knob's range includes the scenario's own
+value, so its layout can be ranked. Training layouts run 1F1B (interleaved with VP > 1) or
+DualPipe (even PP, VP 1, ZeRO <= 2).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import numpy as np
 from moesim.errors import ScenarioError
 from moesim.kernels import overlapped_compute_slowdown
 from moesim.layout import Layout
-from moesim.memory import check_memory, mtp_blocks, tokens_per_microbatch
+from moesim.memory import check_memory, tokens_per_microbatch
 from moesim.placement.placement import Placement
 from moesim.pricing.collectives import (
     dp_sync_time,
@@ -39,7 +39,7 @@ from moesim.sim.report import build_result
 from moesim.sim.schedule import dualpipe_plan, forward_only, one_f_one_b
 from moesim.sim.simulation import Simulation, Timeline
 from moesim.sim.streams import ChunkRun, Op, chunk_ops, merge_pair, run_ops
-from moesim.spec.scenario import Scenario
+from moesim.spec.scenario import Scenario, mtp_blocks
 
 __all__ = ["ENGINES", "simulate_step", "estimate_cost"]
 

@@ -21,7 +21,8 @@ from moesim.spec.model import ModelSpec
 
 __all__ = ["Parallelism", "Workload", "Precision", "RoutingSpec", "PlacementSpec",
            "CommunicationSpec", "MemorySpec", "SimulationSpec", "OutputSpec", "FaultSpec",
-           "Scenario", "load_scenario", "scenario_from_mapping", "apply_overrides"]
+           "Scenario", "load_scenario", "scenario_from_mapping", "apply_overrides",
+           "mtp_blocks", "pipeline_end_layers", "micro_batches", "dualpipe_problem"]
 
 Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4"]
 
@@ -315,11 +316,8 @@ def _check_relations(s: Scenario, source: str) -> None:
         raise ScenarioError(f"num_experts + redundant_experts = {slots} must be a multiple of "
                             f"ep={par.ep} (equal expert slots per device)", source=source,
                             field="placement.redundant_experts")
-    # Megatron's --account-for-embedding/loss-in-pipeline-split count the embedding and the
-    # loss (with each MTP module) as layers: a virtual stage may then hold only one of them.
-    mtp = m.mtp_modules if wl.mode == "training" else 0
-    units = (m.num_layers + (1 if par.account_for_embedding else 0)
-             + ((1 + mtp) if par.account_for_loss else 0))
+    # With the ends counted as layers a virtual stage may hold only the embedding or the loss.
+    units = m.num_layers + sum(pipeline_end_layers(s))
     if units < par.pp * par.vp:
         counted = "" if units == m.num_layers else f" (+ {units - m.num_layers} for the ends)"
         raise ScenarioError(f"pp * vp = {par.pp * par.vp} exceeds the model's {m.num_layers} "
@@ -370,6 +368,27 @@ def _check_relations(s: Scenario, source: str) -> None:
     assert set(DTYPES) >= {s.precision.compute}
 
 
+def mtp_blocks(s: Scenario) -> int:
+    """Multi-token-prediction modules the last stage trains (DeepSeek-V3: 1); serving runs
+    none (they only draft tokens for speculative decoding, not modelled)."""
+    return s.model.mtp_modules if s.workload.mode == "training" else 0
+
+
+def pipeline_end_layers(s: Scenario) -> tuple[int, int]:
+    """Layers' worth of work the first and the last pipeline stage count besides their blocks
+    when layers are split (Megatron's --account-for-embedding/loss-in-pipeline-split): the
+    embedding, and the loss with each MTP module; 0 where the scenario does not ask."""
+    par = s.parallelism
+    return (1 if par.account_for_embedding else 0,
+            1 + mtp_blocks(s) if par.account_for_loss else 0)
+
+
+def micro_batches(s: Scenario) -> int:
+    """Micro-batches each pipeline runs per step."""
+    wl, par = s.workload, s.parallelism
+    return wl.global_batch // par.dp // wl.micro_batch
+
+
 def dualpipe_problem(pp: int, vp: int, zero_stage: int, micro_batches: int) -> str | None:
     """The rule that stops a training layout from running DualPipe, or None: deepseek-ai/
     DualPipe needs an even number of stages and an even number of micro-batches, at least twice
@@ -393,7 +412,7 @@ def _check_dualpipe(s: Scenario, source: str | None) -> None:
     if wl.mode != "training":
         raise ScenarioError("schedule 'dualpipe' is a training schedule (inference runs "
                             "forward chunks only); use 1f1b", source=source, field=field)
-    mbs = wl.global_batch // par.dp // wl.micro_batch
+    mbs = micro_batches(s)
     problem = dualpipe_problem(par.pp, par.vp, par.zero_stage, mbs)
     if problem is not None:
         raise ScenarioError(f"{problem} (pp={par.pp}, vp={par.vp}, zero_stage="
