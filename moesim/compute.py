@@ -41,7 +41,7 @@ from moesim.calibration import MeasuredTables
 from moesim.kernels import (
     attention_head_dim_factor,
     gemm_time,
-    grouped_gemm_time,
+    grouped_gemm_times,
     memory_time,
     padded,
 )
@@ -363,15 +363,29 @@ class KernelTimer:
             measured = self.tables.expert_ffn(h, f, tokens)
             if measured is not None:
                 return measured
-        mats = self.model.ffn_matrices
-        copies = float(tokens[tokens > 0].sum())
-        if copies <= 0:
-            return 0.0
+        return float(self._modelled_experts(tokens.reshape(1, -1), f)[0])
+
+    def experts_per_device(self, tokens_per_slot: np.ndarray) -> np.ndarray:
+        """float[devices]: :meth:`experts` of each row of ``tokens_per_slot: [devices, slots]``
+        (the modelled kernels priced for all devices at once; measured tables row by row)."""
+        tokens = np.asarray(tokens_per_slot, dtype=float)
+        if self.tables is not None:
+            return np.array([self.experts(row) for row in tokens])
+        return self._modelled_experts(tokens, self.model.expert_ffn_size)
+
+    def _modelled_experts(self, tokens: np.ndarray, f: int) -> np.ndarray:
+        """The kernel model's :meth:`experts` for each row of ``tokens: [devices, slots]``."""
+        h, mats = self.model.hidden_size, self.model.ffn_matrices
         kw = dict(a_bytes=self._gemm_ab, b_bytes=self._gemm_wb, c_bytes=self._ab)
-        up = grouped_gemm_time(tokens, (mats - 1) * f, h, self.device, self.compute_dtype, **kw)
-        down = grouped_gemm_time(tokens, h, f, self.device, self.compute_dtype, **kw)
-        activation = copies * (3 if mats == 3 else 2) * f * self._ab
-        return up + down + self.elementwise(activation) + self._cast(copies * (h + f), kernels=2)
+        up = grouped_gemm_times(tokens, (mats - 1) * f, h, self.device, self.compute_dtype, **kw)
+        down = grouped_gemm_times(tokens, h, f, self.device, self.compute_dtype, **kw)
+        out = up + down
+        for i, copies in enumerate(np.where(tokens > 0, tokens, 0.0).sum(axis=1)):
+            if copies > 0:
+                activation = copies * (3 if mats == 3 else 2) * f * self._ab
+                out[i] += (self.elementwise(activation)
+                           + self._cast(copies * (h + f), kernels=2))
+        return out
 
     def permute(self, token_copies: float) -> float:
         """Permute routed token copies into expert order and back (two memory-bound kernels:

@@ -34,6 +34,7 @@ import numpy as np
 from moesim.spec.hardware import DeviceSpec
 
 __all__ = ["padded", "gemm_tiles", "waves", "matmul_efficiency", "gemm_time", "grouped_gemm_time",
+           "grouped_gemm_times",
            "attention_head_dim_factor",
            "memory_time", "overlapped_compute_slowdown"]
 
@@ -55,12 +56,13 @@ def gemm_tiles(m: float, n: float, device: DeviceSpec) -> float:
             * padded(n, device.gemm_tile_n) / device.gemm_tile_n)
 
 
-def waves(tiles: float, device: DeviceSpec) -> float:
-    """Waves of ``sm_count`` tiles; below one wave, split-K spreads the tiles over every unit."""
-    full = tiles / device.sm_count
-    if full <= 1.0 or device.gemm_scheduler == "stream_k":
-        return full
-    return float(math.ceil(full - 1e-9))
+def waves(tiles: float | np.ndarray, device: DeviceSpec) -> float | np.ndarray:
+    """Waves of ``sm_count`` tiles (each element of an array); below one wave, split-K spreads
+    the tiles over every unit."""
+    full = np.asarray(tiles, dtype=float) / device.sm_count
+    if device.gemm_scheduler != "stream_k":
+        full = np.where(full <= 1.0, full, np.ceil(full - 1e-9))
+    return float(full) if full.ndim == 0 else full
 
 
 def matmul_efficiency(device: DeviceSpec, dtype: str, grouped: bool = False) -> float:
@@ -74,9 +76,10 @@ def matmul_efficiency(device: DeviceSpec, dtype: str, grouped: bool = False) -> 
     return eff
 
 
-def _tiled_compute(tiles: float, k: float, device: DeviceSpec, dtype: str,
-                   efficiency: float) -> float:
-    """Seconds of ``tiles`` output tiles, each contracting ``k`` (padded to tile_k)."""
+def _tiled_compute(tiles: float | np.ndarray, k: float, device: DeviceSpec, dtype: str,
+                   efficiency: float) -> float | np.ndarray:
+    """Seconds of ``tiles`` output tiles (each element of an array), each contracting ``k``
+    (padded to tile_k)."""
     tile_flops = 2.0 * device.gemm_tile_m * device.gemm_tile_n * padded(k, device.gemm_tile_k)
     per_unit = device.flops(dtype) * efficiency / device.sm_count
     return waves(tiles, device) * tile_flops / per_unit
@@ -121,7 +124,7 @@ def gemm_time(m: float, n: float, k: float, device: DeviceSpec, dtype: str, *,
         return 0.0
     eff = matmul_efficiency(device, dtype) if efficiency is None else efficiency
     if device.sm_count:
-        compute = _tiled_compute(batch * gemm_tiles(m, n, device), k, device, dtype, eff)
+        compute = float(_tiled_compute(batch * gemm_tiles(m, n, device), k, device, dtype, eff))
     else:
         compute = 2.0 * batch * m * n * k / (device.flops(dtype) * eff)
     nbytes = batch * (m * k * a_bytes + k * n * b_bytes + m * n * c_bytes)
@@ -138,22 +141,39 @@ def grouped_gemm_time(tokens: np.ndarray, n: float, k: float, device: DeviceSpec
     ``k x n`` weights are read once. Efficiencies: ``grouped_gemm_efficiency`` and
     ``grouped_gemm_memory_efficiency`` (falling back to the dense ones).
     """
+    t = np.asarray(tokens, dtype=float).reshape(1, -1)
+    return float(grouped_gemm_times(t, n, k, device, dtype, a_bytes=a_bytes, b_bytes=b_bytes,
+                                    c_bytes=c_bytes)[0])
+
+
+def grouped_gemm_times(tokens: np.ndarray, n: float, k: float, device: DeviceSpec, dtype: str, *,
+                       a_bytes: float, b_bytes: float, c_bytes: float) -> np.ndarray:
+    """float[devices]: :func:`grouped_gemm_time` of each row of ``tokens: [devices, experts]``
+    (one grouped GEMM per device, priced at once).
+
+    >>> d = DeviceSpec(name="x", peak_flops={"bf16": 4.0}, memory=1.0, memory_bandwidth=1e9,
+    ...                sm_count=2, gemm_tile_m=2, gemm_tile_n=2)
+    >>> grouped_gemm_times(np.array([[3.0, 0.0], [1.0, 1.0], [0.0, 0.0]]), 2, 1, d, "bf16",
+    ...                    a_bytes=0, b_bytes=0, c_bytes=0).tolist()  # 2 tiles each, 1 wave
+    [4.0, 4.0, 0.0]
+    """
     t = np.asarray(tokens, dtype=float)
-    t = t[t > 0]
-    if t.size == 0 or n <= 0 or k <= 0:
-        return 0.0
+    t = np.where(t > 0, t, 0.0)
+    active = (t > 0).sum(axis=1)
+    if n <= 0 or k <= 0:
+        return np.zeros(t.shape[0])
     eff = matmul_efficiency(device, dtype, grouped=True)
     mem_eff = device.grouped_gemm_memory_efficiency or device.memory_efficiency
-    rows = float(t.sum())
+    rows = t.sum(axis=1)
     if device.sm_count:
         row_tiles = np.ceil(t / device.gemm_tile_m) if device.gemm_tile_m > 1 else t
-        tiles = float(row_tiles.sum()) * gemm_tiles(1.0, n, device)
+        tiles = row_tiles.sum(axis=1) * gemm_tiles(1.0, n, device)
         compute = _tiled_compute(tiles, k, device, dtype, eff)
     else:
         compute = 2.0 * rows * n * k / (device.flops(dtype) * eff)
-    nbytes = t.size * k * n * b_bytes + rows * (k * a_bytes + n * c_bytes)
-    memory = memory_time(nbytes, device, kernels=0, efficiency=mem_eff)
-    return max(compute, memory) + device.kernel_overhead
+    nbytes = active * k * n * b_bytes + rows * (k * a_bytes + n * c_bytes)
+    memory = nbytes / (device.memory_bandwidth * mem_eff)
+    return np.where(active > 0, np.maximum(compute, memory) + device.kernel_overhead, 0.0)
 
 
 REFERENCE_HEAD_DIM = 128   # the head dim the profiles' fused-attention efficiencies were measured at

@@ -15,6 +15,7 @@ from moesim.kernels import (
     attention_head_dim_factor,
     gemm_time,
     grouped_gemm_time,
+    grouped_gemm_times,
     memory_time,
     overlapped_compute_slowdown,
     waves,
@@ -88,6 +89,29 @@ def test_grouped_gemm_uneven_tokens_cost_more_tiles_than_even():
                              **kw) == pytest.approx(2.0)
     assert grouped_gemm_time(np.array([2, 2, 2, 2]), 2, 1, mem, "bf16",
                              **kw) == pytest.approx(8.0)
+
+
+def test_grouped_gemm_per_device_prices_each_row_by_hand():
+    # The same toy device (4 SMs, 2 x 2 tiles, 4 FLOP/s per SM, whole waves), one row per device:
+    # even 4 tiles = one wave (2 s); hot 6 tiles = two waves (4 s); idle = no kernel (0 s, not
+    # the launch floor); one token = 1 tile = a quarter wave (0.5 s) + the 0.25 s floor.
+    d = toy(kernel_overhead=0.25)
+    rows = np.array([[2, 2, 2, 2], [5, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]])
+    got = grouped_gemm_times(rows, 2, 1, d, "bf16", **NO_BYTES)
+    assert got.tolist() == pytest.approx([2.25, 4.25, 0.0, 0.75])
+
+
+def test_timer_prices_all_devices_as_it_prices_each():
+    from moesim.compute import KernelTimer
+
+    timer = KernelTimer(load_model("mixtral-8x7b"), load_hardware("h100-sxm").device,
+                        compute_dtype="fp8")   # FP8: the casts are priced per device too
+    rng = np.random.default_rng(0)
+    slots = rng.integers(0, 300, size=(16, 4)).astype(float)
+    slots[3] = 0.0
+    each = [timer.experts(row) for row in slots]
+    assert timer.experts_per_device(slots).tolist() == pytest.approx(each, rel=1e-12)
+    assert each[3] == 0.0 and min(each[:3] + each[4:]) > 0
 
 
 def test_fp8_efficiency_scales_dense_and_grouped_gemms_alike():

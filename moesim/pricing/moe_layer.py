@@ -38,7 +38,7 @@ def layer_traffic(ctx: PricingContext, choices: routing.LayerChoices, placement:
 
 def expert_times(ctx: PricingContext, flows: traffic.LayerTraffic) -> np.ndarray:
     """float[ep]: each device's routed-expert grouped GEMM over its slots' tokens (seconds)."""
-    return np.array([ctx.timer.experts(tokens) for tokens in flows.slot_tokens])
+    return ctx.timer.experts_per_device(flows.slot_tokens)
 
 
 def permute_time(ctx: PricingContext, flows: traffic.LayerTraffic) -> float:
