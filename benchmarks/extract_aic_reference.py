@@ -9,7 +9,7 @@ is installed (its own venv; moesim never imports it)::
 
 aiconfigurator (NVIDIA, Apache-2.0) sums per-kernel timings measured on real GPUs for TensorRT-LLM,
 SGLang and vLLM (parquet tables in its ``aiconfigurator-core`` wheel). For each workload W1-W5 of
-the reference note ``measured_kernels.md`` (this project's shared reference folder), each system (h100_sxm, h200_sxm) and each backend,
+the reference note ``measured_kernels.md`` (this project's shared reference folder), each system (h100_sxm, h200_sxm, b200_sxm) and each backend,
 this calls ``aiconfigurator.cli.api.cli_estimate`` in a static mode (the equivalent of
 ``aiconfigurator cli estimate --estimate-mode static_gen|static_ctx``) with two interventions:
 
@@ -48,7 +48,7 @@ from typing import Any
 
 OUT = Path(__file__).resolve().parent / "data" / "measured_kernels_aic012.json"
 AIC_VERSION = "0.12.0"
-SYSTEMS = ("h100_sxm", "h200_sxm")
+SYSTEMS = ("h100_sxm", "h200_sxm", "b200_sxm")
 BACKENDS = ("sglang", "trtllm", "vllm")
 DISTRIBUTIONS = ("balanced", "uniform")   # even routing: fused-MoE tables, then wide-EP tables
 

@@ -3,6 +3,7 @@
     python benchmarks/kernels_vs_measured.py                   # H100, then H200 (no refit)
     python benchmarks/kernels_vs_measured.py --profile P.yaml  # another profile, vs H100 rows
     python benchmarks/kernels_vs_measured.py --profile P.yaml --measured-system h200_sxm
+    python benchmarks/kernels_vs_measured.py --profile b200 --measured-system b200_sxm
     python benchmarks/kernels_vs_measured.py --smoke           # tiny scenario, seconds (tests)
 
 The measured side is ``benchmarks/data/measured_kernels_aic012.json`` (written by
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", help="hardware profile (name or .yaml) to run instead of the "
                     "datasheet H100/H200 pair")
-    ap.add_argument("--measured-system", default="h100_sxm", choices=("h100_sxm", "h200_sxm"),
+    ap.add_argument("--measured-system", default="h100_sxm", choices=("h100_sxm", "h200_sxm", "b200_sxm"),
                     help="the measured rows --profile is compared with")
     ap.add_argument("--backend", choices=BACKENDS, help="compare with this backend's rows only "
                     "(e.g. the backend a --profile was imported from)")

@@ -105,7 +105,7 @@ def test_workloads_match_the_measured_calls():
 def test_reference_file_components_are_its_ops_summed():
     data = json.loads(kvm.DATA.read_text())
     assert "aiconfigurator 0.12.0" in data["source"] and data["license"] == "Apache-2.0"
-    assert kvm.DATA.stat().st_size < 200_000
+    assert kvm.DATA.stat().st_size < 300_000   # three systems (H100, H200, B200), a few ops each
     owner = {op: comp for comp, ops in data["component_ops"].items() for op in ops}
     for w in data["workloads"].values():
         for rows in w["results"].values():
