@@ -71,14 +71,23 @@ def _wrap(fig: Figure, text: str) -> str:
 
 
 def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
-    """Write ``stem.png`` and ``stem.svg`` under ``out_dir``, each rendered in memory and then
-    written atomically (never a half-written image); return their paths."""
+    """Write ``stem.png`` and ``stem.svg`` under ``out_dir``: both are rendered in memory first
+    (a drawing error writes neither), then each is written atomically (never a half-written
+    image); return their paths."""
     out = Path(out_dir)
     paths = [out / f"{stem}.png", out / f"{stem}.svg"]
+    images = []
     for path in paths:
         buffer = io.BytesIO()
         fig.savefig(buffer, format=path.suffix[1:])
-        write_bytes_atomic(path, buffer.getvalue())
+        images.append(buffer.getvalue())
+    for i, (path, data) in enumerate(zip(paths, images)):
+        try:
+            write_bytes_atomic(path, data)
+        except BaseException:
+            for done in paths[:i]:
+                done.unlink(missing_ok=True)
+            raise
     return paths
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["chrome_trace"]
+__all__ = ["chrome_trace", "check_trace"]
 
 _COLOURS = {"compute": "thread_state_running", "alltoall": "terrible", "tp_comm": "bad",
             "idle": "grey", "dp_comm": "yellow", "optimizer": "good"}
@@ -75,3 +75,53 @@ def _slice(pid, tid, name, cat, start_s, dur_s, colour) -> dict[str, Any]:
     if colour:
         event["cname"] = colour
     return event
+
+
+def check_trace(data: Any, source: str) -> list[dict[str, Any]]:
+    """The events of a loaded trace.json, if every field the Gantt reads has the type it uses:
+    integer ``pid``/``tid``, finite ``ts``/``dur`` >= 0 on timed (``X``) events, string names.
+
+    Raises
+    ------
+    ScenarioError
+        One line naming ``source``, the event's field and what it must be; also when no event
+        has a duration (nothing to draw).
+    """
+    from moesim.errors import ScenarioError
+    from moesim.report.compare import (
+        MISSING,
+        expect,
+        expect_list,
+        expect_mapping,
+        expect_number,
+        expect_text,
+        is_int,
+    )
+
+    trace = expect_mapping(data, source, None, "a Chrome trace (a JSON object with traceEvents)")
+    events = expect_list(trace.get("traceEvents", MISSING), source, "traceEvents")
+    timed = 0
+    for i, event in enumerate(events):
+        where = f"traceEvents[{i}]"
+        event = expect_mapping(event, source, where)
+        kind = event.get("ph")
+        if kind != "X" and not (kind == "M" and event.get("name") in ("thread_name",
+                                                                       "process_name")):
+            continue                                   # the Gantt does not read other events
+        for key in ("pid", "tid"):
+            if (key == "pid" or key in event) and not is_int(event.get(key, MISSING)):
+                expect("an integer", event.get(key, MISSING), source, f"{where}.{key}")
+        if kind == "M":
+            args = expect_mapping(event.get("args", MISSING), source, f"{where}.args")
+            expect_text(args.get("name", MISSING), source, f"{where}.args.name")
+            continue
+        for key in ("ts", "dur"):
+            expect_number(event.get(key, MISSING), source, f"{where}.{key}", low=0)
+        category = expect_text(event.get("cat", "other"), source, f"{where}.cat")
+        if category == "pipeline":
+            expect_text(event.get("name", MISSING), source, f"{where}.name")
+        timed += event["dur"] > 0
+    if not timed:
+        raise ScenarioError("no timed events (ph \"X\" with dur > 0) to draw", source=source,
+                            field="traceEvents")
+    return events
