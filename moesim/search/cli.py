@@ -76,6 +76,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     max_tpot, max_ttft = _time(args.max_tpot, "--max-tpot"), _time(args.max_ttft, "--max-ttft")
     if args.top is not None and args.top < 1:
         raise ScenarioError(f"--top {args.top} must be >= 1")
+    if args.jobs is not None and args.jobs < 1:
+        raise ScenarioError(f"-j/--jobs {args.jobs} must be >= 1")
+    if not args.output:
+        raise ScenarioError("-o/--output: must not be empty")
     spec = load_search(resolve_scenario(args.scenario), args.set, gpus=args.gpus)
     if not spec.serving and (max_tpot or max_ttft):
         raise ScenarioError("--max-tpot/--max-ttft apply to serving (prefill/decode) scenarios",

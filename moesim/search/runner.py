@@ -24,7 +24,7 @@ import yaml
 from moesim.errors import MoESimError, OutOfMemory, ScenarioError
 from moesim.layout import Layout
 from moesim.pricing.context import scenario_topology
-from moesim.results import check_output_dir, write_text_atomic
+from moesim.results import check_output_dir, discard_output_dir, write_text_atomic
 from moesim.search.screen import screen_layout
 from moesim.search.serving import (
     RequestShape,
@@ -193,16 +193,35 @@ def run_search(spec: SearchSpec, out_dir: str | Path, *, top: int | None = None,
     Raises
     ------
     MoESimError
-        An unknown objective, no valid layout at all, a non-empty folder without ``resume``.
+        An unknown objective, jobs < 1, no valid layout at all, a non-empty folder without
+        ``resume``. Nothing is left in ``out_dir`` when it fails before a simulation ends.
     """
     wall = time.monotonic()
     if objective not in OBJECTIVES:
         raise MoESimError(f"--objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
-    out, _ = check_output_dir(out_dir, what="search output folder")
+    if jobs < 1:
+        raise MoESimError(f"-j/--jobs {jobs} must be >= 1")
+    out, created = check_output_dir(out_dir, what="search output folder")
     jsonl = out / JSONL_NAME
     if jsonl.exists() and jsonl.stat().st_size and not resume:
         raise MoESimError(f"{out}: holds an earlier search ({JSONL_NAME}); pass --resume to "
                           "reuse its simulations or choose another -o folder")
+    fresh = not jsonl.exists()
+    try:
+        return _search(spec, out, jsonl, wall, top=top, jobs=jobs, executor=executor,
+                       address=address, objective=objective, max_tpot=max_tpot,
+                       max_ttft=max_ttft, resume=resume, progress=progress)
+    except BaseException:   # nothing half-written: what this call made and left empty goes
+        if fresh and jsonl.exists() and not jsonl.stat().st_size:
+            jsonl.unlink()
+        discard_output_dir(out, created)
+        raise
+
+
+def _search(spec: SearchSpec, out: Path, jsonl: Path, wall: float, *, top: int | None,
+            jobs: int, executor: str, address: str | None, objective: str,
+            max_tpot: float | None, max_ttft: float | None, resume: bool,
+            progress: TextIO | None) -> SearchOutcome:
     serving = spec.serving
     shape = request_shape(spec) if serving else None
     top = top or spec.options.get("top", 8)

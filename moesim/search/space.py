@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import copy
 import itertools
+import typing
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from moesim.errors import ScenarioError
-from moesim.spec.fields import read_yaml
+from moesim.spec.fields import build, read_yaml
 from moesim.spec.scenario import (
     Scenario,
     apply_overrides,
@@ -98,8 +99,9 @@ def load_search(path: str | Path, overrides: list[str] | None = None, *,
     Raises
     ------
     ScenarioError
-        Unknown search keys or knobs, empty or non-list ranges, a GPU count that is not whole
-        nodes, or anything :func:`moesim.spec.scenario.load_scenario` rejects.
+        Unknown search keys or knobs, empty or non-list ranges, a knob value its scenario field
+        would refuse, a GPU count that is not whole nodes, or anything
+        :func:`moesim.spec.scenario.load_scenario` rejects.
     """
     path = Path(path)
     data = read_yaml(path)
@@ -115,6 +117,7 @@ def load_search(path: str | Path, overrides: list[str] | None = None, *,
     if gpus is not None:
         data = _resize(data, gpus, str(path), path.parent)
     scenario = scenario_from_mapping(data, source=str(path), base_dir=path.parent)
+    ranges = _check_values(data, ranges, str(path))
     return SearchSpec(str(path), data, str(path.parent), scenario, scenario.num_devices,
                       ranges, options)
 
@@ -144,6 +147,31 @@ def _parse_section(section: dict, source: str) -> tuple[dict[str, tuple], dict[s
     if options["top"] < 1 or options["max_layouts"] < 1:
         raise ScenarioError("top and max_layouts must be >= 1", source=source, field="search")
     return ranges, options
+
+
+def _check_values(data: dict, ranges: dict[str, tuple], source: str) -> dict[str, tuple]:
+    """Every listed value checked alone as the scenario loader checks its field (type, allowed
+    values, bounds) and normalised (``2.0`` -> ``2``): only combinations of values are left to
+    :func:`divisibility_reason` and the screen."""
+    hints = typing.get_type_hints(Scenario)
+    checked: dict[str, tuple] = {}
+    for knob, values in ranges.items():
+        section, leaf = knob.split(".")
+        base = data.get(section) or {}
+        out = []
+        for value in values:
+            try:
+                built = build(hints[section], {**base, leaf: value}, source=source, path=section)
+                if knob == "placement.policy" and value == "file" and not built.file:
+                    raise ScenarioError("policy 'file' needs placement.file in the scenario")
+            except ScenarioError as exc:
+                reason = str(exc).removeprefix(f"{source}: ").removeprefix(f"{knob}: ")
+                if repr(value) not in reason:
+                    reason = f"value {value!r}: {reason}"
+                raise ScenarioError(reason, source=source, field=f"search.{knob}") from None
+            out.append(getattr(built, leaf))
+        checked[knob] = tuple(out)
+    return checked
 
 
 def _resize(data: dict, gpus: int, source: str, base_dir: Path) -> dict:
