@@ -33,6 +33,10 @@ class ScenarioError(MoESimError):
     The message names the file, the field path and what is allowed.
     """
 
+    # True when the check compared fields (ep must divide dp * tp): another value of one of
+    # them could pass, so a sweep keeps such a point as an error row instead of refusing it.
+    between_fields = False
+
     def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
         self.source = source
         self.field = field

@@ -72,9 +72,15 @@ def _exit_on_termination() -> Iterator[None]:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from moesim.errors import MoESimError
+    from moesim.sweep.executors import check_options
     from moesim.sweep.runner import run_sweep
     from moesim.sweep.spec import load_sweep
 
+    if args.output is not None and not args.output.strip():   # every flag before any output
+        raise MoESimError("-o/--output: must not be empty (a folder; leave -o out for "
+                          "results/sweeps/<sweep name>)")
+    check_options(args.executor, args.jobs, args.address)
     sweep = load_sweep(_resolve_sweep(args.sweep))
     if args.list:
         for p in sweep.points:

@@ -26,7 +26,7 @@ from typing import Any
 
 from moesim.errors import MoESimError
 
-__all__ = ["EXECUTORS", "run_tasks", "run_inline", "run_local", "run_ray"]
+__all__ = ["EXECUTORS", "check_options", "run_tasks", "run_inline", "run_local", "run_ray"]
 
 EXECUTORS = ("local", "ray")
 
@@ -45,15 +45,29 @@ def run_tasks(fn: Callable[[Task], dict[str, Any]], tasks: Sequence[Task], *,
     Raises
     ------
     MoESimError
-        Unknown executor name, jobs < 1, or Ray asked for but not installed / not reachable.
+        Bad options (:func:`check_options`), or Ray asked for but not installed / not reachable.
     """
-    if jobs < 1:
-        raise MoESimError(f"-j/--jobs={jobs} must be >= 1")
+    check_options(executor, jobs, address)
     if executor == "local":
         return run_inline(fn, tasks) if jobs == 1 else run_local(fn, tasks, jobs)
-    if executor == "ray":
-        return run_ray(fn, tasks, address=address, jobs=jobs)
-    raise MoESimError(f"unknown executor {executor!r} (allowed: {', '.join(EXECUTORS)})")
+    return run_ray(fn, tasks, address=address, jobs=jobs)
+
+
+def check_options(executor: str, jobs: int, address: str | None) -> None:
+    """Refuse an unknown executor, jobs < 1, or an ``address`` without Ray (MoESimError); a
+    sweep calls this before it creates its output folder."""
+    if executor not in EXECUTORS:
+        raise MoESimError(f"--executor: unknown executor {executor!r} (allowed: "
+                          f"{', '.join(EXECUTORS)})")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise MoESimError(f"-j/--jobs: {jobs!r} is not allowed (a number of worker processes, "
+                          ">= 1)")
+    if address is not None and executor != "ray":
+        raise MoESimError(f"--address {address[:60]!r} needs --executor ray (it is the Ray "
+                          "cluster to run on; the local executor runs on this machine)")
+    if address is not None and not address.strip():
+        raise MoESimError("--address: must not be empty (a Ray cluster address such as "
+                          "ray://head:10001; leave it out to start a local Ray)")
 
 
 def run_inline(fn: Callable[[Task], dict[str, Any]], tasks: Sequence[Task]

@@ -35,7 +35,7 @@ from moesim.results import (
     write_json_atomic,
     write_text_atomic,
 )
-from moesim.sweep.executors import run_tasks
+from moesim.sweep.executors import check_options, run_tasks
 from moesim.sweep.spec import Sweep, SweepPoint, build_point_scenario
 
 __all__ = ["PointTask", "SweepOutcome", "simulate_point", "is_internal_row", "INTERNAL", "result_metrics", "run_sweep",
@@ -133,8 +133,10 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, jobs: int = 1, executor: str
     ------
     MoESimError
         Existing results without resume/overwrite, a resumed sweep whose base scenario changed,
-        a corrupt results.jsonl, or an executor problem (e.g. Ray not installed).
+        a corrupt results.jsonl, or an executor problem (e.g. Ray not installed); bad options
+        (jobs < 1, an address without Ray) before the output folder is created.
     """
+    check_options(executor, jobs, address)
     out, created = check_output_dir(out_dir, what="sweep output folder")
     try:
         with _locked(out):

@@ -106,7 +106,8 @@ def load_sweep(path: str | Path) -> Sweep:
     ------
     ScenarioError
         Missing or unreadable file, unknown keys, an unknown swept field, empty value lists,
-        zipped lists of unequal length, a field swept twice, or duplicate points.
+        zipped lists of unequal length, a field swept twice, duplicate points, an invalid base
+        scenario (with ``set``), or a swept value its field never allows.
     """
     path = Path(path)
     data = read_yaml(path)
@@ -131,7 +132,9 @@ def sweep_from_mapping(data: dict, *, source: str, base_dir: Path) -> Sweep:
         scen_dir, fixed = base_dir, {}
         name, description = data.get("name") or Path(source).stem, data.get("description", "")
     name = _sweep_name(name, explicit=bool(data.get("name")), source=source)
-    axes = _axes(data["sweep"], source)
+    if "base" not in data and "scenario" not in data:
+        base.setdefault("name", name)    # a scenario named by its file, like the sweep
+    axes, where = _axes(data["sweep"], source)
     total = 1
     for _, rows in axes:
         total *= len(rows)
@@ -149,9 +152,77 @@ def sweep_from_mapping(data: dict, *, source: str, base_dir: Path) -> Sweep:
             raise ScenarioError(f"points {seen[p.key]!r} and {p.name!r} are the same scenario "
                                 "(a value is listed twice)", source=source, field="sweep")
         seen[p.key] = p.name
+    _check_base(base, scen_dir, source, fixed, fields, data)
+    _check_values(base, scen_dir, source, fixed, axes, where)
     return Sweep(name=str(name), description=str(description), source=source, base=base,
                  base_dir=str(scen_dir), fields=fields, axes=tuple(a[0] for a in axes),
                  points=tuple(points))
+
+
+def _try_build(base: dict, scen_dir: Path, source: str, overrides: tuple[str, ...]
+               ) -> ScenarioError | None:
+    """The field-level error the scenario loader raises for ``base`` with ``overrides``, or None
+    if it builds or fails only a check between fields (which other swept values may satisfy)."""
+    try:
+        build_point_scenario(base, str(scen_dir), source, overrides)
+    except ScenarioError as exc:
+        return None if exc.between_fields else exc
+    return None
+
+
+def _within(field: str | None, path: str) -> bool:
+    return field is not None and (field == path or field.startswith((path + ".", path + "[")))
+
+
+def _bare(exc: ScenarioError) -> str:
+    """The message of ``exc`` without its "source: field: " prefix."""
+    prefix = "".join(f"{p}: " for p in (exc.source, exc.field) if p)
+    text = str(exc)
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def _check_base(base: dict, scen_dir: Path, source: str, fixed: dict[str, Any],
+                fields: tuple[str, ...], data: dict) -> None:
+    """Refuse a base scenario (with ``set``) that no point can make valid: a field-level error
+    outside the swept fields would be the same error in every row."""
+    exc = _try_build(base, scen_dir, source, override_strings(fixed))
+    if exc is None or any(_within(exc.field, f) for f in fields):
+        return
+    if any(_within(exc.field, k) for k in fixed):
+        raise ScenarioError(_bare(exc), source=source, field=f"set.{exc.field}")
+    if "base" in data:
+        at = f"{exc.field}: " if exc.field else ""
+        raise ScenarioError(f"the base scenario {data['base']} is invalid: {at}{_bare(exc)}",
+                            source=source, field="base")
+    if "scenario" in data:
+        raise ScenarioError(_bare(exc), source=source,
+                            field="scenario" + (f".{exc.field}" if exc.field else ""))
+    hint = ""
+    if exc.field in ("name", "model", "cluster", "workload") and "missing" in str(exc):
+        hint = (" (a sweep file names its base scenario with `base:` (a file) or `scenario:` "
+                "(inline), or is itself a whole scenario with a `sweep:` section)")
+    raise ScenarioError(_bare(exc) + hint, source=source, field=exc.field)
+
+
+def _check_values(base: dict, scen_dir: Path, source: str, fixed: dict[str, Any], axes,
+                  where: list[str]) -> None:
+    """Refuse a swept value its own field never allows: each applied alone to the base (with
+    ``set``) through the scenario loader. Errors that depend on the other swept values (an
+    invalid combination, out of memory) stay in the rows of the points that hit them."""
+    for (fields, rows), at in zip(axes, where):
+        for col, f in enumerate(fields):
+            checked: set[str] = set()
+            for i, row in enumerate(rows):
+                override = override_strings(((f, row[col]),))[0]
+                if override in checked:
+                    continue
+                checked.add(override)
+                exc = _try_build(base, scen_dir, source, override_strings(fixed) + (override,))
+                if exc is not None and _within(exc.field, f):
+                    inner = "" if exc.field == f else f"{exc.field}: "
+                    value = override.split("=", 1)[1]
+                    raise ScenarioError(f"{value:.60} is not allowed: {inner}{_bare(exc)}",
+                                        source=source, field=f"{at}.{f}[{i}]")
 
 
 def _sweep_name(name: Any, *, explicit: bool, source: str) -> str:
@@ -184,9 +255,17 @@ def _base_of_sweep_file(data: dict, source: str, base_dir: Path) -> tuple[dict, 
     if not path.is_file():
         raise ScenarioError(f"scenario file {ref!r} not found (looked in {base_dir})",
                             source=source, field="base")
+    if path.resolve() == Path(source).resolve():
+        raise ScenarioError(f"{ref!r} is this sweep file itself; give the scenario file to "
+                            "sweep (or drop `base:` and write the scenario's fields here)",
+                            source=source, field="base")
     base = read_yaml(path)
     if not isinstance(base, dict):
         raise ScenarioError("a scenario must be a YAML mapping", source=str(path))
+    if "base" in base or "scenario" in base:
+        raise ScenarioError(f"{ref!r} is a sweep file (it has `base:` or `scenario:`), not a "
+                            "scenario; give the scenario file to sweep", source=source,
+                            field="base")
     base.pop("sweep", None)     # a base scenario's own sweep section is not this sweep's
     return base, path.parent
 
@@ -198,8 +277,10 @@ def _fixed_overrides(fixed: Any, source: str) -> dict[str, Any]:
     return {str(k): v for k, v in fixed.items()}
 
 
-def _axes(section: Any, source: str) -> list[tuple[tuple[str, ...], list[tuple[Any, ...]]]]:
-    """The sweep's axes: (field paths, value rows). A grid field is an axis of one field."""
+def _axes(section: Any, source: str
+          ) -> tuple[list[tuple[tuple[str, ...], list[tuple[Any, ...]]]], list[str]]:
+    """The sweep's axes: (field paths, value rows), and where each is in the file (sweep.grid,
+    sweep.zip[1]). A grid field is an axis of one field."""
     if not isinstance(section, dict) or not section:
         raise ScenarioError("expected a mapping with `grid` and/or `zip`", source=source,
                             field="sweep")
@@ -208,27 +289,29 @@ def _axes(section: Any, source: str) -> list[tuple[tuple[str, ...], list[tuple[A
         raise ScenarioError(f"unknown field {unknown[0]!r} (allowed: grid, zip)", source=source,
                             field=f"sweep.{unknown[0]}")
     axes: list[tuple[tuple[str, ...], list[tuple[Any, ...]]]] = []
+    where: list[str] = []
     grid = section.get("grid") or {}
     if not isinstance(grid, dict):
         raise ScenarioError("expected a mapping of field.path: [values]", source=source,
                             field="sweep.grid")
     for f, values in grid.items():
         axes.append(((str(f),), [(v,) for v in _values(values, source, f"sweep.grid.{f}")]))
+        where.append("sweep.grid")
     groups = section.get("zip") or []
     groups = [groups] if isinstance(groups, dict) else groups
     if not isinstance(groups, list):
         raise ScenarioError("expected a mapping (or a list of mappings) of field.path: [values]",
                             source=source, field="sweep.zip")
     for i, group in enumerate(groups):
-        where = "sweep.zip" if len(groups) == 1 else f"sweep.zip[{i}]"
-        axes.append(_zip_axis(group, source, where))
+        where.append("sweep.zip" if len(groups) == 1 else f"sweep.zip[{i}]")
+        axes.append(_zip_axis(group, source, where[-1]))
     fields = [f for fs, _ in axes for f in fs]
     dup = next((f for f in fields if fields.count(f) > 1), None)
     if dup is not None:
         raise ScenarioError(f"field {dup!r} is swept twice", source=source, field="sweep")
     if not axes:
         raise ScenarioError("no fields to sweep", source=source, field="sweep")
-    return axes
+    return axes, where
 
 
 def _zip_axis(group: Any, source: str, where: str):
