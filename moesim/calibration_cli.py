@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -123,6 +124,13 @@ def calibrate(output: Path, args: argparse.Namespace) -> Path:
     if args.emulated_nodes == 1 or args.emulated_nodes < 0:
         raise CalibrationError(f"--emulated-nodes (={args.emulated_nodes}) must be 0 (off) "
                                "or >= 2")
+    for name in _FORWARD:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise CalibrationError(f"--{name.replace('_', '-')} (={value}) must be >= 1")
+    if not re.fullmatch(r"\d+(\.\d+)?([kmgt]?(bit|bps))", args.rate.strip().lower()):
+        raise CalibrationError(f"--rate {args.rate!r}: a tc rate such as 400mbit, 10gbit or "
+                               "50mbps")
     cmd = [sys.executable, str(suite / "run_calibration.py"), "-o", str(output),
            "--nprocs", str(args.nprocs), *_suite_args(args)]
     if args.nprocs == 1:

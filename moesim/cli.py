@@ -4,17 +4,18 @@ Every user error is a :class:`moesim.errors.MoESimError`: printed on one line as
 ``moesim: error: <file>: <field>: <what is wrong and what is allowed>`` with exit code 2. An
 :class:`moesim.errors.InternalError` or any other exception is a bug in moesim: one line saying so,
 naming the failing check, exit code 3. ``--debug`` (before or after the subcommand) shows the
-traceback of either kind.
+traceback of either kind before that line; the exit code stays 2 or 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from moesim.errors import describe_internal, is_internal
+from moesim.errors import MoESimError, describe_internal, is_internal
 
 __all__ = ["main", "EXIT_OK", "EXIT_INPUT", "EXIT_INTERNAL"]
 
@@ -41,6 +42,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from moesim.spec.scenario import load_scenario
 
     scenario = load_scenario(resolve_scenario(args.scenario), args.set)
+    if args.output is not None and not args.output.strip():
+        raise MoESimError("-o/--output: must not be empty (a folder; leave -o out for "
+                          "results/<scenario name>)")
     out = Path(args.output) if args.output else default_run_dir(scenario.name, args.set)
     out, created = check_output_dir(out)          # before any work: fail fast on a bad -o
     try:
@@ -259,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as exc:  # noqa: BLE001 - every exception becomes one line and an exit code
-        if debug:
-            raise
+        if debug:   # the traceback, then the same line and exit code as without --debug
+            traceback.print_exc()
         return report_error(exc)
 
 

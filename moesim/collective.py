@@ -490,6 +490,12 @@ def _print(results: list[CollectiveResult]) -> None:
               f"  {extra}")
 
 
+# Largest all-to-all `moesim collective` prices: its flows (ranks x (ranks - 1)) and their paths
+# take ~1 GB and ~10 s per million on one core (2,048 ranks: 4.2 M flows, ~30 s, 3.5 GB).
+MAX_ALLTOALL_RANKS = 4096
+MAX_SIZE = float(1 << 50)   # --size: 1 PiB per rank, far beyond any device's memory
+
+
 def _checked_args(args: argparse.Namespace) -> list[float]:
     """Refuse out-of-range options with one message naming the option and what is allowed;
     return the ``--size`` values in bytes (default 1 GiB)."""
@@ -504,12 +510,13 @@ def _checked_args(args: argparse.Namespace) -> list[float]:
     sizes = []
     for text in args.size or ["1 GiB"]:
         try:
-            size = parse_quantity(text, "bytes")
+            size = parse_quantity(text, "bytes", require_unit=True)
         except UnitError as exc:
             raise ScenarioError(f"--size {text!r}: {exc} (allowed: a byte size > 0, e.g. "
                                 "'64 MiB')") from None
-        if not size > 0:
-            raise ScenarioError(f"--size {text!r} must be > 0 bytes, e.g. '64 MiB'")
+        if not 0 < size <= MAX_SIZE:
+            raise ScenarioError(f"--size {text!r} must be > 0 bytes and at most 1 PiB, e.g. "
+                                "'64 MiB'")
         sizes.append(size)
     return sizes
 
@@ -525,6 +532,10 @@ def _cmd_collective(args: argparse.Namespace) -> int:
     if not 1 <= ranks <= topo.num_devices:
         raise ScenarioError(f"--ranks={ranks} must be in 1..{topo.num_devices} (the topology's "
                             "devices)")
+    if args.op == "alltoall" and ranks > MAX_ALLTOALL_RANKS:
+        raise ScenarioError(f"{ranks} ranks: an all-to-all is priced flow by flow, ranks x "
+                            f"(ranks - 1) of them; at most {MAX_ALLTOALL_RANKS} ranks (fewer "
+                            "--nodes, or --ranks N for the first N devices)")
     algorithms = list(ALGORITHMS) if args.algorithm == "all" else [args.algorithm]
     if args.op == "alltoall" and not (args.tokens or args.layer) and args.algorithm not in (
             "all", "direct", "hierarchical"):
@@ -586,10 +597,11 @@ def register(sub, commands: dict) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layer", action="store_true",
                    help="the scenario's first MoE layer as the simulator routes it")
-    p.add_argument("--ll-nvlink", action="store_true", default=True,
-                   help="deepep_ll: intra-node messages over NVLink (the default, as DeepEP's "
-                        "allow_nvlink_for_low_latency_mode and the simulator)")
-    p.add_argument("--ll-nic", dest="ll_nvlink", action="store_false",
+    ll = p.add_mutually_exclusive_group()
+    ll.add_argument("--ll-nvlink", action="store_true", default=True,
+                    help="deepep_ll: intra-node messages over NVLink (the default, as DeepEP's "
+                         "allow_nvlink_for_low_latency_mode and the simulator)")
+    ll.add_argument("--ll-nic", dest="ll_nvlink", action="store_false",
                    help="deepep_ll: intra-node messages through the NIC (pure RDMA)")
     p.add_argument("--published", action="store_true",
                    help="compare with DeepEP's README tables (H800) and H100 measurements")

@@ -16,7 +16,11 @@ import numpy as np
 from moesim.errors import ScenarioError, TraceError
 from moesim.routing import LayerChoices, sample_layer, sampled_per_source
 
-__all__ = ["RoutingTrace", "load_trace", "validated_trace", "choices_from_trace"]
+__all__ = ["RoutingTrace", "LAYOUTS", "load_trace", "validated_trace", "choices_from_trace"]
+
+# Axis orders of a per-token ``expert_ids`` array: "auto" reads an archive's ``layout`` array,
+# else takes the axis that matches the model's MoE layers (layers first when both or neither do).
+LAYOUTS = ("auto", "layers,tokens,k", "tokens,layers,k")
 
 _NPZ_KEYS = ("expert_ids", "counts", "coactivation", "num_experts")
 _CSV_HEADERS = ("layer,token,expert", "layer,expert,count")
@@ -76,10 +80,12 @@ class RoutingTrace:
 
 
 def load_trace(path: str | Path, num_experts: int | None = None, num_layers: int | None = None,
-               top_k: int | None = None) -> RoutingTrace:
+               top_k: int | None = None, layout: str = "auto") -> RoutingTrace:
     """Read and validate a routing trace (``.npz`` or ``.csv``, see docs/trace_format.md).
 
-    ``num_experts`` / ``num_layers`` / ``top_k``, when given, must match the trace.
+    ``num_experts`` / ``num_layers`` / ``top_k``, when given, must match the trace. ``layout``:
+    the axis order of an archive's per-token ``expert_ids`` (one of :data:`LAYOUTS`; an archive's
+    own ``layout`` array must agree with it); the trace is always returned layers first.
 
     Raises
     ------
@@ -88,11 +94,13 @@ def load_trace(path: str | Path, num_experts: int | None = None, num_layers: int
         the field and what is allowed.
     """
     path = Path(path)
+    if layout not in LAYOUTS:
+        raise TraceError(f"{path}: layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
     if not path.is_file():
         raise TraceError(f"{path}: no such trace file")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        fields = _read_npz(path)
+        fields = _layers_first(path, _read_npz(path), layout, num_layers)
     elif suffix == ".csv":
         fields = _read_csv(path, num_experts)
     else:
@@ -108,11 +116,37 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise TraceError(f"{path}: not a readable .npz archive ({exc})") from None
     # Extra arrays are metadata (a recorder's model dims, losses, domains) when the archive holds
     # routing data; with no routing array at all they are most likely misspellings.
-    unknown = sorted(set(fields) - set(_NPZ_KEYS))
+    unknown = sorted(set(fields) - set(_NPZ_KEYS) - {"layout"})
     if unknown and not ({"expert_ids", "counts"} & set(fields)):
         raise TraceError(f"{path}: unknown array(s) {', '.join(unknown)}; allowed: "
-                         f"{', '.join(_NPZ_KEYS)}")
-    return {name: value for name, value in fields.items() if name in _NPZ_KEYS}
+                         f"{', '.join((*_NPZ_KEYS, 'layout'))}")
+    return {name: value for name, value in fields.items() if name in (*_NPZ_KEYS, "layout")}
+
+
+def _layers_first(path: Path, fields: dict[str, np.ndarray], layout: str,
+                  num_layers: int | None) -> dict[str, np.ndarray]:
+    """``fields`` with a per-token ``expert_ids`` put layers first (see :func:`load_trace`)."""
+    declared = fields.pop("layout", None)
+    ids = fields.get("expert_ids")
+    if declared is not None:
+        said = str(declared.reshape(-1)[0]).replace(" ", "") if declared.size else ""
+        if said not in LAYOUTS[1:]:
+            raise TraceError(f"{path}: layout array says {said!r}; allowed: "
+                             f"{', '.join(LAYOUTS[1:])}")
+        if layout != "auto" and layout != said:
+            raise TraceError(f"{path}: the file says layout {said!r} but {layout!r} was asked")
+        layout = said
+    if ids is None or ids.ndim != 3:
+        return fields   # validated_trace names what is wrong
+    if layout == "auto" and num_layers is not None and ids.shape[0] != num_layers:
+        if ids.shape[1] != num_layers:
+            raise TraceError(f"{path}: expert_ids has shape {ids.shape}; neither axis 0 "
+                             f"([layers, tokens, k]) nor axis 1 ([tokens, layers, k]) is the "
+                             f"model's {num_layers} MoE layers")
+        layout = LAYOUTS[2]
+    if layout == LAYOUTS[2]:
+        fields["expert_ids"] = np.ascontiguousarray(ids.transpose(1, 0, 2))
+    return fields
 
 
 def _read_csv(path: Path, num_experts: int | None) -> dict[str, np.ndarray]:

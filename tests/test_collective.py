@@ -281,8 +281,9 @@ def test_cli_rejects_bad_ranks(capsys):
 
 @pytest.mark.parametrize("args, named", [
     (["--size", "-5 MiB"], "--size '-5 MiB' must be > 0"),
-    (["--size", "0"], "--size '0' must be > 0"),
-    (["--size", "1e400"], "not a finite number"),
+    (["--size", "0 B"], "--size '0 B' must be > 0"),
+    (["--size", "0"], "has no unit"),
+    (["--size", "1e400 B"], "not a finite number"),
     (["--size", "lots"], "cannot read 'lots'"),
     (["--tokens", "-3", "--algorithm", "deepep_ll"], "--tokens=-3 must be >= 1"),
     (["--tokens", "8", "--hidden", "-5"], "--hidden=-5 must be >= 1"),

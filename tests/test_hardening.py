@@ -62,13 +62,15 @@ def test_bad_input_stays_exit_2(capsys):
     assert err.startswith("moesim: error: ") and "bug" not in err
 
 
-def test_debug_after_the_subcommand_shows_the_traceback():
+def test_debug_after_the_subcommand_shows_the_traceback_and_keeps_the_exit_code():
     path = REPO / "tests/data/broken/bad_mode.yaml"
     for argv in (["--debug", "validate", str(path)], ["validate", str(path), "--debug"]):
         proc = subprocess.run([sys.executable, "-m", "moesim.cli", *argv], capture_output=True,
                               text=True, timeout=60)
-        assert proc.returncode == 1 and "Traceback" in proc.stderr
+        # Bad input stays exit 2 (a bug stays 3), so scripts can tell them apart under --debug.
+        assert proc.returncode == 2 and "Traceback" in proc.stderr
         assert "ScenarioError" in proc.stderr
+        assert proc.stderr.rstrip().splitlines()[-1].startswith("moesim: error: ")
 
 
 def test_an_internal_error_in_a_sweep_point_is_marked_and_exits_3(tmp_path, monkeypatch,
@@ -109,7 +111,7 @@ def bomb(levels: int = 9, width: int = 10) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-HOSTILE = {  # appended to tiny-cpu.yaml (a repeated key replaces the first) -> error fragment
+HOSTILE = {  # replaces that top-level key of tiny-cpu.yaml (or is added) -> error fragment
     "alias_bomb_in_str": (f"description: {bomb()}", "once aliases are expanded"),
     "alias_bomb_in_int": (f"seed: {bomb()}", "once aliases are expanded"),
     "recursive_alias": ("description: &r [*r]", "alias refers to itself"),
@@ -136,7 +138,12 @@ HOSTILE = {  # appended to tiny-cpu.yaml (a repeated key replaces the first) -> 
 def test_hostile_scenario_is_one_line_exit_2(name, tmp_path, monkeypatch, capsys):
     extra, fragment = HOSTILE[name]
     path = tmp_path / f"{name}.yaml"
-    path.write_text(TINY.read_text() + extra + "\n", encoding="utf-8")
+    key, kept, skipping = extra.split(":")[0], [], False
+    for line in TINY.read_text().splitlines():   # drop the key's block: its line, its indented ones
+        skipping = line.startswith(f"{key}:") or (skipping and line.startswith(" "))
+        if not skipping:
+            kept.append(line)
+    path.write_text("\n".join([*kept, extra]) + "\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     for cmd in ("validate", "run"):
         start = time.monotonic()

@@ -43,8 +43,9 @@ from moesim.placement.placement import REPLICA_RULES, Placement
 from moesim.placement.policies import expected_load, resolve_placement, scenario_choices
 from moesim.placement.registry import CLI_PLANNERS, PlacementRequest, placer
 from moesim.pricing.context import PricingContext
-from moesim.results import check_output_dir, write_text_atomic
+from moesim.results import check_output_dir, discard_output_dir, write_text_atomic
 from moesim.spec.hardware import dtype_bytes
+from moesim.spec.scenario import Scenario
 
 __all__ = ["PLANNERS", "register", "make_placement", "PlanningInputs", "planning_inputs",
            "parse_failed_devices"]
@@ -172,6 +173,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.replicas is not None:
         overrides.append(f"placement.redundant_experts={args.replicas}")
     s = load_scenario(args.scenario, overrides)
+    if not args.output.strip():
+        raise ScenarioError("must not be empty: a plan file (.json or .yaml) or a folder",
+                            field="-o/--output")
+    if args.split is not None and args.trace is None:
+        raise ScenarioError("splits a --trace into plan and score windows; add --trace",
+                            field="--split")
     split = args.split if args.split is not None else (1.0 if args.eval_trace else 0.5)
     if not 0.0 < split <= 1.0:
         raise ScenarioError(f"--split={split} must be in (0, 1]", field="--split")
@@ -191,12 +198,22 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.same_node:
         raise ScenarioError("is only used with --failed-devices", field="--same-node")
     ctx = PricingContext.from_scenario(s)
-    m = s.model
     seed = s.seed if args.seed is None else args.seed
     out = Path(args.output)
     to_dir = out.is_dir() or args.output.endswith(("/", "\\")) or not out.suffix
-    check_output_dir(out if to_dir else (out.parent if str(out.parent) else "."),
-                     what="plan folder" if to_dir else "plan file's folder")
+    folder, created = check_output_dir(out if to_dir else (out.parent if str(out.parent) else "."),
+                                       what="plan folder" if to_dir else "plan file's folder")
+    try:
+        return _plan(args, s, ctx, seed, split, out, to_dir)
+    except BaseException:
+        discard_output_dir(folder, created)   # nothing half-made: the folders this run created
+        raise
+
+
+def _plan(args: argparse.Namespace, s: Scenario, ctx: PricingContext, seed: int, split: float,
+          out: Path, to_dir: bool) -> int:
+    """Plan with each planner, score, write the plans (and advise with ``--current``)."""
+    m = s.model
     current = export.load_plan(args.current, s) if args.current is not None else None
     inputs = planning_inputs(s, ctx, args.trace, split, args.trace_layout)
     eval_choices, eval_what = inputs.eval_choices, inputs.description

@@ -197,6 +197,12 @@ def _parse(path: Path, doc: dict[str, Any], moe_layer_ids: list[int] | None
         experts = doc.get("num_experts")
         if experts is not None and (not isinstance(experts, int) or experts < 1):
             raise _error(path, "num_experts", f"{experts!r} must be an integer >= 1")
+        if doc.get("version", 1) != 1:
+            raise _error(path, "version", f"{doc['version']!r}; this moesim reads version 1")
+        if moe_layer_ids is not None and "moe_layer_ids" in doc \
+                and doc["moe_layer_ids"] != list(moe_layer_ids):
+            raise _error(path, "moe_layer_ids", f"{doc['moe_layer_ids']!r:.80} but the model's "
+                                                f"MoE layers are {list(moe_layer_ids)!r:.80}")
         return "moesim", table.reshape(table.shape[0], -1), table.shape[1], experts
     if "physical_to_logical_map" in doc:
         extra = sorted(set(doc) - {"physical_to_logical_map"})

@@ -26,54 +26,14 @@ from moesim.pricing.context import PricingContext
 __all__ = ["LAYOUTS", "load_any_layout", "every_token", "sends_per_token", "HeldOutScore",
            "score"]
 
-LAYOUTS = ("auto", "layers,tokens,k", "tokens,layers,k")
+LAYOUTS = routing_trace.LAYOUTS
 
 
 def load_any_layout(path: str | Path, *, num_experts: int, num_layers: int, top_k: int | None,
                     layout: str = "auto") -> routing_trace.RoutingTrace:
-    """A routing trace from ``.npz`` in either token layout (``.csv`` and counts-only archives
-    go to :func:`moesim.routing_trace.load_trace` unchanged).
-
-    Raises
-    ------
-    TraceError
-        Unknown layout, or a shape that fits neither layout for ``num_layers`` MoE layers.
-    """
-    path = Path(path)
-    if layout not in LAYOUTS:
-        raise TraceError(f"{path}: layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
-    if path.suffix.lower() != ".npz" or not path.is_file():
-        return routing_trace.load_trace(path, num_experts, num_layers, top_k)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            fields = {name: archive[name] for name in archive.files}
-    except Exception as exc:   # numpy raises ValueError, OSError or zipfile errors here
-        raise TraceError(f"{path}: not a readable .npz archive ({exc})") from None
-    ids = fields.get("expert_ids")
-    if ids is None or ids.ndim != 3:
-        return routing_trace.load_trace(path, num_experts, num_layers, top_k)
-    declared = fields.get("layout")
-    if declared is not None:
-        said = str(declared.reshape(-1)[0]).replace(" ", "") if declared.size else ""
-        if said not in LAYOUTS[1:]:
-            raise TraceError(f"{path}: layout array says {said!r}; allowed: "
-                             f"{', '.join(LAYOUTS[1:])}")
-        if layout != "auto" and layout != said:
-            raise TraceError(f"{path}: the file says layout {said!r} but {layout!r} was asked")
-        layout = said
-    if layout == "auto":
-        if ids.shape[0] == num_layers:
-            layout = LAYOUTS[1]
-        elif ids.shape[1] == num_layers:
-            layout = LAYOUTS[2]
-        else:
-            raise TraceError(f"{path}: expert_ids has shape {ids.shape}; neither axis 0 "
-                             f"([layers, tokens, k]) nor axis 1 ([tokens, layers, k]) is the "
-                             f"model's {num_layers} MoE layers")
-    if layout == LAYOUTS[2]:
-        fields["expert_ids"] = np.ascontiguousarray(ids.transpose(1, 0, 2))
-    fields = {k: v for k, v in fields.items() if k in ("expert_ids", "num_experts")}
-    return routing_trace.validated_trace(str(path), fields, num_experts, num_layers, top_k)
+    """:func:`moesim.routing_trace.load_trace` with the model's sizes by keyword: a trace in
+    either token layout, returned layers first."""
+    return routing_trace.load_trace(path, num_experts, num_layers, top_k, layout=layout)
 
 
 def every_token(ctx: PricingContext, trace: routing_trace.RoutingTrace, *,

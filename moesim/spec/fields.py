@@ -89,9 +89,18 @@ def build(cls: type[T], data: Any, *, source: str | None, path: str = "",
     try:
         return cls(**values)
     except ScenarioError as exc:
-        if exc.source is None and source is not None:
-            raise ScenarioError(str(exc), source=source) from None
-        raise
+        # A class's own check names its field generically ("faults.slowdown"); an item of a
+        # list is at a concrete path ("faults[2]"): name that one.
+        field = exc.field
+        head, _, rest = (field or "").partition(".")
+        if field and path and path != head and path.rpartition(".")[2].split("[")[0] == head:
+            field = join_path(path, rest) if rest else path
+        if field != exc.field or (exc.source is None and source is not None):
+            said = str(exc).removeprefix(f"{exc.source}: " if exc.source else "")
+            said = said.removeprefix(f"{exc.field}: " if exc.field else "")
+            exc = ScenarioError(said, source=exc.source or source, field=field)
+        exc.between_fields = True   # a class's own check relates its fields
+        raise exc from None
 
 
 def _names(cls: type) -> str:

@@ -120,6 +120,23 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().construct_yaml_int(node)
 
 
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201
+        # A key given twice: PyYAML keeps the last silently, so one of the two values the user
+        # wrote would be ignored. Merge keys (<<) may be overridden, as YAML allows.
+        if isinstance(node, yaml.MappingNode):
+            first = {}   # (tag, text) of each key -> its line
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                key = (key_node.tag, key_node.value)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} given twice (first on line "
+                        f"{first[key] + 1}); each key once", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 _BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 
 

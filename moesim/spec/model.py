@@ -99,6 +99,11 @@ class ModelSpec:
         if self.num_moe_layers == 0:
             raise ScenarioError("the model has no MoE layer (check first_dense_layers and "
                                 "moe_layer_interval)", field="model")
+        a = self.attention
+        if a.kind != "mla" and a.num_kv_heads and a.num_heads % a.num_kv_heads:
+            raise ScenarioError(f"num_kv_heads={a.num_kv_heads} must divide num_heads="
+                                f"{a.num_heads} (each key/value head serves a whole group of "
+                                "query heads)", field="model.attention.num_kv_heads")
         if self.first_dense_layers and self.dense_ffn_size == 0:
             raise ScenarioError("dense_ffn_size is required when first_dense_layers > 0",
                                 field="model.dense_ffn_size")

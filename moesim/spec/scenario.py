@@ -291,7 +291,11 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
     body = {k: v for k, v in data.items() if k not in ("model", "cluster", "sweep")}
     body.update(model=model, cluster=cluster, hardware=hardware, source=source)
     scenario = build(Scenario, body, source=source, bare_si=bare_si)
-    _check_relations(scenario, source)
+    try:
+        _check_relations(scenario, source)
+    except ScenarioError as exc:
+        exc.between_fields = True
+        raise
     return scenario
 
 
@@ -312,6 +316,11 @@ def _check_relations(s: Scenario, source: str) -> None:
                             "out of the data-parallel devices of a stage)", source=source,
                             field="parallelism.ep")
     slots = m.num_experts + s.placement.redundant_experts
+    most = m.num_experts * (par.ep - 1)
+    if s.placement.redundant_experts > most:
+        raise ScenarioError(f"{s.placement.redundant_experts} must be <= num_experts x (ep - 1) = "
+                            f"{most}: beyond that every device already holds every expert",
+                            source=source, field="placement.redundant_experts")
     if slots % par.ep:
         raise ScenarioError(f"num_experts + redundant_experts = {slots} must be a multiple of "
                             f"ep={par.ep} (equal expert slots per device)", source=source,
@@ -344,6 +353,10 @@ def _check_relations(s: Scenario, source: str) -> None:
     if s.routing.distribution == "trace" and not s.routing.trace:
         raise ScenarioError("distribution 'trace' needs routing.trace (a file)", source=source,
                             field="routing.trace")
+    if s.routing.distribution == "hot" and not 1 <= s.routing.hot_experts < m.num_experts:
+        raise ScenarioError(f"{s.routing.hot_experts} must be in 1..{m.num_experts - 1} (the "
+                            "hot set is some of the model's experts, not none or all)",
+                            source=source, field="routing.hot_experts")
     if s.routing.node_limit and s.routing.node_limit * 1 > 0 and m.top_k < s.routing.node_limit:
         raise ScenarioError(f"node_limit={s.routing.node_limit} must be <= top_k={m.top_k}",
                             source=source, field="routing.node_limit")

@@ -1,0 +1,147 @@
+"""Hostile input to run, plan, collective, calibrate and the loaders: one line, exit 2, no output.
+
+Each case is one a prober found passing silently, hanging or leaving folders behind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moesim.cli import main
+from moesim.spec.limits import load_yaml_text
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "scenarios" / "tiny-cpu.yaml"     # 8 experts, top-2, ep 2, 4 MoE layers
+
+
+def refused(argv: list[str], capsys) -> str:
+    """Run the CLI; assert exit 2 and one line on stderr; return that line."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:      # argparse refuses bad flags by exiting
+        code = exc.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moesim: error: "), lines
+    return lines[0]
+
+
+def test_replicas_beyond_one_per_device_are_refused_fast(tmp_path, capsys):
+    # 8 experts on ep = 2 devices: at most 8 x (2 - 1) = 8 replicas put every expert everywhere.
+    out = tmp_path / "run"
+    err = refused(["run", str(TINY), "-o", str(out), "--set",
+                   "placement.redundant_experts=1000000"], capsys)
+    assert "placement.redundant_experts" in err and "<= num_experts x (ep - 1) = 8" in err
+    assert not out.exists()
+    assert "= 8" in refused(["plan", str(TINY), "-o", str(tmp_path / "p.json"),
+                             "--replicas", "10"], capsys)
+
+
+def test_empty_output_paths_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "-o/--output" in refused(["run", str(TINY), "-o", ""], capsys)
+    assert "-o/--output" in refused(["plan", str(TINY), "-o", ""], capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_plan_leaves_no_folder(tmp_path, capsys):
+    ids = np.zeros((4, 64, 2), dtype=np.int16)
+    ids[..., 1] = 1
+    ids[2, 5, 0] = -1                                   # one id out of range
+    np.savez(tmp_path / "neg.npz", expert_ids=ids)
+    for target in ("plans/", "made/sub/plan.json"):
+        err = refused(["plan", str(TINY), "--trace", str(tmp_path / "neg.npz"),
+                       "-o", str(tmp_path / target)], capsys)
+        assert "neg.npz: expert_ids" in err
+    assert not (tmp_path / "plans").exists() and not (tmp_path / "made").exists()
+    assert "--split" in refused(["plan", str(TINY), "--split", "0.3", "-o",
+                                 str(tmp_path / "p.json")], capsys)
+
+
+def test_trace_layout_is_honoured_by_run_as_by_plan(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.permutation(8)[:2] for _ in range(4 * 64)]).reshape(4, 64, 2)
+    np.savez(tmp_path / "lf.npz", expert_ids=ids.astype(np.int16))
+    np.savez(tmp_path / "tf.npz", expert_ids=ids.transpose(1, 0, 2).astype(np.int16),
+             layout=np.array("tokens,layers,k"))
+    np.savez(tmp_path / "bad.npz", expert_ids=ids.astype(np.int16), layout=np.array("zzz"))
+    steps = []
+    for name in ("lf", "tf"):
+        out = tmp_path / f"run-{name}"
+        assert main(["run", str(TINY), "--no-trace", "-o", str(out), "--set",
+                     "routing.distribution=trace", "--set",
+                     f"routing.trace={tmp_path / name}.npz"]) == 0
+        steps.append(json.loads((out / "results.json").read_text())["step_time"])
+    capsys.readouterr()
+    assert steps[0] == steps[1]   # the same routing, read from either layout
+    err = refused(["run", str(TINY), "--no-trace", "-o", str(tmp_path / "r"), "--set",
+                   "routing.distribution=trace", "--set",
+                   f"routing.trace={tmp_path / 'bad.npz'}"], capsys)
+    assert "layout array says 'zzz'" in err
+
+
+def test_model_and_routing_checks_name_the_file(tmp_path, capsys):
+    err = refused(["validate", str(TINY), "--set", "routing.distribution=hot"], capsys)
+    assert "tiny-cpu.yaml: routing.hot_experts: 0 must be in 1..7" in err
+    err = refused(["validate", str(TINY), "--set", "model={base: tiny-cpu, attention: "
+                   "{kind: gqa, num_heads: 4, num_kv_heads: 3, head_dim: 64}}"], capsys)
+    assert "num_kv_heads=3 must divide num_heads=4" in err
+
+
+def test_a_key_given_twice_is_refused(tmp_path, capsys):
+    text = TINY.read_text()
+    path = tmp_path / "dup.yaml"
+    path.write_text(text + "seed: 5\n")
+    first = 1 + text.splitlines().index(next(line for line in text.splitlines()
+                                              if line.startswith("seed:")))
+    err = refused(["validate", str(path)], capsys)
+    assert f"key 'seed' given twice (first on line {first})" in err
+    # A merge key may be overridden, as YAML allows; a key repeated in another mapping is fine.
+    doc = load_yaml_text("a: &x {k: 1, j: 2}\nb: {<<: *x, k: 3}\nc: {k: 4}\n", source="m.yaml")
+    assert doc == {"a": {"k": 1, "j": 2}, "b": {"k": 3, "j": 2}, "c": {"k": 4}}
+
+
+def test_plan_files_of_another_version_or_model_are_refused(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["plan", str(TINY), "--planner", "contiguous", "-o", str(plan)]) == 0
+    capsys.readouterr()
+    doc = json.loads(plan.read_text())
+    for field, value, said in (("version", 99, "this moesim reads version 1"),
+                               ("moe_layer_ids", [0, 1, 2, 99], "the model's MoE layers are")):
+        bad = tmp_path / f"{field}.json"
+        bad.write_text(json.dumps({**doc, field: value}))
+        err = refused(["run", str(TINY), "--no-trace", "-o", str(tmp_path / "r"), "--set",
+                       "placement.policy=file", "--set", f"placement.file={bad}"], capsys)
+        assert f"{field}: " in err and said in err
+        assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--nodes", "600", "--size", "1 MiB"], "4800 ranks: an all-to-all is priced flow by flow"),
+    (["--size", "1000"], "has no unit"),
+    (["--size", "2 PiB"], "at most 1 PiB"),
+    (["--ll-nvlink", "--ll-nic", "--size", "1 MiB"], "not allowed with argument --ll-nvlink"),
+])
+def test_collective_flags(argv, said, capsys):
+    assert said in refused(["collective", "h100-sxm", *argv], capsys)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--hidden", "-5"], "--hidden (=-5) must be >= 1"),
+    (["--rate", "fast"], "--rate 'fast': a tc rate"),
+])
+def test_calibrate_flags_are_checked_before_measuring(argv, said, tmp_path, capsys):
+    out = tmp_path / "m.yaml"
+    assert said in refused(["calibrate", "--tiny", *argv, "-o", str(out)], capsys)
+    assert not out.exists()
+
+
+def test_fault_checks_name_the_list_item(capsys):
+    err = refused(["validate", str(TINY), "--set",
+                   "faults=[{kind: device, device: 1}, {kind: device, device: 2, slowdown: 0.5}]"],
+                  capsys)
+    assert "faults[1].slowdown: slowdown=0.5 must be 0 (failed) or >= 1" in err
