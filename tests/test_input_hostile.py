@@ -145,3 +145,19 @@ def test_fault_checks_name_the_list_item(capsys):
                    "faults=[{kind: device, device: 1}, {kind: device, device: 2, slowdown: 0.5}]"],
                   capsys)
     assert "faults[1].slowdown: slowdown=0.5 must be 0 (failed) or >= 1" in err
+
+
+def test_a_relative_trace_path_is_read_from_the_scenario_folder(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "scen"
+    (folder / "traces").mkdir(parents=True)
+    ids = np.stack([np.random.default_rng(1).permutation(8)[:2] for _ in range(256)])
+    np.savez(folder / "traces" / "t.npz", expert_ids=ids.reshape(4, 64, 2).astype(np.int16))
+    text = TINY.read_text().replace("routing: {distribution: zipf, zipf_s: 0.8}",
+                                    "routing: {distribution: trace, trace: traces/t.npz}")
+    (folder / "s.yaml").write_text(text)
+    (folder / "missing.yaml").write_text(text.replace("traces/t.npz", "traces/none.npz"))
+    monkeypatch.chdir(tmp_path)                       # not the scenario's folder
+    assert main(["validate", str(folder / "s.yaml")]) == 0
+    capsys.readouterr()
+    err = refused(["validate", str(folder / "missing.yaml")], capsys)
+    assert "missing.yaml: routing.trace:" in err and "none.npz: no such trace file" in err

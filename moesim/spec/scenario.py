@@ -291,6 +291,11 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
     body = {k: v for k, v in data.items() if k not in ("model", "cluster", "sweep")}
     body.update(model=model, cluster=cluster, hardware=hardware, source=source)
     scenario = build(Scenario, body, source=source, bare_si=bare_si)
+    trace = scenario.routing.trace
+    if trace and base_dir is not None and not Path(trace).is_absolute():
+        # relative to the scenario's folder, as placement.file and a model or profile path are
+        routing = replace(scenario.routing, trace=str(Path(base_dir) / trace))
+        scenario = replace(scenario, routing=routing)
     try:
         _check_relations(scenario, source)
     except ScenarioError as exc:
@@ -353,6 +358,9 @@ def _check_relations(s: Scenario, source: str) -> None:
     if s.routing.distribution == "trace" and not s.routing.trace:
         raise ScenarioError("distribution 'trace' needs routing.trace (a file)", source=source,
                             field="routing.trace")
+    if s.routing.distribution == "trace" and not Path(s.routing.trace).is_file():
+        raise ScenarioError(f"{s.routing.trace}: no such trace file (a relative path is read "
+                            "from the scenario's folder)", source=source, field="routing.trace")
     if s.routing.distribution == "hot" and not 1 <= s.routing.hot_experts < m.num_experts:
         raise ScenarioError(f"{s.routing.hot_experts} must be in 1..{m.num_experts - 1} (the "
                             "hot set is some of the model's experts, not none or all)",
