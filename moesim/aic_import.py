@@ -51,6 +51,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -443,7 +444,15 @@ def _read(path: Path, columns: tuple[str, ...]) -> dict[str, list[Any]]:
                                    f"{', '.join(sorted(names))}); not an aiconfigurator "
                                    "0.12 table")
         wanted = [*columns, *(c for c in _OPTIONAL if c in names and c not in columns)]
-        return pq.read_table(path, columns=wanted).to_pydict()
+        data = pq.read_table(path, columns=wanted).to_pydict()
+        for name, values in data.items():   # a measured time is a finite number of ms > 0
+            if name == "latency" or name.endswith("_us"):
+                row = next((i for i, v in enumerate(values) if not (
+                    isinstance(v, int | float) and math.isfinite(v) and v > 0)), None)
+                if row is not None:
+                    raise CalibrationError(f"{path}: column {name}, row {row}: "
+                                           f"{values[row]!r} is not a time > 0")
+        return data
     except CalibrationError:
         raise
     except Exception as exc:  # pyarrow raises its own error types for unreadable files

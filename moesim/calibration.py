@@ -502,6 +502,8 @@ def _numbers(raw: Any) -> np.ndarray:
     """A list of numbers, or a string of space-separated numbers, as float[n] (empty if bad)."""
     if isinstance(raw, str):
         raw = raw.split()
+    elif isinstance(raw, int | float) and not isinstance(raw, bool):
+        raw = [raw]      # a one-value curve written compactly reads back as a number
     try:
         return np.asarray(raw, dtype=float)
     except (TypeError, ValueError):

@@ -251,7 +251,6 @@ def import_aiconfigurator(args: argparse.Namespace) -> Path:
     """
     from moesim import aic_import as aic
     from moesim.errors import ScenarioError
-    from moesim.results import write_text_atomic
     from moesim.spec.fields import read_yaml
     from moesim.spec.hardware import find_profile
 
@@ -270,9 +269,27 @@ def import_aiconfigurator(args: argparse.Namespace) -> Path:
     if not isinstance(base_data, dict) or "calibration" in base_data:
         raise ScenarioError("--base-profile must be a datasheet profile (a mapping without a "
                             "`calibration` section)", source=str(base_path))
-    output = writable_output(Path(args.output or
-                                  f"{base_data.get('name', base_path.stem)}-aic-{args.backend}"
-                                  ".yaml"))
+    output, created = writable_output(Path(args.output or
+                                           f"{base_data.get('name', base_path.stem)}-aic-"
+                                           f"{args.backend}.yaml"))
+    existed = output.exists()
+    try:
+        _import_to(output, args, aic, root, label, base, base_path, base_data)
+        from moesim.calibration import MeasuredTables
+        from moesim.spec.hardware import load_hardware
+
+        MeasuredTables.from_profile(load_hardware(str(output)))  # it loads as moesim reads it
+    except BaseException:
+        _discard(output, existed, created)
+        raise
+    return output
+
+
+def _import_to(output: Path, args: argparse.Namespace, aic: Any, root: Path, label: str,
+               base: str, base_path: Path, base_data: dict) -> None:
+    """Write the imported profile to ``output`` (see :func:`import_aiconfigurator`)."""
+    from moesim.results import write_text_atomic
+
     per_node = (base_data.get("node") or {}).get("devices_per_node", 8)
     kernels, collectives, summary, version = aic.import_tables(
         root, args.system, args.backend, args.version, devices_per_node=int(per_node))
@@ -307,12 +324,12 @@ def import_aiconfigurator(args: argparse.Namespace) -> Path:
     write_text_atomic(output, text)
     for line in summary:
         print(line)
-    return output
 
 
-def writable_output(path: Path) -> Path:
+def writable_output(path: Path) -> tuple[Path, Path | None]:
     """``path`` resolved, once its folder is known to take a new file (made if missing), so a
-    calibration or an import never runs only to fail writing its profile.
+    calibration or an import never runs only to fail writing its profile; and the topmost
+    folder this made (None if none; :func:`_discard` removes it again on failure).
 
     Raises
     ------
@@ -325,22 +342,39 @@ def writable_output(path: Path) -> Path:
     if path.is_dir():
         raise MoESimError(f"-o {path}: is a folder; give the profile's file name, e.g. "
                           f"{path / 'profile.yaml'}")
-    check_output_dir(path.parent, what="-o folder")
-    return path
+    _, created = check_output_dir(path.parent, what="-o folder")
+    return path, created
+
+
+def _discard(output: Path, existed: bool, created: Path | None) -> None:
+    """Remove a profile a failed calibration or import wrote (never one that was there
+    before it started), and the folders it made."""
+    from moesim.results import discard_output_dir
+
+    if not existed:
+        output.unlink(missing_ok=True)
+    discard_output_dir(output.parent, created)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    given = [f"--{n.replace('_', '-')}" for n in ("system", "backend", "version", "base_profile",
+                                                  "aic_data") if getattr(args, n, None)]
+    if given and not args.import_from:
+        raise CalibrationError(f"{', '.join(given)}: only read with --import aiconfigurator "
+                               "(without it, moesim calibrate measures this machine)")
     if args.import_from:
         output = import_aiconfigurator(args)
-        from moesim.calibration import MeasuredTables
-        from moesim.spec.hardware import load_hardware
-
-        MeasuredTables.from_profile(load_hardware(str(output)))  # it loads as moesim reads it
         print(f"wrote           {output}")
         print(f"use it with     --set cluster.hardware={output}   (or cluster: {{hardware: ...}})")
         return 0
-    output = writable_output(Path(args.output or f"measured-{socket.gethostname()}.yaml"))
-    calibrate(output, args)
+    output, created = writable_output(Path(args.output or
+                                           f"measured-{socket.gethostname()}.yaml"))
+    existed = output.exists()
+    try:
+        calibrate(output, args)
+    except BaseException:
+        _discard(output, existed, created)
+        raise
     for line in describe(output):
         print(line)
     print(f"wrote           {output}")

@@ -80,6 +80,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from moesim.sim.faults import faulty_topology
     from moesim.spec.fields import to_plain
     from moesim.spec.scenario import load_scenario
+    from moesim.units import format_quantity
 
     s = load_scenario(resolve_scenario(args.scenario), args.set)
     topo = faulty_topology(s, scenario_topology(s))   # link faults name real links
@@ -117,8 +118,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.verbose:
         print(yaml.safe_dump(plain, sort_keys=False), end="")
     print(f"{s.source}: valid")
-    print(f"  model     {s.model.name}: {counts.total / 1e9:.1f}B parameters, "
-          f"{counts.active / 1e9:.1f}B active per token, {s.model.num_moe_layers} MoE layers "
+    print(f"  model     {s.model.name}: {format_quantity(counts.total, 'count')} parameters, "
+          f"{format_quantity(counts.active, 'count')} active per token, "
+          f"{s.model.num_moe_layers} MoE layers "
           f"x {s.model.num_experts} experts, top-{s.model.effective_top_k}")
     print(f"  cluster   {s.num_devices} x {s.hardware.device.name} ({s.cluster.topology}, "
           f"{topo.num_nodes} nodes, {topo.num_links} links)")

@@ -165,6 +165,10 @@ def check_output_dir(path: str | Path, *, what: str = "output folder"
         that cannot be created or written.
     """
     path = Path(path)
+    bad = next((c for c in str(path) if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise MoESimError(f"{what} {str(path)[:60]!r}: contains the control character {bad!r}; "
+                          "choose a name without one")
     text = os.fsencode(str(path))
     if len(text) >= _PATH_MAX:
         raise MoESimError(f"{what} {str(path)[:60]}...: the path is {len(text)} bytes, more "

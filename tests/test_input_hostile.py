@@ -161,3 +161,64 @@ def test_a_relative_trace_path_is_read_from_the_scenario_folder(tmp_path, capsys
     capsys.readouterr()
     err = refused(["validate", str(folder / "missing.yaml")], capsys)
     assert "missing.yaml: routing.trace:" in err and "none.npz: no such trace file" in err
+
+
+@pytest.mark.parametrize("value, said", [
+    ("2:1", "'2:1' reads as the base-60 number 121 in YAML 1.1"),
+    ("010", "'010' has a leading zero, which YAML 1.1 reads as octal"),
+])
+def test_yaml_11_number_traps_are_refused(value, said, capsys):
+    assert said in refused(["validate", str(TINY), "--set", f"workload.global_batch={value}"],
+                           capsys)
+
+
+def test_a_yaml_12_exponent_is_a_number():
+    # YAML 1.1 needs a dot and a signed exponent (1.0e+3); 1e-6 and 2.5e3 were read as text.
+    assert load_yaml_text("a: 1e-6\nb: 2.5e3\nc: 1.0e+3\nd: '1e3'\n", source="x") == {
+        "a": 1e-6, "b": 2500.0, "c": 1000.0, "d": "1e3"}
+
+
+@pytest.mark.parametrize("model, said", [
+    ("{base: tiny-cpu, attention: {kind: mla, num_heads: 4}}", "MLA attention needs kv_lora_rank"),
+    ("{base: tiny-cpu, hidden_size: 250, attention: {head_dim: 0}}",
+     "hidden_size=250 must be a multiple of num_heads=4"),
+    ("{base: tiny-cpu, cross_attention_layers: 5}", "cross_attention_layers=5 must be <= "),
+])
+def test_model_shapes_that_cannot_be_built_are_refused(model, said, capsys):
+    assert said in refused(["validate", str(TINY), "--set", f"model={model}"], capsys)
+
+
+def test_cluster_routing_and_plan_flag_checks(tmp_path, capsys):
+    err = refused(["validate", str(REPO / "scenarios" / "switch-base-128-tpu.yaml"), "--set",
+                   "cluster.devices_per_node=7"], capsys)
+    assert "7 chips per host must divide the torus's 32 chips" in err
+    err = refused(["validate", str(TINY), "--set", "routing.coactivation_groups=100", "--set",
+                   "routing.coactivation_strength=5"], capsys)
+    assert "tiny-cpu.yaml: routing.coactivation_groups: 100 must be in 1..num_experts=8" in err
+    out = str(tmp_path / "p.json")
+    assert "--stall" in refused(["plan", str(TINY), "-o", out, "--stall", "blocking"], capsys)
+    assert "--eval-sample" in refused(["plan", str(TINY), "-o", out, "--eval-sample", "5"], capsys)
+    assert "listed twice" in refused(["plan", str(TINY), "-o", out, "--failed-devices", "1,1"],
+                                     capsys)
+    assert "control character" in refused(["run", str(TINY), "-o", str(tmp_path / "a\nb")],
+                                          capsys)
+    assert not (tmp_path / "a\nb").exists()
+
+
+def test_a_plan_holding_true_is_refused(tmp_path, capsys):
+    plan = tmp_path / "sg.json"
+    plan.write_text(json.dumps({"physical_to_logical_map": [[2, 3, 5, 7, 0, True, 4, 6]] * 4}))
+    err = refused(["plan", str(TINY), "-o", str(tmp_path / "o.json"), "--current", str(plan),
+                   "--planner", "eplb"], capsys)
+    assert "physical_to_logical_map: holds true/false" in err
+
+
+def test_a_scenario_may_carry_its_search_section(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(TINY.read_text() + "search: {parallelism.tp: [1], top: 2}\n")
+    assert main(["validate", str(path)]) == 0
+
+
+def test_import_only_flags_need_import(tmp_path, capsys):
+    err = refused(["calibrate", "--system", "h100_sxm", "-o", str(tmp_path / "m.yaml")], capsys)
+    assert "--system: only read with --import aiconfigurator" in err

@@ -156,7 +156,7 @@ def register(sub, commands: dict) -> None:
                                      "prints the rebalance advice (gain, bytes and time to "
                                      "move, steps to pay off); with --failed-devices the plan "
                                      "to repair (default: the scenario's policy's plan)")
-    p.add_argument("--stall", choices=advisor.STALLS, default="layerwise",
+    p.add_argument("--stall", choices=advisor.STALLS,
                    help="with --current: how the engine moves weights (blocking: serving "
                         "stops for the whole copy; layerwise: one layer at a time, overlapped "
                         "with steps; default layerwise)")
@@ -182,6 +182,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     split = args.split if args.split is not None else (1.0 if args.eval_trace else 0.5)
     if not 0.0 < split <= 1.0:
         raise ScenarioError(f"--split={split} must be in (0, 1]", field="--split")
+    if args.stall is not None and args.current is None:
+        raise ScenarioError("prices moving to a new plan; add --current (the plan running now)",
+                            field="--stall")
+    if args.eval_sample is not None and args.eval_trace is None:
+        raise ScenarioError("samples the tokens of --eval-trace; add --eval-trace",
+                            field="--eval-sample")
     if args.eval_sample is not None and args.eval_sample < 1:
         raise ScenarioError(f"--eval-sample={args.eval_sample} must be >= 1 tokens",
                             field="--eval-sample")
@@ -287,7 +293,8 @@ def _plan(args: argparse.Namespace, s: Scenario, ctx: PricingContext, seed: int,
         expert_bytes = float(m.expert_params * dtype_bytes(s.precision.weights))
         windows, passes = _drift_windows(ctx, drift_trace, drift_choices)
         advice = advisor.advise(ctx, current, best, eval_choices, expert_bytes,
-                                stall=args.stall, exact=args.exact, windows=windows,
+                                stall=args.stall or "layerwise", exact=args.exact,
+                                windows=windows,
                                 passes_per_window=passes)
         say(_advice_text(args.current, best.name, advice))
     if args.json:
@@ -401,6 +408,9 @@ def parse_failed_devices(text: str, ep: int) -> list[int]:
         if not 0 <= device < ep:
             raise ScenarioError(f"device {device} is out of range; expected {allowed} (cluster "
                                 f"rank r is EP-local index r % {ep})", field="--failed-devices")
+        if device in failed:
+            raise ScenarioError(f"device {device} is listed twice; expected {allowed}",
+                                field="--failed-devices")
         failed.add(device)
     if len(failed) == ep:
         raise ScenarioError(f"all {ep} devices of the EP group failed; at least one must stay "

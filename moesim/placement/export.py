@@ -250,11 +250,25 @@ def _int_array(path: Path, field: str, value: Any, ndim: int) -> np.ndarray:
         array = np.asarray(value)
     except ValueError:
         array = np.asarray([], dtype=object)
+    if _holds_bool(value):   # numpy would read true/false among integers as 1/0
+        raise _error(path, field, "holds true/false; expert ids are integers")
     if array.ndim != ndim or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
         shape = "[layers][devices][slots]" if ndim == 3 else "[layers][slots]"
         raise _error(path, field, f"must be a non-empty rectangular {shape} array of integer "
                                   f"expert ids (got shape {array.shape}, dtype {array.dtype})")
     return array.astype(np.int64)
+
+
+def _holds_bool(value: Any) -> bool:
+    """Whether nested lists ``value`` hold a boolean anywhere."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            return True
+        if isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
 
 
 # ----------------------------------------------------------------------------- engine loads

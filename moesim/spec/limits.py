@@ -117,8 +117,17 @@ class _BoundedLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, f"an integer of {digits} digits (at most {MAX_INT_DIGITS} allowed)",
                 node.start_mark)
+        _refuse_base60(node, super().construct_yaml_int)
+        text = str(node.value).replace("_", "").lstrip("+-")
+        if len(text) > 1 and text[0] == "0" and text[1].isdigit():
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} has a leading zero, which YAML 1.1 reads as octal; "
+                "write the number without it (or 0o... for octal)", node.start_mark)
         return super().construct_yaml_int(node)
 
+    def construct_yaml_float(self, node):  # noqa: ANN001, ANN201
+        _refuse_base60(node, super().construct_yaml_float)
+        return super().construct_yaml_float(node)
 
     def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201
         # A key given twice: PyYAML keeps the last silently, so one of the two values the user
@@ -137,7 +146,21 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _refuse_base60(node: yaml.ScalarNode, construct) -> None:  # noqa: ANN001
+    """YAML 1.1 reads ``2:1`` as the base-60 number 121; nobody means that in a scenario."""
+    if ":" in str(node.value):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.value!r} reads as the base-60 number {construct(node)} in YAML "
+            "1.1; write a plain number, or quote it for text", node.start_mark)
+
+
 _BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:float", _BoundedLoader.construct_yaml_float)
+# YAML 1.2 floats YAML 1.1 reads as text: an exponent without a dot or sign (1e-6, 2.5e3).
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def _check_graph(root: yaml.Node) -> None:

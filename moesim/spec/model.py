@@ -100,6 +100,17 @@ class ModelSpec:
             raise ScenarioError("the model has no MoE layer (check first_dense_layers and "
                                 "moe_layer_interval)", field="model")
         a = self.attention
+        if a.kind == "mla" and not a.kv_lora_rank:
+            raise ScenarioError("MLA attention needs kv_lora_rank > 0 (the latent the KV cache "
+                                "holds; DeepSeek-V3: 512)", field="model.attention.kv_lora_rank")
+        if not a.head_dim and self.hidden_size % a.num_heads:
+            raise ScenarioError(f"hidden_size={self.hidden_size} must be a multiple of num_heads="
+                                f"{a.num_heads}, or give attention.head_dim",
+                                field="model.attention.head_dim")
+        if self.cross_attention_layers > self.num_layers:
+            raise ScenarioError(f"cross_attention_layers={self.cross_attention_layers} must be <= "
+                                f"num_layers={self.num_layers}",
+                                field="model.cross_attention_layers")
         if a.kind != "mla" and a.num_kv_heads and a.num_heads % a.num_kv_heads:
             raise ScenarioError(f"num_kv_heads={a.num_kv_heads} must divide num_heads="
                                 f"{a.num_heads} (each key/value head serves a whole group of "

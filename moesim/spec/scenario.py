@@ -219,7 +219,7 @@ class Scenario:
 
 _TOP_FIELDS = ("name", "description", "seed", "model", "cluster", "parallelism", "workload",
                "precision", "routing", "placement", "communication", "memory", "simulation",
-               "faults", "outputs", "sweep")
+               "faults", "outputs", "sweep", "search")
 
 
 def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
@@ -288,7 +288,8 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
         if exc.source:  # the profile file itself is broken: its own path is the right name
             raise
         raise ScenarioError(str(exc), source=source, field="cluster.hardware") from None
-    body = {k: v for k, v in data.items() if k not in ("model", "cluster", "sweep")}
+    # A scenario may carry the sections `moesim sweep` and `moesim search` read; run ignores them.
+    body = {k: v for k, v in data.items() if k not in ("model", "cluster", "sweep", "search")}
     body.update(model=model, cluster=cluster, hardware=hardware, source=source)
     scenario = build(Scenario, body, source=source, bare_si=bare_si)
     trace = scenario.routing.trace
@@ -312,6 +313,9 @@ def _check_relations(s: Scenario, source: str) -> None:
         raise ScenarioError(f"{devices:,} devices is more than the {MAX_DEVICES:,} moesim "
                             "simulates; use fewer nodes or smaller torus dims", source=source,
                             field="cluster")
+    if s.cluster.topology == "torus" and devices % s.devices_per_node:
+        raise ScenarioError(f"{s.devices_per_node} chips per host must divide the torus's "
+                            f"{devices} chips", source=source, field="cluster.devices_per_node")
     if par.world != devices:
         raise ScenarioError(f"tp * pp * dp = {par.tp} * {par.pp} * {par.dp} = {par.world} must "
                             f"equal the cluster's {devices} devices", source=source,
@@ -361,6 +365,11 @@ def _check_relations(s: Scenario, source: str) -> None:
     if s.routing.distribution == "trace" and not Path(s.routing.trace).is_file():
         raise ScenarioError(f"{s.routing.trace}: no such trace file (a relative path is read "
                             "from the scenario's folder)", source=source, field="routing.trace")
+    r = s.routing
+    if r.coactivation_strength and not 1 <= r.coactivation_groups <= m.num_experts:
+        raise ScenarioError(f"{r.coactivation_groups} must be in 1..num_experts={m.num_experts} "
+                            "when coactivation_strength is not 0", source=source,
+                            field="routing.coactivation_groups")
     if s.routing.distribution == "hot" and not 1 <= s.routing.hot_experts < m.num_experts:
         raise ScenarioError(f"{s.routing.hot_experts} must be in 1..{m.num_experts - 1} (the "
                             "hot set is some of the model's experts, not none or all)",

@@ -35,6 +35,7 @@ from moesim.results import (
     write_json_atomic,
     write_text_atomic,
 )
+from moesim.spec.limits import load_json_text, read_text_bounded
 from moesim.sweep.executors import check_options, run_tasks
 from moesim.sweep.spec import Sweep, SweepPoint, build_point_scenario
 
@@ -216,7 +217,10 @@ def _prepare(sweep: Sweep, out: Path, *, resume: bool, overwrite: bool) -> dict[
         raise MoESimError(f"{jsonl} already holds results: pass --resume to finish that sweep "
                           "or --overwrite to start again")
     if resume and manifest.exists():
-        old = json.loads(manifest.read_text(encoding="utf-8"))
+        old = load_json_text(read_text_bounded(manifest), source=str(manifest))
+        if not isinstance(old, dict):
+            raise MoESimError(f"{manifest}: not a moesim sweep manifest (a JSON object); use "
+                              "another -o folder or --overwrite")
         if old.get("base_digest") != sweep.base_digest:
             raise MoESimError(f"{out}: the base scenario of {sweep.source} changed since these "
                               "results were written; use another -o folder or --overwrite")
