@@ -508,3 +508,20 @@ def test_absorbed_mla_decode_reads_the_core_and_per_head_bmm_tables(profile_path
         (0.050 + gemms + bmms) * 1e-3 + glue)
     assert tables.shares()["mla_bmm"]["table"] == 1.0
     assert tables.mla_bmm(32, 128, "bf16", post=False) is None   # only FP8 rows were imported
+
+
+def test_a_table_with_a_bad_time_is_named_and_nothing_is_left(aic_data, tmp_path, capsys):
+    # A copy of the fixture data whose GEMM table holds a negative and a NaN latency.
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(aic_data, data)
+    table = next(data.glob("h100_sxm/gemm/sglang/*/gemm_perf.parquet"))
+    rows = pq.read_table(table).to_pydict()
+    rows["latency"][0], rows["latency"][1] = -1.0, float("nan")
+    pq.write_table(pa.table(rows), table)
+    out = tmp_path / "made" / "sub" / "p.yaml"
+    assert _import(data, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{table}: column latency, row 0: -1.0 is not a time > 0" in err[0]
+    assert not (tmp_path / "made").exists()

@@ -91,3 +91,18 @@ def test_valid_sweep_still_runs_and_invalid_combinations_stay_rows(probe, capsys
                                    "{parallelism.ep: [2, 3]}}\n")
     assert main(["sweep", "ep.yaml", "-q", "-j", "1", "-o", "out_ep"]) == 0
     assert "2 points (2 simulated, 0 resumed, 1 with errors)" in capsys.readouterr().out
+
+
+def test_a_corrupt_manifest_under_resume_is_named(tmp_path, capsys):
+    cli_main = main
+    shutil.copy(REPO / "scenarios" / "tiny-cpu.yaml", tmp_path / "base.yaml")
+    sweep = tmp_path / "sw.yaml"
+    sweep.write_text("name: sw\nbase: base.yaml\nsweep: {grid: {routing.zipf_s: [0.5, 1.0]}}\n")
+    out = tmp_path / "out"
+    assert cli_main(["sweep", str(sweep), "-o", str(out), "-j", "1", "-q"]) == 0
+    capsys.readouterr()
+    for text, said in (("{", "not valid JSON"), ("[1]", "not a moesim sweep manifest")):
+        (out / "sweep.json").write_text(text)
+        assert cli_main(["sweep", str(sweep), "-o", str(out), "-j", "1", "-q", "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert f"{out / 'sweep.json'}: {said}" in err[-1]
