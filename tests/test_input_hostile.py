@@ -222,3 +222,9 @@ def test_a_scenario_may_carry_its_search_section(tmp_path):
 def test_import_only_flags_need_import(tmp_path, capsys):
     err = refused(["calibrate", "--system", "h100_sxm", "-o", str(tmp_path / "m.yaml")], capsys)
     assert "--system: only read with --import aiconfigurator" in err
+
+
+def test_interleaving_needs_a_pipeline(capsys):
+    err = refused(["validate", str(TINY), "--set", "parallelism.pp=1", "--set",
+                   "parallelism.dp=4", "--set", "parallelism.vp=2"], capsys)
+    assert "parallelism.vp: vp=2 interleaves pipeline stages; with pp=1 there are none" in err

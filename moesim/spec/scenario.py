@@ -334,6 +334,9 @@ def _check_relations(s: Scenario, source: str) -> None:
         raise ScenarioError(f"num_experts + redundant_experts = {slots} must be a multiple of "
                             f"ep={par.ep} (equal expert slots per device)", source=source,
                             field="placement.redundant_experts")
+    if par.vp > 1 and par.pp == 1:
+        raise ScenarioError(f"vp={par.vp} interleaves pipeline stages; with pp=1 there are none "
+                            "(set vp: 1, or pp > 1)", source=source, field="parallelism.vp")
     # With the ends counted as layers a virtual stage may hold only the embedding or the loss.
     units = m.num_layers + sum(pipeline_end_layers(s))
     if units < par.pp * par.vp:
