@@ -228,3 +228,18 @@ def test_interleaving_needs_a_pipeline(capsys):
     err = refused(["validate", str(TINY), "--set", "parallelism.pp=1", "--set",
                    "parallelism.dp=4", "--set", "parallelism.vp=2"], capsys)
     assert "parallelism.vp: vp=2 interleaves pipeline stages; with pp=1 there are none" in err
+
+
+def test_fields_another_field_makes_unused_are_warned_about(tmp_path, capsys):
+    args = ["--set", "workload.context_len=5", "--set", "cluster.torus_dims=[2, 2]", "--set",
+            "placement.file=plan.json"]
+    assert main(["validate", str(TINY), *args]) == 0
+    out = capsys.readouterr().out
+    for said in ("cluster.torus_dims is unused: the topology is 'fat_tree'",
+                 "workload.context_len is unused in training",
+                 "placement.file is unused: placement.policy is"):
+        assert f"warning: {said}" in out
+    assert main(["run", str(TINY), "--no-trace", "-o", str(tmp_path / "r"),
+                 "--set", "workload.context_len=5"]) == 0
+    assert "moesim: warning: workload.context_len is unused" in capsys.readouterr().err
+    assert main(["validate", str(TINY)]) == 0 and "warning" not in capsys.readouterr().out

@@ -22,7 +22,8 @@ from moesim.spec.model import ModelSpec
 __all__ = ["Parallelism", "Workload", "Precision", "RoutingSpec", "PlacementSpec",
            "CommunicationSpec", "MemorySpec", "SimulationSpec", "OutputSpec", "FaultSpec",
            "Scenario", "load_scenario", "scenario_from_mapping", "apply_overrides",
-           "mtp_blocks", "pipeline_end_layers", "micro_batches", "dualpipe_problem"]
+           "mtp_blocks", "pipeline_end_layers", "micro_batches", "dualpipe_problem",
+           "ignored_fields"]
 
 Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4"]
 
@@ -399,6 +400,27 @@ def _check_relations(s: Scenario, source: str) -> None:
             raise ScenarioError("a link fault names its two ends, e.g. [n0.gpu0, leaf0]",
                                 source=source, field=f"faults[{i}].link")
     assert set(DTYPES) >= {s.precision.compute}
+
+
+def ignored_fields(s: Scenario) -> list[str]:
+    """One line for each field the scenario sets that another field makes unused (valid, but
+    probably not what the user meant): ``validate`` and ``run`` print them as warnings."""
+    a, out = s.model.attention, []
+    if s.cluster.torus_dims and s.cluster.topology != "torus":
+        out.append(f"cluster.torus_dims is unused: the topology is {s.cluster.topology!r}")
+    if s.workload.context_len and s.workload.mode != "decode":
+        out.append(f"workload.context_len is unused in {s.workload.mode} (decode only)")
+    if s.routing.trace and s.routing.distribution != "trace":
+        out.append(f"routing.trace is unused: routing.distribution is "
+                   f"{s.routing.distribution!r}, not 'trace'")
+    if s.placement.file and s.placement.policy != "file":
+        out.append(f"placement.file is unused: placement.policy is {s.placement.policy!r}, "
+                   "not 'file'")
+    latent = [f for f in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim") if getattr(a, f)]
+    if latent and a.kind != "mla":
+        out.append(f"model.attention.{latent[0]} is unused: attention kind is {a.kind!r}, not "
+                   "'mla'")
+    return out
 
 
 def mtp_blocks(s: Scenario) -> int:
