@@ -39,10 +39,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summary,
         write_files_together,
     )
-    from moesim.spec.scenario import ignored_fields, load_scenario
+    from moesim.spec.scenario import load_scenario, scenario_warnings
 
     scenario = load_scenario(resolve_scenario(args.scenario), args.set)
-    for line in ignored_fields(scenario):
+    for line in scenario_warnings(scenario):
         _say(f"moesim: warning: {line}")
     if args.output is not None and not args.output.strip():
         raise MoESimError("-o/--output: must not be empty (a folder; leave -o out for "
@@ -81,7 +81,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from moesim.pricing.context import scenario_topology
     from moesim.sim.faults import faulty_topology
     from moesim.spec.fields import to_plain
-    from moesim.spec.scenario import ignored_fields, load_scenario
+    from moesim.spec.scenario import load_scenario, scenario_warnings
     from moesim.units import format_quantity
 
     s = load_scenario(resolve_scenario(args.scenario), args.set)
@@ -111,7 +111,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                        "schedule": par.schedule},
             "memory_bytes": [{"stage": m.stage, **{k: getattr(m, k) for k in parts},
                               "fits": m.fits} for m in stages],
-            "warnings": ignored_fields(s) + ([] if worst is None else [
+            "warnings": scenario_warnings(s) + ([] if worst is None else [
                 f"stage {worst.stage} needs {worst.total / 2**30:.1f} GiB of "
                 f"{worst.capacity / 2**30:.1f} GiB"]),
             **({"resolved_scenario": plain} if args.verbose else {})},
@@ -136,7 +136,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     for m in stages:
         vals = [getattr(m, k) for k in parts]
         print("   " + f"{m.stage:>8}" + "".join(f"{v / 2**30:>9.1f}" for v in vals))
-    for line in ignored_fields(s):
+    for line in scenario_warnings(s):
         print(f"  warning: {line}")
     if worst is not None:
         print(f"  warning: stage {worst.stage} needs {worst.total / 2**30:.1f} GiB of "

@@ -243,3 +243,7 @@ def test_fields_another_field_makes_unused_are_warned_about(tmp_path, capsys):
                  "--set", "workload.context_len=5"]) == 0
     assert "moesim: warning: workload.context_len is unused" in capsys.readouterr().err
     assert main(["validate", str(TINY)]) == 0 and "warning" not in capsys.readouterr().out
+    # cpu-local (tiny-cpu's profile) gives bf16 and fp32 peaks only.
+    assert main(["validate", str(TINY), "--set", "precision.compute=fp8"]) == 0
+    assert ("warning: cpu-local gives no peak_flops.fp8: fp8 GEMMs are priced at bf16's peak"
+            in capsys.readouterr().out)

@@ -23,7 +23,7 @@ __all__ = ["Parallelism", "Workload", "Precision", "RoutingSpec", "PlacementSpec
            "CommunicationSpec", "MemorySpec", "SimulationSpec", "OutputSpec", "FaultSpec",
            "Scenario", "load_scenario", "scenario_from_mapping", "apply_overrides",
            "mtp_blocks", "pipeline_end_layers", "micro_batches", "dualpipe_problem",
-           "ignored_fields"]
+           "scenario_warnings"]
 
 Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4"]
 
@@ -402,10 +402,16 @@ def _check_relations(s: Scenario, source: str) -> None:
     assert set(DTYPES) >= {s.precision.compute}
 
 
-def ignored_fields(s: Scenario) -> list[str]:
-    """One line for each field the scenario sets that another field makes unused (valid, but
-    probably not what the user meant): ``validate`` and ``run`` print them as warnings."""
+def scenario_warnings(s: Scenario) -> list[str]:
+    """One line for each thing that is valid but probably not what the user meant: a field
+    another field makes unused, a compute dtype the hardware profile has no peak for.
+    ``validate`` and ``run`` print them as warnings."""
     a, out = s.model.attention, []
+    peaks = s.hardware.device.peak_flops
+    if s.precision.compute not in peaks:
+        used = next((d for d in ("bf16", "fp16", "fp32") if d in peaks), "the fastest")
+        out.append(f"{s.hardware.name} gives no peak_flops.{s.precision.compute}: "
+                   f"{s.precision.compute} GEMMs are priced at {used}'s peak")
     if s.cluster.torus_dims and s.cluster.topology != "torus":
         out.append(f"cluster.torus_dims is unused: the topology is {s.cluster.topology!r}")
     if s.workload.context_len and s.workload.mode != "decode":
