@@ -147,7 +147,7 @@ def test_fault_checks_name_the_list_item(capsys):
     assert "faults[1].slowdown: slowdown=0.5 must be 0 (failed) or >= 1" in err
 
 
-def test_a_relative_trace_path_is_read_from_the_scenario_folder(tmp_path, capsys, monkeypatch):
+def test_a_relative_trace_path_is_read_from_the_scenario_folder_then_here(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "scen"
     (folder / "traces").mkdir(parents=True)
     ids = np.stack([np.random.default_rng(1).permutation(8)[:2] for _ in range(256)])
@@ -158,6 +158,10 @@ def test_a_relative_trace_path_is_read_from_the_scenario_folder(tmp_path, capsys
     (folder / "missing.yaml").write_text(text.replace("traces/t.npz", "traces/none.npz"))
     monkeypatch.chdir(tmp_path)                       # not the scenario's folder
     assert main(["validate", str(folder / "s.yaml")]) == 0
+    capsys.readouterr()
+    # Not beside the scenario but in the working directory: found there, as a model would be.
+    (tmp_path / "here.npz").write_bytes((folder / "traces" / "t.npz").read_bytes())
+    assert main(["validate", str(folder / "s.yaml"), "--set", "routing.trace=here.npz"]) == 0
     capsys.readouterr()
     err = refused(["validate", str(folder / "missing.yaml")], capsys)
     assert "missing.yaml: routing.trace:" in err and "none.npz: no such trace file" in err
@@ -247,3 +251,13 @@ def test_fields_another_field_makes_unused_are_warned_about(tmp_path, capsys):
     assert main(["validate", str(TINY), "--set", "precision.compute=fp8"]) == 0
     assert ("warning: cpu-local gives no peak_flops.fp8: fp8 GEMMs are priced at bf16's peak"
             in capsys.readouterr().out)
+
+
+def test_a_relative_plan_file_is_found_in_the_working_directory_too(tmp_path, capsys,
+                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", str(TINY), "--planner", "contiguous", "-o", "plan.json"]) == 0
+    assert not (TINY.parent / "plan.json").exists()    # not beside the scenario: only here
+    assert main(["run", str(TINY), "--no-trace", "-o", "r", "--set", "placement.policy=file",
+                 "--set", "placement.file=plan.json"]) == 0
+    capsys.readouterr()

@@ -23,6 +23,7 @@ from moesim.placement.objective import robust_scorer
 from moesim.placement.placement import Placement
 from moesim.placement.problem import ClusterShape, LayerRouting
 from moesim.pricing.context import PricingContext
+from moesim.spec.fields import relative_file
 from moesim.spec.scenario import Scenario
 
 __all__ = ["PlacementRequest", "Placer", "PLACERS", "CLI_PLANNERS", "placer", "place"]
@@ -110,8 +111,7 @@ def _file(r: PlacementRequest) -> Placement:
     if s is None or not s.placement.file:
         raise ScenarioError("placement 'file' needs placement.file", field="placement.file")
     base = Path(s.source).parent if s.source else Path.cwd()
-    path = Path(s.placement.file)
-    return load_plan(path if path.is_absolute() else base / path, s)
+    return load_plan(relative_file(s.placement.file, base), s)
 
 
 PLACERS: dict[str, Placer] = {

@@ -58,6 +58,17 @@ def read_yaml(path: str | Path) -> Any:
     return load_yaml_text(text, source=str(path))
 
 
+def relative_file(path: str | Path, folder: str | Path | None) -> Path:
+    """A file named in a scenario: a relative ``path`` is looked up in the scenario's ``folder``
+    first, then in the working directory (as model and profile paths are); where neither has it,
+    the scenario-folder path (for the error message)."""
+    path = Path(path)
+    if path.is_absolute() or folder is None:
+        return path
+    beside = Path(folder) / path
+    return path.resolve() if not beside.exists() and path.exists() else beside
+
+
 def build(cls: type[T], data: Any, *, source: str | None, path: str = "",
           bare_si: bool = False) -> T:
     """Build the frozen dataclass ``cls`` from ``data`` (a mapping), validating every field.

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from moesim.errors import ScenarioError
 from moesim.spec.cluster import ClusterSpec
-from moesim.spec.fields import build, read_yaml, spec_field
+from moesim.spec.fields import build, read_yaml, relative_file, spec_field
 from moesim.spec.hardware import DTYPES, HardwareProfile, load_hardware
 from moesim.spec.limits import MAX_DEPTH, MAX_DEVICES, check_name, load_yaml_text
 from moesim.spec.model import ModelSpec
@@ -295,8 +295,8 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
     scenario = build(Scenario, body, source=source, bare_si=bare_si)
     trace = scenario.routing.trace
     if trace and base_dir is not None and not Path(trace).is_absolute():
-        # relative to the scenario's folder, as placement.file and a model or profile path are
-        routing = replace(scenario.routing, trace=str(Path(base_dir) / trace))
+        # the scenario's folder first, then the working directory, as for a model or profile
+        routing = replace(scenario.routing, trace=str(relative_file(trace, base_dir)))
         scenario = replace(scenario, routing=routing)
     try:
         _check_relations(scenario, source)
@@ -368,7 +368,8 @@ def _check_relations(s: Scenario, source: str) -> None:
                             field="routing.trace")
     if s.routing.distribution == "trace" and not Path(s.routing.trace).is_file():
         raise ScenarioError(f"{s.routing.trace}: no such trace file (a relative path is read "
-                            "from the scenario's folder)", source=source, field="routing.trace")
+                            "from the scenario's folder, then the working directory)",
+                            source=source, field="routing.trace")
     r = s.routing
     if r.coactivation_strength and not 1 <= r.coactivation_groups <= m.num_experts:
         raise ScenarioError(f"{r.coactivation_groups} must be in 1..num_experts={m.num_experts} "
