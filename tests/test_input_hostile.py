@@ -247,6 +247,8 @@ def test_fields_another_field_makes_unused_are_warned_about(tmp_path, capsys):
                  "--set", "workload.context_len=5"]) == 0
     assert "moesim: warning: workload.context_len is unused" in capsys.readouterr().err
     assert main(["validate", str(TINY)]) == 0 and "warning" not in capsys.readouterr().out
+    assert main(["validate", str(TINY), "--set", "communication.alltoall=deepep_normal"]) == 0
+    assert "prices NVIDIA GPU kernels (SMs, NVLink, RDMA) on a cpu" in capsys.readouterr().out
     # cpu-local (tiny-cpu's profile) gives bf16 and fp32 peaks only.
     assert main(["validate", str(TINY), "--set", "precision.compute=fp8"]) == 0
     assert ("warning: cpu-local gives no peak_flops.fp8: fp8 GEMMs are priced at bf16's peak"

@@ -423,6 +423,10 @@ def scenario_warnings(s: Scenario) -> list[str]:
     if s.placement.file and s.placement.policy != "file":
         out.append(f"placement.file is unused: placement.policy is {s.placement.policy!r}, "
                    "not 'file'")
+    kind = s.hardware.device.kind
+    if s.communication.alltoall.startswith("deepep") and kind != "gpu":
+        out.append(f"communication.alltoall {s.communication.alltoall!r} prices NVIDIA GPU "
+                   f"kernels (SMs, NVLink, RDMA) on a {kind}")
     latent = [f for f in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim") if getattr(a, f)]
     if latent and a.kind != "mla":
         out.append(f"model.attention.{latent[0]} is unused: attention kind is {a.kind!r}, not "
