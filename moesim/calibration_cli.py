@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from moesim.errors import CalibrationError, MoESimError
+from moesim.results import output_arg
 
 __all__ = ["register", "find_suite", "calibrate", "merge_emulated", "import_aiconfigurator"]
 
@@ -41,7 +42,7 @@ def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> N
     p = sub.add_parser("calibrate", help="measure this machine and write a hardware profile",
                        description="Run the PyTorch calibration suite (calibrate/) and write a "
                        "measured hardware profile that `moesim run` uses.")
-    p.add_argument("-o", "--output", help="profile YAML to write (default "
+    p.add_argument("-o", "--output", type=output_arg, help="profile YAML to write (default "
                    "measured-<host>.yaml in the current folder)")
     p.add_argument("--nprocs", type=int, default=2, help="local ranks for the collectives "
                    "(default 2; 1 = kernels only)")

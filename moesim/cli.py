@@ -15,7 +15,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from moesim.errors import MoESimError, describe_internal, is_internal
+from moesim.errors import describe_internal, is_internal
+from moesim.results import output_arg
 
 __all__ = ["main", "EXIT_OK", "EXIT_INPUT", "EXIT_INTERNAL"]
 
@@ -44,9 +45,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     scenario = load_scenario(resolve_scenario(args.scenario), args.set)
     for line in scenario_warnings(scenario):
         _say(f"moesim: warning: {line}")
-    if args.output is not None and not args.output.strip():
-        raise MoESimError("-o/--output: must not be empty (a folder; leave -o out for "
-                          "results/<scenario name>)")
     out = Path(args.output) if args.output else default_run_dir(scenario.name, args.set)
     out, created = check_output_dir(out)          # before any work: fail fast on a bad -o
     try:
@@ -211,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                "repeat for more"
     run = sub.add_parser("run", help="simulate one step of a scenario")
     run.add_argument("scenario", help=scenario_help)
-    run.add_argument("-o", "--output", help="output folder (default results/<scenario name>, "
+    run.add_argument("-o", "--output", type=output_arg, help="output folder (default results/<scenario name>, "
                      "or results/<name>-<hash> with --set)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     run.add_argument("--engine", choices=("aggregated", "full"), default=None,

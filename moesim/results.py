@@ -7,6 +7,7 @@ besides the YAML edge where ms, GB/s and TFLOPS appear).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -21,7 +22,7 @@ from moesim.errors import MoESimError
 from moesim.units import format_quantity
 
 __all__ = ["Result", "summary", "write_json_atomic", "write_text_atomic", "write_bytes_atomic",
-           "json_text",
+           "json_text", "output_arg",
            "check_output_dir", "discard_output_dir", "write_files_together", "provenance",
            "run_label", "default_run_dir"]
 
@@ -143,6 +144,15 @@ def json_text(data: Any, *, compact: bool = False) -> str:
 def write_json_atomic(path: str | Path, data: Any, *, compact: bool = False) -> None:
     """JSON with sorted keys (stable bytes); ``compact`` drops indentation (large traces)."""
     write_text_atomic(path, json_text(data, compact=compact))
+
+
+def output_arg(text: str) -> str:
+    """The argparse ``type`` of every command's ``-o``: a path, never empty (an empty one would
+    write into the current folder, or silently mean the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (leave -o out for the default, "
+                                         "where the command has one)")
+    return text
 
 
 def check_output_dir(path: str | Path, *, what: str = "output folder"

@@ -499,7 +499,7 @@ _EP4 = ["parallelism.pp=1", "parallelism.dp=4", "parallelism.ep=4"]
 
 def test_trace_layouts_are_read_from_the_file_the_flag_or_the_shape(tmp_path):
     from moesim.errors import TraceError
-    from moesim.placement import heldout
+    from moesim.routing_trace import load_trace
     ids = synthetic_trace(8, 4, 64, 2, seed=3).expert_ids                   # [layers, tokens, k]
     np.savez(tmp_path / "lt.npz", expert_ids=ids)
     np.savez(tmp_path / "tl.npz", expert_ids=ids.transpose(1, 0, 2))
@@ -507,13 +507,13 @@ def test_trace_layouts_are_read_from_the_file_the_flag_or_the_shape(tmp_path):
              layout=np.array("tokens,layers,k"))                             # 4 tokens: ambiguous
     kw = dict(num_experts=8, num_layers=4, top_k=2)
     for name in ("lt.npz", "tl.npz"):
-        assert np.array_equal(heldout.load_any_layout(tmp_path / name, **kw).expert_ids, ids)
-    assert np.array_equal(heldout.load_any_layout(tmp_path / "said.npz", **kw).expert_ids,
+        assert np.array_equal(load_trace(tmp_path / name, **kw).expert_ids, ids)
+    assert np.array_equal(load_trace(tmp_path / "said.npz", **kw).expert_ids,
                           ids[:, :4])
     with pytest.raises(TraceError, match="says layout 'tokens,layers,k'"):
-        heldout.load_any_layout(tmp_path / "said.npz", layout="layers,tokens,k", **kw)
+        load_trace(tmp_path / "said.npz", layout="layers,tokens,k", **kw)
     with pytest.raises(TraceError, match="neither axis"):
-        heldout.load_any_layout(tmp_path / "lt.npz", num_experts=8, num_layers=5, top_k=2)
+        load_trace(tmp_path / "lt.npz", num_experts=8, num_layers=5, top_k=2)
 
 
 def test_every_held_out_token_is_scored_once():

@@ -49,7 +49,9 @@ def test_bad_flags_are_refused_before_any_output(probe, capsys, flags, expected)
 
 def test_empty_output_path_is_refused(probe, capsys):
     (probe / "sw.yaml").write_text(OK)
-    assert main(["sweep", "sw.yaml", "-q", "-j", "1", "-o", ""]) == 2
+    with pytest.raises(SystemExit) as exc:    # argparse refuses a bad flag value by exiting
+        main(["sweep", "sw.yaml", "-q", "-j", "1", "-o", ""])
+    assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "-o/--output: must not be empty" in err and err.count("\n") == 1
     assert not (probe / "results").exists()

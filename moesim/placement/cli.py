@@ -43,7 +43,7 @@ from moesim.placement.placement import REPLICA_RULES, Placement
 from moesim.placement.policies import expected_load, resolve_placement, scenario_choices
 from moesim.placement.registry import CLI_PLANNERS, PlacementRequest, placer
 from moesim.pricing.context import PricingContext
-from moesim.results import check_output_dir, discard_output_dir, write_text_atomic
+from moesim.results import check_output_dir, discard_output_dir, output_arg, write_text_atomic
 from moesim.spec.hardware import dtype_bytes
 from moesim.spec.scenario import Scenario
 
@@ -76,8 +76,7 @@ def planning_inputs(scenario, ctx: PricingContext, trace_path: str | None = None
     if path.suffix.lower() in (".json", ".pt") or _is_load_npz(path):
         trace = export.import_load(path, num_experts=m.num_experts, num_layers=m.num_moe_layers)
     else:
-        trace = heldout.load_any_layout(path, num_experts=m.num_experts,
-                                        num_layers=m.num_moe_layers, top_k=None, layout=layout)
+        trace = routing_trace.load_trace(path, m.num_experts, m.num_moe_layers, layout=layout)
     if trace.per_token and split < 1.0:
         train, test = trace.window(0.0, split), trace.window(split, 1.0)
         what = f"{path}: plan on tokens [0, {split:g}), price on [{split:g}, 1)"
@@ -115,7 +114,7 @@ def register(sub, commands: dict) -> None:
     """Add ``moesim plan`` to the CLI."""
     p = sub.add_parser("plan", help="plan expert placements and compare planners")
     p.add_argument("scenario", help="scenario file, or a shipped scenario's name")
-    p.add_argument("-o", "--output", required=True,
+    p.add_argument("-o", "--output", required=True, type=output_arg,
                    help="plan file (.json or .yaml): the best plan; or a folder (existing, "
                         "ending in /, or no suffix): every planner's plan and evaluation.json")
     p.add_argument("--json", action="store_true",
@@ -129,7 +128,7 @@ def register(sub, commands: dict) -> None:
                                         "plan on all its tokens")
     p.add_argument("--eval-sample", type=int, metavar="N",
                    help="with --eval-trace: score N tokens drawn with the seed (default: all)")
-    p.add_argument("--trace-layout", choices=heldout.LAYOUTS, default="auto",
+    p.add_argument("--trace-layout", choices=routing_trace.LAYOUTS, default="auto",
                    help="expert_ids layout of --trace/--eval-trace .npz files (default: what "
                         "the file's layout array says, else by shape against the model)")
     p.add_argument("--replica-rule", choices=REPLICA_RULES, default="least_loaded",
@@ -173,9 +172,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.replicas is not None:
         overrides.append(f"placement.redundant_experts={args.replicas}")
     s = load_scenario(args.scenario, overrides)
-    if not args.output.strip():
-        raise ScenarioError("must not be empty: a plan file (.json or .yaml) or a folder",
-                            field="-o/--output")
     if args.split is not None and args.trace is None:
         raise ScenarioError("splits a --trace into plan and score windows; add --trace",
                             field="--split")
@@ -226,9 +222,8 @@ def _plan(args: argparse.Namespace, s: Scenario, ctx: PricingContext, seed: int,
     drift_trace, drift_choices = inputs.eval_trace, (
         lambda w: objective.trace_choices(ctx, w, seed=s.seed))
     if args.eval_trace is not None:
-        held = heldout.load_any_layout(args.eval_trace, num_experts=m.num_experts,
-                                       num_layers=m.num_moe_layers, top_k=m.top_k,
-                                       layout=args.trace_layout)
+        held = routing_trace.load_trace(args.eval_trace, m.num_experts, m.num_moe_layers,
+                                        m.top_k, layout=args.trace_layout)
         eval_choices = heldout.every_token(ctx, held, sample=args.eval_sample, seed=seed)
         scored = eval_choices[0].num_tokens
         assert held.expert_ids is not None   # a held-out trace has per-token choices

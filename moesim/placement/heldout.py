@@ -1,9 +1,7 @@
 """Held-out evaluation: how a plan does on routing it was not planned on.
 
-:func:`load_any_layout` reads a per-token trace stored ``[layers, tokens, k]`` (moesim's layout)
-or ``[tokens, layers, k]`` (how most recorders dump it): the file may say which in a ``layout``
-string array, else the caller's ``layout``, else the shape decides against the model's MoE layer
-count. :func:`every_token` deals *all* the trace's tokens (or a deterministic sample) over the EP
+A held-out trace is read by :func:`moesim.routing_trace.load_trace` (either token layout).
+:func:`every_token` deals *all* the trace's tokens (or a deterministic sample) over the EP
 group's devices, each standing for the real tokens of the workload's batch, so a plan is scored
 on the whole held-out trace. :func:`score` prices a plan on them with the objective's pricing
 (:func:`moesim.placement.objective.plan_cost`) and adds the cross-node sends per token: the
@@ -13,7 +11,6 @@ expected number of other nodes a token's dispatch reaches under the placement's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -23,18 +20,8 @@ from moesim.placement import objective
 from moesim.placement.placement import Placement
 from moesim.pricing.context import PricingContext
 
-__all__ = ["LAYOUTS", "load_any_layout", "every_token", "sends_per_token", "HeldOutScore",
+__all__ = ["every_token", "sends_per_token", "HeldOutScore",
            "score"]
-
-LAYOUTS = routing_trace.LAYOUTS
-
-
-def load_any_layout(path: str | Path, *, num_experts: int, num_layers: int, top_k: int | None,
-                    layout: str = "auto") -> routing_trace.RoutingTrace:
-    """:func:`moesim.routing_trace.load_trace` with the model's sizes by keyword: a trace in
-    either token layout, returned layers first."""
-    return routing_trace.load_trace(path, num_experts, num_layers, top_k, layout=layout)
-
 
 def every_token(ctx: PricingContext, trace: routing_trace.RoutingTrace, *,
                 sample: int | None = None, seed: int = 0) -> list[routing.LayerChoices]:

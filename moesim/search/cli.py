@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 __all__ = ["register"]
 
+from moesim.results import output_arg
+
 
 def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Add the ``search`` subcommand to the ``moesim`` parser."""
@@ -18,7 +20,7 @@ def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> N
         "break divisibility or memory, screen the rest in closed form and simulate the best "
         "fully. Writes search.csv, top/*.yaml, search.json and summary.txt.")
     p.add_argument("scenario", help="scenario YAML file, or the name of a shipped one")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-o", "--output", required=True, type=output_arg, help="output folder")
     p.add_argument("--gpus", type=int, help="search on this many devices (whole nodes) "
                    "instead of the scenario's")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -78,8 +80,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise ScenarioError(f"--top {args.top} must be >= 1")
     if args.jobs is not None and args.jobs < 1:
         raise ScenarioError(f"-j/--jobs {args.jobs} must be >= 1")
-    if not args.output:
-        raise ScenarioError("-o/--output: must not be empty")
     spec = load_search(resolve_scenario(args.scenario), args.set, gpus=args.gpus)
     if not spec.serving and (max_tpot or max_ttft):
         raise ScenarioError("--max-tpot/--max-ttft apply to serving (prefill/decode) scenarios",

@@ -43,6 +43,7 @@ from moesim.search.space import (
     enumerate_layouts,
     own_candidate,
 )
+from moesim.spec.fields import relative_file
 from moesim.spec.scenario import apply_overrides
 from moesim.sweep.executors import run_tasks
 from moesim.sweep.runner import PointTask, simulate_point
@@ -365,13 +366,14 @@ def _write(spec: SearchSpec, out: Path, o: SearchOutcome, by_values: dict,
 
 def _absolute_paths(data: dict, base: Path) -> None:
     """Files named relative to the scenario (a model YAML, a trace, a plan) made absolute, so
-    the written scenario runs from the search folder."""
+    the written scenario runs from the search folder; found as the loader finds them
+    (:func:`moesim.spec.fields.relative_file`)."""
     for section, key in (("routing", "trace"), ("placement", "file"), ("cluster", "hardware")):
         value = (data.get(section) or {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and value.endswith((".yaml", ".yml", ".npz", ".csv", ".json")):
-            data[section][key] = str((base / value).resolve())
+            data[section][key] = str(relative_file(value, base).resolve())
     if isinstance(data.get("model"), str) and data["model"].endswith((".yaml", ".yml")):
-        data["model"] = str((base / data["model"]).resolve())
+        data["model"] = str(relative_file(data["model"], base).resolve())
 
 
 def summary(o: SearchOutcome, spec: SearchSpec, shape: RequestShape | None, n: int = 12) -> str:

@@ -38,6 +38,7 @@ from moesim.spec.scenario import (
     Scenario,
     apply_overrides,
     dualpipe_problem,
+    interleaving_problem,
     scenario_from_mapping,
 )
 
@@ -279,8 +280,8 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
         return "ep does not divide the expert slots"
     if pp * vp > m.num_layers:
         return "pp*vp exceeds the layers"
-    if pp == 1 and vp > 1:
-        return "vp>1 needs pp>1"
+    if (problem := interleaving_problem(pp, vp)) is not None:
+        return f"vp>1 {problem}"
     batch = _global_batch(spec, dp, mb)
     if batch % dp or (batch // dp) % mb:
         return "global batch does not split into dp x micro-batches"

@@ -100,11 +100,16 @@ class DeviceSpec:
                                 field="device.peak_flops")
 
     def flops(self, dtype: str) -> float:
-        """Peak dense FLOP/s for ``dtype``; a missing low-precision dtype falls back to bf16/fp32."""
+        """Peak dense FLOP/s for ``dtype`` (:meth:`peak_dtype`'s figure)."""
+        return self.peak_flops[self.peak_dtype(dtype)]
+
+    def peak_dtype(self, dtype: str) -> str:
+        """The ``peak_flops`` entry that prices ``dtype``: its own, else bf16, fp16, fp32, else
+        the fastest the profile gives."""
         for candidate in (dtype, "bf16", "fp16", "fp32"):
             if candidate in self.peak_flops:
-                return self.peak_flops[candidate]
-        return max(self.peak_flops.values())
+                return candidate
+        return max(self.peak_flops, key=self.peak_flops.__getitem__)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,8 @@ from moesim.spec.model import ModelSpec
 __all__ = ["Parallelism", "Workload", "Precision", "RoutingSpec", "PlacementSpec",
            "CommunicationSpec", "MemorySpec", "SimulationSpec", "OutputSpec", "FaultSpec",
            "Scenario", "load_scenario", "scenario_from_mapping", "apply_overrides",
-           "mtp_blocks", "pipeline_end_layers", "micro_batches", "dualpipe_problem",
+           "mtp_blocks", "pipeline_end_layers", "micro_batches", "interleaving_problem",
+           "dualpipe_problem",
            "scenario_warnings"]
 
 Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4"]
@@ -335,9 +336,10 @@ def _check_relations(s: Scenario, source: str) -> None:
         raise ScenarioError(f"num_experts + redundant_experts = {slots} must be a multiple of "
                             f"ep={par.ep} (equal expert slots per device)", source=source,
                             field="placement.redundant_experts")
-    if par.vp > 1 and par.pp == 1:
-        raise ScenarioError(f"vp={par.vp} interleaves pipeline stages; with pp=1 there are none "
-                            "(set vp: 1, or pp > 1)", source=source, field="parallelism.vp")
+    problem = interleaving_problem(par.pp, par.vp)
+    if problem is not None:
+        raise ScenarioError(f"vp={par.vp} {problem} (set vp: 1, or pp > 1)", source=source,
+                            field="parallelism.vp")
     # With the ends counted as layers a virtual stage may hold only the embedding or the loss.
     units = m.num_layers + sum(pipeline_end_layers(s))
     if units < par.pp * par.vp:
@@ -408,9 +410,8 @@ def scenario_warnings(s: Scenario) -> list[str]:
     another field makes unused, a compute dtype the hardware profile has no peak for.
     ``validate`` and ``run`` print them as warnings."""
     a, out = s.model.attention, []
-    peaks = s.hardware.device.peak_flops
-    if s.precision.compute not in peaks:
-        used = next((d for d in ("bf16", "fp16", "fp32") if d in peaks), "the fastest")
+    used = s.hardware.device.peak_dtype(s.precision.compute)
+    if used != s.precision.compute:
         out.append(f"{s.hardware.name} gives no peak_flops.{s.precision.compute}: "
                    f"{s.precision.compute} GEMMs are priced at {used}'s peak")
     if s.cluster.torus_dims and s.cluster.topology != "torus":
@@ -453,6 +454,13 @@ def micro_batches(s: Scenario) -> int:
     """Micro-batches each pipeline runs per step."""
     wl, par = s.workload, s.parallelism
     return wl.global_batch // par.dp // wl.micro_batch
+
+
+def interleaving_problem(pp: int, vp: int) -> str | None:
+    """The rule that stops ``vp`` virtual chunks per device, or None: interleaving needs
+    pipeline stages to interleave."""
+    return "interleaves pipeline stages; with pp=1 there are none" if vp > 1 and pp == 1 \
+        else None
 
 
 def dualpipe_problem(pp: int, vp: int, zero_stage: int, micro_batches: int) -> str | None:

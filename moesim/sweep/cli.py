@@ -13,6 +13,8 @@ from pathlib import Path
 
 __all__ = ["register"]
 
+from moesim.results import output_arg
+
 
 def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
     """Add the ``sweep`` subcommand to the ``moesim`` parser."""
@@ -21,7 +23,7 @@ def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> N
                        "DIR/results.csv and DIR/results.jsonl.")
     p.add_argument("sweep", help="sweep file, or the name of a shipped one in scenarios/sweeps/ "
                    "(e.g. mixtral-ep-x-nodes)")
-    p.add_argument("-o", "--output", help="output folder (default results/sweeps/<sweep name>)")
+    p.add_argument("-o", "--output", type=output_arg, help="output folder (default results/sweeps/<sweep name>)")
     p.add_argument("-j", "--jobs", type=int, default=min(4, os.cpu_count() or 1),
                    help="local worker processes (default: min(4, CPUs)); 1 = in this process")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -72,14 +74,10 @@ def _exit_on_termination() -> Iterator[None]:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from moesim.errors import MoESimError
     from moesim.sweep.executors import check_options
     from moesim.sweep.runner import run_sweep
     from moesim.sweep.spec import load_sweep
 
-    if args.output is not None and not args.output.strip():   # every flag before any output
-        raise MoESimError("-o/--output: must not be empty (a folder; leave -o out for "
-                          "results/sweeps/<sweep name>)")
     check_options(args.executor, args.jobs, args.address)
     sweep = load_sweep(_resolve_sweep(args.sweep))
     if args.list:
