@@ -79,10 +79,17 @@ def matmul_efficiency(device: DeviceSpec, dtype: str, grouped: bool = False) -> 
 def _tiled_compute(tiles: float | np.ndarray, k: float, device: DeviceSpec, dtype: str,
                    efficiency: float) -> float | np.ndarray:
     """Seconds of ``tiles`` output tiles (each element of an array), each contracting ``k``
-    (padded to tile_k)."""
+    (padded to tile_k) and paying the tile's fixed prologue and epilogue
+    (``gemm_tile_overhead``).
+
+    >>> d = DeviceSpec(name="x", peak_flops={"bf16": 8.0}, memory=1.0, memory_bandwidth=1.0,
+    ...                sm_count=2, gemm_tile_m=1, gemm_tile_n=2, gemm_tile_overhead=0.5)
+    >>> float(_tiled_compute(2, 2, d, "bf16", 1.0))  # 1 wave: 8 FLOPs at 4 FLOP/s, + 0.5 s
+    2.5
+    """
     tile_flops = 2.0 * device.gemm_tile_m * device.gemm_tile_n * padded(k, device.gemm_tile_k)
     per_unit = device.flops(dtype) * efficiency / device.sm_count
-    return waves(tiles, device) * tile_flops / per_unit
+    return waves(tiles, device) * (tile_flops / per_unit + device.gemm_tile_overhead)
 
 
 def memory_time(nbytes: float, device: DeviceSpec, kernels: int = 1,

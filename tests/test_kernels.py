@@ -54,6 +54,31 @@ def test_contraction_scales_tile_time():
     assert gemm_time(4, 4, 3, toy(), "bf16", **NO_BYTES) == pytest.approx(6.0)
 
 
+def test_tile_overhead_is_paid_once_per_tile_per_wave():
+    d = toy(gemm_tile_overhead=0.5)
+    # k = 1: 2 s of math per wave + 0.5 s for the wave's tiles (each SM runs one) = 2.5 s;
+    # m = 8: 8 tiles = 2 waves = 5 s; k = 3: 6 s of math + 0.5 s.
+    assert gemm_time(4, 4, 1, d, "bf16", **NO_BYTES) == pytest.approx(2.5)
+    assert gemm_time(8, 4, 1, d, "bf16", **NO_BYTES) == pytest.approx(5.0)
+    assert gemm_time(4, 4, 3, d, "bf16", **NO_BYTES) == pytest.approx(6.5)
+    # A short contraction reaches less of the main loop's rate than a long one: k = 1 at
+    # 2 / 2.5 = 0.8 of it, k = 3 at 6 / 6.5; FP8 (twice the FLOP/s, same tile time) lower still:
+    # 1 s of math + 0.5 s.
+    fp8 = toy(gemm_tile_overhead=0.5, peak_flops={"bf16": 16.0, "fp8": 32.0})
+    assert gemm_time(4, 4, 1, fp8, "fp8", **NO_BYTES) == pytest.approx(1.5)
+    # The grouped GEMM pays it per tile too: 2 experts x 2 tokens = 2 tile rows x 2 tile
+    # columns = 4 tiles = 1 wave: 2 s + 0.5 s.
+    assert grouped_gemm_time(np.array([2.0, 2.0]), 4, 1, d, "bf16",
+                             **NO_BYTES) == pytest.approx(2.5)
+
+
+def test_tile_overhead_needs_a_tile_model():
+    with pytest.raises(ScenarioError, match="gemm_tile_overhead.*tile model"):
+        toy(gemm_tile_overhead=1e-6, gemm_tile_m=1, gemm_tile_n=1)
+    with pytest.raises(ScenarioError, match="gemm_tile_overhead"):
+        toy(gemm_tile_overhead=1e-6, sm_count=0)
+
+
 def test_launch_floor_tiny_gemm_costs_floor_plus_its_bytes():
     d = toy(peak_flops={"bf16": 1e30}, memory_bandwidth=10.0, kernel_overhead=0.25)
     # 1 x 1 x 1 in BF16: read A (2 B) and B (2 B), write C (2 B) = 6 B at 10 B/s + 0.25 s.

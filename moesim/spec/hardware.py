@@ -54,6 +54,12 @@ class DeviceSpec:
     # "waves": tiles run in whole waves (a partial last wave costs a full one); "stream_k":
     # a persistent kernel spreads the last wave's work over all SMs (CUTLASS stream-K).
     gemm_scheduler: Literal["waves", "stream_k"] = "waves"
+    # Fixed time per output tile beside its math: before a tile's main loop the kernel fills
+    # its shared-memory pipeline, after it the tile is written out. A short contraction (an
+    # expert's down projection, k = its FFN width) therefore runs further below peak than a
+    # long one, and an FP8 tile (half the math time) more so than a BF16 one (0 = not modelled).
+    gemm_tile_overhead: float = spec_field(0.0, unit="time", min=0,
+                                           doc="per-tile prologue + epilogue time")
     # Fixed time every kernel pays (launch, prologue, pipeline fill, tail), seconds.
     kernel_overhead: float = spec_field(0.0, unit="time", min=0)
     # FP8 GEMMs: fraction of the FP8 peak they reach (null = matmul_efficiency); grouped FP8
@@ -98,6 +104,11 @@ class DeviceSpec:
         if not self.peak_flops:
             raise ScenarioError("at least one dtype is required (e.g. bf16: 989 TFLOPS)",
                                 field="device.peak_flops")
+        if self.gemm_tile_overhead > 0 and (
+                not self.sm_count or self.gemm_tile_m * self.gemm_tile_n == 1):
+            raise ScenarioError("a time per GEMM output tile needs a tile model: set sm_count "
+                                "and gemm_tile_m / gemm_tile_n (or leave it 0)",
+                                field="device.gemm_tile_overhead")
 
     def flops(self, dtype: str) -> float:
         """Peak dense FLOP/s for ``dtype`` (:meth:`peak_dtype`'s figure)."""
