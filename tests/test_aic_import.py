@@ -525,3 +525,50 @@ def test_a_table_with_a_bad_time_is_named_and_nothing_is_left(aic_data, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{table}: column latency, row 0: -1.0 is not a time > 0" in err[0]
     assert not (tmp_path / "made").exists()
+
+
+def _with_deepep_normal(aic_data: Path, tmp_path: Path, notify: list) -> Path:
+    """A copy of the fixture data with one DeepEP normal-kernel table (SGLang 0.5.14), whose
+    dispatch notify step is ``notify`` (aiconfigurator's real tables hold 0.0 there)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(aic_data, data)
+    rows = [{"node_num": 1, "hidden_size": 256, "num_token": n, "num_topk": 2, "num_experts": 8,
+             "dispatch_sms": 24, "dispatch_transmit_us": t, "dispatch_notify_us": u,
+             "combine_sms": 24, "combine_transmit_us": 2 * t}
+            for n, t, u in zip((128, 256), (50.0, 90.0), notify)]
+    _write(data / "h100_sxm/comm/sglang/0.5.14", "wideep_deepep_normal_perf.parquet", rows,
+           "SGLang", "0.5.14", "deepep_normal")
+    return data
+
+
+def test_a_zero_or_missing_deepep_notify_step_is_read_as_none(aic_data, tmp_path):
+    out = tmp_path / "p.yaml"
+    assert _import(_with_deepep_normal(aic_data, tmp_path, [0.0, None]), out) == 0
+    coll = yaml.safe_load(out.read_text())["calibration"]["collectives"]
+    (dispatch,) = coll["moe_dispatch"]
+    (combine,) = coll["moe_combine"]
+    # transmit + notify: 50 + 0 and 90 + nothing microseconds; the combine has no notify column.
+    assert _floats(dispatch["seconds"]) == [5e-5, 9e-5]
+    assert _floats(combine["seconds"]) == [1e-4, 1.8e-4]
+    assert (dispatch["implementation"], dispatch["sms"], dispatch["ranks"]) == (
+        "deepep_normal", 24, 8)
+
+
+def test_a_negative_deepep_notify_step_is_refused(aic_data, tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert _import(_with_deepep_normal(aic_data, tmp_path, [-1.0, 0.0]), out) == 2
+    err = capsys.readouterr().err
+    assert "column dispatch_notify_us, row 0: -1.0 is not a time >= 0 (or empty)" in err
+    assert not out.exists()
+
+
+def test_every_system_with_a_default_base_maps_to_a_shipped_profile_of_that_gpu():
+    from moesim.aic_import import DEFAULT_BASE
+
+    # aiconfigurator's system names start with the GPU's (h100_sxm, gb200): the shipped
+    # profile named for it must load and be that GPU.
+    for system, profile in DEFAULT_BASE.items():
+        gpu = system.split("_")[0]
+        assert gpu in load_hardware(profile).device.name.lower().replace(" ", ""), system
