@@ -19,7 +19,7 @@ from moesim.compute import kv_bytes_per_token
 from moesim.errors import OutOfMemory
 from moesim.layout import Layout
 from moesim.spec.hardware import dtype_bytes
-from moesim.spec.scenario import Scenario, mtp_blocks
+from moesim.spec.scenario import Scenario, mtp_held, tokens_per_sequence
 
 __all__ = ["MemoryBreakdown", "stage_memory", "check_memory", "block_params", "stage_params",
            "zero3_regathers", "saved_activation_dtype", "saved_bytes_per_token_layer"]
@@ -87,7 +87,7 @@ def stage_params(s: Scenario, layout: Layout, stage: int) -> tuple[float, float]
         blocks.append("lm_head")
     dense, experts = (float(sum(part)) for part in zip(
         *(block_params(s, layout, b) for b in blocks), strict=True))
-    mtp = mtp_blocks(s) if head else 0
+    mtp = mtp_held(s) if head else 0
     h = m.hidden_size
     # A multi-token-prediction module: two norms, a [2h -> h] projection, one MoE block.
     dense += mtp * (m.attention_params + m.shared_expert_params + m.num_experts * h
@@ -110,8 +110,8 @@ def zero3_regathers(s: Scenario) -> bool:
 def tokens_per_microbatch(s: Scenario) -> float:
     """Tokens one device handles per micro-batch (per pipeline stage)."""
     wl = s.workload
-    per_seq = 1 if wl.mode == "decode" else wl.seq_len
-    return wl.micro_batch * per_seq / (s.parallelism.tp if s.parallelism.sequence_parallel else 1)
+    return wl.micro_batch * tokens_per_sequence(s) / (s.parallelism.tp
+                                                      if s.parallelism.sequence_parallel else 1)
 
 
 def saved_activation_dtype(s: Scenario) -> str:
@@ -189,8 +189,10 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
                                  default=0.0)
         acts /= par.tp if not par.sequence_parallel else 1
     else:
-        context = wl.seq_len + (wl.context_len if wl.mode == "decode" else 0)
-        kv = (wl.global_batch / par.dp) * context * len(layers)
+        context = tokens_per_sequence(s) + (wl.context_len if wl.mode == "decode" else 0)
+        # the last stage's drafting MTP modules keep a KV cache of their own
+        drafters = mtp_held(s) if layout.holds_ends(stage)[1] else 0
+        kv = (wl.global_batch / par.dp) * context * (len(layers) + drafters)
         kv *= kv_bytes_per_token(s.model, prec.kv_cache) / par.tp
         acts = tokens * max(activation_bytes_per_token_layer(s, True),
                             activation_bytes_per_token_layer(s, False))

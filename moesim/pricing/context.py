@@ -20,7 +20,7 @@ from moesim.errors import ScenarioError, TopologyError
 from moesim.layout import Layout
 from moesim.memory import tokens_per_microbatch
 from moesim.spec.hardware import LinkSpec, dtype_bytes, load_hardware
-from moesim.spec.scenario import Scenario
+from moesim.spec.scenario import Scenario, tokens_per_sequence
 from moesim.topology import Topology, build_topology
 
 __all__ = ["PricingContext", "scenario_topology", "kernel_timer", "estimate_memory",
@@ -180,10 +180,14 @@ class PricingContext:
 
     def context_length(self) -> tuple[float, float]:
         """(average attended context per token, KV tokens read per device) for the workload."""
-        wl = self.scenario.workload
+        s = self.scenario
+        wl = s.workload
         if wl.mode == "decode":
-            ctx = wl.context_len + 1
-            return ctx, self.tokens_per_source * ctx
+            # Each sequence's 1 + k query tokens (its next token and k drafts to verify) sit at
+            # positions context_len + 1 ... + 1 + k; its KV cache is read once for all of them.
+            per_seq = tokens_per_sequence(s)
+            ctx = wl.context_len + (1 + per_seq) / 2
+            return ctx, self.tokens_per_source / per_seq * (wl.context_len + per_seq)
         return wl.seq_len / 2, 0.0
 
 

@@ -6,7 +6,13 @@ from moesim.kernels import memory_time
 from moesim.memory import stage_params
 from moesim.pricing.context import PricingContext
 from moesim.spec.hardware import dtype_bytes
-from moesim.spec.scenario import Scenario, micro_batches, mtp_blocks
+from moesim.spec.scenario import (
+    Scenario,
+    draft_passes,
+    micro_batches,
+    mtp_blocks,
+    tokens_per_sequence,
+)
 
 __all__ = ["micro_batches", "optimizer_time", "optimizer_bytes_per_param",
            "model_flops_per_token", "heads_time", "logit_tokens"]
@@ -55,12 +61,19 @@ def model_flops_per_token(s: Scenario) -> float:
 
 def heads_time(ctx: PricingContext) -> float:
     """The LM head (and loss) of the last stage, plus each MTP module's projection and its
-    own pass through the shared head."""
-    t, h = ctx.timer, ctx.hidden
-    mtp = mtp_blocks(ctx.scenario)
+    own pass through the shared head: trained at the step's tokens, or, drafting in decode,
+    once per draft pass at one token per sequence (the passes' blocks are
+    :func:`moesim.sim.simulate`'s)."""
+    t, h, s = ctx.timer, ctx.hidden, ctx.scenario
+    mtp, drafts = mtp_blocks(s), draft_passes(s)
     tokens = logit_tokens(ctx)
-    projection = t.gemm(ctx.microbatch_tokens, h, 2 * h) if mtp else 0.0
-    return (1 + mtp) * t.lm_head(tokens) + mtp * projection
+    heads = t.lm_head(tokens)
+    if mtp:
+        heads += mtp * (t.lm_head(tokens) + t.gemm(ctx.microbatch_tokens, h, 2 * h))
+    if drafts:
+        sequences = ctx.microbatch_tokens / tokens_per_sequence(s)
+        heads += drafts * (t.lm_head(sequences) + t.gemm(sequences, h, 2 * h))
+    return heads
 
 
 def logit_tokens(ctx: PricingContext) -> float:

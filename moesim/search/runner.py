@@ -30,6 +30,7 @@ from moesim.search.serving import (
     RequestShape,
     check_kv,
     decode_scenario,
+    decode_tokens_per_step,
     kv_max_batch,
     pareto_front,
     prefill_scenario,
@@ -116,10 +117,12 @@ def _screen(spec: SearchSpec, cands: list[Candidate], dropped: Counter, progress
             else:
                 batch = cand.get("workload.micro_batch")
                 check_kv(s, shape, batch)
-                dec = screen_layout(decode_scenario(s, shape, batch), topology, cache)
+                decode = decode_scenario(s, shape, batch)
+                dec = screen_layout(decode, topology, cache)
                 pre = screen_layout(prefill_scenario(s, shape), topology, cache)
                 metrics = serving_metrics(dec.step_time, pre.step_time, batch,
-                                          s.parallelism.dp, s.num_devices)
+                                          s.parallelism.dp, s.num_devices,
+                                          decode_tokens_per_step(decode))
                 key = (s.parallelism.tp, s.parallelism.pp, s.parallelism.ep)
                 if key not in kv_cache:
                     kv_cache[key] = kv_max_batch(s, shape)
@@ -167,7 +170,8 @@ def _tasks(spec: SearchSpec, cand: Candidate, serving: bool, shape: RequestShape
            f"workload.context_len={shape.input_len + shape.output_len // 2}")
     pre = (*base, "workload.mode=prefill", f"workload.seq_len={shape.input_len}",
            f"workload.micro_batch={shape.prefill_batch}",
-           f"workload.global_batch={shape.prefill_batch * dp}", "workload.context_len=0")
+           f"workload.global_batch={shape.prefill_batch * dp}", "workload.context_len=0",
+           "workload.speculative_tokens=0", "workload.acceptance_rate=0")
     return [("decode", PointTask(spec.base, spec.base_dir, spec.source, dec)),
             ("prefill", PointTask(spec.base, spec.base_dir, spec.source, pre))]
 
@@ -272,7 +276,7 @@ def _search(spec: SearchSpec, out: Path, jsonl: Path, wall: float, *, top: int |
                                   else "") + "\n")
                 progress.flush()
     for values, kinds in results.items():
-        _merge(rows[values], kinds, serving)
+        _merge(rows[values], kinds, serving, decode_tokens_per_step(spec.scenario))
     table = _rank(list(rows.values()), serving, objective, max_tpot, max_ttft)
     own_rank = next((r["rank"] for r in table if own.values in rows
                      and r is rows[own.values]), None)
@@ -283,7 +287,8 @@ def _search(spec: SearchSpec, out: Path, jsonl: Path, wall: float, *, top: int |
     return outcome
 
 
-def _merge(row: dict[str, Any], kinds: dict[str, dict], serving: bool) -> None:
+def _merge(row: dict[str, Any], kinds: dict[str, dict], serving: bool,
+           tokens_per_step: float) -> None:
     errors = [m["error"] for m in kinds.values() if m.get("error")]
     row["simulated"] = not errors
     row["error"] = "; ".join(errors)
@@ -297,7 +302,7 @@ def _merge(row: dict[str, Any], kinds: dict[str, dict], serving: bool) -> None:
         return
     dec, pre = kinds["decode"], kinds["prefill"]
     row.update(serving_metrics(dec["step_time_s"], pre["step_time_s"], row["batch_per_replica"],
-                               row["parallelism.dp"], dec["devices"]))
+                               row["parallelism.dp"], dec["devices"], tokens_per_step))
     row["memory_bytes"] = dec["memory_peak_bytes"]
 
 

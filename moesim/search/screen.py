@@ -40,7 +40,12 @@ from moesim.pricing.moe_layer import expert_times, layer_traffic, permute_time
 from moesim.pricing.step import heads_time, micro_batches, model_flops_per_token, optimizer_time
 from moesim.routing import LayerChoices
 from moesim.routing_draw import sample_routing
-from moesim.spec.scenario import Scenario, mtp_blocks
+from moesim.spec.scenario import (
+    Scenario,
+    draft_passes,
+    mtp_blocks,
+    output_tokens_per_sequence,
+)
 from moesim.topology import Topology
 from moesim.traffic import LayerTraffic
 
@@ -55,7 +60,7 @@ _BLOCK_KEY = (("parallelism", "tp"), ("parallelism", "ep"), ("parallelism", "seq
               ("workload", "micro_batch"), ("communication", "overlap"),
               ("communication", "alltoall"),
               ("placement", "redundant_experts"), ("workload", "mode"), ("workload", "seq_len"),
-              ("workload", "context_len"))
+              ("workload", "context_len"), ("workload", "speculative_tokens"))
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,9 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
     train = wl.mode == "training"
     full = s.memory.recompute == "full"
     mtp = mtp_blocks(s)
+    drafts = draft_passes(s)   # speculative decoding: MTP blocks at one token per sequence
+    draft = _blocks(replace(s, workload=replace(wl, speculative_tokens=0)), topology,
+                    cache)[0] if drafts else None
     heads = heads_time(ctx)
     embedding = ctx.timer.embedding(ctx.microbatch_tokens)
     fwd_stage, bwd_stage = [], []
@@ -250,6 +258,8 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
                 continue
             f += count * (bt.compute + bt.comm)
             b += count * (2 * bt.compute + bt.comm + (bt.compute if full else bt.recompute))
+        if has_head and draft is not None:
+            f += drafts * (draft.compute + draft.comm)
         ends = (heads if has_head else 0.0) + (embedding if has_embedding else 0.0)
         f, b = f + ends, b + 2 * ends
         if sharded:
@@ -282,7 +292,7 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
             exposed = max(0.0, cache[key] - window)
             tail = max(tail, exposed + optimizer_time(ctx, stage))
     step = float(pipeline + tail)
-    tokens = wl.global_batch * (1 if wl.mode == "decode" else wl.seq_len)
+    tokens = wl.global_batch * output_tokens_per_sequence(s)
     tps_dev = tokens / step / s.num_devices
     peak = s.hardware.device.flops(s.precision.compute if s.precision.compute != "fp8" else "bf16")
     mfu = model_flops_per_token(s) * tps_dev / peak

@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 
 from moesim.layout import Layout
 from moesim.memory import check_memory, stage_memory
-from moesim.spec.scenario import Scenario
+from moesim.spec.scenario import Scenario, output_tokens_per_sequence
 
 __all__ = ["RequestShape", "decode_scenario", "prefill_scenario", "kv_max_batch",
-           "serving_metrics", "pareto_front"]
+           "decode_tokens_per_step", "serving_metrics", "pareto_front"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ def prefill_scenario(s: Scenario, shape: RequestShape) -> Scenario:
     """``s`` as one prefill of ``prefill_batch`` prompts per DP replica."""
     b = shape.prefill_batch
     wl = replace(s.workload, mode="prefill", seq_len=shape.input_len, micro_batch=b,
-                 global_batch=b * s.parallelism.dp, context_len=0)
+                 global_batch=b * s.parallelism.dp, context_len=0, speculative_tokens=0,
+                 acceptance_rate=0.0)
     return replace(s, workload=wl)
 
 
@@ -76,9 +77,18 @@ def check_kv(s: Scenario, shape: RequestShape, batch: int) -> None:
     check_memory(d, Layout.for_scenario(d))
 
 
-def serving_metrics(tpot: float, ttft: float, batch: int, dp: int, devices: int
-                    ) -> dict[str, float]:
-    """Per-layout serving figures from its decode step (TPOT) and prefill step (TTFT)."""
+def decode_tokens_per_step(s: Scenario) -> float:
+    """Tokens per sequence one decode step of ``s`` yields (speculative decoding's expected
+    accepted drafts plus one; 1 without)."""
+    return output_tokens_per_sequence(replace(s, workload=replace(s.workload, mode="decode")))
+
+
+def serving_metrics(decode_step: float, ttft: float, batch: int, dp: int, devices: int,
+                    tokens_per_step: float = 1.0) -> dict[str, float]:
+    """Per-layout serving figures from its decode step and prefill step (TTFT); a decode step
+    yields ``tokens_per_step`` tokens per sequence (more than 1 with speculative decoding), so
+    TPOT is the step over them."""
+    tpot = decode_step / tokens_per_step
     return {"ttft_s": ttft, "tpot_s": tpot, "tokens_per_s_per_user": 1.0 / tpot,
             "tokens_per_s_per_gpu": dp * batch / tpot / devices}
 

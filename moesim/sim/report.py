@@ -9,6 +9,7 @@ import numpy as np
 from moesim.pricing.step import model_flops_per_token
 from moesim.results import Result
 from moesim.sim.streams import ChunkRun
+from moesim.spec.scenario import output_tokens_per_sequence
 
 __all__ = ["build_result", "compute_busy", "exposure", "rep_device"]
 
@@ -89,7 +90,7 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
     for (stage, kind, chunk), n in uses.items():
         own[stage] += n * sim.runs[(stage, kind, chunk)].makespan
     critical = int(np.argmax(own))
-    tokens_step = wl.global_batch * (1 if wl.mode == "decode" else wl.seq_len)
+    tokens_step = wl.global_batch * output_tokens_per_sequence(s)
     tps = tokens_step / step
     flops_tok = model_flops_per_token(s)
     peak = s.hardware.device.flops(s.precision.compute if s.precision.compute != "fp8" else "bf16")
@@ -121,6 +122,10 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
         notes.append(f"{par.dp * par.tp // par.ep} EP groups per stage simulated as one "
                      "(same routing, disjoint links)" if engine == "aggregated" else
                      "all EP groups of stage 0 simulated per device")
+    if wl.mode == "decode" and wl.speculative_tokens:
+        notes.append(f"speculative decoding: {wl.speculative_tokens} MTP draft token(s) per "
+                     f"step at acceptance {wl.acceptance_rate:g}, "
+                     f"{output_tokens_per_sequence(s):.3g} tokens per sequence per step")
     return Result(
         scenario=s.name, mode=wl.mode, engine=engine, devices=s.num_devices, step_time=step,
         tokens_per_step=tokens_step, tokens_per_s=tps, tokens_per_s_per_device=tps / s.num_devices,

@@ -39,7 +39,7 @@ from moesim.sim.report import build_result
 from moesim.sim.schedule import dualpipe_plan, forward_only, one_f_one_b
 from moesim.sim.simulation import Simulation, Timeline
 from moesim.sim.streams import ChunkRun, Op, chunk_ops, merge_pair, run_ops
-from moesim.spec.scenario import Scenario, mtp_blocks
+from moesim.spec.scenario import Scenario, draft_passes, mtp_blocks
 
 __all__ = ["ENGINES", "simulate_step", "estimate_cost"]
 
@@ -205,6 +205,12 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: Engine
     slowdown = overlapped_compute_slowdown(s.hardware.device)
     runs = {}
     mtp = mtp_blocks(s)
+    drafts = draft_passes(s)
+    # Speculative decoding: the MTP module drafts at one token per sequence, so its block is
+    # priced by a context of the same step without drafts (same placement, faults and links).
+    draft_costs = CostModel(PricingContext.from_scenario(
+        replace(s, workload=replace(s.workload, speculative_tokens=0)), costs.ctx.topology),
+        costs.placement, costs.device_faults) if drafts else None
     sharded = s.workload.mode == "training" and par.zero_stage >= 3
     for stage, chunks in enumerate(layout.chunk_layers()):
         ops_of: dict[tuple[str, int], list[Op]] = {}
@@ -212,6 +218,8 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: Engine
             blocks = [costs.block(layer) for layer in layers]
             if mtp and layout.chunk_ends(stage, c)[1]:   # MTP: one more MoE block each
                 blocks += [costs.block(s.model.moe_layer_ids[-1])] * mtp
+            if draft_costs is not None and layout.chunk_ends(stage, c)[1]:
+                blocks += [draft_costs.block(s.model.moe_layer_ids[-1])] * drafts
             kinds = [("F", blocks, False)]
             if s.workload.mode == "training":
                 kinds.append(("B", blocks[::-1], True))

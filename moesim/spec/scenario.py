@@ -22,7 +22,9 @@ from moesim.spec.model import ModelSpec
 __all__ = ["Parallelism", "Workload", "Precision", "RoutingSpec", "PlacementSpec",
            "CommunicationSpec", "MemorySpec", "SimulationSpec", "OutputSpec", "FaultSpec",
            "Scenario", "load_scenario", "scenario_from_mapping", "apply_overrides",
-           "mtp_blocks", "pipeline_end_layers", "micro_batches", "interleaving_problem",
+           "mtp_blocks", "mtp_held", "draft_passes", "tokens_per_sequence",
+           "output_tokens_per_sequence", "pipeline_end_layers", "micro_batches",
+           "interleaving_problem",
            "dualpipe_problem",
            "scenario_warnings"]
 
@@ -63,6 +65,16 @@ class Workload:
     seq_len: int = spec_field(min=1, max=1 << 24, doc="tokens per sequence (prefill/training) ")
     micro_batch: int = spec_field(1, min=1, max=1 << 24, doc="sequences per micro-batch per DP rank")
     context_len: int = spec_field(0, min=0, max=1 << 24, doc="decode: tokens already in the KV cache")
+    # Speculative decoding with the model's multi-token-prediction module as the draft model
+    # (DeepSeek-V3 serving): each decode step verifies the previous step's drafts with the main
+    # model (1 + speculative_tokens query tokens per sequence) and the MTP module drafts the
+    # next ones (speculative_tokens passes over one token per sequence). Each draft token is
+    # accepted with probability acceptance_rate given the ones before it (DeepSeek-V3 report,
+    # sec. 5.4.3: 85-90% for the second token).
+    speculative_tokens: int = spec_field(0, min=0, max=16,
+                                         doc="decode: MTP draft tokens verified per step")
+    acceptance_rate: float = spec_field(0.0, min=0, max=1,
+                                        doc="decode: chance each draft token is accepted")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -362,6 +374,13 @@ def _check_relations(s: Scenario, source: str) -> None:
         raise ScenarioError(f"global_batch={wl.global_batch} must split into dp={par.dp} "
                             f"replicas of whole micro-batches of {wl.micro_batch}", source=source,
                             field="workload.global_batch")
+    if wl.speculative_tokens and wl.mode != "decode":
+        raise ScenarioError(f"speculative decoding drafts tokens in decode, not in {wl.mode}",
+                            source=source, field="workload.speculative_tokens")
+    if wl.speculative_tokens and not s.model.mtp_modules:
+        raise ScenarioError(f"speculative_tokens drafts with the model's multi-token-prediction "
+                            f"module, and {s.model.name} has none (model.mtp_modules: 0)",
+                            source=source, field="workload.speculative_tokens")
     if wl.mode == "decode" and wl.context_len == 0:
         raise ScenarioError("decode needs context_len (tokens already in the KV cache)",
                             source=source, field="workload.context_len")
@@ -428,6 +447,8 @@ def scenario_warnings(s: Scenario) -> list[str]:
     if s.communication.alltoall.startswith("deepep") and kind != "gpu":
         out.append(f"communication.alltoall {s.communication.alltoall!r} prices NVIDIA GPU "
                    f"kernels (SMs, NVLink, RDMA) on a {kind}")
+    if s.workload.acceptance_rate and not s.workload.speculative_tokens:
+        out.append("workload.acceptance_rate is unused: workload.speculative_tokens is 0")
     latent = [f for f in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim") if getattr(a, f)]
     if latent and a.kind != "mla":
         out.append(f"model.attention.{latent[0]} is unused: attention kind is {a.kind!r}, not "
@@ -436,9 +457,42 @@ def scenario_warnings(s: Scenario) -> list[str]:
 
 
 def mtp_blocks(s: Scenario) -> int:
-    """Multi-token-prediction modules the last stage trains (DeepSeek-V3: 1); serving runs
-    none (they only draft tokens for speculative decoding, not modelled)."""
+    """Multi-token-prediction modules the last stage trains (DeepSeek-V3: 1), at the step's
+    tokens; serving runs them only as a speculative draft model (:func:`draft_passes`)."""
     return s.model.mtp_modules if s.workload.mode == "training" else 0
+
+
+def mtp_held(s: Scenario) -> int:
+    """MTP modules the last stage holds in memory: trained, or drafting in decode."""
+    return mtp_blocks(s) or (s.model.mtp_modules if draft_passes(s) else 0)
+
+
+def draft_passes(s: Scenario) -> int:
+    """Sequential passes of the MTP module per decode step, one token per sequence each."""
+    return s.workload.speculative_tokens if s.workload.mode == "decode" else 0
+
+
+def tokens_per_sequence(s: Scenario) -> int:
+    """Tokens of each sequence one step runs through the main model: the sequence (training,
+    prefill), its next token and the drafts to verify (decode)."""
+    return 1 + draft_passes(s) if s.workload.mode == "decode" else s.workload.seq_len
+
+
+def output_tokens_per_sequence(s: Scenario) -> float:
+    """Tokens per sequence a step yields: the sequence's own (training, prefill), and in decode
+    the expected accepted run of drafts plus the verified token, (1 - a^(k+1)) / (1 - a) for k
+    drafts accepted with probability a each.
+
+    >>> from types import SimpleNamespace as N
+    >>> output_tokens_per_sequence(N(workload=N(mode="decode", speculative_tokens=2,
+    ...                                         acceptance_rate=0.5, seq_len=1)))
+    1.75
+    """
+    wl = s.workload
+    if wl.mode != "decode":
+        return float(wl.seq_len)
+    a, k = wl.acceptance_rate, draft_passes(s)
+    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
 def pipeline_end_layers(s: Scenario) -> tuple[int, int]:
