@@ -106,3 +106,21 @@ def test_serving_search_counts_the_accepted_tokens(make_scenario):
     # the prefill half of a serving layout drafts nothing
     pre = prefill_scenario(s, RequestShape(64, 16))
     assert (pre.workload.speculative_tokens, decode_tokens_per_step(pre)) == (0, 1.0)
+
+
+def test_the_screen_prices_the_drafts_as_the_simulator_does(make_scenario):
+    # One stage (the screen's pipeline formula is exact there): the search's closed-form screen
+    # adds the same draft blocks and heads as the simulator, with drafts as without.
+    from moesim.pricing.context import scenario_topology
+    from moesim.search.screen import screen_layout
+
+    steps = []
+    for k in (0, 1, 2):
+        s = make_scenario({**DECODE, "parallelism": {"pp": 1, "dp": 4, "ep": 4},
+                           "workload": {**DECODE["workload"], "global_batch": 8,
+                                        "speculative_tokens": k,
+                                        "acceptance_rate": 0.5 if k else 0.0}})
+        sim = simulate(s).result.step_time
+        assert screen_layout(s, scenario_topology(s)).step_time == pytest.approx(sim, rel=1e-9)
+        steps.append(sim)
+    assert steps[0] < steps[1] < steps[2]
