@@ -447,6 +447,13 @@ def scenario_warnings(s: Scenario) -> list[str]:
     if s.communication.alltoall.startswith("deepep") and kind != "gpu":
         out.append(f"communication.alltoall {s.communication.alltoall!r} prices NVIDIA GPU "
                    f"kernels (SMs, NVLink, RDMA) on a {kind}")
+    par = s.parallelism
+    if par.tp > 1 and par.ep < par.tp and s.model.num_experts > 1:
+        out.append(f"parallelism.ep={par.ep} < tp={par.tp}: moesim has no expert tensor "
+                   "parallelism, so each TP rank holds its EP share of the experts whole and "
+                   "runs it on all of the TP group's tokens (engines that shard experts over "
+                   f"TP, such as vLLM without expert parallelism, do 1/{par.tp} of that); "
+                   f"ep={par.tp} spreads the experts over the TP group instead")
     if s.workload.acceptance_rate and not s.workload.speculative_tokens:
         out.append("workload.acceptance_rate is unused: workload.speculative_tokens is 0")
     latent = [f for f in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim") if getattr(a, f)]
