@@ -65,14 +65,16 @@ def heads_time(ctx: PricingContext) -> float:
     once per draft pass at one token per sequence (the passes' blocks are
     :func:`moesim.sim.simulate`'s)."""
     t, h, s = ctx.timer, ctx.hidden, ctx.scenario
-    mtp, drafts = mtp_blocks(s), draft_passes(s)
-    tokens = logit_tokens(ctx)
-    heads = t.lm_head(tokens)
-    if mtp:
-        heads += mtp * (t.lm_head(tokens) + t.gemm(ctx.microbatch_tokens, h, 2 * h))
-    if drafts:
-        sequences = ctx.microbatch_tokens / tokens_per_sequence(s)
-        heads += drafts * (t.lm_head(sequences) + t.gemm(sequences, h, 2 * h))
+
+    def mtp_pass(tokens: float) -> float:   # the [2h -> h] projection and the shared head
+        return t.gemm(tokens, h, 2 * h) + t.lm_head(tokens)
+
+    # Only kernels that run are priced (a measured profile counts which table served each).
+    heads = t.lm_head(logit_tokens(ctx))
+    if mtp := mtp_blocks(s):
+        heads += mtp * mtp_pass(ctx.microbatch_tokens)
+    if drafts := draft_passes(s):
+        heads += drafts * mtp_pass(ctx.microbatch_tokens / tokens_per_sequence(s))
     return heads
 
 

@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Callable
 
-__all__ = ["register"]
-
 from moesim.results import output_arg
+
+__all__ = ["register"]
 
 
 def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:

@@ -31,9 +31,11 @@ from moesim.search.serving import (
     check_kv,
     decode_scenario,
     decode_tokens_per_step,
+    decode_workload,
     kv_max_batch,
     pareto_front,
     prefill_scenario,
+    prefill_workload,
     serving_metrics,
 )
 from moesim.search.space import (
@@ -165,13 +167,8 @@ def _tasks(spec: SearchSpec, cand: Candidate, serving: bool, shape: RequestShape
     assert shape is not None
     v = dict(cand.values)
     dp, batch = v["parallelism.dp"], v["workload.micro_batch"]
-    dec = (*base, "workload.mode=decode", "workload.seq_len=1", f"workload.micro_batch={batch}",
-           f"workload.global_batch={batch * dp}",
-           f"workload.context_len={shape.input_len + shape.output_len // 2}")
-    pre = (*base, "workload.mode=prefill", f"workload.seq_len={shape.input_len}",
-           f"workload.micro_batch={shape.prefill_batch}",
-           f"workload.global_batch={shape.prefill_batch * dp}", "workload.context_len=0",
-           "workload.speculative_tokens=0", "workload.acceptance_rate=0")
+    dec = (*base, *(f"workload.{k}={x}" for k, x in decode_workload(shape, batch, dp).items()))
+    pre = (*base, *(f"workload.{k}={x}" for k, x in prefill_workload(shape, dp).items()))
     return [("decode", PointTask(spec.base, spec.base_dir, spec.source, dec)),
             ("prefill", PointTask(spec.base, spec.base_dir, spec.source, pre))]
 

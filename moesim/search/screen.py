@@ -45,6 +45,7 @@ from moesim.spec.scenario import (
     draft_passes,
     mtp_blocks,
     output_tokens_per_sequence,
+    without_drafts,
 )
 from moesim.topology import Topology
 from moesim.traffic import LayerTraffic
@@ -241,8 +242,7 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
     full = s.memory.recompute == "full"
     mtp = mtp_blocks(s)
     drafts = draft_passes(s)   # speculative decoding: MTP blocks at one token per sequence
-    draft = _blocks(replace(s, workload=replace(wl, speculative_tokens=0)), topology,
-                    cache)[0] if drafts else None
+    draft = _blocks(without_drafts(s), topology, cache)[0] if drafts else None
     heads = heads_time(ctx)
     embedding = ctx.timer.embedding(ctx.microbatch_tokens)
     fwd_stage, bwd_stage = [], []

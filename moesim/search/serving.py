@@ -13,12 +13,14 @@ output_len``). Throughput counts decode tokens only: ``dp x B / TPOT`` over the 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from moesim.layout import Layout
 from moesim.memory import check_memory, stage_memory
 from moesim.spec.scenario import Scenario, output_tokens_per_sequence
 
-__all__ = ["RequestShape", "decode_scenario", "prefill_scenario", "kv_max_batch",
+__all__ = ["RequestShape", "decode_workload", "prefill_workload", "decode_scenario",
+           "prefill_scenario", "kv_max_batch",
            "decode_tokens_per_step", "serving_metrics", "pareto_front"]
 
 
@@ -31,23 +33,37 @@ class RequestShape:
     prefill_batch: int = 1
 
 
+def decode_workload(shape: RequestShape, batch: int, dp: int, *, longest: bool = False
+                    ) -> dict[str, Any]:
+    """The workload fields of one decode step of ``batch`` sequences per DP replica, at the
+    average context (``longest``: at the longest context, for memory); the scenario's own
+    speculative decoding is kept. :func:`decode_scenario` and the search's simulated points
+    both take these."""
+    context = shape.input_len + (shape.output_len if longest else shape.output_len // 2)
+    return {"mode": "decode", "seq_len": 1, "micro_batch": batch, "global_batch": batch * dp,
+            "context_len": max(1, context)}
+
+
+def prefill_workload(shape: RequestShape, dp: int) -> dict[str, Any]:
+    """The workload fields of one prefill of ``prefill_batch`` prompts per DP replica (which
+    drafts nothing)."""
+    b = shape.prefill_batch
+    return {"mode": "prefill", "seq_len": shape.input_len, "micro_batch": b,
+            "global_batch": b * dp, "context_len": 0, "speculative_tokens": 0,
+            "acceptance_rate": 0.0}
+
+
 def decode_scenario(s: Scenario, shape: RequestShape, batch: int, *, longest: bool = False
                     ) -> Scenario:
-    """``s`` as one decode step of ``batch`` sequences per DP replica, at the average context
-    (``longest``: at the longest context, for memory)."""
-    context = shape.input_len + (shape.output_len if longest else shape.output_len // 2)
-    wl = replace(s.workload, mode="decode", seq_len=1, micro_batch=batch,
-                 global_batch=batch * s.parallelism.dp, context_len=max(1, context))
-    return replace(s, workload=wl)
+    """``s`` as :func:`decode_workload`."""
+    fields = decode_workload(shape, batch, s.parallelism.dp, longest=longest)
+    return replace(s, workload=replace(s.workload, **fields))
 
 
 def prefill_scenario(s: Scenario, shape: RequestShape) -> Scenario:
-    """``s`` as one prefill of ``prefill_batch`` prompts per DP replica."""
-    b = shape.prefill_batch
-    wl = replace(s.workload, mode="prefill", seq_len=shape.input_len, micro_batch=b,
-                 global_batch=b * s.parallelism.dp, context_len=0, speculative_tokens=0,
-                 acceptance_rate=0.0)
-    return replace(s, workload=wl)
+    """``s`` as :func:`prefill_workload`."""
+    fields = prefill_workload(shape, s.parallelism.dp)
+    return replace(s, workload=replace(s.workload, **fields))
 
 
 def kv_max_batch(s: Scenario, shape: RequestShape, limit: int = 1 << 16) -> int:

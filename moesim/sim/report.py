@@ -9,7 +9,7 @@ import numpy as np
 from moesim.pricing.step import model_flops_per_token
 from moesim.results import Result
 from moesim.sim.streams import ChunkRun
-from moesim.spec.scenario import output_tokens_per_sequence
+from moesim.spec.scenario import draft_passes, output_tokens_per_sequence
 
 __all__ = ["build_result", "compute_busy", "exposure", "rep_device"]
 
@@ -122,8 +122,8 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
         notes.append(f"{par.dp * par.tp // par.ep} EP groups per stage simulated as one "
                      "(same routing, disjoint links)" if engine == "aggregated" else
                      "all EP groups of stage 0 simulated per device")
-    if wl.mode == "decode" and wl.speculative_tokens:
-        notes.append(f"speculative decoding: {wl.speculative_tokens} MTP draft token(s) per "
+    if draft_passes(s):
+        notes.append(f"speculative decoding: {draft_passes(s)} MTP draft token(s) per "
                      f"step at acceptance {wl.acceptance_rate:g}, "
                      f"{output_tokens_per_sequence(s):.3g} tokens per sequence per step")
     return Result(

@@ -39,7 +39,7 @@ from moesim.sim.report import build_result
 from moesim.sim.schedule import dualpipe_plan, forward_only, one_f_one_b
 from moesim.sim.simulation import Simulation, Timeline
 from moesim.sim.streams import ChunkRun, Op, chunk_ops, merge_pair, run_ops
-from moesim.spec.scenario import Scenario, draft_passes, mtp_blocks
+from moesim.spec.scenario import Scenario, draft_passes, mtp_blocks, without_drafts
 
 __all__ = ["ENGINES", "simulate_step", "estimate_cost"]
 
@@ -208,9 +208,8 @@ def _chunk_runs(s: Scenario, layout: Layout, costs: CostModel, engine: Engine
     drafts = draft_passes(s)
     # Speculative decoding: the MTP module drafts at one token per sequence, so its block is
     # priced by a context of the same step without drafts (same placement, faults and links).
-    draft_costs = CostModel(PricingContext.from_scenario(
-        replace(s, workload=replace(s.workload, speculative_tokens=0)), costs.ctx.topology),
-        costs.placement, costs.device_faults) if drafts else None
+    draft_costs = CostModel(PricingContext.from_scenario(without_drafts(s), costs.ctx.topology),
+                            costs.placement, costs.device_faults) if drafts else None
     sharded = s.workload.mode == "training" and par.zero_stage >= 3
     for stage, chunks in enumerate(layout.chunk_layers()):
         ops_of: dict[tuple[str, int], list[Op]] = {}

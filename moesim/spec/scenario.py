@@ -22,7 +22,7 @@ from moesim.spec.model import ModelSpec
 __all__ = ["Parallelism", "Workload", "Precision", "RoutingSpec", "PlacementSpec",
            "CommunicationSpec", "MemorySpec", "SimulationSpec", "OutputSpec", "FaultSpec",
            "Scenario", "load_scenario", "scenario_from_mapping", "apply_overrides",
-           "mtp_blocks", "mtp_held", "draft_passes", "tokens_per_sequence",
+           "mtp_blocks", "mtp_held", "draft_passes", "without_drafts", "tokens_per_sequence",
            "output_tokens_per_sequence", "pipeline_end_layers", "micro_batches",
            "interleaving_problem",
            "dualpipe_problem",
@@ -477,6 +477,12 @@ def mtp_held(s: Scenario) -> int:
 def draft_passes(s: Scenario) -> int:
     """Sequential passes of the MTP module per decode step, one token per sequence each."""
     return s.workload.speculative_tokens if s.workload.mode == "decode" else 0
+
+
+def without_drafts(s: Scenario) -> Scenario:
+    """``s`` with no speculative drafts: the MTP module's own draft passes (one token per
+    sequence) are priced as this step's blocks."""
+    return replace(s, workload=replace(s.workload, speculative_tokens=0))
 
 
 def tokens_per_sequence(s: Scenario) -> int:

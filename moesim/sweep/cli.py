@@ -11,9 +11,9 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["register"]
-
 from moesim.results import output_arg
+
+__all__ = ["register"]
 
 
 def register(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
