@@ -46,9 +46,12 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -399,6 +402,23 @@ def smoke() -> int:
     return 0
 
 
+def without_tables(profile: str, kinds: list[str], folder: Path) -> str:
+    """A copy of the ``profile`` YAML in ``folder`` whose measured tables lack ``kinds``."""
+    if not profile.endswith((".yaml", ".yml")):
+        raise MoESimError(f"--drop needs a profile .yaml, got {profile!r}")
+    data = yaml.safe_load(Path(profile).read_text())
+    tables = (data.get("calibration") or {}).get("kernels") or {}
+    missing = [k for k in kinds if k not in tables]
+    if missing:
+        raise MoESimError(f"{profile}: no measured tables of kind {', '.join(missing)}; it has "
+                          f"{', '.join(sorted(tables))}")
+    for kind in kinds:
+        del tables[kind]
+    out = folder / Path(profile).name
+    out.write_text(yaml.safe_dump(data))
+    return str(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", help="hardware profile (name or .yaml) to run instead of the "
@@ -409,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(e.g. the backend a --profile was imported from)")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--drop", default="", metavar="KIND[,KIND]",
+                    help="run the --profile .yaml without these measured table kinds (e.g. "
+                    "mla_module_generation: read the rows aiconfigurator composes instead)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -421,9 +444,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile = str(Path(args.profile).resolve()) if args.profile.endswith(
                 (".yaml", ".yml")) else args.profile
-            table(data, args.measured_system, f"moesim on {args.profile}",
-                  lambda w: build(w, profile), workloads, IMPORTED_BAND, backends,
-                  COMPUTE)
+            with tempfile.TemporaryDirectory() as tmp:
+                label = args.profile
+                if args.drop:
+                    profile = without_tables(profile, args.drop.split(","), Path(tmp))
+                    label += f" without {args.drop}"
+                table(data, args.measured_system, f"moesim on {label}",
+                      lambda w: build(w, profile), workloads, IMPORTED_BAND, backends,
+                      COMPUTE)
             return 0
         table(data, "h100_sxm", "moesim on h100-sxm (datasheet)", build, workloads, H100_BAND,
               backends)

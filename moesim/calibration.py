@@ -64,8 +64,8 @@ import numpy as np
 
 from moesim.errors import CalibrationError
 
-__all__ = ["Curve", "MeasuredTables", "KERNELS", "SHAPED", "SOURCES", "DTYPE_TABLES",
-           "MOE_KINDS"]
+__all__ = ["Curve", "MeasuredTables", "gemm_sites", "KERNELS", "SHAPED", "SOURCES",
+           "DTYPE_TABLES", "MOE_KINDS", "GEMM_NEIGHBOURS", "GEMM_REACH_OCTAVES"]
 
 KERNELS = ("expert_ffn", "gate", "attention", "gemm", "moe", "attention_context",
            "attention_generation", "mla_context", "mla_generation", "moe_deepep_decode",
@@ -93,10 +93,13 @@ class Curve:
 
     tokens: np.ndarray
     seconds: np.ndarray
+    monotone: bool = True
 
     def __post_init__(self) -> None:
         t = np.asarray(self.tokens, dtype=float)
-        s = np.minimum.accumulate(np.asarray(self.seconds, dtype=float)[::-1])[::-1]
+        s = np.asarray(self.seconds, dtype=float)
+        if self.monotone:
+            s = np.minimum.accumulate(s[::-1])[::-1]
         object.__setattr__(self, "tokens", t)
         object.__setattr__(self, "seconds", s)
         self._log_t: np.ndarray
@@ -121,6 +124,58 @@ class Curve:
         """bool mask: ``tokens`` lie off the measured grid (strictly below or above)."""
         t = np.asarray(tokens, dtype=float)
         return (t < self.tokens[0] * (1 - 1e-9)) | (t > self.tokens[-1] * (1 + 1e-9))
+
+
+# Reach of a GEMM shape's efficiency transfer (MeasuredTables.gemm): the nearest measured shapes,
+# at most this many, within this many octaves of (n, k).
+GEMM_NEIGHBOURS = 4
+GEMM_REACH_OCTAVES = 2.0
+
+
+def gemm_sites(sites: Mapping[tuple[int, int], Curve], m: float, n: float, k: float
+               ) -> tuple[list[tuple[tuple[int, int], float]], bool]:
+    """The measured GEMM shapes ``(n_i, k_i)`` that price an unmeasured ``(n, k)`` at ``m``, with
+    their weights, and whether the query lies beyond them (outside their range of n or of k).
+
+    Candidates are the shapes whose m-curve covers ``m`` (all shapes if none does); distance is
+    Euclidean in (log2 n, log2 k). The :data:`GEMM_NEIGHBOURS` nearest within
+    :data:`GEMM_REACH_OCTAVES` are taken, weighted ``1 / distance**2``. A query narrower or
+    shorter than every candidate gets no sites: below the measured shapes a GEMM nears its launch
+    floor, which the kernel model prices and a measured efficiency does not carry to (a
+    router's 8 columns from a 32-wide row). A query beyond every candidate along exactly one axis
+    (a vocabulary wider than any measured width) is priced from the candidates within reach
+    along the other axis: efficiency held at the frontier, as a single curve does beyond its
+    last point. Anything else out of reach: no sites.
+
+    >>> c = Curve(np.array([1.0, 64.0]), np.array([1e-5, 2e-5]))
+    >>> [(s, round(w, 3)) for s, w in gemm_sites({(1024, 1024): c, (4096, 1024): c}, 8, 2048,
+    ...                                           1024)[0]]
+    [((1024, 1024), 1.0), ((4096, 1024), 1.0)]
+    >>> sites, beyond = gemm_sites({(1024, 1024): c}, 8, 65536, 1024)
+    >>> [(s, round(w, 4)) for s, w in sites], beyond
+    ([((1024, 1024), 0.0278)], True)
+    """
+    keys = list(sites)
+    covering = [s for s in keys if sites[s].tokens[0] <= m <= sites[s].tokens[-1]]
+    candidates = covering or keys
+    query = np.log2([float(n), float(k)])
+    logs = np.log2(np.array(candidates, dtype=float))
+    distance = np.sqrt(((logs - query) ** 2).sum(axis=1))
+    if (query < logs.min(axis=0)).any():
+        return [], False
+    reach = distance <= GEMM_REACH_OCTAVES
+    if not reach.any():
+        above = query > logs.max(axis=0)
+        if above.sum() != 1:
+            return [], False
+        other = 1 - int(np.flatnonzero(above)[0])
+        reach = np.abs(logs[:, other] - query[other]) <= GEMM_REACH_OCTAVES
+    order = sorted(np.flatnonzero(reach), key=lambda i: (distance[i], candidates[i]))
+    chosen = order[:GEMM_NEIGHBOURS]
+    used = logs[chosen]
+    beyond = bool((query > used.max(axis=0)).any() or (query < used.min(axis=0)).any())
+    return [(candidates[i], 1.0 / max(float(distance[i]), 1e-9) ** 2) for i in chosen], beyond
+
 
 
 class MeasuredTables:
@@ -193,7 +248,7 @@ class MeasuredTables:
                 if key in tables:
                     raise CalibrationError(f"{source}: {where}: a second table for "
                                            f"{dict(zip(ints + strs, key))}; keys must be unique")
-                tables[key] = _curve(entry, source, where)
+                tables[key] = _curve(entry, source, where, monotone=False)
         return cls(ffn, gate, attention, source, shaped=shaped,
                    memory_op=_memory_op(calibration.get("memory_op"), source))
 
@@ -241,35 +296,37 @@ class MeasuredTables:
     # ---- shaped tables (aiconfigurator import) ----
 
     def gemm(self, m: float, n: int, k: int, dtype: str,
-             model: Callable[[float, float], float] | None = None) -> float | None:
-        """Seconds of one GEMM ``[m, k] x [k, n]`` in ``dtype``, or None (no table for k).
+             model: Callable[[float, float, float], float] | None = None) -> float | None:
+        """Seconds of one GEMM ``[m, k] x [k, n]`` in ``dtype``, or None (no table for it).
 
-        An ``n`` between two measured widths of the same ``k`` and dtype is interpolated
-        linearly in ``n`` between their times at ``m`` (the work and the weight bytes are linear
-        in ``n``), as aiconfigurator's own GEMM query does. Beyond the widest measured width,
-        with ``model`` (the kernel model's seconds at ``(m, n)``), the widest width's measured
-        time is scaled by the model's ratio ``model(m, n) / model(m, widest)``: the efficiency
-        measured at the edge of the grid is held (counted ``extrapolated``); without ``model``,
-        None.
+        A measured shape ``(n, k)`` answers from its own curve over m. Any other shape, with
+        ``model`` (the kernel model's seconds at ``(m, n, k)``), takes the efficiency measured
+        at the nearest measured shapes, :func:`gemm_sites`: each neighbour's time at ``m``
+        against the model's time for the neighbour's shape gives its efficiency relative to the
+        model; their inverse-square-distance mean (distance in octaves of n and k) scales the
+        model's time for the query. A shape between the neighbours' n and k is counted
+        ``table``, one outside them ``extrapolated``. Without ``model``, or with no
+        neighbour within reach, None.
         """
         curve = self._shaped("gemm", lambda d: (int(n), int(k), d), dtype)
         if curve is not None or not self.has("gemm"):
             return self._shaped_lookup("gemm", curve, m)
-        tables = self.shaped_tables["gemm"]
-        for d in DTYPE_TABLES.get(dtype, (dtype,)):
-            widths = sorted(key[0] for key in tables if key[1] == int(k) and key[2] == d)
-            below = [w for w in widths if w < n]
-            above = [w for w in widths if w > n]
-            if below and above:
-                lo, hi = tables[(below[-1], int(k), d)], tables[(above[0], int(k), d)]
-                self._count("gemm", lo, np.array([m]))
-                f = (n - below[-1]) / (above[0] - below[-1])
-                return float((1 - f) * lo(float(m)) + f * hi(float(m)))
-            if below and model is not None:
-                edge = tables[(below[-1], int(k), d)]
-                self.served["gemm", "extrapolated"] += 1
-                return float(edge(float(m))) * model(m, n) / model(m, below[-1])
-        return self._shaped_lookup("gemm", None, m)
+        if model is not None:
+            tables = self.shaped_tables["gemm"]
+            for d in DTYPE_TABLES.get(dtype, (dtype,)):
+                sites = {(key[0], key[1]): c for key, c in tables.items() if key[2] == d}
+                if not sites:
+                    continue
+                anchors, beyond = gemm_sites(sites, m, n, k)
+                if not anchors:
+                    break
+                weights = np.array([w for _, w in anchors])
+                ratios = np.array([model(m, *site) / float(sites[site](float(m)))
+                                   for site, _ in anchors])
+                self.served["gemm", "extrapolated" if beyond else "table"] += 1
+                return float(model(m, n, k) * weights.sum() / (weights * ratios).sum())
+        self.served["gemm", "roofline"] += 1
+        return None
 
     def moe(self, tokens_per_slot: np.ndarray, hidden: int, ffn: int, experts_per_device: int,
             top_k: int, dtype: str, *, experts: int | None = None,
@@ -510,7 +567,8 @@ def _numbers(raw: Any) -> np.ndarray:
         return np.zeros(0)
 
 
-def _curve(entry: Mapping[str, Any], source: str, where: str) -> Curve:
+def _curve(entry: Mapping[str, Any], source: str, where: str, *, monotone: bool = True
+           ) -> Curve:
     """Validate ``tokens`` / ``seconds`` (/ ``p10``) of one table; its Curve reads p10 if given."""
     arrays = {}
     for key in ("tokens", "seconds", *(("p10",) if "p10" in entry else ())):
@@ -529,4 +587,4 @@ def _curve(entry: Mapping[str, Any], source: str, where: str) -> Curve:
         raise CalibrationError(f"{source}: {where}.tokens: {arrays['tokens'].tolist()} must be "
                                "strictly increasing")
     low = np.minimum(arrays["seconds"], arrays.get("p10", arrays["seconds"]))
-    return Curve(arrays["tokens"], low)
+    return Curve(arrays["tokens"], low, monotone)

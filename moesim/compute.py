@@ -317,9 +317,7 @@ class KernelTimer:
             measured = self.tables.gate(h, e, tokens)
             if measured is not None:
                 return measured
-        router = gemm_time(tokens, e, h, self.device, self._high_dtype, a_bytes=self._ab,
-                           b_bytes=self._high_bytes, c_bytes=4)
-        return router + self.top_k(tokens) + self.ffn_glue(tokens)
+        return self._head_gemm(tokens, e, h) + self.top_k(tokens) + self.ffn_glue(tokens)
 
     def top_k(self, tokens: float) -> float:
         """The router's softmax/top-k kernel over FP32 logits (read the logits, write the
@@ -459,15 +457,17 @@ class KernelTimer:
             return 0.0
         h, v = self.model.hidden_size, self.model.vocab_size
 
-        def model(m: float, n: float) -> float:
-            return gemm_time(m, n, h, self.device, self._high_dtype, a_bytes=self._ab,
-                             b_bytes=self._high_bytes, c_bytes=4)
-
         width = v / self.tp
         head = None
         if self.tables is not None and width == int(width):
-            head = self.tables.gemm(tokens, int(width), h, self._high_dtype, model=model)
-        return model(tokens, width) if head is None else head
+            head = self.tables.gemm(tokens, int(width), h, self._high_dtype,
+                                    model=self._head_gemm)
+        return self._head_gemm(tokens, width, h) if head is None else head
+
+    def _head_gemm(self, m: float, n: float, k: float) -> float:
+        """The kernel model of a high-precision GEMM with FP32 output (router, LM head)."""
+        return gemm_time(m, n, k, self.device, self._high_dtype, a_bytes=self._ab,
+                         b_bytes=self._high_bytes, c_bytes=4)
 
     def embedding(self, tokens: float) -> float:
         """Embedding lookup: a gather of ``tokens`` rows (memory-bound)."""
@@ -503,7 +503,8 @@ class KernelTimer:
         for n, k in shapes:
             if n != int(n) or k != int(k):
                 return None
-            measured = self.tables.gemm(tokens, int(n), int(k), self._table_dtype)
+            measured = self.tables.gemm(tokens, int(n), int(k), self._table_dtype,
+                                        model=self._gemm)
             if measured is None:
                 return None
             total += measured
@@ -587,7 +588,7 @@ class KernelTimer:
         if self.tables is None:
             return None
         h, e = self.model.hidden_size, self.model.num_experts
-        gemm = self.tables.gemm(tokens, e, h, self._high_dtype)
+        gemm = self.tables.gemm(tokens, e, h, self._high_dtype, model=self._head_gemm)
         if gemm is None:
             return None
         return gemm + self.top_k(tokens) + self.ffn_glue(tokens)

@@ -411,38 +411,90 @@ def test_memory_ops_follow_the_sources_own_formula(profile_path, tmp_path):
         MeasuredTables.from_profile(load_hardware(str(bare)))
 
 
-def test_a_gemm_width_between_two_measured_ones_is_interpolated_in_n(profile_path):
-    """n = 384 lies halfway between the 256- and 512-wide rows (k 256): at m = 64 the time is
-    (0.012 + 0.020) / 2 ms; past the widest row (n = 600) there is no table."""
+def _transfer(model, m: float, query: tuple[int, int],
+              anchors: list[tuple[tuple[int, int], float, float]]) -> float:
+    """Expected time of an unmeasured GEMM: ``anchors`` are (shape, distance in octaves,
+    measured seconds at m); each carries its efficiency against ``model``, weighted 1/d^2."""
+    w = [1 / d ** 2 for _, d, _ in anchors]
+    ratio = [model(m, *shape) / t for shape, _, t in anchors]
+    return model(m, *query) * sum(w) / sum(wi * ri for wi, ri in zip(w, ratio))
+
+
+def test_an_unmeasured_gemm_shape_takes_its_neighbours_efficiency(profile_path):
+    """BF16 rows of k = 256 at n = 8, 256, 512; at m = 64 they took 0.006, 0.012, 0.020 ms. A
+    made-up model of 1 ns per column: the 512-wide row runs at 0.512 / 20 of it, the 256-wide
+    at 0.256 / 12. n = 384 lies log2(512/384) = 0.415 and log2(384/256) = 0.585 octaves from
+    them (the 8-wide row, 5.6 octaves away, is out of reach); counted from the table."""
     tables = MeasuredTables.from_profile(load_hardware(str(profile_path)))
-    assert tables.gemm(64, 384, 256, "bf16") == pytest.approx(0.016e-3, rel=1e-9)
-    assert tables.gemm(64, 512, 256, "bf16") == pytest.approx(0.020e-3, rel=1e-9)
-    assert tables.gemm(64, 600, 256, "bf16") is None
-    assert tables.gemm(64, 384, 300, "bf16") is None
+
+    def model(m: float, n: float, k: float) -> float:
+        return 1e-9 * n
+
+    between = [((512, 256), math.log2(512 / 384), 20e-6), ((256, 256), math.log2(1.5), 12e-6)]
+    assert tables.gemm(64, 384, 256, "bf16", model=model) == pytest.approx(
+        _transfer(model, 64, (384, 256), between), rel=1e-12)
+    assert tables.served["gemm", "table"] == 1
+    # Measured shapes answer from their own row; no model, no transfer.
+    assert tables.gemm(64, 512, 256, "bf16", model=model) == pytest.approx(0.020e-3, rel=1e-9)
+    assert tables.gemm(64, 384, 256, "bf16") is None
+    # k = 300 is off the rows: the same two shapes, now sqrt(d_n^2 + log2(300/256)^2) away, and
+    # beyond their k: extrapolated.
+    dk = math.log2(300 / 256)
+    off = [((512, 256), math.hypot(math.log2(512 / 384), dk), 20e-6),
+           ((256, 256), math.hypot(math.log2(1.5), dk), 12e-6)]
+    assert tables.gemm(64, 384, 300, "bf16", model=model) == pytest.approx(
+        _transfer(model, 64, (384, 300), off), rel=1e-12)
+    assert tables.served["gemm", "extrapolated"] == 1
+    # Narrower than every row (4 < 8 columns): near the launch floor, the model's own business.
+    assert tables.gemm(64, 4, 256, "bf16", model=model) is None
 
 
-def test_a_gemm_past_the_widest_row_holds_the_edge_efficiency(profile_path):
-    """n = 1024 past the widest row (512, k 256): the 512-wide row's 0.020 ms at m = 64 scaled
-    by the kernel model's ratio. A made-up model of 1 us + 1 ns per column gives
-    (1 + 1.024) / (1 + 0.512) = 1.3386..., so 0.020 ms x 1.3386 = 0.026772 ms; the call is
-    counted as extrapolated. Inside the grid the model is not asked."""
+def test_a_gemm_far_past_the_widest_row_holds_the_frontier_efficiency(profile_path):
+    """n = 65,536 at k = 256 is 7 octaves past the widest row (512): out of reach, but beyond
+    the rows along n alone, so every row within reach along k (all three, k = 256) prices it,
+    weighted by their full distance 7, 8 and 13 octaves. Beyond both n and k: no table."""
     tables = MeasuredTables.from_profile(load_hardware(str(profile_path)))
 
-    def model(m: float, n: float) -> float:
+    def model(m: float, n: float, k: float) -> float:
         return 1e-6 + 1e-9 * n
 
-    assert tables.gemm(64, 1024, 256, "bf16", model=model) == pytest.approx(
-        0.020e-3 * 2.024 / 1.512, rel=1e-12)
+    frontier = [((512, 256), 7.0, 20e-6), ((256, 256), 8.0, 12e-6), ((8, 256), 13.0, 6e-6)]
+    assert tables.gemm(64, 65536, 256, "bf16", model=model) == pytest.approx(
+        _transfer(model, 64, (65536, 256), frontier), rel=1e-12)
     assert tables.served["gemm", "extrapolated"] == 1
-    assert tables.gemm(64, 384, 256, "bf16", model=model) == pytest.approx(0.016e-3, rel=1e-9)
-    assert tables.gemm(64, 1024, 300, "bf16", model=model) is None    # no row of this k
+    assert tables.gemm(64, 65536, 65536, "bf16", model=model) is None
+
+
+def test_imported_rows_are_read_as_measured_not_smoothed(profile_path, tmp_path):
+    """An imported row slower at m = 16 than at m = 64 (a framework's kernel choice at that
+    shape) is what that framework runs: the import keeps it, while a ``moesim calibrate`` table
+    of this machine's own timings takes its running minimum (timing noise only adds time)."""
+    from moesim.calibration import Curve
+    data = yaml.safe_load(profile_path.read_text())
+    row = _table(data["calibration"]["kernels"]["gemm"], n=512, k=256, dtype="bf16")
+    seconds = [float(x) for x in str(row["seconds"]).split()]
+    seconds[GEMM_M.index(16)] = 0.030e-3            # above m = 64's 0.020 ms
+    row["seconds"] = " ".join(repr(x) for x in seconds)
+    spiked = tmp_path / "spiked.yaml"
+    spiked.write_text(yaml.safe_dump(data))
+    tables = MeasuredTables.from_profile(load_hardware(str(spiked)))
+    assert tables.gemm(16, 512, 256, "bf16") == pytest.approx(0.030e-3, rel=1e-9)
+    own = Curve(np.array(GEMM_M, dtype=float), np.array(seconds))
+    assert own(16.0) == pytest.approx(0.020e-3, rel=1e-9) and own(4.0) == pytest.approx(
+        0.011e-3, rel=1e-9)
+
+
+# The fixture's FP8 rows nearest DeepSeek-V3's 2112-wide q_a + kv_a down-projection (k 7168):
+# (shape, octaves away, ms at every m).
+_DOWN_PROJECTION = [((2048, 7168), math.log2(2112 / 2048), 10e-6),
+                    ((2560, 7168), math.log2(2560 / 2112), 14e-6)]
 
 
 def test_wide_ep_decode_reads_sglangs_wide_ep_mla_module(profile_path):
     """DeepSeek-V3 decode with DeepEP, 8 sequences at 2,048 cached tokens: SGLang's wide-EP
     module row (flashinfer's 0.100 ms) plus the fused q_a + kv_a down-projection [8, 7168] x
-    [7168, 2112], interpolated in n between the 2048- and 2560-wide rows (0.010 + 64 / 512 x
-    0.004 = 0.0105 ms), plus the block's fused add+norm at the source's memory-op formula.
+    [7168, 2112], priced from the 2048- and 2560-wide rows (0.010 and 0.014 ms, 0.044 and 0.278
+    octaves away), plus the block's fused add+norm at the source's memory-op formula.
     Without DeepEP the whole-module table serves (0.130 ms at 2,048)."""
     profile = load_hardware(str(profile_path))
     model = load_model("deepseek-v3")
@@ -451,7 +503,8 @@ def test_wide_ep_decode_reads_sglangs_wide_ep_mla_module(profile_path):
     wide = KernelTimer(model, profile.device, "fp8", "fp8", "bf16", tables=tables,
                        inference=True, kv_dtype="fp8", fp8_block=True,
                        moe_kernel="moe_deepep_decode")
-    assert wide.attention(8, 2048, 8 * 2048) == pytest.approx(1.0e-4 + 1.05e-5 + glue)
+    down = _transfer(wide._gemm, 8, (2112, 7168), _DOWN_PROJECTION)
+    assert wide.attention(8, 2048, 8 * 2048) == pytest.approx(1.0e-4 + down + glue)
     plain = KernelTimer(model, profile.device, "fp8", "fp8", "bf16", tables=tables,
                         inference=True, kv_dtype="fp8", fp8_block=True)
     assert plain.attention(8, 2048, 8 * 2048) == pytest.approx(1.3e-4 + glue)
@@ -489,8 +542,8 @@ def test_an_unwritable_output_is_refused_before_any_table_is_read(aic_data, tmp_
 
 def test_absorbed_mla_decode_reads_the_core_and_per_head_bmm_tables(profile_path):
     """DeepSeek-V3 decode, 32 sequences at 2,048 cached tokens, no module row: the MLA core row
-    (0.050 ms), the fused q_a + kv_a down-projection (2112 wide: between the 2048 and 2560 rows,
-    0.010 + 64/512 x 0.004 ms), the query up-projection (0.020) and output projection (0.030),
+    (0.050 ms), the fused q_a + kv_a down-projection (2112 wide: from the 2048 and 2560 rows, as
+    in the wide-EP test), the query up-projection (0.020) and output projection (0.030),
     and absorbed decode's two per-head BMMs at 32 tokens, log-log between 1 and 64 tokens:
     pre 0.004 x 2 ** (5/6), post 0.003 x 2 ** (5/6) ms; no KV up-projection GEMM; plus the
     modelled glue."""
@@ -501,11 +554,12 @@ def test_absorbed_mla_decode_reads_the_core_and_per_head_bmm_tables(profile_path
     timer = KernelTimer(model, profile.device, "fp8", "fp8", "bf16", tables=tables,
                         inference=True, kv_dtype="fp8", fp8_block=True)
     bmms = (0.004 + 0.003) * 2 ** (5 / 6)
-    gemms = 0.010 + 64 / 512 * 0.004 + 0.020 + 0.030
+    gemms = 0.020 + 0.030
+    down = _transfer(timer._gemm, 32, (2112, 7168), _DOWN_PROJECTION)
     glue = timer.elementwise(32 * glue_bytes_attention(model, 2),
                              kernels=ATTENTION_GLUE_KERNELS + MLA_EXTRA_GLUE_KERNELS)
     assert timer.attention(32, 2048, 32 * 2048) == pytest.approx(
-        (0.050 + gemms + bmms) * 1e-3 + glue)
+        (0.050 + gemms + bmms) * 1e-3 + down + glue)
     assert tables.shares()["mla_bmm"]["table"] == 1.0
     assert tables.mla_bmm(32, 128, "bf16", post=False) is None   # only FP8 rows were imported
 

@@ -125,3 +125,19 @@ def test_reference_file_components_are_its_ops_summed():
                         assert summed[comp] == 0.0   # and none of its ops was kept
                         continue
                     assert ms == pytest.approx(summed[comp], abs=1e-3)
+
+
+def test_drop_writes_the_profile_without_those_tables_and_refuses_unknown_kinds(tmp_path):
+    import yaml
+
+    from moesim.errors import MoESimError
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"calibration": {"kernels": {
+        "gemm": [], "mla_module_generation": [], "moe": []}}}))
+    (tmp_path / "x").mkdir()
+    out = Path(kvm.without_tables(str(profile), ["mla_module_generation"], tmp_path / "x"))
+    assert sorted(yaml.safe_load(out.read_text())["calibration"]["kernels"]) == ["gemm", "moe"]
+    assert sorted(yaml.safe_load(profile.read_text())["calibration"]["kernels"]) == [
+        "gemm", "mla_module_generation", "moe"]                  # the original is untouched
+    with pytest.raises(MoESimError, match="no measured tables of kind attention_context"):
+        kvm.without_tables(str(profile), ["attention_context"], tmp_path)
