@@ -201,6 +201,8 @@ class MeasuredTables:
         # (norms, element-wise, embedding) it has no table for; None: moesim's device model.
         self.memory_op = memory_op
         self.served: Counter[tuple[str, str]] = Counter()  # (kernel, source) -> calls
+        # (kind, key with batch -1) -> the batches measured for the other keys (sorted)
+        self._batches: dict[tuple[str, tuple[Any, ...]], list[int]] = {}
 
     @classmethod
     def from_profile(cls, profile: Any) -> MeasuredTables:
@@ -371,31 +373,28 @@ class MeasuredTables:
     def attention_context(self, batch: float, seq_len: float, heads: int, kv_heads: int,
                           head_dim: int, kv_dtype: str = "bf16") -> float | None:
         """Seconds of the prefill attention core (causal, ``batch`` sequences of ``seq_len``)."""
-        curve = self._batch_curve("attention_context", batch,
+        return self._batch_lookup("attention_context", batch, seq_len,
                                   lambda b, d: (int(heads), int(kv_heads), int(head_dim), b, d),
                                   kv_dtype)
-        return self._shaped_lookup("attention_context", curve, seq_len)
 
     def attention_generation(self, batch: float, kv_len: float, heads: int, kv_heads: int,
                              head_dim: int, kv_dtype: str = "bf16") -> float | None:
         """Seconds of the decode attention core: ``batch`` new tokens, ``kv_len`` cached each."""
-        curve = self._batch_curve("attention_generation", batch,
+        return self._batch_lookup("attention_generation", batch, kv_len,
                                   lambda b, d: (int(heads), int(kv_heads), int(head_dim), b, d),
                                   kv_dtype)
-        return self._shaped_lookup("attention_generation", curve, kv_len)
 
     def mla_context(self, batch: float, seq_len: float, heads: int,
                     kv_dtype: str = "bf16") -> float | None:
         """Seconds of the prefill MLA core (DeepSeek-V3 latent dims), ``heads`` per device."""
-        curve = self._batch_curve("mla_context", batch, lambda b, d: (int(heads), b, d), kv_dtype)
-        return self._shaped_lookup("mla_context", curve, seq_len)
+        return self._batch_lookup("mla_context", batch, seq_len,
+                                  lambda b, d: (int(heads), b, d), kv_dtype)
 
     def mla_generation(self, batch: float, kv_len: float, heads: int,
                        kv_dtype: str = "bf16") -> float | None:
         """Seconds of the decode MLA core (DeepSeek-V3 latent dims), ``heads`` per device."""
-        curve = self._batch_curve("mla_generation", batch, lambda b, d: (int(heads), b, d),
-                                  kv_dtype)
-        return self._shaped_lookup("mla_generation", curve, kv_len)
+        return self._batch_lookup("mla_generation", batch, kv_len,
+                                  lambda b, d: (int(heads), b, d), kv_dtype)
 
     def mla_module(self, batch: float, length: float, heads: int, kv_dtype: str, dtype: str,
                    *, generation: bool, wide_ep: bool = False) -> float | None:
@@ -409,9 +408,9 @@ class MeasuredTables:
         for d in DTYPE_TABLES.get(dtype, (dtype,)):
             def key(b: int, kv: str, gemm: str = d) -> tuple[Any, ...]:
                 return (int(heads), b, kv, gemm)
-            curve = self._batch_curve(kind, batch, key, kv_dtype)
-            if curve is not None:
-                return self._shaped_lookup(kind, curve, length)
+            seconds = self._batch_lookup(kind, batch, length, key, kv_dtype, count_miss=False)
+            if seconds is not None:
+                return seconds
         return None
 
     def mla_bmm(self, tokens: float, heads: int, dtype: str, *, post: bool) -> float | None:
@@ -434,12 +433,43 @@ class MeasuredTables:
                 return curve
         return None
 
-    def _batch_curve(self, kind: str, batch: float, key: Callable[[int, str], tuple[Any, ...]],
-                     dtype: str) -> Curve | None:
-        """The table of exactly ``batch`` sequences (None for a fractional or missing batch)."""
-        if batch < 1 or batch != int(batch):
-            return None
-        return self._shaped(kind, lambda d: key(int(batch), d), dtype)
+    def _batch_lookup(self, kind: str, batch: float, length: float,
+                      key: Callable[[int, str], tuple[Any, ...]], dtype: str,
+                      *, count_miss: bool = True) -> float | None:
+        """Seconds of ``batch`` sequences at ``length`` (sequence or KV length) from the tables
+        of ``kind`` whose keys are ``key(batch, dtype)``.
+
+        The table of that batch answers alone; a batch between two measured ones (tables are
+        measured at powers of two) blends their times linearly in the batch: a batch's time is
+        what all of them share (launch, tail, a module's weight reads) plus its sequences' work,
+        linear in their number. None outside the measured batches (the kernel model answers: a
+        module's weight reads do not grow with the batch, so no proportional extension holds)
+        or with no table of the other keys (a miss is counted as ``roofline`` unless
+        ``count_miss`` is False).
+        """
+        tables = self.shaped_tables[kind]
+        at = SHAPE_FIELDS[kind][0].index("batch")
+        for d in DTYPE_TABLES.get(dtype, (dtype,)):
+            slot = (kind, key(-1, d))
+            measured = self._batches.get(slot)
+            if measured is None:
+                measured = self._batches[slot] = sorted(
+                    {k[at] for k in tables if key(k[at], d) == k})
+            if not measured or batch < measured[0]:
+                continue
+            if batch == int(batch) and int(batch) in measured:
+                return self._shaped_lookup(kind, tables[key(int(batch), d)], length)
+            if batch > measured[-1]:
+                continue
+            hi = next(b for b in measured if b > batch)
+            lo = max(b for b in measured if b < batch)
+            low, high = tables[key(lo, d)], tables[key(hi, d)]
+            self._count(kind, low, np.array([length]))
+            f = (batch - lo) / (hi - lo)
+            return float((1 - f) * low(float(length)) + f * high(float(length)))
+        if count_miss and self.has(kind):
+            self.served[kind, "roofline"] += 1
+        return None
 
     def _shaped_lookup(self, kind: str, curve: Curve | None, tokens: float) -> float | None:
         if curve is None:

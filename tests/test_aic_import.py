@@ -123,6 +123,7 @@ def aic_data(tmp_path_factory) -> Path:
     _write(sys / "mla_bmm/sglang/0.5.14", "mla_bmm_perf.parquet", bmm, "SGLang", "0.5.14",
            "mla_bmm")
     gen = [_attention_row(1, 127, 8, 0.020), _attention_row(1, 511, 8, 0.040),
+           _attention_row(1, 127, 16, 0.032), _attention_row(1, 511, 16, 0.072),
            _attention_row(1, 127, 8, 0.001, window_size=128)]   # sliding window: not imported
     _write(sys / "attention/sglang/0.5.14", "generation_attention_perf.parquet", gen, "SGLang",
            "0.5.14", "generation_attention")
@@ -418,6 +419,22 @@ def _transfer(model, m: float, query: tuple[int, int],
     w = [1 / d ** 2 for _, d, _ in anchors]
     ratio = [model(m, *shape) / t for shape, _, t in anchors]
     return model(m, *query) * sum(w) / sum(wi * ri for wi, ri in zip(w, ratio))
+
+
+def test_a_batch_between_two_measured_ones_blends_them_linearly(profile_path):
+    """Decode attention rows at 8 and 16 sequences: 0.020 / 0.032 ms at KV 128 and 0.040 /
+    0.072 ms at KV 512. 12 sequences lie halfway: 0.026 and 0.056 ms; 10 a quarter of the way:
+    0.023 ms at KV 128. Outside the measured batches (4 or 32 sequences) there is no table."""
+    tables = MeasuredTables.from_profile(load_hardware(str(profile_path)))
+    args = (4, 2, 64, "bf16")                    # heads, KV heads, head dim, KV dtype
+    assert tables.attention_generation(12, 128, *args) == pytest.approx(0.026e-3, rel=1e-9)
+    assert tables.attention_generation(12, 512, *args) == pytest.approx(0.056e-3, rel=1e-9)
+    assert tables.attention_generation(10, 128, *args) == pytest.approx(0.023e-3, rel=1e-9)
+    assert tables.attention_generation(16, 128, *args) == pytest.approx(0.032e-3, rel=1e-9)
+    assert tables.served["attention_generation", "table"] == 4
+    assert tables.attention_generation(4, 128, *args) is None
+    assert tables.attention_generation(32, 128, *args) is None
+    assert tables.served["attention_generation", "roofline"] == 2
 
 
 def test_an_unmeasured_gemm_shape_takes_its_neighbours_efficiency(profile_path):
