@@ -154,6 +154,8 @@ def gemm_sites(sites: Mapping[tuple[int, int], Curve], m: float, n: float, k: fl
     >>> sites, beyond = gemm_sites({(1024, 1024): c}, 8, 65536, 1024)
     >>> [(s, round(w, 4)) for s, w in sites], beyond
     ([((1024, 1024), 0.0278)], True)
+    >>> gemm_sites({(512, 256): c, (7168, 16384): c}, 8, 65536, 1536)   # k far from both rows
+    ([], False)
     """
     keys = list(sites)
     covering = [s for s in keys if sites[s].tokens[0] <= m <= sites[s].tokens[-1]]
@@ -170,6 +172,8 @@ def gemm_sites(sites: Mapping[tuple[int, int], Curve], m: float, n: float, k: fl
             return [], False
         other = 1 - int(np.flatnonzero(above)[0])
         reach = np.abs(logs[:, other] - query[other]) <= GEMM_REACH_OCTAVES
+        if not reach.any():
+            return [], False
     order = sorted(np.flatnonzero(reach), key=lambda i: (distance[i], candidates[i]))
     chosen = order[:GEMM_NEIGHBOURS]
     used = logs[chosen]

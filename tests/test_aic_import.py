@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -464,6 +465,18 @@ def test_an_unmeasured_gemm_shape_takes_its_neighbours_efficiency(profile_path):
     assert tables.served["gemm", "extrapolated"] == 1
     # Narrower than every row (4 < 8 columns): near the launch floor, the model's own business.
     assert tables.gemm(64, 4, 256, "bf16", model=model) is None
+
+
+def test_the_gemm_holdout_benchmark_prices_each_shape_from_the_others(profile_path, capsys):
+    """benchmarks/gemm_holdout.py on the fixture: BF16 rows at n = 8, 256, 512 (k 256, m up to
+    1,024). Without its own row, 512 is priced from 256 and 256 from 512 (one octave) at m = 1,
+    16, 64, 256, 1,024: 10 points; 8 is narrower than every other row, so it is skipped."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import gemm_holdout
+    rows = {r[0]: r for r in gemm_holdout.holdout(str(profile_path))}
+    assert rows["bf16"][1] == 10
+    assert gemm_holdout.main([str(profile_path)]) == 0
+    assert "bf16" in capsys.readouterr().out
 
 
 def test_a_gemm_far_past_the_widest_row_holds_the_frontier_efficiency(profile_path):
