@@ -38,8 +38,7 @@ def holdout(profile: str) -> list[tuple[str, int, float, float, float, float]]:
     """Per table dtype: (dtype, points, transfer rms-log, transfer share in band, model rms-log,
     model share in band)."""
     hw = load_hardware(profile)
-    tables = MeasuredTables.from_profile(hw)
-    rows = tables.shaped_tables["gemm"]
+    rows = MeasuredTables.from_profile(hw).shaped_tables["gemm"]
     out = []
     for dtype in sorted({key[2] for key in rows}):
         compute = MODEL_DTYPE.get(dtype, dtype)
@@ -55,20 +54,17 @@ def holdout(profile: str) -> list[tuple[str, int, float, float, float, float]]:
             curve = rows[key]
             # The shape leaves in every dtype that would serve it (a block-scaled FP8 query
             # falls back to a per-tensor FP8 row of the same shape).
-            gone = {k: rows.pop(k) for k in [(key[0], key[1], d)
-                                             for d in DTYPE_TABLES.get(dtype, (dtype,))]
-                    if k in rows}
-            try:
-                for m in POINTS:
-                    if not curve.tokens[0] <= m <= curve.tokens[-1]:
-                        continue
-                    measured = float(curve(float(m)))
-                    priced = tables.gemm(m, key[0], key[1], dtype, model=model)
-                    if priced is not None:
-                        transfer.append(np.log(priced / measured))
-                        alone.append(np.log(model(m, key[0], key[1]) / measured))
-            finally:
-                rows.update(gone)
+            gone = {(key[0], key[1], d) for d in DTYPE_TABLES.get(dtype, (dtype,))}
+            others = MeasuredTables({}, {}, {}, shaped={
+                "gemm": {k: c for k, c in rows.items() if k not in gone}})
+            for m in POINTS:
+                if not curve.tokens[0] <= m <= curve.tokens[-1]:
+                    continue
+                measured = float(curve(float(m)))
+                priced = others.gemm(m, key[0], key[1], dtype, model=model)
+                if priced is not None:
+                    transfer.append(np.log(priced / measured))
+                    alone.append(np.log(model(m, key[0], key[1]) / measured))
         if transfer:
             t, a = np.array(transfer), np.array(alone)
             band = np.log(1.25)

@@ -181,7 +181,6 @@ def gemm_sites(sites: Mapping[tuple[int, int], Curve], m: float, n: float, k: fl
     return [(candidates[i], 1.0 / max(float(distance[i]), 1e-9) ** 2) for i in chosen], beyond
 
 
-
 class MeasuredTables:
     """The kernel tables of one measured profile, with counters of what served each call.
 
@@ -207,6 +206,7 @@ class MeasuredTables:
         self.served: Counter[tuple[str, str]] = Counter()  # (kernel, source) -> calls
         # (kind, key with batch -1) -> the batches measured for the other keys (sorted)
         self._batches: dict[tuple[str, tuple[Any, ...]], list[int]] = {}
+        self._gemm_sites: dict[str, dict[tuple[int, int], Curve]] = {}   # dtype -> {(n, k)}
 
     @classmethod
     def from_profile(cls, profile: Any) -> MeasuredTables:
@@ -320,7 +320,10 @@ class MeasuredTables:
         if model is not None:
             tables = self.shaped_tables["gemm"]
             for d in DTYPE_TABLES.get(dtype, (dtype,)):
-                sites = {(key[0], key[1]): c for key, c in tables.items() if key[2] == d}
+                sites = self._gemm_sites.get(d)
+                if sites is None:
+                    sites = self._gemm_sites[d] = {(key[0], key[1]): c
+                                                   for key, c in tables.items() if key[2] == d}
                 if not sites:
                     continue
                 anchors, beyond = gemm_sites(sites, m, n, k)
