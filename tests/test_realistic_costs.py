@@ -12,7 +12,7 @@ from moesim.assembly import scenario_placement, simulate
 from moesim.errors import ScenarioError
 from moesim.layout import Layout
 from moesim.memory import stage_params
-from moesim.pricing.block import block_cost
+from moesim.pricing.block import attention_part, block_cost, selective_recompute_time
 from moesim.pricing.context import PricingContext
 from moesim.routing import balanced_layer
 from moesim.sim.costs import CostModel
@@ -47,6 +47,47 @@ def test_recompute_costs_what_each_mode_reruns(make_scenario):
     ends = t.embedding(ctx.microbatch_tokens) + t.lm_head(ctx.microbatch_tokens)
     assert full - none == pytest.approx(forward - ends, rel=1e-9)
     assert block.recompute == 0.0
+
+
+def test_recomputing_the_moe_layer_reruns_its_ops_and_all_to_alls(make_scenario):
+    """Selective ``moe`` (Megatron's whole-MoE-layer checkpoint): before the block's backward the
+    router, dispatch, experts and combine run again (balanced routing: every device's experts
+    take the same time), so the backward grows by exactly the forward MoE layer; its parts
+    listed beside it are not charged twice."""
+    none, _, ctx = _backward(make_scenario, {"recompute": "selective",
+                                             "recompute_modules": ["layernorm"]})
+    block = CostModel(ctx, scenario_placement(ctx.scenario)).block(0)
+    assert np.ptp(block.experts) == 0 and block.dispatch.duration > 0
+    layer = (block.gate + block.permute + block.ffn + float(block.experts.max())
+             + block.dispatch.duration + block.combine.duration)
+    for modules in (["layernorm", "moe"], ["layernorm", "moe", "moe_act", "shared_experts"]):
+        moe, _, ctx_moe = _backward(make_scenario, {"recompute": "selective",
+                                                    "recompute_modules": modules})
+        assert moe - none == pytest.approx(layer, rel=1e-9)
+    redo = CostModel(ctx_moe, scenario_placement(ctx_moe.scenario)).block(0)
+    ops = chunk_ops([redo], 4, backward=True, recompute=False, overlap="none")
+    assert [op.name for op in ops][:5] == ["recompute", "gate.recompute", "dispatch.recompute",
+                                           "experts.recompute", "combine.recompute"]
+    # The search's closed form adds the same layer, with its closed-form all-to-alls, to the
+    # block's recompute: block compute less attention, plus the block's comm less TP's.
+    from moesim.search.screen import _choices, _placement, block_times
+    placement = _placement(ctx_moe.scenario)
+    choices = _choices(ctx_moe, placement)
+    plain = block_times(ctx, True, choices, placement)
+    both = block_times(ctx_moe, True, choices, placement)
+    _, attention, tp = attention_part(ctx, True)
+    assert both.recompute - plain.recompute == pytest.approx(
+        plain.compute - attention + plain.comm - tp, rel=1e-9)
+
+
+def test_recomputing_a_dense_mlp_reruns_its_ffn(make_scenario):
+    s = make_scenario({**ONE_LAYER, "memory": {"recompute": "selective",
+                                                "recompute_modules": ["mlp"]}})
+    ctx = PricingContext.from_scenario(s)
+    t, tokens = ctx.timer, ctx.tokens_per_source
+    f = s.model.dense_ffn_size or 4 * ctx.hidden
+    assert selective_recompute_time(ctx, tokens, tokens, None) == pytest.approx(
+        t.dense_ffn(tokens, f), rel=1e-12)
 
 
 def test_mtp_adds_a_block_and_a_head_on_the_last_stage(make_scenario):

@@ -22,7 +22,7 @@ from moesim.spec.hardware import dtype_bytes
 from moesim.traffic import LayerTraffic
 
 __all__ = ["BlockCost", "block_cost", "attention_part", "shared_part", "saved_activation_cast",
-           "selective_recompute_time"]
+           "selective_recompute_time", "recomputes"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +40,7 @@ class BlockCost:
     combine: Collective = EMPTY
     traffic: LayerTraffic | None = None
     recompute: float = 0.0           # forward work re-run before this block's backward (selective)
+    recompute_moe: bool = False      # selective "moe": the MoE layer's forward ops run again
 
     @property
     def is_moe(self) -> bool:
@@ -63,7 +64,17 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
     dispatch, combine = layer_alltoalls(ctx, flows)
     return BlockCost(layer, attention, tp_comm, t.gate(tokens), shared_part(ctx, dense_tokens),
                      expert_times(ctx, flows), permute_time(ctx, flows), dispatch, combine, flows,
-                     selective_recompute_time(ctx, dense_tokens, tokens, flows))
+                     selective_recompute_time(ctx, dense_tokens, tokens, flows),
+                     recompute_moe=recomputes(ctx, "moe"))
+
+
+def recomputes(ctx: PricingContext, module: str) -> bool:
+    """Whether a training step's selective recomputation re-runs ``module``
+    (``memory.recompute_modules``; the attention core when none is listed)."""
+    memory = ctx.scenario.memory
+    if ctx.scenario.workload.mode != "training" or memory.recompute != "selective":
+        return False
+    return module in (memory.recompute_modules or ("core_attn",))
 
 
 def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]:
@@ -107,11 +118,16 @@ def saved_activation_cast(ctx: PricingContext, moe: bool) -> float:
 def selective_recompute_time(ctx: PricingContext, dense_tokens: float, tokens: float,
                              flows: LayerTraffic | None) -> float:
     """Forward seconds that selective recomputation re-runs before a block's backward:
-    ``memory.recompute_modules`` (default: the attention core); 0 unless ``selective``."""
+    ``memory.recompute_modules`` (default: the attention core); 0 unless ``selective``. The
+    whole MoE layer (``moe``) is not in this sum: its ops, all-to-alls included, run again as
+    ops (:attr:`BlockCost.recompute_moe`), and its parts (``moe_act``, ``shared_experts``) are
+    then not counted twice."""
     memory = ctx.scenario.memory
     if ctx.scenario.workload.mode != "training" or memory.recompute != "selective":
         return 0.0
     modules = memory.recompute_modules or ("core_attn",)
+    if flows is not None and "moe" in modules:
+        modules = tuple(m for m in modules if m not in ("moe_act", "shared_experts"))
     t, h, ab = ctx.timer, ctx.hidden, ctx.activation_bytes
     total = 0.0
     if "core_attn" in modules:
@@ -130,6 +146,8 @@ def selective_recompute_time(ctx: PricingContext, dense_tokens: float, tokens: f
         copies = float(flows.slot_tokens.sum(axis=1).max())
         f = ctx.scenario.model.expert_ffn_size
         total += t.elementwise(copies * 3 * f * ab)
-    if "shared_experts" in modules:
+    if "shared_experts" in modules and flows is not None:
         total += t.shared_experts(dense_tokens)
+    if "mlp" in modules and flows is None:           # a dense block's FFN
+        total += t.dense_ffn(dense_tokens, ctx.scenario.model.dense_ffn_size or 4 * h)
     return total

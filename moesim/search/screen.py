@@ -28,7 +28,12 @@ from moesim.memory import check_memory
 from moesim.placement.baselines import contiguous
 from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import layer_alltoall_times
-from moesim.pricing.block import attention_part, selective_recompute_time, shared_part
+from moesim.pricing.block import (
+    attention_part,
+    recomputes,
+    selective_recompute_time,
+    shared_part,
+)
 from moesim.pricing.collectives import (
     dp_sync_time,
     p2p_time,
@@ -105,10 +110,13 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
         priced = moe_traffic(ctx, choices, placement)
     flows, dispatch, combine = priced
     shared = shared_part(ctx, dense_tokens)
-    compute = (attention + t.gate(tokens) + shared + float(expert_times(ctx, flows).max())
-               + permute_time(ctx, flows))
+    layer = (t.gate(tokens) + shared + float(expert_times(ctx, flows).max())
+             + permute_time(ctx, flows))
+    compute = attention + layer
     comm = tp + dispatch + combine
     rec = selective_recompute_time(ctx, dense_tokens, tokens, flows)
+    if recomputes(ctx, "moe"):      # the MoE layer again, its all-to-alls included, in series
+        rec += layer + dispatch + combine
     overlap = s.communication.overlap
     if overlap == "two_batch":      # two halves: compute of one hides the other's comm
         return BlockTimes(compute + max(compute, comm), comm, 2 * rec)

@@ -153,6 +153,24 @@ def _recomputed(ops: list[OpSpec]) -> list[OpSpec]:
             for i, op in enumerate(ops)]
 
 
+MOE_OPS = ("gate", "dispatch", "shared_experts", "experts", "combine")
+
+
+def _selective_redo(cost: BlockCost, schedule: Schedule, ep: int) -> list[OpSpec]:
+    """Ops selective recomputation runs before a block's backward: the re-run modules'
+    forward seconds as one compute op, then, when the whole MoE layer is re-run
+    (``recompute_moe``), its forward ops again, all-to-alls included, one after another."""
+    redo = []
+    if cost.recompute > 0:
+        redo.append(OpSpec("recompute", COMPUTE, "compute", np.full(ep, cost.recompute)))
+    if cost.recompute_moe and cost.is_moe:
+        moe = _recomputed([op for op in schedule.block(cost, ep, False) if op.name in MOE_OPS])
+        if redo:
+            moe[0] = replace(moe[0], after=(redo[-1].name,))
+        redo += moe
+    return redo
+
+
 def chunk_ops(costs: list[BlockCost], ep: int, *, backward: bool, recompute: bool,
               overlap: str, comm_slowdown: float = 1.0) -> list[Op]:
     """Op list of a chunk (blocks in execution order; reversed by the caller for backward).
@@ -170,9 +188,11 @@ def chunk_ops(costs: list[BlockCost], ep: int, *, backward: bool, recompute: boo
         chain = []
         for b, cost in enumerate(costs):
             ops = schedule.block(cost, ep, backward)
-            if backward and not recompute and cost.recompute > 0:   # selective: first re-run
-                redo = OpSpec("recompute", COMPUTE, "compute", np.full(ep, cost.recompute))
-                ops = [redo, *(replace(op, after=op.after or ("recompute",)) for op in ops)]
+            if backward and not recompute:   # selective: first re-run what it discarded
+                redo = _selective_redo(cost, schedule, ep)
+                if redo:
+                    ops = [*redo, *(replace(op, after=op.after or (redo[-1].name,))
+                                    for op in ops)]
             if backward and recompute:
                 forward = _recomputed(schedule.block(cost, ep, False))
                 ops = [*forward, *(replace(op, after=op.after or (forward[-1].name,))

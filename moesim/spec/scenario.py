@@ -141,8 +141,10 @@ class CommunicationSpec:
 
 # What selective recomputation can re-run in the backward (Megatron-Core's recompute_modules):
 # the attention core, the block's norms, MLA's query/KV up-projections (DeepSeek-V3), the MoE
-# activation (SwiGLU), the shared experts.
-RecomputeModule = Literal["core_attn", "layernorm", "mla_up_proj", "moe_act", "shared_experts"]
+# activation (SwiGLU), the shared experts, a dense block's MLP, the whole MoE layer (router,
+# dispatch, experts, shared experts, combine: its all-to-alls run again).
+RecomputeModule = Literal["core_attn", "layernorm", "mla_up_proj", "moe_act", "shared_experts",
+                          "mlp", "moe"]
 
 
 @dataclass(frozen=True, kw_only=True)
