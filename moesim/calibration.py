@@ -317,6 +317,8 @@ class MeasuredTables:
         curve = self._shaped("gemm", lambda d: (int(n), int(k), d), dtype)
         if curve is not None or not self.has("gemm"):
             return self._shaped_lookup("gemm", curve, m)
+        if model is not None and model(m, n, k) <= 0:
+            return 0.0                      # no rows of work (m = 0): nothing to launch
         if model is not None:
             tables = self.shaped_tables["gemm"]
             for d in DTYPE_TABLES.get(dtype, (dtype,)):

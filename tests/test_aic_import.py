@@ -465,6 +465,8 @@ def test_an_unmeasured_gemm_shape_takes_its_neighbours_efficiency(profile_path):
     assert tables.served["gemm", "extrapolated"] == 1
     # Narrower than every row (4 < 8 columns): near the launch floor, the model's own business.
     assert tables.gemm(64, 4, 256, "bf16", model=model) is None
+    # No tokens, no work: the transfer does not divide by the model's zero.
+    assert tables.gemm(0, 384, 256, "bf16", model=lambda m, n, k: 1e-9 * n * m) == 0.0
 
 
 def test_the_gemm_holdout_benchmark_prices_each_shape_from_the_others(profile_path, capsys):
