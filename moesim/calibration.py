@@ -19,7 +19,9 @@ at its ``p10`` where it records one (the expert FFN does), else at its median ``
 idle device the two agree within a few percent, on a shared one p10 is the kernel's own time.
 A kernel never gets cheaper with more tokens, so each table is then replaced by its running
 minimum from the right (``seconds[i] = min(seconds[i:])``): upward spikes are cut, a monotone
-table is unchanged.
+table is unchanged. Imported (shaped) tables are not: they are a framework's own kernels as
+measured, and a row slower than its neighbour at more tokens (vLLM's GEMMs at m = 64 against
+m = 65) is the kernel that framework runs at that shape.
 
 Every answer is counted by kernel and source (``table``, ``extrapolated`` beyond the grid,
 ``roofline`` when no table matched), so results can say what served the compute model.
@@ -88,7 +90,8 @@ SOURCES = ("table", "extrapolated", "roofline")
 class Curve:
     """One measured table: ``tokens: float[n]`` strictly increasing, ``seconds: float[n]`` > 0.
 
-    ``seconds`` is made non-decreasing on construction (running minimum from the right).
+    ``seconds`` is made non-decreasing on construction (running minimum from the right) unless
+    ``monotone`` is False: imported tables are read as measured (see the module doc).
     """
 
     tokens: np.ndarray
