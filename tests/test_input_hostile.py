@@ -236,12 +236,14 @@ def test_interleaving_needs_a_pipeline(capsys):
 
 def test_fields_another_field_makes_unused_are_warned_about(tmp_path, capsys):
     args = ["--set", "workload.context_len=5", "--set", "cluster.torus_dims=[2, 2]", "--set",
-            "placement.file=plan.json"]
+            "placement.file=plan.json", "--set", "memory={recompute: full, recompute_modules: "
+            "[moe]}"]
     assert main(["validate", str(TINY), *args]) == 0
     out = capsys.readouterr().out
     for said in ("cluster.torus_dims is unused: the topology is 'fat_tree'",
                  "workload.context_len is unused in training",
-                 "placement.file is unused: placement.policy is"):
+                 "placement.file is unused: placement.policy is",
+                 "memory.recompute_modules is unused: memory.recompute is 'full'"):
         assert f"warning: {said}" in out
     assert main(["run", str(TINY), "--no-trace", "-o", str(tmp_path / "r"),
                  "--set", "workload.context_len=5"]) == 0

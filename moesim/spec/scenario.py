@@ -439,6 +439,9 @@ def scenario_warnings(s: Scenario) -> list[str]:
         out.append(f"cluster.torus_dims is unused: the topology is {s.cluster.topology!r}")
     if s.workload.context_len and s.workload.mode != "decode":
         out.append(f"workload.context_len is unused in {s.workload.mode} (decode only)")
+    if s.memory.recompute_modules and s.memory.recompute != "selective":
+        out.append(f"memory.recompute_modules is unused: memory.recompute is "
+                   f"{s.memory.recompute!r}, not 'selective'")
     if s.routing.trace and s.routing.distribution != "trace":
         out.append(f"routing.trace is unused: routing.distribution is "
                    f"{s.routing.distribution!r}, not 'trace'")
