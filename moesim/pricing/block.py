@@ -22,7 +22,7 @@ from moesim.spec.hardware import dtype_bytes
 from moesim.traffic import LayerTraffic
 
 __all__ = ["BlockCost", "block_cost", "attention_part", "shared_part", "saved_activation_cast",
-           "selective_recompute_time", "recomputes"]
+           "selective_recompute_time", "recomputed_modules", "recomputes"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,13 +68,19 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
                      recompute_moe=recomputes(ctx, "moe"))
 
 
-def recomputes(ctx: PricingContext, module: str) -> bool:
-    """Whether a training step's selective recomputation re-runs ``module``
-    (``memory.recompute_modules``; the attention core when none is listed)."""
+def recomputed_modules(ctx: PricingContext) -> tuple[str, ...]:
+    """The modules a training step's selective recomputation re-runs before each block's
+    backward (``memory.recompute_modules``; the attention core when none is listed); none
+    outside training or without ``memory.recompute: selective``."""
     memory = ctx.scenario.memory
     if ctx.scenario.workload.mode != "training" or memory.recompute != "selective":
-        return False
-    return module in (memory.recompute_modules or ("core_attn",))
+        return ()
+    return memory.recompute_modules or ("core_attn",)
+
+
+def recomputes(ctx: PricingContext, module: str) -> bool:
+    """Whether selective recomputation re-runs ``module`` (:func:`recomputed_modules`)."""
+    return module in recomputed_modules(ctx)
 
 
 def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]:
@@ -122,10 +128,9 @@ def selective_recompute_time(ctx: PricingContext, dense_tokens: float, tokens: f
     whole MoE layer (``moe``) is not in this sum: its ops, all-to-alls included, run again as
     ops (:attr:`BlockCost.recompute_moe`), and its parts (``moe_act``, ``shared_experts``) are
     then not counted twice."""
-    memory = ctx.scenario.memory
-    if ctx.scenario.workload.mode != "training" or memory.recompute != "selective":
+    modules = recomputed_modules(ctx)
+    if not modules:
         return 0.0
-    modules = memory.recompute_modules or ("core_attn",)
     if flows is not None and "moe" in modules:
         modules = tuple(m for m in modules if m not in ("moe_act", "shared_experts"))
     t, h, ab = ctx.timer, ctx.hidden, ctx.activation_bytes
