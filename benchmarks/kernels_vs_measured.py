@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from moesim.errors import MoESimError  # noqa: E402
+from moesim.spec.fields import read_yaml  # noqa: E402
 from moesim.spec.hardware import HardwareProfile  # noqa: E402
 from moesim.spec.scenario import Scenario, load_scenario  # noqa: E402
 
@@ -406,7 +407,7 @@ def without_tables(profile: str, kinds: list[str], folder: Path) -> str:
     """A copy of the ``profile`` YAML in ``folder`` whose measured tables lack ``kinds``."""
     if not profile.endswith((".yaml", ".yml")):
         raise MoESimError(f"--drop needs a profile .yaml, got {profile!r}")
-    data = yaml.safe_load(Path(profile).read_text())
+    data = read_yaml(profile)
     tables = (data.get("calibration") or {}).get("kernels") or {}
     missing = [k for k in kinds if k not in tables]
     if missing:

@@ -320,15 +320,12 @@ class MeasuredTables:
         curve = self._shaped("gemm", lambda d: (int(n), int(k), d), dtype)
         if curve is not None or not self.has("gemm"):
             return self._shaped_lookup("gemm", curve, m)
-        if model is not None and model(m, n, k) <= 0:
-            return 0.0                      # no rows of work (m = 0): nothing to launch
         if model is not None:
-            tables = self.shaped_tables["gemm"]
+            work = model(m, n, k)
+            if work <= 0:
+                return 0.0                  # no rows of work (m = 0): nothing to launch
             for d in DTYPE_TABLES.get(dtype, (dtype,)):
-                sites = self._gemm_sites.get(d)
-                if sites is None:
-                    sites = self._gemm_sites[d] = {(key[0], key[1]): c
-                                                   for key, c in tables.items() if key[2] == d}
+                sites = self._gemm_sites_of(d)
                 if not sites:
                     continue
                 anchors, beyond = gemm_sites(sites, m, n, k)
@@ -338,9 +335,16 @@ class MeasuredTables:
                 ratios = np.array([model(m, *site) / float(sites[site](float(m)))
                                    for site, _ in anchors])
                 self.served["gemm", "extrapolated" if beyond else "table"] += 1
-                return float(model(m, n, k) * weights.sum() / (weights * ratios).sum())
+                return float(work * weights.sum() / (weights * ratios).sum())
         self.served["gemm", "roofline"] += 1
         return None
+
+    def _gemm_sites_of(self, dtype: str) -> dict[tuple[int, int], Curve]:
+        """The measured GEMM rows of ``dtype`` by shape ``(n, k)`` (indexed once)."""
+        if dtype not in self._gemm_sites:
+            self._gemm_sites[dtype] = {(key[0], key[1]): c for key, c
+                                       in self.shaped_tables["gemm"].items() if key[2] == dtype}
+        return self._gemm_sites[dtype]
 
     def moe(self, tokens_per_slot: np.ndarray, hidden: int, ffn: int, experts_per_device: int,
             top_k: int, dtype: str, *, experts: int | None = None,
