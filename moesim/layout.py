@@ -1,7 +1,7 @@
 """Where each rank sits in the parallel layout: pipeline stage, data-parallel replica, EP group.
 
-Ranks are ordered as Megatron-Core orders them: tensor-parallel fastest, then data-parallel, then
-pipeline. Expert parallelism is carved out of the ``dp * tp`` ranks of a stage: consecutive groups
+Ranks are ordered as Megatron-Core orders them: tensor-parallel fastest, then context-parallel,
+data-parallel, pipeline. Expert parallelism is carved out of the ``dp * cp * tp`` ranks of a stage: consecutive groups
 of ``ep`` ranks form the EP groups, and the ranks at the same position in different EP groups form
 the expert-data-parallel group that all-reduces those experts' gradients.
 """
@@ -41,7 +41,7 @@ class Layout:
 
     @property
     def stage_size(self) -> int:
-        return self.par.dp * self.par.tp
+        return self.par.dp * self.par.cp * self.par.tp
 
     @property
     def expert_dp(self) -> int:
@@ -49,13 +49,22 @@ class Layout:
         return self.stage_size // self.par.ep
 
     def stage_ranks(self, stage: int) -> np.ndarray:
-        """Global ranks of one pipeline stage: int[dp * tp]."""
+        """Global ranks of one pipeline stage: int[dp * cp * tp]."""
         return np.arange(stage * self.stage_size, (stage + 1) * self.stage_size)
 
     def ep_group(self, stage: int, group: int = 0) -> np.ndarray:
         """Global ranks of one EP group: int[ep]."""
         start = stage * self.stage_size + group * self.par.ep
         return np.arange(start, start + self.par.ep)
+
+    def cp_group(self, stage: int, index: int = 0) -> np.ndarray:
+        """Global ranks of one context-parallel group: int[cp], ``tp`` apart (tensor-parallel
+        ranks are the fastest); ``index`` counts the groups of a stage, ``tp`` per data-parallel
+        replica."""
+        tp, cp = self.par.tp, self.par.cp
+        replica, tp_rank = divmod(index, tp)
+        start = stage * self.stage_size + replica * cp * tp + tp_rank
+        return start + tp * np.arange(cp)
 
     def chunk_layers(self) -> list[list[range]]:
         """Layers of each (stage, virtual chunk): ``[stage][chunk] -> range of layer ids``.

@@ -108,10 +108,11 @@ def zero3_regathers(s: Scenario) -> bool:
 
 
 def tokens_per_microbatch(s: Scenario) -> float:
-    """Tokens one device handles per micro-batch (per pipeline stage)."""
-    wl = s.workload
-    return wl.micro_batch * tokens_per_sequence(s) / (s.parallelism.tp
-                                                      if s.parallelism.sequence_parallel else 1)
+    """Tokens one device handles per micro-batch (per pipeline stage): its share of each
+    sequence under context parallelism, and of that its share under sequence parallelism."""
+    wl, par = s.workload, s.parallelism
+    return wl.micro_batch * tokens_per_sequence(s) / par.cp / (par.tp
+                                                               if par.sequence_parallel else 1)
 
 
 def saved_activation_dtype(s: Scenario) -> str:
@@ -154,7 +155,7 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
     wb = dtype_bytes(prec.weights)
     expert_dp = layout.expert_dp
     zero = par.zero_stage if wl.mode == "training" else 0
-    shard_dense = par.dp if zero >= 3 else 1
+    shard_dense = par.dense_dp if zero >= 3 else 1
     shard_expert = expert_dp if zero >= 3 else 1
     dense_w = dense * wb / shard_dense
     expert_w = experts * wb / shard_expert
@@ -171,10 +172,10 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
     layers = layout.stage_layers(stage)
     if wl.mode == "training":
         gb = dtype_bytes(prec.gradients)
-        gdense, gexp = (par.dp, expert_dp) if zero >= 2 else (1, 1)
+        gdense, gexp = (par.dense_dp, expert_dp) if zero >= 2 else (1, 1)
         grads = dense * gb / gdense + experts * gb / gexp
         per_param = prec.optimizer_state_bytes + (4.0 if prec.master_weights else 0.0)
-        odense, oexp = (par.dp, expert_dp) if zero >= 1 else (1, 1)
+        odense, oexp = (par.dense_dp, expert_dp) if zero >= 1 else (1, 1)
         opt = dense * per_param / odense + experts * per_param / oexp
         if layout.dual:   # DualPipe: pp + 1 chunks' activations per device, of two stages each
             in_flight = (par.pp + 1) / 2
@@ -192,7 +193,8 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
         context = tokens_per_sequence(s) + (wl.context_len if wl.mode == "decode" else 0)
         # the last stage's drafting MTP modules keep a KV cache of their own
         drafters = mtp_held(s) if layout.holds_ends(stage)[1] else 0
-        kv = (wl.global_batch / par.dp) * context * (len(layers) + drafters)
+        # (a context-parallel rank holds the keys and values of its share of each sequence)
+        kv = (wl.global_batch / par.dp) * context / par.cp * (len(layers) + drafters)
         kv *= kv_bytes_per_token(s.model, prec.kv_cache) / par.tp
         acts = tokens * max(activation_bytes_per_token_layer(s, True),
                             activation_bytes_per_token_layer(s, False))

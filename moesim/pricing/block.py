@@ -15,13 +15,14 @@ from moesim import routing
 from moesim.memory import saved_activation_dtype, saved_bytes_per_token_layer
 from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import EMPTY, Collective, layer_alltoalls
-from moesim.pricing.collectives import tp_all_reduce_time
+from moesim.pricing.collectives import cp_exchange_time, tp_all_reduce_time
 from moesim.pricing.context import PricingContext
 from moesim.pricing.moe_layer import expert_times, layer_traffic, permute_time
 from moesim.spec.hardware import dtype_bytes
 from moesim.traffic import LayerTraffic
 
-__all__ = ["BlockCost", "block_cost", "attention_part", "shared_part", "saved_activation_cast",
+__all__ = ["BlockCost", "block_cost", "attention_part", "cp_wait", "shared_part",
+           "saved_activation_cast",
            "selective_recompute_time", "recomputed_modules", "recomputes"]
 
 
@@ -41,6 +42,7 @@ class BlockCost:
     traffic: LayerTraffic | None = None
     recompute: float = 0.0           # forward work re-run before this block's backward (selective)
     recompute_moe: bool = False      # selective "moe": the MoE layer's forward ops run again
+    cp_comm: float = 0.0             # attention's wait on its context-parallel ring (forward)
 
     @property
     def is_moe(self) -> bool:
@@ -56,16 +58,18 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
     moe_index = ctx.layout.moe_index(layer)
     dense_tokens, attention, tp_comm = attention_part(ctx, moe_index is not None
                                                       and choices is not None)
+    cp_comm = cp_wait(ctx, dense_tokens)
     if moe_index is None or choices is None:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
         return BlockCost(layer, attention, tp_comm, 0.0, ffn, np.zeros(par.ep), 0.0,
-                         recompute=selective_recompute_time(ctx, dense_tokens, tokens, None))
+                         recompute=selective_recompute_time(ctx, dense_tokens, tokens, None),
+                         cp_comm=cp_comm)
     flows = layer_traffic(ctx, choices, placement, moe_index, failed)
     dispatch, combine = layer_alltoalls(ctx, flows)
     return BlockCost(layer, attention, tp_comm, t.gate(tokens), shared_part(ctx, dense_tokens),
                      expert_times(ctx, flows), permute_time(ctx, flows), dispatch, combine, flows,
                      selective_recompute_time(ctx, dense_tokens, tokens, flows),
-                     recompute_moe=recomputes(ctx, "moe"))
+                     recompute_moe=recomputes(ctx, "moe"), cp_comm=cp_comm)
 
 
 def recomputed_modules(ctx: PricingContext) -> tuple[str, ...]:
@@ -90,13 +94,30 @@ def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]
 
     Tensor-parallel parts (attention, dense FFN, shared experts) see the whole sequence under
     sequence parallelism and split their weights/heads over TP (KernelTimer divides by tp).
+    Under context parallelism they see this rank's share of each sequence, whose queries still
+    attend to the whole causal context (the context length is the sequence's); the ring runs
+    the attention core as ``cp`` kernels, each with a correction of the partial outputs, so
+    ``2 (cp - 1)`` kernels more than one fused call (their fixed cost is charged here; the
+    ring's exchange is :func:`cp_wait`).
     """
     tokens = ctx.tokens_per_source
-    dense_tokens = tokens * ctx.scenario.parallelism.tp if (
-        ctx.scenario.parallelism.sequence_parallel) else tokens
+    par = ctx.scenario.parallelism
+    dense_tokens = tokens * par.tp if par.sequence_parallel else tokens
     context, kv = ctx.context_length()
     attention = ctx.timer.attention(dense_tokens, context, kv) + saved_activation_cast(ctx, moe)
+    attention += 2 * (par.cp - 1) * ctx.timer.device.kernel_overhead
     return dense_tokens, attention, tp_all_reduce_time(ctx, dense_tokens)
+
+
+def cp_wait(ctx: PricingContext, dense_tokens: float) -> float:
+    """Forward seconds attention waits on its context-parallel ring beyond its own compute
+    (:func:`moesim.pricing.collectives.cp_exchange_time` against this rank's attention core);
+    0 without context parallelism."""
+    if ctx.scenario.parallelism.cp <= 1:
+        return 0.0
+    context, kv = ctx.context_length()
+    return cp_exchange_time(ctx, dense_tokens, ctx.timer.attention_core(dense_tokens, context,
+                                                                        kv))
 
 
 def shared_part(ctx: PricingContext, dense_tokens: float) -> float:

@@ -14,9 +14,11 @@ from moesim.errors import ScenarioError
 from moesim.memory import block_params, stage_params, zero3_regathers
 from moesim.pricing.context import PricingContext
 from moesim.spec.hardware import LinkSpec, dtype_bytes
+from moesim.spec.model import ModelSpec
 from moesim.topology import Topology
 
 __all__ = ["DP_ALGORITHMS", "link_between", "tp_all_reduce_time", "p2p_time", "dp_sync_time",
+           "cp_kv_bytes_per_token", "cp_ring_step_time", "cp_exchange_time",
            "gradient_bytes_per_param", "sharded_block_times", "sharded_chunk_wait",
            "prefetched_makespan"]
 
@@ -51,6 +53,62 @@ def p2p_time(ctx: PricingContext) -> float:
     a, b = ctx.layout.stage_ranks(0)[0], ctx.layout.stage_ranks(1)[0]
     bw, lat = link_between(ctx.topology, int(a), int(b))
     return network.p2p(nbytes / s.parallelism.tp, bw, lat)
+
+
+def cp_kv_bytes_per_token(model: ModelSpec, act_bytes: float, tp: int = 1) -> float:
+    """Bytes of one token's keys and values one tensor-parallel rank passes on per layer in a
+    context-parallel ring: its key/value heads (GQA/MHA: ``kv_heads / tp``, at least one) times
+    key and value widths; for MLA the up-projected per-head keys (nope + rope) and values of its
+    ``num_heads / tp`` query heads, which is what ring attention over MLA exchanges (not the
+    latent a decode cache holds).
+
+    >>> from moesim.spec.model import AttentionSpec, ModelSpec
+    >>> m = ModelSpec(name="m", hidden_size=1024, num_layers=1, vocab_size=8, num_experts=1,
+    ...               top_k=1, expert_ffn_size=8,
+    ...               attention=AttentionSpec(num_heads=8, num_kv_heads=2, kind="gqa"))
+    >>> cp_kv_bytes_per_token(m, 2), cp_kv_bytes_per_token(m, 2, tp=4)   # 2 x 2 x 128 x 2 B
+    (1024.0, 512.0)
+    """
+    a = model.attention
+    if a.kind == "mla":
+        width = model.head_dim + a.qk_rope_head_dim + (a.v_head_dim or model.head_dim)
+        return a.num_heads / tp * width * act_bytes
+    return max(model.kv_heads / tp, 1.0) * 2 * model.head_dim * act_bytes
+
+
+def cp_ring_step_time(ctx: PricingContext, dense_tokens: float) -> float:
+    """Seconds of one forward step of the context-parallel ring: each rank sends the keys and
+    values it holds (``dense_tokens`` tokens, :func:`cp_kv_bytes_per_token`) to the next rank
+    of its group while receiving the previous rank's, all at once, so the step takes one
+    point-to-point send on the group's slowest hop. 0 without context parallelism."""
+    s = ctx.scenario
+    par = s.parallelism
+    if par.cp <= 1 or dense_tokens <= 0:
+        return 0.0
+    nbytes = dense_tokens * cp_kv_bytes_per_token(s.model, ctx.activation_bytes, par.tp)
+    members = ctx.layout.cp_group(0)
+    bw, lat = _bottleneck(ctx.topology, np.append(members, members[0]))
+    return network.p2p(nbytes, bw, lat)
+
+
+def cp_exchange_time(ctx: PricingContext, dense_tokens: float, core: float) -> float:
+    """Forward seconds a block's attention waits on its context-parallel ring beyond its own
+    compute (ring attention, as Megatron-Core / Transformer Engine run it with
+    ``cp_comm_type: p2p``): the sequence is split over ``cp`` ranks; in each of ``cp`` steps a
+    rank attends its queries to one block of keys and values (``core / cp`` of the attention
+    core's ``core`` seconds) while the block for the next step is in flight, so each of the
+    ``cp - 1`` exchanges is hidden up to that step's compute:
+    ``(cp - 1) * max(0, step_send - core / cp)``. The backward moves the keys and values and
+    their gradients (twice the bytes) beside twice the compute, so it waits twice as long; the
+    engine scales it.
+
+    Derived for a made-up 2-rank ring: 1 MB at 100 GB/s with 1 us latency is 11 us a step; an
+    attention core of 10 us leaves 5 us per step hidden, so 1 x (11 - 5) = 6 us wait.
+    """
+    cp = ctx.scenario.parallelism.cp
+    if cp <= 1:
+        return 0.0
+    return (cp - 1) * max(0.0, cp_ring_step_time(ctx, dense_tokens) - core / cp)
 
 
 def gradient_bytes_per_param(ctx: PricingContext) -> float:
@@ -139,7 +197,7 @@ def _shard_groups(ctx: PricingContext, stage: int, dense: float, experts: float
     par, layout = ctx.scenario.parallelism, ctx.layout
     ranks = layout.stage_ranks(stage)
     return [(params, ranks[::stride][:size])
-            for params, size, stride in ((dense, par.dp, par.tp),
+            for params, size, stride in ((dense, par.dense_dp, par.tp),
                                          (experts, layout.expert_dp, par.ep))
             if size > 1 and params]
 

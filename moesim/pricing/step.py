@@ -38,7 +38,7 @@ def optimizer_time(ctx: PricingContext, stage: int) -> float:
         return 0.0
     par = s.parallelism
     dense, experts = stage_params(s, ctx.layout, stage)
-    shard = par.dp if par.zero_stage >= 1 else 1
+    shard = par.dense_dp if par.zero_stage >= 1 else 1
     eshard = ctx.layout.expert_dp if par.zero_stage >= 1 else 1
     nbytes = (dense / shard + experts / eshard) * optimizer_bytes_per_param(s)
     return memory_time(nbytes, s.hardware.device, kernels=1)   # one fused multi-tensor kernel

@@ -30,6 +30,7 @@ from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import layer_alltoall_times
 from moesim.pricing.block import (
     attention_part,
+    cp_wait,
     recomputes,
     selective_recompute_time,
     shared_part,
@@ -100,6 +101,9 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
     s, t = ctx.scenario, ctx.timer
     tokens = ctx.tokens_per_source
     dense_tokens, attention, tp = attention_part(ctx, moe)
+    # The context-parallel ring's wait scales with the pass (twice in the backward, again in
+    # a recompute) as compute does, so the screen counts it there.
+    attention += cp_wait(ctx, dense_tokens)
     if not moe:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
         rec = selective_recompute_time(ctx, dense_tokens, tokens, None)

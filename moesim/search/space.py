@@ -269,13 +269,14 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
     m = s.model
     tp, pp, ep, vp, mb = (v["parallelism.tp"], v["parallelism.pp"], v["parallelism.ep"],
                           v["parallelism.vp"], v["workload.micro_batch"])
-    if n % (tp * pp):
-        return "tp*pp does not divide the devices"
-    dp = n // (tp * pp)
+    cp = s.parallelism.cp    # the scenario's context parallelism is kept, not searched
+    if n % (tp * pp * cp):
+        return "tp*pp*cp does not divide the devices"
+    dp = n // (tp * pp * cp)
     if tp > s.devices_per_node:
         return "tp larger than a node"
-    if (dp * tp) % ep:
-        return "ep does not divide dp*tp"
+    if (dp * cp * tp) % ep:
+        return "ep does not divide dp*cp*tp"
     if (m.num_experts + v["placement.redundant_experts"]) % ep:
         return "ep does not divide the expert slots"
     if pp * vp > m.num_layers:
@@ -355,7 +356,8 @@ def enumerate_layouts(spec: SearchSpec) -> tuple[list[Candidate], Counter, bool]
         if reason is not None:
             dropped[reason] += 1
             continue
-        v["parallelism.dp"] = spec.devices // (v["parallelism.tp"] * v["parallelism.pp"])
+        v["parallelism.dp"] = spec.devices // (v["parallelism.tp"] * v["parallelism.pp"]
+                                               * spec.scenario.parallelism.cp)
         cand = Candidate(tuple(sorted(v.items())))
         if cand.values in seen:
             continue

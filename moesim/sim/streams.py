@@ -104,9 +104,12 @@ def _ops(cost: BlockCost, ep: int, backward: bool, *, shared_after: str) -> list
                       after)
 
     ops = [compute("attention", cost.attention)]
+    if cost.cp_comm:   # the ring's exchange beyond the attention it hides behind
+        ops.append(OpSpec("cp_exchange", COMM, "tp_comm", ones * cost.cp_comm * scale,
+                          ("attention",), barrier=True))
     if cost.tp_comm:
-        ops.append(OpSpec("tp_allreduce", COMM, "tp_comm", ones * cost.tp_comm, ("attention",),
-                          barrier=True))
+        ops.append(OpSpec("tp_allreduce", COMM, "tp_comm", ones * cost.tp_comm,
+                          (ops[-1].name,), barrier=True))
     if not cost.is_moe:
         return [*ops, compute("dense_ffn", cost.ffn, ops[-1].name)]
     first, second = (cost.combine, cost.dispatch) if backward else (cost.dispatch, cost.combine)

@@ -33,9 +33,14 @@ Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4"]
 
 @dataclass(frozen=True, kw_only=True)
 class Parallelism:
-    """Parallel degrees. tp * pp * dp = devices; EP is carved out of dp * tp (Megatron-Core, DeepSeek)."""
+    """Parallel degrees. tp * cp * pp * dp = devices; EP is carved out of dp * cp * tp
+    (Megatron-Core, DeepSeek). Ranks are ordered tensor-parallel fastest, then context-parallel,
+    data-parallel, pipeline (Megatron-Core's default order)."""
 
     tp: int = spec_field(1, min=1, max=1 << 20, doc="tensor parallel (inside a node)")
+    cp: int = spec_field(1, min=1, max=1 << 20,
+                         doc="context parallel: each sequence's tokens split over cp ranks "
+                             "(ring attention; training and prefill)")
     pp: int = spec_field(1, min=1, max=1 << 20, doc="pipeline stages")
     dp: int = spec_field(1, min=1, max=1 << 20, doc="data parallel replicas of the dense part")
     ep: int = spec_field(1, min=1, max=1 << 20, doc="expert parallel group size (divides dp * tp)")
@@ -53,7 +58,14 @@ class Parallelism:
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
+
+    @property
+    def dense_dp(self) -> int:
+        """Ranks of a stage holding the same dense parameters (one per data- and context-
+        parallel rank): the group their gradients are reduced over and ZeRO shards them over
+        (Megatron-Core's data-parallel-with-context-parallel group)."""
+        return self.dp * self.cp
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -321,6 +333,21 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
     return scenario
 
 
+def _check_context_parallel(s: Scenario, source: str) -> None:
+    """cp > 1 splits each sequence's tokens over cp ranks: training or prefill only, and a
+    sequence that splits into 2 * cp equal chunks (the causal load balancing of Megatron-Core
+    and Transformer Engine: rank r holds chunks r and 2 cp - 1 - r)."""
+    par, wl = s.parallelism, s.workload
+    if wl.mode == "decode":
+        raise ScenarioError(f"cp={par.cp}: context parallelism splits a sequence's tokens; decode "
+                            "runs one new token per sequence (use cp: 1)", source=source,
+                            field="parallelism.cp")
+    if wl.seq_len % (2 * par.cp):
+        raise ScenarioError(f"seq_len={wl.seq_len} must split into 2 * cp = {2 * par.cp} equal "
+                            "chunks (causal load balancing)", source=source,
+                            field="workload.seq_len")
+
+
 def _check_relations(s: Scenario, source: str) -> None:
     """Cross-field checks: things each field alone cannot know."""
     par, wl, m = s.parallelism, s.workload, s.model
@@ -333,13 +360,17 @@ def _check_relations(s: Scenario, source: str) -> None:
         raise ScenarioError(f"{s.devices_per_node} chips per host must divide the torus's "
                             f"{devices} chips", source=source, field="cluster.devices_per_node")
     if par.world != devices:
-        raise ScenarioError(f"tp * pp * dp = {par.tp} * {par.pp} * {par.dp} = {par.world} must "
-                            f"equal the cluster's {devices} devices", source=source,
-                            field="parallelism")
-    if (par.dp * par.tp) % par.ep:
-        raise ScenarioError(f"ep={par.ep} must divide dp * tp = {par.dp * par.tp} (EP is carved "
-                            "out of the data-parallel devices of a stage)", source=source,
+        cp = f" * {par.cp}" if par.cp > 1 else ""
+        raise ScenarioError(f"tp * {'cp * ' if cp else ''}pp * dp = {par.tp}{cp} * {par.pp} * "
+                            f"{par.dp} = {par.world} must equal the cluster's {devices} devices",
+                            source=source, field="parallelism")
+    if (par.dense_dp * par.tp) % par.ep:
+        what = "dp * cp * tp" if par.cp > 1 else "dp * tp"
+        raise ScenarioError(f"ep={par.ep} must divide {what} = {par.dense_dp * par.tp} (EP is "
+                            "carved out of the data-parallel devices of a stage)", source=source,
                             field="parallelism.ep")
+    if par.cp > 1:
+        _check_context_parallel(s, source)
     slots = m.num_experts + s.placement.redundant_experts
     most = m.num_experts * (par.ep - 1)
     if s.placement.redundant_experts > most:

@@ -1,0 +1,127 @@
+"""Context parallelism (``parallelism.cp``): each sequence's tokens split over cp ranks, attention
+run as a ring (Megatron-Core / Transformer Engine ``p2p``), everything else on the rank's share.
+Hand profile (conftest): 2 devices per node, 100 GB/s scale-up links with 1 us latency."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim.assembly import scenario_placement, simulate
+from moesim.errors import ScenarioError
+from moesim.layout import Layout
+from moesim.memory import stage_memory, tokens_per_microbatch
+from moesim.pricing.block import block_cost
+from moesim.pricing.collectives import (
+    _shard_groups,
+    cp_exchange_time,
+    cp_kv_bytes_per_token,
+    cp_ring_step_time,
+)
+from moesim.pricing.context import PricingContext
+from moesim.routing import balanced_layer
+from moesim.sim.costs import CostModel
+from moesim.sim.streams import BlockCost, serial_block
+from moesim.spec.scenario import micro_batches
+
+CP2 = {"parallelism": {"dp": 2, "cp": 2, "ep": 4}}      # 4 devices: tp 1, cp 2, dp 2
+
+
+def test_ranks_are_ordered_tp_then_cp_then_dp(make_scenario):
+    s = make_scenario({"parallelism": {"tp": 2, "cp": 2, "dp": 1, "ep": 4}})
+    layout = Layout.for_scenario(s)
+    assert layout.cp_group(0).tolist() == [0, 2]          # tp ranks 0, 1 are neighbours
+    assert layout.cp_group(0, 1).tolist() == [1, 3]
+    assert layout.stage_size == 4 and layout.expert_dp == 1
+    ctx = PricingContext.from_scenario(s)
+    # Dense gradients are reduced over the dp x cp ranks holding the same TP shard: 0 and 2.
+    ((_, members),) = _shard_groups(ctx, 0, dense=1.0, experts=1.0)
+    assert members.tolist() == [0, 2]
+
+
+def test_bad_context_parallel_layouts_name_the_field(make_scenario):
+    with pytest.raises(ScenarioError, match=r"tp \* cp \* pp \* dp = 1 \* 2 \* 1 \* 4 = 8"):
+        make_scenario({"parallelism": {"dp": 4, "cp": 2}})
+    with pytest.raises(ScenarioError, match="decode") as exc:
+        make_scenario({**CP2, "workload": {"mode": "decode", "seq_len": 1, "context_len": 64}})
+    assert exc.value.field == "parallelism.cp"
+    with pytest.raises(ScenarioError, match="2 \\* cp = 4 equal chunks") as exc:
+        make_scenario({**CP2, "workload": {"seq_len": 250}})
+    assert exc.value.field == "workload.seq_len"
+
+
+def test_each_rank_holds_its_share_of_the_sequence(make_scenario):
+    s, base = make_scenario(CP2), make_scenario({"parallelism": {"dp": 2, "ep": 2},
+                                                 "cluster": {"nodes": 1}})
+    assert tokens_per_microbatch(s) == 256 / 2 == tokens_per_microbatch(base) / 2
+    # Activations halve with the tokens; ZeRO-1 shards the dense optimizer state over the
+    # dp x cp = 4 ranks holding the same dense weights, not over dp = 2.
+    m, b = stage_memory(s, Layout.for_scenario(s), 0), stage_memory(base,
+                                                                    Layout.for_scenario(base), 0)
+    assert m.activations == pytest.approx(b.activations / 2)
+    assert m.dense_weights == b.dense_weights
+    dense = m.dense_weights / 2                            # BF16 weights: parameters
+    assert m.optimizer - m.expert_weights / 2 * 12 == pytest.approx(dense * 12 / 4)
+
+
+def test_ring_step_and_exposed_wait_by_hand(make_scenario):
+    s = make_scenario(CP2)
+    ctx = PricingContext.from_scenario(s)
+    # tiny-cpu: 2 KV heads of 64, K and V, BF16 activations: 512 bytes per token
+    assert cp_kv_bytes_per_token(s.model, 2) == 2 * 2 * 64 * 2
+    tokens = 128                                           # 256 / cp per sequence
+    step = 1e-6 + tokens * 512 / 100e9                     # ring neighbours 0, 1 share a node
+    assert cp_ring_step_time(ctx, tokens) == pytest.approx(step, rel=1e-12)
+    # cp - 1 = 1 exchange, hidden behind core / cp of the attention core
+    assert cp_exchange_time(ctx, tokens, core=0.0) == pytest.approx(step, rel=1e-12)
+    assert cp_exchange_time(ctx, tokens, core=step) == pytest.approx(step / 2, rel=1e-12)
+    assert cp_exchange_time(ctx, tokens, core=2 * step) == 0.0
+
+
+def test_ring_across_nodes_waits_on_the_nic(make_scenario):
+    """tp 2 x cp 2 on nodes of 2: the CP neighbours 0 and 2 sit on different nodes, so each
+    step crosses the 10 GB/s NIC (5 us); a rank's 1 of 2 KV heads is 256 bytes a token."""
+    s = make_scenario({"parallelism": {"tp": 2, "cp": 2, "dp": 1, "ep": 4}})
+    ctx = PricingContext.from_scenario(s)
+    assert cp_kv_bytes_per_token(s.model, 2, tp=2) == 256
+    path = ctx.topology.path_links(0, 2)
+    latency = float(ctx.topology.latency[path].sum())
+    assert float(ctx.topology.capacity[path].min()) == 10e9
+    assert cp_ring_step_time(ctx, 128) == pytest.approx(latency + 128 * 256 / 10e9, rel=1e-12)
+
+
+def test_context_parallel_conserves_tokens_and_all_to_all_bytes(make_scenario):
+    """cp 2 x dp 2 and cp 1 x dp 4 on the same 4 devices and global batch route the same
+    tokens: 2 micro-batches of 128 tokens per device against 1 of 256, the same bytes a step."""
+    a, b = make_scenario(CP2), make_scenario()
+    totals = []
+    for s in (a, b):
+        ctx = PricingContext.from_scenario(s)
+        choices = balanced_layer(s.model.num_experts, num_sources=ctx.ep,
+                                 tokens_per_source=int(ctx.tokens_per_source),
+                                 top_k=s.model.effective_top_k)
+        block = block_cost(ctx, 0, choices, scenario_placement(s))
+        totals.append(block.dispatch.total_bytes * micro_batches(s))
+    assert micro_batches(a) == 2 * micro_batches(b)
+    assert totals[0] == pytest.approx(totals[1], rel=1e-12) and totals[0] > 0
+
+
+def test_engine_charges_the_wait_after_attention_and_twice_in_the_backward(make_scenario):
+    cost = BlockCost(0, 1.0, 0.25, 0.0, 2.0, np.zeros(2), 0.0, cp_comm=0.5)
+    forward, backward = serial_block(cost, 2, False), serial_block(cost, 2, True)
+    names = [op.name for op in forward]
+    assert names[:3] == ["attention", "cp_exchange", "tp_allreduce"]
+    assert forward[2].after == ("cp_exchange",)
+    assert forward[1].seconds.tolist() == [0.5, 0.5] and backward[1].seconds.tolist() == [1, 1]
+    # In a run: a slow ring (0.1 GB/s scale-up) leaves each block's forward waiting the
+    # exchange less the attention core's step, as priced.
+    s = make_scenario(CP2, {"links": {"scale_up": {"bandwidth": "0.1 GB/s"}}})
+    sim = simulate(s)
+    ctx = sim.costs.ctx
+    block = CostModel(ctx, scenario_placement(s)).block(0)
+    core = ctx.timer.attention_core(128, *ctx.context_length())
+    assert block.cp_comm == pytest.approx(1e-6 + 128 * 512 / 0.1e9 - core / 2, rel=1e-9)
+    run = sim.runs[(0, "F", 0)]
+    waits = [float(run.end[i].max() - run.start[i].max()) for i, op in enumerate(run.ops)
+             if op.name == "cp_exchange"]
+    assert waits == pytest.approx([block.cp_comm] * s.model.num_layers, rel=1e-9)
