@@ -12,7 +12,9 @@ the simulated tokens/s into the published metric *with the publisher's own FLOP 
 - tokens/s per GPU (P2, P3, P4, P9) needs no convention;
 - Megatron-Core's TFLOPS and MFU (P1, P5) use Megatron-LM's ``num_floating_point_operations``
   (:func:`megatron_flops_per_token`: 6 FLOPs per GEMM weight per token, attention scores over the
-  full sequence, no causal halving, logits included), against the 989.4 TFLOPS BF16 peak.
+  full sequence, no causal halving, logits included), against the 989.4 TFLOPS BF16 peak; the
+  model zoo's TFLOPS (S7-S10, run on Megatron-LM from May 2025 on) use the same function with
+  the causal halving Megatron-LM has counted since March 2025.
 
 Communication cases run moesim's network model alone: P7 and P8 push a uniform 1 GiB-per-GPU
 all-to-all through the flow-level solver (``moesim.pricing.alltoall.alltoall``); P6 prices Tutel's
@@ -21,8 +23,9 @@ because the flow-level solver would need 4.2M flows at 2,048 GPUs.
 
 Supplementary rows are printed as cross-checks and left out of the statistics: S1, S2 (P2's and
 P3's model and GPUs in NeMo Automodel), S3-S6 (one model, Qwen3-235B-A22B, on one 256-H100
-cluster in four Megatron-Core layouts) and S7 (S6's layout at a 16K context, the whole MoE layer
-recomputed). docs/accuracy.md discusses every row.
+cluster in four Megatron-Core layouts), S7 (S6's layout at a 16K context, the whole MoE layer
+recomputed) and S8-S10 (the same at 32K-128K with context parallelism 2-8). docs/accuracy.md
+discusses every row.
 
 Printed: case, metric, published, predicted, error % (predicted vs published), and the biggest
 predicted components (shares of the simulated step, or the collective's parts); then the median
@@ -87,19 +90,23 @@ class Case:
 # ----------------------------------------------------------------------------- conventions
 
 
-def megatron_flops_per_token(s: Scenario) -> float:
+def megatron_flops_per_token(s: Scenario, causal: bool = False) -> float:
     """Model FLOPs per token as Megatron-LM's ``num_floating_point_operations`` counts them.
 
     ``12 L h^2 [(1 + g/a + S/h) q/h + (f/h) k m + V/(2 L h)]``: q = heads x head_dim, g/a = KV
     groups over heads, f the (expert) FFN size, k the routed experts per token, m = 3/2 for gated
     (SwiGLU) FFNs, V the vocabulary padded to a multiple of 128 x TP (the MCore v0.8/v0.9 formula
     behind P1's 468 TFLOPS; attention scores over the full sequence, no causal halving).
+    ``causal``: the formula since Megatron-LM commit 8873b55 (March 2025, "Fixes in number of
+    floating-point operation estimates for MoE and attention layer"), which counts half the
+    score matrix (``S/(2h)``), as the Megatron-Core MoE model zoo's runs (main at 1e05700, May
+    2025, and later) report their TFLOPS.
     """
     m, wl = s.model, s.workload
     h, layers, seq = m.hidden_size, m.num_layers, wl.seq_len
     heads = m.attention.num_heads
     q_ratio = heads * m.head_dim / h
-    attention = (1.0 + m.kv_heads / heads + seq / h) * q_ratio
+    attention = (1.0 + m.kv_heads / heads + seq / h / (2.0 if causal else 1.0)) * q_ratio
     gated = 1.5 if m.ffn_matrices == 3 else 1.0
     mlp = m.expert_ffn_size / h * m.effective_top_k * gated
     pad = 128 * s.parallelism.tp
@@ -132,6 +139,14 @@ def _tokens_per_gpu(s: Scenario) -> Prediction:
 def _megatron_tflops(s: Scenario) -> Prediction:
     r = simulate(s).result
     tflops = r.tokens_per_s_per_device * megatron_flops_per_token(s) / 1e12
+    return Prediction(tflops, _step_parts(r),
+                      note=f"{r.tokens_per_s_per_device:,.0f} tok/s/GPU")
+
+
+def _megatron_causal_tflops(s: Scenario) -> Prediction:
+    """TFLOPS per GPU in the causal-halved count of Megatron-LM since March 2025."""
+    r = simulate(s).result
+    tflops = r.tokens_per_s_per_device * megatron_flops_per_token(s, causal=True) / 1e12
     return Prediction(tflops, _step_parts(r),
                       note=f"{r.tokens_per_s_per_device:,.0f} tok/s/GPU")
 
@@ -281,9 +296,14 @@ CASES: tuple[Case, ...] = (
          ("model.num_layers=32", "workload.global_batch=64", *_SMALL_TRAINING),
          supplementary=True),
     # The same layout at a 16K context (the model zoo's long-context table, forced balance).
-    Case("S7", "s7-qwen3-235b-mcore-16k-tp4-ep8-256xh100.yaml", "TFLOPS/GPU (Megatron)", 295.0,
-         _MODEL_ZOO, _megatron_tflops, ("model.num_layers=32", *_SMALL_TRAINING),
+    Case("S7", "s7-qwen3-235b-mcore-16k-tp4-ep8-256xh100.yaml", "TFLOPS/GPU (Megatron, causal)",
+         295.0, _MODEL_ZOO, _megatron_causal_tflops, ("model.num_layers=32", *_SMALL_TRAINING),
          supplementary=True),
+    # Cross-checks: S7's long-context table, the rows with context parallelism.
+    *(Case(f"S{n}", f"s{n}-qwen3-235b-mcore-{k}k-tp4-cp{cp}-ep8-256xh100.yaml",
+           "TFLOPS/GPU (Megatron, causal)", tflops, _MODEL_ZOO, _megatron_causal_tflops,
+           ("model.num_layers=32", *_SMALL_TRAINING), supplementary=True)
+      for n, k, cp, tflops in ((8, 32, 2, 335.0), (9, 64, 4, 368.0), (10, 128, 8, 389.0))),
 )
 
 

@@ -55,6 +55,18 @@ def test_megatron_flops_per_token_mixtral_8x7b_by_hand():
     assert 468e12 / hand == pytest.approx(5643, rel=1e-3)
 
 
+def test_megatron_causal_count_of_qwen3_235b_at_128k_by_hand():
+    """S10 (Qwen3-235B, 128K, TP4), as Megatron-LM counts since March 2025: the score term
+    halved. q/h = 64 x 128 / 4096 = 2; (1 + 4/64 + 131072 / 4096 / 2) * 2 = 34.125 against the
+    unhalved 66.125; 1536/4096 * 8 * 1.5 = 4.5; vocab 151936 padded to 512 -> 152064."""
+    s = published.load_case(_case("S10"))
+    logits = 152064 / (2 * 94 * 4096)
+    hand = 12 * 94 * 4096**2 * (34.125 + 4.5 + logits)
+    assert published.megatron_flops_per_token(s, causal=True) == pytest.approx(hand, rel=1e-12)
+    unhalved = 12 * 94 * 4096**2 * (66.125 + 4.5 + logits)
+    assert published.megatron_flops_per_token(s) == pytest.approx(unhalved, rel=1e-12)
+
+
 def test_megatron_mfu_mixtral_8x22b_pads_the_vocabulary_to_128_x_tp():
     # TP4: vocab 32000 padded to a multiple of 512 -> 32256. (1 + 8/48 + 4096/6144) * 1;
     # 16384/6144 * 2 * 1.5 = 8.0; 32256 / (2*56*6144).
