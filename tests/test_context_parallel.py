@@ -125,3 +125,31 @@ def test_engine_charges_the_wait_after_attention_and_twice_in_the_backward(make_
     waits = [float(run.end[i].max() - run.start[i].max()) for i, op in enumerate(run.ops)
              if op.name == "cp_exchange"]
     assert waits == pytest.approx([block.cp_comm] * s.model.num_layers, rel=1e-9)
+
+
+def test_search_keeps_the_scenarios_context_parallelism(tmp_path):
+    """tiny-cpu on 4 devices with cp 2: every layout has tp * pp * dp * 2 = 4, so dp is
+    4 / (tp * pp * 2), and layouts whose tp * pp leaves no room for the CP pair are dropped."""
+    import yaml
+
+    from moesim.search.space import candidate_scenario, enumerate_layouts, load_search
+
+    from .conftest import REPO
+    data = yaml.safe_load((REPO / "scenarios" / "tiny-cpu.yaml").read_text())
+    data["parallelism"] = {"tp": 1, "cp": 2, "pp": 1, "dp": 2, "ep": 2}
+    data["search"] = {"workload.micro_batch": [1], "parallelism.zero_stage": [1],
+                      "memory.recompute": ["none"], "communication.overlap": ["none"],
+                      "communication.alltoall": ["direct"], "parallelism.schedule": ["1f1b"],
+                      "parallelism.vp": [1]}
+    path = tmp_path / "cp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec = load_search(path)
+    cands, dropped, _ = enumerate_layouts(spec)
+    assert cands and dropped["tp*pp*cp does not divide the devices"] > 0
+    for cand in cands:
+        s = candidate_scenario(spec, cand)
+        par = s.parallelism
+        assert par.cp == 2 and par.tp * par.pp * par.dp * 2 == 4
+    # tp in {1, 2} x pp in {1, 2} leave dp = 2, 1, 1 and none for tp 2 x pp 2
+    assert {(c.get("parallelism.tp"), c.get("parallelism.pp"), c.get("parallelism.dp"))
+            for c in cands} <= {(1, 1, 2), (2, 1, 1), (1, 2, 1)}
