@@ -44,7 +44,7 @@ BREAKDOWN_PARTS = {"compute": ("compute", "#4c72b0"),
                    "pipeline_bubble": ("pipeline bubble", "#b0b0b0")}
 # Trace categories in the Gantt: colour and legend label.
 EVENT_KINDS = {"compute": ("#4c72b0", "compute"), "alltoall": ("#dd8452", "all-to-all"),
-               "tp_comm": ("#8172b3", "TP communication"),
+               "tp_comm": ("#8172b3", "TP / CP communication"),
                "dp_comm": ("#937860", "gradient sync + optimizer"),
                "optimizer": ("#55a868", "optimizer"), "link": ("#e5ae38", "link busy (all-to-all)"),
                "forward": ("#a1c9f4", "forward chunk"), "backward": ("#8de5a1", "backward chunk")}

@@ -50,8 +50,8 @@ def _subtract(intervals, covered):
 
 def exposure(run: ChunkRun, device: int) -> dict[str, float]:
     """Seconds of the chunk that ``device`` spends per category, compute first, then exposed
-    all-to-all, then exposed TP communication, then ZeRO-3 parameter and gradient traffic,
-    then idle (waiting at barriers)."""
+    all-to-all, then exposed TP (and context-parallel ring) communication, then ZeRO-3
+    parameter and gradient traffic, then idle (waiting at barriers)."""
     covered: list[tuple[float, float]] = []
     out = {}
     for category in PRIORITY:
