@@ -43,7 +43,7 @@ class Parallelism:
                              "(ring attention; training and prefill)")
     pp: int = spec_field(1, min=1, max=1 << 20, doc="pipeline stages")
     dp: int = spec_field(1, min=1, max=1 << 20, doc="data parallel replicas of the dense part")
-    ep: int = spec_field(1, min=1, max=1 << 20, doc="expert parallel group size (divides dp * tp)")
+    ep: int = spec_field(1, min=1, max=1 << 20, doc="expert parallel group size (divides dp * cp * tp)")
     vp: int = spec_field(1, min=1, max=1024, doc="virtual pipeline chunks per device (interleaved 1F1B)")
     zero_stage: int = spec_field(1, min=0, max=3, doc="ZeRO stage of the optimizer state")
     sequence_parallel: bool = False
