@@ -123,6 +123,12 @@ def saved_activation_dtype(s: Scenario) -> str:
 def activation_bytes_per_token_layer(s: Scenario, moe_layer: bool) -> float:
     """Stored activation bytes per token per block (training), before recomputation, in the
     dtype they are saved in (:func:`saved_activation_dtype`)."""
+    return sum(_activation_parts(s, moe_layer))
+
+
+def _activation_parts(s: Scenario, moe_layer: bool) -> tuple[float, float]:
+    """(attention sub-layer with both norms, FFN or MoE sub-layer) of
+    :func:`activation_bytes_per_token_layer`."""
     m, ab = s.model, dtype_bytes(saved_activation_dtype(s))
     h = m.hidden_size
     # Korthikanti et al.: attention 11h + 2 norms 4h (in 16-bit units: 2 bytes); dropout masks 1 byte.
@@ -136,16 +142,36 @@ def activation_bytes_per_token_layer(s: Scenario, moe_layer: bool) -> float:
             ffn += (2 * h + (m.ffn_matrices + 1) * fs) * ab
     else:
         ffn = (2 * h + (m.dense_ffn_matrices + 1) * (m.dense_ffn_size or 4 * h)) * ab
-    return attn + ffn
+    return attn, ffn
 
 
 def saved_bytes_per_token_layer(s: Scenario, moe_layer: bool) -> float:
     """Bytes per token a training block keeps for its backward under ``memory.recompute``: all
-    its activations (none), half (selective), or only its input (full)."""
+    its activations (none), half (selective), or only its input (full). Selective recomputation
+    of the whole FFN sub-layer (``recompute_modules``: ``moe`` on an MoE block, ``mlp`` on a
+    dense one) keeps only that sub-layer's input (one hidden vector per token) in place of its
+    half, as Megatron-Core checkpoints the module around its input.
+
+    >>> from types import SimpleNamespace as N
+    >>> m = N(hidden_size=4, expert_ffn_size=8, ffn_matrices=3, effective_top_k=1,
+    ...       num_experts=2, num_shared_experts=0)
+    >>> s = N(model=m, precision=N(saved_activations=None, activations="bf16"),
+    ...       memory=N(recompute="selective", recompute_modules=("moe",)))
+    >>> attn, ffn = 15 * 4, (2 * 4 + 4 * 8) * 2 + 2 * 4    # bytes: 60, 88
+    >>> saved_bytes_per_token_layer(s, True) == attn / 2 + 4 * 2
+    True
+    """
     mode = s.memory.recompute
+    ab = dtype_bytes(saved_activation_dtype(s))
     if mode == "full":
-        return s.model.hidden_size * dtype_bytes(saved_activation_dtype(s))
-    return activation_bytes_per_token_layer(s, moe_layer) * (0.5 if mode == "selective" else 1.0)
+        return s.model.hidden_size * ab
+    if mode != "selective":
+        return activation_bytes_per_token_layer(s, moe_layer)
+    attn, ffn = _activation_parts(s, moe_layer)
+    if (moe_layer and "moe" in s.memory.recompute_modules) or (
+            not moe_layer and "mlp" in s.memory.recompute_modules):
+        return attn / 2 + s.model.hidden_size * ab
+    return (attn + ffn) / 2
 
 
 def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
