@@ -153,3 +153,19 @@ def test_search_keeps_the_scenarios_context_parallelism(tmp_path):
     # tp in {1, 2} x pp in {1, 2} leave dp = 2, 1, 1 and none for tp 2 x pp 2
     assert {(c.get("parallelism.tp"), c.get("parallelism.pp"), c.get("parallelism.dp"))
             for c in cands} <= {(1, 1, 2), (2, 1, 1), (1, 2, 1)}
+
+
+def test_serving_search_refuses_context_parallelism(tmp_path):
+    import yaml
+
+    from moesim.search.space import load_search
+
+    from .conftest import REPO
+    data = yaml.safe_load((REPO / "scenarios" / "tiny-cpu.yaml").read_text())
+    data["parallelism"] = {"tp": 1, "cp": 2, "pp": 1, "dp": 2, "ep": 2}
+    data["workload"] = {"mode": "prefill", "global_batch": 2, "seq_len": 256, "micro_batch": 1}
+    path = tmp_path / "cp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ScenarioError, match="serving search") as exc:
+        load_search(path)
+    assert exc.value.field == "parallelism.cp"

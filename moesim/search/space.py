@@ -118,6 +118,10 @@ def load_search(path: str | Path, overrides: list[str] | None = None, *,
     if gpus is not None:
         data = _resize(data, gpus, str(path), path.parent)
     scenario = scenario_from_mapping(data, source=str(path), base_dir=path.parent)
+    if scenario.workload.mode != "training" and scenario.parallelism.cp > 1:
+        raise ScenarioError(f"cp={scenario.parallelism.cp}: the serving search prices decode "
+                            "steps, which context parallelism does not split (use cp: 1)",
+                            source=str(path), field="parallelism.cp")
     ranges = _check_values(data, ranges, str(path))
     return SearchSpec(str(path), data, str(path.parent), scenario, scenario.num_devices,
                       ranges, options)
