@@ -11,9 +11,11 @@ from moesim.assembly import scenario_placement, simulate
 from moesim.errors import ScenarioError
 from moesim.layout import Layout
 from moesim.memory import stage_memory, tokens_per_microbatch
-from moesim.pricing.block import block_cost
+from moesim.pricing.block import attention_part, block_cost
 from moesim.pricing.collectives import (
     _shard_groups,
+    cp_all_to_all_bytes,
+    cp_all_to_all_time,
     cp_exchange_time,
     cp_kv_bytes_per_token,
     cp_ring_step_time,
@@ -72,10 +74,12 @@ def test_ring_step_and_exposed_wait_by_hand(make_scenario):
     tokens = 128                                           # 256 / cp per sequence
     step = 1e-6 + tokens * 512 / 100e9                     # ring neighbours 0, 1 share a node
     assert cp_ring_step_time(ctx, tokens) == pytest.approx(step, rel=1e-12)
-    # cp - 1 = 1 exchange, hidden behind core / cp of the attention core
-    assert cp_exchange_time(ctx, tokens, core=0.0) == pytest.approx(step, rel=1e-12)
-    assert cp_exchange_time(ctx, tokens, core=step) == pytest.approx(step / 2, rel=1e-12)
-    assert cp_exchange_time(ctx, tokens, core=2 * step) == 0.0
+    # cp - 1 = 1 exchange, hidden behind core / cp of the attention core; twice in the backward
+    assert cp_exchange_time(ctx, tokens, core=0.0) == pytest.approx((step, 2 * step),
+                                                                    rel=1e-12)
+    assert cp_exchange_time(ctx, tokens, core=step) == pytest.approx((step / 2, step),
+                                                                     rel=1e-12)
+    assert cp_exchange_time(ctx, tokens, core=2 * step) == (0.0, 0.0)
 
 
 def test_ring_across_nodes_waits_on_the_nic(make_scenario):
@@ -107,7 +111,7 @@ def test_context_parallel_conserves_tokens_and_all_to_all_bytes(make_scenario):
 
 
 def test_engine_charges_the_wait_after_attention_and_twice_in_the_backward(make_scenario):
-    cost = BlockCost(0, 1.0, 0.25, 0.0, 2.0, np.zeros(2), 0.0, cp_comm=0.5)
+    cost = BlockCost(0, 1.0, 0.25, 0.0, 2.0, np.zeros(2), 0.0, cp_comm=0.5, cp_comm_backward=1.0)
     forward, backward = serial_block(cost, 2, False), serial_block(cost, 2, True)
     names = [op.name for op in forward]
     assert names[:3] == ["attention", "cp_exchange", "tp_allreduce"]
@@ -121,6 +125,7 @@ def test_engine_charges_the_wait_after_attention_and_twice_in_the_backward(make_
     block = CostModel(ctx, scenario_placement(s)).block(0)
     core = ctx.timer.attention_core(128, *ctx.context_length())
     assert block.cp_comm == pytest.approx(1e-6 + 128 * 512 / 0.1e9 - core / 2, rel=1e-9)
+    assert block.cp_comm_backward == pytest.approx(2 * block.cp_comm, rel=1e-12)
     run = sim.runs[(0, "F", 0)]
     waits = [float(run.end[i].max() - run.start[i].max()) for i, op in enumerate(run.ops)
              if op.name == "cp_exchange"]
@@ -169,3 +174,34 @@ def test_serving_search_refuses_context_parallelism(tmp_path):
     with pytest.raises(ScenarioError, match="serving search") as exc:
         load_search(path)
     assert exc.value.field == "parallelism.cp"
+
+
+def test_all_to_all_context_parallelism_by_hand(make_scenario):
+    """Ulysses-style CP on the 2-rank NVLink group: before the core each rank sends the other
+    half of its 4 query heads (2 x 64 values) and, tiny-cpu having 2 KV heads, one of them (K
+    and V, 64 + 64); after it half its output (2 x 64); BF16, 128 tokens: (128 + 128 + 128) x
+    2 B x 128 = 98,304 bytes, plus a 1 us message per all-to-all. Nothing hides it, and the backward
+    moves the same bytes; no extra attention kernels, unlike the ring."""
+    floor = {"device": {"kernel_overhead": "4 us"}}
+    s = make_scenario({**CP2, "communication": {"cp_algorithm": "all_to_all"}}, floor)
+    ctx = PricingContext.from_scenario(s)
+    assert cp_all_to_all_bytes(s.model, 2, tp=1, cp=2) == ((128 + 128) * 2, 128 * 2)
+    wait = 2 * 1e-6 + 128 * (128 + 128 + 128) * 2 / 100e9
+    assert cp_all_to_all_time(ctx, 128) == pytest.approx(wait, rel=1e-12)
+    assert cp_exchange_time(ctx, 128, core=1.0) == pytest.approx((wait, wait), rel=1e-12)
+    ring = make_scenario(CP2, floor)
+    _, a2a_attention, _ = attention_part(ctx, True)
+    _, ring_attention, _ = attention_part(PricingContext.from_scenario(ring), True)
+    assert ring_attention - a2a_attention == pytest.approx(2 * 1 * 4e-6, rel=1e-9)
+    # cp must divide the heads per tensor-parallel rank (4 query heads; cp 8 on 8 devices)
+    with pytest.raises(ScenarioError, match="cp must divide") as exc:
+        make_scenario({"parallelism": {"dp": 1, "cp": 8, "ep": 4}, "cluster": {"nodes": 4},
+                       "communication": {"cp_algorithm": "all_to_all"}})
+    assert exc.value.field == "communication.cp_algorithm"
+
+
+def test_cp_algorithm_without_context_parallelism_is_warned(make_scenario):
+    from moesim.spec.scenario import scenario_warnings
+    s = make_scenario({"communication": {"cp_algorithm": "all_to_all"}})
+    assert any("cp_algorithm is unused" in w for w in scenario_warnings(s))
+    assert not any("cp_algorithm" in w for w in scenario_warnings(make_scenario(CP2)))

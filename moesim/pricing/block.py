@@ -42,7 +42,8 @@ class BlockCost:
     traffic: LayerTraffic | None = None
     recompute: float = 0.0           # forward work re-run before this block's backward (selective)
     recompute_moe: bool = False      # selective "moe": the MoE layer's forward ops run again
-    cp_comm: float = 0.0             # attention's wait on its context-parallel ring (forward)
+    cp_comm: float = 0.0             # attention's wait on context parallelism, forward
+    cp_comm_backward: float = 0.0    # the same in the backward
 
     @property
     def is_moe(self) -> bool:
@@ -58,18 +59,19 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
     moe_index = ctx.layout.moe_index(layer)
     dense_tokens, attention, tp_comm = attention_part(ctx, moe_index is not None
                                                       and choices is not None)
-    cp_comm = cp_wait(ctx, dense_tokens)
+    cp_comm, cp_back = cp_wait(ctx, dense_tokens)
     if moe_index is None or choices is None:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
         return BlockCost(layer, attention, tp_comm, 0.0, ffn, np.zeros(par.ep), 0.0,
                          recompute=selective_recompute_time(ctx, dense_tokens, tokens, None),
-                         cp_comm=cp_comm)
+                         cp_comm=cp_comm, cp_comm_backward=cp_back)
     flows = layer_traffic(ctx, choices, placement, moe_index, failed)
     dispatch, combine = layer_alltoalls(ctx, flows)
     return BlockCost(layer, attention, tp_comm, t.gate(tokens), shared_part(ctx, dense_tokens),
                      expert_times(ctx, flows), permute_time(ctx, flows), dispatch, combine, flows,
                      selective_recompute_time(ctx, dense_tokens, tokens, flows),
-                     recompute_moe=recomputes(ctx, "moe"), cp_comm=cp_comm)
+                     recompute_moe=recomputes(ctx, "moe"), cp_comm=cp_comm,
+                     cp_comm_backward=cp_back)
 
 
 def recomputed_modules(ctx: PricingContext) -> tuple[str, ...]:
@@ -98,23 +100,25 @@ def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]
     attend to the whole causal context (the context length is the sequence's); the ring runs
     the attention core as ``cp`` kernels, each with a correction of the partial outputs, so
     ``2 (cp - 1)`` kernels more than one fused call (their fixed cost is charged here; the
-    ring's exchange is :func:`cp_wait`).
+    exchange is :func:`cp_wait`); the all-to-all variant runs one fused call over its heads.
     """
     tokens = ctx.tokens_per_source
-    par = ctx.scenario.parallelism
+    s = ctx.scenario
+    par = s.parallelism
     dense_tokens = tokens * par.tp if par.sequence_parallel else tokens
     context, kv = ctx.context_length()
     attention = ctx.timer.attention(dense_tokens, context, kv) + saved_activation_cast(ctx, moe)
-    attention += 2 * (par.cp - 1) * ctx.timer.device.kernel_overhead
+    if s.communication.cp_algorithm == "ring":
+        attention += 2 * (par.cp - 1) * ctx.timer.device.kernel_overhead
     return dense_tokens, attention, tp_all_reduce_time(ctx, dense_tokens)
 
 
-def cp_wait(ctx: PricingContext, dense_tokens: float) -> float:
-    """Forward seconds attention waits on its context-parallel ring beyond its own compute
-    (:func:`moesim.pricing.collectives.cp_exchange_time` against this rank's attention core);
-    0 without context parallelism."""
+def cp_wait(ctx: PricingContext, dense_tokens: float) -> tuple[float, float]:
+    """(forward, backward) seconds attention waits on context parallelism beyond its own
+    compute (:func:`moesim.pricing.collectives.cp_exchange_time` against this rank's attention
+    core); (0, 0) without context parallelism."""
     if ctx.scenario.parallelism.cp <= 1:
-        return 0.0
+        return 0.0, 0.0
     context, kv = ctx.context_length()
     return cp_exchange_time(ctx, dense_tokens, ctx.timer.attention_core(dense_tokens, context,
                                                                         kv))

@@ -19,6 +19,7 @@ from moesim.topology import Topology
 
 __all__ = ["DP_ALGORITHMS", "link_between", "tp_all_reduce_time", "p2p_time", "dp_sync_time",
            "cp_kv_bytes_per_token", "cp_ring_step_time", "cp_exchange_time",
+           "cp_all_to_all_bytes", "cp_all_to_all_time",
            "gradient_bytes_per_param", "sharded_block_times", "sharded_chunk_wait",
            "prefetched_makespan"]
 
@@ -91,24 +92,70 @@ def cp_ring_step_time(ctx: PricingContext, dense_tokens: float) -> float:
     return network.p2p(nbytes, bw, lat)
 
 
-def cp_exchange_time(ctx: PricingContext, dense_tokens: float, core: float) -> float:
-    """Forward seconds a block's attention waits on its context-parallel ring beyond its own
-    compute (ring attention, as Megatron-Core / Transformer Engine run it with
-    ``cp_comm_type: p2p``): the sequence is split over ``cp`` ranks; in each of ``cp`` steps a
-    rank attends its queries to one block of keys and values (``core / cp`` of the attention
-    core's ``core`` seconds) while the block for the next step is in flight, so each of the
-    ``cp - 1`` exchanges is hidden up to that step's compute:
-    ``(cp - 1) * max(0, step_send - core / cp)``. The backward moves the keys and values and
-    their gradients (twice the bytes) beside twice the compute, so it waits twice as long; the
-    engine scales it.
+def cp_exchange_time(ctx: PricingContext, dense_tokens: float, core: float
+                     ) -> tuple[float, float]:
+    """(forward, backward) seconds a block's attention waits on context parallelism beyond its
+    own compute, for ``communication.cp_algorithm``; (0, 0) without context parallelism.
 
+    ``ring`` (Megatron-Core / Transformer Engine ``cp_comm_type: p2p``): the sequence is split
+    over ``cp`` ranks; in each of ``cp`` steps a rank attends its queries to one block of keys
+    and values (``core / cp`` of the attention core's ``core`` seconds) while the block for the
+    next step is in flight, so each of the ``cp - 1`` exchanges is hidden up to that step's
+    compute: ``(cp - 1) * max(0, step_send - core / cp)``. The backward moves the keys and
+    values and their gradients (twice the bytes) beside twice the compute: twice the wait.
     Derived for a made-up 2-rank ring: 1 MB at 100 GB/s with 1 us latency is 11 us a step; an
     attention core of 10 us leaves 5 us per step hidden, so 1 x (11 - 5) = 6 us wait.
+
+    ``all_to_all`` (:func:`cp_all_to_all_time`): nothing overlaps; the backward's two
+    all-to-alls (output gradient in, query/key/value gradients out) move the forward's bytes.
     """
-    cp = ctx.scenario.parallelism.cp
-    if cp <= 1:
-        return 0.0
-    return (cp - 1) * max(0.0, cp_ring_step_time(ctx, dense_tokens) - core / cp)
+    par = ctx.scenario.parallelism
+    if par.cp <= 1:
+        return 0.0, 0.0
+    if ctx.scenario.communication.cp_algorithm == "all_to_all":
+        wait = cp_all_to_all_time(ctx, dense_tokens)
+        return wait, wait
+    wait = (par.cp - 1) * max(0.0, cp_ring_step_time(ctx, dense_tokens) - core / par.cp)
+    return wait, 2 * wait
+
+
+def cp_all_to_all_bytes(model: ModelSpec, act_bytes: float, tp: int, cp: int
+                        ) -> tuple[float, float]:
+    """(before, after) bytes per token one rank sends in the two all-to-alls of Ulysses-style
+    context parallelism: before the attention core, the queries of the other ranks' heads
+    (``(cp - 1) / cp`` of its ``num_heads / tp`` heads) and the keys and values those heads
+    read (each other rank gets ``kv_heads / tp / cp`` key/value heads, at least one, a copy
+    when there are fewer than ``cp``; MLA: one up-projected key and value per query head);
+    after it, the other ranks' share of the output.
+
+    >>> from moesim.spec.model import AttentionSpec, ModelSpec
+    >>> m = ModelSpec(name="m", hidden_size=1024, num_layers=1, vocab_size=8, num_experts=1,
+    ...               top_k=1, expert_ffn_size=8,
+    ...               attention=AttentionSpec(num_heads=8, num_kv_heads=2, kind="gqa"))
+    >>> # cp 4: q 3/4 x 8 x 128; kv: 3 ranks x 1 copied head x (128 + 128); o 3/4 x 8 x 128; BF16
+    >>> cp_all_to_all_bytes(m, 2, tp=1, cp=4)
+    (3072.0, 1536.0)
+    """
+    a = model.attention
+    heads = a.num_heads / tp
+    qk = model.head_dim + a.qk_rope_head_dim
+    v = a.v_head_dim or model.head_dim
+    share = (cp - 1) / cp
+    kv_heads = heads if a.kind == "mla" else max(model.kv_heads / tp, 1.0)
+    kv = (cp - 1) * max(kv_heads / cp, 1.0) * ((qk if a.kind == "mla" else model.head_dim) + v)
+    return (share * heads * qk + kv) * act_bytes, share * heads * v * act_bytes
+
+
+def cp_all_to_all_time(ctx: PricingContext, dense_tokens: float) -> float:
+    """Forward seconds of Ulysses-style context parallelism's two all-to-alls over the CP
+    group (:func:`cp_all_to_all_bytes` of ``dense_tokens`` tokens), each ``(cp - 1)``
+    messages on the group's slowest hop: ``2 (cp - 1) lat + bytes / bw``."""
+    s = ctx.scenario
+    par = s.parallelism
+    before, after = cp_all_to_all_bytes(s.model, ctx.activation_bytes, par.tp, par.cp)
+    members = ctx.layout.cp_group(0)
+    bw, lat = _bottleneck(ctx.topology, np.append(members, members[0]))
+    return 2 * (par.cp - 1) * lat + dense_tokens * (before + after) / bw
 
 
 def gradient_bytes_per_param(ctx: PricingContext) -> float:

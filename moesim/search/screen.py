@@ -101,9 +101,13 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
     s, t = ctx.scenario, ctx.timer
     tokens = ctx.tokens_per_source
     dense_tokens, attention, tp = attention_part(ctx, moe)
-    # The context-parallel ring's wait scales with the pass (twice in the backward, again in
-    # a recompute) as compute does, so the screen counts it there.
-    attention += cp_wait(ctx, dense_tokens)
+    # Context parallelism's wait: the ring's doubles in the backward as compute does, so the
+    # screen counts it there; the all-to-all's does not, so it counts with the communication.
+    cp_forward, cp_backward = cp_wait(ctx, dense_tokens)
+    if cp_backward > cp_forward:
+        attention += cp_forward
+    else:
+        tp += cp_forward
     if not moe:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
         rec = selective_recompute_time(ctx, dense_tokens, tokens, None)

@@ -104,9 +104,10 @@ def _ops(cost: BlockCost, ep: int, backward: bool, *, shared_after: str) -> list
                       after)
 
     ops = [compute("attention", cost.attention)]
-    if cost.cp_comm:   # the ring's exchange beyond the attention it hides behind
-        ops.append(OpSpec("cp_exchange", COMM, "tp_comm", ones * cost.cp_comm * scale,
-                          ("attention",), barrier=True))
+    if cost.cp_comm:   # context parallelism's exchange beyond the attention it hides behind
+        wait = cost.cp_comm_backward if backward else cost.cp_comm
+        ops.append(OpSpec("cp_exchange", COMM, "tp_comm", ones * wait, ("attention",),
+                          barrier=True))
     if cost.tp_comm:
         ops.append(OpSpec("tp_allreduce", COMM, "tp_comm", ones * cost.tp_comm,
                           (ops[-1].name,), barrier=True))

@@ -149,6 +149,12 @@ class CommunicationSpec:
     # for its backward (FSDP2's default); after_backward: kept from forward to backward; auto:
     # after_backward under pipeline parallelism, else after_forward (torchtitan-style stacks).
     zero3_reshard: Literal["auto", "after_forward", "after_backward"] = "auto"
+    # Context parallelism's attention (parallelism.cp > 1): ring, each rank's keys and values
+    # passed around the CP group behind the attention steps (Megatron-Core / Transformer
+    # Engine cp_comm_type p2p, the default); all_to_all, an all-to-all of the queries, keys and
+    # values into heads before the attention core and of its output back (DeepSpeed-Ulysses,
+    # Transformer Engine's a2a), exposed.
+    cp_algorithm: Literal["ring", "all_to_all"] = "ring"
 
 
 # What selective recomputation can re-run in the backward (Megatron-Core's recompute_modules):
@@ -346,6 +352,13 @@ def _check_context_parallel(s: Scenario, source: str) -> None:
         raise ScenarioError(f"seq_len={wl.seq_len} must split into 2 * cp = {2 * par.cp} equal "
                             "chunks (causal load balancing)", source=source,
                             field="workload.seq_len")
+    heads = s.model.attention.num_heads
+    if s.communication.cp_algorithm == "all_to_all" and (heads % par.tp
+                                                         or (heads // par.tp) % par.cp):
+        raise ScenarioError(f"cp_algorithm all_to_all splits each tensor-parallel rank's "
+                            f"{heads / par.tp:g} attention heads over cp={par.cp} ranks: cp must "
+                            "divide num_heads / tp (or use cp_algorithm: ring)", source=source,
+                            field="communication.cp_algorithm")
 
 
 def _check_relations(s: Scenario, source: str) -> None:
@@ -470,6 +483,9 @@ def scenario_warnings(s: Scenario) -> list[str]:
         out.append(f"cluster.torus_dims is unused: the topology is {s.cluster.topology!r}")
     if s.workload.context_len and s.workload.mode != "decode":
         out.append(f"workload.context_len is unused in {s.workload.mode} (decode only)")
+    if s.communication.cp_algorithm != "ring" and s.parallelism.cp == 1:
+        out.append("communication.cp_algorithm is unused: parallelism.cp is 1 (no context "
+                   "parallelism)")
     if s.memory.recompute_modules and s.memory.recompute != "selective":
         out.append(f"memory.recompute_modules is unused: memory.recompute is "
                    f"{s.memory.recompute!r}, not 'selective'")
