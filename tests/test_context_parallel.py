@@ -132,12 +132,10 @@ def test_engine_charges_the_wait_after_attention_and_twice_in_the_backward(make_
     assert waits == pytest.approx([block.cp_comm] * s.model.num_layers, rel=1e-9)
 
 
-def test_search_keeps_the_scenarios_context_parallelism(tmp_path):
-    """tiny-cpu on 4 devices with cp 2: every layout has tp * pp * dp * 2 = 4, so dp is
-    4 / (tp * pp * 2), and layouts whose tp * pp leaves no room for the CP pair are dropped."""
+def _cp_search(tmp_path, search: dict):
     import yaml
 
-    from moesim.search.space import candidate_scenario, enumerate_layouts, load_search
+    from moesim.search.space import load_search
 
     from .conftest import REPO
     data = yaml.safe_load((REPO / "scenarios" / "tiny-cpu.yaml").read_text())
@@ -145,19 +143,49 @@ def test_search_keeps_the_scenarios_context_parallelism(tmp_path):
     data["search"] = {"workload.micro_batch": [1], "parallelism.zero_stage": [1],
                       "memory.recompute": ["none"], "communication.overlap": ["none"],
                       "communication.alltoall": ["direct"], "parallelism.schedule": ["1f1b"],
-                      "parallelism.vp": [1]}
+                      "parallelism.vp": [1], **search}
     path = tmp_path / "cp.yaml"
     path.write_text(yaml.safe_dump(data))
-    spec = load_search(path)
+    return load_search(path)
+
+
+def test_search_keeps_the_scenarios_context_parallelism(tmp_path):
+    """tiny-cpu on 4 devices with cp 2 and no cp listed: every layout keeps cp 2, so dp is
+    4 / (tp * pp * 2), and layouts whose tp * pp leaves no room for the CP pair are dropped."""
+    from moesim.search.space import candidate_scenario, enumerate_layouts
+
+    spec = _cp_search(tmp_path, {})
     cands, dropped, _ = enumerate_layouts(spec)
     assert cands and dropped["tp*pp*cp does not divide the devices"] > 0
     for cand in cands:
-        s = candidate_scenario(spec, cand)
-        par = s.parallelism
+        par = candidate_scenario(spec, cand).parallelism
         assert par.cp == 2 and par.tp * par.pp * par.dp * 2 == 4
     # tp in {1, 2} x pp in {1, 2} leave dp = 2, 1, 1 and none for tp 2 x pp 2
     assert {(c.get("parallelism.tp"), c.get("parallelism.pp"), c.get("parallelism.dp"))
-            for c in cands} <= {(1, 1, 2), (2, 1, 1), (1, 2, 1)}
+            for c in cands} == {(1, 1, 2), (2, 1, 1), (1, 2, 1)}
+
+
+def test_search_over_context_parallelism_prices_each_cp_apart(tmp_path):
+    """cp listed as a knob: layouts with cp 1 and 2 both enumerate (dp = 4 / (tp pp cp)), and
+    the screen's shared price cache keeps them apart: each layout screened after the others
+    costs what it costs screened alone."""
+    from moesim.pricing.context import scenario_topology
+    from moesim.search.screen import screen_layout
+    from moesim.search.space import candidate_scenario, enumerate_layouts
+
+    spec = _cp_search(tmp_path, {"parallelism.cp": [1, 2], "parallelism.tp": [1],
+                                 "parallelism.pp": [1]})
+    cands, _, _ = enumerate_layouts(spec)
+    layouts = {(c.get("parallelism.cp"), c.get("parallelism.dp"), c.get("parallelism.ep"))
+               for c in cands}
+    assert {(1, 4), (2, 2)} == {(cp, dp) for cp, dp, _ in layouts}
+    assert any(c.label().startswith("TP1 CP2 ") for c in cands)
+    topology = scenario_topology(spec.scenario)
+    shared: dict = {}
+    for cand in cands:
+        s = candidate_scenario(spec, cand)
+        assert screen_layout(s, topology, shared).step_time == pytest.approx(
+            screen_layout(s, topology, {}).step_time, rel=1e-12)
 
 
 def test_serving_search_refuses_context_parallelism(tmp_path):

@@ -63,7 +63,8 @@ __all__ = ["Screened", "screen_layout", "block_times"]
 SCREEN_TOKENS = 64
 # What the block prices depend on: the representative EP group is ranks 0..ep-1 whatever pp
 # and dp are, so layouts differing only there (or in vp, ZeRO) share them.
-_BLOCK_KEY = (("parallelism", "tp"), ("parallelism", "ep"), ("parallelism", "sequence_parallel"),
+_BLOCK_KEY = (("parallelism", "tp"), ("parallelism", "cp"), ("parallelism", "ep"),
+              ("parallelism", "sequence_parallel"),
               ("workload", "micro_batch"), ("communication", "overlap"),
               ("communication", "alltoall"),
               ("placement", "redundant_experts"), ("workload", "mode"), ("workload", "seq_len"),
@@ -223,7 +224,7 @@ def _sharded_waits(ctx: PricingContext, layout: Layout, stage: int, moe: BlockTi
         for key in keys:
             kind = key if isinstance(key, str) else (
                 "moe" if layout.moe_index(key) is not None else "dense")
-            ck = ("zero3", par.tp, par.pp, par.ep, par.dp, stage, kind)
+            ck = ("zero3", par.tp, par.cp, par.pp, par.ep, par.dp, stage, kind)
             if ck not in cache:
                 cache[ck] = sharded_block_times(ctx, stage, key)
             times.append(cache[ck])
@@ -302,7 +303,7 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
     if train:
         for stage in range(par.pp):
             window = bwd_stage[stage] / vp if s.communication.dp_overlap else 0.0
-            key = ("dp", par.tp, par.pp, par.ep, par.dp, stage)
+            key = ("dp", par.tp, par.cp, par.pp, par.ep, par.dp, stage)
             if key not in cache:
                 cache[key] = dp_sync_time(ctx, stage)
             exposed = max(0.0, cache[key] - window)

@@ -45,15 +45,15 @@ from moesim.spec.scenario import (
 __all__ = ["KNOBS", "OPTIONS", "SearchSpec", "Candidate", "load_search", "enumerate_layouts",
            "candidate_scenario"]
 
-# Knobs in enumeration order (the last varies fastest). dp is derived: devices / (tp * pp).
-KNOBS = ("parallelism.tp", "parallelism.pp", "parallelism.ep", "parallelism.vp",
+# Knobs in enumeration order (the last varies fastest). dp is derived: devices / (tp cp pp).
+KNOBS = ("parallelism.tp", "parallelism.cp", "parallelism.pp", "parallelism.ep", "parallelism.vp",
          "parallelism.schedule", "workload.micro_batch", "parallelism.zero_stage",
          "memory.recompute", "communication.overlap", "communication.alltoall",
          "placement.policy", "placement.redundant_experts")
 OPTIONS = {"top": 8, "max_layouts": 20000, "input_len": 0, "output_len": 256,
            "prefill_batch": 1}
 _TRAIN_ONLY = ("parallelism.vp", "parallelism.schedule", "parallelism.zero_stage",
-               "memory.recompute")
+               "memory.recompute", "parallelism.cp")
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,9 @@ class Candidate:
 
     def label(self) -> str:
         v = dict(self.values)
-        text = (f"TP{v['parallelism.tp']} PP{v['parallelism.pp']} EP{v['parallelism.ep']} "
-                f"DP{v['parallelism.dp']}")
+        cp = v.get("parallelism.cp", 1)
+        text = (f"TP{v['parallelism.tp']}{f' CP{cp}' if cp > 1 else ''} PP{v['parallelism.pp']} "
+                f"EP{v['parallelism.ep']} DP{v['parallelism.dp']}")
         if v.get("parallelism.vp", 1) > 1:
             text += f" VP{v['parallelism.vp']}"
         if v.get("parallelism.schedule", "1f1b") == "dualpipe":
@@ -118,11 +119,13 @@ def load_search(path: str | Path, overrides: list[str] | None = None, *,
     if gpus is not None:
         data = _resize(data, gpus, str(path), path.parent)
     scenario = scenario_from_mapping(data, source=str(path), base_dir=path.parent)
-    if scenario.workload.mode != "training" and scenario.parallelism.cp > 1:
-        raise ScenarioError(f"cp={scenario.parallelism.cp}: the serving search prices decode "
-                            "steps, which context parallelism does not split (use cp: 1)",
-                            source=str(path), field="parallelism.cp")
     ranges = _check_values(data, ranges, str(path))
+    cps = {scenario.parallelism.cp, *ranges.get("parallelism.cp", ())}
+    if scenario.workload.mode != "training" and max(cps) > 1:
+        raise ScenarioError(f"cp={max(cps)}: the serving search prices decode steps, which "
+                            "context parallelism does not split (use cp: 1)", source=str(path),
+                            field="parallelism.cp" if scenario.parallelism.cp > 1 else
+                            "search.parallelism.cp")
     return SearchSpec(str(path), data, str(path.parent), scenario, scenario.num_devices,
                       ranges, options)
 
@@ -217,6 +220,8 @@ def default_ranges(spec: SearchSpec) -> dict[str, tuple]:
     slots = m.num_experts + s.placement.redundant_experts
     defaults: dict[str, list] = {
         "parallelism.tp": [t for t in _powers(s.devices_per_node) if n % t == 0],
+        # context parallelism follows the sequence length: the scenario's unless listed
+        "parallelism.cp": [par.cp],
         "parallelism.pp": [p for p in _divisors(n) if p <= min(m.num_layers, 64)] if train
         else [p for p in (1, 2, 4, 8) if n % p == 0 and p <= m.num_layers],
         "parallelism.ep": [e for e in _divisors(slots) if n % e == 0],
@@ -250,7 +255,8 @@ def _order(value: Any) -> tuple:
 
 def _own_values(s: Scenario) -> dict[str, Any]:
     par = s.parallelism
-    return {"parallelism.tp": par.tp, "parallelism.pp": par.pp, "parallelism.ep": par.ep,
+    return {"parallelism.tp": par.tp, "parallelism.cp": par.cp, "parallelism.pp": par.pp,
+            "parallelism.ep": par.ep,
             "parallelism.vp": par.vp, "parallelism.schedule": par.schedule,
             "workload.micro_batch": s.workload.micro_batch,
             "parallelism.zero_stage": par.zero_stage, "memory.recompute": s.memory.recompute,
@@ -273,7 +279,7 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
     m = s.model
     tp, pp, ep, vp, mb = (v["parallelism.tp"], v["parallelism.pp"], v["parallelism.ep"],
                           v["parallelism.vp"], v["workload.micro_batch"])
-    cp = s.parallelism.cp    # the scenario's context parallelism is kept, not searched
+    cp = v.get("parallelism.cp", s.parallelism.cp)
     if n % (tp * pp * cp):
         return "tp*pp*cp does not divide the devices"
     dp = n // (tp * pp * cp)
@@ -281,6 +287,12 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
         return "tp larger than a node"
     if (dp * cp * tp) % ep:
         return "ep does not divide dp*cp*tp"
+    if cp > 1 and s.workload.seq_len % (2 * cp):
+        return "the sequence does not split into 2*cp chunks"
+    heads = m.attention.num_heads
+    if cp > 1 and s.communication.cp_algorithm == "all_to_all" and (heads % tp
+                                                                    or (heads // tp) % cp):
+        return "cp does not divide the heads per TP rank (all_to_all)"
     if (m.num_experts + v["placement.redundant_experts"]) % ep:
         return "ep does not divide the expert slots"
     if pp * vp > m.num_layers:
@@ -326,7 +338,8 @@ def candidate_scenario(spec: SearchSpec, cand: Candidate, *, validate: bool = Fa
                                source=spec.source)
         return scenario_from_mapping(data, source=spec.source, base_dir=Path(spec.base_dir))
     s, v = spec.scenario, dict(cand.values)
-    par = replace(s.parallelism, tp=v["parallelism.tp"], pp=v["parallelism.pp"],
+    par = replace(s.parallelism, tp=v["parallelism.tp"], cp=v["parallelism.cp"],
+                  pp=v["parallelism.pp"],
                   dp=v["parallelism.dp"], ep=v["parallelism.ep"], vp=v["parallelism.vp"],
                   zero_stage=v["parallelism.zero_stage"],
                   schedule=v["parallelism.schedule"])
@@ -361,7 +374,7 @@ def enumerate_layouts(spec: SearchSpec) -> tuple[list[Candidate], Counter, bool]
             dropped[reason] += 1
             continue
         v["parallelism.dp"] = spec.devices // (v["parallelism.tp"] * v["parallelism.pp"]
-                                               * spec.scenario.parallelism.cp)
+                                               * v["parallelism.cp"])
         cand = Candidate(tuple(sorted(v.items())))
         if cand.values in seen:
             continue
