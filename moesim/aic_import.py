@@ -75,7 +75,8 @@ NCCL_DTYPES = {"half": ("fp16", 2), "int8": ("int8", 1)}
 EVEN_ROUTING = ("balanced", "uniform")   # preferred first
 # Shipped moesim profile with the same device, per aiconfigurator system.
 DEFAULT_BASE = {"h100_sxm": "h100-sxm", "h200_sxm": "h200-sxm", "a100_sxm": "a100-sxm-80gb",
-                "b200_sxm": "b200", "gb200": "gb200-nvl72", "gb300": "gb300-nvl72"}
+                "b200_sxm": "b200", "gb200": "gb200-nvl72", "gb300": "gb300-nvl72",
+                "b300_sxm": "b300"}
 _MS, _US = 1e-3, 1e-6
 # Significant digits written per time: run-to-run noise of a kernel timing is ~1%, so 4 digits
 # (rounding <= 0.05%) lose nothing and keep the profile small enough to load quickly.

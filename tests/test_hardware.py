@@ -133,12 +133,15 @@ def test_unknown_profile_name_lists_the_shipped_ones():
 # NICs: ConnectX-7 400 Gb/s per GPU in all three (DGX H200 / DGX B200 / DGX GB200 guides).
 # GB300 NVL72 per GPU (rack figures / 72): BF16 360 PF sparse -> 5, FP8 720 PF sparse -> 10,
 # 576 TB/s -> 8 TB/s, 288 GB, NVLink 130 TB/s -> 1.8 TB/s; ConnectX-8 800 Gb/s per GPU.
+# HGX B300 per GPU: BF16 4.5 PF sparse, FP8 9 PF sparse, 288 GB, 62 TB/s / 8, NVLink 1.8 TB/s;
+# ConnectX-8 800 Gb/s per GPU.
 @pytest.mark.parametrize(("name, memory, bandwidth, bf16_sparse, fp8_sparse, nvlink_total, "
                           "per_node"), [
     ("h200-sxm", 141e9, 4.8e12, 1979e12, 3958e12, 900e9, 8),
     ("b200", 180e9, 7.7e12, 4.5e15, 9e15, 1.8e12, 8),
     ("gb200-nvl72", 186e9, 8e12, 5e15, 10e15, 1.8e12, 72),
     ("gb300-nvl72", 288e9, 8e12, 5e15, 10e15, 1.8e12, 72),
+    ("b300", 288e9, 7.75e12, 4.5e15, 9e15, 1.8e12, 8),
 ])
 def test_new_gpu_profiles_hold_the_datasheet_numbers(name, memory, bandwidth, bf16_sparse,
                                                       fp8_sparse, nvlink_total, per_node):
@@ -149,7 +152,7 @@ def test_new_gpu_profiles_hold_the_datasheet_numbers(name, memory, bandwidth, bf
     assert p.device.peak_flops["bf16"] == pytest.approx(bf16_sparse / 2, rel=1e-3)
     assert p.device.peak_flops["fp8"] == pytest.approx(fp8_sparse / 2, rel=1e-3)
     assert p.link("scale_up").bandwidth == pytest.approx(nvlink_total / 2)  # per direction
-    nic = 800e9 if name == "gb300-nvl72" else 400e9
+    nic = 800e9 if name in ("gb300-nvl72", "b300") else 400e9
     assert p.link("scale_out").bandwidth == pytest.approx(nic / 8)           # Gb/s -> bytes/s
     assert p.node.devices_per_node == per_node
 
@@ -169,7 +172,8 @@ def test_h200_computes_like_h100_and_stores_more():
 
 
 @pytest.mark.parametrize("name, sm_count", [("h200-sxm", 132), ("b200", 148),
-                                            ("gb200-nvl72", 148), ("gb300-nvl72", 160)])
+                                            ("gb200-nvl72", 148), ("gb300-nvl72", 160),
+                                            ("b300", 160)])
 def test_new_profiles_carry_the_kernel_model_fields(name, sm_count):
     """The kernel model's SM count and launch floor load for the new GPUs (H200: all of
     h100-sxm's kernel constants, same GH100 silicon, not refitted)."""
