@@ -1,9 +1,11 @@
-"""Where each rank sits in the parallel layout: pipeline stage, data-parallel replica, EP group.
+"""Where each rank sits in the parallel layout: pipeline stage, data-parallel replica, context-
+parallel group, EP group.
 
 Ranks are ordered as Megatron-Core orders them: tensor-parallel fastest, then context-parallel,
-data-parallel, pipeline. Expert parallelism is carved out of the ``dp * cp * tp`` ranks of a stage: consecutive groups
-of ``ep`` ranks form the EP groups, and the ranks at the same position in different EP groups form
-the expert-data-parallel group that all-reduces those experts' gradients.
+data-parallel, pipeline. Expert parallelism is carved out of the ``dp * cp * tp`` ranks of a
+stage: consecutive groups of ``ep`` ranks form the EP groups, and the ranks at the same position
+in different EP groups form the expert-data-parallel group that all-reduces those experts'
+gradients.
 """
 
 from __future__ import annotations

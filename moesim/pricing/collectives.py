@@ -87,9 +87,13 @@ def cp_ring_step_time(ctx: PricingContext, dense_tokens: float) -> float:
     if par.cp <= 1 or dense_tokens <= 0:
         return 0.0
     nbytes = dense_tokens * cp_kv_bytes_per_token(s.model, ctx.activation_bytes, par.tp)
+    return network.p2p(nbytes, *_cp_bottleneck(ctx))
+
+
+def _cp_bottleneck(ctx: PricingContext) -> tuple[float, float]:
+    """(bandwidth, latency) of the slowest hop around the representative CP group's ring."""
     members = ctx.layout.cp_group(0)
-    bw, lat = _bottleneck(ctx.topology, np.append(members, members[0]))
-    return network.p2p(nbytes, bw, lat)
+    return _bottleneck(ctx.topology, np.append(members, members[0]))
 
 
 def cp_exchange_time(ctx: PricingContext, dense_tokens: float, core: float
@@ -153,8 +157,7 @@ def cp_all_to_all_time(ctx: PricingContext, dense_tokens: float) -> float:
     s = ctx.scenario
     par = s.parallelism
     before, after = cp_all_to_all_bytes(s.model, ctx.activation_bytes, par.tp, par.cp)
-    members = ctx.layout.cp_group(0)
-    bw, lat = _bottleneck(ctx.topology, np.append(members, members[0]))
+    bw, lat = _cp_bottleneck(ctx)
     return 2 * (par.cp - 1) * lat + dense_tokens * (before + after) / bw
 
 
