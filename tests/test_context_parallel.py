@@ -233,3 +233,21 @@ def test_cp_algorithm_without_context_parallelism_is_warned(make_scenario):
     s = make_scenario({"communication": {"cp_algorithm": "all_to_all"}})
     assert any("cp_algorithm is unused" in w for w in scenario_warnings(s))
     assert not any("cp_algorithm" in w for w in scenario_warnings(make_scenario(CP2)))
+
+
+def test_search_on_more_gpus_keeps_cp_and_scales_dp(tmp_path):
+    import yaml
+
+    from moesim.search.space import load_search
+
+    from .conftest import REPO
+    data = yaml.safe_load((REPO / "scenarios" / "tiny-cpu.yaml").read_text())
+    data["parallelism"] = {"tp": 1, "cp": 2, "pp": 1, "dp": 2, "ep": 2}
+    path = tmp_path / "cp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    par = load_search(path, gpus=8).scenario.parallelism
+    assert (par.cp, par.dp, par.world) == (2, 4, 8)           # 8 / (tp 1 x pp 1 x cp 2)
+    with pytest.raises(ScenarioError, match=r"tp \* pp \* cp = 4"):
+        data["parallelism"] = {"tp": 2, "cp": 2, "pp": 1, "dp": 1, "ep": 2}
+        path.write_text(yaml.safe_dump(data))
+        load_search(path, gpus=6)

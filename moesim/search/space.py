@@ -183,8 +183,8 @@ def _check_values(data: dict, ranges: dict[str, tuple], source: str) -> dict[str
 
 
 def _resize(data: dict, gpus: int, source: str, base_dir: Path) -> dict:
-    """The mapping on ``gpus`` devices: whole nodes, the scenario's tp, pp and ep kept and dp
-    scaled to fill them (the search varies them all); the global batch kept."""
+    """The mapping on ``gpus`` devices: whole nodes, the scenario's tp, cp, pp and ep kept and
+    dp scaled to fill them (the search varies them all); the global batch kept."""
     probe = scenario_from_mapping(data, source=source, base_dir=base_dir)
     per_node = probe.devices_per_node
     if gpus < 1 or gpus % per_node:
@@ -193,11 +193,12 @@ def _resize(data: dict, gpus: int, source: str, base_dir: Path) -> dict:
     data = copy.deepcopy(data)
     data["cluster"]["nodes"] = gpus // per_node
     par = dict(data.get("parallelism") or {})
-    tp, pp = int(par.get("tp", 1)), int(par.get("pp", 1))
-    if gpus % (tp * pp):
-        raise ScenarioError(f"--gpus {gpus} is not a multiple of the scenario's tp * pp = "
-                            f"{tp * pp}", source=source, field="parallelism")
-    par["dp"] = gpus // (tp * pp)
+    tp, pp, cp = int(par.get("tp", 1)), int(par.get("pp", 1)), int(par.get("cp", 1))
+    if gpus % (tp * pp * cp):
+        what = "tp * pp * cp" if cp > 1 else "tp * pp"
+        raise ScenarioError(f"--gpus {gpus} is not a multiple of the scenario's {what} = "
+                            f"{tp * pp * cp}", source=source, field="parallelism")
+    par["dp"] = gpus // (tp * pp * cp)
     data["parallelism"] = par
     return data
 
