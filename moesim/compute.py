@@ -133,6 +133,7 @@ class KernelTimer:
     # scenario whose all-to-all runs DeepEP's kernels; the framework's fused MoE ("moe") after.
     moe_kernel: str = "moe"
     fp8_block: bool = False         # FP8 GEMMs block-scaled (DeepSeek-V3): their tables first
+    etp: int = 1                    # expert tensor parallelism: each expert's FFN split etp ways
 
     @property
     def _table_dtype(self) -> str:
@@ -351,7 +352,7 @@ class KernelTimer:
         the FP8 casts of both GEMMs' inputs, per routed token copy.
         """
         tokens = np.asarray(tokens_per_slot, dtype=float)
-        f = ffn_size or self.model.expert_ffn_size
+        f = ffn_size or self.model.expert_ffn_size // self.etp
         h = self.model.hidden_size
         if self.tables is not None:  # shaped tables (aiconfigurator import): fused MoE layer
             measured = self._measured_moe(tokens, f)
@@ -369,7 +370,7 @@ class KernelTimer:
         tokens = np.asarray(tokens_per_slot, dtype=float)
         if self.tables is not None:
             return np.array([self.experts(row) for row in tokens])
-        return self._modelled_experts(tokens, self.model.expert_ffn_size)
+        return self._modelled_experts(tokens, self.model.expert_ffn_size // self.etp)
 
     def _modelled_experts(self, tokens: np.ndarray, f: int) -> np.ndarray:
         """The kernel model's :meth:`experts` for each row of ``tokens: [devices, slots]``."""

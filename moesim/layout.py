@@ -47,8 +47,9 @@ class Layout:
 
     @property
     def expert_dp(self) -> int:
-        """Replicas of each EP group inside a stage (the expert-data-parallel degree)."""
-        return self.stage_size // self.par.ep
+        """Replicas of each EP group inside a stage (the expert-data-parallel degree); under
+        expert tensor parallelism, replicas of each expert slice, ``etp`` ranks apart."""
+        return self.stage_size // (self.par.ep * self.par.etp)
 
     def stage_ranks(self, stage: int) -> np.ndarray:
         """Global ranks of one pipeline stage: int[dp * cp * tp]."""

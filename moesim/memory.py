@@ -71,7 +71,7 @@ def block_params(s: Scenario, layout: Layout, block: int | str) -> tuple[float, 
         return dense + m.dense_ffn_params, 0.0
     slots = (m.num_experts + s.placement.redundant_experts) // par.ep
     return (dense + m.shared_expert_params + m.num_experts * m.hidden_size,
-            float(slots * m.expert_params))
+            float(slots * m.expert_params / par.etp))
 
 
 def stage_params(s: Scenario, layout: Layout, stage: int) -> tuple[float, float]:
@@ -93,7 +93,7 @@ def stage_params(s: Scenario, layout: Layout, stage: int) -> tuple[float, float]
     dense += mtp * (m.attention_params + m.shared_expert_params + m.num_experts * h
                     + 2 * h * h + 2 * h)
     slots = (m.num_experts + s.placement.redundant_experts) // par.ep
-    experts += mtp * slots * m.expert_params
+    experts += mtp * slots * m.expert_params / par.etp
     return dense / par.tp, experts
 
 

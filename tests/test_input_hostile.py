@@ -258,14 +258,15 @@ def test_fields_another_field_makes_unused_are_warned_about(tmp_path, capsys):
 
 
 def test_experts_left_whole_on_every_tp_rank_are_warned_about(capsys):
-    # tiny-cpu on its 4 devices as TP2 x DP2: with ep=1 each TP rank would hold and run every
-    # expert whole (no expert tensor parallelism); with ep=2 the experts spread over the pair.
+    # tiny-cpu on its 4 devices as TP2 x DP2: with ep=1 and etp=1 each TP rank would hold and
+    # run every expert whole; with ep=2 the experts spread over the pair, with etp=2 each TP
+    # rank holds half of every expert (expert tensor parallelism).
     tp2 = ["--set", "parallelism.tp=2", "--set", "parallelism.pp=1"]
     assert main(["validate", str(TINY), *tp2, "--set", "parallelism.ep=1"]) == 0
-    assert "warning: parallelism.ep=1 < tp=2: moesim has no expert tensor parallelism" in \
-        capsys.readouterr().out
-    assert main(["validate", str(TINY), *tp2, "--set", "parallelism.ep=2"]) == 0
-    assert "expert tensor parallelism" not in capsys.readouterr().out
+    assert "warning: parallelism.ep=1 < tp=2 with etp=1" in capsys.readouterr().out
+    for fix in (["parallelism.ep=2"], ["parallelism.ep=1", "parallelism.etp=2"]):
+        assert main(["validate", str(TINY), *tp2, *(x for f in fix for x in ("--set", f))]) == 0
+        assert "< tp=2" not in capsys.readouterr().out
 
 
 def test_a_relative_plan_file_is_found_in_the_working_directory_too(tmp_path, capsys,

@@ -109,3 +109,14 @@ def test_recomputing_the_whole_moe_layer_keeps_only_its_input(make_scenario):
     assert m.activations == 256 * LAYERS * (attention / 2 + H * 2)
     half = make_scenario({"memory": {"recompute": "selective"}})
     assert m.activations < stage_memory(half, _layout(half), 0).activations
+
+
+def test_expert_tensor_parallelism_splits_every_expert(make_scenario):
+    """TP2 with etp 2 and ep 1 on 4 devices (DP2): every device holds half of each of the 4
+    experts (4 layers x 4 x EXPERT / 2 parameters in BF16); ZeRO-1 shards their optimizer state
+    over the 2 ranks holding the same half (etp apart), like the dense weights."""
+    s = make_scenario({"parallelism": {"tp": 2, "dp": 2, "ep": 1, "etp": 2}})
+    m = stage_memory(s, _layout(s), 0)
+    assert m.expert_weights == LAYERS * EXPERTS * EXPERT / 2 * 2
+    assert _layout(s).expert_dp == 2
+    assert m.optimizer == pytest.approx(DENSE / 2 * 12 / 2 + LAYERS * EXPERTS * EXPERT / 2 * 12 / 2)

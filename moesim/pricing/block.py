@@ -174,7 +174,7 @@ def selective_recompute_time(ctx: PricingContext, dense_tokens: float, tokens: f
         total += t.gemm(dense_tokens, heads * (d + v), a.kv_lora_rank)
     if "moe_act" in modules and flows is not None:   # SwiGLU over the busiest device's copies
         copies = float(flows.slot_tokens.sum(axis=1).max())
-        f = ctx.scenario.model.expert_ffn_size
+        f = ctx.scenario.model.expert_ffn_size / ctx.scenario.parallelism.etp
         total += t.elementwise(copies * 3 * f * ab)
     if "shared_experts" in modules and flows is not None:
         total += t.shared_experts(dense_tokens)

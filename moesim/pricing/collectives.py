@@ -248,7 +248,7 @@ def _shard_groups(ctx: PricingContext, stage: int, dense: float, experts: float
     ranks = layout.stage_ranks(stage)
     return [(params, ranks[::stride][:size])
             for params, size, stride in ((dense, par.dense_dp, par.tp),
-                                         (experts, layout.expert_dp, par.ep))
+                                         (experts, layout.expert_dp, par.ep * par.etp))
             if size > 1 and params]
 
 

@@ -48,7 +48,8 @@ def kernel_timer(s: Scenario) -> KernelTimer:
     return KernelTimer(s.model, s.hardware.device, s.precision.compute, s.precision.weights,
                        s.precision.activations, s.parallelism.tp, tables,
                        inference=s.workload.mode != "training", kv_dtype=s.precision.kv_cache,
-                       moe_kernel=moe_kernel, fp8_block=s.precision.fp8_scaling == "block")
+                       moe_kernel=moe_kernel, fp8_block=s.precision.fp8_scaling == "block",
+                       etp=s.parallelism.etp)
 
 
 @dataclass(frozen=True, eq=False)

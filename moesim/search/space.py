@@ -288,6 +288,8 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
         return "tp larger than a node"
     if (dp * cp * tp) % ep:
         return "ep does not divide dp*cp*tp"
+    if s.parallelism.etp > 1 and (ep != 1 or m.expert_ffn_size % tp):
+        return "experts split over TP (etp) need ep 1 and an FFN that splits over tp"
     if cp > 1 and s.workload.seq_len % (2 * cp):
         return "the sequence does not split into 2*cp chunks"
     heads = m.attention.num_heads
@@ -325,6 +327,8 @@ def candidate_overrides(spec: SearchSpec, cand: Candidate) -> tuple[str, ...]:
 
     v = dict(cand.values)
     out = [f"{k}={json.dumps(val)}" for k, val in cand.values]
+    if spec.scenario.parallelism.etp > 1:     # experts stay split over the TP group
+        out.append(f"parallelism.etp={v['parallelism.tp']}")
     batch = _global_batch(spec, v["parallelism.dp"], v["workload.micro_batch"])
     out.append(f"workload.global_batch={batch}")
     return tuple(out)
@@ -339,7 +343,9 @@ def candidate_scenario(spec: SearchSpec, cand: Candidate, *, validate: bool = Fa
                                source=spec.source)
         return scenario_from_mapping(data, source=spec.source, base_dir=Path(spec.base_dir))
     s, v = spec.scenario, dict(cand.values)
-    par = replace(s.parallelism, tp=v["parallelism.tp"], cp=v["parallelism.cp"],
+    # a scenario that splits its experts over the TP group keeps doing so at every tp
+    etp = v["parallelism.tp"] if s.parallelism.etp > 1 else 1
+    par = replace(s.parallelism, tp=v["parallelism.tp"], cp=v["parallelism.cp"], etp=etp,
                   pp=v["parallelism.pp"],
                   dp=v["parallelism.dp"], ep=v["parallelism.ep"], vp=v["parallelism.vp"],
                   zero_stage=v["parallelism.zero_stage"],

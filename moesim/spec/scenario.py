@@ -45,6 +45,11 @@ class Parallelism:
     dp: int = spec_field(1, min=1, max=1 << 20, doc="data parallel replicas of the dense part")
     ep: int = spec_field(1, min=1, max=1 << 20, doc="expert parallel group size (divides dp * cp * tp)")
     vp: int = spec_field(1, min=1, max=1024, doc="virtual pipeline chunks per device (interleaved 1F1B)")
+    # Expert tensor parallelism: every expert's FFN split over the etp ranks of the TP group
+    # (vLLM's and SGLang's MoE without expert parallelism; Megatron-Core's
+    # --expert-tensor-parallel-size): 1 (whole experts, the default) or tp, with ep 1.
+    etp: int = spec_field(1, min=1, max=1 << 20,
+                          doc="expert tensor parallel: each expert split over etp TP ranks (1 or tp)")
     zero_stage: int = spec_field(1, min=0, max=3, doc="ZeRO stage of the optimizer state")
     sequence_parallel: bool = False
     # Megatron-Core's --account-for-embedding-in-pipeline-split / --account-for-loss-in-
@@ -339,6 +344,26 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
     return scenario
 
 
+def _check_expert_tensor_parallel(s: Scenario, source: str) -> None:
+    """etp > 1 splits every expert over the TP group: etp = tp (each TP rank computes its slice
+    of every expert on the TP group's tokens, the FFN's all-reduce combines them), without
+    expert parallelism (ep 1: the engines that shard experts over TP), and an expert FFN that
+    splits evenly."""
+    par, m = s.parallelism, s.model
+    field = "parallelism.etp"
+    if par.etp != par.tp:
+        raise ScenarioError(f"etp={par.etp} must be 1 or tp={par.tp}: moesim splits experts "
+                            "over the whole tensor-parallel group", source=source, field=field)
+    if par.ep != 1:
+        raise ScenarioError(f"etp={par.etp} with ep={par.ep}: moesim models expert tensor "
+                            "parallelism without expert parallelism (ep: 1, every TP rank holds "
+                            "a slice of every expert); use etp: 1 with ep > 1", source=source,
+                            field=field)
+    if m.expert_ffn_size % par.etp:
+        raise ScenarioError(f"expert_ffn_size={m.expert_ffn_size} does not split over "
+                            f"etp={par.etp} ranks", source=source, field=field)
+
+
 def _check_context_parallel(s: Scenario, source: str) -> None:
     """cp > 1 splits each sequence's tokens over cp ranks: training or prefill only, and a
     sequence that splits into 2 * cp equal chunks (the causal load balancing of Megatron-Core
@@ -384,6 +409,8 @@ def _check_relations(s: Scenario, source: str) -> None:
                             field="parallelism.ep")
     if par.cp > 1:
         _check_context_parallel(s, source)
+    if par.etp > 1:
+        _check_expert_tensor_parallel(s, source)
     slots = m.num_experts + s.placement.redundant_experts
     most = m.num_experts * (par.ep - 1)
     if s.placement.redundant_experts > most:
@@ -500,12 +527,12 @@ def scenario_warnings(s: Scenario) -> list[str]:
         out.append(f"communication.alltoall {s.communication.alltoall!r} prices NVIDIA GPU "
                    f"kernels (SMs, NVLink, RDMA) on a {kind}")
     par = s.parallelism
-    if par.tp > 1 and par.ep < par.tp and s.model.num_experts > 1:
-        out.append(f"parallelism.ep={par.ep} < tp={par.tp}: moesim has no expert tensor "
-                   "parallelism, so each TP rank holds its EP share of the experts whole and "
-                   "runs it on all of the TP group's tokens (engines that shard experts over "
-                   f"TP, such as vLLM without expert parallelism, do 1/{par.tp} of that); "
-                   f"ep={par.tp} spreads the experts over the TP group instead")
+    if par.tp > 1 and par.ep < par.tp and par.etp == 1 and s.model.num_experts > 1:
+        out.append(f"parallelism.ep={par.ep} < tp={par.tp} with etp=1: each TP rank holds its "
+                   "EP share of the experts whole and runs it on all of the TP group's tokens; "
+                   f"engines that shard experts over TP (vLLM and SGLang without expert "
+                   f"parallelism) are etp={par.tp} with ep=1, and ep={par.tp} spreads the "
+                   "experts over the TP group instead")
     if s.workload.acceptance_rate and not s.workload.speculative_tokens:
         out.append("workload.acceptance_rate is unused: workload.speculative_tokens is 0")
     latent = [f for f in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim") if getattr(a, f)]
