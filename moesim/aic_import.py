@@ -15,9 +15,10 @@ microseconds; both become seconds):
 aiconfigurator table       moesim kind, key                       token axis
 =========================  =====================================  ================================
 gemm_perf                  kernels.gemm (n, k, dtype)             m
-moe_perf (even routing,    kernels.moe (hidden, ffn,              num_tokens * topk / ep: routed
-moe_tp_size 1)             experts_per_device, top_k, experts,    copies one device computes
-                           dtype)
+moe_perf (even routing)    kernels.moe (hidden, ffn,              num_tokens * topk / ep: routed
+                           experts_per_device, top_k, experts,    copies one device computes
+                           dtype); ffn = inter_size /
+                           moe_tp_size, the slice a rank runs
 wideep_generation_moe /    kernels.moe_deepep_decode /            the same
 wideep_context_moe         moe_deepep_prefill (same keys)
 context_attention_perf     kernels.attention_context (heads,      isl (sequence length)
@@ -204,10 +205,13 @@ def _moe(cols: dict[str, list[Any]], ctx: Mapping[str, Any]) -> dict[tuple[Any, 
     out: dict[tuple[Any, ...], dict] = {}
     for r in _rows(cols):
         dtype = GEMM_DTYPES.get(r["moe_dtype"])
-        if (dtype is None or r["distribution"] not in EVEN_ROUTING or int(r["moe_tp_size"]) != 1
-                or int(r["num_experts"]) % int(r["moe_ep_size"])):
+        tp = int(r["moe_tp_size"])
+        if (dtype is None or r["distribution"] not in EVEN_ROUTING or tp < 1
+                or int(r["inter_size"]) % tp or int(r["num_experts"]) % int(r["moe_ep_size"])):
             continue
-        hidden, ffn, top_k = int(r["hidden_size"]), int(r["inter_size"]), int(r["topk"])
+        # A rank of a TP-split MoE (moe_tp_size > 1) runs every expert's 1/tp FFN slice: the
+        # table of that slice's width, which expert tensor parallelism (etp) looks up.
+        hidden, ffn, top_k = int(r["hidden_size"]), int(r["inter_size"]) // tp, int(r["topk"])
         experts, ep = int(r["num_experts"]), int(r["moe_ep_size"])
         fields = {"hidden": hidden, "ffn": ffn, "experts_per_device": experts // ep,
                   "top_k": top_k, "experts": experts, "ep": ep, "dtype": dtype,

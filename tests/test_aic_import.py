@@ -81,7 +81,7 @@ def aic_data(tmp_path_factory) -> Path:
     # Even routing, 8 experts over ep 4 (2 per device): 32 and 128 tokens -> 16 and 64 copies.
     moe = [_moe_row(32, 0.100), _moe_row(128, 0.200),
            _moe_row(32, 0.500, distribution="power_law_1.2"),   # skewed: not imported
-           _moe_row(32, 0.050, moe_tp_size=2)]                  # TP-split experts: not imported
+           _moe_row(32, 0.050, moe_tp_size=2)]                  # TP-split: a 256-wide slice
     _write(sys / "moe/sglang/0.5.14", "moe_perf.parquet", moe, "SGLang", "0.5.14", "moe")
     # An older release measured another shape (ep 8) and, slower, the same one.
     old = [_moe_row(32, 0.300, moe_ep_size=8), _moe_row(32, 0.900)]
@@ -173,9 +173,13 @@ def test_import_converts_milliseconds_and_token_axes(profile_path):
     assert _floats(qkv["seconds"]) == pytest.approx([ms * 1e-3 for ms in GEMM_MS[(512, 256)]])
     assert {e["dtype"] for e in kernels["gemm"]} == {"bf16", "fp8", "fp8_block"}  # int4 dropped
     # MoE: copies per device = num_tokens * top_k / ep = 32 * 2 / 4 = 16 and 128 * 2 / 4 = 64.
-    moe = _table(kernels["moe"], experts_per_device=2)
+    moe = _table(kernels["moe"], experts_per_device=2, ffn=512)
     assert (moe["hidden"], moe["ffn"], moe["top_k"], moe["experts"], moe["ep"]) == (
         256, 512, 2, 8, 4)
+    # The TP-split row (moe_tp_size 2): each rank runs 512 / 2 = 256 columns of its 2 experts,
+    # on the same 16 copies: the table an etp-2 scenario reads.
+    split = _table(kernels["moe"], experts_per_device=2, ffn=256)
+    assert (_floats(split["tokens"]), _floats(split["seconds"])) == ([16], [5.0e-5])
     assert _floats(moe["tokens"]) == [16, 64]
     assert _floats(moe["seconds"]) == pytest.approx([1.0e-4, 2.0e-4])    # not the skewed 0.5 ms
     assert moe["version"] == "0.5.14"
