@@ -46,6 +46,11 @@ class Layout:
         return self.par.dp * self.par.cp * self.par.tp
 
     @property
+    def ep_groups(self) -> int:
+        """EP groups in a stage (each ``ep`` consecutive ranks, :meth:`ep_group`)."""
+        return self.stage_size // self.par.ep
+
+    @property
     def expert_dp(self) -> int:
         """Replicas of each EP group inside a stage (the expert-data-parallel degree); under
         expert tensor parallelism, replicas of each expert slice, ``etp`` ranks apart."""

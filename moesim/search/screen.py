@@ -104,8 +104,8 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
     dense_tokens, attention, tp = attention_part(ctx, moe)
     # Context parallelism's wait: the ring's doubles in the backward as compute does, so the
     # screen counts it there; the all-to-all's does not, so it counts with the communication.
-    cp_forward, cp_backward = cp_wait(ctx, dense_tokens)
-    if cp_backward > cp_forward:
+    cp_forward, _ = cp_wait(ctx, dense_tokens)
+    if s.communication.cp_algorithm == "ring":
         attention += cp_forward
     else:
         tp += cp_forward

@@ -37,7 +37,9 @@ from moesim.spec.fields import build, read_yaml
 from moesim.spec.scenario import (
     Scenario,
     apply_overrides,
+    context_parallel_problem,
     dualpipe_problem,
+    expert_tensor_parallel_problem,
     interleaving_problem,
     scenario_from_mapping,
 )
@@ -288,14 +290,14 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
         return "tp larger than a node"
     if (dp * cp * tp) % ep:
         return "ep does not divide dp*cp*tp"
-    if s.parallelism.etp > 1 and (ep != 1 or m.expert_ffn_size % tp):
+    # experts split over the TP group stay split at every tp (etp = tp), without EP
+    if s.parallelism.etp > 1 and expert_tensor_parallel_problem(
+            tp, tp, ep, m.expert_ffn_size) is not None:
         return "experts split over TP (etp) need ep 1 and an FFN that splits over tp"
-    if cp > 1 and s.workload.seq_len % (2 * cp):
-        return "the sequence does not split into 2*cp chunks"
-    heads = m.attention.num_heads
-    if cp > 1 and s.communication.cp_algorithm == "all_to_all" and (heads % tp
-                                                                    or (heads // tp) % cp):
-        return "cp does not divide the heads per TP rank (all_to_all)"
+    if cp > 1 and (split := context_parallel_problem(
+            cp, tp, s.workload.seq_len, m.attention.num_heads,
+            s.communication.cp_algorithm)) is not None:
+        return split[1]
     if (m.num_experts + v["placement.redundant_experts"]) % ep:
         return "ep does not divide the expert slots"
     if pp * vp > m.num_layers:
@@ -313,6 +315,12 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
     return None
 
 
+def _etp(spec: SearchSpec, tp: int) -> int:
+    """A layout's expert tensor parallelism: a scenario that splits its experts over the TP
+    group keeps doing so at every tp."""
+    return tp if spec.scenario.parallelism.etp > 1 else 1
+
+
 def _global_batch(spec: SearchSpec, dp: int, mb: int) -> int:
     """Training and prefill keep the scenario's global batch; decode runs ``mb`` sequences per
     DP replica in one micro-batch (the batch size is the knob)."""
@@ -327,8 +335,8 @@ def candidate_overrides(spec: SearchSpec, cand: Candidate) -> tuple[str, ...]:
 
     v = dict(cand.values)
     out = [f"{k}={json.dumps(val)}" for k, val in cand.values]
-    if spec.scenario.parallelism.etp > 1:     # experts stay split over the TP group
-        out.append(f"parallelism.etp={v['parallelism.tp']}")
+    if spec.scenario.parallelism.etp > 1:
+        out.append(f"parallelism.etp={_etp(spec, v['parallelism.tp'])}")
     batch = _global_batch(spec, v["parallelism.dp"], v["workload.micro_batch"])
     out.append(f"workload.global_batch={batch}")
     return tuple(out)
@@ -343,9 +351,8 @@ def candidate_scenario(spec: SearchSpec, cand: Candidate, *, validate: bool = Fa
                                source=spec.source)
         return scenario_from_mapping(data, source=spec.source, base_dir=Path(spec.base_dir))
     s, v = spec.scenario, dict(cand.values)
-    # a scenario that splits its experts over the TP group keeps doing so at every tp
-    etp = v["parallelism.tp"] if s.parallelism.etp > 1 else 1
-    par = replace(s.parallelism, tp=v["parallelism.tp"], cp=v["parallelism.cp"], etp=etp,
+    par = replace(s.parallelism, tp=v["parallelism.tp"], cp=v["parallelism.cp"],
+                  etp=_etp(spec, v["parallelism.tp"]),
                   pp=v["parallelism.pp"],
                   dp=v["parallelism.dp"], ep=v["parallelism.ep"], vp=v["parallelism.vp"],
                   zero_stage=v["parallelism.zero_stage"],

@@ -82,7 +82,7 @@ def run_ops_full(ops: list[Op], costs: CostModel, stage: int) -> ChunkRun:
     layout = costs.ctx.layout
     groups = []
     reference: dict[int, float] = {}
-    for g in range(layout.stage_size // layout.par.ep):
+    for g in range(layout.ep_groups):
         group = _Group(env, ops, layout.ep_group(stage, g), costs, reference)
         groups.append(group)
         for device in range(len(group.ranks)):

@@ -169,11 +169,11 @@ def all_groups_link_load(sim: Simulation) -> dict[str, float | int | str]:
     Above 1, groups that share links (oversubscribed uplinks) would slow each other down, which
     the simulation, pricing one group at a time, does not charge.
     """
-    ctx, layout = sim.costs.ctx, sim.layout
+    layout = sim.layout
     blocks = [sim.costs.block(layer) for layer in sim.scenario.model.moe_layer_ids]
     busiest = max(blocks, key=lambda b: b.dispatch.duration, default=None)
     groups = [layout.ep_group(st, g) for st in range(sim.scenario.parallelism.pp)
-              for g in range(layout.stage_size // ctx.ep)]
+              for g in range(layout.ep_groups)]
     scope = {"groups_checked": len(groups), "groups": len(groups)}
     if busiest is None or busiest.traffic is None or busiest.dispatch.duration <= 0:
         return {**scope, "worst_link_load": 0.0, "link": ""}

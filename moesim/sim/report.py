@@ -118,8 +118,9 @@ def build_result(sim, mbs: int, events: int, dp_exposed, optimizer, memory, engi
     tables = sim.costs.ctx.timer.tables  # MeasuredTables with per-kernel counters, or None
     source = tables.summary() if tables is not None else "kernel model (datasheet profile)"
     notes = []
-    if par.ep < par.dense_dp * par.tp:
-        notes.append(f"{par.dense_dp * par.tp // par.ep} EP groups per stage simulated as one "
+    groups = sim.costs.ctx.layout.ep_groups
+    if groups > 1:
+        notes.append(f"{groups} EP groups per stage simulated as one "
                      "(same routing, disjoint links)" if engine == "aggregated" else
                      "all EP groups of stage 0 simulated per device")
     if draft_passes(s):
@@ -192,7 +193,7 @@ def _link_rows(sim, uses, step) -> tuple[dict, dict]:
 def _expert_rows(sim, mbs) -> tuple[dict, float]:
     s, costs = sim.scenario, sim.costs
     loads, device_ratio, dropped = [], [], 0.0
-    groups = s.parallelism.dense_dp * s.parallelism.tp // s.parallelism.ep
+    groups = costs.ctx.layout.ep_groups
     halves = 2 if costs.ctx.half_batch else 1
     for layer in s.model.moe_layer_ids:
         block = costs.block(layer)

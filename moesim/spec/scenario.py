@@ -25,7 +25,7 @@ __all__ = ["Parallelism", "Workload", "Precision", "RoutingSpec", "PlacementSpec
            "mtp_blocks", "mtp_held", "draft_passes", "without_drafts", "tokens_per_sequence",
            "output_tokens_per_sequence", "pipeline_end_layers", "micro_batches",
            "interleaving_problem",
-           "dualpipe_problem",
+           "dualpipe_problem", "context_parallel_problem", "expert_tensor_parallel_problem",
            "scenario_warnings"]
 
 Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4"]
@@ -344,46 +344,53 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
     return scenario
 
 
-def _check_expert_tensor_parallel(s: Scenario, source: str) -> None:
-    """etp > 1 splits every expert over the TP group: etp = tp (each TP rank computes its slice
-    of every expert on the TP group's tokens, the FFN's all-reduce combines them), without
-    expert parallelism (ep 1: the engines that shard experts over TP), and an expert FFN that
-    splits evenly."""
-    par, m = s.parallelism, s.model
-    field = "parallelism.etp"
-    if par.etp != par.tp:
-        raise ScenarioError(f"etp={par.etp} must be 1 or tp={par.tp}: moesim splits experts "
-                            "over the whole tensor-parallel group", source=source, field=field)
-    if par.ep != 1:
-        raise ScenarioError(f"etp={par.etp} with ep={par.ep}: moesim models expert tensor "
-                            "parallelism without expert parallelism (ep: 1, every TP rank holds "
-                            "a slice of every expert); use etp: 1 with ep > 1", source=source,
-                            field=field)
-    if m.expert_ffn_size % par.etp:
-        raise ScenarioError(f"expert_ffn_size={m.expert_ffn_size} does not split over "
-                            f"etp={par.etp} ranks", source=source, field=field)
+def expert_tensor_parallel_problem(tp: int, etp: int, ep: int, ffn: int) -> str | None:
+    """The rule that stops ``etp`` > 1 (every expert's FFN split over the TP group), or None:
+    etp = tp (each TP rank computes its slice of every expert on the TP group's tokens, the
+    FFN's all-reduce combines them), without expert parallelism (ep 1: the engines that shard
+    experts over TP), and an expert FFN that splits evenly."""
+    if etp != tp:
+        return (f"etp={etp} must be 1 or tp={tp}: moesim splits experts over the whole "
+                "tensor-parallel group")
+    if ep != 1:
+        return (f"etp={etp} with ep={ep}: moesim models expert tensor parallelism without "
+                "expert parallelism (ep: 1, every TP rank holds a slice of every expert); use "
+                "etp: 1 with ep > 1")
+    if ffn % etp:
+        return f"expert_ffn_size={ffn} does not split over etp={etp} ranks"
+    return None
+
+
+def context_parallel_problem(cp: int, tp: int, seq_len: int, heads: int, algorithm: str
+                             ) -> tuple[str, str] | None:
+    """``(field, why)`` when ``cp`` > 1 ranks cannot split a sequence, or None: it must split
+    into 2 * cp equal chunks (the causal load balancing of Megatron-Core and Transformer
+    Engine: rank r holds chunks r and 2 cp - 1 - r), and the all-to-all variant splits each
+    tensor-parallel rank's heads over the CP group."""
+    if seq_len % (2 * cp):
+        return "workload.seq_len", (f"seq_len={seq_len} must split into 2 * cp = {2 * cp} equal "
+                                    "chunks (causal load balancing)")
+    if algorithm == "all_to_all" and (heads % tp or (heads // tp) % cp):
+        return "communication.cp_algorithm", (
+            f"cp_algorithm all_to_all splits each tensor-parallel rank's {heads / tp:g} attention "
+            f"heads over cp={cp} ranks: cp must divide num_heads / tp (or use cp_algorithm: "
+            "ring)")
+    return None
 
 
 def _check_context_parallel(s: Scenario, source: str) -> None:
-    """cp > 1 splits each sequence's tokens over cp ranks: training or prefill only, and a
-    sequence that splits into 2 * cp equal chunks (the causal load balancing of Megatron-Core
-    and Transformer Engine: rank r holds chunks r and 2 cp - 1 - r)."""
+    """cp > 1 splits each sequence's tokens over cp ranks: training or prefill only, and
+    :func:`context_parallel_problem`'s rules."""
     par, wl = s.parallelism, s.workload
     if wl.mode == "decode":
         raise ScenarioError(f"cp={par.cp}: context parallelism splits a sequence's tokens; decode "
                             "runs one new token per sequence (use cp: 1)", source=source,
                             field="parallelism.cp")
-    if wl.seq_len % (2 * par.cp):
-        raise ScenarioError(f"seq_len={wl.seq_len} must split into 2 * cp = {2 * par.cp} equal "
-                            "chunks (causal load balancing)", source=source,
-                            field="workload.seq_len")
-    heads = s.model.attention.num_heads
-    if s.communication.cp_algorithm == "all_to_all" and (heads % par.tp
-                                                         or (heads // par.tp) % par.cp):
-        raise ScenarioError(f"cp_algorithm all_to_all splits each tensor-parallel rank's "
-                            f"{heads / par.tp:g} attention heads over cp={par.cp} ranks: cp must "
-                            "divide num_heads / tp (or use cp_algorithm: ring)", source=source,
-                            field="communication.cp_algorithm")
+    problem = context_parallel_problem(par.cp, par.tp, wl.seq_len, s.model.attention.num_heads,
+                                       s.communication.cp_algorithm)
+    if problem is not None:
+        field, why = problem
+        raise ScenarioError(why, source=source, field=field)
 
 
 def _check_relations(s: Scenario, source: str) -> None:
@@ -398,10 +405,11 @@ def _check_relations(s: Scenario, source: str) -> None:
         raise ScenarioError(f"{s.devices_per_node} chips per host must divide the torus's "
                             f"{devices} chips", source=source, field="cluster.devices_per_node")
     if par.world != devices:
-        cp = f" * {par.cp}" if par.cp > 1 else ""
-        raise ScenarioError(f"tp * {'cp * ' if cp else ''}pp * dp = {par.tp}{cp} * {par.pp} * "
-                            f"{par.dp} = {par.world} must equal the cluster's {devices} devices",
-                            source=source, field="parallelism")
+        names, degrees = ("tp * cp * pp * dp", (par.tp, par.cp, par.pp, par.dp)) if par.cp > 1 \
+            else ("tp * pp * dp", (par.tp, par.pp, par.dp))
+        raise ScenarioError(f"{names} = {' * '.join(map(str, degrees))} = {par.world} must "
+                            f"equal the cluster's {devices} devices", source=source,
+                            field="parallelism")
     if (par.dense_dp * par.tp) % par.ep:
         what = "dp * cp * tp" if par.cp > 1 else "dp * tp"
         raise ScenarioError(f"ep={par.ep} must divide {what} = {par.dense_dp * par.tp} (EP is "
@@ -409,8 +417,9 @@ def _check_relations(s: Scenario, source: str) -> None:
                             field="parallelism.ep")
     if par.cp > 1:
         _check_context_parallel(s, source)
-    if par.etp > 1:
-        _check_expert_tensor_parallel(s, source)
+    if par.etp > 1 and (problem := expert_tensor_parallel_problem(
+            par.tp, par.etp, par.ep, m.expert_ffn_size)) is not None:
+        raise ScenarioError(problem, source=source, field="parallelism.etp")
     slots = m.num_experts + s.placement.redundant_experts
     most = m.num_experts * (par.ep - 1)
     if s.placement.redundant_experts > most:
