@@ -134,8 +134,12 @@ def _activation_parts(s: Scenario, moe_layer: bool) -> tuple[float, float]:
     # Korthikanti et al.: attention 11h + 2 norms 4h (in 16-bit units: 2 bytes); dropout masks 1 byte.
     attn = (11 * h + 4 * h) * ab / 2
     if moe_layer:
-        f = m.expert_ffn_size
-        per_expert = (2 * h + (m.ffn_matrices + 1) * f) * ab  # input, projections, activation
+        # input, projections, activation of each routed copy. Counted, as everything here,
+        # per token of a device's 1/tp share of its TP group's tokens: under expert tensor
+        # parallelism a device runs every token of its group (etp = tp of them per share)
+        # through its 1/etp slice of the experts, the copies' inputs whole.
+        etp, f = s.parallelism.etp, m.expert_ffn_size
+        per_expert = etp * (2 * h + (m.ffn_matrices + 1) * f / etp) * ab
         ffn = m.effective_top_k * per_expert + m.num_experts * 4  # + router probabilities
         if m.num_shared_experts:
             fs = (m.shared_expert_ffn_size or f) * m.num_shared_experts
@@ -156,7 +160,8 @@ def saved_bytes_per_token_layer(s: Scenario, moe_layer: bool) -> float:
     >>> m = N(hidden_size=4, expert_ffn_size=8, ffn_matrices=3, effective_top_k=1,
     ...       num_experts=2, num_shared_experts=0)
     >>> s = N(model=m, precision=N(saved_activations=None, activations="bf16"),
-    ...       memory=N(recompute="selective", recompute_modules=("moe",)))
+    ...       memory=N(recompute="selective", recompute_modules=("moe",)),
+    ...       parallelism=N(etp=1))
     >>> attn, ffn = 15 * 4, (2 * 4 + 4 * 8) * 2 + 2 * 4    # bytes: 60, 88
     >>> saved_bytes_per_token_layer(s, True) == attn / 2 + 4 * 2
     True
@@ -224,11 +229,14 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
         kv *= kv_bytes_per_token(s.model, prec.kv_cache) / par.tp
         acts = tokens * max(activation_bytes_per_token_layer(s, True),
                             activation_bytes_per_token_layer(s, False))
+        acts /= par.tp if not par.sequence_parallel else 1
     # Receive buffers: one copy per routed (token, expert) pair, or, for the all-gather dispatch,
     # every token of the EP group (each rank gathers them all, then reduce-scatters the outputs).
     copies = (par.ep if s.communication.alltoall == "allgather"
               else s.model.effective_top_k)
-    buf = s.memory.alltoall_buffer_factor * tokens * copies
+    # (tokens a device routes: its 1/tp share of its TP group's, all of them under ETP)
+    routed = tokens * (par.tp if par.sequence_parallel else 1) * par.etp / par.tp
+    buf = s.memory.alltoall_buffer_factor * routed * copies
     buf *= s.model.hidden_size * (dtype_bytes(prec.dispatch) + dtype_bytes(prec.combine))
     dev = s.hardware.device
     return MemoryBreakdown(stage, dense_w, expert_w, grads, opt, acts, kv, buf,

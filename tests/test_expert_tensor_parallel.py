@@ -43,21 +43,29 @@ def test_each_tp_rank_runs_its_slice_of_every_expert(make_scenario):
 
 
 def test_a_step_with_experts_split_over_tp(make_scenario):
-    """TP2 without EP: with etp 1 each TP rank runs every expert whole on all the group's
-    tokens; with etp 2 half of each; no all-to-all either way (ep 1), so a forward pass loses
-    exactly the expert time the split saves in each of its 4 blocks, a backward twice that
-    (the rest of the step differs too: half the expert gradients to reduce and to update)."""
+    """TP2 without EP: with etp 1 each TP rank runs whole experts on its half of the group's
+    tokens (a token is routed once by its group); with etp 2 every token of the group through
+    half of each expert: the same FLOPs, in GEMMs half as wide over twice the tokens, and twice
+    the tokens to permute. Nothing else differs (the router runs on the tokens a rank holds,
+    no all-to-all either way), so a forward pass differs by exactly the MoE layer's difference
+    in each of its 4 blocks, a backward twice that (the rest of the step differs too: half the
+    expert gradients to reduce and to update)."""
     plain = simulate(make_scenario({"parallelism": {"tp": 2, "dp": 2, "ep": 1}}))
     split = simulate(make_scenario(ETP2))
+    ctxs = [sim.costs.ctx for sim in (plain, split)]
+    assert ctxs[0].group_tokens == ctxs[1].group_tokens == ctxs[1].tokens_per_source
+    assert ctxs[0].tokens_per_source == ctxs[0].group_tokens / 2
     blocks = [CostModel(sim.costs.ctx, scenario_placement(sim.scenario)).block(0)
               for sim in (plain, split)]
     assert blocks[0].dispatch.duration == blocks[1].dispatch.duration == 0.0
-    saved = float(blocks[0].experts.max() - blocks[1].experts.max())
-    assert saved > 0
+    assert blocks[0].gate == blocks[1].gate
+    assert blocks[0].traffic.slot_tokens.sum() * 2 == pytest.approx(
+        blocks[1].traffic.slot_tokens.sum(), rel=1e-12)
+    moe = [float(b.experts.max()) + b.permute for b in blocks]
+    assert moe[0] != moe[1]
     for kind, scale in (("F", 1), ("B", 2)):
         run = [sim.runs[(0, kind, 0)].makespan for sim in (plain, split)]
-        assert run[0] - run[1] == pytest.approx(scale * saved * 4, rel=1e-9)
-    assert split.result.step_time < plain.result.step_time
+        assert run[1] - run[0] == pytest.approx(scale * (moe[1] - moe[0]) * 4, rel=1e-9)
 
 
 def test_search_keeps_experts_split_over_each_layouts_tp(tmp_path):

@@ -54,7 +54,6 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
                placement: Placement, failed: np.ndarray | None = None) -> BlockCost:
     """Forward costs of block ``layer``; ``choices``: its routing (None for a dense block)."""
     s, t = ctx.scenario, ctx.timer
-    tokens = ctx.tokens_per_source   # per device: the MoE layer's share (split by TP under SP)
     par = s.parallelism
     moe_index = ctx.layout.moe_index(layer)
     dense_tokens, attention, tp_comm = attention_part(ctx, moe_index is not None
@@ -63,13 +62,15 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
     if moe_index is None or choices is None:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
         return BlockCost(layer, attention, tp_comm, 0.0, ffn, np.zeros(par.ep), 0.0,
-                         recompute=selective_recompute_time(ctx, dense_tokens, tokens, None),
+                         recompute=selective_recompute_time(ctx, dense_tokens, ctx.held_tokens,
+                                                            None),
                          cp_comm=cp_comm, cp_comm_backward=cp_back)
     flows = layer_traffic(ctx, choices, placement, moe_index, failed)
     dispatch, combine = layer_alltoalls(ctx, flows)
-    return BlockCost(layer, attention, tp_comm, t.gate(tokens), shared_part(ctx, dense_tokens),
+    return BlockCost(layer, attention, tp_comm, t.gate(ctx.held_tokens),
+                     shared_part(ctx, dense_tokens),
                      expert_times(ctx, flows), permute_time(ctx, flows), dispatch, combine, flows,
-                     selective_recompute_time(ctx, dense_tokens, tokens, flows),
+                     selective_recompute_time(ctx, dense_tokens, ctx.held_tokens, flows),
                      recompute_moe=recomputes(ctx, "moe"), cp_comm=cp_comm,
                      cp_comm_backward=cp_back)
 
@@ -102,10 +103,9 @@ def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]
     ``2 (cp - 1)`` kernels more than one fused call (their fixed cost is charged here; the
     exchange is :func:`cp_wait`); the all-to-all variant runs one fused call over its heads.
     """
-    tokens = ctx.tokens_per_source
     s = ctx.scenario
     par = s.parallelism
-    dense_tokens = tokens * par.tp if par.sequence_parallel else tokens
+    dense_tokens = ctx.group_tokens
     context, kv = ctx.context_length()
     attention = ctx.timer.attention(dense_tokens, context, kv) + saved_activation_cast(ctx, moe)
     if s.communication.cp_algorithm == "ring":
@@ -128,7 +128,7 @@ def shared_part(ctx: PricingContext, dense_tokens: float) -> float:
     """An MoE block's shared experts on the tokens the tensor-parallel parts see, plus adding
     their output into the routed experts' on this device's tokens."""
     t = ctx.timer
-    return t.shared_experts(dense_tokens) + t.shared_output_add(ctx.tokens_per_source)
+    return t.shared_experts(dense_tokens) + t.shared_output_add(ctx.held_tokens)
 
 
 def saved_activation_cast(ctx: PricingContext, moe: bool) -> float:
@@ -142,8 +142,9 @@ def saved_activation_cast(ctx: PricingContext, moe: bool) -> float:
     if s.workload.mode != "training" or narrow >= ctx.activation_bytes:
         return 0.0
     elements = saved_bytes_per_token_layer(s, moe) / narrow
-    return ctx.timer.elementwise(ctx.tokens_per_source * elements
-                                 * (ctx.activation_bytes + narrow))
+    # per device: its TP group's tokens over tp, as memory counts what a device saves
+    per_device = ctx.group_tokens / s.parallelism.tp
+    return ctx.timer.elementwise(per_device * elements * (ctx.activation_bytes + narrow))
 
 
 def selective_recompute_time(ctx: PricingContext, dense_tokens: float, tokens: float,

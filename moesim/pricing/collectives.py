@@ -50,7 +50,9 @@ def p2p_time(ctx: PricingContext) -> float:
     s = ctx.scenario
     if s.parallelism.pp == 1:
         return 0.0
-    nbytes = ctx.microbatch_tokens * ctx.hidden * ctx.activation_bytes
+    # each rank sends 1 / tp of its TP group's activations (its sequence-parallel shard, or
+    # Megatron's scatter of the replicated tensor, gathered again on the next stage)
+    nbytes = ctx.group_microbatch_tokens * ctx.hidden * ctx.activation_bytes
     a, b = ctx.layout.stage_ranks(0)[0], ctx.layout.stage_ranks(1)[0]
     bw, lat = link_between(ctx.topology, int(a), int(b))
     return network.p2p(nbytes / s.parallelism.tp, bw, lat)

@@ -57,7 +57,8 @@ class PricingContext:
     """What prices one EP group's step: built once per scenario and topology.
 
     ``tokens_per_source`` is each device's real tokens per micro-batch as the MoE layer sees
-    them: halved under two-batch overlap, whose halves run separately.
+    them, ``group_tokens`` the TP group's as its tensor-parallel parts see them; both halved
+    under two-batch overlap, whose halves run separately.
     """
 
     scenario: Scenario
@@ -65,7 +66,8 @@ class PricingContext:
     layout: Layout
     timer: KernelTimer
     group: np.ndarray                 # int[ep] global ranks of the representative EP group
-    microbatch_tokens: float          # tokens per device per micro-batch
+    microbatch_tokens: float          # tokens per device per micro-batch (1/tp of its TP
+                                      # group's under sequence parallelism)
     half_batch: bool                  # two-batch overlap: each half priced separately
     rtol: float                       # flow solver's event-merging tolerance
 
@@ -81,9 +83,39 @@ class PricingContext:
 
     # --- what the group routes -----------------------------------------------------------
     @property
+    def group_microbatch_tokens(self) -> float:
+        """Tokens of this device's tensor-parallel group per micro-batch: what the TP-split
+        parts (attention, dense FFN, shared experts, embedding, LM head) run on, each rank its
+        slice of the weights or heads. Under sequence parallelism each rank holds ``1 / tp``
+        of them between those parts (``microbatch_tokens``) and gathers them for each part."""
+        par = self.scenario.parallelism
+        return self.microbatch_tokens * (par.tp if par.sequence_parallel else 1)
+
+    @property
+    def group_tokens(self) -> float:
+        """:attr:`group_microbatch_tokens` per (half) micro-batch: halved under two-batch
+        overlap, whose halves run separately."""
+        tokens = self.group_microbatch_tokens
+        return tokens / 2 if self.half_batch else tokens
+
+    @property
+    def held_tokens(self) -> float:
+        """Tokens this device holds per (half) micro-batch between the TP-split parts (the
+        router, norms and residual adds run on them): ``1 / tp`` of its group's under
+        sequence parallelism, else all of them, replicated over the group."""
+        par = self.scenario.parallelism
+        return self.group_tokens / (par.tp if par.sequence_parallel else 1)
+
+    @property
     def tokens_per_source(self) -> float:
-        """Real tokens each device routes per (half) micro-batch."""
-        return self.microbatch_tokens / 2 if self.half_batch else self.microbatch_tokens
+        """Real tokens each device routes into the MoE layer per (half) micro-batch: its
+        ``1 / tp`` share of the TP group's tokens, so a token is routed once by its group
+        (Megatron-Core routes each rank's sequence-parallel shard; serving engines running
+        attention under TP hand each rank a share of the replicated tokens), or, under expert
+        tensor parallelism, every one of the group's tokens, which each rank runs through its
+        ``1 / etp`` slice of the experts (``etp = tp``; Megatron-Core gathers them over TP)."""
+        par = self.scenario.parallelism
+        return self.group_tokens * par.etp / par.tp
 
     @property
     def ep(self) -> int:

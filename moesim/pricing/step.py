@@ -72,9 +72,9 @@ def heads_time(ctx: PricingContext) -> float:
     # Only kernels that run are priced (a measured profile counts which table served each).
     heads = t.lm_head(logit_tokens(ctx))
     if mtp := mtp_blocks(s):
-        heads += mtp * mtp_pass(ctx.microbatch_tokens)
+        heads += mtp * mtp_pass(ctx.group_microbatch_tokens)
     if drafts := draft_passes(s):
-        heads += drafts * mtp_pass(ctx.microbatch_tokens / tokens_per_sequence(s))
+        heads += drafts * mtp_pass(ctx.group_microbatch_tokens / tokens_per_sequence(s))
     return heads
 
 
@@ -82,6 +82,7 @@ def logit_tokens(ctx: PricingContext) -> float:
     """Tokens per device per micro-batch whose logits are computed: every token in training,
     the last token of each prompt in prefill (its next token), every token in decode."""
     wl = ctx.scenario.workload
+    tokens = ctx.group_microbatch_tokens   # the head splits the vocabulary over TP
     if wl.mode == "prefill":
-        return ctx.microbatch_tokens / wl.seq_len
-    return ctx.microbatch_tokens
+        return tokens / wl.seq_len
+    return tokens

@@ -100,7 +100,7 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
     ``priced``: the layer's ``(flows, dispatch, combine)`` already priced for this context's
     traffic (they do not depend on recomputation)."""
     s, t = ctx.scenario, ctx.timer
-    tokens = ctx.tokens_per_source
+    tokens = ctx.held_tokens        # router, norms: this device's tokens between TP parts
     dense_tokens, attention, tp = attention_part(ctx, moe)
     # Context parallelism's wait: the ring's doubles in the backward as compute does, so the
     # screen counts it there; the all-to-all's does not, so it counts with the communication.
@@ -261,7 +261,7 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
     drafts = draft_passes(s)   # speculative decoding: MTP blocks at one token per sequence
     draft = _blocks(without_drafts(s), topology, cache)[0] if drafts else None
     heads = heads_time(ctx)
-    embedding = ctx.timer.embedding(ctx.microbatch_tokens)
+    embedding = ctx.timer.embedding(ctx.group_microbatch_tokens)
     fwd_stage, bwd_stage = [], []
     sharded = train and par.zero_stage >= 3
     for stage in range(par.pp):

@@ -292,7 +292,7 @@ def _with_ends(ops: list[Op], costs: CostModel, stage: int, chunk: int,
     ctx = costs.ctx
     scale = 2.0 if backward else 1.0
     ep = ctx.scenario.parallelism.ep
-    tokens = ctx.microbatch_tokens
+    tokens = ctx.group_microbatch_tokens   # a vocabulary-parallel lookup of the group's tokens
     first, last = ctx.layout.chunk_ends(stage, chunk)
     if last:
         head = Op("lm_head", "compute", "compute",

@@ -51,6 +51,10 @@ class Parallelism:
     etp: int = spec_field(1, min=1, max=1 << 20,
                           doc="expert tensor parallel: each expert split over etp TP ranks (1 or tp)")
     zero_stage: int = spec_field(1, min=0, max=3, doc="ZeRO stage of the optimizer state")
+    # Megatron-Core's --sequence-parallel: between the TP-split parts each rank holds 1/tp of
+    # its TP group's tokens (activations, norms, router). Either way the TP-split parts run on
+    # the group's tokens and each rank routes its 1/tp share into the MoE layer (all of them
+    # under etp), so a token reaches the experts once per group.
     sequence_parallel: bool = False
     # Megatron-Core's --account-for-embedding-in-pipeline-split / --account-for-loss-in-
     # pipeline-split: the embedding (first stage) and the LM head with its loss (last stage, one
