@@ -48,7 +48,7 @@ from moesim.kernels import (
 from moesim.spec.hardware import DeviceSpec, dtype_bytes
 from moesim.spec.model import ModelSpec
 
-__all__ = ["roofline", "KernelTimer", "kv_bytes_per_token", "add_norm_bytes",
+__all__ = ["roofline", "KernelTimer", "kv_bytes_per_token", "kv_shards", "add_norm_bytes",
            "glue_bytes_attention", "glue_bytes_ffn"]
 
 
@@ -236,7 +236,8 @@ class KernelTimer:
         v = a.v_head_dim or m.head_dim
         attended = m.attended_context(context)
         if kv_tokens > 0:   # decode: KV-cache streaming
-            kv = kv_tokens * kv_bytes_per_token(m, self.kv_dtype or self.act_dtype) / self.tp
+            kv = (kv_tokens * kv_bytes_per_token(m, self.kv_dtype or self.act_dtype)
+                  / kv_shards(m, self.tp))
             q_io = tokens * 2 * m.query_width * self._ab / self.tp
             memory = memory_time(kv + q_io, dev, kernels=0,
                                  efficiency=dev.decode_attention_efficiency)
@@ -630,3 +631,19 @@ def kv_bytes_per_token(model: ModelSpec, dtype: str) -> float:
     if a.kind == "mla":
         return (a.kv_lora_rank + a.qk_rope_head_dim) * dtype_bytes(dtype)
     return 2 * model.kv_heads * model.head_dim * dtype_bytes(dtype)
+
+
+def kv_shards(model: ModelSpec, tp: int) -> int:
+    """Ways the KV cache of a sequence is split over ``tp`` tensor-parallel ranks: each rank
+    keeps the key/value heads its query heads read, at least one (vLLM, SGLang and TensorRT-LLM
+    replicate a KV head over ranks when ``tp`` exceeds the KV heads), so ``min(tp, kv_heads)``;
+    MLA's latent is read by every head, so each rank keeps all of it (1).
+
+    >>> from types import SimpleNamespace as N
+    >>> gqa = N(attention=N(kind="gqa"), kv_heads=4)
+    >>> kv_shards(gqa, 2), kv_shards(gqa, 8), kv_shards(N(attention=N(kind="mla")), 8)
+    (2, 4, 1)
+    """
+    if model.attention.kind == "mla":
+        return 1
+    return max(1, min(tp, model.kv_heads))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from moesim.compute import kv_bytes_per_token
+from moesim.compute import kv_bytes_per_token, kv_shards
 from moesim.errors import OutOfMemory
 from moesim.layout import Layout
 from moesim.spec.hardware import dtype_bytes
@@ -226,7 +226,7 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
         drafters = mtp_held(s) if layout.holds_ends(stage)[1] else 0
         # (a context-parallel rank holds the keys and values of its share of each sequence)
         kv = (wl.global_batch / par.dp) * context / par.cp * (len(layers) + drafters)
-        kv *= kv_bytes_per_token(s.model, prec.kv_cache) / par.tp
+        kv *= kv_bytes_per_token(s.model, prec.kv_cache) / kv_shards(s.model, par.tp)
         acts = tokens * max(activation_bytes_per_token_layer(s, True),
                             activation_bytes_per_token_layer(s, False))
         acts /= par.tp if not par.sequence_parallel else 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from moesim.assembly import scenario_placement, simulate
+from moesim.compute import KernelTimer
 from moesim.layout import Layout
 from moesim.memory import stage_memory
 from moesim.pricing.collectives import link_between, p2p_time
@@ -18,6 +19,7 @@ from moesim.pricing.step import heads_time
 from moesim.sim.costs import CostModel
 
 T, H = 256, 256          # tokens per micro-batch (one sequence), hidden size
+LAYERS_TINY = 4
 
 
 def _tp2(sp: bool, **more) -> dict:
@@ -78,3 +80,40 @@ def test_expert_tensor_parallel_activations_by_hand(make_scenario):
     plain = T / 2 * ((2 * H + fm1 * m.expert_ffn_size) * 2 + m.num_experts * 4)
     assert stage_memory(whole, Layout.for_scenario(whole), 0).activations == pytest.approx(
         layers * (attention + plain), rel=1e-12)
+
+
+def _decode(parallelism: dict, attention: dict | None = None) -> dict:
+    changes = {"parallelism": parallelism, "cluster": {"nodes": 1},
+               "workload": {"mode": "decode", "global_batch": 16, "seq_len": 1,
+                            "micro_batch": 8, "context_len": 99}}
+    if attention:
+        changes["model"] = {"attention": attention}
+    return changes
+
+
+FOUR_PER_NODE = {"node": {"devices_per_node": 4}}
+
+
+def test_kv_cache_splits_over_tp_only_as_far_as_there_are_kv_heads(make_scenario):
+    """tiny-cpu has 2 KV heads of 64: TP2 gives each rank one; TP4 cannot split further, each
+    rank keeps the one head its queries read (engines replicate it), so a rank's cache per
+    sequence is the same at TP2 and TP4: 100 tokens x 4 layers x (k, v) x 64 x 2 B, for 8
+    sequences per DP rank at TP2 (dp 2), 16 at TP4 (dp 1). The decode attention reads what
+    the rank keeps: with a long cache (memory-bound) it takes as long at TP4 as at TP2."""
+    per_sequence = 100 * LAYERS_TINY * 2 * 64 * 2
+    timers = []
+    for tp, dp, sequences in ((2, 2, 8), (4, 1, 16)):
+        s = make_scenario(_decode({"tp": tp, "dp": dp, "ep": 4}), FOUR_PER_NODE)
+        assert stage_memory(s, Layout.for_scenario(s), 0).kv_cache == sequences * per_sequence
+        timers.append(KernelTimer(s.model, s.hardware.device, tp=tp, inference=True))
+    core = [t.attention_core(8, 1e6, 8e6) for t in timers]
+    assert core[1] == pytest.approx(core[0], rel=1e-3)
+
+
+def test_mla_latent_cache_is_whole_on_every_tp_rank(make_scenario):
+    """MLA caches one latent per token (kv_lora_rank 32 + rope 16 here) that every head reads:
+    under TP2 each rank keeps all of it for its sequences, 48 x 2 B per token and layer."""
+    mla = {"kind": "mla", "num_heads": 4, "kv_lora_rank": 32, "qk_rope_head_dim": 16,
+           "q_lora_rank": 0}
+    s = make_scenario(_decode({"tp": 2, "dp": 2, "ep": 4}, mla), FOUR_PER_NODE)
+    assert stage_memory(s, Layout.for_scenario(s), 0).kv_cache == 8 * 100 * LAYERS_TINY * 48 * 2
