@@ -236,6 +236,8 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
               else s.model.effective_top_k)
     # (tokens a device routes: its 1/tp share of its TP group's, all of them under ETP)
     routed = tokens * (par.tp if par.sequence_parallel else 1) * par.etp / par.tp
+    if s.communication.alltoall == "replicated":   # nothing is sent or received
+        copies = 0
     buf = s.memory.alltoall_buffer_factor * routed * copies
     buf *= s.model.hidden_size * (dtype_bytes(prec.dispatch) + dtype_bytes(prec.combine))
     dev = s.hardware.device

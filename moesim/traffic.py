@@ -34,6 +34,14 @@ which experts), build the byte flows of the two all-to-alls:
   (moesim does not model the quantised-gather variants' scale tensors). The routed ``tokens`` and
   the slots' ``slot_tokens`` stay what routing gives: the expert compute is unchanged.
 
+- ``replicated``: nothing moves. With attention under tensor parallelism and the EP group inside
+  the TP group (``ep`` divides ``tp``, no sequence parallelism: vLLM's ``--tensor-parallel-size N
+  --enable-expert-parallel`` without data-parallel attention, SGLang's and TensorRT-LLM's EP over
+  the TP ranks), every rank already holds every token of its group after the attention's
+  all-reduce; each runs its local experts on the copies routed to them, and the block's
+  tensor-parallel all-reduce of the MoE output (priced with the attention's) sums the partial
+  results. No flows; tokens and slots as routing gives them.
+
 Combine is the same flows reversed, scaled from the dispatch bytes per copy to the combine bytes
 per copy (the dtype ratio for ``direct``/``hierarchical``/``allgather``; FP8 + scales -> BF16 for
 DeepEP). Token counts are real tokens (sampled x weight).
@@ -49,10 +57,13 @@ import numpy as np
 from moesim import routing
 from moesim.placement.placement import Placement, ReplicaSplit
 
-__all__ = ["LayerTraffic", "layer_traffic", "merge_flows", "ALGORITHMS", "copy_bytes",
+__all__ = ["LayerTraffic", "layer_traffic", "merge_flows", "ALGORITHMS", "LAYER_ALGORITHMS",
+           "copy_bytes",
            "SCALE_BLOCK", "SCALE_BYTES", "LL_META_BYTES"]
 
 ALGORITHMS = ("direct", "hierarchical", "deepep_normal", "deepep_ll", "allgather")
+# What a layer's dispatch can be: a network algorithm above, or no movement at all.
+LAYER_ALGORITHMS = (*ALGORITHMS, "replicated")
 # FP8 payloads carry one FP32 scale per 128 elements (DeepSeek-V3 report sec. 3.3; DeepEP's
 # per_token_cast_to_fp8), and a DeepEP low-latency message 16 bytes of metadata on top
 # (deepseek-ai/DeepEP tests/test_low_latency.py: num_fp8_bytes = hidden + hidden / 128 * 4 + 16).
@@ -146,8 +157,8 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
     slot_tokens = np.take_along_axis(per_device_expert, slots, axis=1) / same
     token_bytes = hidden * dispatch_bytes_per_elem
     # Step 3: flows, and the bytes of one dispatch and one combine copy.
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm={algorithm!r} must be one of {', '.join(ALGORITHMS)}")
+    if algorithm not in LAYER_ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r} must be one of {', '.join(LAYER_ALGORITHMS)}")
     token_bytes, combine_copy = copy_bytes(algorithm, hidden, dispatch_bytes_per_elem,
                                            combine_bytes_per_elem)
     if algorithm in ("direct", "deepep_ll"):
@@ -158,6 +169,8 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
                                             token_bytes)
     elif algorithm == "allgather":
         pairs, nbytes = _allgather_flows(ep, tokens_per_source * token_bytes, failed)
+    elif algorithm == "replicated":   # every rank holds the tokens already: nothing moves
+        pairs, nbytes = np.zeros((0, 2), dtype=np.int64), np.zeros(0)
     else:   # deepep_normal: the hierarchical route with one copy per destination rank
         per_rank = _rank_fanout(choices, split, counts, raw)
         pairs, nbytes = _hierarchical_flows(choices, counts, raw, split, per_rank, device_node,

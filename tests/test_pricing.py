@@ -29,7 +29,7 @@ from moesim.sim.costs import CostModel
 from moesim.sim.simulate import ENGINES
 from moesim.sim.streams import SCHEDULES
 from moesim.spec.scenario import CommunicationSpec, PlacementSpec, SimulationSpec, load_scenario
-from moesim.traffic import ALGORITHMS
+from moesim.traffic import LAYER_ALGORITHMS
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "moesim"
@@ -172,7 +172,7 @@ def test_the_yaml_allows_exactly_the_registered_names():
     assert set(CLI_PLANNERS) == set(PLACERS) - {"file"}
     assert _literal(SimulationSpec, "mode") == set(ENGINES)
     assert _literal(CommunicationSpec, "overlap") == set(SCHEDULES)
-    assert _literal(CommunicationSpec, "alltoall") == set(ALGORITHMS)
+    assert _literal(CommunicationSpec, "alltoall") == set(LAYER_ALGORITHMS)
 
 
 def test_an_unknown_policy_lists_the_valid_ones():

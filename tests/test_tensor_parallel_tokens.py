@@ -11,6 +11,7 @@ import pytest
 
 from moesim.assembly import scenario_placement, simulate
 from moesim.compute import KernelTimer
+from moesim.errors import ScenarioError
 from moesim.layout import Layout
 from moesim.memory import stage_memory
 from moesim.pricing.collectives import link_between, p2p_time
@@ -117,3 +118,36 @@ def test_mla_latent_cache_is_whole_on_every_tp_rank(make_scenario):
            "q_lora_rank": 0}
     s = make_scenario(_decode({"tp": 2, "dp": 2, "ep": 4}, mla), FOUR_PER_NODE)
     assert stage_memory(s, Layout.for_scenario(s), 0).kv_cache == 8 * 100 * LAYERS_TINY * 48 * 2
+
+
+def test_replicated_dispatch_moves_nothing_and_saves_exactly_the_all_to_alls(make_scenario):
+    """TP2 x DP2 decode, EP2 inside each TP pair, no sequence parallelism: both ranks of a pair
+    hold its 8 tokens after attention. ``replicated`` (vLLM's TP + EP) sends no byte and keeps
+    no all-to-all buffer; the experts compute what the direct all-to-all's would (same copies
+    per slot), so each of the 4 blocks of a forward pass is shorter by exactly its direct
+    dispatch + combine."""
+    base = _decode({"tp": 2, "dp": 2, "ep": 2}) | {"cluster": {"nodes": 2}}
+    sims = [simulate(make_scenario(base | {"communication": {"alltoall": a}}))
+            for a in ("direct", "replicated")]
+    blocks = [CostModel(sim.costs.ctx, scenario_placement(sim.scenario)).block(0)
+              for sim in sims]
+    direct, replicated = blocks
+    assert replicated.traffic.dispatch_bytes.sum() == replicated.traffic.combine_bytes.sum() == 0
+    assert replicated.dispatch.duration == replicated.combine.duration == 0.0
+    assert direct.dispatch.duration > 0
+    assert replicated.traffic.slot_tokens.tolist() == direct.traffic.slot_tokens.tolist()
+    saved = direct.dispatch.duration + direct.combine.duration
+    runs = [sim.runs[(0, "F", 0)].makespan for sim in sims]
+    assert runs[0] - runs[1] == pytest.approx(LAYERS_TINY * saved, rel=1e-9)
+    memory = [stage_memory(sim.scenario, Layout.for_scenario(sim.scenario), 0) for sim in sims]
+    assert memory[1].comm_buffers == 0 < memory[0].comm_buffers
+
+
+def test_replicated_dispatch_needs_the_ep_group_inside_a_tp_group(make_scenario):
+    for parallelism, match in (({"tp": 1, "dp": 4, "ep": 4}, "ep=4 must divide tp=1"),
+                               ({"tp": 2, "dp": 2, "ep": 2, "sequence_parallel": True},
+                                "sequence parallelism")):
+        with pytest.raises(ScenarioError, match=match) as exc:
+            make_scenario({"parallelism": parallelism,
+                           "communication": {"alltoall": "replicated"}})
+        assert exc.value.field == "communication.alltoall"

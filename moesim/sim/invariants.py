@@ -68,6 +68,10 @@ def check_traffic(tr: LayerTraffic, tokens_per_source: float, top_k: int, token_
            f"{where} token copies each device receives vs its slots compute")
     own = np.diag(tr.tokens)
     src, dst = tr.pairs[:, 0], tr.pairs[:, 1]
+    if algorithm == "replicated":    # every rank holds the tokens: no byte moves
+        _close(tr.dispatch_bytes.sum() + tr.combine_bytes.sum(), 0.0,
+               f"{where} replicated dispatch bytes")
+        return
     if algorithm == "allgather":     # every live device's tokens once to every other live one
         live = np.ones(ep, dtype=bool) if tr.failed is None else ~tr.failed
         expect = np.where(live, (live.sum() - 1) * tokens_per_source * token_bytes, 0.0)

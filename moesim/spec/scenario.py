@@ -150,7 +150,12 @@ class PlacementSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class CommunicationSpec:
-    alltoall: Literal["direct", "hierarchical", "deepep_normal", "deepep_ll", "allgather"] = "direct"
+    # The MoE layer's dispatch and combine (moesim.traffic): an all-to-all algorithm, the
+    # all-gather + reduce-scatter of data-parallel attention, or replicated: the EP group
+    # inside the TP group, whose ranks already hold every token (no movement; the TP
+    # all-reduce combines), as serving engines run EP over the TP ranks.
+    alltoall: Literal["direct", "hierarchical", "deepep_normal", "deepep_ll", "allgather",
+                      "replicated"] = "direct"
     overlap: Literal["none", "shared_expert", "two_batch"] = "none"
     dp_overlap: bool = spec_field(True, doc="gradient reduce overlaps the last backward pass")
     dp_algorithm: Literal["ring", "tree", "hierarchical"] = "ring"
@@ -365,6 +370,20 @@ def expert_tensor_parallel_problem(tp: int, etp: int, ep: int, ffn: int) -> str 
     return None
 
 
+def replicated_dispatch_problem(tp: int, ep: int, sequence_parallel: bool) -> str | None:
+    """The rule that stops ``communication.alltoall: replicated`` (no dispatch: every rank of
+    an EP group already holds its tokens), or None: the EP group must lie inside one TP group
+    (``ep`` divides ``tp``; TP ranks are adjacent and EP groups are carved from them in order),
+    whose ranks hold the same tokens only without sequence parallelism."""
+    if tp % ep:
+        return (f"replicated needs each EP group inside one TP group: ep={ep} must divide "
+                f"tp={tp} (with ep > tp the groups' tokens differ: use an all-to-all)")
+    if sequence_parallel:
+        return ("replicated needs every TP rank to hold the group's tokens, which sequence "
+                "parallelism shards (set sequence_parallel: false, or use an all-to-all)")
+    return None
+
+
 def context_parallel_problem(cp: int, tp: int, seq_len: int, heads: int, algorithm: str
                              ) -> tuple[str, str] | None:
     """``(field, why)`` when ``cp`` > 1 ranks cannot split a sequence, or None: it must split
@@ -421,6 +440,9 @@ def _check_relations(s: Scenario, source: str) -> None:
                             field="parallelism.ep")
     if par.cp > 1:
         _check_context_parallel(s, source)
+    if s.communication.alltoall == "replicated" and (problem := replicated_dispatch_problem(
+            par.tp, par.ep, par.sequence_parallel)) is not None:
+        raise ScenarioError(problem, source=source, field="communication.alltoall")
     if par.etp > 1 and (problem := expert_tensor_parallel_problem(
             par.tp, par.etp, par.ep, m.expert_ffn_size)) is not None:
         raise ScenarioError(problem, source=source, field="parallelism.etp")
