@@ -203,9 +203,9 @@ class KernelTimer:
         """
         m, h, a, tp = self.model, self.model.hidden_size, self.model.attention, self.tp
         heads = a.num_heads
-        if a.kind != "mla":
-            qkv = (heads + 2 * m.kv_heads) * m.head_dim
-            return [(qkv / tp, h, 1), (h, heads * m.head_dim / tp, 1)]
+        if a.kind != "mla":   # a rank projects its query heads and the KV heads they read
+            qkv = (heads / tp + 2 * m.kv_heads / kv_shards(m, tp)) * m.head_dim
+            return [(qkv, h, 1), (h, heads * m.head_dim / tp, 1)]
         nope, rope = m.head_dim, a.qk_rope_head_dim
         v = a.v_head_dim or m.head_dim
         latent = a.kv_lora_rank + rope

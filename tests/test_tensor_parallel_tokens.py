@@ -151,3 +151,13 @@ def test_replicated_dispatch_needs_the_ep_group_inside_a_tp_group(make_scenario)
             make_scenario({"parallelism": parallelism,
                            "communication": {"alltoall": "replicated"}})
         assert exc.value.field == "communication.alltoall"
+
+
+def test_each_tp_rank_projects_the_kv_heads_its_queries_read(make_scenario):
+    """tiny-cpu (4 query heads, 2 KV heads of 64) at TP4: a rank projects 1 query head and,
+    the KV heads being fewer than the ranks, one whole KV head (k and v): 3 x 64 columns; at
+    TP2 1 of each: (2 + 2) x 64."""
+    s = make_scenario()
+    for tp, columns in ((4, 3 * 64), (2, 4 * 64)):
+        shapes = KernelTimer(s.model, s.hardware.device, tp=tp)._projection_shapes(False)
+        assert shapes[0] == (columns, H, 1)
