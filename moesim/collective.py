@@ -536,6 +536,9 @@ def _cmd_collective(args: argparse.Namespace) -> int:
         raise ScenarioError(f"{ranks} ranks: an all-to-all is priced flow by flow, ranks x "
                             f"(ranks - 1) of them; at most {MAX_ALLTOALL_RANKS} ranks (fewer "
                             "--nodes, or --ranks N for the first N devices)")
+    if args.algorithm is None:   # a scenario's own MoE layer runs its own algorithm
+        args.algorithm = (scenario.communication.alltoall if args.layer and scenario is not None
+                          else "direct")
     algorithms = list(ALGORITHMS) if args.algorithm == "all" else [args.algorithm]
     if args.op == "alltoall" and not (args.tokens or args.layer) and args.algorithm not in (
             "all", "direct", "hierarchical"):
@@ -581,8 +584,9 @@ def register(sub, commands: dict) -> None:
     p.add_argument("source", nargs="?", default="h800-sxm",
                    help="scenario .yaml, or a hardware profile name/file")
     p.add_argument("--op", choices=OPS, default="alltoall")
-    p.add_argument("--algorithm", choices=(*ALGORITHMS, "all"), default="direct",
-                   help="all-to-all algorithm (ring collectives ignore it)")
+    p.add_argument("--algorithm", choices=(*ALGORITHMS, "all"),
+                   help="all-to-all algorithm (ring collectives ignore it; default: the "
+                        "scenario's own with --layer, else direct)")
     p.add_argument("--size", action="append", metavar="BYTES",
                    help="nccl-tests size S per rank, e.g. '64 MiB' (repeatable; default 1 GiB)")
     p.add_argument("--nodes", type=int, help="nodes (profile: default 1; scenario: override)")

@@ -7,6 +7,7 @@ The test profile has a 100 GB/s NVLink at 50% efficiency (B_eff = 50 GB/s) and a
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,6 +273,17 @@ def test_cli_prints_a_table(capsys):
     assert "2.10MB" in row[0]
     assert main(["collective", "h100-sxm", "--algorithm", "allgather"]) == 2
     assert "--tokens" in capsys.readouterr().err
+
+
+def test_cli_layer_runs_the_scenarios_own_algorithm_unless_told(capsys):
+    """The shipped Mixtral serving scenario runs DP attention's all-gather: ``--layer`` alone
+    prices that, ``--algorithm direct`` the all-to-all."""
+    path = str(Path(__file__).resolve().parent.parent / "scenarios"
+               / "mixtral-8x7b-infer-1node.yaml")
+    for extra, algorithm in (([], "allgather"), (["--algorithm", "direct"], "direct")):
+        assert main(["collective", path, "--layer", *extra]) == 0
+        rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("dispatch")]
+        assert len(rows) == 1 and rows[0].split()[1] == algorithm
 
 
 def test_cli_rejects_bad_ranks(capsys):
