@@ -55,6 +55,7 @@ from moesim.pricing.alltoall import ring_steps as layer_ring_steps
 from moesim.spec.cluster import ClusterSpec
 from moesim.spec.fields import read_yaml
 from moesim.spec.hardware import HardwareProfile, load_hardware
+from moesim.spec.scenario import Scenario
 from moesim.topology import Topology, build_topology
 from moesim.traffic import ALGORITHMS, layer_traffic
 from moesim.units import UnitError, parse_quantity
@@ -101,7 +102,8 @@ class CollectiveResult:
 
 
 def cluster_topology(source: str, *, nodes: int | None = None, devices_per_node: int = 0,
-                     topology: str | None = None) -> tuple[Topology, HardwareProfile, object]:
+                     topology: str | None = None
+                     ) -> tuple[Topology, HardwareProfile, Scenario | None]:
     """The topology of a scenario file, or of a profile name/file with ``nodes`` nodes.
 
     Returns ``(topology, hardware profile, scenario or None)``. A profile gives an ``nvswitch``
