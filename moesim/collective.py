@@ -382,6 +382,11 @@ def scenario_layer_alltoall(s, topo: Topology, *, algorithm: str | None = None,
     from moesim.routing_draw import scenario_routing
     from moesim.spec.hardware import dtype_bytes
 
+    if s.parallelism.etp > 1 and s.parallelism.ep > 1:
+        raise ScenarioError(f"{s.source or s.name}: --layer prices an EP group of consecutive "
+                            "ranks; with expert tensor parallelism (etp > 1) the EP group's "
+                            "ranks are etp apart: run moesim run, whose results break the "
+                            "all-to-all down", field="parallelism.etp")
     ctx = PricingContext.from_scenario(s, topo)
     tokens = ctx.tokens_per_source
     placement = scenario_placement(s)

@@ -61,9 +61,18 @@ class Layout:
         return np.arange(stage * self.stage_size, (stage + 1) * self.stage_size)
 
     def ep_group(self, stage: int, group: int = 0) -> np.ndarray:
-        """Global ranks of one EP group: int[ep]."""
-        start = stage * self.stage_size + group * self.par.ep
-        return np.arange(start, start + self.par.ep)
+        """Global ranks of one EP group: int[ep]. ``ep`` consecutive ranks; under expert
+        tensor parallelism with EP (``etp`` > 1), the ranks at one TP position of ``ep``
+        consecutive TP groups, ``etp`` apart (Megatron-Core's expert layout, ETP fastest)."""
+        etp = self.par.etp if self.par.ep > 1 else 1
+        block, position = divmod(group, etp)
+        start = stage * self.stage_size + block * self.par.ep * etp + position
+        return start + etp * np.arange(self.par.ep)
+
+    def ep_position(self, rank: int) -> int:
+        """Index of global ``rank`` in its EP group (:meth:`ep_group`)."""
+        etp = self.par.etp if self.par.ep > 1 else 1
+        return ((rank % self.stage_size) // etp) % self.par.ep
 
     def cp_group(self, stage: int, index: int = 0) -> np.ndarray:
         """Global ranks of one context-parallel group: int[cp], ``tp`` apart (tensor-parallel

@@ -126,8 +126,12 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
                   device_node: np.ndarray, tokens_per_source: float, hidden: int,
                   dispatch_bytes_per_elem: float, combine_bytes_per_elem: float,
                   capacity_factor: float | None, top_k: int, algorithm: str = "direct",
-                  failed: np.ndarray | None = None) -> LayerTraffic:
+                  failed: np.ndarray | None = None, copy_share: float = 1.0) -> LayerTraffic:
     """Flows of one layer's dispatch and combine all-to-alls.
+
+    ``copy_share``: the share of each routed copy's bytes this group's flows carry (1; under
+    expert tensor parallelism with EP, ``1 / etp``: the group stands for its TP groups' tokens,
+    whose ``etp`` ranks each send their own share of them over their own links).
 
     ``device_node: int[ep]`` node of each device of the group. Tokens beyond an expert's per-source
     capacity are dropped before dispatch (GShard/Megatron-Core), and their count returned.
@@ -161,6 +165,7 @@ def layer_traffic(choices: routing.LayerChoices, placement: Placement, layer: in
         raise ValueError(f"algorithm={algorithm!r} must be one of {', '.join(LAYER_ALGORITHMS)}")
     token_bytes, combine_copy = copy_bytes(algorithm, hidden, dispatch_bytes_per_elem,
                                            combine_bytes_per_elem)
+    token_bytes, combine_copy = token_bytes * copy_share, combine_copy * copy_share
     if algorithm in ("direct", "deepep_ll"):
         src, dst = np.nonzero(tokens)
         pairs, nbytes = merge_flows(src, dst, tokens[src, dst] * token_bytes, ep)

@@ -7,19 +7,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from moesim import network
 from moesim.assembly import scenario_placement, simulate
 from moesim.compute import KernelTimer
 from moesim.errors import ScenarioError
+from moesim.layout import Layout
 from moesim.pricing.collectives import _shard_groups
 from moesim.pricing.context import PricingContext
 from moesim.sim.costs import CostModel
+from moesim.sim.faults import device_faults
 
 ETP2 = {"parallelism": {"tp": 2, "dp": 2, "ep": 1, "etp": 2}}
 
 
 def test_expert_tensor_parallel_layouts_name_the_field(make_scenario):
     for changes, match in (({"tp": 2, "dp": 2, "ep": 1, "etp": 4}, "must be 1 or tp=2"),
-                           ({"tp": 2, "dp": 2, "ep": 2, "etp": 2}, "without expert parallel")):
+                           ({"tp": 2, "dp": 2, "ep": 4, "etp": 2},
+                            r"ep \* etp = 8 must divide dp \* cp \* tp = 4")):
         with pytest.raises(ScenarioError, match=match) as exc:
             make_scenario({"parallelism": changes})
         assert exc.value.field == "parallelism.etp"
@@ -91,11 +95,65 @@ def test_search_keeps_experts_split_over_each_layouts_tp(tmp_path):
     path.write_text(yaml.safe_dump(data))
     spec = load_search(path)
     cands, dropped, _ = enumerate_layouts(spec)
-    assert dropped["experts split over TP (etp) need ep 1 and an FFN that splits over tp"] > 0
+    # TP2 x DP2 with EP4 cannot take one rank of ep = 4 TP groups of 2 from 4 ranks
+    assert dropped["experts split over TP (etp) need ep * tp to divide dp*cp*tp and the FFN "
+                   "to split"] > 0
     assert {c.get("parallelism.tp") for c in cands} == {1, 2}     # nodes of 2 devices
+    assert {(c.get("parallelism.tp"), c.get("parallelism.ep")) for c in cands} >= {(2, 1),
+                                                                                   (2, 2)}
     for cand in cands:
         fast, checked = candidate_scenario(spec, cand), candidate_scenario(spec, cand,
                                                                              validate=True)
         assert fast.parallelism == checked.parallelism
-        assert fast.parallelism.etp == fast.parallelism.tp and fast.parallelism.ep == 1
+        par = fast.parallelism
+        assert par.etp == par.tp and (par.dp * par.tp) % (par.ep * par.etp) == 0
         assert f"parallelism.etp={fast.parallelism.tp}" in candidate_overrides(spec, cand)
+
+
+ETP_EP = {"parallelism": {"tp": 2, "dp": 2, "ep": 2, "etp": 2, "sequence_parallel": True}}
+
+
+def test_expert_tensor_and_expert_parallel_groups_by_hand(make_scenario):
+    """TP2 x DP2 with ETP2 x EP2 (Megatron-Core's layout, ETP fastest): TP groups (0, 1) and
+    (2, 3); an EP group takes the ranks at one TP position of both, (0, 2) and (1, 3); each
+    expert slice is held once per stage (expert-DP 1). A device fault on rank 3 hits position
+    1 of its EP group."""
+    s = make_scenario(ETP_EP)
+    layout = Layout.for_scenario(s)
+    assert [layout.ep_group(0, g).tolist() for g in range(layout.ep_groups)] == [[0, 2], [1, 3]]
+    assert [layout.ep_position(r) for r in range(4)] == [0, 0, 1, 1]
+    assert layout.expert_dp == 1
+    faulty = make_scenario({**ETP_EP, "faults": [{"kind": "device", "device": 3,
+                                                   "slowdown": 2.0}]})
+    assert device_faults(faulty, Layout.for_scenario(faulty)).stage_local == {0: {1: 2.0}}
+
+
+def test_expert_tensor_and_expert_parallel_layer_by_hand(make_scenario):
+    """The EP group (0, 2) stands for both TP groups' 256 tokens each (every source routes its
+    group's tokens), top-1 over 4 balanced experts, 2 per member: 512 copies, each member
+    runs 256 through its half-wide slices. Each TP rank sends its own half of its group's
+    copies, so the group's flows carry half a copy's bytes: 128 copies x 256 x 2 B / 2 from
+    each source to the other member. The block's TP communication is the attention's all-
+    reduce plus the all-gather and reduce-scatter of the busiest member's copies over the TP
+    pair, in place of the FFN's all-reduce."""
+    s = make_scenario(ETP_EP)
+    ctx = PricingContext.from_scenario(s)
+    assert ctx.group.tolist() == [0, 2] and ctx.tokens_per_source == 256
+    block = CostModel(ctx, scenario_placement(s)).block(0)
+    tr = block.traffic
+    assert tr.slot_tokens.sum() == pytest.approx(512)
+    assert tr.slot_tokens.sum(axis=1).tolist() == pytest.approx([256, 256])
+    sent = np.bincount(tr.pairs[:, 0], tr.dispatch_bytes, minlength=2)
+    assert sent.tolist() == pytest.approx([128 * 256 * 2 / 2] * 2)
+    link = s.hardware.link("scale_up")
+    bw, lat = link.effective_bandwidth, link.latency
+    attention_all_reduce = network.ring_time("allreduce", 256 * 256 * 2, 2, bw, lat)
+    gather = network.ring_time("allgather", 256 * 256 * 2, 2, bw, lat)
+    scatter = network.ring_time("reducescatter", 256 * 256 * 2, 2, bw, lat)
+    assert block.tp_comm == pytest.approx(attention_all_reduce + gather + scatter, rel=1e-12)
+    # the same expert FLOPs as EP4 over whole experts, in slices half as wide on twice the copies
+    plain = make_scenario({"parallelism": {"tp": 2, "dp": 2, "ep": 4,
+                                           "sequence_parallel": True}})
+    whole = CostModel(PricingContext.from_scenario(plain), scenario_placement(plain)).block(0)
+    assert whole.traffic.slot_tokens.sum(axis=1).tolist() == pytest.approx([128] * 4)
+    assert simulate(s).result.step_time > 0

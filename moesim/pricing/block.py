@@ -15,13 +15,18 @@ from moesim import routing
 from moesim.memory import saved_activation_dtype, saved_bytes_per_token_layer
 from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import EMPTY, Collective, layer_alltoalls
-from moesim.pricing.collectives import cp_exchange_time, tp_all_reduce_time
+from moesim.pricing.collectives import (
+    cp_exchange_time,
+    expert_tp_gather_time,
+    tp_all_reduce_time,
+)
 from moesim.pricing.context import PricingContext
 from moesim.pricing.moe_layer import expert_times, layer_traffic, permute_time
 from moesim.spec.hardware import dtype_bytes
 from moesim.traffic import LayerTraffic
 
-__all__ = ["BlockCost", "block_cost", "attention_part", "cp_wait", "shared_part",
+__all__ = ["BlockCost", "block_cost", "attention_part", "moe_block_tp_comm", "cp_wait",
+           "shared_part",
            "saved_activation_cast",
            "selective_recompute_time", "recomputed_modules", "recomputes"]
 
@@ -67,6 +72,7 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
                          cp_comm=cp_comm, cp_comm_backward=cp_back)
     flows = layer_traffic(ctx, choices, placement, moe_index, failed)
     dispatch, combine = layer_alltoalls(ctx, flows)
+    tp_comm = moe_block_tp_comm(ctx, tp_comm, dense_tokens, flows)
     return BlockCost(layer, attention, tp_comm, t.gate(ctx.held_tokens),
                      shared_part(ctx, dense_tokens),
                      expert_times(ctx, flows), permute_time(ctx, flows), dispatch, combine, flows,
@@ -111,6 +117,21 @@ def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]
     if s.communication.cp_algorithm == "ring":
         attention += 2 * (par.cp - 1) * ctx.timer.device.kernel_overhead
     return dense_tokens, attention, tp_all_reduce_time(ctx, dense_tokens)
+
+
+def moe_block_tp_comm(ctx: PricingContext, tp_comm: float, dense_tokens: float,
+                      flows: LayerTraffic) -> float:
+    """An MoE block's tensor-parallel communication, from ``tp_comm`` that counts the
+    attention's and the FFN's all-reduces of ``dense_tokens`` tokens
+    (:func:`attention_part`): under expert tensor parallelism with EP the FFN's all-reduce
+    is replaced by the TP group's all-gather and reduce-scatter of the token copies its EP
+    rank receives (:func:`expert_tp_gather_time`, on the busiest rank)."""
+    par = ctx.scenario.parallelism
+    if par.etp <= 1 or par.ep <= 1:
+        return tp_comm
+    copies = float(flows.slot_tokens.sum(axis=1).max())
+    ffn_all_reduce = tp_all_reduce_time(ctx, dense_tokens) / 2
+    return tp_comm - ffn_all_reduce + expert_tp_gather_time(ctx, copies)
 
 
 def cp_wait(ctx: PricingContext, dense_tokens: float) -> tuple[float, float]:

@@ -17,7 +17,8 @@ from moesim.spec.hardware import LinkSpec, dtype_bytes
 from moesim.spec.model import ModelSpec
 from moesim.topology import Topology
 
-__all__ = ["DP_ALGORITHMS", "link_between", "tp_all_reduce_time", "p2p_time", "dp_sync_time",
+__all__ = ["DP_ALGORITHMS", "link_between", "tp_all_reduce_time", "expert_tp_gather_time",
+           "p2p_time", "dp_sync_time",
            "cp_kv_bytes_per_token", "cp_ring_step_time", "cp_exchange_time",
            "cp_all_to_all_bytes", "cp_all_to_all_time",
            "gradient_bytes_per_param", "sharded_block_times", "sharded_chunk_wait",
@@ -43,6 +44,27 @@ def tp_all_reduce_time(ctx: PricingContext, tokens: float) -> float:
     nbytes = tokens * ctx.hidden * ctx.activation_bytes
     return 2 * network.ring_time("allreduce", nbytes, tp, link.effective_bandwidth,
                                  link.latency, link if link.ring_protocols else None)
+
+
+def expert_tp_gather_time(ctx: PricingContext, copies: float) -> float:
+    """Forward seconds of the expert-tensor-parallel exchange of an MoE layer with expert
+    parallelism (``etp`` > 1, ``ep`` > 1; 0 otherwise): after the dispatch all-to-all the TP
+    group all-gathers the ``copies`` token copies its ranks received (each rank then runs its
+    slice of the experts on all of them), and before the combine reduce-scatters their outputs
+    (Megatron-Core's all-to-all dispatcher with ETP); rings over the scale-up link, in the
+    dispatch and the combine dtype. They take the place of the FFN's tensor-parallel
+    all-reduce."""
+    s = ctx.scenario
+    par = s.parallelism
+    if par.etp <= 1 or par.ep <= 1 or copies <= 0:
+        return 0.0
+    link = s.hardware.links.get("scale_up") or s.hardware.link("ici")
+    regimes = link if link.ring_protocols else None
+    bw, lat = link.effective_bandwidth, link.latency
+    gather = copies * ctx.hidden * ctx.dispatch_bytes_per_elem
+    scatter = copies * ctx.hidden * ctx.combine_bytes_per_elem
+    return (network.ring_time("allgather", gather, par.etp, bw, lat, regimes)
+            + network.ring_time("reducescatter", scatter, par.etp, bw, lat, regimes))
 
 
 def p2p_time(ctx: PricingContext) -> float:

@@ -27,13 +27,17 @@ def layer_traffic(ctx: PricingContext, choices: routing.LayerChoices, placement:
     ``failed: bool[ep]`` devices of the group that send nothing and serve nothing.
     """
     s = ctx.scenario
+    par = s.parallelism
+    # Under expert tensor parallelism with EP each source stands for its TP group's tokens,
+    # which the group's etp ranks send in parallel, 1 / etp of them each (Megatron-Core).
+    share = 1.0 / par.etp if par.ep > 1 else 1.0
     return traffic.layer_traffic(
         choices, placement, layer, device_node=ctx.device_node,
         tokens_per_source=ctx.tokens_per_source, hidden=ctx.hidden,
         dispatch_bytes_per_elem=ctx.dispatch_bytes_per_elem,
         combine_bytes_per_elem=ctx.combine_bytes_per_elem,
         capacity_factor=s.model.capacity_factor, top_k=ctx.top_k, algorithm=ctx.algorithm,
-        failed=failed)
+        failed=failed, copy_share=share)
 
 
 def expert_times(ctx: PricingContext, flows: traffic.LayerTraffic) -> np.ndarray:

@@ -31,6 +31,7 @@ from moesim.pricing.alltoall import layer_alltoall_times
 from moesim.pricing.block import (
     attention_part,
     cp_wait,
+    moe_block_tp_comm,
     recomputes,
     selective_recompute_time,
     shared_part,
@@ -118,6 +119,7 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
         assert choices is not None   # an MoE block is priced from its routing
         priced = moe_traffic(ctx, choices, placement)
     flows, dispatch, combine = priced
+    tp = moe_block_tp_comm(ctx, tp, dense_tokens, flows)
     shared = shared_part(ctx, dense_tokens)
     layer = (t.gate(tokens) + shared + float(expert_times(ctx, flows).max())
              + permute_time(ctx, flows))

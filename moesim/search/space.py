@@ -290,10 +290,10 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
         return "tp larger than a node"
     if (dp * cp * tp) % ep:
         return "ep does not divide dp*cp*tp"
-    # experts split over the TP group stay split at every tp (etp = tp), without EP
+    # experts split over the TP group stay split at every tp (etp = tp)
     if s.parallelism.etp > 1 and expert_tensor_parallel_problem(
-            tp, tp, ep, m.expert_ffn_size) is not None:
-        return "experts split over TP (etp) need ep 1 and an FFN that splits over tp"
+            tp, tp, ep, m.expert_ffn_size, dp * cp * tp) is not None:
+        return "experts split over TP (etp) need ep * tp to divide dp*cp*tp and the FFN to split"
     if cp > 1 and (split := context_parallel_problem(
             cp, tp, s.workload.seq_len, m.attention.num_heads,
             s.communication.cp_algorithm)) is not None:

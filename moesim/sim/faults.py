@@ -56,7 +56,7 @@ def device_faults(s: Scenario, layout: Layout) -> DeviceFaults | None:
     stage_local: dict[int, dict[int, float]] = {}
     for fault in faults:
         stage = fault.device // layout.stage_size
-        local = (fault.device % layout.stage_size) % s.parallelism.ep
+        local = layout.ep_position(fault.device)
         stage_local.setdefault(stage, {})[local] = fault.slowdown
     return DeviceFaults(stage_local, s.parallelism.ep)
 

@@ -47,7 +47,8 @@ class Parallelism:
     vp: int = spec_field(1, min=1, max=1024, doc="virtual pipeline chunks per device (interleaved 1F1B)")
     # Expert tensor parallelism: every expert's FFN split over the etp ranks of the TP group
     # (vLLM's and SGLang's MoE without expert parallelism; Megatron-Core's
-    # --expert-tensor-parallel-size): 1 (whole experts, the default) or tp, with ep 1.
+    # --expert-tensor-parallel-size, which defaults to tp): 1 (whole experts, the default) or
+    # tp; with ep > 1 each EP group takes one rank of ep TP groups (ep * etp | dp * cp * tp).
     etp: int = spec_field(1, min=1, max=1 << 20,
                           doc="expert tensor parallel: each expert split over etp TP ranks (1 or tp)")
     zero_stage: int = spec_field(1, min=0, max=3, doc="ZeRO stage of the optimizer state")
@@ -353,20 +354,22 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
     return scenario
 
 
-def expert_tensor_parallel_problem(tp: int, etp: int, ep: int, ffn: int) -> str | None:
+def expert_tensor_parallel_problem(tp: int, etp: int, ep: int, ffn: int,
+                                   expert_ranks: int | None = None) -> str | None:
     """The rule that stops ``etp`` > 1 (every expert's FFN split over the TP group), or None:
-    etp = tp (each TP rank computes its slice of every expert on the TP group's tokens, the
-    FFN's all-reduce combines them), without expert parallelism (ep 1: the engines that shard
-    experts over TP), and an expert FFN that splits evenly."""
+    etp = tp (each TP rank computes its slice of its experts on the tokens they are routed,
+    gathered over the TP group), an expert FFN that splits evenly, and, with expert
+    parallelism, EP groups of ranks at the same TP position (Megatron-Core's expert tensor x
+    expert parallel layout): ``ep * etp`` must divide the ``expert_ranks`` = dp * cp * tp ranks
+    of a stage."""
     if etp != tp:
         return (f"etp={etp} must be 1 or tp={tp}: moesim splits experts over the whole "
                 "tensor-parallel group")
-    if ep != 1:
-        return (f"etp={etp} with ep={ep}: moesim models expert tensor parallelism without "
-                "expert parallelism (ep: 1, every TP rank holds a slice of every expert); use "
-                "etp: 1 with ep > 1")
     if ffn % etp:
         return f"expert_ffn_size={ffn} does not split over etp={etp} ranks"
+    if expert_ranks is not None and expert_ranks % (ep * etp):
+        return (f"ep * etp = {ep * etp} must divide dp * cp * tp = {expert_ranks} (each EP "
+                "group takes one rank of etp TP groups)")
     return None
 
 
@@ -444,7 +447,7 @@ def _check_relations(s: Scenario, source: str) -> None:
             par.tp, par.ep, par.sequence_parallel)) is not None:
         raise ScenarioError(problem, source=source, field="communication.alltoall")
     if par.etp > 1 and (problem := expert_tensor_parallel_problem(
-            par.tp, par.etp, par.ep, m.expert_ffn_size)) is not None:
+            par.tp, par.etp, par.ep, m.expert_ffn_size, par.dense_dp * par.tp)) is not None:
         raise ScenarioError(problem, source=source, field="parallelism.etp")
     slots = m.num_experts + s.placement.redundant_experts
     most = m.num_experts * (par.ep - 1)
