@@ -566,11 +566,11 @@ def scenario_warnings(s: Scenario) -> list[str]:
                    f"kernels (SMs, NVLink, RDMA) on a {kind}")
     par = s.parallelism
     if par.tp > 1 and par.ep < par.tp and par.etp == 1 and s.model.num_experts > 1:
-        out.append(f"parallelism.ep={par.ep} < tp={par.tp} with etp=1: each TP rank holds its "
-                   "EP share of the experts whole and runs it on all of the TP group's tokens; "
-                   f"engines that shard experts over TP (vLLM and SGLang without expert "
-                   f"parallelism) are etp={par.tp} with ep=1, and ep={par.tp} spreads the "
-                   "experts over the TP group instead")
+        out.append(f"parallelism.ep={par.ep} < tp={par.tp} with etp=1: the TP ranks each hold "
+                   "the same experts whole (tp / ep copies of each) and run them on their share "
+                   f"of the group's tokens; engines that shard experts over TP (vLLM and SGLang "
+                   f"without expert parallelism, Megatron-Core's default) are etp={par.tp}, and "
+                   f"ep={par.tp} spreads the experts over the TP group instead")
     if s.workload.acceptance_rate and not s.workload.speculative_tokens:
         out.append("workload.acceptance_rate is unused: workload.speculative_tokens is 0")
     latent = [f for f in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim") if getattr(a, f)]
