@@ -146,7 +146,8 @@ def test_replicated_dispatch_moves_nothing_and_saves_exactly_the_all_to_alls(mak
 def test_replicated_dispatch_needs_the_ep_group_inside_a_tp_group(make_scenario):
     for parallelism, match in (({"tp": 1, "dp": 4, "ep": 4}, "ep=4 must divide tp=1"),
                                ({"tp": 2, "dp": 2, "ep": 2, "sequence_parallel": True},
-                                "sequence parallelism")):
+                                "sequence parallelism"),
+                               ({"tp": 2, "dp": 2, "ep": 2, "etp": 2}, "several TP groups")):
         with pytest.raises(ScenarioError, match=match) as exc:
             make_scenario({"parallelism": parallelism,
                            "communication": {"alltoall": "replicated"}})

@@ -373,7 +373,8 @@ def expert_tensor_parallel_problem(tp: int, etp: int, ep: int, ffn: int,
     return None
 
 
-def replicated_dispatch_problem(tp: int, ep: int, sequence_parallel: bool) -> str | None:
+def replicated_dispatch_problem(tp: int, ep: int, sequence_parallel: bool, etp: int = 1
+                                ) -> str | None:
     """The rule that stops ``communication.alltoall: replicated`` (no dispatch: every rank of
     an EP group already holds its tokens), or None: the EP group must lie inside one TP group
     (``ep`` divides ``tp``; TP ranks are adjacent and EP groups are carved from them in order),
@@ -384,6 +385,9 @@ def replicated_dispatch_problem(tp: int, ep: int, sequence_parallel: bool) -> st
     if sequence_parallel:
         return ("replicated needs every TP rank to hold the group's tokens, which sequence "
                 "parallelism shards (set sequence_parallel: false, or use an all-to-all)")
+    if etp > 1 and ep > 1:
+        return (f"replicated with etp={etp} and ep={ep}: expert tensor parallelism takes each "
+                "EP group from several TP groups, whose tokens differ (use an all-to-all)")
     return None
 
 
@@ -444,7 +448,7 @@ def _check_relations(s: Scenario, source: str) -> None:
     if par.cp > 1:
         _check_context_parallel(s, source)
     if s.communication.alltoall == "replicated" and (problem := replicated_dispatch_problem(
-            par.tp, par.ep, par.sequence_parallel)) is not None:
+            par.tp, par.ep, par.sequence_parallel, par.etp)) is not None:
         raise ScenarioError(problem, source=source, field="communication.alltoall")
     if par.etp > 1 and (problem := expert_tensor_parallel_problem(
             par.tp, par.etp, par.ep, m.expert_ffn_size, par.dense_dp * par.tp)) is not None:
