@@ -21,7 +21,7 @@ ETP2 = {"parallelism": {"tp": 2, "dp": 2, "ep": 1, "etp": 2}}
 
 
 def test_expert_tensor_parallel_layouts_name_the_field(make_scenario):
-    for changes, match in (({"tp": 2, "dp": 2, "ep": 1, "etp": 4}, "must be 1 or tp=2"),
+    for changes, match in (({"tp": 2, "dp": 2, "ep": 1, "etp": 4}, "etp=4 must divide tp=2"),
                            ({"tp": 2, "dp": 2, "ep": 4, "etp": 2},
                             r"ep \* etp = 8 must divide dp \* cp \* tp = 4")):
         with pytest.raises(ScenarioError, match=match) as exc:
@@ -96,8 +96,8 @@ def test_search_keeps_experts_split_over_each_layouts_tp(tmp_path):
     spec = load_search(path)
     cands, dropped, _ = enumerate_layouts(spec)
     # TP2 x DP2 with EP4 cannot take one rank of ep = 4 TP groups of 2 from 4 ranks
-    assert dropped["experts split over TP (etp) need ep * tp to divide dp*cp*tp and the FFN "
-                   "to split"] > 0
+    assert dropped["experts split over TP (etp) need etp | tp, ep * etp | dp*cp*tp, an FFN "
+                   "that splits"] > 0
     assert {c.get("parallelism.tp") for c in cands} == {1, 2}     # nodes of 2 devices
     assert {(c.get("parallelism.tp"), c.get("parallelism.ep")) for c in cands} >= {(2, 1),
                                                                                    (2, 2)}
@@ -157,3 +157,32 @@ def test_expert_tensor_and_expert_parallel_layer_by_hand(make_scenario):
     whole = CostModel(PricingContext.from_scenario(plain), scenario_placement(plain)).block(0)
     assert whole.traffic.slot_tokens.sum(axis=1).tolist() == pytest.approx([128] * 4)
     assert simulate(s).result.step_time > 0
+
+
+def test_experts_split_over_part_of_the_tp_group_by_hand(make_scenario):
+    """TP4 on one node of 4 with ETP2 x EP2 (MoE Parallel Folding's ETP < TP): the experts are
+    split over the pairs (0, 1) and (2, 3) of the TP group, EP groups (0, 2) and (1, 3). A
+    source stands for its pair's 2 of the group's 4 shares of 256 tokens, 128; the group (0, 2)
+    routes 256 copies top-1 over 4 experts, 128 per member, sending half a copy's bytes each.
+    TP communication: the attention's all-reduce of 256 tokens over 4 ranks, then the pair's
+    all-gather and reduce-scatter of its member's 128 copies."""
+    s = make_scenario({"cluster": {"nodes": 1},
+                       "parallelism": {"tp": 4, "dp": 1, "ep": 2, "etp": 2,
+                                       "sequence_parallel": True}},
+                      {"node": {"devices_per_node": 4}})
+    ctx = PricingContext.from_scenario(s)
+    assert ctx.group.tolist() == [0, 2] and ctx.tokens_per_source == 128
+    assert Layout.for_scenario(s).expert_dp == 1
+    block = CostModel(ctx, scenario_placement(s)).block(0)
+    assert block.traffic.slot_tokens.sum(axis=1).tolist() == pytest.approx([128, 128])
+    sent = np.bincount(block.traffic.pairs[:, 0], block.traffic.dispatch_bytes, minlength=2)
+    assert sent.tolist() == pytest.approx([64 * 256 * 2 / 2] * 2)
+    link = s.hardware.link("scale_up")
+    bw, lat = link.effective_bandwidth, link.latency
+    expected = (network.ring_time("allreduce", 256 * 256 * 2, 4, bw, lat)
+                + network.ring_time("allgather", 128 * 256 * 2, 2, bw, lat)
+                + network.ring_time("reducescatter", 128 * 256 * 2, 2, bw, lat))
+    assert block.tp_comm == pytest.approx(expected, rel=1e-12)
+    assert KernelTimer(s.model, s.hardware.device, tp=4, etp=2).experts(
+        np.array([64.0])) == pytest.approx(KernelTimer(s.model, s.hardware.device, tp=4).experts(
+            np.array([64.0]), ffn_size=256), rel=1e-12)

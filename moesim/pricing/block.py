@@ -123,12 +123,13 @@ def moe_block_tp_comm(ctx: PricingContext, tp_comm: float, dense_tokens: float,
                       flows: LayerTraffic) -> float:
     """An MoE block's tensor-parallel communication, from ``tp_comm`` that counts the
     attention's and the FFN's all-reduces of ``dense_tokens`` tokens
-    (:func:`attention_part`): under expert tensor parallelism with EP the FFN's all-reduce
-    is replaced by the TP group's all-gather and reduce-scatter of the token copies its EP
-    rank receives (:func:`expert_tp_gather_time`, on the busiest rank)."""
+    (:func:`attention_part`): under expert tensor parallelism with EP, or over part of the TP
+    group, the FFN's all-reduce is replaced by the expert-TP group's all-gather and
+    reduce-scatter of the token copies its EP rank receives (:func:`expert_tp_gather_time`, on
+    the busiest rank)."""
     par = ctx.scenario.parallelism
-    if par.etp <= 1 or par.ep <= 1:
-        return tp_comm
+    if par.etp <= 1 or (par.ep <= 1 and par.etp == par.tp):
+        return tp_comm     # whole experts, or every expert split over the TP group (all-reduce)
     copies = float(flows.slot_tokens.sum(axis=1).max())
     ffn_all_reduce = tp_all_reduce_time(ctx, dense_tokens) / 2
     return tp_comm - ffn_all_reduce + expert_tp_gather_time(ctx, copies)

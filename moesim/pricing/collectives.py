@@ -48,15 +48,16 @@ def tp_all_reduce_time(ctx: PricingContext, tokens: float) -> float:
 
 def expert_tp_gather_time(ctx: PricingContext, copies: float) -> float:
     """Forward seconds of the expert-tensor-parallel exchange of an MoE layer with expert
-    parallelism (``etp`` > 1, ``ep`` > 1; 0 otherwise): after the dispatch all-to-all the TP
-    group all-gathers the ``copies`` token copies its ranks received (each rank then runs its
-    slice of the experts on all of them), and before the combine reduce-scatters their outputs
+    parallelism (``etp`` > 1; 0 without): after the dispatch all-to-all the ``etp`` ranks
+    that split the experts all-gather the ``copies`` token copies they received (each rank
+    then runs its slice of the experts on all of them), and before the combine reduce-scatter
+    their outputs
     (Megatron-Core's all-to-all dispatcher with ETP); rings over the scale-up link, in the
     dispatch and the combine dtype. They take the place of the FFN's tensor-parallel
     all-reduce."""
     s = ctx.scenario
     par = s.parallelism
-    if par.etp <= 1 or par.ep <= 1 or copies <= 0:
+    if par.etp <= 1 or copies <= 0:
         return 0.0
     link = s.hardware.links.get("scale_up") or s.hardware.link("ici")
     regimes = link if link.ring_protocols else None

@@ -292,8 +292,8 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
         return "ep does not divide dp*cp*tp"
     # experts split over the TP group stay split at every tp (etp = tp)
     if s.parallelism.etp > 1 and expert_tensor_parallel_problem(
-            tp, tp, ep, m.expert_ffn_size, dp * cp * tp) is not None:
-        return "experts split over TP (etp) need ep * tp to divide dp*cp*tp and the FFN to split"
+            tp, _etp(spec, tp), ep, m.expert_ffn_size, dp * cp * tp) is not None:
+        return "experts split over TP (etp) need etp | tp, ep * etp | dp*cp*tp, an FFN that splits"
     if cp > 1 and (split := context_parallel_problem(
             cp, tp, s.workload.seq_len, m.attention.num_heads,
             s.communication.cp_algorithm)) is not None:
@@ -316,9 +316,11 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
 
 
 def _etp(spec: SearchSpec, tp: int) -> int:
-    """A layout's expert tensor parallelism: a scenario that splits its experts over the TP
-    group keeps doing so at every tp."""
-    return tp if spec.scenario.parallelism.etp > 1 else 1
+    """A layout's expert tensor parallelism: a scenario that splits its experts over the whole
+    TP group keeps doing so at every tp; one that splits them over part of it keeps its etp
+    (layouts whose tp it does not divide are dropped)."""
+    par = spec.scenario.parallelism
+    return tp if par.etp > 1 and par.etp == par.tp else par.etp
 
 
 def _global_batch(spec: SearchSpec, dp: int, mb: int) -> int:

@@ -48,9 +48,9 @@ class Parallelism:
     # Expert tensor parallelism: every expert's FFN split over the etp ranks of the TP group
     # (vLLM's and SGLang's MoE without expert parallelism; Megatron-Core's
     # --expert-tensor-parallel-size, which defaults to tp): 1 (whole experts, the default) or
-    # tp; with ep > 1 each EP group takes one rank of ep TP groups (ep * etp | dp * cp * tp).
+    # a divisor of tp; each EP group takes one rank of ep such groups (ep * etp | dp * cp * tp).
     etp: int = spec_field(1, min=1, max=1 << 20,
-                          doc="expert tensor parallel: each expert split over etp TP ranks (1 or tp)")
+                          doc="expert tensor parallel: each expert split over etp TP ranks (divides tp)")
     zero_stage: int = spec_field(1, min=0, max=3, doc="ZeRO stage of the optimizer state")
     # Megatron-Core's --sequence-parallel: between the TP-split parts each rank holds 1/tp of
     # its TP group's tokens (activations, norms, router). Either way the TP-split parts run on
@@ -356,14 +356,14 @@ def scenario_from_mapping(data: dict, *, source: str, base_dir: Path | None = No
 
 def expert_tensor_parallel_problem(tp: int, etp: int, ep: int, ffn: int,
                                    expert_ranks: int | None = None) -> str | None:
-    """The rule that stops ``etp`` > 1 (every expert's FFN split over the TP group), or None:
-    etp = tp (each TP rank computes its slice of its experts on the tokens they are routed,
-    gathered over the TP group), an expert FFN that splits evenly, and, with expert
-    parallelism, EP groups of ranks at the same TP position (Megatron-Core's expert tensor x
-    expert parallel layout): ``ep * etp`` must divide the ``expert_ranks`` = dp * cp * tp ranks
-    of a stage."""
-    if etp != tp:
-        return (f"etp={etp} must be 1 or tp={tp}: moesim splits experts over the whole "
+    """The rule that stops ``etp`` > 1 (every expert's FFN split over ``etp`` consecutive
+    ranks of the TP group), or None: ``etp`` divides ``tp`` (each rank computes its slice of
+    its experts on the tokens they are routed, gathered over its ``etp`` ranks), an expert FFN
+    that splits evenly, and EP groups of ranks at the same position of ``ep`` such groups
+    (Megatron-Core's expert layout, ETP fastest, MoE Parallel Folding's ETP < TP included):
+    ``ep * etp`` must divide the ``expert_ranks`` = dp * cp * tp ranks of a stage."""
+    if tp % etp:
+        return (f"etp={etp} must divide tp={tp}: experts split over ranks of one "
                 "tensor-parallel group")
     if ffn % etp:
         return f"expert_ffn_size={ffn} does not split over etp={etp} ranks"
