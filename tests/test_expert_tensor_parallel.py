@@ -186,3 +186,35 @@ def test_experts_split_over_part_of_the_tp_group_by_hand(make_scenario):
     assert KernelTimer(s.model, s.hardware.device, tp=4, etp=2).experts(
         np.array([64.0])) == pytest.approx(KernelTimer(s.model, s.hardware.device, tp=4).experts(
             np.array([64.0]), ffn_size=256), rel=1e-12)
+
+
+def test_search_screen_prices_each_expert_group_apart(tmp_path):
+    """A search of a scenario with experts split over TP: TP1 EP2 puts the EP group on ranks
+    (0, 1) of one node, TP2 ETP2 EP2 on ranks (0, 2) of two nodes; the screen's shared caches
+    keep them apart, so each layout screened after the others costs what it costs alone."""
+    import yaml
+
+    from moesim.pricing.context import scenario_topology
+    from moesim.search.screen import screen_layout
+    from moesim.search.space import candidate_scenario, enumerate_layouts, load_search
+
+    from .conftest import REPO
+    data = yaml.safe_load((REPO / "scenarios" / "tiny-cpu.yaml").read_text())
+    data["parallelism"] = {"tp": 2, "pp": 1, "dp": 2, "ep": 2, "etp": 2}
+    data["search"] = {"workload.micro_batch": [1], "parallelism.zero_stage": [1],
+                      "memory.recompute": ["none"], "communication.overlap": ["none"],
+                      "communication.alltoall": ["direct"], "parallelism.schedule": ["1f1b"],
+                      "parallelism.vp": [1], "parallelism.pp": [1], "parallelism.ep": [2]}
+    path = tmp_path / "etp_ep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec = load_search(path)
+    cands, _, _ = enumerate_layouts(spec)
+    groups = {tuple(PricingContext.from_scenario(candidate_scenario(spec, c)).group.tolist())
+              for c in cands}
+    assert groups == {(0, 1), (0, 2)}
+    topology = scenario_topology(spec.scenario)
+    shared: dict = {}
+    for cand in cands:
+        s = candidate_scenario(spec, cand)
+        assert screen_layout(s, topology, shared).step_time == pytest.approx(
+            screen_layout(s, topology, {}).step_time, rel=1e-12)

@@ -62,9 +62,11 @@ __all__ = ["Screened", "screen_layout", "block_times"]
 # Tokens per source device the screen samples for a layer's routing (each stands for more real
 # tokens; the simulator samples routing.max_tokens_per_source).
 SCREEN_TOKENS = 64
-# What the block prices depend on: the representative EP group is ranks 0..ep-1 whatever pp
-# and dp are, so layouts differing only there (or in vp, ZeRO) share them.
+# What the block prices depend on: the representative EP group is the same ranks whatever pp
+# and dp are (0..ep-1, or etp apart), so layouts differing only there (or in vp, ZeRO) share
+# them.
 _BLOCK_KEY = (("parallelism", "tp"), ("parallelism", "cp"), ("parallelism", "ep"),
+              ("parallelism", "etp"),
               ("parallelism", "sequence_parallel"),
               ("workload", "micro_batch"), ("communication", "overlap"),
               ("communication", "alltoall"),
@@ -145,13 +147,16 @@ def moe_traffic(ctx: PricingContext, choices: LayerChoices, placement: Placement
     return flows, dispatch, combine
 
 
-def _lookup_keys(ctx: PricingContext) -> dict[str, int]:
-    return {"group_paths": ctx.ep, "padded_paths": ctx.ep, "reverse_link": 0, "link_curves": 0}
+def _lookup_keys(ctx: PricingContext) -> dict[str, tuple[int, ...]]:
+    group = tuple(int(r) for r in ctx.group)   # its ranks: 0..ep-1, or etp apart under ETP x EP
+    return {"group_paths": group, "padded_paths": group, "reverse_link": (),
+            "link_curves": ()}
 
 
 def _shared(ctx: PricingContext, cache: dict) -> PricingContext:
     """``ctx`` given the topology lookups of earlier contexts of the same search: the EP group's
-    paths (ranks 0..ep-1 in every layout) and the per-link tables (one topology)."""
+    paths (the same ranks in every layout with that group, whatever pp and dp) and the per-link
+    tables (one topology)."""
     for name, key in _lookup_keys(ctx).items():
         if ("lookup", name, key) in cache:
             ctx.__dict__[name] = cache["lookup", name, key]   # a cached_property's slot
@@ -226,7 +231,7 @@ def _sharded_waits(ctx: PricingContext, layout: Layout, stage: int, moe: BlockTi
         for key in keys:
             kind = key if isinstance(key, str) else (
                 "moe" if layout.moe_index(key) is not None else "dense")
-            ck = ("zero3", par.tp, par.cp, par.pp, par.ep, par.dp, stage, kind)
+            ck = ("zero3", par.tp, par.cp, par.pp, par.ep, par.etp, par.dp, stage, kind)
             if ck not in cache:
                 cache[ck] = sharded_block_times(ctx, stage, key)
             times.append(cache[ck])
@@ -305,7 +310,7 @@ def screen_layout(s: Scenario, topology: Topology, cache: dict | None = None) ->
     if train:
         for stage in range(par.pp):
             window = bwd_stage[stage] / vp if s.communication.dp_overlap else 0.0
-            key = ("dp", par.tp, par.cp, par.pp, par.ep, par.dp, stage)
+            key = ("dp", par.tp, par.cp, par.pp, par.ep, par.etp, par.dp, stage)
             if key not in cache:
                 cache[key] = dp_sync_time(ctx, stage)
             exposed = max(0.0, cache[key] - window)
