@@ -59,3 +59,20 @@ def make_scenario(tmp_path):
         return load_scenario(path)
 
     return make
+
+
+def screened_alone_and_shared(spec, cands) -> list[tuple[float, float]]:
+    """(step time screened after the search's other layouts, screened alone) of each candidate:
+    the search screen's shared caches must not change a layout's price."""
+    from moesim.pricing.context import scenario_topology
+    from moesim.search.screen import screen_layout
+    from moesim.search.space import candidate_scenario
+
+    topology = scenario_topology(spec.scenario)
+    shared: dict = {}
+    out = []
+    for cand in cands:
+        s = candidate_scenario(spec, cand)
+        out.append((screen_layout(s, topology, shared).step_time,
+                    screen_layout(s, topology, {}).step_time))
+    return out

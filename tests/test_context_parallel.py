@@ -169,9 +169,9 @@ def test_search_over_context_parallelism_prices_each_cp_apart(tmp_path):
     """cp listed as a knob: layouts with cp 1 and 2 both enumerate (dp = 4 / (tp pp cp)), and
     the screen's shared price cache keeps them apart: each layout screened after the others
     costs what it costs screened alone."""
-    from moesim.pricing.context import scenario_topology
-    from moesim.search.screen import screen_layout
-    from moesim.search.space import candidate_scenario, enumerate_layouts
+    from moesim.search.space import enumerate_layouts
+
+    from .conftest import screened_alone_and_shared
 
     spec = _cp_search(tmp_path, {"parallelism.cp": [1, 2], "parallelism.tp": [1],
                                  "parallelism.pp": [1]})
@@ -180,12 +180,8 @@ def test_search_over_context_parallelism_prices_each_cp_apart(tmp_path):
                for c in cands}
     assert {(1, 4), (2, 2)} == {(cp, dp) for cp, dp, _ in layouts}
     assert any(c.label().startswith("TP1 CP2 ") for c in cands)
-    topology = scenario_topology(spec.scenario)
-    shared: dict = {}
-    for cand in cands:
-        s = candidate_scenario(spec, cand)
-        assert screen_layout(s, topology, shared).step_time == pytest.approx(
-            screen_layout(s, topology, {}).step_time, rel=1e-12)
+    for shared, alone in screened_alone_and_shared(spec, cands):
+        assert shared == pytest.approx(alone, rel=1e-12)
 
 
 def test_serving_search_refuses_context_parallelism(tmp_path):

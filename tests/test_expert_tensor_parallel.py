@@ -194,11 +194,9 @@ def test_search_screen_prices_each_expert_group_apart(tmp_path):
     keep them apart, so each layout screened after the others costs what it costs alone."""
     import yaml
 
-    from moesim.pricing.context import scenario_topology
-    from moesim.search.screen import screen_layout
     from moesim.search.space import candidate_scenario, enumerate_layouts, load_search
 
-    from .conftest import REPO
+    from .conftest import REPO, screened_alone_and_shared
     data = yaml.safe_load((REPO / "scenarios" / "tiny-cpu.yaml").read_text())
     data["parallelism"] = {"tp": 2, "pp": 1, "dp": 2, "ep": 2, "etp": 2}
     data["search"] = {"workload.micro_batch": [1], "parallelism.zero_stage": [1],
@@ -212,9 +210,5 @@ def test_search_screen_prices_each_expert_group_apart(tmp_path):
     groups = {tuple(PricingContext.from_scenario(candidate_scenario(spec, c)).group.tolist())
               for c in cands}
     assert groups == {(0, 1), (0, 2)}
-    topology = scenario_topology(spec.scenario)
-    shared: dict = {}
-    for cand in cands:
-        s = candidate_scenario(spec, cand)
-        assert screen_layout(s, topology, shared).step_time == pytest.approx(
-            screen_layout(s, topology, {}).step_time, rel=1e-12)
+    for shared, alone in screened_alone_and_shared(spec, cands):
+        assert shared == pytest.approx(alone, rel=1e-12)
