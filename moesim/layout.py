@@ -3,9 +3,10 @@ parallel group, EP group.
 
 Ranks are ordered as Megatron-Core orders them: tensor-parallel fastest, then context-parallel,
 data-parallel, pipeline. Expert parallelism is carved out of the ``dp * cp * tp`` ranks of a
-stage: consecutive groups of ``ep`` ranks form the EP groups, and the ranks at the same position
-in different EP groups form the expert-data-parallel group that all-reduces those experts'
-gradients.
+stage: consecutive groups of ``ep`` ranks form the EP groups (under expert tensor parallelism
+with EP, the ranks at one position of ``ep`` consecutive groups of ``etp`` ranks), and the ranks
+at the same position in different EP groups form the expert-data-parallel group that all-reduces
+those experts' gradients.
 """
 
 from __future__ import annotations
