@@ -136,19 +136,16 @@ def _tokens_per_gpu(s: Scenario) -> Prediction:
                       note=f"step {r.step_time:.2f} s")
 
 
-def _megatron_tflops(s: Scenario) -> Prediction:
+def _megatron_tflops(s: Scenario, causal: bool = False) -> Prediction:
+    """TFLOPS per GPU in Megatron-LM's count (``causal``: the halved one since March 2025)."""
     r = simulate(s).result
-    tflops = r.tokens_per_s_per_device * megatron_flops_per_token(s) / 1e12
+    tflops = r.tokens_per_s_per_device * megatron_flops_per_token(s, causal) / 1e12
     return Prediction(tflops, _step_parts(r),
                       note=f"{r.tokens_per_s_per_device:,.0f} tok/s/GPU")
 
 
 def _megatron_causal_tflops(s: Scenario) -> Prediction:
-    """TFLOPS per GPU in the causal-halved count of Megatron-LM since March 2025."""
-    r = simulate(s).result
-    tflops = r.tokens_per_s_per_device * megatron_flops_per_token(s, causal=True) / 1e12
-    return Prediction(tflops, _step_parts(r),
-                      note=f"{r.tokens_per_s_per_device:,.0f} tok/s/GPU")
+    return _megatron_tflops(s, causal=True)
 
 
 def _megatron_mfu(s: Scenario) -> Prediction:

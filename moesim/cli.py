@@ -105,7 +105,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                         "topology": s.cluster.topology, "nodes": topo.num_nodes,
                         "links": topo.num_links},
             "layout": {"tp": par.tp, "cp": par.cp, "pp": par.pp, "dp": par.dp, "ep": par.ep,
-                       "vp": par.vp,
+                       "etp": par.etp, "vp": par.vp,
                        "zero_stage": par.zero_stage, "expert_dp": layout.expert_dp,
                        "schedule": par.schedule},
             "memory_bytes": [{"stage": m.stage, **{k: getattr(m, k) for k in parts},
@@ -126,7 +126,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f"  cluster   {s.num_devices} x {s.hardware.device.name} ({s.cluster.topology}, "
           f"{topo.num_nodes} nodes, {topo.num_links} links)")
     print(f"  layout    tp={par.tp}{f' cp={par.cp}' if par.cp > 1 else ''} pp={par.pp} "
-          f"dp={par.dp} ep={par.ep} vp={par.vp} "
+          f"dp={par.dp} ep={par.ep}{f' etp={par.etp}' if par.etp > 1 else ''} vp={par.vp} "
           f"zero={par.zero_stage}; expert-DP {layout.expert_dp}"
           + ("; DualPipe: two stages per device" if layout.dual else ""))
     print("  memory per device (GiB), busiest device of each pipeline stage:")

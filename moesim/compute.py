@@ -48,7 +48,8 @@ from moesim.kernels import (
 from moesim.spec.hardware import DeviceSpec, dtype_bytes
 from moesim.spec.model import ModelSpec
 
-__all__ = ["roofline", "KernelTimer", "kv_bytes_per_token", "kv_shards", "add_norm_bytes",
+__all__ = ["roofline", "KernelTimer", "kv_bytes_per_token", "kv_shards", "kv_heads_per_rank",
+           "add_norm_bytes",
            "glue_bytes_attention", "glue_bytes_ffn"]
 
 
@@ -204,7 +205,7 @@ class KernelTimer:
         m, h, a, tp = self.model, self.model.hidden_size, self.model.attention, self.tp
         heads = a.num_heads
         if a.kind != "mla":   # a rank projects its query heads and the KV heads they read
-            qkv = (heads / tp + 2 * m.kv_heads / kv_shards(m, tp)) * m.head_dim
+            qkv = (heads / tp + 2 * kv_heads_per_rank(m, tp)) * m.head_dim
             return [(qkv, h, 1), (h, heads * m.head_dim / tp, 1)]
         nope, rope = m.head_dim, a.qk_rope_head_dim
         v = a.v_head_dim or m.head_dim
@@ -559,7 +560,7 @@ class KernelTimer:
             if core is not None and decode:
                 core += self._mla_bmms(tokens, [(n, k, b) for n, k, b in projected if b > 1])
         else:
-            kv_heads = max(1.0, m.kv_heads / tp)
+            kv_heads = kv_heads_per_rank(m, tp)
             if kv_heads != int(kv_heads):
                 return None
             lookup = t.attention_generation if decode else t.attention_context
@@ -647,3 +648,15 @@ def kv_shards(model: ModelSpec, tp: int) -> int:
     if model.attention.kind == "mla":
         return 1
     return max(1, min(tp, model.kv_heads))
+
+
+def kv_heads_per_rank(model: ModelSpec, tp: int) -> float:
+    """Key/value heads one of ``tp`` tensor-parallel ranks keeps and reads (GQA/MHA):
+    ``kv_heads / tp``, at least one (:func:`kv_shards`).
+
+    >>> from types import SimpleNamespace as N
+    >>> gqa = N(attention=N(kind="gqa"), kv_heads=4)
+    >>> kv_heads_per_rank(gqa, 2), kv_heads_per_rank(gqa, 8)
+    (2.0, 1.0)
+    """
+    return model.kv_heads / kv_shards(model, tp)

@@ -61,19 +61,23 @@ class Layout:
         """Global ranks of one pipeline stage: int[dp * cp * tp]."""
         return np.arange(stage * self.stage_size, (stage + 1) * self.stage_size)
 
+    @property
+    def ep_stride(self) -> int:
+        """Ranks between consecutive members of an EP group: 1, or under expert tensor
+        parallelism with EP, ``etp`` (each member one rank of a group of ``etp`` ranks that
+        split the experts; Megatron-Core's expert layout, ETP fastest)."""
+        return self.par.etp if self.par.ep > 1 else 1
+
     def ep_group(self, stage: int, group: int = 0) -> np.ndarray:
-        """Global ranks of one EP group: int[ep]. ``ep`` consecutive ranks; under expert
-        tensor parallelism with EP (``etp`` > 1), the ranks at one TP position of ``ep``
-        consecutive TP groups, ``etp`` apart (Megatron-Core's expert layout, ETP fastest)."""
-        etp = self.par.etp if self.par.ep > 1 else 1
-        block, position = divmod(group, etp)
-        start = stage * self.stage_size + block * self.par.ep * etp + position
-        return start + etp * np.arange(self.par.ep)
+        """Global ranks of one EP group: int[ep], :attr:`ep_stride` apart."""
+        stride = self.ep_stride
+        block, position = divmod(group, stride)
+        start = stage * self.stage_size + block * self.par.ep * stride + position
+        return start + stride * np.arange(self.par.ep)
 
     def ep_position(self, rank: int) -> int:
         """Index of global ``rank`` in its EP group (:meth:`ep_group`)."""
-        etp = self.par.etp if self.par.ep > 1 else 1
-        return ((rank % self.stage_size) // etp) % self.par.ep
+        return ((rank % self.stage_size) // self.ep_stride) % self.par.ep
 
     def cp_group(self, stage: int, index: int = 0) -> np.ndarray:
         """Global ranks of one context-parallel group: int[cp], ``tp`` apart (tensor-parallel

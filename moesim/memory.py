@@ -22,7 +22,8 @@ from moesim.spec.hardware import dtype_bytes
 from moesim.spec.scenario import Scenario, mtp_held, tokens_per_sequence
 
 __all__ = ["MemoryBreakdown", "stage_memory", "check_memory", "block_params", "stage_params",
-           "zero3_regathers", "saved_activation_dtype", "saved_bytes_per_token_layer"]
+           "zero3_regathers", "saved_activation_dtype", "saved_bytes_per_token_layer",
+           "tokens_per_microbatch", "group_tokens_per_microbatch"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,14 @@ def tokens_per_microbatch(s: Scenario) -> float:
     wl, par = s.workload, s.parallelism
     return wl.micro_batch * tokens_per_sequence(s) / par.cp / (par.tp
                                                                if par.sequence_parallel else 1)
+
+
+def group_tokens_per_microbatch(s: Scenario) -> float:
+    """Tokens of a device's tensor-parallel group per micro-batch (what its TP-split parts run
+    on): :func:`tokens_per_microbatch` times ``tp`` under sequence parallelism, which shards
+    them between those parts; the same without."""
+    par = s.parallelism
+    return tokens_per_microbatch(s) * (par.tp if par.sequence_parallel else 1)
 
 
 def saved_activation_dtype(s: Scenario) -> str:
@@ -232,12 +241,12 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
         acts /= par.tp if not par.sequence_parallel else 1
     # Receive buffers: one copy per routed (token, expert) pair, or, for the all-gather dispatch,
     # every token of the EP group (each rank gathers them all, then reduce-scatters the outputs).
-    copies = (par.ep if s.communication.alltoall == "allgather"
+    # (none when every rank already holds the tokens, ``replicated``)
+    algorithm = s.communication.alltoall
+    copies = (par.ep if algorithm == "allgather" else 0 if algorithm == "replicated"
               else s.model.effective_top_k)
-    # (tokens a device routes: its 1/tp share of its TP group's, all of them under ETP)
-    routed = tokens * (par.tp if par.sequence_parallel else 1) * par.etp / par.tp
-    if s.communication.alltoall == "replicated":   # nothing is sent or received
-        copies = 0
+    # tokens a device routes: its etp ranks' share of its TP group's
+    routed = group_tokens_per_microbatch(s) * par.etp / par.tp
     buf = s.memory.alltoall_buffer_factor * routed * copies
     buf *= s.model.hidden_size * (dtype_bytes(prec.dispatch) + dtype_bytes(prec.combine))
     dev = s.hardware.device

@@ -25,7 +25,7 @@ from moesim.pricing.moe_layer import expert_times, layer_traffic, permute_time
 from moesim.spec.hardware import dtype_bytes
 from moesim.traffic import LayerTraffic
 
-__all__ = ["BlockCost", "block_cost", "attention_part", "moe_block_tp_comm", "cp_wait",
+__all__ = ["BlockCost", "block_cost", "attention_part", "ffn_tp_comm", "cp_wait",
            "shared_part",
            "saved_activation_cast",
            "selective_recompute_time", "recomputed_modules", "recomputes"]
@@ -66,13 +66,14 @@ def block_cost(ctx: PricingContext, layer: int, choices: routing.LayerChoices | 
     cp_comm, cp_back = cp_wait(ctx, dense_tokens)
     if moe_index is None or choices is None:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
+        tp_comm += ffn_tp_comm(ctx, dense_tokens, None)
         return BlockCost(layer, attention, tp_comm, 0.0, ffn, np.zeros(par.ep), 0.0,
                          recompute=selective_recompute_time(ctx, dense_tokens, ctx.held_tokens,
                                                             None),
                          cp_comm=cp_comm, cp_comm_backward=cp_back)
     flows = layer_traffic(ctx, choices, placement, moe_index, failed)
     dispatch, combine = layer_alltoalls(ctx, flows)
-    tp_comm = moe_block_tp_comm(ctx, tp_comm, dense_tokens, flows)
+    tp_comm += ffn_tp_comm(ctx, dense_tokens, flows)
     return BlockCost(layer, attention, tp_comm, t.gate(ctx.held_tokens),
                      shared_part(ctx, dense_tokens),
                      expert_times(ctx, flows), permute_time(ctx, flows), dispatch, combine, flows,
@@ -97,7 +98,7 @@ def recomputes(ctx: PricingContext, module: str) -> bool:
 
 
 def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]:
-    """(tokens the tensor-parallel parts see, attention seconds, its TP all-reduces' seconds) of
+    """(tokens the tensor-parallel parts see, attention seconds, its TP all-reduce's seconds) of
     an MoE (``moe``) or dense block; the attention op also carries the block's cast of what it
     saves for the backward (:func:`saved_activation_cast`).
 
@@ -119,20 +120,18 @@ def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]
     return dense_tokens, attention, tp_all_reduce_time(ctx, dense_tokens)
 
 
-def moe_block_tp_comm(ctx: PricingContext, tp_comm: float, dense_tokens: float,
-                      flows: LayerTraffic) -> float:
-    """An MoE block's tensor-parallel communication, from ``tp_comm`` that counts the
-    attention's and the FFN's all-reduces of ``dense_tokens`` tokens
-    (:func:`attention_part`): under expert tensor parallelism with EP, or over part of the TP
-    group, the FFN's all-reduce is replaced by the expert-TP group's all-gather and
-    reduce-scatter of the token copies its EP rank receives (:func:`expert_tp_gather_time`, on
-    the busiest rank)."""
+def ffn_tp_comm(ctx: PricingContext, dense_tokens: float, flows: LayerTraffic | None
+                ) -> float:
+    """Forward seconds of a block's FFN sub-layer's tensor-parallel communication: the
+    all-reduce of its ``dense_tokens`` tokens' output (a dense FFN, whole experts, or every
+    expert split over the whole TP group without EP); under expert tensor parallelism with
+    EP, or over part of the TP group, the expert-TP group's all-gather and reduce-scatter of
+    the token copies its EP rank receives instead (:func:`expert_tp_gather_time`, on the
+    busiest rank of the MoE layer's ``flows``)."""
     par = ctx.scenario.parallelism
-    if par.etp <= 1 or (par.ep <= 1 and par.etp == par.tp):
-        return tp_comm     # whole experts, or every expert split over the TP group (all-reduce)
-    copies = float(flows.slot_tokens.sum(axis=1).max())
-    ffn_all_reduce = tp_all_reduce_time(ctx, dense_tokens) / 2
-    return tp_comm - ffn_all_reduce + expert_tp_gather_time(ctx, copies)
+    if flows is None or par.etp <= 1 or (par.ep <= 1 and par.etp == par.tp):
+        return tp_all_reduce_time(ctx, dense_tokens)
+    return expert_tp_gather_time(ctx, float(flows.slot_tokens.sum(axis=1).max()))
 
 
 def cp_wait(ctx: PricingContext, dense_tokens: float) -> tuple[float, float]:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from moesim import network
+from moesim.compute import kv_heads_per_rank
 from moesim.errors import ScenarioError
 from moesim.memory import block_params, stage_params, zero3_regathers
 from moesim.pricing.context import PricingContext
@@ -33,17 +34,21 @@ def link_between(topology: Topology, a: int, b: int) -> tuple[float, float]:
     return float(topology.capacity[links].min()), float(topology.latency[links].sum())
 
 
+def _scale_up_ring(ctx: PricingContext, op: str, nbytes: float, ranks: int) -> float:
+    """Ring ``op`` of an ``nbytes`` buffer over ``ranks`` ranks of a node, on the scale-up link
+    (ICI on TPUs), in its measured ring regimes when the profile has them."""
+    link = ctx.scenario.hardware.links.get("scale_up") or ctx.scenario.hardware.link("ici")
+    return network.ring_time(op, nbytes, ranks, link.effective_bandwidth, link.latency,
+                             link if link.ring_protocols else None)
+
+
 def tp_all_reduce_time(ctx: PricingContext, tokens: float) -> float:
-    """The two forward all-reduces of a block's tensor-parallel activations (attention and
-    FFN outputs), ring over the scale-up link (ICI on TPUs)."""
-    s = ctx.scenario
-    tp = s.parallelism.tp
+    """One forward all-reduce of ``tokens`` tokens' tensor-parallel activations (a sub-layer's
+    output: the attention's, or a dense FFN's), ring over the scale-up link."""
+    tp = ctx.scenario.parallelism.tp
     if tp <= 1:
         return 0.0
-    link = s.hardware.links.get("scale_up") or s.hardware.link("ici")
-    nbytes = tokens * ctx.hidden * ctx.activation_bytes
-    return 2 * network.ring_time("allreduce", nbytes, tp, link.effective_bandwidth,
-                                 link.latency, link if link.ring_protocols else None)
+    return _scale_up_ring(ctx, "allreduce", tokens * ctx.hidden * ctx.activation_bytes, tp)
 
 
 def expert_tp_gather_time(ctx: PricingContext, copies: float) -> float:
@@ -51,21 +56,16 @@ def expert_tp_gather_time(ctx: PricingContext, copies: float) -> float:
     parallelism (``etp`` > 1; 0 without): after the dispatch all-to-all the ``etp`` ranks
     that split the experts all-gather the ``copies`` token copies they received (each rank
     then runs its slice of the experts on all of them), and before the combine reduce-scatter
-    their outputs
-    (Megatron-Core's all-to-all dispatcher with ETP); rings over the scale-up link, in the
-    dispatch and the combine dtype. They take the place of the FFN's tensor-parallel
-    all-reduce."""
-    s = ctx.scenario
-    par = s.parallelism
-    if par.etp <= 1 or copies <= 0:
+    their outputs (Megatron-Core's all-to-all dispatcher with ETP); rings over the scale-up
+    link, in the dispatch and the combine dtype. They take the place of the FFN's
+    tensor-parallel all-reduce."""
+    etp = ctx.scenario.parallelism.etp
+    if etp <= 1 or copies <= 0:
         return 0.0
-    link = s.hardware.links.get("scale_up") or s.hardware.link("ici")
-    regimes = link if link.ring_protocols else None
-    bw, lat = link.effective_bandwidth, link.latency
-    gather = copies * ctx.hidden * ctx.dispatch_bytes_per_elem
-    scatter = copies * ctx.hidden * ctx.combine_bytes_per_elem
-    return (network.ring_time("allgather", gather, par.etp, bw, lat, regimes)
-            + network.ring_time("reducescatter", scatter, par.etp, bw, lat, regimes))
+    return (_scale_up_ring(ctx, "allgather", copies * ctx.hidden * ctx.dispatch_bytes_per_elem,
+                           etp)
+            + _scale_up_ring(ctx, "reducescatter",
+                             copies * ctx.hidden * ctx.combine_bytes_per_elem, etp))
 
 
 def p2p_time(ctx: PricingContext) -> float:
@@ -99,7 +99,7 @@ def cp_kv_bytes_per_token(model: ModelSpec, act_bytes: float, tp: int = 1) -> fl
     if a.kind == "mla":
         width = model.head_dim + a.qk_rope_head_dim + (a.v_head_dim or model.head_dim)
         return a.num_heads / tp * width * act_bytes
-    return max(model.kv_heads / tp, 1.0) * 2 * model.head_dim * act_bytes
+    return kv_heads_per_rank(model, tp) * 2 * model.head_dim * act_bytes
 
 
 def cp_ring_step_time(ctx: PricingContext, dense_tokens: float) -> float:
@@ -170,7 +170,7 @@ def cp_all_to_all_bytes(model: ModelSpec, act_bytes: float, tp: int, cp: int
     qk = model.head_dim + a.qk_rope_head_dim
     v = a.v_head_dim or model.head_dim
     share = (cp - 1) / cp
-    kv_heads = heads if a.kind == "mla" else max(model.kv_heads / tp, 1.0)
+    kv_heads = heads if a.kind == "mla" else kv_heads_per_rank(model, tp)
     kv = (cp - 1) * max(kv_heads / cp, 1.0) * ((qk if a.kind == "mla" else model.head_dim) + v)
     return (share * heads * qk + kv) * act_bytes, share * heads * v * act_bytes
 

@@ -18,7 +18,7 @@ from moesim.calibration import MeasuredTables
 from moesim.compute import KernelTimer
 from moesim.errors import ScenarioError, TopologyError
 from moesim.layout import Layout
-from moesim.memory import tokens_per_microbatch
+from moesim.memory import group_tokens_per_microbatch, tokens_per_microbatch
 from moesim.spec.hardware import LinkSpec, dtype_bytes, load_hardware
 from moesim.spec.scenario import Scenario, tokens_per_sequence
 from moesim.topology import Topology, build_topology
@@ -88,8 +88,7 @@ class PricingContext:
         parts (attention, dense FFN, shared experts, embedding, LM head) run on, each rank its
         slice of the weights or heads. Under sequence parallelism each rank holds ``1 / tp``
         of them between those parts (``microbatch_tokens``) and gathers them for each part."""
-        par = self.scenario.parallelism
-        return self.microbatch_tokens * (par.tp if par.sequence_parallel else 1)
+        return group_tokens_per_microbatch(self.scenario)
 
     @property
     def group_tokens(self) -> float:

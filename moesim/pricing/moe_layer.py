@@ -27,10 +27,9 @@ def layer_traffic(ctx: PricingContext, choices: routing.LayerChoices, placement:
     ``failed: bool[ep]`` devices of the group that send nothing and serve nothing.
     """
     s = ctx.scenario
-    par = s.parallelism
-    # Under expert tensor parallelism with EP each source stands for its TP group's tokens,
-    # which the group's etp ranks send in parallel, 1 / etp of them each (Megatron-Core).
-    share = 1.0 / par.etp if par.ep > 1 else 1.0
+    # Under expert tensor parallelism with EP each source stands for its etp ranks' tokens,
+    # which they send in parallel, 1 / etp of them each (Megatron-Core): one member's share.
+    share = 1.0 / ctx.layout.ep_stride
     return traffic.layer_traffic(
         choices, placement, layer, device_node=ctx.device_node,
         tokens_per_source=ctx.tokens_per_source, hidden=ctx.hidden,

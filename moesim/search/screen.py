@@ -31,7 +31,7 @@ from moesim.pricing.alltoall import layer_alltoall_times
 from moesim.pricing.block import (
     attention_part,
     cp_wait,
-    moe_block_tp_comm,
+    ffn_tp_comm,
     recomputes,
     selective_recompute_time,
     shared_part,
@@ -114,6 +114,7 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
         tp += cp_forward
     if not moe:
         ffn = t.dense_ffn(dense_tokens, s.model.dense_ffn_size or 4 * ctx.hidden)
+        tp += ffn_tp_comm(ctx, dense_tokens, None)
         rec = selective_recompute_time(ctx, dense_tokens, tokens, None)
         halves = 2 if ctx.half_batch else 1
         return BlockTimes(halves * (attention + ffn), halves * tp, halves * rec)
@@ -121,7 +122,7 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
         assert choices is not None   # an MoE block is priced from its routing
         priced = moe_traffic(ctx, choices, placement)
     flows, dispatch, combine = priced
-    tp = moe_block_tp_comm(ctx, tp, dense_tokens, flows)
+    tp += ffn_tp_comm(ctx, dense_tokens, flows)
     shared = shared_part(ctx, dense_tokens)
     layer = (t.gate(tokens) + shared + float(expert_times(ctx, flows).max())
              + permute_time(ctx, flows))

@@ -26,6 +26,7 @@ __all__ = ["Parallelism", "Workload", "Precision", "RoutingSpec", "PlacementSpec
            "output_tokens_per_sequence", "pipeline_end_layers", "micro_batches",
            "interleaving_problem",
            "dualpipe_problem", "context_parallel_problem", "expert_tensor_parallel_problem",
+           "replicated_dispatch_problem",
            "scenario_warnings"]
 
 Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4"]
