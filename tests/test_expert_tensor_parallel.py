@@ -12,7 +12,7 @@ from moesim.assembly import scenario_placement, simulate
 from moesim.compute import KernelTimer
 from moesim.errors import ScenarioError
 from moesim.layout import Layout
-from moesim.pricing.collectives import _shard_groups
+from moesim.pricing.collectives import _shard_groups, tp_all_reduce_time
 from moesim.pricing.context import PricingContext
 from moesim.sim.costs import CostModel
 from moesim.sim.faults import device_faults
@@ -50,10 +50,13 @@ def test_a_step_with_experts_split_over_tp(make_scenario):
     """TP2 without EP: with etp 1 each TP rank runs whole experts on its half of the group's
     tokens (a token is routed once by its group); with etp 2 every token of the group through
     half of each expert: the same FLOPs, in GEMMs half as wide over twice the tokens, and twice
-    the tokens to permute. Nothing else differs (the router runs on the tokens a rank holds,
-    no all-to-all either way), so a forward pass differs by exactly the MoE layer's difference
-    in each of its 4 blocks, a backward twice that (the rest of the step differs too: half the
-    expert gradients to reduce and to update)."""
+    the tokens to permute. Whole experts need no TP collective (each rank gets its own tokens'
+    outputs back); split ones one all-reduce of the group's outputs, forward and backward
+    alike. Nothing else differs (the router runs on the tokens a rank holds, no all-to-all
+    either way), so a forward pass differs by exactly the MoE layer's difference plus that
+    all-reduce in each of its 4 blocks, a backward by twice the MoE layer's plus the
+    all-reduce (the rest of the step differs too: half the expert gradients to reduce and to
+    update)."""
     plain = simulate(make_scenario({"parallelism": {"tp": 2, "dp": 2, "ep": 1}}))
     split = simulate(make_scenario(ETP2))
     ctxs = [sim.costs.ctx for sim in (plain, split)]
@@ -67,9 +70,13 @@ def test_a_step_with_experts_split_over_tp(make_scenario):
         blocks[1].traffic.slot_tokens.sum(), rel=1e-12)
     moe = [float(b.experts.max()) + b.permute for b in blocks]
     assert moe[0] != moe[1]
+    all_reduce = tp_all_reduce_time(ctxs[1], ctxs[1].group_tokens)
+    assert all_reduce > 0
+    assert blocks[1].tp_comm - blocks[0].tp_comm == pytest.approx(all_reduce, rel=1e-12)
     for kind, scale in (("F", 1), ("B", 2)):
         run = [sim.runs[(0, kind, 0)].makespan for sim in (plain, split)]
-        assert run[1] - run[0] == pytest.approx(scale * (moe[1] - moe[0]) * 4, rel=1e-9)
+        assert run[1] - run[0] == pytest.approx((scale * (moe[1] - moe[0]) + all_reduce) * 4,
+                                                rel=1e-9)
 
 
 def test_search_keeps_experts_split_over_each_layouts_tp(tmp_path):

@@ -14,7 +14,12 @@ from moesim.compute import KernelTimer
 from moesim.errors import ScenarioError
 from moesim.layout import Layout
 from moesim.memory import stage_memory
-from moesim.pricing.collectives import link_between, p2p_time
+from moesim.pricing.collectives import (
+    expert_tp_gather_time,
+    link_between,
+    p2p_time,
+    tp_all_reduce_time,
+)
 from moesim.pricing.context import PricingContext
 from moesim.pricing.step import heads_time
 from moesim.sim.costs import CostModel
@@ -48,6 +53,32 @@ def test_a_token_is_routed_once_by_its_tp_group_with_or_without_sequence_paralle
     assert blocks[0].experts.tolist() == blocks[1].experts.tolist()
     assert blocks[0].dispatch.duration == pytest.approx(blocks[1].dispatch.duration, rel=1e-12)
     assert blocks[0].attention == blocks[1].attention
+
+
+def test_whole_experts_need_no_tp_collective_only_shared_experts_do(make_scenario):
+    """TP2 x DP2 training under sequence parallelism, EP4 over all four ranks, whole experts
+    (etp 1): each rank routes its own 128 tokens and gets their outputs back from the combine,
+    so an MoE block's TP communication is the attention's all-reduce (all-gather + reduce-
+    scatter of the group's 256 tokens) alone; a shared expert split over TP adds its own
+    exchange of the same bytes. With experts split over the TP pair (etp 2, EP2) the copies'
+    all-gather and reduce-scatter come on top."""
+    def tp_comm(changes: dict) -> tuple[float, float, float]:
+        sim = simulate(make_scenario(changes))
+        ctx = sim.costs.ctx
+        block = CostModel(ctx, scenario_placement(sim.scenario)).block(0)
+        assert block.is_moe
+        gather = expert_tp_gather_time(ctx, float(block.traffic.slot_tokens.sum(axis=1).max()))
+        return block.tp_comm, tp_all_reduce_time(ctx, T), gather
+
+    comm, all_reduce, gather = tp_comm(_tp2(True))
+    assert all_reduce > 0 and gather == 0
+    assert comm == pytest.approx(all_reduce, rel=1e-12)
+    shared = {"model": {"num_shared_experts": 1}}
+    comm, all_reduce, _ = tp_comm(_tp2(True) | shared)
+    assert comm == pytest.approx(2 * all_reduce, rel=1e-12)
+    comm, all_reduce, gather = tp_comm(_tp2(True, ep=2, etp=2) | shared)
+    assert gather > 0
+    assert comm == pytest.approx(2 * all_reduce + gather, rel=1e-12)
 
 
 def test_pipeline_send_is_one_tp_share_of_the_groups_activations(make_scenario):
@@ -124,8 +155,11 @@ def test_replicated_dispatch_moves_nothing_and_saves_exactly_the_all_to_alls(mak
     """TP2 x DP2 decode, EP2 inside each TP pair, no sequence parallelism: both ranks of a pair
     hold its 8 tokens after attention. ``replicated`` (vLLM's TP + EP) sends no byte and keeps
     no all-to-all buffer; the experts compute what the direct all-to-all's would (same copies
-    per slot), so each of the 4 blocks of a forward pass is shorter by exactly its direct
-    dispatch + combine."""
+    per slot), but each rank's output is partial, summed by an all-reduce of the pair's 8
+    tokens that the direct dispatch does not need (each rank gets its own tokens' outputs back;
+    the attention's all-reduce, split around the layer, restores them on both). So each of the
+    4 blocks of a forward pass differs by exactly the direct dispatch + combine less that
+    all-reduce."""
     base = _decode({"tp": 2, "dp": 2, "ep": 2}) | {"cluster": {"nodes": 2}}
     sims = [simulate(make_scenario(base | {"communication": {"alltoall": a}}))
             for a in ("direct", "replicated")]
@@ -136,7 +170,11 @@ def test_replicated_dispatch_moves_nothing_and_saves_exactly_the_all_to_alls(mak
     assert replicated.dispatch.duration == replicated.combine.duration == 0.0
     assert direct.dispatch.duration > 0
     assert replicated.traffic.slot_tokens.tolist() == direct.traffic.slot_tokens.tolist()
-    saved = direct.dispatch.duration + direct.combine.duration
+    assert sims[1].scenario.model.num_shared_experts == 0
+    all_reduce = tp_all_reduce_time(sims[1].costs.ctx, 8)
+    assert replicated.tp_comm - direct.tp_comm == pytest.approx(all_reduce, rel=1e-12)
+    assert all_reduce > 0
+    saved = direct.dispatch.duration + direct.combine.duration - all_reduce
     runs = [sim.runs[(0, "F", 0)].makespan for sim in sims]
     assert runs[0] - runs[1] == pytest.approx(LAYERS_TINY * saved, rel=1e-9)
     memory = [stage_memory(sim.scenario, Layout.for_scenario(sim.scenario), 0) for sim in sims]

@@ -122,16 +122,33 @@ def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]
 
 def ffn_tp_comm(ctx: PricingContext, dense_tokens: float, flows: LayerTraffic | None
                 ) -> float:
-    """Forward seconds of a block's FFN sub-layer's tensor-parallel communication: the
-    all-reduce of its ``dense_tokens`` tokens' output (a dense FFN, whole experts, or every
-    expert split over the whole TP group without EP); under expert tensor parallelism with
-    EP, or over part of the TP group, the expert-TP group's all-gather and reduce-scatter of
-    the token copies its EP rank receives instead (:func:`expert_tp_gather_time`, on the
-    busiest rank of the MoE layer's ``flows``)."""
+    """Forward seconds of a block's FFN sub-layer's tensor-parallel communication, on
+    ``dense_tokens`` (its TP group's tokens); ``flows``: the MoE layer's traffic (None for a
+    dense FFN).
+
+    - A dense FFN, or every expert split over the whole TP group without EP: the all-reduce of
+      its output (under sequence parallelism an all-gather of its input and a reduce-scatter
+      of its output, the same bytes).
+    - Expert tensor parallelism with EP, or over part of the TP group: the expert-TP group's
+      all-gather and reduce-scatter of the token copies its EP rank receives
+      (:func:`expert_tp_gather_time`, on the busiest rank of ``flows``), plus the shared
+      experts' exchange.
+    - Whole experts (``etp`` 1) under TP: each rank routes its own share of the group's tokens
+      and gets their outputs back from the combine, so the routed experts need no TP
+      collective (Megatron-Core's all-to-all dispatcher gathers over the *expert* TP group
+      only; without sequence parallelism the attention's all-reduce is a reduce-scatter before
+      the layer and an all-gather after it, the same bytes); only the shared experts, split
+      over TP, exchange their input and output. With the ``replicated`` dispatch every rank
+      runs its experts on all the group's tokens, and the all-reduce sums their partial
+      outputs.
+    """
     par = ctx.scenario.parallelism
-    if flows is None or par.etp <= 1 or (par.ep <= 1 and par.etp == par.tp):
+    if flows is None or (par.ep <= 1 and par.etp == par.tp) or (
+            par.etp <= 1 and ctx.scenario.communication.alltoall == "replicated"):
         return tp_all_reduce_time(ctx, dense_tokens)
-    return expert_tp_gather_time(ctx, float(flows.slot_tokens.sum(axis=1).max()))
+    shared = (tp_all_reduce_time(ctx, dense_tokens) if ctx.scenario.model.num_shared_experts
+              else 0.0)
+    return shared + expert_tp_gather_time(ctx, float(flows.slot_tokens.sum(axis=1).max()))
 
 
 def cp_wait(ctx: PricingContext, dense_tokens: float) -> tuple[float, float]:
