@@ -63,7 +63,7 @@ from typing import Any
 from moesim.errors import CalibrationError
 
 __all__ = ["BACKENDS", "data_root", "version_key", "list_systems", "list_backends",
-           "list_versions", "check_request", "import_tables", "memory_op_model",
+           "list_versions", "check_request", "import_tables", "memory_op_model", "wide_ep_mla",
            "build_profile_text"]
 
 BACKENDS = ("trtllm", "sglang", "vllm")
@@ -580,6 +580,26 @@ def memory_op_model(root: Path, system: str) -> dict[str, Any] | None:
             "source": f"{path.name} gpu: mem_bw x mem_bw_empirical_scaling_factor, "
                       "mem_empirical_constant_latency (aiconfigurator's formula for "
                       "memory-bound ops it has no table for)"}
+
+
+# Backends whose wide-EP deployments (DeepEP dispatch, attention data-parallel) do not run the
+# MLA module that the module tables measured: aiconfigurator 0.12's DeepSeek graph for TensorRT-LLM
+# wide EP (``aiconfigurator_core/sdk/models/deepseek.py``, the large-EP TRT-LLM branch) is the
+# granular MLA stack (core, per-head BMMs, GEMMs), never its ``MLAModule`` op; its SGLang wide-EP
+# graph has its own module table (``mla_wideep_*``), and vLLM keeps the module.
+WIDE_EP_MLA = {"trtllm": "kernels"}
+
+
+def wide_ep_mla(backend: str) -> dict[str, str] | None:
+    """``calibration.wide_ep_mla`` of a profile imported from ``backend``: how its wide-EP
+    deployments run MLA attention (``kernels``: the core and projection tables, not the module
+    table), with the source; None where the module serves them too."""
+    mode = WIDE_EP_MLA.get(backend)
+    if mode is None:
+        return None
+    return {"mode": mode,
+            "source": "aiconfigurator 0.12 sdk/models/deepseek.py: the TensorRT-LLM wide-EP graph "
+                      "runs the granular MLA stack, not the MLA module op"}
 
 
 # ---- the profile -----------------------------------------------------------------------------

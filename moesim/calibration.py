@@ -195,7 +195,8 @@ class MeasuredTables:
                  gate: Mapping[tuple[int, int], Curve], attention: Mapping[int, Curve],
                  source: str = "", *,
                  shaped: Mapping[str, Mapping[tuple[Any, ...], Curve]] | None = None,
-                 memory_op: tuple[float, float] | None = None) -> None:
+                 memory_op: tuple[float, float] | None = None,
+                 wide_ep_mla: str = "module") -> None:
         self.expert_ffn_tables = dict(expert_ffn)   # (hidden, ffn, experts in group) -> Curve
         self.gate_tables = dict(gate)               # (hidden, experts) -> Curve
         self.attention_tables = dict(attention)     # hidden -> Curve
@@ -206,6 +207,9 @@ class MeasuredTables:
         # (bytes/s, seconds per kernel) of the source's own formula for memory-bound glue
         # (norms, element-wise, embedding) it has no table for; None: moesim's device model.
         self.memory_op = memory_op
+        # How a wide-EP (DeepEP) deployment runs MLA attention where the profile has no wide-EP
+        # module table: "module" (the MLA module table) or "kernels" (core and projections).
+        self.wide_ep_mla = wide_ep_mla
         self.served: Counter[tuple[str, str]] = Counter()  # (kernel, source) -> calls
         # (kind, key with batch -1) -> the batches measured for the other keys (sorted)
         self._batches: dict[tuple[str, tuple[Any, ...]], list[int]] = {}
@@ -259,7 +263,8 @@ class MeasuredTables:
                                            f"{dict(zip(ints + strs, key))}; keys must be unique")
                 tables[key] = _curve(entry, source, where, monotone=False)
         return cls(ffn, gate, attention, source, shaped=shaped,
-                   memory_op=_memory_op(calibration.get("memory_op"), source))
+                   memory_op=_memory_op(calibration.get("memory_op"), source),
+                   wide_ep_mla=_wide_ep_mla(calibration.get("wide_ep_mla"), source))
 
     # ---- the questions KernelTimer asks ----
 
@@ -564,6 +569,22 @@ def _memory_op(raw: Any, source: str) -> tuple[float, float] | None:
                                    f"{allowed}")
         values.append(number)
     return values[0], values[1]
+
+
+WIDE_EP_MLA_MODES = ("module", "kernels")
+
+
+def _wide_ep_mla(raw: Any, source: str) -> str:
+    """``calibration.wide_ep_mla: {mode: module|kernels}`` (written by the aiconfigurator import
+    for backends whose wide-EP deployments run MLA as separate kernels); "module" when
+    absent."""
+    if raw is None:
+        return "module"
+    mode = raw.get("mode") if isinstance(raw, Mapping) else None
+    if mode not in WIDE_EP_MLA_MODES:
+        raise CalibrationError(f"{source}: calibration.wide_ep_mla.mode: {mode!r} must be one of "
+                               f"{', '.join(WIDE_EP_MLA_MODES)}")
+    return str(mode)
 
 
 def _int(entry: Mapping[str, Any], key: str, source: str, where: str) -> int:

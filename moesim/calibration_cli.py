@@ -316,6 +316,9 @@ def _import_to(output: Path, args: argparse.Namespace, aic: Any, root: Path, lab
     memory_op = aic.memory_op_model(root, args.system)
     if memory_op is not None:
         calibration["memory_op"] = memory_op
+    wide_mla = aic.wide_ep_mla(args.backend)
+    if wide_mla is not None:
+        calibration["wide_ep_mla"] = wide_mla
     header = [f"Measured kernel tables from NVIDIA aiconfigurator (Apache-2.0): {source}.",
               f"Device, links and their sources: moesim's datasheet profile {base} "
               f"({base_path.name}), unchanged.",

@@ -547,8 +547,12 @@ class KernelTimer:
                     (a.q_lora_rank or 0) + a.kv_lora_rank + a.qk_rope_head_dim, h)])
                 if wide is not None and down is not None:
                     return wide + down + glue
-            module = t.mla_module(batch, length, int(heads), kv, self._table_dtype,
-                                  generation=decode)
+            module = None
+            if self.moe_kernel == "moe" or t.wide_ep_mla == "module":
+                # (a wide-EP deployment of a backend that runs MLA as separate kernels there,
+                # calibration.wide_ep_mla, takes the core and projection tables below)
+                module = t.mla_module(batch, length, int(heads), kv, self._table_dtype,
+                                      generation=decode)
             if module is not None:
                 return module + glue
             mla_core = t.mla_generation if decode else t.mla_context

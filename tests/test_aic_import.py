@@ -546,6 +546,50 @@ def test_wide_ep_decode_reads_sglangs_wide_ep_mla_module(profile_path):
     assert plain.attention(8, 2048, 8 * 2048) == pytest.approx(1.3e-4 + glue)
 
 
+def test_a_backend_running_wide_ep_mla_as_kernels_skips_the_module(profile_path, tmp_path):
+    """``calibration.wide_ep_mla: {mode: kernels}`` (the import writes it for TensorRT-LLM,
+    whose wide-EP graph runs MLA as separate kernels): without a wide-EP module table, a DeepEP
+    deployment prices MLA decode as it would with no module table at all (core, BMMs and
+    projections), while a deployment without DeepEP still reads the module row (0.130 ms).
+    Without the field the DeepEP deployment falls back to the module."""
+    from moesim import aic_import
+
+    assert aic_import.wide_ep_mla("trtllm")["mode"] == "kernels"
+    assert aic_import.wide_ep_mla("sglang") is None and aic_import.wide_ep_mla("vllm") is None
+    model = load_model("deepseek-v3")
+    data = yaml.safe_load(profile_path.read_text())
+    kernels = data["calibration"]["kernels"]
+    for kind in ("mla_wideep_generation", "mla_wideep_context"):
+        kernels.pop(kind, None)
+
+    def timers(changes: dict, name: str) -> tuple[KernelTimer, KernelTimer]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(changes))
+        profile = load_hardware(str(path))
+        tables = MeasuredTables.from_profile(profile)
+        return tuple(KernelTimer(model, profile.device, "fp8", "fp8", "bf16", tables=tables,
+                                 inference=True, kv_dtype="fp8", fp8_block=True, moe_kernel=k)
+                     for k in ("moe", "moe_deepep_decode"))
+
+    glue = 8 * 4 * model.hidden_size * 2 / 2.68e12 + 3e-6
+    module = 1.3e-4 + glue
+    plain, deepep = timers(data, "module")
+    assert plain.attention(8, 2048, 8 * 2048) == deepep.attention(8, 2048, 8 * 2048) == \
+        pytest.approx(module)
+    flagged = data | {"calibration": data["calibration"] | {"wide_ep_mla": {"mode": "kernels"}}}
+    plain, deepep = timers(flagged, "kernels")
+    no_module = {kind: v for kind, v in kernels.items() if not kind.startswith("mla_module")}
+    bare = data | {"calibration": data["calibration"] | {"kernels": no_module}}
+    _, reference = timers(bare, "bare")
+    assert plain.attention(8, 2048, 8 * 2048) == pytest.approx(module)
+    separate = deepep.attention(8, 2048, 8 * 2048)
+    assert separate == pytest.approx(reference.attention(8, 2048, 8 * 2048), rel=1e-12)
+    assert separate != pytest.approx(module)
+    flagged["calibration"]["wide_ep_mla"] = {"mode": "fused"}
+    with pytest.raises(CalibrationError, match=r"wide_ep_mla\.mode: 'fused' must be one of"):
+        timers(flagged, "bad")
+
+
 def test_an_unwritable_output_is_refused_before_any_table_is_read(aic_data, tmp_path, capsys,
                                                                   monkeypatch):
     # The output is checked first: the import (and the torch suite) never run only to fail
