@@ -5,7 +5,10 @@ stdlib MoE trace), split in time; every planner plans on the first half and is s
 token of the second (held out, :mod:`moesim.placement.heldout`): cross-node sends per token (vs
 EPLB's hierarchical policy), max/mean device load, and the predicted MoE layer time (dispatch +
 combine by flow simulation, plus the slowest device's expert GEMM), with the planning time.
-Replicas are chosen as engines do (own GPU, own node, least loaded). Then the planning time of 256 experts x 58 layers on 64 GPUs.
+Replicas are chosen as engines do (own GPU, own node, least loaded); the ``even`` column is the
+max/mean with each expert's tokens split evenly over its replicas instead, so the gap between the
+two is the balance a plan gets from the engine levelling loads over replicas at run time. Then
+the planning time of 256 experts x 58 layers on 64 GPUs.
 
     python benchmarks/planner.py           # full table (a few minutes on 2 cores)
     python benchmarks/planner.py --tiny    # seconds: small settings, closed-form pricing
@@ -16,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +139,8 @@ def run_setting(setting: Setting, *, exact: bool, seed: int = 0) -> list[tuple]:
         placement = make_placement(name, layers, ctx, m.num_experts, slots, seed=seed,
                                    plan_choices=plan_choices)
         elapsed = time.perf_counter() - start
-        rows.append((name, heldout.score(ctx, eval_choices, placement, exact=exact), elapsed))
+        rows.append((name, heldout.score(ctx, eval_choices, placement, exact=exact), elapsed,
+                     even_balance(ctx, eval_choices, placement)))
         if name == "moesim" and setting.trace == "synthetic":
             groups = synthetic_groups(m.num_experts, m.num_moe_layers,
                                       coactivation_groups=GROUPS,
@@ -144,8 +148,17 @@ def run_setting(setting: Setting, *, exact: bool, seed: int = 0) -> list[tuple]:
             truth = true_groups(groups, placement, layers, ctx, slots)
             if truth is not None:
                 rows.append(("true groups", heldout.score(ctx, eval_choices, truth,
-                                                          exact=exact), 0.0))
+                                                          exact=exact), 0.0,
+                             even_balance(ctx, eval_choices, truth)))
     return rows
+
+
+def even_balance(ctx: PricingContext, choices, placement: Placement) -> float:
+    """Held-out max/mean device load with every expert's tokens split evenly over its replicas
+    (own GPU, then own node, else all), no runtime choice of the least loaded: how much of a
+    plan's balance comes from the engine levelling loads over replicas as they arrive."""
+    even = replace(placement, replica_rule="even")
+    return objective.plan_cost(ctx, choices, even, exact=False).max_over_mean
 
 
 def true_groups(groups: np.ndarray | None, moesim: Placement, layers, ctx, slots: int
@@ -198,23 +211,24 @@ def planning_time(seed: int = 0) -> list[tuple[float, float]]:
 
 
 def table(name: str, rows: list[tuple]) -> str:
-    eplbs = [r.cost for n, r, _ in rows if n.startswith("eplb")]
+    eplbs = [r.cost for n, r, _, _ in rows if n.startswith("eplb")]
     best_eplb = min(c.layer_time for c in eplbs)
     eplb_balance = min(c.max_over_mean for c in eplbs)
-    hier = next(r for n, r, _ in rows if n == "eplb")
+    hier = next(r for n, r, _, _ in rows if n == "eplb")
     lines = [f"\n{name}",
              f"  {'planner':<12} {'sends/tok':>9} {'vs hier':>7} {'cross MB':>9} {'max/mean':>9} "
-             f"{'layer us':>9} {'a2a us':>8} {'GEMM us':>8} {'vs EPLB':>8} {'plan s':>7}"]
-    for planner_name, r, elapsed in rows:
+             f"{'even':>6} {'layer us':>9} {'a2a us':>8} {'GEMM us':>8} {'vs EPLB':>8} "
+             f"{'plan s':>7}"]
+    for planner_name, r, elapsed, even in rows:
         cost = r.cost
         lines.append(f"  {planner_name:<12} {r.sends_per_token:>9.3f} "
                      f"{r.sends_per_token / max(hier.sends_per_token, 1e-12):>6.2f}x "
-                     f"{cost.cross_node_bytes / 1e6:>9.2f} {cost.max_over_mean:>9.3f} "
+                     f"{cost.cross_node_bytes / 1e6:>9.2f} {cost.max_over_mean:>9.3f} {even:>6.3f} "
                      f"{cost.layer_time * 1e6:>9.1f} {cost.alltoall * 1e6:>8.1f} "
                      f"{cost.compute * 1e6:>8.1f} "
                      f"{100 * (cost.layer_time / best_eplb - 1):>+7.1f}% {elapsed:>7.2f}")
-    moesim = next(r for n, r, _ in rows if n == "moesim")
-    truth = next((r for n, r, _ in rows if n == "true groups"), None)
+    moesim = next(r for n, r, _, _ in rows if n == "moesim")
+    truth = next((r for n, r, _, _ in rows if n == "true groups"), None)
     change = 100 * (moesim.cost.layer_time / best_eplb - 1)
     lines.append(f"  moesim vs best EPLB: layer time {change:+.1f}%, sends/token "
                  f"{moesim.sends_per_token / max(hier.sends_per_token, 1e-12):.2f}x EPLB "
