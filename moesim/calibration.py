@@ -580,7 +580,11 @@ def _wide_ep_mla(raw: Any, source: str) -> str:
     absent."""
     if raw is None:
         return "module"
-    mode = raw.get("mode") if isinstance(raw, Mapping) else None
+    if not isinstance(raw, Mapping):
+        raise CalibrationError(f"{source}: calibration.wide_ep_mla: expected a mapping "
+                               f"{{mode: {' | '.join(WIDE_EP_MLA_MODES)}}}, got "
+                               f"{type(raw).__name__}")
+    mode = raw.get("mode")
     if mode not in WIDE_EP_MLA_MODES:
         raise CalibrationError(f"{source}: calibration.wide_ep_mla.mode: {mode!r} must be one of "
                                f"{', '.join(WIDE_EP_MLA_MODES)}")

@@ -588,6 +588,9 @@ def test_a_backend_running_wide_ep_mla_as_kernels_skips_the_module(profile_path,
     flagged["calibration"]["wide_ep_mla"] = {"mode": "fused"}
     with pytest.raises(CalibrationError, match=r"wide_ep_mla\.mode: 'fused' must be one of"):
         timers(flagged, "bad")
+    flagged["calibration"]["wide_ep_mla"] = ["kernels"]
+    with pytest.raises(CalibrationError, match=r"wide_ep_mla: expected a mapping"):
+        timers(flagged, "bad")
 
 
 def test_an_unwritable_output_is_refused_before_any_table_is_read(aic_data, tmp_path, capsys,
