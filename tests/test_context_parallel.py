@@ -14,6 +14,7 @@ from moesim.memory import stage_memory, tokens_per_microbatch
 from moesim.pricing.block import attention_part, block_cost
 from moesim.pricing.collectives import (
     _shard_groups,
+    cp_all_gather_time,
     cp_all_to_all_bytes,
     cp_all_to_all_time,
     cp_exchange_time,
@@ -222,6 +223,34 @@ def test_all_to_all_context_parallelism_by_hand(make_scenario):
         make_scenario({"parallelism": {"dp": 1, "cp": 8, "ep": 4}, "cluster": {"nodes": 4},
                        "communication": {"cp_algorithm": "all_to_all"}})
     assert exc.value.field == "communication.cp_algorithm"
+
+
+def test_all_gather_context_parallelism_by_hand(make_scenario):
+    """Transformer Engine's all-gather CP (the Llama 3 scheme) on the 2-rank NVLink group: each
+    rank's 128 tokens hold 128 x 256 bytes of keys and as many of values (tiny-cpu: 2 KV heads
+    of 64, BF16); the keys and the values are each ring-all-gathered into a 2 x 32,768-byte
+    buffer: one 1 us step moving half of it at 100 GB/s, twice. Nothing hides it; the backward
+    gathers again and reduce-scatters the gradients (the same ring shape): twice the forward.
+    The attention copies the gathered keys and values (2 x 65,536 bytes, read and written) into
+    sequence order and runs its core as two calls: 3 kernels and those bytes beyond the
+    all-to-all variant's single call."""
+    floor = {"device": {"kernel_overhead": "4 us"}}
+    s = make_scenario({**CP2, "communication": {"cp_algorithm": "all_gather"}}, floor)
+    ctx = PricingContext.from_scenario(s)
+    one = 1e-6 + 2 * 128 * 256 / 2 / 100e9
+    assert cp_all_gather_time(ctx, 128) == pytest.approx(2 * one, rel=1e-12)
+    assert cp_exchange_time(ctx, 128, core=1.0) == pytest.approx((2 * one, 4 * one),
+                                                                 rel=1e-12)
+    a2a = make_scenario({**CP2, "communication": {"cp_algorithm": "all_to_all"}}, floor)
+    _, gather_attention, _ = attention_part(ctx, True)
+    _, a2a_attention, _ = attention_part(PricingContext.from_scenario(a2a), True)
+    d = s.hardware.device
+    copies = 2 * 2 * 65_536 / (d.memory_bandwidth * d.memory_efficiency)
+    assert gather_attention - a2a_attention == pytest.approx(copies + 3 * 4e-6, rel=1e-9)
+    sim = simulate(s)
+    block = CostModel(sim.costs.ctx, scenario_placement(s)).block(0)
+    assert (block.cp_comm, block.cp_comm_backward) == pytest.approx((2 * one, 4 * one),
+                                                                    rel=1e-12)
 
 
 def test_cp_algorithm_without_context_parallelism_is_warned(make_scenario):

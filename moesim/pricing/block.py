@@ -17,6 +17,7 @@ from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import EMPTY, Collective, layer_alltoalls
 from moesim.pricing.collectives import (
     cp_exchange_time,
+    cp_kv_bytes_per_token,
     expert_tp_gather_time,
     tp_all_reduce_time,
 )
@@ -108,7 +109,9 @@ def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]
     attend to the whole causal context (the context length is the sequence's); the ring runs
     the attention core as ``cp`` kernels, each with a correction of the partial outputs, so
     ``2 (cp - 1)`` kernels more than one fused call (their fixed cost is charged here; the
-    exchange is :func:`cp_wait`); the all-to-all variant runs one fused call over its heads.
+    exchange is :func:`cp_wait`); the all-to-all variant runs one fused call over its heads;
+    the all-gather variant copies the gathered keys and values into sequence order and runs
+    the core as two calls, one per chunk of the rank's queries.
     """
     s = ctx.scenario
     par = s.parallelism
@@ -117,6 +120,13 @@ def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]
     attention = ctx.timer.attention(dense_tokens, context, kv) + saved_activation_cast(ctx, moe)
     if s.communication.cp_algorithm == "ring":
         attention += 2 * (par.cp - 1) * ctx.timer.device.kernel_overhead
+    elif s.communication.cp_algorithm == "all_gather" and par.cp > 1:
+        # The gathered keys and values reordered into sequence order (one copy each), and the
+        # core run as two calls, one per chunk of this rank's queries.
+        gathered = par.cp * dense_tokens * cp_kv_bytes_per_token(s.model, ctx.activation_bytes,
+                                                                  par.tp)
+        attention += (ctx.timer.elementwise(2 * gathered, kernels=2)
+                      + ctx.timer.device.kernel_overhead)
     return dense_tokens, attention, tp_all_reduce_time(ctx, dense_tokens)
 
 

@@ -21,7 +21,7 @@ from moesim.topology import Topology
 __all__ = ["DP_ALGORITHMS", "link_between", "tp_all_reduce_time", "expert_tp_gather_time",
            "p2p_time", "dp_sync_time",
            "cp_kv_bytes_per_token", "cp_ring_step_time", "cp_exchange_time",
-           "cp_all_to_all_bytes", "cp_all_to_all_time",
+           "cp_all_to_all_bytes", "cp_all_to_all_time", "cp_all_gather_time",
            "gradient_bytes_per_param", "sharded_block_times", "sharded_chunk_wait",
            "prefetched_makespan"]
 
@@ -137,13 +137,20 @@ def cp_exchange_time(ctx: PricingContext, dense_tokens: float, core: float
 
     ``all_to_all`` (:func:`cp_all_to_all_time`): nothing overlaps; the backward's two
     all-to-alls (output gradient in, query/key/value gradients out) move the forward's bytes.
+
+    ``all_gather`` (:func:`cp_all_gather_time`): nothing overlaps; the forward all-gathers the
+    keys and values, the backward gathers them again and reduce-scatters their gradients.
     """
     par = ctx.scenario.parallelism
     if par.cp <= 1:
         return 0.0, 0.0
-    if ctx.scenario.communication.cp_algorithm == "all_to_all":
+    algorithm = ctx.scenario.communication.cp_algorithm
+    if algorithm == "all_to_all":
         wait = cp_all_to_all_time(ctx, dense_tokens)
         return wait, wait
+    if algorithm == "all_gather":
+        gather = cp_all_gather_time(ctx, dense_tokens)
+        return gather, gather + cp_all_gather_time(ctx, dense_tokens, "reducescatter")
     wait = (par.cp - 1) * max(0.0, cp_ring_step_time(ctx, dense_tokens) - core / par.cp)
     return wait, 2 * wait
 
@@ -184,6 +191,22 @@ def cp_all_to_all_time(ctx: PricingContext, dense_tokens: float) -> float:
     before, after = cp_all_to_all_bytes(s.model, ctx.activation_bytes, par.tp, par.cp)
     bw, lat = _cp_bottleneck(ctx)
     return 2 * (par.cp - 1) * lat + dense_tokens * (before + after) / bw
+
+
+def cp_all_gather_time(ctx: PricingContext, dense_tokens: float, op: str = "allgather"
+                       ) -> float:
+    """Seconds of the keys' and the values' ring all-gathers (``op`` "allgather"; or their
+    gradients' reduce-scatters, "reducescatter") over the CP group, Transformer Engine's
+    ``cp_comm_type: all_gather`` (the Llama 3 scheme): each rank contributes the keys and
+    values of its ``dense_tokens`` tokens (:func:`cp_kv_bytes_per_token`), half of them keys,
+    and every rank ends with (or reduces) those of the whole sequence, two collectives of
+    ``cp`` times its half each, on the group's bottleneck link."""
+    s = ctx.scenario
+    par = s.parallelism
+    if par.cp <= 1 or dense_tokens <= 0:
+        return 0.0
+    half = dense_tokens * cp_kv_bytes_per_token(s.model, ctx.activation_bytes, par.tp) / 2
+    return 2 * _ring(ctx, half * par.cp, ctx.layout.cp_group(0), op)
 
 
 def gradient_bytes_per_param(ctx: PricingContext) -> float:

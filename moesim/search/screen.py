@@ -105,10 +105,11 @@ def block_times(ctx: PricingContext, moe: bool, choices: LayerChoices | None,
     s, t = ctx.scenario, ctx.timer
     tokens = ctx.held_tokens        # router, norms: this device's tokens between TP parts
     dense_tokens, attention, tp = attention_part(ctx, moe)
-    # Context parallelism's wait: the ring's doubles in the backward as compute does, so the
-    # screen counts it there; the all-to-all's does not, so it counts with the communication.
+    # Context parallelism's wait: the ring's doubles in the backward as compute does (and the
+    # all-gather's nearly: gathers again, then reduce-scatters), so the screen counts it there;
+    # the all-to-all's does not, so it counts with the communication.
     cp_forward, _ = cp_wait(ctx, dense_tokens)
-    if s.communication.cp_algorithm == "ring":
+    if s.communication.cp_algorithm != "all_to_all":
         attention += cp_forward
     else:
         tp += cp_forward

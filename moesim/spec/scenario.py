@@ -169,8 +169,9 @@ class CommunicationSpec:
     # passed around the CP group behind the attention steps (Megatron-Core / Transformer
     # Engine cp_comm_type p2p, the default); all_to_all, an all-to-all of the queries, keys and
     # values into heads before the attention core and of its output back (DeepSpeed-Ulysses,
-    # Transformer Engine's a2a), exposed.
-    cp_algorithm: Literal["ring", "all_to_all"] = "ring"
+    # Transformer Engine's a2a), exposed; all_gather, the keys and values of the whole
+    # sequence all-gathered before the core (Transformer Engine's all_gather, Llama 3), exposed.
+    cp_algorithm: Literal["ring", "all_to_all", "all_gather"] = "ring"
 
 
 # What selective recomputation can re-run in the backward (Megatron-Core's recompute_modules):
