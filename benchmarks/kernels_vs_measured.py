@@ -152,13 +152,13 @@ def moesim_components(scenario: Scenario) -> dict[str, float]:
         total["routed_experts"] += float(b.experts.max(initial=0.0)) + b.permute + moved
         total["shared_dense"] += b.ffn
         if b.is_moe:   # inside b.ffn; kept apart for graphs that do not count the add
-            total["shared_output_add"] += ctx.timer.shared_output_add(ctx.tokens_per_source)
+            total["shared_output_add"] += ctx.timer.shared_output_add(ctx.held_tokens)
         total["all_to_all"] += b.dispatch.duration + b.combine.duration
     timer = ctx.timer
     # aiconfigurator's graph ends at the logits GEMM: moesim's softmax over the logits
     # (sampling) is a kernel it does not count, so the LM head is compared as its GEMM.
     total["lm_head_embedding"] = (timer.lm_head_gemm(logit_tokens(ctx))
-                                  + timer.embedding(ctx.microbatch_tokens)) / (2 if half else 1)
+                                  + timer.embedding(ctx.group_microbatch_tokens)) / (2 if half else 1)
     runs = micro_batches(s) * (2 if half else 1)
     return {k: v * runs for k, v in total.items()}
 

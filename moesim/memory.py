@@ -23,7 +23,8 @@ from moesim.spec.scenario import Scenario, mtp_held, tokens_per_sequence
 
 __all__ = ["MemoryBreakdown", "stage_memory", "check_memory", "block_params", "stage_params",
            "zero3_regathers", "saved_activation_dtype", "saved_bytes_per_token_layer",
-           "tokens_per_microbatch", "group_tokens_per_microbatch"]
+           "tokens_per_microbatch", "group_tokens_per_microbatch",
+           "routed_tokens_per_microbatch"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,14 @@ def group_tokens_per_microbatch(s: Scenario) -> float:
     return tokens_per_microbatch(s) * (par.tp if par.sequence_parallel else 1)
 
 
+def routed_tokens_per_microbatch(s: Scenario) -> float:
+    """Tokens one device routes into the MoE layer per micro-batch: its ``1 / tp`` share of its
+    TP group's (a token is routed once by its group), or under expert tensor parallelism its
+    ``etp`` ranks' shares, which each of them runs through its slice of the experts."""
+    par = s.parallelism
+    return group_tokens_per_microbatch(s) * par.etp / par.tp
+
+
 def saved_activation_dtype(s: Scenario) -> str:
     """The dtype training caches activations in for the backward."""
     return s.precision.saved_activations or s.precision.activations
@@ -208,7 +217,9 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
         expert_w += held * experts * wb * (1 - 1 / shard_expert)
     grads = opt = acts = kv = 0.0
     in_flight: float
-    tokens = tokens_per_microbatch(s)
+    # Activations a device keeps: its 1/tp share of its TP group's tokens' (the TP-split parts'
+    # share of each token, or under sequence parallelism the rank's own tokens)
+    tokens = group_tokens_per_microbatch(s) / par.tp
     layers = layout.stage_layers(stage)
     if wl.mode == "training":
         gb = dtype_bytes(prec.gradients)
@@ -228,7 +239,6 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
         if s.memory.recompute == "full":   # plus the block being recomputed, whole
             acts += tokens * max((activation_bytes_per_token_layer(s, m) for m in moe),
                                  default=0.0)
-        acts /= par.tp if not par.sequence_parallel else 1
     else:
         context = tokens_per_sequence(s) + (wl.context_len if wl.mode == "decode" else 0)
         # the last stage's drafting MTP modules keep a KV cache of their own
@@ -238,16 +248,13 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
         kv *= kv_bytes_per_token(s.model, prec.kv_cache) / kv_shards(s.model, par.tp)
         acts = tokens * max(activation_bytes_per_token_layer(s, True),
                             activation_bytes_per_token_layer(s, False))
-        acts /= par.tp if not par.sequence_parallel else 1
     # Receive buffers: one copy per routed (token, expert) pair, or, for the all-gather dispatch,
     # every token of the EP group (each rank gathers them all, then reduce-scatters the outputs).
     # (none when every rank already holds the tokens, ``replicated``)
     algorithm = s.communication.alltoall
     copies = (par.ep if algorithm == "allgather" else 0 if algorithm == "replicated"
               else s.model.effective_top_k)
-    # tokens a device routes: its etp ranks' share of its TP group's
-    routed = group_tokens_per_microbatch(s) * par.etp / par.tp
-    buf = s.memory.alltoall_buffer_factor * routed * copies
+    buf = s.memory.alltoall_buffer_factor * routed_tokens_per_microbatch(s) * copies
     buf *= s.model.hidden_size * (dtype_bytes(prec.dispatch) + dtype_bytes(prec.combine))
     dev = s.hardware.device
     return MemoryBreakdown(stage, dense_w, expert_w, grads, opt, acts, kv, buf,

@@ -38,8 +38,8 @@ which experts), build the byte flows of the two all-to-alls:
   the TP group (``ep`` divides ``tp``, no sequence parallelism: vLLM's ``--tensor-parallel-size N
   --enable-expert-parallel`` without data-parallel attention, SGLang's and TensorRT-LLM's EP over
   the TP ranks), every rank already holds every token of its group after the attention's
-  all-reduce; each runs its local experts on the copies routed to them, and the block's
-  tensor-parallel all-reduce of the MoE output (priced with the attention's) sums the partial
+  all-reduce; each runs its local experts on the copies routed to them, and a tensor-parallel
+  all-reduce of the MoE output (``moesim.pricing.block.ffn_tp_comm``) sums the partial
   results. No flows; tokens and slots as routing gives them.
 
 Combine is the same flows reversed, scaled from the dispatch bytes per copy to the combine bytes

@@ -283,3 +283,30 @@ def test_dualpipe_layouts_follow_its_rules_and_the_screen_follows_the_simulator(
         ctx = PricingContext.from_scenario(s)
         assert screen_layout(s, ctx.topology).step_time == pytest.approx(
             simulate(s).result.step_time, rel=0.1)
+
+
+def test_replicated_dispatch_layouts_keep_the_loaders_rule(tmp_path):
+    """A serving search of Mixtral on one DGX H100 with the ``replicated`` dispatch (EP inside
+    each TP group): every layout it keeps loads as a scenario (ep divides tp), and those with
+    ep larger than tp, whose TP ranks hold different tokens, are dropped for that reason (they
+    were priced as if nothing moved)."""
+    from moesim.search.space import candidate_scenario, enumerate_layouts
+    from moesim.spec.scenario import replicated_dispatch_problem
+
+    data = yaml.safe_load((REPO / "scenarios" / "mixtral-8x7b-infer-1node.yaml").read_text())
+    data["parallelism"] = {"tp": 8, "pp": 1, "dp": 1, "ep": 8}
+    data["communication"] = {"alltoall": "replicated"}
+    data["search"] = {"parallelism.pp": [1], "workload.micro_batch": [64],
+                      "communication.overlap": ["none"]}
+    path = tmp_path / "replicated.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec = load_search(path)
+    cands, dropped, _ = enumerate_layouts(spec)
+    layouts = {(dict(c.values)["parallelism.tp"], dict(c.values)["parallelism.ep"])
+               for c in cands}
+    assert layouts and all(tp % ep == 0 for tp, ep in layouts)
+    assert (8, 8) in layouts and (4, 8) not in layouts
+    assert any(reason.startswith("replicated") for reason in dropped)
+    for cand in cands:
+        par = candidate_scenario(spec, cand).parallelism
+        assert replicated_dispatch_problem(par.tp, par.ep, par.sequence_parallel, par.etp) is None

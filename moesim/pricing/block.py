@@ -17,7 +17,7 @@ from moesim.placement.placement import Placement
 from moesim.pricing.alltoall import EMPTY, Collective, layer_alltoalls
 from moesim.pricing.collectives import (
     cp_exchange_time,
-    cp_kv_bytes_per_token,
+    cp_gathered_kv_bytes,
     expert_tp_gather_time,
     tp_all_reduce_time,
 )
@@ -123,9 +123,8 @@ def attention_part(ctx: PricingContext, moe: bool) -> tuple[float, float, float]
     elif s.communication.cp_algorithm == "all_gather" and par.cp > 1:
         # The gathered keys and values reordered into sequence order (one copy each), and the
         # core run as two calls, one per chunk of this rank's queries.
-        gathered = par.cp * dense_tokens * cp_kv_bytes_per_token(s.model, ctx.activation_bytes,
-                                                                  par.tp)
-        attention += (ctx.timer.elementwise(2 * gathered, kernels=2)
+        attention += (ctx.timer.elementwise(2 * cp_gathered_kv_bytes(ctx, dense_tokens),
+                                            kernels=2)
                       + ctx.timer.device.kernel_overhead)
     return dense_tokens, attention, tp_all_reduce_time(ctx, dense_tokens)
 

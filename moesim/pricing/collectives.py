@@ -21,7 +21,8 @@ from moesim.topology import Topology
 __all__ = ["DP_ALGORITHMS", "link_between", "tp_all_reduce_time", "expert_tp_gather_time",
            "p2p_time", "dp_sync_time",
            "cp_kv_bytes_per_token", "cp_ring_step_time", "cp_exchange_time",
-           "cp_all_to_all_bytes", "cp_all_to_all_time", "cp_all_gather_time",
+           "cp_all_to_all_bytes", "cp_all_to_all_time", "cp_gathered_kv_bytes",
+           "cp_all_gather_time",
            "gradient_bytes_per_param", "sharded_block_times", "sharded_chunk_wait",
            "prefetched_makespan"]
 
@@ -193,6 +194,15 @@ def cp_all_to_all_time(ctx: PricingContext, dense_tokens: float) -> float:
     return 2 * (par.cp - 1) * lat + dense_tokens * (before + after) / bw
 
 
+def cp_gathered_kv_bytes(ctx: PricingContext, dense_tokens: float) -> float:
+    """Bytes of the keys and values of the whole sequence that all-gather context parallelism
+    gathers on each rank: ``cp`` times those of the rank's ``dense_tokens`` tokens
+    (:func:`cp_kv_bytes_per_token`)."""
+    s = ctx.scenario
+    par = s.parallelism
+    return par.cp * dense_tokens * cp_kv_bytes_per_token(s.model, ctx.activation_bytes, par.tp)
+
+
 def cp_all_gather_time(ctx: PricingContext, dense_tokens: float, op: str = "allgather"
                        ) -> float:
     """Seconds of the keys' and the values' ring all-gathers (``op`` "allgather"; or their
@@ -201,12 +211,9 @@ def cp_all_gather_time(ctx: PricingContext, dense_tokens: float, op: str = "allg
     values of its ``dense_tokens`` tokens (:func:`cp_kv_bytes_per_token`), half of them keys,
     and every rank ends with (or reduces) those of the whole sequence, two collectives of
     ``cp`` times its half each, on the group's bottleneck link."""
-    s = ctx.scenario
-    par = s.parallelism
-    if par.cp <= 1 or dense_tokens <= 0:
+    if ctx.scenario.parallelism.cp <= 1 or dense_tokens <= 0:
         return 0.0
-    half = dense_tokens * cp_kv_bytes_per_token(s.model, ctx.activation_bytes, par.tp) / 2
-    return 2 * _ring(ctx, half * par.cp, ctx.layout.cp_group(0), op)
+    return 2 * _ring(ctx, cp_gathered_kv_bytes(ctx, dense_tokens) / 2, ctx.layout.cp_group(0), op)
 
 
 def gradient_bytes_per_param(ctx: PricingContext) -> float:

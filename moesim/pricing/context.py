@@ -18,7 +18,11 @@ from moesim.calibration import MeasuredTables
 from moesim.compute import KernelTimer
 from moesim.errors import ScenarioError, TopologyError
 from moesim.layout import Layout
-from moesim.memory import group_tokens_per_microbatch, tokens_per_microbatch
+from moesim.memory import (
+    group_tokens_per_microbatch,
+    routed_tokens_per_microbatch,
+    tokens_per_microbatch,
+)
 from moesim.spec.hardware import LinkSpec, dtype_bytes, load_hardware
 from moesim.spec.scenario import Scenario, tokens_per_sequence
 from moesim.topology import Topology, build_topology
@@ -90,20 +94,23 @@ class PricingContext:
         of them between those parts (``microbatch_tokens``) and gathers them for each part."""
         return group_tokens_per_microbatch(self.scenario)
 
+    def _per_half(self, tokens: float) -> float:
+        """``tokens`` per micro-batch as one run prices them: halved under two-batch overlap,
+        whose halves run separately."""
+        return tokens / 2 if self.half_batch else tokens
+
     @property
     def group_tokens(self) -> float:
         """:attr:`group_microbatch_tokens` per (half) micro-batch: halved under two-batch
         overlap, whose halves run separately."""
-        tokens = self.group_microbatch_tokens
-        return tokens / 2 if self.half_batch else tokens
+        return self._per_half(self.group_microbatch_tokens)
 
     @property
     def held_tokens(self) -> float:
         """Tokens this device holds per (half) micro-batch between the TP-split parts (the
         router, norms and residual adds run on them): ``1 / tp`` of its group's under
         sequence parallelism, else all of them, replicated over the group."""
-        par = self.scenario.parallelism
-        return self.group_tokens / (par.tp if par.sequence_parallel else 1)
+        return self._per_half(self.microbatch_tokens)
 
     @property
     def tokens_per_source(self) -> float:
@@ -113,8 +120,7 @@ class PricingContext:
         attention under TP hand each rank a share of the replicated tokens), or, under expert
         tensor parallelism, every one of the group's tokens, which each rank runs through its
         ``1 / etp`` slice of the experts (``etp = tp``; Megatron-Core gathers them over TP)."""
-        par = self.scenario.parallelism
-        return self.group_tokens * par.etp / par.tp
+        return self._per_half(routed_tokens_per_microbatch(self.scenario))
 
     @property
     def ep(self) -> int:

@@ -41,6 +41,7 @@ from moesim.spec.scenario import (
     dualpipe_problem,
     expert_tensor_parallel_problem,
     interleaving_problem,
+    replicated_dispatch_problem,
     scenario_from_mapping,
 )
 
@@ -294,6 +295,9 @@ def divisibility_reason(spec: SearchSpec, v: dict[str, Any]) -> str | None:
     if s.parallelism.etp > 1 and expert_tensor_parallel_problem(
             tp, _etp(spec, tp), ep, m.expert_ffn_size, dp * cp * tp) is not None:
         return "experts split over TP (etp) need etp | tp, ep * etp | dp*cp*tp, an FFN that splits"
+    if v.get("communication.alltoall") == "replicated" and replicated_dispatch_problem(
+            tp, ep, s.parallelism.sequence_parallel, _etp(spec, tp)) is not None:
+        return "replicated needs ep | tp, no sequence parallelism, no etp with ep"
     if cp > 1 and (split := context_parallel_problem(
             cp, tp, s.workload.seq_len, m.attention.num_heads,
             s.communication.cp_algorithm)) is not None:
