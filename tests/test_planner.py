@@ -191,6 +191,63 @@ def test_every_expert_placed_equal_slots(nodes, gpus, experts, spare, k, seed, e
     np.testing.assert_array_equal(table, again)             # deterministic
 
 
+@settings(max_examples=25, deadline=None)
+@given(nodes=st.integers(1, 4), gpus=st.integers(1, 3), experts=st.integers(2, 16),
+       spare=st.integers(0, 8), seed=st.integers(0, 10_000),
+       tolerance=st.sampled_from([0.0, 0.05, 0.5]))
+def test_spread_plan_fills_every_slot_and_never_exceeds_eplbs_copies_per_node(
+        nodes, gpus, experts, spare, seed, tolerance):
+    """Replicas spread over nodes: every expert placed, equal slots, deterministic, and an
+    expert on at most min(EPLB's copies, nodes) distinct nodes."""
+    from moesim.placement.eplb import replicate_experts
+
+    ep = nodes * gpus
+    slots = -(-(experts + spare) // ep)
+    rng = np.random.default_rng(seed)
+    tokens = np.array([rng.choice(experts, min(2, experts), replace=False) for _ in range(30)])
+    load = np.bincount(tokens.ravel(), minlength=experts) * rng.random()
+    shape = planner.ClusterShape(experts, np.repeat(np.arange(nodes), gpus), slots)
+    info = planner.LayerRouting(load, tokens)
+    table = planner.plan_layer_spread(info, shape, tolerance, seed=[seed])
+    assert table.shape == (ep, slots)
+    assert (np.bincount(table.ravel(), minlength=experts) >= 1).all()
+    np.testing.assert_array_equal(table, planner.plan_layer_spread(info, shape, tolerance,
+                                                                   seed=[seed]))
+    copies = replicate_experts(load[None, :] + 1e-12, ep * slots)[2][0]
+    on = np.zeros((experts, nodes), dtype=bool)
+    on[table, shape.device_node[:, None]] = True
+    assert (on.sum(axis=1) <= np.minimum(copies, nodes)).all()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_spread_plan_puts_eplbs_copies_on_distinct_nodes(seed):
+    """24 experts on 4 nodes of 2 GPUs x 4 slots (8 spare): each expert's copies, as EPLB
+    counts them, lie on min(copies, 4) different nodes (the rest inside a node)."""
+    from moesim.placement.eplb import replicate_experts
+
+    rng = np.random.default_rng(seed)
+    load = rng.zipf(1.6, 24).astype(float) + rng.random(24)
+    shape = planner.ClusterShape(24, np.repeat(np.arange(4), 2), 4)
+    table = planner.plan_layer_spread(planner.LayerRouting(load), shape, 0.05, seed=[seed])
+    copies = replicate_experts(load[None, :] + 1e-12, 32)[2][0]
+    assert (copies > 1).any()
+    on = np.zeros((24, 4), dtype=bool)
+    on[table, shape.device_node[:, None]] = True
+    np.testing.assert_array_equal(on.sum(axis=1), np.minimum(copies, 4))
+
+
+def test_spread_plan_by_hand():
+    """3 nodes of 1 GPU x 2 slots, loads 3, 3, 1, 1: EPLB's two spare slots copy experts 0 and 1
+    (3 -> 1.5 each), so each is on two different nodes and experts 2 and 3 on one; the node
+    without a hot copy holds 2 and 3 (load 2 against 3 elsewhere: 1.5 + 1.5)."""
+    shape = planner.ClusterShape(4, np.array([0, 1, 2]), 2)
+    table = planner.plan_layer_spread(planner.LayerRouting(np.array([3.0, 3.0, 1.0, 1.0])),
+                                      shape, 0.0)
+    nodes = [{int(n) for n in np.flatnonzero((table == e).any(axis=1))} for e in range(4)]
+    assert [len(n) for n in nodes] == [2, 2, 1, 1]
+    assert nodes[2] == nodes[3] and not nodes[2] & (nodes[0] | nodes[1])
+
+
 def test_replicate_everywhere_puts_a_copy_on_each_node():
     tokens = _random_tokens(1, 16, 200)
     load = np.bincount(tokens.ravel(), minlength=16).astype(float)

@@ -23,8 +23,8 @@ from moesim.placement import hypergraph
 from moesim.placement.eplb import eplb_rebalance
 from moesim.placement.problem import ClusterShape, LayerRouting, subsample_tokens
 
-__all__ = ["expected_device_loads", "balance", "eplb_best", "eplb_balance", "regroup_devices",
-           "polish_layer"]
+__all__ = ["expected_device_loads", "balance", "eplb_tables", "eplb_best", "eplb_balance",
+           "regroup_devices", "polish_layer"]
 
 Score = Callable[[int, np.ndarray], float]     # (layer, slot_expert [ep, slots]) -> seconds
 
@@ -72,25 +72,31 @@ def balance(load: np.ndarray, table: np.ndarray, shape: ClusterShape,
     return float((mean + z * std).max() / mean.mean()) if mean.mean() > 0 else 1.0
 
 
-def eplb_best(load: np.ndarray, shape: ClusterShape, pairs_per_device: float | None = None
-              ) -> tuple[np.ndarray, float]:
-    """EPLB's plan of one layer (``load: [E]``), the better balanced of its hierarchical and
-    global policies: ``(slot_expert [ep, slots], its balance)``."""
+def eplb_tables(load: np.ndarray, shape: ClusterShape) -> list[np.ndarray]:
+    """EPLB's plans of one layer (``load: [E]``) as ``slot_expert [ep, slots]``: its
+    hierarchical policy (groups packed to nodes when the experts divide evenly), then its
+    global one."""
     nodes, ep = shape.num_nodes, shape.device_node.size
     physical = ep * shape.slots_per_device
     groups = nodes if shape.num_experts % nodes == 0 else 1
     # EPLB numbers GPUs node by node; our devices of node k are shape.node_devices(k).
     order = np.concatenate([shape.node_devices(k) for k in range(nodes)])
-    best: tuple[np.ndarray, float] | None = None
+    out = []
     for g, n in ((groups, nodes), (1, 1)):
         flat = eplb_rebalance(np.asarray(load, dtype=float)[None], physical, g, n, ep)
         table = np.empty((ep, shape.slots_per_device), dtype=np.int64)
         table[order] = flat.physical_to_logical.reshape(ep, -1)
-        spread = balance(load, table, shape, pairs_per_device)
-        if best is None or spread < best[1]:
-            best = (table, spread)
-    assert best is not None
-    return best
+        out.append(table)
+    return out
+
+
+def eplb_best(load: np.ndarray, shape: ClusterShape, pairs_per_device: float | None = None
+              ) -> tuple[np.ndarray, float]:
+    """EPLB's plan of one layer (``load: [E]``), the better balanced of its hierarchical and
+    global policies (:func:`eplb_tables`): ``(slot_expert [ep, slots], its balance)``."""
+    spread = [(table, balance(load, table, shape, pairs_per_device))
+              for table in eplb_tables(load, shape)]
+    return min(spread, key=lambda option: option[1])
 
 
 def eplb_balance(loads: list[np.ndarray], shape: ClusterShape,

@@ -20,12 +20,14 @@ and ignores which experts are chosen together. Per MoE layer, from the planning 
 The knobs ``(f, balance_tolerance)`` are ranked on a few probe layers by the objective
 (:mod:`moesim.placement.objective`, closed form), those no less balanced than EPLB first. Each
 layer gets candidates: moesim's plan with the best knobs that pass on the probes and with the
-cheapest knobs overall, EPLB's plan with whole devices
-regrouped by co-activation, EPLB's own plan. Each layer takes its cheapest candidate, then the
-cheapest switches to better balanced ones are made until the plan's mean balance over layers is
-no worse than EPLB's (:func:`_choose`). Given a current placement and a migration budget, only
-the layers worth their moved bytes change (:mod:`moesim.placement.migration`). Deterministic for
-a seed and of the machine's speed: the work is bounded in objective evaluations, never seconds.
+cheapest knobs overall; a plan whose replicas are spread over nodes instead of held everywhere
+(:func:`plan_layer_spread`: EPLB's replica counts, each expert's copies on distinct nodes, so
+load can move between nodes at run time); EPLB's plan with whole devices regrouped by
+co-activation; EPLB's own plan. Each layer takes its cheapest candidate, then the cheapest
+switches to better balanced ones are made until the plan's mean balance over layers is no worse
+than EPLB's (:func:`_choose`). Given a current placement and a migration budget, only the layers
+worth their moved bytes change (:mod:`moesim.placement.migration`). Deterministic for a seed and
+of the machine's speed: the work is bounded in objective evaluations, never seconds.
 Past ``max_evaluations`` the remaining layers get EPLB's plan, and the placement says so.
 """
 
@@ -159,12 +161,15 @@ def _layer_options(layer: int, info: LayerRouting, shape: ClusterShape,
                    ranked: list[tuple[int, float]], config: PlannerConfig,
                    regroup: bool, score: Score | None) -> list[Option]:
     """Candidate plans of one layer, preferred first, EPLB's own plan last: moesim's plan with
-    the first two knobs, EPLB's plan with its devices regrouped by co-activation
-    (``regroup``; device loads unchanged). Each priced by ``score`` when given."""
+    the first two knobs and with replicas spread over nodes (:func:`plan_layer_spread`), EPLB's
+    plan with its devices regrouped by co-activation (``regroup``; device loads unchanged).
+    Each priced by ``score`` when given."""
     seed = [config.seed, layer]
     eplb_table, reference = eplb_best(info.load, shape, config.batch_pairs)
     tables = [plan_layer(info, shape, *knobs, max_tokens=config.max_tokens, seed=seed)
               for knobs in ranked[:2]]
+    tables.append(plan_layer_spread(info, shape, ranked[0][1], max_tokens=config.max_tokens,
+                                    seed=seed))
     if regroup:
         tables.append(regroup_devices(eplb_table, info, shape, max_tokens=config.max_tokens,
                                       seed=seed))
@@ -316,8 +321,98 @@ def plan_layer(info: LayerRouting, shape: ClusterShape, replicate_everywhere: in
     order = np.argsort(-load, kind="stable")
     everywhere, rest = order[:f], np.sort(order[f:])
     limits = _limits(load, everywhere, rest, shape, balance_tolerance)
-    tokens = subsample_tokens(info.tokens, max_tokens, seed)
     # Step 2: partition the rest over the nodes, from several starts.
+    part = _partition(info, shape, load, rest, limits, max_tokens=max_tokens, seed=seed,
+                      refine=refine)
+    # Step 3: EPLB inside each node.
+    return fill_nodes(part, load, shape)
+
+
+def plan_layer_spread(info: LayerRouting, shape: ClusterShape, balance_tolerance: float, *,
+                      max_tokens: int = 4096, seed: Sequence[int] = (0,)) -> np.ndarray:
+    """Slots of one layer with every expert's replicas on distinct nodes.
+
+    :func:`plan_layer` gives its hottest experts a copy on every node and replicates the others
+    inside their node: no copy sends anything across the network, but a token always takes its
+    own node's copy, so no load can move between nodes at run time. Here the copies are counted
+    as EPLB counts them (each spare slot to the expert with the highest load per copy) and put
+    on ``min(copies, N)`` different nodes: tokens from a node holding the expert stay there, the
+    others take the least loaded copy, so every GPU holding a replicated expert can shed load
+    to another node when routing drifts (what EPLB's global policy gets by scattering replicas),
+    while the single-copy experts are still partitioned by co-activation.
+
+    A copy weighs ``load / copies``. Experts with ``N`` copies are held everywhere; the others'
+    first copies are partitioned as in :func:`plan_layer` (node load cap ``1 + tolerance`` times
+    the mean, slots left for the extra copies), their extra copies go, hottest expert first, to
+    the least loaded nodes with a free slot that do not hold the expert yet; then EPLB inside
+    each node (:func:`fill_holders`).
+    """
+    load = np.asarray(info.load, dtype=np.float64)
+    num_nodes = shape.num_nodes
+    total = shape.device_node.size * shape.slots_per_device
+    copies = np.minimum(replicate_experts(load[None, :] + 1e-12, total)[2][0], num_nodes)
+    rest = np.flatnonzero(copies < num_nodes)
+    weight = load / copies
+    extra = int((copies[rest] - 1).sum())
+    holders = np.zeros((shape.num_experts, num_nodes), dtype=bool)
+    holders[copies >= num_nodes] = True
+    # Slots for the first copies: what the everywhere experts and the extra copies leave,
+    # spread evenly over the nodes (never fewer than the first copies: the counts fill the slots).
+    slots_left = num_nodes * (shape.slots_per_node - (shape.num_experts - rest.size)) - extra
+    capacity = slots_left // num_nodes + (np.arange(num_nodes) < slots_left % num_nodes)
+    limits = hypergraph.Limits(weight[rest].sum() / num_nodes * (1.0 + balance_tolerance),
+                               capacity.astype(np.int64),
+                               np.ones(shape.num_experts, dtype=np.int64))
+    part = _partition(info, shape, weight, rest, limits, max_tokens=max_tokens, seed=seed)
+    holders[rest, part[rest]] = True
+    node_load = holders.T.astype(float) @ weight
+    room = shape.slots_per_node - holders.sum(axis=0)
+    for expert in rest[np.argsort(-load[rest], kind="stable")]:
+        for _ in range(int(copies[expert]) - 1):
+            free = np.flatnonzero((room > 0) & ~holders[expert])
+            if free.size == 0 and not _make_room(expert, holders, room, node_load, weight):
+                break              # no room anywhere else: the copy stays inside its nodes
+            free = np.flatnonzero((room > 0) & ~holders[expert])
+            node = free[np.argmin(node_load[free])]
+            holders[expert, node] = True
+            node_load[node] += weight[expert]
+            room[node] -= 1
+    return fill_holders(holders, load, shape)
+
+
+def _make_room(expert: int, holders: np.ndarray, room: np.ndarray, node_load: np.ndarray,
+               weight: np.ndarray) -> bool:
+    """Free a slot for another copy of ``expert`` when only nodes holding it have room: the
+    lightest single-copy expert on a node without ``expert`` moves to a node with room (updates
+    the arrays in place). False if no such move exists."""
+    single = holders.sum(axis=1) == 1
+    best: tuple[float, int, int, int] | None = None
+    for target in np.flatnonzero(room > 0):
+        for source in np.flatnonzero(~holders[expert]):
+            movable = np.flatnonzero(single & holders[:, source] & ~holders[:, target])
+            if movable.size:
+                pick = int(movable[np.argmin(weight[movable])])
+                if best is None or weight[pick] < best[0]:
+                    best = (float(weight[pick]), pick, int(source), int(target))
+    if best is None:
+        return False
+    w, x, leave, enter = best
+    holders[x, leave], holders[x, enter] = False, True
+    room[leave] += 1
+    room[enter] -= 1
+    node_load[leave] -= w
+    node_load[enter] += w
+    return True
+
+
+def _partition(info: LayerRouting, shape: ClusterShape, weight: np.ndarray, rest: np.ndarray,
+               limits: hypergraph.Limits, *, max_tokens: int, seed: Sequence[int],
+               refine: bool = True) -> np.ndarray:
+    """Step 2: node ``int[E]`` of each expert in ``rest`` (-1 for the others, held on every
+    node), experts weighing ``weight``, under ``limits`` (demands of all experts). Several
+    starts when experts are few; the refined partition with the least node load over the cap,
+    then the lowest :func:`hypergraph.touch_cost`, then the lightest busiest node wins."""
+    tokens = subsample_tokens(info.tokens, max_tokens, seed)
     pairs = _pairs(info, tokens, rest, shape.num_experts)
     sub = hypergraph.Limits(limits.max_load, limits.capacity, limits.demand[rest])
     rng = np.random.default_rng(list(seed))
@@ -325,21 +420,20 @@ def plan_layer(info: LayerRouting, shape: ClusterShape, replicate_everywhere: in
     best: tuple[tuple[float, float, float], np.ndarray] | None = None
     for start in range(starts if shape.num_nodes > 1 else 1):
         part = np.full(shape.num_experts, -1, dtype=np.int64)
-        part[rest] = (hypergraph.grow_partition(pairs, load[rest], sub) if start == 0
+        part[rest] = (hypergraph.grow_partition(pairs, weight[rest], sub) if start == 0
                       else _random_start(sub, rng))
         if refine and shape.num_nodes > 1 and rest.size:
-            part[rest] = hypergraph.refine_graph(pairs, load[rest], part[rest], sub)
+            part[rest] = hypergraph.refine_graph(pairs, weight[rest], part[rest], sub)
             if tokens is not None:
-                part = hypergraph.refine_hypergraph(tokens, load, part, limits)
-                part = hypergraph.level_touch(tokens, load, part, limits)
-        node_load = np.bincount(part[rest], weights=load[rest], minlength=shape.num_nodes)
+                part = hypergraph.refine_hypergraph(tokens, weight, part, limits)
+                part = hypergraph.level_touch(tokens, weight, part, limits)
+        node_load = np.bincount(part[rest], weights=weight[rest], minlength=shape.num_nodes)
         key = (float(np.maximum(node_load - limits.max_load, 0.0).sum()),
                _cut(tokens, pairs, part, rest, shape.num_nodes), float(node_load.max(initial=0.0)))
         if best is None or key < best[0]:
             best = (key, part)
     assert best is not None
-    # Step 3: EPLB inside each node.
-    return fill_nodes(best[1], load, shape)
+    return best[1]
 
 
 def _random_start(limits: hypergraph.Limits, rng: np.random.Generator) -> np.ndarray:
@@ -401,16 +495,27 @@ def _pairs(info: LayerRouting, tokens: np.ndarray | None, rest: np.ndarray,
 def fill_nodes(part: np.ndarray, load: np.ndarray, shape: ClusterShape) -> np.ndarray:
     """Step 3 for a given node partition ``part: int[E]`` (-1: a copy on each node): EPLB's
     replicate-and-pack inside every node. Returns the layer's ``int64[ep, slots]``."""
+    part = np.asarray(part)
+    holders = (part[:, None] < 0) | (part[:, None] == np.arange(shape.num_nodes)[None, :])
+    return fill_holders(holders, load, shape)
+
+
+def fill_holders(holders: np.ndarray, load: np.ndarray, shape: ClusterShape) -> np.ndarray:
+    """EPLB's replicate-and-pack inside every node, given which nodes hold a copy of each expert
+    (``holders: bool[E, N]``; every expert on at least one node, at most the node's slots on
+    each). A copy weighs ``load / copies`` (the share the least-loaded rule gives it when the
+    copies' other loads are level); a node's spare slots replicate its heaviest copies, then its
+    replicas are packed onto its GPUs by weight (equal slots per GPU) and swapped to level them.
+    Returns the layer's ``int64[ep, slots]``."""
     num_nodes, gpus, slots = shape.num_nodes, shape.devices_per_node, shape.slots_per_device
-    everywhere = np.flatnonzero(part < 0)
+    copies = np.maximum(holders.sum(axis=1), 1)
     table = np.empty((shape.device_node.size, slots), dtype=np.int64)
     for node in range(num_nodes):
-        local = np.concatenate([everywhere, np.flatnonzero(part == node)])
+        local = np.flatnonzero(holders[:, node])
         if local.size == 0:   # fewer experts than nodes: copies of the hottest serve this one
             local = np.argsort(-load, kind="stable")[:1]
-        local_load = np.where(part[local] < 0, load[local] / num_nodes, load[local])
         # Zero loads still need a slot each; a tiny weight keeps the greedy deterministic.
-        local_load = local_load + 1e-12
+        local_load = load[local] / copies[local] + 1e-12
         to_local, _, count = replicate_experts(local_load[None, :], shape.slots_per_node)
         replica_load = (local_load / count[0])[to_local[0]]
         gpu = _improve_packing(replica_load, to_local[0],
