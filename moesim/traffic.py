@@ -230,20 +230,38 @@ def _rank_fanout(choices: routing.LayerChoices, split: ReplicaSplit, counts: np.
     ``q[e, d] = split.by_node[n][e, d]`` (to itself if it holds ``e``); a token reaches ``d``
     unless all its experts go elsewhere: ``1 - prod_k (1 - q[e_k, d])``. Capacity drops shrink
     each source's row by its kept fraction, as for the hierarchical network copies.
+
+    ``q[e, :]`` is nonzero only on the devices holding ``e``, so the product runs over those
+    entries alone, as a sum of ``log(1 - q)`` per (token, device); the work grows with the
+    tokens' replicas, not with ``tokens x k x devices``.
     """
-    ep = split.node_of.size
+    ep, num_experts = split.node_of.size, split.by_node.shape[1]
+    node, expert, device = np.nonzero(split.by_node)            # sorted by (node, expert)
+    share = split.by_node[node, expert, device]
+    per_key = np.bincount(node * num_experts + expert, minlength=split.by_node.shape[0]
+                          * num_experts)
+    first = np.concatenate(([0], np.cumsum(per_key)[:-1]))
     fanout = np.zeros((ep, ep))
     k = choices.top_k
-    block = max(1, (1 << 22) // max(1, k * ep))           # rows per block: <= 4M floats of q
+    block = max(1, (1 << 22) // max(1, k * ep))           # rows per block, as the memory allows
     for start in range(0, choices.num_tokens, block):
         rows = np.arange(start, min(start + block, choices.num_tokens))
         src, experts = choices.source[rows], choices.experts[rows]
-        q = split.by_node[split.node_of[src][:, None], experts]           # [rows, k, dst]
-        own = split.own[src[:, None], experts]                            # [rows, k]
-        r, j = np.nonzero(own)
-        q[r, j, :] = 0.0
-        q[r, j, src[r]] = 1.0
-        np.add.at(fanout, src, 1.0 - np.prod(1.0 - q, axis=1))
+        token = np.repeat(np.arange(rows.size), k)
+        src_k, exp_k = np.repeat(src, k), experts.ravel()
+        own = split.own[src_k, exp_k]
+        key = split.node_of[src_k] * num_experts + exp_k
+        size = np.where(own, 0, per_key[key])                 # replicas of each sent copy
+        at = np.repeat(first[key] - np.cumsum(size) + size, size) + np.arange(size.sum())
+        to = np.concatenate([device[at], src_k[own]])
+        q = np.concatenate([share[at], np.ones(int(own.sum()))])
+        who = np.concatenate([np.repeat(token, size), token[own]])
+        with np.errstate(divide="ignore"):
+            miss = np.bincount(who * ep + to, weights=np.log1p(-np.minimum(q, 1.0)),
+                               minlength=rows.size * ep)
+        hit = np.flatnonzero(miss)                            # (token, device) reached
+        fanout += np.bincount(src[hit // ep] * ep + hit % ep, weights=1.0 - np.exp(miss[hit]),
+                              minlength=ep * ep).reshape(ep, ep)
     kept = np.divide(counts, raw, out=np.ones_like(counts), where=raw > 0).mean(axis=1)
     return fanout * choices.weight * kept[:, None]
 

@@ -417,3 +417,35 @@ def test_balanced_random_routing_honours_the_node_limit():
     assert all(len(set(node[row])) == 3 and len(set(row)) == 8 for row in odd)
     load = np.bincount(odd.ravel(), minlength=256)
     assert load.max() / load.mean() < 1.1 and load.min() / load.mean() > 0.9
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rank_fanout_matches_a_token_by_token_count(seed):
+    """The per-(source, device) token reach of the hierarchical dispatch, computed sparsely over
+    the replicas, equals a plain loop over tokens on the dense share ``[src, experts, dst]``:
+    token t reaches d with probability 1 - prod_k (1 - share[src_t, e_tk, d]); capacity drops
+    scale a source's row by its mean kept fraction."""
+    from moesim import traffic
+    from moesim.placement.placement import Placement
+
+    rng = np.random.default_rng(seed)
+    nodes, gpus, experts, slots, k = [(2, 2, 8, 3, 2), (4, 2, 16, 3, 4), (3, 3, 20, 3, 3),
+                                      (1, 4, 8, 2, 2)][seed]
+    ep = nodes * gpus
+    table = np.concatenate([rng.permutation(experts),
+                            rng.integers(0, experts, ep * slots - experts)]).reshape(1, ep, -1)
+    tokens = 20 * ep
+    ch = LayerChoices(np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)]
+                               ).astype(np.int32), (np.arange(tokens) % ep).astype(np.int32), 3.0)
+    counts = counts_from_choices(ch, ep, experts)
+    raw = counts * (1 + (rng.random(counts.shape) < 0.3))        # some tokens dropped
+    split = Placement(table, experts).replica_split(0, np.repeat(np.arange(nodes), gpus),
+                                                    counts=counts)
+    share = split.dense()
+    want = np.zeros((ep, ep))
+    for t in range(tokens):
+        s = ch.source[t]
+        want[s] += 1.0 - np.prod([1.0 - share[s, e] for e in ch.experts[t]], axis=0)
+    kept = np.divide(counts, raw, out=np.ones_like(counts), where=raw > 0).mean(axis=1)
+    np.testing.assert_allclose(traffic._rank_fanout(ch, split, counts, raw),
+                               want * 3.0 * kept[:, None], rtol=1e-12, atol=1e-9)
