@@ -52,13 +52,17 @@ class Setting:
 
 
 def _dsv3(nodes: int, replicas: int, mode: str, layers: int) -> tuple[str, ...]:
+    """DeepSeek-V3 serving on ``nodes`` nodes of 8: decode with the scenario's DeepEP
+    low-latency kernels, prefill with DeepEP's normal kernels (one RDMA copy per token and
+    destination node, then NVLink), as DeepEP's README assigns them."""
     ep = 8 * nodes
     common = (f"cluster.nodes={nodes}", f"parallelism.dp={ep}", f"parallelism.ep={ep}",
               f"placement.redundant_experts={replicas}", f"model.num_layers={3 + layers}")
     if mode == "decode":
         return common + (f"workload.global_batch={ep * 128}",)
     return common + (f"workload.global_batch={ep}", "workload.mode=prefill",
-                     "workload.seq_len=4096", "workload.micro_batch=1", "workload.context_len=0")
+                     "workload.seq_len=4096", "workload.micro_batch=1", "workload.context_len=0",
+                     "communication.alltoall=deepep_normal")
 
 
 def _mixtral(layers: int) -> tuple[str, ...]:
