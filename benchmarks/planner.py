@@ -12,6 +12,7 @@ the planning time of 256 experts x 58 layers on 64 GPUs.
 
     python benchmarks/planner.py           # full table (a few minutes on 2 cores)
     python benchmarks/planner.py --tiny    # seconds: small settings, closed-form pricing
+    python benchmarks/planner.py --seeds 3 # mean and range over 3 trace seeds, a line a setting
 """
 
 from __future__ import annotations
@@ -214,10 +215,28 @@ def planning_time(seed: int = 0) -> list[tuple[float, float]]:
     return times
 
 
-def table(name: str, rows: list[tuple]) -> str:
+@dataclass(frozen=True)
+class Summary:
+    """moesim against EPLB in one setting: layer time vs the faster EPLB policy (%), sends/token
+    vs EPLB hierarchical, max/mean of moesim and of the better balanced EPLB policy."""
+
+    time_change: float
+    sends_ratio: float
+    balance: float
+    eplb_balance: float
+
+
+def summarize(rows: list[tuple]) -> Summary:
     eplbs = [r.cost for n, r, _, _ in rows if n.startswith("eplb")]
-    best_eplb = min(c.layer_time for c in eplbs)
-    eplb_balance = min(c.max_over_mean for c in eplbs)
+    hier = next(r for n, r, _, _ in rows if n == "eplb")
+    moesim = next(r for n, r, _, _ in rows if n == "moesim")
+    return Summary(100 * (moesim.cost.layer_time / min(c.layer_time for c in eplbs) - 1),
+                   moesim.sends_per_token / max(hier.sends_per_token, 1e-12),
+                   moesim.cost.max_over_mean, min(c.max_over_mean for c in eplbs))
+
+
+def table(name: str, rows: list[tuple]) -> str:
+    best_eplb = min(r.cost.layer_time for n, r, _, _ in rows if n.startswith("eplb"))
     hier = next(r for n, r, _, _ in rows if n == "eplb")
     lines = [f"\n{name}",
              f"  {'planner':<12} {'sends/tok':>9} {'vs hier':>7} {'cross MB':>9} {'max/mean':>9} "
@@ -233,27 +252,48 @@ def table(name: str, rows: list[tuple]) -> str:
                      f"{100 * (cost.layer_time / best_eplb - 1):>+7.1f}% {elapsed:>7.2f}")
     moesim = next(r for n, r, _, _ in rows if n == "moesim")
     truth = next((r for n, r, _, _ in rows if n == "true groups"), None)
-    change = 100 * (moesim.cost.layer_time / best_eplb - 1)
-    lines.append(f"  moesim vs best EPLB: layer time {change:+.1f}%, sends/token "
-                 f"{moesim.sends_per_token / max(hier.sends_per_token, 1e-12):.2f}x EPLB "
-                 f"hierarchical, balance {moesim.cost.max_over_mean:.3f} vs {eplb_balance:.3f}")
+    summary = summarize(rows)
+    lines.append(f"  moesim vs best EPLB: layer time {summary.time_change:+.1f}%, sends/token "
+                 f"{summary.sends_ratio:.2f}x EPLB hierarchical, balance {summary.balance:.3f} "
+                 f"vs {summary.eplb_balance:.3f}")
     if truth is not None:
         lines.append(f"  sends/token: moesim {moesim.sends_per_token:.3f}, the generator's own "
                      f"groups {truth.sends_per_token:.3f}")
     return "\n".join(lines)
 
 
+def seeds_line(name: str, summaries: list[Summary]) -> str:
+    """The summaries of one setting over several trace seeds: mean and range of each figure."""
+    def spread(values: list[float], fmt: str) -> str:
+        return (f"{np.mean(values):{fmt}} ({min(values):{fmt}} .. {max(values):{fmt}})")
+    return (f"{name} over {len(summaries)} seeds: layer time "
+            f"{spread([s.time_change for s in summaries], '+.1f')} %, sends "
+            f"{spread([s.sends_ratio for s in summaries], '.3f')} x hierarchical, balance gap "
+            f"{spread([s.balance - s.eplb_balance for s in summaries], '+.3f')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="seconds-long run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="trace seeds seed .. seed+N-1 per setting: with N > 1 one line per "
+                             "setting, the mean and range of moesim's figures (a single trace "
+                             "moves them by a few percent)")
     parser.add_argument("--only", help="run only the settings whose name contains this")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds={args.seeds} must be >= 1")
     print("Held-out: plan on the first half of each trace, score on every token of the second.")
     print("layer us = dispatch + combine + slowest device's expert GEMM, mean over MoE layers"
           + (" (closed-form all-to-all)" if args.tiny else " (flow-simulated all-to-all)"))
     for setting in settings(args.tiny):
         if args.only and args.only not in setting.name:
+            continue
+        if args.seeds > 1:
+            print(seeds_line(setting.name, [
+                summarize(run_setting(setting, exact=not args.tiny, seed=args.seed + i))
+                for i in range(args.seeds)]), flush=True)
             continue
         rows = run_setting(setting, exact=not args.tiny, seed=args.seed)
         print(table(setting.name, rows), flush=True)

@@ -467,6 +467,26 @@ def test_benchmark_tiny_prints_every_planner(capsys):
     assert out.count("moesim vs best EPLB") == 2
 
 
+def test_benchmark_seeds_line_by_hand_and_runs(capsys):
+    """--seeds N: one line a setting with the mean and range of moesim's figures; by hand for
+    two seeds (-10% and -12%, 0.8x and 0.9x, balance 1.2 and 1.3 against 1.1)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("planner_benchmark",
+                                                  REPO / "benchmarks" / "planner.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["planner_benchmark"] = bench
+    spec.loader.exec_module(bench)
+    line = bench.seeds_line("X", [bench.Summary(-10.0, 0.8, 1.2, 1.1),
+                                  bench.Summary(-12.0, 0.9, 1.3, 1.1)])
+    assert line == ("X over 2 seeds: layer time -11.0 (-12.0 .. -10.0) %, sends 0.850 "
+                    "(0.800 .. 0.900) x hierarchical, balance gap +0.150 (+0.100 .. +0.200)")
+    assert bench.main(["--tiny", "--seeds", "2", "--only", "mixtral"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" over 2 seeds: ") == 1 and "moesim vs best EPLB" not in out
+
+
 def test_plan_cli_takes_several_planners_and_writes_the_cheapest(tmp_path, capsys):
     import json
 
