@@ -24,7 +24,7 @@ from moesim.spec.scenario import Scenario, mtp_held, tokens_per_sequence
 __all__ = ["MemoryBreakdown", "stage_memory", "check_memory", "block_params", "stage_params",
            "zero3_regathers", "saved_activation_dtype", "saved_bytes_per_token_layer",
            "tokens_per_microbatch", "group_tokens_per_microbatch",
-           "routed_tokens_per_microbatch"]
+           "share_tokens_per_microbatch", "routed_tokens_per_microbatch"]
 
 
 @dataclass(frozen=True)
@@ -109,28 +109,33 @@ def zero3_regathers(s: Scenario) -> bool:
     return mode == "after_forward"
 
 
-def tokens_per_microbatch(s: Scenario) -> float:
-    """Tokens one device handles per micro-batch (per pipeline stage): its share of each
-    sequence under context parallelism, and of that its share under sequence parallelism."""
-    wl, par = s.workload, s.parallelism
-    return wl.micro_batch * tokens_per_sequence(s) / par.cp / (par.tp
-                                                               if par.sequence_parallel else 1)
-
-
 def group_tokens_per_microbatch(s: Scenario) -> float:
-    """Tokens of a device's tensor-parallel group per micro-batch (what its TP-split parts run
-    on): :func:`tokens_per_microbatch` times ``tp`` under sequence parallelism, which shards
-    them between those parts; the same without."""
+    """Tokens of a device's tensor-parallel group per micro-batch (per pipeline stage), what its
+    TP-split parts run on: the group's share of each sequence under context parallelism."""
+    wl, par = s.workload, s.parallelism
+    return wl.micro_batch * tokens_per_sequence(s) / par.cp
+
+
+def tokens_per_microbatch(s: Scenario) -> float:
+    """Tokens one device holds per micro-batch between the TP-split parts: its group's, of
+    which sequence parallelism leaves it ``1 / tp``."""
     par = s.parallelism
-    return tokens_per_microbatch(s) * (par.tp if par.sequence_parallel else 1)
+    return group_tokens_per_microbatch(s) / (par.tp if par.sequence_parallel else 1)
+
+
+def share_tokens_per_microbatch(s: Scenario) -> float:
+    """A device's ``1 / tp`` share of its TP group's tokens per micro-batch: the tokens whose
+    activations it keeps (each TP-split part's share of every token, or under sequence
+    parallelism the rank's own tokens)."""
+    return group_tokens_per_microbatch(s) / s.parallelism.tp
 
 
 def routed_tokens_per_microbatch(s: Scenario) -> float:
-    """Tokens one device routes into the MoE layer per micro-batch: its ``1 / tp`` share of its
-    TP group's (a token is routed once by its group), or under expert tensor parallelism its
-    ``etp`` ranks' shares, which each of them runs through its slice of the experts."""
-    par = s.parallelism
-    return group_tokens_per_microbatch(s) * par.etp / par.tp
+    """Tokens one device routes into the MoE layer per micro-batch: its share of its TP
+    group's (:func:`share_tokens_per_microbatch`; a token is routed once by its group), or
+    under expert tensor parallelism its ``etp`` ranks' shares, which each of them runs through
+    its slice of the experts."""
+    return share_tokens_per_microbatch(s) * s.parallelism.etp
 
 
 def saved_activation_dtype(s: Scenario) -> str:
@@ -217,9 +222,7 @@ def stage_memory(s: Scenario, layout: Layout, stage: int) -> MemoryBreakdown:
         expert_w += held * experts * wb * (1 - 1 / shard_expert)
     grads = opt = acts = kv = 0.0
     in_flight: float
-    # Activations a device keeps: its 1/tp share of its TP group's tokens' (the TP-split parts'
-    # share of each token, or under sequence parallelism the rank's own tokens)
-    tokens = group_tokens_per_microbatch(s) / par.tp
+    tokens = share_tokens_per_microbatch(s)   # the tokens whose activations a device keeps
     layers = layout.stage_layers(stage)
     if wl.mode == "training":
         gb = dtype_bytes(prec.gradients)

@@ -189,9 +189,7 @@ def saved_activation_cast(ctx: PricingContext, moe: bool) -> float:
     if s.workload.mode != "training" or narrow >= ctx.activation_bytes:
         return 0.0
     elements = saved_bytes_per_token_layer(s, moe) / narrow
-    # per device: its TP group's tokens over tp, as memory counts what a device saves
-    per_device = ctx.group_tokens / s.parallelism.tp
-    return ctx.timer.elementwise(per_device * elements * (ctx.activation_bytes + narrow))
+    return ctx.timer.elementwise(ctx.share_tokens * elements * (ctx.activation_bytes + narrow))
 
 
 def selective_recompute_time(ctx: PricingContext, dense_tokens: float, tokens: float,

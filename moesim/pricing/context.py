@@ -21,6 +21,7 @@ from moesim.layout import Layout
 from moesim.memory import (
     group_tokens_per_microbatch,
     routed_tokens_per_microbatch,
+    share_tokens_per_microbatch,
     tokens_per_microbatch,
 )
 from moesim.spec.hardware import LinkSpec, dtype_bytes, load_hardware
@@ -104,6 +105,12 @@ class PricingContext:
         """:attr:`group_microbatch_tokens` per (half) micro-batch: halved under two-batch
         overlap, whose halves run separately."""
         return self._per_half(self.group_microbatch_tokens)
+
+    @property
+    def share_tokens(self) -> float:
+        """This device's ``1 / tp`` share of its TP group's tokens per (half) micro-batch: the
+        tokens whose activations it saves (:func:`moesim.memory.share_tokens_per_microbatch`)."""
+        return self._per_half(share_tokens_per_microbatch(self.scenario))
 
     @property
     def held_tokens(self) -> float:
