@@ -4,7 +4,9 @@ For each setting: a routing trace (synthetic with skew, co-activation and drift,
 stdlib MoE trace), split in time; every planner plans on the first half and is scored on every
 token of the second (held out, :mod:`moesim.placement.heldout`): cross-node sends per token (vs
 EPLB's hierarchical policy), max/mean device load, and the predicted MoE layer time (dispatch +
-combine by flow simulation, plus the slowest device's expert GEMM), with the planning time.
+combine by flow simulation, plus the slowest device's expert GEMM), with the planning time. The
+recorded trace is split once per text domain (its tokens rotated to start at that domain), so
+each domain is held out in half of the splits; its figures are pooled over the splits.
 Replicas are chosen as engines do (own GPU, own node, least loaded); the ``even`` column is the
 max/mean with each expert's tokens split evenly over its replicas instead, so the gap between the
 two is the balance a plan gets from the engine levelling loads over replicas at run time. Then
@@ -82,14 +84,36 @@ def _real(trace: routing_trace.RoutingTrace) -> tuple[str, ...]:
 
 
 def load_recorded(path: Path) -> routing_trace.RoutingTrace:
-    """The recorded trace's ``expert_ids`` (its other arrays, e.g. each token's text domain,
-    are not needed here). Tokens are in recording order, domain by domain, so the second half
-    is text of other stdlib packages than the first: a real drift."""
+    """The recorded trace's ``expert_ids``. Tokens are in recording order, domain by domain,
+    so the second half is text of other stdlib packages than the first: a real drift."""
     with np.load(path, allow_pickle=False) as archive:
         ids = archive["expert_ids"].astype(np.int32)
         experts = int(archive["num_experts"]) if "num_experts" in archive.files \
             else int(ids.max()) + 1
     return routing_trace.RoutingTrace(str(path), experts, expert_ids=ids)
+
+
+def domain_starts(path: Path) -> np.ndarray:
+    """First token of each text domain of a recorded trace (its ``domain`` array, one block a
+    domain in recording order); ``[0]`` without one."""
+    with np.load(path, allow_pickle=False) as archive:
+        if "domain" not in archive.files:
+            return np.zeros(1, dtype=np.int64)
+        domain = np.asarray(archive["domain"])
+    return np.flatnonzero(np.r_[True, domain[1:] != domain[:-1]])
+
+
+def domain_splits(trace: routing_trace.RoutingTrace, starts: np.ndarray
+                  ) -> list[tuple[routing_trace.RoutingTrace, routing_trace.RoutingTrace]]:
+    """(plan, held-out) halves of the trace, one pair per domain: the tokens rotated to start
+    at that domain, the first half planned on and the second scored, so every domain is held
+    out in half of the splits (split by source file, not only by one cut in time)."""
+    out = []
+    for start in starts:
+        ids = np.roll(trace.expert_ids, -int(start), axis=1)
+        rotated = replace(trace, path=f"{trace.path}[from token {start}]", expert_ids=ids)
+        out.append((rotated.window(0.0, 0.5), rotated.window(0.5, 1.0)))
+    return out
 
 
 def settings(tiny: bool) -> list[Setting]:
@@ -131,31 +155,46 @@ def run_setting(setting: Setting, *, exact: bool, seed: int = 0) -> list[tuple]:
                                 coactivation_groups=GROUPS,
                                 coactivation_strength=setting.strength,
                                 drift=setting.drift, seed=seed)
+        splits = [(trace.window(0.0, 0.5), trace.window(0.5, 1.0))]
     else:
-        trace = load_recorded(Path(setting.trace))
-    train, test = trace.window(0.0, 0.5), trace.window(0.5, 1.0)
-    layers = planner.routing_from_trace(train)
-    plan_choices = objective.trace_choices(ctx, train, seed=seed)
-    eval_choices = heldout.every_token(ctx, test)
+        path = Path(setting.trace)
+        splits = domain_splits(load_recorded(path), domain_starts(path))
     slots = (m.num_experts + s.placement.redundant_experts) // s.parallelism.ep
-    rows = []
-    for name in PLANNERS:
-        start = time.perf_counter()
-        placement = make_placement(name, layers, ctx, m.num_experts, slots, seed=seed,
-                                   plan_choices=plan_choices)
-        elapsed = time.perf_counter() - start
-        rows.append((name, heldout.score(ctx, eval_choices, placement, exact=exact), elapsed,
-                     even_balance(ctx, eval_choices, placement)))
-        if name == "moesim" and setting.trace == "synthetic":
-            groups = synthetic_groups(m.num_experts, m.num_moe_layers,
-                                      coactivation_groups=GROUPS,
-                                      coactivation_strength=setting.strength, seed=seed)
-            truth = true_groups(groups, placement, layers, ctx, slots)
+    groups = None if setting.trace != "synthetic" else synthetic_groups(
+        m.num_experts, m.num_moe_layers, coactivation_groups=GROUPS,
+        coactivation_strength=setting.strength, seed=seed)
+    scored: dict[str, list[tuple]] = {}     # planner -> (score, seconds, even) per split
+    for train, test in splits:
+        layers = planner.routing_from_trace(train)
+        plan_choices = objective.trace_choices(ctx, train, seed=seed)
+        eval_choices = heldout.every_token(ctx, test)
+        for name in PLANNERS:
+            start = time.perf_counter()
+            placement = make_placement(name, layers, ctx, m.num_experts, slots, seed=seed,
+                                       plan_choices=plan_choices)
+            elapsed = time.perf_counter() - start
+            scored.setdefault(name, []).append((
+                heldout.score(ctx, eval_choices, placement, exact=exact), elapsed,
+                even_balance(ctx, eval_choices, placement)))
+            truth = None if name != "moesim" else true_groups(groups, placement, layers, ctx,
+                                                                slots)
             if truth is not None:
-                rows.append(("true groups", heldout.score(ctx, eval_choices, truth,
-                                                          exact=exact), 0.0,
-                             even_balance(ctx, eval_choices, truth)))
-    return rows
+                scored.setdefault("true groups", []).append((
+                    heldout.score(ctx, eval_choices, truth, exact=exact), 0.0,
+                    even_balance(ctx, eval_choices, truth)))
+    return [(name, *pooled(runs)) for name, runs in scored.items()]
+
+
+def pooled(splits: list[tuple]) -> tuple:
+    """One planner's (score, planning seconds, even balance) over several splits: sends,
+    planning time and even balance averaged, the layer costs of every split pooled (so the
+    table's means are over layers x splits)."""
+    scores = [score for score, _, _ in splits]
+    layers = tuple(c for score in scores for c in score.cost.layers)
+    score = heldout.HeldOutScore(float(np.mean([x.sends_per_token for x in scores])),
+                                 objective.PlanCost(layers))
+    return (score, float(np.mean([e for _, e, _ in splits])),
+            float(np.mean([b for _, _, b in splits])))
 
 
 def even_balance(ctx: PricingContext, choices, placement: Placement) -> float:
@@ -284,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds={args.seeds} must be >= 1")
-    print("Held-out: plan on the first half of each trace, score on every token of the second.")
+    print("Held-out: plan on the first half of each trace, score on every token of the second "
+          "(the recorded trace: pooled over one split per text domain).")
     print("layer us = dispatch + combine + slowest device's expert GEMM, mean over MoE layers"
           + (" (closed-form all-to-all)" if args.tiny else " (flow-simulated all-to-all)"))
     for setting in settings(args.tiny):

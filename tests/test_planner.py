@@ -487,6 +487,49 @@ def test_benchmark_seeds_line_by_hand_and_runs(capsys):
     assert out.count(" over 2 seeds: ") == 1 and "moesim vs best EPLB" not in out
 
 
+def test_benchmark_domain_splits_by_hand(tmp_path):
+    """The recorded trace is held out once per text domain: tokens rotated to start at each
+    domain, the first half planned on, the second scored; every token in exactly one half of
+    each split. Pooled figures: sends averaged over splits, layer costs over layers x splits."""
+    import importlib.util
+    import sys
+    from types import SimpleNamespace
+
+    from moesim.placement import heldout, objective
+    from moesim.routing_trace import RoutingTrace
+
+    spec = importlib.util.spec_from_file_location("planner_benchmark",
+                                                  REPO / "benchmarks" / "planner.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["planner_benchmark"] = bench
+    spec.loader.exec_module(bench)
+    path = tmp_path / "t.npz"
+    token = np.arange(6, dtype=np.int16)
+    ids = np.stack([token, token + 6], axis=1)[None]                # token t: experts t, t + 6
+    np.savez(path, expert_ids=ids, domain=np.array([0, 0, 1, 1, 1, 2]))
+    starts = bench.domain_starts(path)
+    assert starts.tolist() == [0, 2, 5]
+    trace = RoutingTrace(str(path), 12, expert_ids=ids.astype(np.int32))
+    splits = bench.domain_splits(trace, starts)
+    firsts = [[int(half.expert_ids[0, 0, 0]) for half in pair] for pair in splits]
+    assert firsts == [[0, 3], [2, 5], [5, 2]]        # the token that opens each half
+    for plan, held in splits:
+        both = np.concatenate([plan.expert_ids, held.expert_ids], axis=1)
+        assert sorted(map(tuple, both[0].tolist())) == sorted(map(tuple, ids[0].tolist()))
+    np.savez(path, expert_ids=ids)
+    assert bench.domain_starts(path).tolist() == [0]
+
+    def run(sends, times, seconds, even):
+        costs = tuple(SimpleNamespace(layer_time=t, alltoall=0.0, compute=t,
+                                      cross_node_bytes=0.0, max_over_mean=1.0) for t in times)
+        return heldout.HeldOutScore(sends, objective.PlanCost(costs)), seconds, even
+
+    score, seconds, even = bench.pooled([run(2.0, [1.0, 3.0], 0.5, 1.2),
+                                         run(1.0, [5.0], 1.5, 1.4)])
+    assert score.sends_per_token == 1.5 and score.cost.layer_time == 3.0
+    assert seconds == 1.0 and even == pytest.approx(1.3)
+
+
 def test_plan_cli_takes_several_planners_and_writes_the_cheapest(tmp_path, capsys):
     import json
 
