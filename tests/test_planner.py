@@ -487,10 +487,11 @@ def test_benchmark_seeds_line_by_hand_and_runs(capsys):
     assert out.count(" over 2 seeds: ") == 1 and "moesim vs best EPLB" not in out
 
 
-def test_benchmark_domain_splits_by_hand(tmp_path):
+def test_benchmark_domain_splits_and_lines_by_hand(tmp_path):
     """The recorded trace is held out once per text domain: tokens rotated to start at each
     domain, the first half planned on, the second scored; every token in exactly one half of
-    each split. Pooled figures: sends averaged over splits, layer costs over layers x splits."""
+    each split. Pooled figures: sends averaged over splits, layer costs over layers x splits.
+    The network line: the all-to-all's share of the faster EPLB plan's layer time."""
     import importlib.util
     import sys
     from types import SimpleNamespace
@@ -524,6 +525,19 @@ def test_benchmark_domain_splits_by_hand(tmp_path):
                                       cross_node_bytes=0.0, max_over_mean=1.0) for t in times)
         return heldout.HeldOutScore(sends, objective.PlanCost(costs)), seconds, even
 
+    # The network line, by hand: the faster EPLB plan (8 s) spends 4 s in all-to-all (50%);
+    # a 15% shorter layer needs it 15 / 50 = 30% shorter; moesim's 3 s is 25% shorter, sends
+    # 1.6 / 2.0 = 0.80x. At 0.8 s of 8 s (10%) no all-to-all cut reaches 15%.
+    def row(name, time, alltoall, sends):
+        return (name, SimpleNamespace(cost=SimpleNamespace(layer_time=time, alltoall=alltoall),
+                                      sends_per_token=sends), 0.0, 1.0)
+
+    assert bench.network_line([row("eplb", 10.0, 6.0, 3.0), row("eplb_global", 8.0, 4.0, 2.0),
+                               row("moesim", 7.0, 3.0, 1.6)]) == (
+        "  network: all-to-all 50% of the faster EPLB plan's layer time; a 15% shorter layer "
+        "needs it 30% shorter; moesim's is 25% shorter at 0.80x its sends/token")
+    assert "under 15%, so no all-to-all cut" in bench.network_line(
+        [row("eplb", 8.0, 0.8, 2.0), row("moesim", 8.0, 0.8, 2.0)])
     score, seconds, even = bench.pooled([run(2.0, [1.0, 3.0], 0.5, 1.2),
                                          run(1.0, [5.0], 1.5, 1.4)])
     assert score.sends_per_token == 1.5 and score.cost.layer_time == 3.0
