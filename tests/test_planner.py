@@ -535,7 +535,7 @@ def test_benchmark_domain_splits_and_lines_by_hand(tmp_path):
     assert bench.network_line([row("eplb", 10.0, 6.0, 3.0), row("eplb_global", 8.0, 4.0, 2.0),
                                row("moesim", 7.0, 3.0, 1.6)]) == (
         "  network: all-to-all 50% of the faster EPLB plan's layer time; a 15% shorter layer "
-        "needs it 30% shorter; moesim's is 25% shorter at 0.80x its sends/token")
+        "needs it 30% shorter; moesim's all-to-all -25% against it, at 0.80x its sends/token")
     assert "under 15%, so no all-to-all cut" in bench.network_line(
         [row("eplb", 8.0, 0.8, 2.0), row("moesim", 8.0, 0.8, 2.0)])
     score, seconds, even = bench.pooled([run(2.0, [1.0, 3.0], 0.5, 1.2),
