@@ -451,7 +451,8 @@ def test_synthetic_trace_rejects_bad_sizes():
 # ----------------------------------------------------------------------------- benchmark
 
 
-def test_benchmark_tiny_prints_every_planner(capsys):
+def _planner_benchmark():
+    """benchmarks/planner.py as a module (under its own name: moesim has a ``planner`` too)."""
     import importlib.util
     import sys
 
@@ -460,6 +461,11 @@ def test_benchmark_tiny_prints_every_planner(capsys):
     bench = importlib.util.module_from_spec(spec)
     sys.modules["planner_benchmark"] = bench       # dataclasses look their module up
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_tiny_prints_every_planner(capsys):
+    bench = _planner_benchmark()
     assert bench.main(["--tiny"]) == 0
     out = capsys.readouterr().out
     for name in ("contiguous", "round_robin", "eplb", "eplb_global", "moesim"):
@@ -470,14 +476,7 @@ def test_benchmark_tiny_prints_every_planner(capsys):
 def test_benchmark_seeds_line_by_hand_and_runs(capsys):
     """--seeds N: one line a setting with the mean and range of moesim's figures; by hand for
     two seeds (-10% and -12%, 0.8x and 0.9x, balance 1.2 and 1.3 against 1.1)."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("planner_benchmark",
-                                                  REPO / "benchmarks" / "planner.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["planner_benchmark"] = bench
-    spec.loader.exec_module(bench)
+    bench = _planner_benchmark()
     line = bench.seeds_line("X", [bench.Summary(-10.0, 0.8, 1.2, 1.1),
                                   bench.Summary(-12.0, 0.9, 1.3, 1.1)])
     assert line == ("X over 2 seeds: layer time -11.0 (-12.0 .. -10.0) %, sends 0.850 "
@@ -492,18 +491,12 @@ def test_benchmark_domain_splits_and_lines_by_hand(tmp_path):
     domain, the first half planned on, the second scored; every token in exactly one half of
     each split. Pooled figures: sends averaged over splits, layer costs over layers x splits.
     The network line: the all-to-all's share of the faster EPLB plan's layer time."""
-    import importlib.util
-    import sys
     from types import SimpleNamespace
 
     from moesim.placement import heldout, objective
     from moesim.routing_trace import RoutingTrace
 
-    spec = importlib.util.spec_from_file_location("planner_benchmark",
-                                                  REPO / "benchmarks" / "planner.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["planner_benchmark"] = bench
-    spec.loader.exec_module(bench)
+    bench = _planner_benchmark()
     path = tmp_path / "t.npz"
     token = np.arange(6, dtype=np.int16)
     ids = np.stack([token, token + 6], axis=1)[None]                # token t: experts t, t + 6

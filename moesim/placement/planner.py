@@ -370,9 +370,10 @@ def plan_layer_spread(info: LayerRouting, shape: ClusterShape, balance_tolerance
     for expert in rest[np.argsort(-load[rest], kind="stable")]:
         for _ in range(int(copies[expert]) - 1):
             free = np.flatnonzero((room > 0) & ~holders[expert])
-            if free.size == 0 and not _make_room(expert, holders, room, node_load, weight):
-                break              # no room anywhere else: the copy stays inside its nodes
-            free = np.flatnonzero((room > 0) & ~holders[expert])
+            if free.size == 0:
+                if not _make_room(expert, holders, room, node_load, weight):
+                    break          # no room anywhere else: the copy stays inside its nodes
+                free = np.flatnonzero((room > 0) & ~holders[expert])
             node = free[np.argmin(node_load[free])]
             holders[expert, node] = True
             node_load[node] += weight[expert]

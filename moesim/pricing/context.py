@@ -125,8 +125,9 @@ class PricingContext:
         ``1 / tp`` share of the TP group's tokens, so a token is routed once by its group
         (Megatron-Core routes each rank's sequence-parallel shard; serving engines running
         attention under TP hand each rank a share of the replicated tokens), or, under expert
-        tensor parallelism, every one of the group's tokens, which each rank runs through its
-        ``1 / etp`` slice of the experts (``etp = tp``; Megatron-Core gathers them over TP)."""
+        tensor parallelism, its ``etp`` ranks' shares, which each of them runs through its
+        ``1 / etp`` slice of the experts (Megatron-Core gathers them over the expert-TP group;
+        :func:`moesim.memory.routed_tokens_per_microbatch`)."""
         return self._per_half(routed_tokens_per_microbatch(self.scenario))
 
     @property
